@@ -1,0 +1,258 @@
+"""Typed, frozen configuration loaded from TOML.
+
+Every duration is an integer number of milliseconds and its key ends in ``_ms``. The library never reads the
+environment; the CLI turns ``--config`` and ``--set`` into a :class:`Config` with :func:`load`.
+
+Safety rules enforced here (see docs/architecture.md for the reasoning):
+
+* ``lag_ms >= max_write_age_ms + request_timeout_ms + max_clock_skew_ms + bucket_ms`` — a worker reads bucket
+  ``b`` only when no producer can still write into it: a producer picks ``b`` from its clock (up to
+  ``max_clock_skew_ms`` off), writes until ``max_write_age_ms`` after that, and a write sent then may land up to
+  ``request_timeout_ms`` later; the bucket itself spans ``bucket_ms``.
+* ``ttl_ms >= lag_ms + correlate.max_wait_ms + correlate.amend_horizon_ms + downtime_allowance_ms`` — an event
+  must outlive the time the engine may still need it, plus the downtime a deployment is sized to survive
+  without losing unread events.
+* ``ttl_ms / twcs_window_ms <= 50`` — ScyllaDB rejects more TWCS windows than ``twcs_max_window_count``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from engine.errors import ConfigError
+
+TENANT_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+_DC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_CONSUMER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+MAX_TWCS_WINDOWS = 50
+
+Consistency = Literal["ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"]
+SerialConsistency = Literal["SERIAL", "LOCAL_SERIAL"]
+
+PositiveMs = Annotated[int, msgspec.Meta(gt=0)]
+NonNegMs = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Replication(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Keyspace replication: ``SimpleStrategy`` + ``replication_factor`` locally, ``NetworkTopologyStrategy``
+    with a factor per datacenter in production."""
+
+    strategy: Literal["SimpleStrategy", "NetworkTopologyStrategy"] = "SimpleStrategy"
+    replication_factor: Annotated[int, msgspec.Meta(ge=1, le=15)] = 1
+    datacenters: dict[str, Annotated[int, msgspec.Meta(ge=1, le=15)]] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy == "NetworkTopologyStrategy":
+            if not self.datacenters:
+                raise ConfigError(
+                    "store.replication.datacenters", "NetworkTopologyStrategy needs datacenters, e.g. {dc1 = 3}"
+                )
+            for dc in self.datacenters:
+                if not _DC_RE.fullmatch(dc):
+                    raise ConfigError(
+                        "store.replication.datacenters", f"datacenter name {dc!r} must match {_DC_RE.pattern}"
+                    )
+        elif self.datacenters:
+            raise ConfigError("store.replication.datacenters", "only for NetworkTopologyStrategy")
+
+    def cql(self) -> str:
+        """The replication map as a CQL literal (names validated above, so no quoting issue)."""
+        if self.strategy == "SimpleStrategy":
+            return f"{{'class': 'SimpleStrategy', 'replication_factor': {self.replication_factor}}}"
+        dcs = ", ".join(f"'{dc}': {n}" for dc, n in sorted(self.datacenters.items()))
+        return f"{{'class': 'NetworkTopologyStrategy', {dcs}}}"
+
+
+class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: Literal["embedded", "cql"] = "embedded"
+    # embedded (SQLite): the database file; relative paths resolve against the current directory at load time.
+    path: str = "storyline.db"
+    # cql
+    contact_points: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:9042"])
+    replication: Replication = msgspec.field(default_factory=Replication)
+    consistency: Consistency = "LOCAL_QUORUM"
+    serial_consistency: SerialConsistency = "LOCAL_SERIAL"
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: str | None = None
+    # Paging and batching. A page holds at most page_rows rows and about page_bytes bytes.
+    page_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5_000
+    page_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
+    batch_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    # Bounded retries of idempotent statements on transient errors: exponential backoff with full jitter.
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=100)] = 6
+    retry_base_ms: PositiveMs = 50
+    retry_max_ms: PositiveMs = 2_000
+
+    def __post_init__(self) -> None:
+        if not self.contact_points:
+            raise ConfigError("store.contact_points", "must name at least one host:port")
+        for cp in self.contact_points:
+            host, sep, port = cp.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError("store.contact_points", f"{cp!r} must be host:port")
+        if (self.username is None) != (self.password is None):
+            raise ConfigError(
+                "store.password" if self.password is None else "store.username", "username and password go together"
+            )
+        if self.retry_max_ms < self.retry_base_ms:
+            raise ConfigError("store.retry_max_ms", "must be >= store.retry_base_ms")
+
+    def __repr__(self) -> str:  # never print the password
+        return f"StoreConfig(backend={self.backend!r}, contact_points={self.contact_points!r}, ...)"
+
+
+class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    match_window_ms: PositiveMs = 30_000
+    max_wait_ms: PositiveMs = 600_000
+    amend_horizon_ms: NonNegMs = 3_600_000
+    emit: Literal["final", "updates"] = "final"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tenant: str
+    shards: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 16
+    bucket_ms: Annotated[int, msgspec.Meta(ge=10, le=3_600_000)] = 1_000
+    lag_ms: PositiveMs = 15_000
+    max_write_age_ms: PositiveMs = 5_000
+    max_clock_skew_ms: NonNegMs = 1_000
+    request_timeout_ms: Annotated[int, msgspec.Meta(ge=1_000)] = 5_000
+    ttl_ms: PositiveMs = 48 * 3_600_000
+    twcs_window_ms: Annotated[int, msgspec.Meta(ge=60_000)] = 3_600_000
+    downtime_allowance_ms: NonNegMs = 24 * 3_600_000
+    chunk_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 512 * 1024
+    max_event_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    workers: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    consumer: str = "main"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] | None = None
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    correlate: CorrelateConfig = msgspec.field(default_factory=CorrelateConfig)
+
+    def __post_init__(self) -> None:
+        if not TENANT_RE.fullmatch(self.tenant):
+            raise ConfigError(
+                "tenant", f"{self.tenant!r} must match [a-z][a-z0-9_]{{0,47}} (lower-case letter first, at most 48)"
+            )
+        if not _CONSUMER_RE.fullmatch(self.consumer):
+            raise ConfigError("consumer", f"{self.consumer!r} must match {_CONSUMER_RE.pattern}")
+        need_lag = self.max_write_age_ms + self.request_timeout_ms + self.max_clock_skew_ms + self.bucket_ms
+        if self.lag_ms < need_lag:
+            raise ConfigError(
+                "lag_ms",
+                f"{self.lag_ms} must be >= max_write_age_ms + request_timeout_ms + max_clock_skew_ms"
+                f" + bucket_ms = {need_lag}, or a worker could read a bucket producers still write",
+            )
+        c = self.correlate
+        need_ttl = self.lag_ms + c.max_wait_ms + c.amend_horizon_ms + self.downtime_allowance_ms
+        if self.ttl_ms < need_ttl:
+            raise ConfigError(
+                "ttl_ms",
+                f"{self.ttl_ms} must be >= lag_ms + correlate.max_wait_ms + correlate.amend_horizon_ms"
+                f" + downtime_allowance_ms = {need_ttl}, or unread events could expire",
+            )
+        if self.ttl_ms % 1000:
+            raise ConfigError("ttl_ms", f"{self.ttl_ms} must be whole seconds (CQL TTLs are in seconds)")
+        if self.twcs_window_ms % 60_000:
+            raise ConfigError("twcs_window_ms", f"{self.twcs_window_ms} must be whole minutes")
+        windows = -(-self.ttl_ms // self.twcs_window_ms)
+        if windows > MAX_TWCS_WINDOWS:
+            raise ConfigError(
+                "twcs_window_ms",
+                f"ttl_ms / twcs_window_ms = {windows} windows; at most {MAX_TWCS_WINDOWS} are allowed"
+                f" (ScyllaDB's twcs_max_window_count): use twcs_window_ms >="
+                f" {-(-self.ttl_ms // MAX_TWCS_WINDOWS // 60_000) * 60_000}",
+            )
+        if self.chunk_bytes > self.max_event_bytes:
+            raise ConfigError("chunk_bytes", "must be <= max_event_bytes")
+
+    @property
+    def keyspace(self) -> str:
+        """The tenant's keyspace (CQL) or table prefix (embedded): the validated tenant name."""
+        return self.tenant
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(dotted, "empty key segment in --set")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"{p!r} is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``dotted.key=value``: the value is read as a TOML value when it parses as one, else as a plain string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(item, "--set takes dotted.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _key_from_msgspec(msg: str) -> tuple[str, str]:
+    """Turn msgspec's '... - at `$.store.consistency`' into ('store.consistency', '...')."""
+    m = re.search(r" - at `\$\.?([^`]*)`$", msg)
+    if m:
+        path = re.sub(r"\[(\d+)\]", r"[\1]", m.group(1))
+        return path, msg[: m.start()]
+    m = re.search(r"Object contains unknown field `([^`]*)`", msg)
+    if m:
+        return m.group(1), "unknown key"
+    return "", msg
+
+
+def from_mapping(tree: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+    """Build and validate a Config from a parsed TOML tree; raise ConfigError naming the key on any problem."""
+    try:
+        cfg = msgspec.convert(dict(tree), Config, strict=True)
+    except msgspec.ValidationError as exc:
+        key, problem = _key_from_msgspec(str(exc))
+        if "Object missing required field" in problem:
+            m = re.search(r"`([^`]*)`", problem)
+            missing = m.group(1) if m else "?"
+            key = f"{key}.{missing}" if key else missing
+            problem = "required key is missing"
+        raise ConfigError(key or "config", problem) from None
+    path = cfg.store.path
+    if cfg.store.backend == "embedded" and path != ":memory:" and not os.path.isabs(path):
+        path = str((base_dir or Path.cwd()) / path)
+        cfg = msgspec.structs.replace(cfg, store=msgspec.structs.replace(cfg.store, path=path))
+    if cfg.store.tls_ca_file is not None and not os.path.isabs(cfg.store.tls_ca_file):
+        ca = str((base_dir or Path.cwd()) / cfg.store.tls_ca_file)
+        cfg = msgspec.structs.replace(cfg, store=msgspec.structs.replace(cfg.store, tls_ca_file=ca))
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a TOML file (or nothing) and apply ``--set`` overrides; relative paths resolve against the cwd."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {p}: {exc.strerror or exc}") from None
+        try:
+            tree = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{p} is not valid TOML: {exc}") from None
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return from_mapping(tree)

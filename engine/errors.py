@@ -1,0 +1,57 @@
+"""The one exception hierarchy of Storyline.
+
+Every error the library raises derives from :class:`StorylineError`. ``retriable`` says whether doing the same
+thing again may succeed (a timeout, an unavailable replica, a restarting node); callers retry only those, and
+only a bounded number of times.
+"""
+
+from __future__ import annotations
+
+
+class StorylineError(Exception):
+    """Root of every error raised by Storyline."""
+
+    retriable: bool = False
+
+
+class ConfigError(StorylineError):
+    """A configuration value is missing, malformed or inconsistent. The message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+class InputError(StorylineError):
+    """A record given to Storyline is malformed; the message says which field and why."""
+
+
+class StoreError(StorylineError):
+    """The database refused or failed an operation."""
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class TransientStoreError(StoreError):
+    """A failure that may succeed when retried: timeout, unavailable replicas, overload, lost connection."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
+
+
+class SchemaError(StoreError):
+    """The keyspace is missing, was made by an incompatible version, or disagrees with the configuration."""
+
+
+class FencedError(StoreError):
+    """An offset commit carried a stale owner epoch (another owner claimed the shard) or moved backwards."""
+
+
+class WriteTooLateError(StoreError):
+    """A write would land after its bucket's deadline; the caller must choose a newer bucket and retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)

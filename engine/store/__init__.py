@@ -1,0 +1,32 @@
+"""Storage: the only package that talks to a database driver. See :mod:`engine.store.base`."""
+
+from __future__ import annotations
+
+from engine.clock import SYSTEM_CLOCK, Clock
+from engine.config import Config
+from engine.store.base import SCHEMA_VERSION, Store, bucket_hour
+from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AppendResult",
+    "DeadLetter",
+    "EventRecord",
+    "Offset",
+    "PartitionPage",
+    "Store",
+    "StoryRecord",
+    "bucket_hour",
+    "make_store",
+]
+
+
+def make_store(cfg: Config, clock: Clock = SYSTEM_CLOCK) -> Store:
+    """The store for ``cfg.store.backend`` (not yet opened). The CQL driver is imported only when used."""
+    if cfg.store.backend == "cql":
+        from engine.store.cql import CqlStore
+
+        return CqlStore(cfg, clock)
+    from engine.store.embedded import EmbeddedStore
+
+    return EmbeddedStore(cfg, clock)

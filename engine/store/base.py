@@ -1,0 +1,98 @@
+"""The store interface. Two implementations share its semantics (proven by tests/conformance):
+:class:`engine.store.cql.CqlStore` (ScyllaDB / Cassandra via scyllapy) and
+:class:`engine.store.embedded.EmbeddedStore` (SQLite).
+
+Tables (one keyspace per tenant; see docs/architecture.md):
+
+* ``events`` — ``PRIMARY KEY ((shard, bucket), event_id, chunk)``: the queue. Append-only, expired by TTL.
+* ``bucket_index`` — ``PRIMARY KEY ((shard, hour), bucket)``: which buckets of a shard received events,
+  written before the event rows so a reader may skip buckets absent here.
+* ``read_offsets`` — ``PRIMARY KEY ((consumer, shard))``: positions, owner and epoch; changed only by
+  conditional writes so a stale owner cannot move them.
+* ``stories`` — ``PRIMARY KEY ((shard, period), story_id, revision)``.
+* ``dead_letter`` — ``PRIMARY KEY (dl_id)``.
+* ``meta`` — ``PRIMARY KEY (key)``: creation time, schema version, and the tenant's fixed settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
+
+from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+
+SCHEMA_VERSION = 1
+# Settings that fix how data is laid out: changing them on an existing tenant would misplace events.
+FIXED_SETTINGS = ("shards", "bucket_ms")
+
+
+def bucket_hour(bucket: int, bucket_ms: int) -> int:
+    """The ``bucket_index`` partition of a bucket: the hour its start falls in."""
+    return (bucket * bucket_ms) // 3_600_000
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Async store interface. Every method is safe to retry as a whole: writes are idempotent upserts, and
+    offset changes are conditional on the owner epoch."""
+
+    async def open(self) -> None:
+        """Connect; for an existing tenant also check that its fixed settings match the config."""
+
+    async def close(self) -> None: ...
+
+    async def init_schema(self) -> list[str]:
+        """Create or migrate the tenant's schema idempotently; return one line per action taken."""
+
+    async def read_meta(self) -> dict[str, str]: ...
+
+    async def server_time_ms(self) -> int:
+        """The database's clock, for the clock-skew check at start-up."""
+
+    # -- events: the queue -------------------------------------------------------------------------------
+    async def append(
+        self, shard: int, bucket: int, events: Sequence[EventRecord], *, deadline_ms: int | None = None
+    ) -> AppendResult:
+        """Make ``events`` durable in partition ``(shard, bucket)``: index row first, then event rows in
+        UNLOGGED single-partition batches of at most ``store.batch_bytes`` (larger events as single
+        statements, one per chunk). Returns only when every row is acknowledged at the configured consistency.
+        No attempt starts after ``deadline_ms``: then :class:`WriteTooLateError` (retriable; pick a newer
+        bucket). Transient failures are retried with bounded backoff."""
+
+    def read_partition(self, shard: int, bucket: int) -> AsyncIterator[PartitionPage]:
+        """The whole partition in clustering order, as pages bounded in rows and (approximately) bytes,
+        each query bounded by clustering key. Incomplete chunk sets are skipped and counted."""
+
+    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[int]:
+        """Buckets in ``[first, last]`` of ``shard`` that may hold events (from ``bucket_index``), ascending."""
+
+    # -- offsets -------------------------------------------------------------------------------------------
+    async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
+        """Take ownership of a shard: the epoch increments, fencing out the previous owner. A shard never
+        claimed before starts with ``read_bucket = replay_bucket = initial_bucket``."""
+
+    async def commit(
+        self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
+    ) -> None:
+        """Move the offsets if ``epoch`` is still current and ``read_bucket`` does not go backwards; else
+        :class:`FencedError`. Repeating a commit that was applied is harmless."""
+
+    async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
+        """The offsets of the given shards that exist, by shard."""
+
+    # -- stories, dead letters -----------------------------------------------------------------------------
+    async def put_stories(self, stories: Sequence[StoryRecord]) -> None: ...
+
+    def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
+        """One ``(shard, period)`` partition in ``(story_id, revision)`` order, paged."""
+
+    def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
+        """Every stored story revision, paged, in no particular order."""
+
+    async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    def scan_dead_letters(self) -> AsyncIterator[list[DeadLetter]]:
+        """Every dead letter, paged, in no particular order."""
+
+    async def purge_expired(self) -> int:
+        """Remove rows past their TTL where the backend does not do it itself; return how many."""

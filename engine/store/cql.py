@@ -1,0 +1,680 @@
+"""The CQL store: ScyllaDB (or Apache Cassandra) through scyllapy, the Rust driver.
+
+Every statement is prepared, carries the configured consistency, and is idempotent; transient failures are
+retried with bounded backoff. Times are bigint milliseconds, never CQL timestamps (which the driver would hand
+back as naive datetimes). All CQL here is valid on ScyllaDB and Cassandra alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import scyllapy
+from scyllapy import Batch, BatchType, ExecutionProfile, PreparedQuery, Query, Scylla, SSLVerifyMode
+from scyllapy.exceptions import ScyllaPyBaseError, ScyllaPyMappingError
+from scyllapy.extra_types import BigInt, Unset
+
+from engine.clock import SYSTEM_CLOCK, Clock
+from engine.config import Config
+from engine.errors import SchemaError, StoreError, TransientStoreError
+from engine.store.base import SCHEMA_VERSION, bucket_hour
+from engine.store.chunks import Assembler
+from engine.store.common import (
+    ROW_OVERHEAD,
+    PageSizer,
+    RetryStats,
+    check_event_sizes,
+    check_fixed,
+    group_rows,
+    raise_fenced,
+    retrying,
+    run_all,
+    twcs_options,
+)
+from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+
+T = TypeVar("T")
+
+_TRANSIENT_MARKERS = (
+    "Not enough nodes are alive",
+    "Not enough nodes responded",
+    "A non-timeout error during a",
+    "overloaded",
+    "still bootstrapping",
+    "IO Error",
+    "Timeout Error",
+    "Request timeout",
+    "Client timeout",
+    "orphaned stream ids",
+    "Unable to allocate stream id",
+    "Rate limit was exceeded",
+    "is not prepared",
+    "No connections in the pool",
+    "Connection",
+    "connection",
+    "Cannot construct new session",
+)
+
+_CONSISTENCY = {
+    name: getattr(scyllapy.Consistency, name)
+    for name in ("ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE")
+}
+_SERIAL = {"SERIAL": scyllapy.SerialConsistency.SERIAL, "LOCAL_SERIAL": scyllapy.SerialConsistency.LOCAL_SERIAL}
+_SERIAL_READ = {"SERIAL": scyllapy.Consistency.SERIAL, "LOCAL_SERIAL": scyllapy.Consistency.LOCAL_SERIAL}
+_MIN_TOKEN = -(2**63)
+
+
+def _opt(value: Any) -> Any:
+    """None as an unset bind value: binding NULL in an INSERT would write a tombstone."""
+    return Unset() if value is None else value
+
+
+def classify(exc: BaseException, what: str) -> StoreError:
+    """Map a driver exception to our hierarchy; the message never contains credentials (the driver's never do)."""
+    text = str(exc)
+    if any(m in text for m in _TRANSIENT_MARKERS):
+        return TransientStoreError(f"{what}: {text}")
+    return StoreError(f"{what}: {text}")
+
+
+def _table_ddl(cfg: Config) -> dict[str, str]:
+    ks = cfg.keyspace
+    unit, size = twcs_options(cfg)
+    ttl_s = cfg.ttl_ms // 1000
+    twcs = (
+        f"compaction = {{'class': 'TimeWindowCompactionStrategy', 'compaction_window_unit': '{unit}', "
+        f"'compaction_window_size': {size}}} AND default_time_to_live = {ttl_s}"
+    )
+    return {
+        "meta": f"CREATE TABLE IF NOT EXISTS {ks}.meta (key text PRIMARY KEY, value text)",
+        "events": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.events (shard int, bucket bigint, event_id text, chunk int, "
+            f"chunks int, payload blob, PRIMARY KEY ((shard, bucket), event_id, chunk)) "
+            f"WITH CLUSTERING ORDER BY (event_id ASC, chunk ASC) AND {twcs} AND gc_grace_seconds = 10800"
+        ),
+        "bucket_index": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.bucket_index (shard int, hour bigint, bucket bigint, "
+            f"PRIMARY KEY ((shard, hour), bucket)) WITH CLUSTERING ORDER BY (bucket ASC) AND {twcs} "
+            f"AND gc_grace_seconds = 10800"
+        ),
+        "read_offsets": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.read_offsets (consumer text, shard int, read_bucket bigint, "
+            f"replay_bucket bigint, owner text, epoch bigint, updated_ms bigint, PRIMARY KEY ((consumer, shard)))"
+        ),
+        "stories": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.stories (shard int, period bigint, story_id text, revision int, "
+            f"final boolean, merged_into text, emitted_ms bigint, body blob, "
+            f"PRIMARY KEY ((shard, period), story_id, revision)) "
+            f"WITH CLUSTERING ORDER BY (story_id ASC, revision ASC) AND {twcs}"
+        ),
+        "dead_letter": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.dead_letter (dl_id text PRIMARY KEY, received_ms bigint, "
+            f"file text, line bigint, reason text, raw blob, redriven_ms bigint)"
+        ),
+    }
+
+
+_TTL_TABLES = ("events", "bucket_index", "stories")
+
+
+class CqlStore:
+    """:class:`engine.store.base.Store` on ScyllaDB / Cassandra."""
+
+    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+        if cfg.store.backend != "cql":
+            raise StoreError("CqlStore needs store.backend = 'cql'")
+        self.cfg = cfg
+        self.clock = clock
+        self.ks = cfg.keyspace
+        self.stats = RetryStats()
+        self._db: Scylla | None = None
+        self._sem = asyncio.Semaphore(cfg.store.max_in_flight)
+        self._prepared: dict[str, PreparedQuery] = {}
+        self._sizer_guess = cfg.chunk_bytes + ROW_OVERHEAD
+        self._consistency = _CONSISTENCY[cfg.store.consistency]
+        self._serial = _SERIAL[cfg.store.serial_consistency]
+        self._serial_read = _SERIAL_READ[cfg.store.serial_consistency]
+        self._timeout_s = max(1, cfg.request_timeout_ms // 1000)
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    @property
+    def db(self) -> Scylla:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
+        return await retrying(op, cfg=self.cfg, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms)
+
+    async def _call(self, what: str, coro_fn: Callable[[], Awaitable[T]]) -> T:
+        async with self._sem:
+            try:
+                return await coro_fn()
+            except ScyllaPyBaseError as exc:
+                raise classify(exc, what) from None
+
+    async def _prep(self, key: str, cql: str, *, serial_read: bool = False) -> PreparedQuery:
+        p = self._prepared.get(key)
+        if p is None:
+            q = Query(
+                cql,
+                consistency=self._serial_read if serial_read else self._consistency,
+                serial_consistency=self._serial,
+                request_timeout=self._timeout_s,
+                is_idempotent=True,
+            )
+            p = await self._retry(f"prepare {key}", lambda: self._call(f"prepare {key}", lambda: self.db.prepare(q)))
+            self._prepared[key] = p
+        return p
+
+    async def _exec(
+        self,
+        what: str,
+        key: str,
+        cql: str,
+        params: Sequence[Any],
+        *,
+        deadline_ms: int | None = None,
+        serial_read: bool = False,
+    ) -> list[dict[str, Any]]:
+        prepared = await self._prep(key, cql, serial_read=serial_read)
+
+        async def once() -> list[dict[str, Any]]:
+            res = await self._call(what, lambda: self.db.execute(prepared, list(params)))
+            try:
+                return res.all()
+            except ScyllaPyMappingError:  # a statement that returns no rows
+                return []
+
+        return await self._retry(what, once, deadline_ms)
+
+    async def _ddl(self, cql: str) -> None:
+        await self._retry(
+            "schema change",
+            lambda: self._call(
+                "schema change",
+                lambda: self.db.execute(
+                    Query(cql, consistency=self._consistency, request_timeout=max(self._timeout_s, 30))
+                ),
+            ),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        s = self.cfg.store
+        kwargs: dict[str, Any] = {
+            "username": s.username,
+            "password": s.password,
+            "connection_timeout": self._timeout_s,
+            "default_execution_profile": ExecutionProfile(
+                consistency=self._consistency, serial_consistency=self._serial, request_timeout=self._timeout_s
+            ),
+        }
+        if s.tls_ca_file:
+            kwargs["ssl_ca_file"] = s.tls_ca_file
+            kwargs["ssl_verify_mode"] = SSLVerifyMode.PEER
+        db = Scylla(list(s.contact_points), **kwargs)
+
+        async def start() -> None:
+            try:
+                await db.startup()
+            except ScyllaPyBaseError as exc:
+                raise classify(exc, f"connect to {', '.join(s.contact_points)}") from None
+
+        await self._retry("connect", start)
+        self._db = db
+        meta = await self._meta_if_present()
+        if meta is not None:
+            check_fixed(self.cfg, meta)
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        self._prepared.clear()
+        if db is not None:
+            with contextlib.suppress(ScyllaPyBaseError):
+                await db.shutdown()
+
+    async def __aenter__(self) -> CqlStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def server_time_ms(self) -> int:
+        rows = await self._exec("read server time", "now", "SELECT toUnixTimestamp(now()) AS t FROM system.local", [])
+        value = rows[0]["t"]
+        # toUnixTimestamp returns a bigint of milliseconds.
+        return int(value)
+
+    # -- schema --------------------------------------------------------------------------------------------
+    async def _keyspace_exists(self) -> bool:
+        rows = await self._exec(
+            "read schema",
+            "ks_exists",
+            "SELECT keyspace_name FROM system_schema.keyspaces WHERE keyspace_name = ?",
+            [self.ks],
+        )
+        return bool(rows)
+
+    async def _tables(self) -> dict[str, dict[str, Any]]:
+        rows = await self._exec(
+            "read schema",
+            "tables",
+            "SELECT table_name, default_time_to_live, compaction FROM system_schema.tables WHERE keyspace_name = ?",
+            [self.ks],
+        )
+        return {r["table_name"]: r for r in rows}
+
+    async def _meta_if_present(self) -> dict[str, str] | None:
+        if not await self._keyspace_exists() or "meta" not in await self._tables():
+            return None
+        return await self.read_meta()
+
+    async def read_meta(self) -> dict[str, str]:
+        rows = await self._exec("read meta", "meta_all", f"SELECT key, value FROM {self.ks}.meta LIMIT 1000", [])
+        return {r["key"]: r["value"] for r in rows}
+
+    async def init_schema(self) -> list[str]:
+        cfg, ks, did = self.cfg, self.ks, []
+        repl = cfg.store.replication.cql()
+        if await self._keyspace_exists():
+            did.append(f"keyspace {ks} exists")
+            rows = await self._exec(
+                "read schema",
+                "ks_repl",
+                "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
+                [ks],
+            )
+            have = {k: v.rsplit(".", 1)[-1] for k, v in (rows[0]["replication"] or {}).items()}
+            want = _replication_map(cfg)
+            if have != want:
+                did.append(
+                    f"WARNING: keyspace {ks} replication is {have}, config says {want}; not changed "
+                    f"(ALTER KEYSPACE by hand, then run a repair)"
+                )
+        else:
+            await self._ddl(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {repl} AND durable_writes = true")
+            did.append(f"created keyspace {ks} with replication {repl}")
+        existing = await self._tables()
+        unit, size = twcs_options(cfg)
+        for table, ddl in _table_ddl(cfg).items():
+            if table not in existing:
+                await self._ddl(ddl)
+                did.append(f"created table {ks}.{table}")
+                continue
+            if table in _TTL_TABLES:
+                row = existing[table]
+                comp = {k: str(v) for k, v in (row["compaction"] or {}).items()}
+                ttl_ok = int(row["default_time_to_live"] or 0) == cfg.ttl_ms // 1000
+                comp_ok = (
+                    comp.get("class", "").endswith("TimeWindowCompactionStrategy")
+                    and comp.get("compaction_window_unit") == unit
+                    and comp.get("compaction_window_size") == str(size)
+                )
+                if not (ttl_ok and comp_ok):
+                    await self._ddl(
+                        f"ALTER TABLE {ks}.{table} WITH compaction = {{'class': 'TimeWindowCompactionStrategy', "
+                        f"'compaction_window_unit': '{unit}', 'compaction_window_size': {size}}} "
+                        f"AND default_time_to_live = {cfg.ttl_ms // 1000}"
+                    )
+                    did.append(
+                        f"altered table {ks}.{table}: default_time_to_live {cfg.ttl_ms // 1000} s, "
+                        f"TWCS window {size} {unit} (new writes; existing rows keep their TTL)"
+                    )
+                    continue
+            did.append(f"table {ks}.{table} is current")
+        self._prepared.clear()
+        did.extend(await self._write_meta())
+        return did
+
+    async def _write_meta(self) -> list[str]:
+        cfg = self.cfg
+        meta = await self.read_meta()
+        did: list[str] = []
+        if meta:
+            check_fixed(cfg, meta)
+        wanted = {
+            "tenant": cfg.tenant,
+            "shards": str(cfg.shards),
+            "bucket_ms": str(cfg.bucket_ms),
+            "created_ms": str(self.clock.now_ms()),
+        }
+        for key, value in wanted.items():
+            if key in meta:
+                continue
+            rows = await self._exec(
+                "write meta",
+                "meta_insert",
+                f"INSERT INTO {self.ks}.meta (key, value) VALUES (?, ?) IF NOT EXISTS",
+                [key, value],
+            )
+            if rows and rows[0].get("[applied]"):
+                did.append(f"recorded {key} = {value}")
+        old = int(meta.get("schema_version", "0"))
+        if old > SCHEMA_VERSION:
+            raise SchemaError(
+                f"keyspace {self.ks} has schema version {old}, newer than this Storyline ({SCHEMA_VERSION})"
+            )
+        if old != SCHEMA_VERSION:
+            await self._exec(
+                "write meta",
+                "meta_upsert",
+                f"INSERT INTO {self.ks}.meta (key, value) VALUES (?, ?)",
+                ["schema_version", str(SCHEMA_VERSION)],
+            )
+            did.append(f"schema version {old} -> {SCHEMA_VERSION}")
+        else:
+            did.append(f"schema version {SCHEMA_VERSION}")
+        return did
+
+    # -- events --------------------------------------------------------------------------------------------
+    async def append(
+        self, shard: int, bucket: int, events: Sequence[EventRecord], *, deadline_ms: int | None = None
+    ) -> AppendResult:
+        cfg = self.cfg
+        check_event_sizes(events, cfg.max_event_bytes)
+        if not events:
+            return AppendResult(0, 0, 0, 0, 0)
+        retries0 = self.stats.retries
+        ks = self.ks
+        await self._exec(
+            "write bucket_index",
+            "index_insert",
+            f"INSERT INTO {ks}.bucket_index (shard, hour, bucket) VALUES (?, ?, ?)",
+            [shard, bucket_hour(bucket, cfg.bucket_ms), bucket],
+            deadline_ms=deadline_ms,
+        )
+        insert_cql = (
+            f"INSERT INTO {ks}.events (shard, bucket, event_id, chunk, chunks, payload) VALUES (?, ?, ?, ?, ?, ?)"
+        )
+        prepared = await self._prep("event_insert", insert_cql)
+        groups = group_rows(events, cfg.chunk_bytes, cfg.store.batch_bytes)
+        what = f"write events ({shard}, {bucket})"
+
+        async def send(group: list[tuple[str, int, int | None, bytes]]) -> None:
+            # Batch values are not type-checked against the prepared statement by the driver: bigint explicitly.
+            big_bucket = BigInt(bucket)
+            params = [[shard, big_bucket, eid, chunk, _opt(chunks), piece] for eid, chunk, chunks, piece in group]
+            if len(group) == 1:
+
+                async def once() -> None:
+                    await self._call(what, lambda: self.db.execute(prepared, params[0]))
+            else:
+
+                async def once() -> None:
+                    batch = Batch(
+                        BatchType.UNLOGGED,
+                        consistency=self._consistency,
+                        request_timeout=self._timeout_s,
+                        is_idempotent=True,
+                    )
+                    for _ in group:
+                        batch.add_query(prepared)
+                    await self._call(what, lambda: self.db.batch(batch, params))
+
+            await self._retry(what, once, deadline_ms)
+
+        await run_all(send(g) for g in groups)
+        rows = sum(len(g) for g in groups)
+        nbytes = sum(len(e.payload) for e in events)
+        return AppendResult(len(events), rows, nbytes, len(groups), self.stats.retries - retries0)
+
+    async def read_partition(self, shard: int, bucket: int) -> AsyncIterator[PartitionPage]:
+        ks = self.ks
+        first = f"SELECT event_id, chunk, chunks, payload FROM {ks}.events WHERE shard = ? AND bucket = ? LIMIT ?"
+        after = (
+            f"SELECT event_id, chunk, chunks, payload FROM {ks}.events WHERE shard = ? AND bucket = ? "
+            f"AND (event_id, chunk) > (?, ?) LIMIT ?"
+        )
+        sizer = PageSizer(self.cfg.store.page_rows, self.cfg.store.page_bytes, self._sizer_guess)
+        asm = Assembler()
+        cursor: tuple[str, int] | None = None
+        what = f"read events ({shard}, {bucket})"
+        while True:
+            limit = sizer.limit()
+            if cursor is None:
+                rows = await self._exec(what, "part_first", first, [shard, bucket, limit])
+            else:
+                rows = await self._exec(what, "part_after", after, [shard, bucket, cursor[0], cursor[1], limit])
+            tuples = [(r["event_id"], r["chunk"], r["chunks"], r["payload"]) for r in rows]
+            nbytes = sum(len(t[3]) for t in tuples)
+            sizer.observe(len(tuples), nbytes)
+            if tuples:
+                self._sizer_guess = int(sizer._avg)
+            events = asm.feed(tuples)
+            done = len(tuples) < limit
+            if done:
+                asm.finish()
+            else:
+                cursor = (tuples[-1][0], tuples[-1][1])
+            if events or done or tuples:
+                yield PartitionPage(events, len(tuples), nbytes, asm.incomplete)
+            if done:
+                return
+
+    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[int]:
+        if last < first:
+            return []
+        cfg = self.cfg
+        cql = (
+            f"SELECT bucket FROM {self.ks}.bucket_index WHERE shard = ? AND hour = ? AND bucket >= ? AND bucket <= ? "
+            f"LIMIT ?"
+        )
+        out: list[int] = []
+        limit = cfg.store.page_rows
+        for hour in range(bucket_hour(first, cfg.bucket_ms), bucket_hour(last, cfg.bucket_ms) + 1):
+            lo = first
+            while True:
+                rows = await self._exec("read bucket_index", "index_range", cql, [shard, hour, lo, last, limit])
+                out.extend(r["bucket"] for r in rows)
+                if len(rows) < limit:
+                    break
+                lo = rows[-1]["bucket"] + 1
+        return out
+
+    # -- offsets -------------------------------------------------------------------------------------------
+    async def _read_offset_serial(self, consumer: str, shard: int) -> Offset | None:
+        rows = await self._exec(
+            "read offset",
+            "offset_serial",
+            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
+            f"WHERE consumer = ? AND shard = ?",
+            [consumer, shard],
+            serial_read=True,
+        )
+        return _offset(consumer, shard, rows[0]) if rows else None
+
+    async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
+        ks = self.ks
+        what = f"claim shard {shard}"
+        for _ in range(32):  # bounded: each round loses only to a concurrent claimer
+            cur = await self._read_offset_serial(consumer, shard)
+            now = self.clock.now_ms()
+            if cur is None:
+                rows = await self._exec(
+                    what,
+                    "offset_create",
+                    f"INSERT INTO {ks}.read_offsets (consumer, shard, read_bucket, replay_bucket, owner, epoch, "
+                    f"updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+                    [consumer, shard, initial_bucket, initial_bucket, owner, 1, now],
+                )
+            else:
+                rows = await self._exec(
+                    what,
+                    "offset_claim",
+                    f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ? "
+                    f"WHERE consumer = ? AND shard = ? IF epoch = ?",
+                    [owner, cur.epoch + 1, now, consumer, shard, cur.epoch],
+                )
+            if rows and rows[0].get("[applied]"):
+                got = await self._read_offset_serial(consumer, shard)
+                if got is not None and got.owner == owner:
+                    return got
+            else:
+                # Not applied: someone else moved it, or our own earlier attempt (retried after a timeout) did.
+                got = await self._read_offset_serial(consumer, shard)
+                if got is not None and got.owner == owner and (cur is None or got.epoch == cur.epoch + 1):
+                    return got
+        raise StoreError(f"{what}: too much contention from other claimers", retriable=True)
+
+    async def commit(
+        self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
+    ) -> None:
+        rows = await self._exec(
+            f"commit shard {shard}",
+            "offset_commit",
+            f"UPDATE {self.ks}.read_offsets SET read_bucket = ?, replay_bucket = ?, updated_ms = ? "
+            f"WHERE consumer = ? AND shard = ? IF epoch = ? AND read_bucket <= ?",
+            [read_bucket, replay_bucket, self.clock.now_ms(), consumer, shard, epoch, read_bucket],
+        )
+        if rows and rows[0].get("[applied]"):
+            return
+        cur = await self._read_offset_serial(consumer, shard)
+        raise_fenced(shard, owner, epoch, read_bucket, cur)
+
+    async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
+        cql = (
+            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
+            f"WHERE consumer = ? AND shard = ?"
+        )
+
+        async def one(shard: int) -> Offset | None:
+            rows = await self._exec("read offset", "offset_read", cql, [consumer, shard])
+            return _offset(consumer, shard, rows[0]) if rows else None
+
+        found = await asyncio.gather(*(one(s) for s in shards))
+        return [o for o in found if o is not None]
+
+    # -- stories -------------------------------------------------------------------------------------------
+    async def put_stories(self, stories: Sequence[StoryRecord]) -> None:
+        cql = (
+            f"INSERT INTO {self.ks}.stories (shard, period, story_id, revision, final, merged_into, emitted_ms, body) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        await run_all(
+            self._exec(
+                "write story",
+                "story_insert",
+                cql,
+                [s.shard, s.period, s.story_id, s.revision, s.final, _opt(s.merged_into), s.emitted_ms, s.body],
+            )
+            for s in stories
+        )
+
+    async def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
+        cols = "story_id, revision, final, merged_into, emitted_ms, body"
+        first = f"SELECT {cols} FROM {self.ks}.stories WHERE shard = ? AND period = ? LIMIT ?"
+        after = (
+            f"SELECT {cols} FROM {self.ks}.stories WHERE shard = ? AND period = ? "
+            f"AND (story_id, revision) > (?, ?) LIMIT ?"
+        )
+        sizer = PageSizer(self.cfg.store.page_rows, self.cfg.store.page_bytes, 4096)
+        cursor: tuple[str, int] | None = None
+        while True:
+            limit = sizer.limit()
+            if cursor is None:
+                rows = await self._exec("read stories", "story_first", first, [shard, period, limit])
+            else:
+                rows = await self._exec(
+                    "read stories", "story_after", after, [shard, period, cursor[0], cursor[1], limit]
+                )
+            page = [
+                StoryRecord(
+                    shard,
+                    period,
+                    r["story_id"],
+                    r["revision"],
+                    bool(r["final"]),
+                    r["merged_into"],
+                    r["emitted_ms"],
+                    r["body"],
+                )
+                for r in rows
+            ]
+            sizer.observe(len(page), sum(len(s.body) for s in page))
+            if page:
+                yield page
+            if len(rows) < limit:
+                return
+            cursor = (page[-1].story_id, page[-1].revision)
+
+    async def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
+        cql = (
+            f"SELECT DISTINCT shard, period, token(shard, period) AS t FROM {self.ks}.stories "
+            f"WHERE token(shard, period) >= ? LIMIT ?"
+        )
+        limit = 1000
+        token = _MIN_TOKEN
+        seen_at_token: set[tuple[int, int]] = set()
+        while True:
+            rows = await self._exec("scan stories", "story_parts", cql, [token, limit])
+            fresh = [r for r in rows if not (r["t"] == token and (r["shard"], r["period"]) in seen_at_token)]
+            for r in fresh:
+                async for page in self.read_stories(r["shard"], r["period"]):
+                    yield page
+            if len(rows) < limit:
+                return
+            last = rows[-1]["t"]
+            if last != token:
+                seen_at_token = set()
+            token = last
+            seen_at_token |= {(r["shard"], r["period"]) for r in rows if r["t"] == last}
+
+    # -- dead letters --------------------------------------------------------------------------------------
+    async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        cql = (
+            f"INSERT INTO {self.ks}.dead_letter (dl_id, received_ms, file, line, reason, raw, redriven_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
+        await run_all(
+            self._exec(
+                "write dead letter",
+                "dl_insert",
+                cql,
+                [d.dl_id, d.received_ms, d.file, d.line, d.reason, d.raw, _opt(d.redriven_ms)],
+            )
+            for d in letters
+        )
+
+    async def scan_dead_letters(self) -> AsyncIterator[list[DeadLetter]]:
+        cql = (
+            f"SELECT token(dl_id) AS t, dl_id, received_ms, file, line, reason, raw, redriven_ms "
+            f"FROM {self.ks}.dead_letter WHERE token(dl_id) >= ? LIMIT ?"
+        )
+        limit = 500
+        token = _MIN_TOKEN
+        seen: set[str] = set()
+        while True:
+            rows = await self._exec("scan dead letters", "dl_scan", cql, [token, limit])
+            page = [
+                DeadLetter(r["dl_id"], r["received_ms"], r["file"], r["line"], r["reason"], r["raw"], r["redriven_ms"])
+                for r in rows
+                if not (r["t"] == token and r["dl_id"] in seen)
+            ]
+            if page:
+                yield page
+            if len(rows) < limit:
+                return
+            last = rows[-1]["t"]
+            if last != token:
+                seen = set()
+            token = last
+            seen |= {r["dl_id"] for r in rows if r["t"] == last}
+
+    async def purge_expired(self) -> int:
+        return 0  # the database expires rows by default_time_to_live
+
+
+def _offset(consumer: str, shard: int, r: dict[str, Any]) -> Offset:
+    return Offset(consumer, shard, r["read_bucket"], r["replay_bucket"], r["owner"], r["epoch"], r["updated_ms"])
+
+
+def _replication_map(cfg: Config) -> dict[str, str]:
+    r = cfg.store.replication
+    if r.strategy == "SimpleStrategy":
+        return {"class": "SimpleStrategy", "replication_factor": str(r.replication_factor)}
+    return {"class": "NetworkTopologyStrategy", **{dc: str(n) for dc, n in r.datacenters.items()}}

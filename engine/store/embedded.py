@@ -1,0 +1,504 @@
+"""The embedded store: SQLite, for development, ``make run`` and tiny tenants. Same semantics as the CQL store.
+
+* One file may hold several tenants; each tenant's tables carry its (validated) name as a prefix, as a
+  keyspace would.
+* WAL journal, ``synchronous = FULL`` (a commit is on disk when it returns), a busy timeout, and
+  ``BEGIN IMMEDIATE`` for writes, so several worker processes can share the file.
+* TTL as on CQL: every row gets ``expires_ms = write time + ttl_ms``; reads never return expired rows and
+  :meth:`purge_expired` (also run every few minutes by writers) deletes them.
+* Offset commits are conditional inside one transaction, the equivalent of the CQL lightweight transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine.clock import SYSTEM_CLOCK, Clock
+from engine.config import Config
+from engine.errors import SchemaError, StoreError, TransientStoreError
+from engine.store.base import SCHEMA_VERSION, bucket_hour
+from engine.store.chunks import Assembler
+from engine.store.common import (
+    ROW_OVERHEAD,
+    PageSizer,
+    RetryStats,
+    check_event_sizes,
+    check_fixed,
+    group_rows,
+    raise_fenced,
+    retrying,
+)
+from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+
+T = TypeVar("T")
+PURGE_EVERY_MS = 5 * 60_000
+_BUSY_TIMEOUT_S = 30.0
+
+
+def _ddl(p: str) -> dict[str, str]:
+    return {
+        "meta": f'CREATE TABLE IF NOT EXISTS "{p}__meta" (key TEXT PRIMARY KEY, value TEXT NOT NULL)',
+        "events": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__events" (shard INTEGER NOT NULL, bucket INTEGER NOT NULL, '
+            f"event_id TEXT NOT NULL, chunk INTEGER NOT NULL, chunks INTEGER, payload BLOB NOT NULL, "
+            f"expires_ms INTEGER NOT NULL, PRIMARY KEY (shard, bucket, event_id, chunk)) WITHOUT ROWID"
+        ),
+        "bucket_index": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__bucket_index" (shard INTEGER NOT NULL, hour INTEGER NOT NULL, '
+            f"bucket INTEGER NOT NULL, expires_ms INTEGER NOT NULL, PRIMARY KEY (shard, hour, bucket)) WITHOUT ROWID"
+        ),
+        "read_offsets": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__read_offsets" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
+            f"read_bucket INTEGER NOT NULL, replay_bucket INTEGER NOT NULL, owner TEXT NOT NULL, "
+            f"epoch INTEGER NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (consumer, shard)) WITHOUT ROWID"
+        ),
+        "stories": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__stories" (shard INTEGER NOT NULL, period INTEGER NOT NULL, '
+            f"story_id TEXT NOT NULL, revision INTEGER NOT NULL, final INTEGER NOT NULL, merged_into TEXT, "
+            f"emitted_ms INTEGER NOT NULL, body BLOB NOT NULL, expires_ms INTEGER NOT NULL, "
+            f"PRIMARY KEY (shard, period, story_id, revision)) WITHOUT ROWID"
+        ),
+        "dead_letter": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__dead_letter" (dl_id TEXT PRIMARY KEY, received_ms INTEGER NOT NULL, '
+            f"file TEXT NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL, raw BLOB NOT NULL, "
+            f"redriven_ms INTEGER)"
+        ),
+    }
+
+
+def _classify(exc: sqlite3.Error, what: str) -> StoreError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+        return TransientStoreError(f"{what}: {text}")
+    if isinstance(exc, sqlite3.OperationalError) and "no such table" in text:
+        return SchemaError(f"{what}: {text} (run `storyline init`)")
+    return StoreError(f"{what}: {text}")
+
+
+def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], list[Any]]:
+    def run(c: sqlite3.Connection) -> list[Any]:
+        return c.execute(sql, args).fetchall()
+
+    return run
+
+
+class EmbeddedStore:
+    """:class:`engine.store.base.Store` on SQLite."""
+
+    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+        if cfg.store.backend != "embedded":
+            raise StoreError("EmbeddedStore needs store.backend = 'embedded'")
+        self.cfg = cfg
+        self.clock = clock
+        self.p = cfg.keyspace
+        self.stats = RetryStats()
+        self._con: sqlite3.Connection | None = None
+        self._last_purge = 0
+        self._sizer_guess = cfg.chunk_bytes + ROW_OVERHEAD
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    @property
+    def con(self) -> sqlite3.Connection:
+        if self._con is None:
+            raise StoreError("store is not open")
+        return self._con
+
+    def t(self, table: str) -> str:
+        return f'"{self.p}__{table}"'
+
+    async def _run(
+        self, what: str, fn: Callable[[sqlite3.Connection], T], *, write: bool = False, deadline_ms: int | None = None
+    ) -> T:
+        """Run ``fn`` in one transaction (IMMEDIATE for writes), retrying busy/locked errors."""
+
+        async def once() -> T:
+            con = self.con
+            try:
+                con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    out = fn(con)
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+                return out
+            except sqlite3.Error as exc:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise _classify(exc, what) from None
+
+        return await retrying(
+            once, cfg=self.cfg, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        path = self.cfg.store.path
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            con = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"open {path}: {exc}") from None
+        self._con = con
+        meta = await self._meta_if_present()
+        if meta is not None:
+            check_fixed(self.cfg, meta)
+
+    async def close(self) -> None:
+        con, self._con = self._con, None
+        if con is not None:
+            con.close()
+
+    async def __aenter__(self) -> EmbeddedStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def server_time_ms(self) -> int:
+        return self.clock.now_ms()  # the database is on this host
+
+    # -- schema --------------------------------------------------------------------------------------------
+    async def _meta_if_present(self) -> dict[str, str] | None:
+        name = f"{self.p}__meta"
+        found = await self._run(
+            "read schema",
+            lambda c: c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone(),
+        )
+        return None if found is None else await self.read_meta()
+
+    async def read_meta(self) -> dict[str, str]:
+        rows = await self._run("read meta", lambda c: c.execute(f"SELECT key, value FROM {self.t('meta')}").fetchall())
+        return {k: v for k, v in rows}
+
+    async def init_schema(self) -> list[str]:
+        cfg = self.cfg
+        did: list[str] = []
+        tables = _ddl(self.p)
+
+        def create(c: sqlite3.Connection) -> list[str]:
+            out = []
+            for table, ddl in tables.items():
+                name = f"{self.p}__{table}"
+                exists = c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+                if exists:
+                    out.append(f"table {name} is current")
+                else:
+                    c.execute(ddl)
+                    out.append(f"created table {name}")
+            return out
+
+        did.extend(await self._run("create schema", create, write=True))
+        meta = await self.read_meta()
+        if meta:
+            check_fixed(cfg, meta)
+        old = int(meta.get("schema_version", "0"))
+        if old > SCHEMA_VERSION:
+            raise SchemaError(f"tenant {cfg.tenant} has schema version {old}, newer than this Storyline")
+        wanted = {
+            "tenant": cfg.tenant,
+            "shards": str(cfg.shards),
+            "bucket_ms": str(cfg.bucket_ms),
+            "created_ms": str(self.clock.now_ms()),
+        }
+
+        def write_meta(c: sqlite3.Connection) -> list[str]:
+            out = []
+            for key, value in wanted.items():
+                cur = c.execute(f"INSERT OR IGNORE INTO {self.t('meta')} (key, value) VALUES (?, ?)", (key, value))
+                if cur.rowcount:
+                    out.append(f"recorded {key} = {value}")
+            c.execute(
+                f"INSERT OR REPLACE INTO {self.t('meta')} (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            out.append(
+                f"schema version {old} -> {SCHEMA_VERSION}"
+                if old != SCHEMA_VERSION
+                else f"schema version {SCHEMA_VERSION}"
+            )
+            return out
+
+        did.extend(await self._run("write meta", write_meta, write=True))
+        return did
+
+    # -- events --------------------------------------------------------------------------------------------
+    async def append(
+        self, shard: int, bucket: int, events: Sequence[EventRecord], *, deadline_ms: int | None = None
+    ) -> AppendResult:
+        cfg = self.cfg
+        check_event_sizes(events, cfg.max_event_bytes)
+        if not events:
+            return AppendResult(0, 0, 0, 0, 0)
+        await self._maybe_purge()
+        retries0 = self.stats.retries
+        hour = bucket_hour(bucket, cfg.bucket_ms)
+        await self._run(
+            "write bucket_index",
+            lambda c: c.execute(
+                f"INSERT OR REPLACE INTO {self.t('bucket_index')} (shard, hour, bucket, expires_ms) "
+                f"VALUES (?, ?, ?, ?)",
+                (shard, hour, bucket, self.clock.now_ms() + cfg.ttl_ms),
+            ),
+            write=True,
+            deadline_ms=deadline_ms,
+        )
+        groups = group_rows(events, cfg.chunk_bytes, cfg.store.batch_bytes)
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('events')} (shard, bucket, event_id, chunk, chunks, payload, expires_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
+        for group in groups:
+
+            def write(c: sqlite3.Connection, group: list[tuple[str, int, int | None, bytes]] = group) -> None:
+                exp = self.clock.now_ms() + cfg.ttl_ms
+                c.executemany(sql, [(shard, bucket, e, ch, n, pl, exp) for e, ch, n, pl in group])
+
+            await self._run(f"write events ({shard}, {bucket})", write, write=True, deadline_ms=deadline_ms)
+        rows = sum(len(g) for g in groups)
+        return AppendResult(
+            len(events), rows, sum(len(e.payload) for e in events), len(groups), self.stats.retries - retries0
+        )
+
+    async def read_partition(self, shard: int, bucket: int) -> AsyncIterator[PartitionPage]:
+        t = self.t("events")
+        first = (
+            f"SELECT event_id, chunk, chunks, payload FROM {t} WHERE shard = ? AND bucket = ? AND expires_ms > ? "
+            f"ORDER BY event_id, chunk LIMIT ?"
+        )
+        after = (
+            f"SELECT event_id, chunk, chunks, payload FROM {t} WHERE shard = ? AND bucket = ? AND expires_ms > ? "
+            f"AND (event_id, chunk) > (?, ?) ORDER BY event_id, chunk LIMIT ?"
+        )
+        sizer = PageSizer(self.cfg.store.page_rows, self.cfg.store.page_bytes, self._sizer_guess)
+        asm = Assembler()
+        cursor: tuple[str, int] | None = None
+        what = f"read events ({shard}, {bucket})"
+        while True:
+            limit = sizer.limit()
+            now = self.clock.now_ms()
+            if cursor is None:
+                args: tuple[Any, ...] = (shard, bucket, now, limit)
+                q = first
+            else:
+                args = (shard, bucket, now, cursor[0], cursor[1], limit)
+                q = after
+            rows: list[tuple[str, int, int | None, bytes]] = await self._run(what, _fetch(q, args))
+            nbytes = sum(len(r[3]) for r in rows)
+            sizer.observe(len(rows), nbytes)
+            if rows:
+                self._sizer_guess = int(sizer._avg)
+            events = asm.feed(rows)
+            done = len(rows) < limit
+            if done:
+                asm.finish()
+            else:
+                cursor = (rows[-1][0], rows[-1][1])
+            yield PartitionPage(events, len(rows), nbytes, asm.incomplete)
+            if done:
+                return
+
+    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[int]:
+        if last < first:
+            return []
+        bms = self.cfg.bucket_ms
+        q = (
+            f"SELECT bucket FROM {self.t('bucket_index')} WHERE shard = ? AND hour BETWEEN ? AND ? "
+            f"AND bucket BETWEEN ? AND ? AND expires_ms > ? ORDER BY hour, bucket"
+        )
+        rows = await self._run(
+            "read bucket_index",
+            lambda c: c.execute(
+                q, (shard, bucket_hour(first, bms), bucket_hour(last, bms), first, last, self.clock.now_ms())
+            ).fetchall(),
+        )
+        return [r[0] for r in rows]
+
+    # -- offsets -------------------------------------------------------------------------------------------
+    def _get_offset(self, c: sqlite3.Connection, consumer: str, shard: int) -> Offset | None:
+        r = c.execute(
+            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.t('read_offsets')} "
+            f"WHERE consumer = ? AND shard = ?",
+            (consumer, shard),
+        ).fetchone()
+        return None if r is None else Offset(consumer, shard, r[0], r[1], r[2], r[3], r[4])
+
+    async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
+        def do(c: sqlite3.Connection) -> Offset:
+            cur = self._get_offset(c, consumer, shard)
+            now = self.clock.now_ms()
+            if cur is None:
+                c.execute(
+                    f"INSERT INTO {self.t('read_offsets')} (consumer, shard, read_bucket, replay_bucket, owner, "
+                    f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                    (consumer, shard, initial_bucket, initial_bucket, owner, now),
+                )
+            else:
+                c.execute(
+                    f"UPDATE {self.t('read_offsets')} SET owner = ?, epoch = epoch + 1, updated_ms = ? "
+                    f"WHERE consumer = ? AND shard = ?",
+                    (owner, now, consumer, shard),
+                )
+            got = self._get_offset(c, consumer, shard)
+            assert got is not None
+            return got
+
+        return await self._run(f"claim shard {shard}", do, write=True)
+
+    async def commit(
+        self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
+    ) -> None:
+        def do(c: sqlite3.Connection) -> tuple[bool, Offset | None]:
+            n = c.execute(
+                f"UPDATE {self.t('read_offsets')} SET read_bucket = ?, replay_bucket = ?, updated_ms = ? "
+                f"WHERE consumer = ? AND shard = ? AND epoch = ? AND read_bucket <= ?",
+                (read_bucket, replay_bucket, self.clock.now_ms(), consumer, shard, epoch, read_bucket),
+            ).rowcount
+            return (True, None) if n == 1 else (False, self._get_offset(c, consumer, shard))
+
+        applied, cur = await self._run(f"commit shard {shard}", do, write=True)
+        if not applied:
+            raise_fenced(shard, owner, epoch, read_bucket, cur)
+
+    async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
+        def do(c: sqlite3.Connection) -> list[Offset]:
+            out = []
+            for s in shards:
+                o = self._get_offset(c, consumer, s)
+                if o is not None:
+                    out.append(o)
+            return out
+
+        return await self._run("read offsets", do)
+
+    # -- stories -------------------------------------------------------------------------------------------
+    async def put_stories(self, stories: Sequence[StoryRecord]) -> None:
+        if not stories:
+            return
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('stories')} (shard, period, story_id, revision, final, merged_into, "
+            f"emitted_ms, body, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+
+        def do(c: sqlite3.Connection) -> None:
+            exp = self.clock.now_ms() + self.cfg.ttl_ms
+            c.executemany(
+                sql,
+                [
+                    (s.shard, s.period, s.story_id, s.revision, int(s.final), s.merged_into, s.emitted_ms, s.body, exp)
+                    for s in stories
+                ],
+            )
+
+        await self._run("write stories", do, write=True)
+
+    async def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
+        cols = "story_id, revision, final, merged_into, emitted_ms, body"
+        t = self.t("stories")
+        limit = self.cfg.store.page_rows
+        cursor = ("", -1)
+        while True:
+            q = (
+                f"SELECT {cols} FROM {t} WHERE shard = ? AND period = ? AND expires_ms > ? "
+                f"AND (story_id, revision) > (?, ?) ORDER BY story_id, revision LIMIT ?"
+            )
+            args = (shard, period, self.clock.now_ms(), cursor[0], cursor[1], limit)
+            rows = await self._run("read stories", _fetch(q, args))
+            page = [StoryRecord(shard, period, r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows]
+            if page:
+                yield page
+            if len(rows) < limit:
+                return
+            cursor = (page[-1].story_id, page[-1].revision)
+
+    async def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
+        t = self.t("stories")
+        rows = await self._run(
+            "scan stories",
+            lambda c: c.execute(
+                f"SELECT DISTINCT shard, period FROM {t} WHERE expires_ms > ? ORDER BY shard, period",
+                (self.clock.now_ms(),),
+            ).fetchall(),
+        )
+        for shard, period in rows:
+            async for page in self.read_stories(shard, period):
+                yield page
+
+    # -- dead letters --------------------------------------------------------------------------------------
+    async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        sql = (
+            f"INSERT INTO {self.t('dead_letter')} (dl_id, received_ms, file, line, reason, raw, redriven_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dl_id) DO UPDATE SET received_ms = excluded.received_ms, "
+            f"file = excluded.file, line = excluded.line, reason = excluded.reason, raw = excluded.raw, "
+            f"redriven_ms = COALESCE(excluded.redriven_ms, redriven_ms)"
+        )
+        await self._run(
+            "write dead letters",
+            lambda c: c.executemany(
+                sql, [(d.dl_id, d.received_ms, d.file, d.line, d.reason, d.raw, d.redriven_ms) for d in letters]
+            ),
+            write=True,
+        )
+
+    async def scan_dead_letters(self) -> AsyncIterator[list[DeadLetter]]:
+        limit = 500
+        last = ""
+        while True:
+            q = (
+                f"SELECT dl_id, received_ms, file, line, reason, raw, redriven_ms FROM {self.t('dead_letter')} "
+                f"WHERE dl_id > ? ORDER BY dl_id LIMIT ?"
+            )
+            rows = await self._run("scan dead letters", _fetch(q, (last, limit)))
+            page = [DeadLetter(*r) for r in rows]
+            if page:
+                yield page
+            if len(rows) < limit:
+                return
+            last = page[-1].dl_id
+
+    # -- TTL -----------------------------------------------------------------------------------------------
+    async def _maybe_purge(self) -> None:
+        if self.clock.now_ms() - self._last_purge >= PURGE_EVERY_MS:
+            await self.purge_expired()
+
+    async def purge_expired(self) -> int:
+        now = self.clock.now_ms()
+        self._last_purge = now
+
+        cfg = self.cfg
+        # A row's expires_ms is its write time + ttl_ms, and a write comes after its bucket starts, so expired
+        # rows lie in buckets starting at or before now - ttl_ms: a primary-key range per shard.
+        last_bucket = (now - cfg.ttl_ms) // cfg.bucket_ms
+        last_hour = bucket_hour(last_bucket, cfg.bucket_ms)
+
+        def do(c: sqlite3.Connection) -> int:
+            n = 0
+            for shard in range(cfg.shards):
+                n += c.execute(
+                    f"DELETE FROM {self.t('events')} WHERE shard = ? AND bucket <= ? AND expires_ms <= ?",
+                    (shard, last_bucket, now),
+                ).rowcount
+                n += c.execute(
+                    f"DELETE FROM {self.t('bucket_index')} WHERE shard = ? AND hour <= ? AND expires_ms <= ?",
+                    (shard, last_hour, now),
+                ).rowcount
+            n += c.execute(f"DELETE FROM {self.t('stories')} WHERE expires_ms <= ?", (now,)).rowcount
+            return n
+
+        return await self._run("purge expired rows", do, write=True)
+
+
+def database_path(cfg: Config) -> str:
+    """The SQLite file of a config, for messages."""
+    return os.path.abspath(cfg.store.path) if cfg.store.path != ":memory:" else ":memory:"

@@ -1,0 +1,74 @@
+"""Records that cross the store interface. Times are int64 UTC milliseconds."""
+
+from __future__ import annotations
+
+import msgspec
+
+HOUR_MS = 3_600_000
+
+
+class EventRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One event as the store sees it: an id (clustering key) and its encoded payload."""
+
+    event_id: str
+    payload: bytes
+
+
+class PartitionPage(msgspec.Struct, frozen=True):
+    """One page of a partition read: complete events in clustering order, plus accounting."""
+
+    events: list[EventRecord]
+    rows: int  # rows fetched for this page
+    bytes: int  # payload bytes fetched for this page
+    incomplete: int  # incomplete chunk sets skipped so far in this partition (cumulative)
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    events: int
+    rows: int
+    bytes: int
+    statements: int  # batches and single statements sent (not counting retries)
+    retries: int
+
+
+class Offset(msgspec.Struct, frozen=True):
+    """A consumer's position in one shard.
+
+    ``read_bucket``: every bucket <= it is consumed and everything derived from it is durable.
+    ``replay_bucket``: the oldest bucket still needed to rebuild in-memory state after a crash.
+    ``owner`` / ``epoch``: the current owner and its fencing token; each claim increments the epoch.
+    """
+
+    consumer: str
+    shard: int
+    read_bucket: int
+    replay_bucket: int
+    owner: str
+    epoch: int
+    updated_ms: int
+
+
+class StoryRecord(msgspec.Struct, frozen=True):
+    """One revision of a story. Partitioned by ``(shard, period)``, where ``period`` is an hour number
+    (``time_ms // HOUR_MS``) chosen deterministically by the writer; ``(story_id, revision)`` is unique."""
+
+    shard: int
+    period: int
+    story_id: str
+    revision: int
+    final: bool
+    merged_into: str | None
+    emitted_ms: int
+    body: bytes
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A rejected input line, kept with everything needed to understand and redrive it."""
+
+    dl_id: str
+    received_ms: int
+    file: str
+    line: int
+    reason: str
+    raw: bytes
+    redriven_ms: int | None = None
