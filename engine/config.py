@@ -84,7 +84,9 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_ca_file: str | None = None
     # Paging and batching. A page holds at most page_rows rows and about page_bytes bytes.
     page_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5_000
-    page_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
+    page_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # Hard ceiling of one page, whatever the mix of row sizes (see engine.store.common.PageSizer).
+    page_bytes_max: Annotated[int, msgspec.Meta(ge=1024 * 1024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     batch_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     # Bounded retries of idempotent statements on transient errors: exponential backoff with full jitter.
@@ -170,6 +172,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f" (ScyllaDB's twcs_max_window_count): use twcs_window_ms >="
                 f" {-(-self.ttl_ms // MAX_TWCS_WINDOWS // 60_000) * 60_000}",
             )
+        if self.store.page_bytes_max < 2 * self.chunk_bytes:
+            raise ConfigError("store.page_bytes_max", "must be >= 2 x chunk_bytes, so a page holds a whole chunk")
+        if self.store.page_bytes > self.store.page_bytes_max:
+            raise ConfigError("store.page_bytes", "must be <= store.page_bytes_max")
         if self.chunk_bytes > self.max_event_bytes:
             raise ConfigError("chunk_bytes", "must be <= max_event_bytes")
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.store.base import SCHEMA_VERSION, Store, bucket_hour
-from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
 
 __all__ = [
     "SCHEMA_VERSION",
     "AppendResult",
+    "BucketHint",
     "DeadLetter",
     "EventRecord",
     "Offset",

@@ -5,8 +5,9 @@
 Tables (one keyspace per tenant; see docs/architecture.md):
 
 * ``events`` — ``PRIMARY KEY ((shard, bucket), event_id, chunk)``: the queue. Append-only, expired by TTL.
-* ``bucket_index`` — ``PRIMARY KEY ((shard, hour), bucket)``: which buckets of a shard received events,
-  written before the event rows so a reader may skip buckets absent here.
+* ``bucket_index`` — ``PRIMARY KEY ((shard, hour), bucket, size_class)``: which buckets of a shard received
+  events, written before the event rows so a reader may skip buckets absent here; ``size_class`` bounds the
+  largest row of each write (a power of two), so readers can bound their pages in bytes.
 * ``read_offsets`` — ``PRIMARY KEY ((consumer, shard))``: positions, owner and epoch; changed only by
   conditional writes so a stale owner cannot move them.
 * ``stories`` — ``PRIMARY KEY ((shard, period), story_id, revision)``.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
 
 SCHEMA_VERSION = 1
 # Settings that fix how data is laid out: changing them on an existing tenant would misplace events.
@@ -59,12 +60,21 @@ class Store(Protocol):
         No attempt starts after ``deadline_ms``: then :class:`WriteTooLateError` (retriable; pick a newer
         bucket). Transient failures are retried with bounded backoff."""
 
-    def read_partition(self, shard: int, bucket: int) -> AsyncIterator[PartitionPage]:
-        """The whole partition in clustering order, as pages bounded in rows and (approximately) bytes,
-        each query bounded by clustering key. Incomplete chunk sets are skipped and counted."""
+    def read_partition(
+        self, shard: int, bucket: int, *, max_row_bytes: int | None = None
+    ) -> AsyncIterator[PartitionPage]:
+        """The whole partition in clustering order, in pages of at most ``store.page_rows`` rows and
+        ``store.page_bytes_max`` bytes (about ``store.page_bytes``), each query bounded by clustering key.
+        ``max_row_bytes`` is the bound from :meth:`nonempty_buckets`; without it the store looks it up.
+        Incomplete chunk sets are skipped and counted."""
 
-    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[int]:
-        """Buckets in ``[first, last]`` of ``shard`` that may hold events (from ``bucket_index``), ascending."""
+    async def inject_rows(self, shard: int, bucket: int, rows: Sequence[tuple[str, int, int | None, bytes]]) -> None:
+        """Fault injection: write raw ``(event_id, chunk, chunks, payload)`` rows (no index row, no checks), as a
+        producer that died in the middle of a chunked event leaves them. For tests and the chaos suite."""
+
+    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
+        """Buckets in ``[first, last]`` of ``shard`` that may hold events (from ``bucket_index``), ascending,
+        each with the bound of its largest row."""
 
     # -- offsets -------------------------------------------------------------------------------------------
     async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from engine.clock import Clock
 from engine.config import Config
 from engine.errors import FencedError, SchemaError, StoreError, StorylineError, WriteTooLateError
 from engine.store.base import FIXED_SETTINGS
-from engine.store.chunks import iter_rows
-from engine.store.types import EventRecord, Offset
+from engine.store.chunks import Assembler, iter_rows
+from engine.store.types import BucketHint, EventRecord, Offset, PartitionPage
 
 T = TypeVar("T")
 
@@ -83,28 +83,68 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 class PageSizer:
-    """Chooses the LIMIT of the next partition page so that a page holds at most ``page_rows`` rows and, as
-    estimated from the rows seen so far, about ``page_bytes`` bytes. A page that comes back far larger than
-    planned resets the estimate to that page's average row, so one surprise costs one large page."""
+    """Chooses the LIMIT of each partition page.
 
-    __slots__ = ("_avg", "_page_bytes", "_page_rows")
+    Hard bounds: at most ``page_rows`` rows and at most ``page_bytes_max`` bytes, because the LIMIT never
+    exceeds ``page_bytes_max // max_row_bytes`` where ``max_row_bytes`` is the partition's largest row as
+    recorded in ``bucket_index`` at write time (or the largest possible row, a full chunk, when unknown).
+    Target: about ``page_bytes`` per page, from an estimate of the average row that follows what was read
+    (carried across partitions by the store through ``estimate``).
+    """
 
-    def __init__(self, page_rows: int, page_bytes: int, first_guess_row_bytes: int) -> None:
-        self._page_rows = page_rows
-        self._page_bytes = page_bytes
-        self._avg = float(max(first_guess_row_bytes, 64))
+    __slots__ = ("_cap", "_page_bytes", "estimate")
+
+    def __init__(self, cfg: Config, max_row_bytes: int, estimate: float) -> None:
+        s = cfg.store
+        self._page_bytes = s.page_bytes
+        self._cap = max(1, min(s.page_rows, s.page_bytes_max // max(1, max_row_bytes)))
+        self.estimate = max(64.0, min(estimate, float(max_row_bytes)))
 
     def limit(self) -> int:
-        return max(1, min(self._page_rows, int(self._page_bytes // self._avg)))
+        return max(1, min(self._cap, int(self._page_bytes // self.estimate)))
 
-    def observe(self, rows: int, nbytes: int) -> None:
+    def observe(self, rows: int, raw_bytes: int) -> None:
         if rows <= 0:
             return
-        avg = nbytes / rows + ROW_OVERHEAD
-        if nbytes > 2 * self._page_bytes:
-            self._avg = avg
+        avg = raw_bytes / rows
+        self.estimate = max(64.0, avg if raw_bytes > 2 * self._page_bytes else 0.5 * self.estimate + 0.5 * avg)
+
+
+def row_bytes(event_id: str, piece: bytes) -> int:
+    """What one event row weighs for page sizing: payload, id and a fixed overhead."""
+    return len(piece) + len(event_id) + ROW_OVERHEAD
+
+
+def size_class(nbytes: int) -> int:
+    """The power-of-two class of a row size: ``1 << size_class(n) >= n``."""
+    return max(0, (nbytes - 1).bit_length())
+
+
+Fetch = Callable[[tuple[str, int] | None, int], Awaitable[list[tuple[str, int, int | None, bytes]]]]
+
+
+async def partition_pages(fetch: Fetch, sizer: PageSizer) -> AsyncIterator[PartitionPage]:
+    """Page through one partition with ``fetch(cursor, limit)`` (rows after ``cursor`` in clustering order)."""
+    asm = Assembler()
+    cursor: tuple[str, int] | None = None
+    while True:
+        limit = sizer.limit()
+        rows = await fetch(cursor, limit)
+        nbytes = 0
+        raw = 0
+        for eid, _, _, piece in rows:
+            nbytes += len(piece)
+            raw += len(piece) + len(eid) + ROW_OVERHEAD
+        sizer.observe(len(rows), raw)
+        events = asm.feed(rows)
+        done = len(rows) < limit
+        if done:
+            asm.finish()
         else:
-            self._avg = 0.7 * self._avg + 0.3 * avg
+            cursor = (rows[-1][0], rows[-1][1])
+        yield PartitionPage(events, len(rows), nbytes, asm.incomplete)
+        if done:
+            return
 
 
 Row = tuple[str, int, int | None, bytes]
@@ -119,7 +159,7 @@ def group_rows(events: Iterable[EventRecord], chunk_bytes: int, batch_bytes: int
     cur_bytes = 0
     for ev in events:
         for chunk, chunks, piece in iter_rows(ev, chunk_bytes):
-            size = len(piece) + len(ev.event_id) + ROW_OVERHEAD
+            size = row_bytes(ev.event_id, piece)
             if size >= batch_bytes:
                 groups.append([(ev.event_id, chunk, chunks, piece)])
                 continue
@@ -131,6 +171,22 @@ def group_rows(events: Iterable[EventRecord], chunk_bytes: int, batch_bytes: int
     if cur:
         groups.append(cur)
     return groups
+
+
+def max_size_class(groups: Iterable[list[Row]]) -> int:
+    return max(size_class(row_bytes(eid, piece)) for g in groups for eid, _, _, piece in g)
+
+
+def hints(rows: Iterable[tuple[int, int]]) -> list[BucketHint]:
+    """``(bucket, size_class)`` rows in bucket order → one hint per bucket with its largest class."""
+    out: list[BucketHint] = []
+    for bucket, cls in rows:
+        if out and out[-1].bucket == bucket:
+            if (1 << cls) > out[-1].max_row_bytes:
+                out[-1] = BucketHint(bucket, 1 << cls)
+        else:
+            out.append(BucketHint(bucket, 1 << cls))
+    return out
 
 
 def check_event_sizes(events: Iterable[EventRecord], max_event_bytes: int) -> None:

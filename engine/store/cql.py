@@ -21,7 +21,6 @@ from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import SchemaError, StoreError, TransientStoreError
 from engine.store.base import SCHEMA_VERSION, bucket_hour
-from engine.store.chunks import Assembler
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -29,12 +28,16 @@ from engine.store.common import (
     check_event_sizes,
     check_fixed,
     group_rows,
+    hints,
+    max_size_class,
+    partition_pages,
     raise_fenced,
     retrying,
     run_all,
+    size_class,
     twcs_options,
 )
-from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
 
 T = TypeVar("T")
 
@@ -96,8 +99,9 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
             f"WITH CLUSTERING ORDER BY (event_id ASC, chunk ASC) AND {twcs} AND gc_grace_seconds = 10800"
         ),
         "bucket_index": (
-            f"CREATE TABLE IF NOT EXISTS {ks}.bucket_index (shard int, hour bigint, bucket bigint, "
-            f"PRIMARY KEY ((shard, hour), bucket)) WITH CLUSTERING ORDER BY (bucket ASC) AND {twcs} "
+            f"CREATE TABLE IF NOT EXISTS {ks}.bucket_index (shard int, hour bigint, bucket bigint, size_class int, "
+            f"PRIMARY KEY ((shard, hour), bucket, size_class)) WITH CLUSTERING ORDER BY (bucket ASC, size_class ASC) "
+            f"AND {twcs} "
             f"AND gc_grace_seconds = 10800"
         ),
         "read_offsets": (
@@ -133,7 +137,8 @@ class CqlStore:
         self._db: Scylla | None = None
         self._sem = asyncio.Semaphore(cfg.store.max_in_flight)
         self._prepared: dict[str, PreparedQuery] = {}
-        self._sizer_guess = cfg.chunk_bytes + ROW_OVERHEAD
+        self._worst_row = 1 << size_class(cfg.chunk_bytes + 1024 + ROW_OVERHEAD)
+        self._row_estimate = float(self._worst_row)
         self._consistency = _CONSISTENCY[cfg.store.consistency]
         self._serial = _SERIAL[cfg.store.serial_consistency]
         self._serial_read = _SERIAL_READ[cfg.store.serial_consistency]
@@ -381,18 +386,18 @@ class CqlStore:
             return AppendResult(0, 0, 0, 0, 0)
         retries0 = self.stats.retries
         ks = self.ks
+        groups = group_rows(events, cfg.chunk_bytes, cfg.store.batch_bytes)
         await self._exec(
             "write bucket_index",
             "index_insert",
-            f"INSERT INTO {ks}.bucket_index (shard, hour, bucket) VALUES (?, ?, ?)",
-            [shard, bucket_hour(bucket, cfg.bucket_ms), bucket],
+            f"INSERT INTO {ks}.bucket_index (shard, hour, bucket, size_class) VALUES (?, ?, ?, ?)",
+            [shard, bucket_hour(bucket, cfg.bucket_ms), bucket, max_size_class(groups)],
             deadline_ms=deadline_ms,
         )
         insert_cql = (
             f"INSERT INTO {ks}.events (shard, bucket, event_id, chunk, chunks, payload) VALUES (?, ?, ?, ?, ?, ?)"
         )
         prepared = await self._prep("event_insert", insert_cql)
-        groups = group_rows(events, cfg.chunk_bytes, cfg.store.batch_bytes)
         what = f"write events ({shard}, {bucket})"
 
         async def send(group: list[tuple[str, int, int | None, bytes]]) -> None:
@@ -423,58 +428,62 @@ class CqlStore:
         nbytes = sum(len(e.payload) for e in events)
         return AppendResult(len(events), rows, nbytes, len(groups), self.stats.retries - retries0)
 
-    async def read_partition(self, shard: int, bucket: int) -> AsyncIterator[PartitionPage]:
+    async def read_partition(
+        self, shard: int, bucket: int, *, max_row_bytes: int | None = None
+    ) -> AsyncIterator[PartitionPage]:
         ks = self.ks
         first = f"SELECT event_id, chunk, chunks, payload FROM {ks}.events WHERE shard = ? AND bucket = ? LIMIT ?"
         after = (
             f"SELECT event_id, chunk, chunks, payload FROM {ks}.events WHERE shard = ? AND bucket = ? "
             f"AND (event_id, chunk) > (?, ?) LIMIT ?"
         )
-        sizer = PageSizer(self.cfg.store.page_rows, self.cfg.store.page_bytes, self._sizer_guess)
-        asm = Assembler()
-        cursor: tuple[str, int] | None = None
         what = f"read events ({shard}, {bucket})"
-        while True:
-            limit = sizer.limit()
+        if max_row_bytes is None:
+            found = await self.nonempty_buckets(shard, bucket, bucket)
+            max_row_bytes = found[0].max_row_bytes if found else self._worst_row
+        sizer = PageSizer(self.cfg, max_row_bytes, self._row_estimate)
+
+        async def fetch(cursor: tuple[str, int] | None, limit: int) -> list[tuple[str, int, int | None, bytes]]:
             if cursor is None:
                 rows = await self._exec(what, "part_first", first, [shard, bucket, limit])
             else:
                 rows = await self._exec(what, "part_after", after, [shard, bucket, cursor[0], cursor[1], limit])
-            tuples = [(r["event_id"], r["chunk"], r["chunks"], r["payload"]) for r in rows]
-            nbytes = sum(len(t[3]) for t in tuples)
-            sizer.observe(len(tuples), nbytes)
-            if tuples:
-                self._sizer_guess = int(sizer._avg)
-            events = asm.feed(tuples)
-            done = len(tuples) < limit
-            if done:
-                asm.finish()
-            else:
-                cursor = (tuples[-1][0], tuples[-1][1])
-            if events or done or tuples:
-                yield PartitionPage(events, len(tuples), nbytes, asm.incomplete)
-            if done:
-                return
+            return [(r["event_id"], r["chunk"], r["chunks"], r["payload"]) for r in rows]
 
-    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[int]:
+        async for page in partition_pages(fetch, sizer):
+            yield page
+        self._row_estimate = sizer.estimate
+
+    async def inject_rows(self, shard: int, bucket: int, rows: Sequence[tuple[str, int, int | None, bytes]]) -> None:
+        cql = (
+            f"INSERT INTO {self.ks}.events (shard, bucket, event_id, chunk, chunks, payload) VALUES (?, ?, ?, ?, ?, ?)"
+        )
+        for eid, chunk, chunks, piece in rows:
+            await self._exec("inject rows", "event_insert", cql, [shard, bucket, eid, chunk, _opt(chunks), piece])
+
+    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
         if last < first:
             return []
         cfg = self.cfg
-        cql = (
-            f"SELECT bucket FROM {self.ks}.bucket_index WHERE shard = ? AND hour = ? AND bucket >= ? AND bucket <= ? "
-            f"LIMIT ?"
+        first_q = (
+            f"SELECT bucket, size_class FROM {self.ks}.bucket_index WHERE shard = ? AND hour = ? "
+            f"AND bucket >= ? AND bucket <= ? LIMIT ?"
         )
-        out: list[int] = []
+        next_q = (
+            f"SELECT bucket, size_class FROM {self.ks}.bucket_index WHERE shard = ? AND hour = ? "
+            f"AND (bucket, size_class) > (?, ?) AND bucket <= ? LIMIT ?"
+        )
+        found: list[tuple[int, int]] = []
         limit = cfg.store.page_rows
         for hour in range(bucket_hour(first, cfg.bucket_ms), bucket_hour(last, cfg.bucket_ms) + 1):
-            lo = first
+            rows = await self._exec("read bucket_index", "index_first", first_q, [shard, hour, first, last, limit])
             while True:
-                rows = await self._exec("read bucket_index", "index_range", cql, [shard, hour, lo, last, limit])
-                out.extend(r["bucket"] for r in rows)
+                found.extend((r["bucket"], r["size_class"]) for r in rows)
                 if len(rows) < limit:
                     break
-                lo = rows[-1]["bucket"] + 1
-        return out
+                b, c = rows[-1]["bucket"], rows[-1]["size_class"]
+                rows = await self._exec("read bucket_index", "index_next", next_q, [shard, hour, b, c, last, limit])
+        return hints(found)
 
     # -- offsets -------------------------------------------------------------------------------------------
     async def _read_offset_serial(self, consumer: str, shard: int) -> Offset | None:
@@ -506,19 +515,20 @@ class CqlStore:
                 rows = await self._exec(
                     what,
                     "offset_claim",
+                    # The positions are part of the condition: the Offset returned must be the one we took
+                    # over, even if the previous owner committed between our read and this write.
                     f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ? "
-                    f"WHERE consumer = ? AND shard = ? IF epoch = ?",
-                    [owner, cur.epoch + 1, now, consumer, shard, cur.epoch],
+                    f"WHERE consumer = ? AND shard = ? IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
+                    [owner, cur.epoch + 1, now, consumer, shard, cur.epoch, cur.read_bucket, cur.replay_bucket],
                 )
             if rows and rows[0].get("[applied]"):
-                got = await self._read_offset_serial(consumer, shard)
-                if got is not None and got.owner == owner:
-                    return got
-            else:
-                # Not applied: someone else moved it, or our own earlier attempt (retried after a timeout) did.
-                got = await self._read_offset_serial(consumer, shard)
-                if got is not None and got.owner == owner and (cur is None or got.epoch == cur.epoch + 1):
-                    return got
+                if cur is None:
+                    return Offset(consumer, shard, initial_bucket, initial_bucket, owner, 1, now)
+                return Offset(consumer, shard, cur.read_bucket, cur.replay_bucket, owner, cur.epoch + 1, now)
+            # Not applied: someone else moved it, or our own earlier attempt (retried after a timeout) did.
+            got = await self._read_offset_serial(consumer, shard)
+            if got is not None and got.owner == owner and (cur is None or got.epoch == cur.epoch + 1):
+                return got
         raise StoreError(f"{what}: too much contention from other claimers", retriable=True)
 
     async def commit(
@@ -572,10 +582,9 @@ class CqlStore:
             f"SELECT {cols} FROM {self.ks}.stories WHERE shard = ? AND period = ? "
             f"AND (story_id, revision) > (?, ?) LIMIT ?"
         )
-        sizer = PageSizer(self.cfg.store.page_rows, self.cfg.store.page_bytes, 4096)
+        limit = self.cfg.store.page_rows
         cursor: tuple[str, int] | None = None
         while True:
-            limit = sizer.limit()
             if cursor is None:
                 rows = await self._exec("read stories", "story_first", first, [shard, period, limit])
             else:
@@ -595,7 +604,6 @@ class CqlStore:
                 )
                 for r in rows
             ]
-            sizer.observe(len(page), sum(len(s.body) for s in page))
             if page:
                 yield page
             if len(rows) < limit:

@@ -21,7 +21,6 @@ from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import SchemaError, StoreError, TransientStoreError
 from engine.store.base import SCHEMA_VERSION, bucket_hour
-from engine.store.chunks import Assembler
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -29,10 +28,14 @@ from engine.store.common import (
     check_event_sizes,
     check_fixed,
     group_rows,
+    hints,
+    max_size_class,
+    partition_pages,
     raise_fenced,
     retrying,
+    size_class,
 )
-from engine.store.types import AppendResult, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
 
 T = TypeVar("T")
 PURGE_EVERY_MS = 5 * 60_000
@@ -49,7 +52,8 @@ def _ddl(p: str) -> dict[str, str]:
         ),
         "bucket_index": (
             f'CREATE TABLE IF NOT EXISTS "{p}__bucket_index" (shard INTEGER NOT NULL, hour INTEGER NOT NULL, '
-            f"bucket INTEGER NOT NULL, expires_ms INTEGER NOT NULL, PRIMARY KEY (shard, hour, bucket)) WITHOUT ROWID"
+            f"bucket INTEGER NOT NULL, size_class INTEGER NOT NULL, expires_ms INTEGER NOT NULL, "
+            f"PRIMARY KEY (shard, hour, bucket, size_class)) WITHOUT ROWID"
         ),
         "read_offsets": (
             f'CREATE TABLE IF NOT EXISTS "{p}__read_offsets" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
@@ -98,7 +102,8 @@ class EmbeddedStore:
         self.stats = RetryStats()
         self._con: sqlite3.Connection | None = None
         self._last_purge = 0
-        self._sizer_guess = cfg.chunk_bytes + ROW_OVERHEAD
+        self._worst_row = 1 << size_class(cfg.chunk_bytes + 1024 + ROW_OVERHEAD)
+        self._row_estimate = float(self._worst_row)
 
     # -- plumbing ------------------------------------------------------------------------------------------
     @property
@@ -242,34 +247,33 @@ class EmbeddedStore:
         await self._maybe_purge()
         retries0 = self.stats.retries
         hour = bucket_hour(bucket, cfg.bucket_ms)
-        await self._run(
-            "write bucket_index",
-            lambda c: c.execute(
-                f"INSERT OR REPLACE INTO {self.t('bucket_index')} (shard, hour, bucket, expires_ms) "
-                f"VALUES (?, ?, ?, ?)",
-                (shard, hour, bucket, self.clock.now_ms() + cfg.ttl_ms),
-            ),
-            write=True,
-            deadline_ms=deadline_ms,
-        )
         groups = group_rows(events, cfg.chunk_bytes, cfg.store.batch_bytes)
-        sql = (
+        cls = max_size_class(groups)
+        index_sql = (
+            f"INSERT OR REPLACE INTO {self.t('bucket_index')} (shard, hour, bucket, size_class, expires_ms) "
+            f"VALUES (?, ?, ?, ?, ?)"
+        )
+        events_sql = (
             f"INSERT OR REPLACE INTO {self.t('events')} (shard, bucket, event_id, chunk, chunks, payload, expires_ms) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?)"
         )
-        for group in groups:
 
-            def write(c: sqlite3.Connection, group: list[tuple[str, int, int | None, bytes]] = group) -> None:
-                exp = self.clock.now_ms() + cfg.ttl_ms
-                c.executemany(sql, [(shard, bucket, e, ch, n, pl, exp) for e, ch, n, pl in group])
+        def write(c: sqlite3.Connection) -> None:
+            # One transaction: the index row first, then every event row; durable (fsync) at COMMIT.
+            exp = self.clock.now_ms() + cfg.ttl_ms
+            c.execute(index_sql, (shard, hour, bucket, cls, exp))
+            for group in groups:
+                c.executemany(events_sql, [(shard, bucket, e, ch, n, pl, exp) for e, ch, n, pl in group])
 
-            await self._run(f"write events ({shard}, {bucket})", write, write=True, deadline_ms=deadline_ms)
+        await self._run(f"write events ({shard}, {bucket})", write, write=True, deadline_ms=deadline_ms)
         rows = sum(len(g) for g in groups)
         return AppendResult(
             len(events), rows, sum(len(e.payload) for e in events), len(groups), self.stats.retries - retries0
         )
 
-    async def read_partition(self, shard: int, bucket: int) -> AsyncIterator[PartitionPage]:
+    async def read_partition(
+        self, shard: int, bucket: int, *, max_row_bytes: int | None = None
+    ) -> AsyncIterator[PartitionPage]:
         t = self.t("events")
         first = (
             f"SELECT event_id, chunk, chunks, payload FROM {t} WHERE shard = ? AND bucket = ? AND expires_ms > ? "
@@ -279,49 +283,42 @@ class EmbeddedStore:
             f"SELECT event_id, chunk, chunks, payload FROM {t} WHERE shard = ? AND bucket = ? AND expires_ms > ? "
             f"AND (event_id, chunk) > (?, ?) ORDER BY event_id, chunk LIMIT ?"
         )
-        sizer = PageSizer(self.cfg.store.page_rows, self.cfg.store.page_bytes, self._sizer_guess)
-        asm = Assembler()
-        cursor: tuple[str, int] | None = None
         what = f"read events ({shard}, {bucket})"
-        while True:
-            limit = sizer.limit()
+        if max_row_bytes is None:
+            found = await self.nonempty_buckets(shard, bucket, bucket)
+            max_row_bytes = found[0].max_row_bytes if found else self._worst_row
+        sizer = PageSizer(self.cfg, max_row_bytes, self._row_estimate)
+
+        async def fetch(cursor: tuple[str, int] | None, limit: int) -> list[tuple[str, int, int | None, bytes]]:
             now = self.clock.now_ms()
             if cursor is None:
-                args: tuple[Any, ...] = (shard, bucket, now, limit)
-                q = first
-            else:
-                args = (shard, bucket, now, cursor[0], cursor[1], limit)
-                q = after
-            rows: list[tuple[str, int, int | None, bytes]] = await self._run(what, _fetch(q, args))
-            nbytes = sum(len(r[3]) for r in rows)
-            sizer.observe(len(rows), nbytes)
-            if rows:
-                self._sizer_guess = int(sizer._avg)
-            events = asm.feed(rows)
-            done = len(rows) < limit
-            if done:
-                asm.finish()
-            else:
-                cursor = (rows[-1][0], rows[-1][1])
-            yield PartitionPage(events, len(rows), nbytes, asm.incomplete)
-            if done:
-                return
+                return await self._run(what, _fetch(first, (shard, bucket, now, limit)))
+            return await self._run(what, _fetch(after, (shard, bucket, now, cursor[0], cursor[1], limit)))
 
-    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[int]:
+        async for page in partition_pages(fetch, sizer):
+            yield page
+        self._row_estimate = sizer.estimate
+
+    async def inject_rows(self, shard: int, bucket: int, rows: Sequence[tuple[str, int, int | None, bytes]]) -> None:
+        exp = self.clock.now_ms() + self.cfg.ttl_ms
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('events')} (shard, bucket, event_id, chunk, chunks, payload, expires_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
+        await self._run(
+            "inject rows", lambda c: c.executemany(sql, [(shard, bucket, *r, exp) for r in rows]), write=True
+        )
+
+    async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
         if last < first:
             return []
         bms = self.cfg.bucket_ms
         q = (
-            f"SELECT bucket FROM {self.t('bucket_index')} WHERE shard = ? AND hour BETWEEN ? AND ? "
-            f"AND bucket BETWEEN ? AND ? AND expires_ms > ? ORDER BY hour, bucket"
+            f"SELECT bucket, size_class FROM {self.t('bucket_index')} WHERE shard = ? AND hour BETWEEN ? AND ? "
+            f"AND bucket BETWEEN ? AND ? AND expires_ms > ? ORDER BY hour, bucket, size_class"
         )
-        rows = await self._run(
-            "read bucket_index",
-            lambda c: c.execute(
-                q, (shard, bucket_hour(first, bms), bucket_hour(last, bms), first, last, self.clock.now_ms())
-            ).fetchall(),
-        )
-        return [r[0] for r in rows]
+        args = (shard, bucket_hour(first, bms), bucket_hour(last, bms), first, last, self.clock.now_ms())
+        return hints(await self._run("read bucket_index", _fetch(q, args)))
 
     # -- offsets -------------------------------------------------------------------------------------------
     def _get_offset(self, c: sqlite3.Connection, consumer: str, shard: int) -> Offset | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import msgspec
 
 HOUR_MS = 3_600_000
@@ -21,6 +23,13 @@ class PartitionPage(msgspec.Struct, frozen=True):
     rows: int  # rows fetched for this page
     bytes: int  # payload bytes fetched for this page
     incomplete: int  # incomplete chunk sets skipped so far in this partition (cumulative)
+
+
+class BucketHint(NamedTuple):
+    """A bucket that received events, and an upper bound of its largest row (for page sizing)."""
+
+    bucket: int
+    max_row_bytes: int
 
 
 class AppendResult(msgspec.Struct, frozen=True):

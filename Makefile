@@ -1,0 +1,59 @@
+# Storyline — run `make help` for the targets. Everything runs from the project venv (.venv), made on demand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= configs/local.toml
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test unit lint bench db-up db-down db-status clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install Storyline with its dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: install ## init the tenant and run the main job on the embedded store (CONFIG=configs/local.toml)
+	$(BIN)/storyline init --config $(CONFIG)
+	$(BIN)/storyline selftest --config $(CONFIG)
+
+test: install lint ## lint, start the local CQL node when Java and Maven exist, run every test
+	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then \
+		db/cql-node up; \
+	else \
+		echo "make test: no Java/Maven here, the CQL tests will be skipped (CI requires them)"; \
+	fi
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: install ## the fast tier only: no database server
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+lint: install ## ruff (lint + format check) and mypy --strict
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict engine bench
+
+bench: install ## benchmarks against the embedded store and the local CQL node (started if needed)
+	db/cql-node up
+	$(BIN)/python -m bench
+
+db-up: ## start the local CQL node (Apache Cassandra 5.0 on 127.0.0.1:9042) and wait until it answers
+	db/cql-node up
+
+db-down: ## stop the local CQL node started by db-up
+	db/cql-node down
+
+db-status: ## exit 0 when the local CQL node answers
+	db/cql-node status
+
+clean: ## remove the venv, the local node's data and the embedded database
+	-db/cql-node down
+	rm -rf $(VENV) .cql .data

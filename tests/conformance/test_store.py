@@ -1,0 +1,524 @@
+"""One conformance suite, run on every store backend: the embedded store and the CQL node.
+
+Each test gets a fresh tenant (a fresh keyspace on CQL, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from engine.clock import ManualClock
+from engine.config import Config
+from engine.errors import FencedError, SchemaError, StoreError, WriteTooLateError
+from engine.store import DeadLetter, EventRecord, Offset, PartitionPage, Store, StoryRecord, make_store
+from tests.conftest import ConfigFactory, arun
+
+pytestmark = pytest.mark.conformance
+
+T = TypeVar("T")
+NOW = 1_790_000_000_000  # a fixed instant, 2026-09-21
+
+
+async def collect(it: AsyncIterator[T]) -> list[T]:
+    return [x async for x in it]
+
+
+async def opened(cfg: Config, clock: ManualClock | None = None, *, init: bool = True) -> Store:
+    store = make_store(cfg, clock) if clock is not None else make_store(cfg)
+    await store.open()
+    if init:
+        await store.init_schema()
+    return store
+
+
+async def read_all(store: Store, shard: int, bucket: int) -> tuple[list[EventRecord], list[PartitionPage]]:
+    pages = await collect(store.read_partition(shard, bucket))
+    return [e for p in pages for e in p.events], pages
+
+
+def events(n: int, prefix: str = "ev", size: int = 40, seed: int = 1) -> list[EventRecord]:
+    rnd = random.Random(seed)
+    return [EventRecord(f"{prefix}-{i:07d}", rnd.randbytes(size)) for i in range(n)]
+
+
+# -- schema ------------------------------------------------------------------------------------------------------
+def test_init_is_idempotent_and_records_meta(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+
+    async def body() -> None:
+        store = await opened(cfg, init=False)
+        try:
+            first = await store.init_schema()
+            second = await store.init_schema()
+            meta = await store.read_meta()
+        finally:
+            await store.close()
+        assert any(line.startswith("created table") for line in first)
+        assert not any(line.startswith("created") for line in second)
+        assert meta["schema_version"] == "1"
+        assert meta["shards"] == str(cfg.shards)
+        assert meta["bucket_ms"] == str(cfg.bucket_ms)
+        assert int(meta["created_ms"]) > 1_700_000_000_000
+
+    arun(body())
+
+
+def test_fixed_settings_cannot_change(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    other = make_config(tenant=cfg.tenant, shards=cfg.shards * 2)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        await store.close()
+        with pytest.raises(SchemaError, match="shards"):
+            await opened(other, init=False)
+
+    arun(body())
+
+
+# -- events ------------------------------------------------------------------------------------------------------
+def test_partition_order_and_completeness(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    # ids out of order, including non-ASCII: the order is the UTF-8 byte order on both stores
+    ids = ["b", "a", "Z", "é", "ä", "a0", "aa", "z", "\u4e2d", "0", "~"]
+    evs = [EventRecord(i, i.encode() * 3) for i in ids]
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            res = await store.append(3, 1000, evs)
+            got, _ = await read_all(store, 3, 1000)
+            empty, pages = await read_all(store, 3, 1001)
+            other_shard, _ = await read_all(store, 4, 1000)
+        finally:
+            await store.close()
+        assert res.events == len(evs)
+        assert [e.event_id for e in got] == sorted(ids, key=lambda s: s.encode())
+        assert {e.event_id: e.payload for e in got} == {e.event_id: e.payload for e in evs}
+        assert empty == [] and other_shard == []
+        assert sum(p.rows for p in pages) == 0
+
+    arun(body())
+
+
+def test_large_partition_pages_in_order(make_config: ConfigFactory) -> None:
+    cfg = make_config(store={"page_rows": 997})
+    evs = events(20_500, size=30)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            for i in range(0, len(evs), 2_500):
+                await store.append(1, 77, evs[i : i + 2_500])
+            got, pages = await read_all(store, 1, 77)
+        finally:
+            await store.close()
+        assert len(got) == len(evs)
+        assert [e.event_id for e in got] == [e.event_id for e in evs]
+        assert [e.payload for e in got] == [e.payload for e in evs]
+        assert len(pages) >= len(evs) // 997
+        assert all(p.rows <= 997 for p in pages)
+        assert pages[-1].incomplete == 0
+
+    arun(body())
+
+
+def test_two_mib_events_are_chunked_and_pages_stay_bounded(make_config: ConfigFactory) -> None:
+    mib = 1024 * 1024
+    cfg = make_config(store={"page_bytes": mib, "page_bytes_max": 4 * mib})
+    rnd = random.Random(7)
+    # small rows sort first, so the page-size estimate has learnt "small" when the 2 MiB events arrive
+    small = [EventRecord(f"a-small-{i:04d}", rnd.randbytes(100)) for i in range(3000)]
+    big = [EventRecord(f"big-{i}", rnd.randbytes(2 * mib + 17 * i)) for i in range(5)]
+    exact = [EventRecord("exact", rnd.randbytes(cfg.chunk_bytes))]  # exactly one chunk: one row
+    every = small + big + exact
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            res = await store.append(0, 5, every)
+            hint = (await store.nonempty_buckets(0, 5, 5))[0]
+            got, pages = await read_all(store, 0, 5)
+            await store.append(0, 6, small)
+            only_small = await collect(store.read_partition(0, 6))
+        finally:
+            await store.close()
+        assert res.rows == sum(-(-len(e.payload) // cfg.chunk_bytes) for e in big) + len(small) + 1
+        assert {e.event_id: e.payload for e in got} == {e.event_id: e.payload for e in every}
+        assert [e.event_id for e in got] == sorted(e.event_id for e in every)
+        assert hint.max_row_bytes >= cfg.chunk_bytes
+        # hard bound in bytes whatever the mix of row sizes; rows bounded too
+        assert max(p.bytes for p in pages) <= 4 * mib
+        assert all(p.rows <= cfg.store.page_rows for p in pages)
+        assert pages[-1].incomplete == 0
+        # a partition of small rows is read in few pages (the bound does not cost throughput there)
+        assert len(only_small) <= 3
+
+    arun(body())
+
+
+def test_rewrites_are_idempotent(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    evs = [*events(50), EventRecord("chunky", random.Random(3).randbytes(cfg.chunk_bytes * 2 + 5))]
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.append(2, 10, evs)
+            await store.append(2, 10, evs)  # a retried producer batch
+            await store.append(2, 10, evs[:10])
+            got, _ = await read_all(store, 2, 10)
+        finally:
+            await store.close()
+        assert [e.event_id for e in got] == sorted(e.event_id for e in evs)
+        assert {e.event_id: e.payload for e in got} == {e.event_id: e.payload for e in evs}
+
+    arun(body())
+
+
+def test_incomplete_chunk_sets_are_skipped_and_counted(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    ok = events(5)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.append(6, 9, ok)
+            await store.inject_rows(
+                6,
+                9,
+                [
+                    ("ev-0000001x", 0, 3, b"a"),  # chunk 2 of 3 never written
+                    ("ev-0000001x", 1, None, b"b"),
+                    ("ev-0000002x", 1, None, b"b"),  # chunk 0 (with the count) never written
+                    ("ev-0000003x", 0, 2, b"a"),  # the last row of the partition, incomplete
+                ],
+            )
+            got, pages = await read_all(store, 6, 9)
+        finally:
+            await store.close()
+        assert [e.event_id for e in got] == [e.event_id for e in ok]
+        assert pages[-1].incomplete == 3
+
+    arun(body())
+
+
+def test_bucket_index_lists_nonempty_buckets(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    per_hour = 3_600_000 // cfg.bucket_ms
+    base = 500_000 * per_hour  # an hour boundary
+    written = [base - 2, base - 1, base + 3, base + per_hour + 1]
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            for b in written:
+                await store.append(5, b, events(2, prefix=f"b{b}"))
+            await store.append(4, base, events(1))  # another shard
+            got = await store.nonempty_buckets(5, base - 10, base + per_hour + 10)
+            part = await store.nonempty_buckets(5, base - 1, base + 3)
+            none = await store.nonempty_buckets(5, base + 4, base + per_hour)
+            backwards = await store.nonempty_buckets(5, base, base - 1)
+        finally:
+            await store.close()
+        assert [h.bucket for h in got] == written
+        assert [h.bucket for h in part] == [base - 1, base + 3]
+        assert none == [] and backwards == []
+        assert all(h.max_row_bytes >= 40 for h in got)
+
+    arun(body())
+
+
+def test_write_deadline_refuses_late_attempts(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    clock = ManualClock(NOW)
+
+    async def body() -> None:
+        store = await opened(cfg, clock)
+        try:
+            with pytest.raises(WriteTooLateError) as info:
+                await store.append(1, 5, events(3), deadline_ms=NOW - 1)
+            assert info.value.retriable
+            await store.append(1, 6, events(3), deadline_ms=NOW + 1)
+            late, _ = await read_all(store, 1, 5)
+            ok, _ = await read_all(store, 1, 6)
+            index = await store.nonempty_buckets(1, 0, 10)
+        finally:
+            await store.close()
+        assert late == [] and len(ok) == 3
+        assert [h.bucket for h in index] == [6]  # nothing, not even the index row, was written for the late attempt
+
+    arun(body())
+
+
+def test_oversized_event_is_refused(make_config: ConfigFactory) -> None:
+    cfg = make_config(max_event_bytes=64 * 1024, chunk_bytes=16 * 1024)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            with pytest.raises(StoreError, match="max_event_bytes"):
+                await store.append(0, 1, [EventRecord("huge", b"x" * (64 * 1024 + 1))])
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+# -- offsets -----------------------------------------------------------------------------------------------------
+def test_offset_fencing(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            a = await store.claim("main", 3, "worker-a", 99)
+            assert (a.read_bucket, a.replay_bucket, a.owner, a.epoch) == (99, 99, "worker-a", 1)
+            await store.commit("main", 3, "worker-a", a.epoch, 120, 110)
+            await store.commit("main", 3, "worker-a", a.epoch, 120, 110)  # a retried commit is harmless
+            b = await store.claim("main", 3, "worker-b", 0)
+            assert (b.read_bucket, b.replay_bucket, b.owner, b.epoch) == (120, 110, "worker-b", 2)
+            with pytest.raises(FencedError, match="stale"):
+                await store.commit("main", 3, "worker-a", a.epoch, 130, 130)  # the zombie
+            await store.commit("main", 3, "worker-b", b.epoch, 125, 111)
+            with pytest.raises(FencedError, match="backwards"):
+                await store.commit("main", 3, "worker-b", b.epoch, 124, 111)
+            with pytest.raises(FencedError):
+                await store.commit("main", 4, "worker-b", 1, 1, 1)  # never claimed
+            offs = await store.read_offsets("main", range(8))
+            other = await store.read_offsets("other-consumer", range(8))
+        finally:
+            await store.close()
+        assert [(o.shard, o.read_bucket, o.replay_bucket, o.owner, o.epoch) for o in offs] == [
+            (3, 125, 111, "worker-b", 2)
+        ]
+        assert other == []
+
+    arun(body())
+
+
+def test_concurrent_claims_get_distinct_epochs(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+
+    async def body() -> None:
+        import asyncio
+
+        stores = [await opened(cfg) for _ in range(3)]
+        try:
+            results: list[Offset] = list(
+                await asyncio.gather(*(s.claim("main", 0, f"owner-{i}", 0) for i, s in enumerate(stores)))
+            )
+            final = (await stores[0].read_offsets("main", [0]))[0]
+        finally:
+            for s in stores:
+                await s.close()
+        epochs = sorted(r.epoch for r in results)
+        assert epochs == [1, 2, 3]
+        assert final.epoch == 3
+        assert final.owner == next(r.owner for r in results if r.epoch == 3)
+
+    arun(body())
+
+
+# -- stories and dead letters -----------------------------------------------------------------------------------
+def test_story_upserts_reads_and_scan(make_config: ConfigFactory) -> None:
+    cfg = make_config(store={"page_rows": 50})
+    stories = [
+        StoryRecord(s, p, f"story-{i:04d}", rev, rev == 2, None, NOW + i, f"body {i} {rev}".encode())
+        for s, p in ((1, 100), (1, 101), (2, 100))
+        for i in range(60)
+        for rev in (1, 2)
+    ]
+    merged = StoryRecord(1, 100, "story-0000", 3, True, "story-9999", NOW, b"stub")
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.put_stories(stories)
+            await store.put_stories(stories[:30])  # idempotent
+            await store.put_stories([merged])
+            part = [s for page in await collect(store.read_stories(1, 100)) for s in page]
+            everything = [s for page in await collect(store.scan_stories()) for s in page]
+            nothing = await collect(store.read_stories(3, 100))
+        finally:
+            await store.close()
+        assert len(part) == 121
+        assert [(s.story_id, s.revision) for s in part] == sorted((s.story_id, s.revision) for s in part)
+        assert part[2] == merged
+        assert part[0] == stories[0]
+        assert sorted(everything, key=lambda s: (s.shard, s.period, s.story_id, s.revision)) == sorted(
+            [*stories, merged], key=lambda s: (s.shard, s.period, s.story_id, s.revision)
+        )
+        assert nothing == []
+
+    arun(body())
+
+
+def test_dead_letters_roundtrip(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    letters = [
+        DeadLetter(f"dl-{i:05d}", NOW + i, "input.jsonl", i + 1, "time: missing", f"{{bad {i}".encode())
+        for i in range(1_234)
+    ]
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.put_dead_letters(letters)
+            await store.put_dead_letters([DeadLetter(**{**_fields(letters[7]), "redriven_ms": NOW + 99})])
+            got = [d for page in await collect(store.scan_dead_letters()) for d in page]
+        finally:
+            await store.close()
+        assert len(got) == len(letters)
+        by_id = {d.dl_id: d for d in got}
+        assert by_id["dl-00007"].redriven_ms == NOW + 99
+        assert by_id["dl-00008"] == letters[8]
+
+    arun(body())
+
+
+def _fields(d: DeadLetter) -> dict[str, Any]:
+    return {f: getattr(d, f) for f in d.__struct_fields__}
+
+
+# -- TTL and isolation ------------------------------------------------------------------------------------------
+def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> None:
+    cfg = make_config()
+    clock = ManualClock(NOW)
+
+    async def body() -> None:
+        store = await opened(cfg, clock)
+        try:
+            await store.append(0, NOW // cfg.bucket_ms, events(20))
+            await store.put_stories([StoryRecord(0, 1, "s", 1, True, None, NOW, b"x")])
+            if backend == "cql":
+                from engine.store.cql import CqlStore
+
+                assert isinstance(store, CqlStore)
+                rows = await store._exec(
+                    "t",
+                    "ttl_check",
+                    "SELECT table_name, default_time_to_live, compaction FROM system_schema.tables "
+                    "WHERE keyspace_name = ?",
+                    [cfg.keyspace],
+                )
+                by = {r["table_name"]: r for r in rows}
+                for table in ("events", "bucket_index", "stories"):
+                    assert by[table]["default_time_to_live"] == cfg.ttl_ms // 1000, table
+                    assert by[table]["compaction"]["class"].endswith("TimeWindowCompactionStrategy"), table
+            else:
+                clock.advance(cfg.ttl_ms - 1)
+                alive, _ = await read_all(store, 0, NOW // cfg.bucket_ms)
+                assert len(alive) == 20
+                clock.advance(1)
+                gone, _ = await read_all(store, 0, NOW // cfg.bucket_ms)
+                assert gone == []
+                assert await store.nonempty_buckets(0, 0, NOW) == []
+                assert await collect(store.scan_stories()) == []
+                assert await store.purge_expired() == 22  # 20 events, 1 index row, 1 story
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_tenants_see_nothing_of_each_other(make_config: ConfigFactory) -> None:
+    a_cfg, b_cfg = make_config(), make_config()
+
+    async def body() -> None:
+        a, b = await opened(a_cfg), await opened(b_cfg)
+        try:
+            await a.append(1, 50, events(10))
+            await a.claim("main", 1, "a-worker", 0)
+            await a.put_stories([StoryRecord(1, 1, "s", 1, True, None, NOW, b"x")])
+            await a.put_dead_letters([DeadLetter("d", NOW, "f", 1, "r", b"raw")])
+            b_events, _ = await read_all(b, 1, 50)
+            assert b_events == []
+            assert await b.nonempty_buckets(1, 0, 100) == []
+            assert await b.read_offsets("main", [1]) == []
+            assert await collect(b.scan_stories()) == []
+            assert await collect(b.scan_dead_letters()) == []
+            a_events, _ = await read_all(a, 1, 50)
+            assert len(a_events) == 10
+        finally:
+            await a.close()
+            await b.close()
+
+    arun(body())
+
+
+def test_server_clock_is_close(make_config: ConfigFactory) -> None:
+    import time
+
+    cfg = make_config()
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            t = await store.server_time_ms()
+        finally:
+            await store.close()
+        assert abs(t - time.time() * 1000) < 5_000
+
+    arun(body())
+
+
+# -- embedded only: several processes on one file --------------------------------------------------------------
+def _writer(path: str, tenant: str, worker: int, n: int) -> None:
+    from engine.config import from_mapping
+
+    cfg = from_mapping({"tenant": tenant, "shards": 8, "store": {"backend": "embedded", "path": path}})
+
+    async def go() -> None:
+        store = make_store(cfg)
+        await store.open()
+        try:
+            for i in range(n):
+                await store.append(i % 4, 10, [EventRecord(f"w{worker}-{i:05d}", b"p" * 50)])
+            off = await store.claim("main", worker, f"w{worker}", 0)
+            for b in range(1, 30):
+                await store.commit("main", worker, f"w{worker}", off.epoch, b, b)
+        finally:
+            await store.close()
+
+    arun(go())
+
+
+def test_embedded_store_is_safe_with_several_processes(tmp_path: Path) -> None:
+    from engine.config import from_mapping
+
+    path = str(tmp_path / "shared.db")
+    cfg = from_mapping({"tenant": "shared", "shards": 8, "store": {"backend": "embedded", "path": path}})
+    arun(_init(cfg))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, "shared", w, 300)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+
+    async def check() -> None:
+        store = await opened(cfg, init=False)
+        try:
+            got = []
+            for shard in range(4):
+                got += [e.event_id for e in (await read_all(store, shard, 10))[0]]
+            offs = await store.read_offsets("main", range(3))
+        finally:
+            await store.close()
+        assert sorted(got) == sorted(f"w{w}-{i:05d}" for w in range(3) for i in range(300))
+        assert [(o.read_bucket, o.epoch) for o in offs] == [(29, 1)] * 3
+
+    arun(check())
+
+
+async def _init(cfg: Config) -> None:
+    store = await opened(cfg)
+    await store.close()
