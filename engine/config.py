@@ -217,9 +217,6 @@ def _key_from_msgspec(msg: str) -> tuple[str, str]:
     if m:
         path = re.sub(r"\[(\d+)\]", r"[\1]", m.group(1))
         return path, msg[: m.start()]
-    m = re.search(r"Object contains unknown field `([^`]*)`", msg)
-    if m:
-        return m.group(1), "unknown key"
     return "", msg
 
 
@@ -229,7 +226,11 @@ def from_mapping(tree: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         cfg = msgspec.convert(dict(tree), Config, strict=True)
     except msgspec.ValidationError as exc:
         key, problem = _key_from_msgspec(str(exc))
-        if "Object missing required field" in problem:
+        unknown = re.search(r"Object contains unknown field `([^`]*)`", problem)
+        if unknown:
+            key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            problem = "unknown key"
+        elif "Object missing required field" in problem:
             m = re.search(r"`([^`]*)`", problem)
             missing = m.group(1) if m else "?"
             key = f"{key}.{missing}" if key else missing

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pytest
 
 from engine.config import Config, from_mapping
+from engine.store import make_store
 
 T = TypeVar("T")
 
@@ -83,14 +84,12 @@ async def drop_tenant(cfg: Config) -> None:
     """Drop a test keyspace (CQL); the embedded store lives in tmp_path and goes with it."""
     if cfg.store.backend != "cql":
         return
-    from scyllapy import Query, Scylla
-
-    db = Scylla(list(cfg.store.contact_points))
-    await db.startup()
+    store = make_store(cfg)
+    await store.open()
     try:
-        await db.execute(Query(f"DROP KEYSPACE IF EXISTS {cfg.keyspace}", request_timeout=60))
+        await store.drop_schema()
     finally:
-        await db.shutdown()
+        await store.close()
 
 
 ConfigFactory = Callable[..., Config]

@@ -45,6 +45,9 @@ class Store(Protocol):
     async def init_schema(self) -> list[str]:
         """Create or migrate the tenant's schema idempotently; return one line per action taken."""
 
+    async def drop_schema(self) -> None:
+        """Drop the tenant's keyspace (CQL) or tables (embedded) with all their data. Irreversible."""
+
     async def read_meta(self) -> dict[str, str]: ...
 
     async def server_time_ms(self) -> int:

@@ -279,6 +279,10 @@ class CqlStore:
             return None
         return await self.read_meta()
 
+    async def drop_schema(self) -> None:
+        await self._ddl(f"DROP KEYSPACE IF EXISTS {self.ks}")
+        self._prepared.clear()
+
     async def read_meta(self) -> dict[str, str]:
         rows = await self._exec("read meta", "meta_all", f"SELECT key, value FROM {self.ks}.meta LIMIT 1000", [])
         return {r["key"]: r["value"] for r in rows}

@@ -181,6 +181,13 @@ class EmbeddedStore:
         )
         return None if found is None else await self.read_meta()
 
+    async def drop_schema(self) -> None:
+        def drop(c: sqlite3.Connection) -> None:
+            for table in _ddl(self.p):
+                c.execute(f"DROP TABLE IF EXISTS {self.t(table)}")
+
+        await self._run("drop schema", drop, write=True)
+
     async def read_meta(self) -> dict[str, str]:
         rows = await self._run("read meta", lambda c: c.execute(f"SELECT key, value FROM {self.t('meta')}").fetchall())
         return {k: v for k, v in rows}

@@ -1,0 +1,153 @@
+"""``python -m bench``: store-level benchmarks on the embedded store and the local CQL node.
+
+Measures, in one run and on one machine, the partition write path (``Store.append``) and the partition read
+path (``Store.read_partition``) for the same synthetic events on both stores, and reports their ratio. Results
+go to ``bench/results/<UTC timestamp>.json``. The suite grows with the engine (see docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine import __version__
+from engine.config import Config, from_mapping
+from engine.store import EventRecord, Store, make_store
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "storyline": __version__,
+        "msgspec": msgspec.__version__,
+    }
+
+
+def progress(label: str, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r{label:<28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def store_round(cfg: Config, events: int, partitions: int, payload: int, concurrency: int) -> dict[str, float]:
+    store: Store = make_store(cfg)
+    await store.open()
+    try:
+        await store.init_schema()
+        rnd = random.Random(42)
+        per = events // partitions
+        parts = [
+            (
+                p % cfg.shards,
+                1_000_000 + p // cfg.shards,
+                [EventRecord(f"{uuid.UUID(int=rnd.getrandbits(128)).hex}", rnd.randbytes(payload)) for _ in range(per)],
+            )
+            for p in range(partitions)
+        ]
+        sem = asyncio.Semaphore(concurrency)
+        done = 0
+
+        async def write(shard: int, bucket: int, evs: list[EventRecord]) -> None:
+            nonlocal done
+            async with sem:
+                for i in range(0, len(evs), 500):  # producer-sized appends
+                    await store.append(shard, bucket, evs[i : i + 500])
+            done += 1
+            progress(f"{cfg.store.backend}: write", done, partitions)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(write(*p) for p in parts))
+        t_write = time.perf_counter() - t0
+
+        read_n = 0
+        done = 0
+
+        async def read(shard: int, bucket: int) -> None:
+            nonlocal read_n, done
+            async with sem:
+                async for page in store.read_partition(shard, bucket):
+                    read_n += len(page.events)
+            done += 1
+            progress(f"{cfg.store.backend}: read", done, partitions)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(read(s, b) for s, b, _ in parts))
+        t_read = time.perf_counter() - t0
+        if read_n != per * partitions:
+            raise SystemExit(f"bench: read {read_n} events, wrote {per * partitions}")
+        return {
+            "events": per * partitions,
+            "payload_bytes": payload,
+            "write_events_per_s": per * partitions / t_write,
+            "read_events_per_s": read_n / t_read,
+            "write_mb_per_s": per * partitions * payload / t_write / 1e6,
+            "read_mb_per_s": read_n * payload / t_read / 1e6,
+        }
+    finally:
+        await store.drop_schema()
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--partitions", type=int, default=200)
+    ap.add_argument("--payload", type=int, default=300, help="bytes per event (typical canonical event)")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--cql", default="127.0.0.1:9042")
+    ap.add_argument("--skip-cql", action="store_true")
+    args = ap.parse_args(argv)
+    results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run = uuid.uuid4().hex[:8]
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = from_mapping({"tenant": f"bench_{run}", "store": {"backend": "embedded", "path": f"{tmp}/b.db"}})
+        results["embedded"] = asyncio.run(store_round(emb, args.events, args.partitions, args.payload, 1))
+    if not args.skip_cql:
+        cql = from_mapping({"tenant": f"bench_{run}", "store": {"backend": "cql", "contact_points": [args.cql]}})
+        results["cql"] = asyncio.run(store_round(cql, args.events, args.partitions, args.payload, args.concurrency))
+        results["cql_vs_embedded_write_ratio"] = (
+            results["cql"]["write_events_per_s"] / results["embedded"]["write_events_per_s"]
+        )
+        results["cql_vs_embedded_read_ratio"] = (
+            results["cql"]["read_events_per_s"] / results["embedded"]["read_events_per_s"]
+        )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"{'store':<10} {'write ev/s':>12} {'read ev/s':>12} {'write MB/s':>11} {'read MB/s':>10}")
+    for name in ("embedded", "cql"):
+        r = results.get(name)
+        if r:
+            print(
+                f"{name:<10} {r['write_events_per_s']:>12,.0f} {r['read_events_per_s']:>12,.0f} "
+                f"{r['write_mb_per_s']:>11.1f} {r['read_mb_per_s']:>10.1f}"
+            )
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
