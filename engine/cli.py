@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from engine import __version__
 from engine.config import Config, load
 from engine.errors import ConfigError, StorylineError
+from engine.ingest import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
 from engine.store import EventRecord, Store, make_store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -52,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=2_000, help="events to write (default 2000)")
     p = sub.add_parser("config", help="print the effective config as TOML-like lines (secrets hidden)")
     _common(p)
+    p = sub.add_parser("ingest", help="validate JSONL events (plain or gzip) and write them durably")
+    _common(p)
+    p.add_argument("files", nargs="*", default=["-"], help="JSONL files, plain or gzip; - for stdin (default)")
+    p = sub.add_parser("synth", help="write deterministic synthetic sensor events as JSONL to stdout")
+    p.add_argument("--sessions", type=int, default=1_000, help="network sessions (1..4 events each)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--span-s", type=float, default=600.0, help="seconds the sessions spread over, ending now")
+    p = sub.add_parser("dead-letter", help="list rejected input lines, or --redrive them through validation")
+    _common(p)
+    p.add_argument("--redrive", action="store_true", help="validate every pending dead letter again")
+    p.add_argument("--limit", type=int, default=100, help="lines to list (default 100; 0 for all)")
     return parser
 
 
@@ -124,6 +136,72 @@ async def cmd_selftest(cfg: Config, n: int) -> int:
     return EXIT_OK
 
 
+async def cmd_ingest(cfg: Config, files: list[str]) -> int:
+    tty = sys.stderr.isatty()
+
+    def progress(s: IngestSummary) -> None:
+        if tty:
+            rate = s.accepted / max(s.seconds, 1e-9)
+            mb = s.bytes / 1e6 / max(s.seconds, 1e-9)
+            sys.stderr.write(
+                f"\r{s.lines:,} lines  {s.accepted:,} accepted  {s.rejected:,} rejected  "
+                f"{rate:,.0f} events/s  {mb:,.1f} MB/s "
+            )
+            sys.stderr.flush()
+
+    store = await _with_store(cfg)
+    try:
+        producer = Producer(store, cfg)
+        skew = await producer.check_clock()
+        ingestor = Ingestor(store, cfg, producer)
+        for name in files:
+            try:
+                stream = open_input(name)
+            except OSError as exc:
+                raise ConfigError("files", f"cannot open {name}: {exc.strerror or exc}") from None
+            with stream:
+                try:
+                    await ingestor.run(read_lines(name, stream), progress)
+                except (OSError, EOFError) as exc:  # a truncated gzip, a read error
+                    print(f"storyline: reading {name} stopped: {exc}", file=sys.stderr)
+                    return EXIT_FAIL
+        s = ingestor.summary
+        if tty:
+            sys.stderr.write("\n")
+        print(f"ingest: {s.line()}; database clock {skew:+d} ms")
+        if s.reasons:
+            top = ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
+            print(f"ingest: rejections by field: {top} (see `storyline dead-letter`)")
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
+    store = await _with_store(cfg)
+    try:
+        if do_redrive:
+            accepted, still = await redrive(store, cfg, Producer(store, cfg))
+            print(f"dead-letter: redrive accepted {accepted:,} now, {still:,} still rejected")
+            return EXIT_OK
+        total = pending = shown = 0
+        async for page in store.scan_dead_letters():
+            for d in sorted(page, key=lambda d: (d.file, d.line)):
+                total += 1
+                pending += d.redriven_ms is None
+                if limit == 0 or shown < limit:
+                    shown += 1
+                    state = "" if d.redriven_ms is None else " [redriven]"
+                    print(f"{d.file}:{d.line}: {d.reason}{state}")
+        print(
+            f"dead-letter: {total:,} rejected lines, {pending:,} not redriven"
+            + (f" (showing {shown:,}; --limit 0 for all)" if shown < total else "")
+        )
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
 def cmd_config(cfg: Config) -> int:
     import msgspec
 
@@ -144,6 +222,14 @@ def cmd_config(cfg: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "synth":
+        from engine.synth import sessions
+
+        out = sys.stdout.buffer
+        for line in sessions(args.sessions, seed=args.seed, start_s=time.time() - args.span_s, span_s=args.span_s):
+            out.write(line + b"\n")
+        out.flush()
+        return EXIT_OK
     try:
         cfg = _config(args)
         if args.command == "init":
@@ -152,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(cmd_selftest(cfg, args.events))
         if args.command == "config":
             return cmd_config(cfg)
+        if args.command == "ingest":
+            return asyncio.run(cmd_ingest(cfg, args.files))
+        if args.command == "dead-letter":
+            return asyncio.run(cmd_dead_letter(cfg, args.redrive, args.limit))
     except ConfigError as exc:
         print(f"storyline: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

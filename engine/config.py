@@ -119,6 +119,20 @@ class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     emit: Literal["final", "updates"] = "final"
 
 
+class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Accepted event times: from min_time_ms (default 2000-01-01, so replays of old captures work) up to
+    # max_future_ms ahead of the ingesting host's clock.
+    min_time_ms: NonNegMs = 946_684_800_000
+    max_future_ms: NonNegMs = 86_400_000
+    # Lines validated and written per round, and partition writes in flight at once.
+    batch_lines: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 5_000
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    # Community ID seed: every sensor of a deployment must use the same one.
+    community_id_seed: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 0
+    # Attempts to write one partition group (each may re-bucket) before the producer gives up on it.
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tenant: str
     shards: Annotated[int, msgspec.Meta(ge=1, le=65_536)] = 16
@@ -131,12 +145,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     twcs_window_ms: Annotated[int, msgspec.Meta(ge=60_000)] = 3_600_000
     downtime_allowance_ms: NonNegMs = 24 * 3_600_000
     chunk_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 512 * 1024
-    max_event_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    max_event_bytes: Annotated[int, msgspec.Meta(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
     workers: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
     consumer: str = "main"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] | None = None
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     correlate: CorrelateConfig = msgspec.field(default_factory=CorrelateConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
 
     def __post_init__(self) -> None:
         if not TENANT_RE.fullmatch(self.tenant):

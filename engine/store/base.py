@@ -77,7 +77,8 @@ class Store(Protocol):
 
     async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
         """Buckets in ``[first, last]`` of ``shard`` that may hold events (from ``bucket_index``), ascending,
-        each with the bound of its largest row."""
+        each with the bound of its largest row. Costs one query per hour of the range on CQL: callers
+        bound the range (a worker never looks further back than its offset, nor beyond the TTL)."""
 
     # -- offsets -------------------------------------------------------------------------------------------
     async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:

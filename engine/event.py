@@ -1,0 +1,220 @@
+"""Canonical events: validation of the JSON input form, normalization, ids, shards and the stored form.
+
+Pure functions, no I/O. The JSON form is documented in docs/events.md. A line either becomes an
+:class:`Event` or is rejected with a reason that names the field; nothing is silently dropped or altered
+beyond the documented normalization (time to int µs UTC, protocol to its number, addresses to canonical text).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+import msgspec
+import xxhash
+
+from engine.config import Config
+from engine.errors import InputError
+from engine.flow import PORT_PROTOCOLS, flow_identity, parse_proto
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_US = dt.timedelta(microseconds=1)
+
+
+class InputEvent(msgspec.Struct, forbid_unknown_fields=True):
+    """The JSON input form of one event (one JSONL line)."""
+
+    source: str
+    time: int | float | str
+    proto: str | int | None = None
+    src_ip: str | None = None
+    src_port: int | None = None
+    dst_ip: str | None = None
+    dst_port: int | None = None
+    id: str | None = None
+    sensor: str | None = None
+    attrs: dict[str, Any] | None = None
+
+
+class Event(msgspec.Struct, frozen=True, array_like=True):
+    """The canonical stored event (msgpack, array-like: fields by position; never reorder, only append).
+
+    ``flow`` is the xxh64 of the direction-independent flow key (``None`` without addresses) and
+    ``reversed`` says whether the event reports the flow from endpoint b to a. ``time_us`` is the event time in
+    µs UTC as the sensor reported it.
+    """
+
+    id: str
+    time_us: int
+    source: str
+    sensor: str
+    flow: int | None
+    reversed: bool
+    proto: int | None
+    src_ip: str | None
+    src_port: int | None
+    dst_ip: str | None
+    dst_port: int | None
+    attrs: dict[str, Any]
+
+
+class EventView(msgspec.Struct, frozen=True, array_like=True):
+    """The linking fields only: a prefix of :class:`Event`, so decoding skips the rest cheaply."""
+
+    id: str
+    time_us: int
+    source: str
+    sensor: str
+    flow: int | None
+    reversed: bool
+
+
+class _IdInput(msgspec.Struct, frozen=True):
+    """What the derived id hashes: the normalized event (msgspec JSON, sorted keys)."""
+
+    source: str
+    sensor: str
+    time_us: int
+    proto: int | None
+    src_ip: str | None
+    src_port: int | None
+    dst_ip: str | None
+    dst_port: int | None
+    attrs: dict[str, Any]
+
+
+_json_decoder = msgspec.json.Decoder(InputEvent)
+_id_encoder = msgspec.json.Encoder(order="sorted")
+_payload_encoder = msgspec.msgpack.Encoder()
+_payload_decoder = msgspec.msgpack.Decoder(Event)
+_view_decoder = msgspec.msgpack.Decoder(EventView)
+MAX_NAME = 256
+
+
+def encode(event: Event) -> bytes:
+    return _payload_encoder.encode(event)
+
+
+def decode(payload: bytes) -> Event:
+    return _payload_decoder.decode(payload)
+
+
+def decode_view(payload: bytes) -> EventView:
+    return _view_decoder.decode(payload)
+
+
+def parse_time_us(value: int | float | str) -> int:
+    """Event time as int µs UTC: epoch seconds (int or float) or RFC 3339 with an offset."""
+    if isinstance(value, bool):
+        raise InputError("time: expected epoch seconds or an RFC 3339 string, got a boolean")
+    if isinstance(value, int):
+        if abs(value) > 10**13:
+            raise InputError(f"time: {value} is not epoch seconds (too large; milliseconds are not accepted)")
+        return value * 1_000_000
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > 1e13:
+            raise InputError(f"time: {value!r} is not a finite epoch-seconds value")
+        return round(value * 1_000_000)
+    text = value.strip()
+    if len(text) < 19 or len(text) > 40 or text[4] != "-" or text[10] not in "Tt ":
+        raise InputError(f"time: {value!r} is not RFC 3339 (e.g. 2026-11-26T07:00:00.5Z)")
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"time: {value!r} is not RFC 3339 (e.g. 2026-11-26T07:00:00.5Z)") from None
+    if parsed.tzinfo is None:
+        raise InputError(f"time: {value!r} has no UTC offset (add Z or +hh:mm)")
+    return (parsed - _EPOCH) // _US
+
+
+def _name(value: str, field: str) -> str:
+    if not value or len(value) > MAX_NAME or not value.isprintable():
+        raise InputError(f"{field}: must be 1..{MAX_NAME} printable characters")
+    return value
+
+
+def normalize(raw: InputEvent, cfg: Config, now_ms: int) -> Event:
+    """Validate and normalize one decoded input event; raise :class:`InputError` naming the field."""
+    source = _name(raw.source, "source")
+    sensor = _name(raw.sensor, "sensor") if raw.sensor is not None else source
+    time_us = parse_time_us(raw.time)
+    ing = cfg.ingest
+    if time_us < ing.min_time_ms * 1000:
+        raise InputError(f"time: {_iso(time_us)} is before the accepted range (ingest.min_time_ms)")
+    if time_us > (now_ms + ing.max_future_ms) * 1000:
+        raise InputError(f"time: {_iso(time_us)} is too far in the future (ingest.max_future_ms)")
+    proto: int | None = None
+    src_ip = dst_ip = None
+    src_port, dst_port = raw.src_port, raw.dst_port
+    flow: int | None = None
+    rev = False
+    has_flow = raw.proto is not None or raw.src_ip is not None or raw.dst_ip is not None
+    if has_flow:
+        for field in ("proto", "src_ip", "dst_ip"):
+            if getattr(raw, field) is None:
+                raise InputError(f"{field}: required with the other flow fields (proto, src_ip, dst_ip)")
+        assert raw.proto is not None and raw.src_ip is not None and raw.dst_ip is not None
+        proto = parse_proto(raw.proto)
+        if proto not in PORT_PROTOCOLS and (src_port is not None or dst_port is not None):
+            raise InputError(f"{'src_port' if src_port is not None else 'dst_port'}: protocol {proto} has no ports")
+        src_ip, dst_ip, key_bytes, rev = flow_identity(proto, raw.src_ip, src_port, raw.dst_ip, dst_port)
+        flow = xxhash.xxh64_intdigest(key_bytes)
+    elif src_port is not None or dst_port is not None:
+        raise InputError("proto: ports given without the flow fields (proto, src_ip, dst_ip)")
+    attrs = raw.attrs if raw.attrs is not None else {}
+    event_id = raw.id
+    if event_id is not None:
+        _name(event_id, "id")
+    else:
+        ident = _IdInput(source, sensor, time_us, proto, src_ip, src_port, dst_ip, dst_port, attrs)
+        event_id = xxhash.xxh3_128_hexdigest(_id_encoder.encode(ident))
+    return Event(event_id, time_us, source, sensor, flow, rev, proto, src_ip, src_port, dst_ip, dst_port, attrs)
+
+
+def parse_line(line: bytes, cfg: Config, now_ms: int) -> Event:
+    """One JSONL line → Event, or :class:`InputError` with the reason."""
+    if len(line) > cfg.max_event_bytes:
+        raise InputError(f"line: {len(line)} bytes exceeds max_event_bytes ({cfg.max_event_bytes})")
+    try:
+        line.decode("utf-8")  # msgspec does not validate UTF-8 inside strings
+    except UnicodeDecodeError as u:
+        raise InputError(f"json: invalid UTF-8 at byte {u.start}") from None
+    try:
+        raw = _json_decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        raise InputError(_validation_reason(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise InputError(f"json: {exc}") from None
+    return normalize(raw, cfg, now_ms)
+
+
+def shard_of(event: Event, shards: int) -> int:
+    """Every event of a flow lands in one shard; events without a flow spread by id."""
+    if event.flow is not None:
+        return event.flow % shards
+    return xxhash.xxh64_intdigest(event.id.encode()) % shards
+
+
+def _iso(time_us: int) -> str:
+    try:
+        return (_EPOCH + dt.timedelta(microseconds=time_us)).isoformat().replace("+00:00", "Z")
+    except OverflowError:
+        return f"{time_us} µs"
+
+
+def _validation_reason(msg: str) -> str:
+    # msgspec: "Expected `int`, got `str` - at `$.src_port`" / "Object missing required field `time`"
+    field = ""
+    if " - at `$." in msg:
+        msg, _, path = msg.partition(" - at `$.")
+        field = path.rstrip("`")
+    for marker in ("Object missing required field `", "Object contains unknown field `"):
+        if msg.startswith(marker):
+            name = msg[len(marker) :].rstrip("`")
+            if "missing" in marker:
+                return f"{name}: required field is missing"
+            return f"{name}: unknown field (put sensor-specific data under attrs)"
+    if msg.startswith("Expected `object`"):
+        return f"json: a line must be a JSON object ({msg.lower()})"
+    return f"{field or 'json'}: {msg[0].lower()}{msg[1:]}" if msg else "json: invalid"

@@ -1,0 +1,287 @@
+"""The producer (durable, bucketed, sharded writes) and the JSONL ingest pipeline with its dead-letter store.
+
+A :class:`Producer` is what embedding applications use: ``await producer.write(events)`` returns only when
+every event is durable at the configured consistency, or raises :class:`ProducerError` naming the events that
+could not be written. It never writes into a bucket a consumer may have read:
+
+* the bucket is chosen from the clock right before each attempt, and the store refuses to start an attempt more
+  than ``max_write_age_ms`` after that choice (``WriteTooLateError``); the producer then re-buckets the events
+  to the current bucket and tries again (counted in ``rebucketed``);
+* ``check_clock`` measures this host's clock against the database at start and refuses to write when they
+  differ by more than ``max_clock_skew_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import msgspec
+import xxhash
+
+from engine.clock import SYSTEM_CLOCK, Clock
+from engine.config import Config
+from engine.errors import InputError, StoreError, StorylineError, WriteTooLateError
+from engine.event import Event, encode, parse_line, shard_of
+from engine.store import DeadLetter, EventRecord, Store
+
+# One append call carries at most this many events / bytes, so a retry or a re-bucketing redoes little.
+APPEND_EVENTS = 2_000
+APPEND_BYTES = 4 * 1024 * 1024
+
+BeforeWrite = Callable[[int, int, int], Awaitable[None]]
+"""Fault-injection hook: ``await hook(shard, bucket, attempt)`` after the bucket is chosen, before the write."""
+
+
+class ClockSkewError(StorylineError):
+    """This host's clock differs from the database's by more than ``max_clock_skew_ms``."""
+
+
+class ProducerError(StoreError):
+    """Some events could not be made durable; ``failed`` lists them. The others were written."""
+
+    def __init__(self, message: str, failed: Sequence[Event], *, retriable: bool) -> None:
+        super().__init__(message, retriable=retriable)
+        self.failed = list(failed)
+
+
+class WriteReport(msgspec.Struct):
+    events: int = 0  # distinct events written
+    duplicates: int = 0  # repeated ids within one write call, written once
+    bytes: int = 0
+    appends: int = 0
+    rebucketed: int = 0  # appends moved to a newer bucket because an attempt came too late
+    retries: int = 0  # store-level retries of statements
+
+    def add(self, other: WriteReport) -> None:
+        for f in self.__struct_fields__:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+
+class Producer:
+    def __init__(
+        self, store: Store, cfg: Config, clock: Clock = SYSTEM_CLOCK, *, before_write: BeforeWrite | None = None
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.clock = clock
+        self.before_write = before_write
+        self._sem = asyncio.Semaphore(cfg.ingest.max_in_flight)
+        self.clock_checked = False
+
+    async def check_clock(self) -> int:
+        """Measure (database clock - this clock) in ms; refuse above ``max_clock_skew_ms``."""
+        t0 = self.clock.now_ms()
+        server = await self.store.server_time_ms()
+        t1 = self.clock.now_ms()
+        skew = server - (t0 + t1) // 2
+        if abs(skew) > self.cfg.max_clock_skew_ms + (t1 - t0) // 2:
+            raise ClockSkewError(
+                f"this host's clock is {-skew:+d} ms off the database's (max_clock_skew_ms = "
+                f"{self.cfg.max_clock_skew_ms}): fix NTP before writing, or events could land in buckets "
+                f"already read"
+            )
+        self.clock_checked = True
+        return skew
+
+    def _groups(self, events: Sequence[Event]) -> tuple[dict[int, list[list[tuple[Event, EventRecord]]]], int]:
+        seen: set[str] = set()
+        dups = 0
+        by_shard: dict[int, list[list[tuple[Event, EventRecord]]]] = {}
+        sizes: dict[int, int] = {}
+        shards = self.cfg.shards
+        for ev in events:
+            if ev.id in seen:
+                dups += 1
+                continue
+            seen.add(ev.id)
+            payload = encode(ev)
+            if len(payload) > self.cfg.max_event_bytes:
+                raise InputError(f"event {ev.id}: encoded size {len(payload)} exceeds max_event_bytes")
+            shard = shard_of(ev, shards)
+            groups = by_shard.setdefault(shard, [[]])
+            if len(groups[-1]) >= APPEND_EVENTS or sizes.get(shard, 0) + len(payload) > APPEND_BYTES:
+                groups.append([])
+                sizes[shard] = 0
+            groups[-1].append((ev, EventRecord(ev.id, payload)))
+            sizes[shard] = sizes.get(shard, 0) + len(payload)
+        return by_shard, dups
+
+    async def write(self, events: Sequence[Event]) -> WriteReport:
+        """Make every event durable; return what was done, or raise :class:`ProducerError` with the failures."""
+        if not self.clock_checked:
+            await self.check_clock()
+        by_shard, dups = self._groups(events)
+        report = WriteReport(duplicates=dups)
+        failed: list[Event] = []
+        errors: list[StoreError] = []
+
+        async def one(shard: int, group: list[tuple[Event, EventRecord]]) -> None:
+            async with self._sem:
+                try:
+                    report.add(await self._append(shard, [r for _, r in group]))
+                except StoreError as exc:
+                    failed.extend(e for e, _ in group)
+                    errors.append(exc)
+
+        await asyncio.gather(*(one(s, g) for s, groups in by_shard.items() for g in groups))
+        if failed:
+            raise ProducerError(
+                f"{len(failed)} of {len(events) - dups} events were not written: {errors[0]}",
+                failed,
+                retriable=all(e.retriable for e in errors),
+            )
+        return report
+
+    async def _append(self, shard: int, records: list[EventRecord]) -> WriteReport:
+        cfg = self.cfg
+        rebucketed = 0
+        last: StoreError | None = None
+        for attempt in range(cfg.ingest.max_attempts):
+            chosen = self.clock.now_ms()
+            bucket = chosen // cfg.bucket_ms
+            if self.before_write is not None:
+                await self.before_write(shard, bucket, attempt)
+            try:
+                res = await self.store.append(shard, bucket, records, deadline_ms=chosen + cfg.max_write_age_ms)
+            except WriteTooLateError as exc:
+                rebucketed += 1
+                last = exc
+                continue
+            except StoreError as exc:
+                if not exc.retriable:
+                    raise
+                last = exc  # the store already retried with backoff; try again in a fresh bucket
+                continue
+            return WriteReport(
+                events=res.events, bytes=res.bytes, appends=1, rebucketed=rebucketed, retries=res.retries
+            )
+        assert last is not None
+        raise StoreError(f"shard {shard}: gave up after {cfg.ingest.max_attempts} attempts: {last}", retriable=True)
+
+
+# -- JSONL ingest ----------------------------------------------------------------------------------------------
+@dataclass
+class IngestSummary:
+    accepted: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    empty: int = 0
+    lines: int = 0
+    bytes: int = 0
+    rebucketed: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (
+            f"accepted {self.accepted:,}, rejected {self.rejected:,}, duplicates {self.duplicates:,}, "
+            f"empty lines {self.empty:,}, {self.bytes / 1e6:,.1f} MB in {self.seconds:,.2f} s "
+            f"({self.accepted / max(self.seconds, 1e-9):,.0f} events/s), re-bucketed writes {self.rebucketed:,}"
+        )
+
+
+def open_input(path: str) -> BinaryIO:
+    """A file (plain or gzip, told by its magic bytes) or ``-`` for standard input."""
+    raw = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[type-var]
+    if buffered.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    return buffered
+
+
+def read_lines(name: str, stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
+    for n, line in enumerate(stream, start=1):
+        yield name, n, line.rstrip(b"\r\n")
+
+
+def dead_letter_id(file: str, line: int, raw: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(b"%s\0%d\0%s" % (file.encode(), line, raw))
+
+
+class Ingestor:
+    """Validates lines, writes the good ones through a :class:`Producer` and the bad ones to the dead-letter
+    store, in rounds of ``ingest.batch_lines`` lines."""
+
+    def __init__(self, store: Store, cfg: Config, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.producer = producer
+        self.clock = clock
+        self.summary = IngestSummary()
+
+    async def run(
+        self, lines: Iterable[tuple[str, int, bytes]], progress: Callable[[IngestSummary], None] | None = None
+    ) -> IngestSummary:
+        t0 = time.perf_counter()
+        batch: list[tuple[str, int, bytes]] = []
+        for item in lines:
+            batch.append(item)
+            if len(batch) >= self.cfg.ingest.batch_lines:
+                await self._round(batch)
+                batch = []
+                self.summary.seconds = time.perf_counter() - t0
+                if progress:
+                    progress(self.summary)
+        if batch:
+            await self._round(batch)
+        self.summary.seconds = time.perf_counter() - t0
+        return self.summary
+
+    async def _round(self, batch: list[tuple[str, int, bytes]]) -> None:
+        s = self.summary
+        now = self.clock.now_ms()
+        good: list[Event] = []
+        bad: list[DeadLetter] = []
+        for file, n, raw in batch:
+            s.lines += 1
+            s.bytes += len(raw) + 1
+            if not raw.strip():
+                s.empty += 1
+                continue
+            try:
+                good.append(parse_line(raw, self.cfg, now))
+            except InputError as exc:
+                reason = str(exc)
+                bad.append(DeadLetter(dead_letter_id(file, n, raw), now, file, n, reason, raw))
+                key = reason.split(":", 1)[0]
+                s.reasons[key] = s.reasons.get(key, 0) + 1
+        if bad:
+            await self.store.put_dead_letters(bad)
+            s.rejected += len(bad)
+        if good:
+            report = await self.producer.write(good)
+            s.accepted += report.events
+            s.duplicates += report.duplicates
+            s.rebucketed += report.rebucketed
+
+
+async def redrive(store: Store, cfg: Config, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> tuple[int, int]:
+    """Validate every dead letter not yet redriven again; write the ones that pass now and mark them.
+    Returns (accepted now, still rejected)."""
+    accepted = still = 0
+    pending: list[DeadLetter] = []
+    async for page in store.scan_dead_letters():
+        pending.extend(d for d in page if d.redriven_ms is None)
+    now = clock.now_ms()
+    for i in range(0, len(pending), cfg.ingest.batch_lines):
+        chunk = pending[i : i + cfg.ingest.batch_lines]
+        good: list[Event] = []
+        done: list[DeadLetter] = []
+        for d in chunk:
+            try:
+                good.append(parse_line(d.raw, cfg, now))
+                done.append(msgspec.structs.replace(d, redriven_ms=now))
+            except InputError:
+                still += 1
+        if good:
+            await producer.write(good)
+            await store.put_dead_letters(done)  # marked only once their events are durable
+            accepted += len(done)
+    return accepted, still
