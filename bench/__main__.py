@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from bench.ingest import client_cost, ingest_bench
 from engine import __version__
 from engine.config import Config, from_mapping
 from engine.store import EventRecord, Store, make_store
@@ -119,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--cql", default="127.0.0.1:9042")
     ap.add_argument("--skip-cql", action="store_true")
+    ap.add_argument("--ingest-small", type=int, default=100_000, help="~500 B events for the ingest bench")
+    ap.add_argument("--ingest-large", type=int, default=60, help="1 MiB events for the ingest bench")
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run = uuid.uuid4().hex[:8]
+    results["client"] = client_cost()
     with tempfile.TemporaryDirectory() as tmp:
         emb = from_mapping({"tenant": f"bench_{run}", "store": {"backend": "embedded", "path": f"{tmp}/b.db"}})
         results["embedded"] = asyncio.run(store_round(emb, args.events, args.partitions, args.payload, 1))
+        results["ingest_embedded"] = ingest_bench("embedded", tmp, args.cql, args.ingest_small, args.ingest_large)
+        if not args.skip_cql:
+            results["ingest_cql"] = ingest_bench("cql", tmp, args.cql, args.ingest_small, args.ingest_large)
     if not args.skip_cql:
         cql = from_mapping({"tenant": f"bench_{run}", "store": {"backend": "cql", "contact_points": [args.cql]}})
         results["cql"] = asyncio.run(store_round(cql, args.events, args.partitions, args.payload, args.concurrency))
@@ -144,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:<10} {r['write_events_per_s']:>12,.0f} {r['read_events_per_s']:>12,.0f} "
                 f"{r['write_mb_per_s']:>11.1f} {r['read_mb_per_s']:>10.1f}"
+            )
+    c = results["client"]
+    print(
+        f"client side per ~{c['avg_line_bytes']:.0f} B event: {c['client_us_per_event']:.2f} us "
+        f"(parse {c['parse_us_per_event']:.2f} + encode/shard/group {c['encode_shard_group_us_per_event']:.2f}), "
+        f"{c['client_events_per_s']:,.0f} events/s on one core"
+    )
+    print(f"{'ingest':<10} {'small ev/s':>12} {'small MB/s':>11} {'1 MiB ev/s':>11} {'1 MiB MB/s':>11}")
+    for name in ("embedded", "cql"):
+        r = results.get(f"ingest_{name}")
+        if r:
+            print(
+                f"{name:<10} {r['small']['events_per_s']:>12,.0f} {r['small']['mb_per_s']:>11.1f} "
+                f"{r['large']['events_per_s']:>11,.1f} {r['large']['mb_per_s']:>11.1f}"
             )
     print(f"results: {out}")
     return 0

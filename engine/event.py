@@ -22,7 +22,7 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = dt.timedelta(microseconds=1)
 
 
-class InputEvent(msgspec.Struct, forbid_unknown_fields=True):
+class InputEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """The JSON input form of one event (one JSONL line)."""
 
     source: str
@@ -37,7 +37,7 @@ class InputEvent(msgspec.Struct, forbid_unknown_fields=True):
     attrs: dict[str, Any] | None = None
 
 
-class Event(msgspec.Struct, frozen=True, array_like=True):
+class Event(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """The canonical stored event (msgpack, array-like: fields by position; never reorder, only append).
 
     ``flow`` is the xxh64 of the direction-independent flow key (``None`` without addresses) and
@@ -59,7 +59,7 @@ class Event(msgspec.Struct, frozen=True, array_like=True):
     attrs: dict[str, Any]
 
 
-class EventView(msgspec.Struct, frozen=True, array_like=True):
+class EventView(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """The linking fields only: a prefix of :class:`Event`, so decoding skips the rest cheaply."""
 
     id: str
@@ -70,7 +70,7 @@ class EventView(msgspec.Struct, frozen=True, array_like=True):
     reversed: bool
 
 
-class _IdInput(msgspec.Struct, frozen=True):
+class _IdInput(msgspec.Struct, frozen=True, gc=False):
     """What the derived id hashes: the normalized event (msgspec JSON, sorted keys)."""
 
     source: str
@@ -90,6 +90,7 @@ _payload_encoder = msgspec.msgpack.Encoder()
 _payload_decoder = msgspec.msgpack.Decoder(Event)
 _view_decoder = msgspec.msgpack.Decoder(EventView)
 MAX_NAME = 256
+_PROTO_FAST = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "TCP": 6, "UDP": 17, "ICMP": 1}
 
 
 def encode(event: Event) -> bytes:
@@ -149,17 +150,18 @@ def normalize(raw: InputEvent, cfg: Config, now_ms: int) -> Event:
     src_port, dst_port = raw.src_port, raw.dst_port
     flow: int | None = None
     rev = False
-    has_flow = raw.proto is not None or raw.src_ip is not None or raw.dst_ip is not None
-    if has_flow:
-        for field in ("proto", "src_ip", "dst_ip"):
-            if getattr(raw, field) is None:
-                raise InputError(f"{field}: required with the other flow fields (proto, src_ip, dst_ip)")
-        assert raw.proto is not None and raw.src_ip is not None and raw.dst_ip is not None
-        proto = parse_proto(raw.proto)
+    p, sip, dip = raw.proto, raw.src_ip, raw.dst_ip
+    if p is not None and sip is not None and dip is not None:
+        proto = _PROTO_FAST.get(p) if type(p) is str else None
+        if proto is None:
+            proto = parse_proto(p)
         if proto not in PORT_PROTOCOLS and (src_port is not None or dst_port is not None):
             raise InputError(f"{'src_port' if src_port is not None else 'dst_port'}: protocol {proto} has no ports")
-        src_ip, dst_ip, key_bytes, rev = flow_identity(proto, raw.src_ip, src_port, raw.dst_ip, dst_port)
+        src_ip, dst_ip, key_bytes, rev = flow_identity(proto, sip, src_port, dip, dst_port)
         flow = xxhash.xxh64_intdigest(key_bytes)
+    elif p is not None or sip is not None or dip is not None:
+        missing = next(f for f, v in (("proto", p), ("src_ip", sip), ("dst_ip", dip)) if v is None)
+        raise InputError(f"{missing}: required with the other flow fields (proto, src_ip, dst_ip)")
     elif src_port is not None or dst_port is not None:
         raise InputError("proto: ports given without the flow fields (proto, src_ip, dst_ip)")
     attrs = raw.attrs if raw.attrs is not None else {}

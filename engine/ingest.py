@@ -219,22 +219,38 @@ class Ingestor:
     async def run(
         self, lines: Iterable[tuple[str, int, bytes]], progress: Callable[[IngestSummary], None] | None = None
     ) -> IngestSummary:
+        """Validate round N+1 while round N is being written (one round in flight: bounded memory)."""
         t0 = time.perf_counter()
+        pending: asyncio.Task[None] | None = None
         batch: list[tuple[str, int, bytes]] = []
-        for item in lines:
-            batch.append(item)
-            if len(batch) >= self.cfg.ingest.batch_lines:
-                await self._round(batch)
-                batch = []
-                self.summary.seconds = time.perf_counter() - t0
-                if progress:
-                    progress(self.summary)
-        if batch:
-            await self._round(batch)
+
+        async def flush(batch: list[tuple[str, int, bytes]]) -> None:
+            nonlocal pending
+            parsed = self._parse(batch)
+            if pending is not None:
+                await pending
+            pending = asyncio.create_task(self._write(*parsed))
+            self.summary.seconds = time.perf_counter() - t0
+            if progress:
+                progress(self.summary)
+
+        try:
+            for item in lines:
+                batch.append(item)
+                if len(batch) >= self.cfg.ingest.batch_lines:
+                    await flush(batch)
+                    batch = []
+            if batch:
+                await flush(batch)
+            if pending is not None:
+                await pending
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 
-    async def _round(self, batch: list[tuple[str, int, bytes]]) -> None:
+    def _parse(self, batch: list[tuple[str, int, bytes]]) -> tuple[list[Event], list[DeadLetter]]:
         s = self.summary
         now = self.clock.now_ms()
         good: list[Event] = []
@@ -252,6 +268,10 @@ class Ingestor:
                 bad.append(DeadLetter(dead_letter_id(file, n, raw), now, file, n, reason, raw))
                 key = reason.split(":", 1)[0]
                 s.reasons[key] = s.reasons.get(key, 0) + 1
+        return good, bad
+
+    async def _write(self, good: list[Event], bad: list[DeadLetter]) -> None:
+        s = self.summary
         if bad:
             await self.store.put_dead_letters(bad)
             s.rejected += len(bad)

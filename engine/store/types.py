@@ -9,7 +9,7 @@ import msgspec
 HOUR_MS = 3_600_000
 
 
-class EventRecord(msgspec.Struct, frozen=True, array_like=True):
+class EventRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One event as the store sees it: an id (clustering key) and its encoded payload."""
 
     event_id: str
