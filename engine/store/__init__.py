@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
-from engine.store.base import SCHEMA_VERSION, Store, bucket_hour
+from engine.store.base import INDEX_GROUP_SHARDS, SCHEMA_VERSION, Store, index_group, index_slot
 from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
 
 __all__ = [
+    "INDEX_GROUP_SHARDS",
     "SCHEMA_VERSION",
     "AppendResult",
     "BucketHint",
@@ -17,7 +18,8 @@ __all__ = [
     "PartitionPage",
     "Store",
     "StoryRecord",
-    "bucket_hour",
+    "index_group",
+    "index_slot",
     "make_store",
 ]
 

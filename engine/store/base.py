@@ -5,9 +5,11 @@
 Tables (one keyspace per tenant; see docs/architecture.md):
 
 * ``events`` — ``PRIMARY KEY ((shard, bucket), event_id, chunk)``: the queue. Append-only, expired by TTL.
-* ``bucket_index`` — ``PRIMARY KEY ((shard, hour), bucket, size_class)``: which buckets of a shard received
-  events, written before the event rows so a reader may skip buckets absent here; ``size_class`` bounds the
-  largest row of each write (a power of two), so readers can bound their pages in bytes.
+* ``bucket_index`` — ``PRIMARY KEY ((shard_group, slot), bucket, shard, size_class)``: which buckets of which
+  shard received events, written before the event rows so a reader may skip buckets absent here. One partition
+  holds 16 consecutive shards for 15 minutes: writes spread over many partitions (no hot partition), while a
+  worker polls its shards with one query per 16 shards. ``size_class`` bounds the largest row of each write (a
+  power of two), so readers can bound their pages in bytes.
 * ``read_offsets`` — ``PRIMARY KEY ((consumer, shard))``: positions, owner and epoch; changed only by
   conditional writes so a stale owner cannot move them.
 * ``stories`` — ``PRIMARY KEY ((shard, period), story_id, revision)``.
@@ -27,9 +29,18 @@ SCHEMA_VERSION = 1
 FIXED_SETTINGS = ("shards", "bucket_ms")
 
 
-def bucket_hour(bucket: int, bucket_ms: int) -> int:
-    """The ``bucket_index`` partition of a bucket: the hour its start falls in."""
-    return (bucket * bucket_ms) // 3_600_000
+INDEX_GROUP_SHARDS = 16
+INDEX_SLOT_MS = 900_000
+
+
+def index_slot(bucket: int, bucket_ms: int) -> int:
+    """The time part of a bucket's ``bucket_index`` partition: the 15-minute slot its start falls in."""
+    return (bucket * bucket_ms) // INDEX_SLOT_MS
+
+
+def index_group(shard: int) -> int:
+    """The shard part of a ``bucket_index`` partition."""
+    return shard // INDEX_GROUP_SHARDS
 
 
 @runtime_checkable
@@ -77,8 +88,12 @@ class Store(Protocol):
 
     async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
         """Buckets in ``[first, last]`` of ``shard`` that may hold events (from ``bucket_index``), ascending,
-        each with the bound of its largest row. Costs one query per hour of the range on CQL: callers
-        bound the range (a worker never looks further back than its offset, nor beyond the TTL)."""
+        each with the bound of its largest row."""
+
+    async def scan_index(self, shards: Sequence[int], first: int, last: int) -> dict[int, list[BucketHint]]:
+        """:meth:`nonempty_buckets` for many shards at once: one query per 16-shard group and 15-minute slot of
+        the range (callers bound the range: a worker never looks further back than its offsets). Shards with
+        nothing in the range are absent from the result."""
 
     # -- offsets -------------------------------------------------------------------------------------------
     async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from engine.clock import Clock
@@ -177,15 +177,24 @@ def max_size_class(groups: Iterable[list[Row]]) -> int:
     return max(size_class(row_bytes(eid, piece)) for g in groups for eid, _, _, piece in g)
 
 
-def hints(rows: Iterable[tuple[int, int]]) -> list[BucketHint]:
-    """``(bucket, size_class)`` rows in bucket order → one hint per bucket with its largest class."""
-    out: list[BucketHint] = []
-    for bucket, cls in rows:
-        if out and out[-1].bucket == bucket:
-            if (1 << cls) > out[-1].max_row_bytes:
-                out[-1] = BucketHint(bucket, 1 << cls)
+def hints(
+    rows: Iterable[tuple[int, int, int]], shards: Sequence[int], first: int, last: int
+) -> dict[int, list[BucketHint]]:
+    """``(bucket, shard, size_class)`` index rows → per wanted shard, one hint per bucket in ``[first, last]``
+    (ascending) with its largest row class."""
+    wanted = set(shards)
+    out: dict[int, list[BucketHint]] = {}
+    for bucket, shard, cls in rows:
+        if shard not in wanted or not first <= bucket <= last:
+            continue
+        lst = out.setdefault(shard, [])
+        if lst and lst[-1].bucket == bucket:
+            if (1 << cls) > lst[-1].max_row_bytes:
+                lst[-1] = BucketHint(bucket, 1 << cls)
         else:
-            out.append(BucketHint(bucket, 1 << cls))
+            lst.append(BucketHint(bucket, 1 << cls))
+    for lst in out.values():
+        lst.sort()
     return out
 
 

@@ -20,7 +20,7 @@ from scyllapy.extra_types import BigInt, Unset
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import SchemaError, StoreError, TransientStoreError
-from engine.store.base import SCHEMA_VERSION, bucket_hour
+from engine.store.base import SCHEMA_VERSION, index_group, index_slot
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -99,9 +99,9 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
             f"WITH CLUSTERING ORDER BY (event_id ASC, chunk ASC) AND {twcs} AND gc_grace_seconds = 10800"
         ),
         "bucket_index": (
-            f"CREATE TABLE IF NOT EXISTS {ks}.bucket_index (shard int, hour bigint, bucket bigint, size_class int, "
-            f"PRIMARY KEY ((shard, hour), bucket, size_class)) WITH CLUSTERING ORDER BY (bucket ASC, size_class ASC) "
-            f"AND {twcs} "
+            f"CREATE TABLE IF NOT EXISTS {ks}.bucket_index (shard_group int, slot bigint, bucket bigint, shard int, "
+            f"size_class int, PRIMARY KEY ((shard_group, slot), bucket, shard, size_class)) "
+            f"WITH CLUSTERING ORDER BY (bucket ASC, shard ASC, size_class ASC) AND {twcs} "
             f"AND gc_grace_seconds = 10800"
         ),
         "read_offsets": (
@@ -394,8 +394,8 @@ class CqlStore:
         await self._exec(
             "write bucket_index",
             "index_insert",
-            f"INSERT INTO {ks}.bucket_index (shard, hour, bucket, size_class) VALUES (?, ?, ?, ?)",
-            [shard, bucket_hour(bucket, cfg.bucket_ms), bucket, max_size_class(groups)],
+            f"INSERT INTO {ks}.bucket_index (shard_group, slot, bucket, shard, size_class) VALUES (?, ?, ?, ?, ?)",
+            [index_group(shard), index_slot(bucket, cfg.bucket_ms), bucket, shard, max_size_class(groups)],
             deadline_ms=deadline_ms,
         )
         insert_cql = (
@@ -466,28 +466,37 @@ class CqlStore:
             await self._exec("inject rows", "event_insert", cql, [shard, bucket, eid, chunk, _opt(chunks), piece])
 
     async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
-        if last < first:
-            return []
+        return (await self.scan_index([shard], first, last)).get(shard, [])
+
+    async def scan_index(self, shards: Sequence[int], first: int, last: int) -> dict[int, list[BucketHint]]:
+        if last < first or not shards:
+            return {}
         cfg = self.cfg
         first_q = (
-            f"SELECT bucket, size_class FROM {self.ks}.bucket_index WHERE shard = ? AND hour = ? "
+            f"SELECT bucket, shard, size_class FROM {self.ks}.bucket_index WHERE shard_group = ? AND slot = ? "
             f"AND bucket >= ? AND bucket <= ? LIMIT ?"
         )
         next_q = (
-            f"SELECT bucket, size_class FROM {self.ks}.bucket_index WHERE shard = ? AND hour = ? "
-            f"AND (bucket, size_class) > (?, ?) AND bucket <= ? LIMIT ?"
+            f"SELECT bucket, shard, size_class FROM {self.ks}.bucket_index WHERE shard_group = ? AND slot = ? "
+            f"AND (bucket, shard, size_class) > (?, ?, ?) AND bucket <= ? LIMIT ?"
         )
-        found: list[tuple[int, int]] = []
         limit = cfg.store.page_rows
-        for hour in range(bucket_hour(first, cfg.bucket_ms), bucket_hour(last, cfg.bucket_ms) + 1):
-            rows = await self._exec("read bucket_index", "index_first", first_q, [shard, hour, first, last, limit])
+        found: list[tuple[int, int, int]] = []
+
+        async def one(group: int, slot: int) -> None:
+            rows = await self._exec("read bucket_index", "index_first", first_q, [group, slot, first, last, limit])
             while True:
-                found.extend((r["bucket"], r["size_class"]) for r in rows)
+                found.extend((r["bucket"], r["shard"], r["size_class"]) for r in rows)
                 if len(rows) < limit:
-                    break
-                b, c = rows[-1]["bucket"], rows[-1]["size_class"]
-                rows = await self._exec("read bucket_index", "index_next", next_q, [shard, hour, b, c, last, limit])
-        return hints(found)
+                    return
+                c = rows[-1]
+                args = [group, slot, c["bucket"], c["shard"], c["size_class"], last, limit]
+                rows = await self._exec("read bucket_index", "index_next", next_q, args)
+
+        groups = sorted({index_group(s) for s in shards})
+        slots = range(index_slot(first, cfg.bucket_ms), index_slot(last, cfg.bucket_ms) + 1)
+        await run_all(one(g, sl) for g in groups for sl in slots)
+        return hints(found, shards, first, last)
 
     # -- offsets -------------------------------------------------------------------------------------------
     async def _read_offset_serial(self, consumer: str, shard: int) -> Offset | None:

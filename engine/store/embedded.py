@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import SchemaError, StoreError, TransientStoreError
-from engine.store.base import SCHEMA_VERSION, bucket_hour
+from engine.store.base import SCHEMA_VERSION, index_group, index_slot
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -51,9 +51,9 @@ def _ddl(p: str) -> dict[str, str]:
             f"expires_ms INTEGER NOT NULL, PRIMARY KEY (shard, bucket, event_id, chunk)) WITHOUT ROWID"
         ),
         "bucket_index": (
-            f'CREATE TABLE IF NOT EXISTS "{p}__bucket_index" (shard INTEGER NOT NULL, hour INTEGER NOT NULL, '
-            f"bucket INTEGER NOT NULL, size_class INTEGER NOT NULL, expires_ms INTEGER NOT NULL, "
-            f"PRIMARY KEY (shard, hour, bucket, size_class)) WITHOUT ROWID"
+            f'CREATE TABLE IF NOT EXISTS "{p}__bucket_index" (shard_group INTEGER NOT NULL, slot INTEGER NOT NULL, '
+            f"bucket INTEGER NOT NULL, shard INTEGER NOT NULL, size_class INTEGER NOT NULL, "
+            f"expires_ms INTEGER NOT NULL, PRIMARY KEY (shard_group, slot, bucket, shard, size_class)) WITHOUT ROWID"
         ),
         "read_offsets": (
             f'CREATE TABLE IF NOT EXISTS "{p}__read_offsets" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
@@ -253,12 +253,11 @@ class EmbeddedStore:
             return AppendResult(0, 0, 0, 0, 0)
         await self._maybe_purge()
         retries0 = self.stats.retries
-        hour = bucket_hour(bucket, cfg.bucket_ms)
         groups = group_rows(events, cfg.chunk_bytes, cfg.store.batch_bytes)
         cls = max_size_class(groups)
         index_sql = (
-            f"INSERT OR REPLACE INTO {self.t('bucket_index')} (shard, hour, bucket, size_class, expires_ms) "
-            f"VALUES (?, ?, ?, ?, ?)"
+            f"INSERT OR REPLACE INTO {self.t('bucket_index')} (shard_group, slot, bucket, shard, size_class, "
+            f"expires_ms) VALUES (?, ?, ?, ?, ?, ?)"
         )
         events_sql = (
             f"INSERT OR REPLACE INTO {self.t('events')} (shard, bucket, event_id, chunk, chunks, payload, expires_ms) "
@@ -268,7 +267,7 @@ class EmbeddedStore:
         def write(c: sqlite3.Connection) -> None:
             # One transaction: the index row first, then every event row; durable (fsync) at COMMIT.
             exp = self.clock.now_ms() + cfg.ttl_ms
-            c.execute(index_sql, (shard, hour, bucket, cls, exp))
+            c.execute(index_sql, (index_group(shard), index_slot(bucket, cfg.bucket_ms), bucket, shard, cls, exp))
             for group in groups:
                 c.executemany(events_sql, [(shard, bucket, e, ch, n, pl, exp) for e, ch, n, pl in group])
 
@@ -317,15 +316,28 @@ class EmbeddedStore:
         )
 
     async def nonempty_buckets(self, shard: int, first: int, last: int) -> list[BucketHint]:
-        if last < first:
-            return []
+        return (await self.scan_index([shard], first, last)).get(shard, [])
+
+    async def scan_index(self, shards: Sequence[int], first: int, last: int) -> dict[int, list[BucketHint]]:
+        if last < first or not shards:
+            return {}
         bms = self.cfg.bucket_ms
         q = (
-            f"SELECT bucket, size_class FROM {self.t('bucket_index')} WHERE shard = ? AND hour BETWEEN ? AND ? "
-            f"AND bucket BETWEEN ? AND ? AND expires_ms > ? ORDER BY hour, bucket, size_class"
+            f"SELECT bucket, shard, size_class FROM {self.t('bucket_index')} WHERE shard_group BETWEEN ? AND ? "
+            f"AND slot BETWEEN ? AND ? AND bucket BETWEEN ? AND ? AND shard BETWEEN ? AND ? AND expires_ms > ?"
         )
-        args = (shard, bucket_hour(first, bms), bucket_hour(last, bms), first, last, self.clock.now_ms())
-        return hints(await self._run("read bucket_index", _fetch(q, args)))
+        args = (
+            index_group(min(shards)),
+            index_group(max(shards)),
+            index_slot(first, bms),
+            index_slot(last, bms),
+            first,
+            last,
+            min(shards),
+            max(shards),
+            self.clock.now_ms(),
+        )
+        return hints(await self._run("read bucket_index", _fetch(q, args)), shards, first, last)
 
     # -- offsets -------------------------------------------------------------------------------------------
     def _get_offset(self, c: sqlite3.Connection, consumer: str, shard: int) -> Offset | None:
@@ -484,7 +496,7 @@ class EmbeddedStore:
         # A row's expires_ms is its write time + ttl_ms, and a write comes after its bucket starts, so expired
         # rows lie in buckets starting at or before now - ttl_ms: a primary-key range per shard.
         last_bucket = (now - cfg.ttl_ms) // cfg.bucket_ms
-        last_hour = bucket_hour(last_bucket, cfg.bucket_ms)
+        last_slot = index_slot(last_bucket, cfg.bucket_ms)
 
         def do(c: sqlite3.Connection) -> int:
             n = 0
@@ -493,9 +505,10 @@ class EmbeddedStore:
                     f"DELETE FROM {self.t('events')} WHERE shard = ? AND bucket <= ? AND expires_ms <= ?",
                     (shard, last_bucket, now),
                 ).rowcount
+            for group in range(index_group(cfg.shards - 1) + 1):
                 n += c.execute(
-                    f"DELETE FROM {self.t('bucket_index')} WHERE shard = ? AND hour <= ? AND expires_ms <= ?",
-                    (shard, last_hour, now),
+                    f"DELETE FROM {self.t('bucket_index')} WHERE shard_group = ? AND slot <= ? AND expires_ms <= ?",
+                    (group, last_slot, now),
                 ).rowcount
             n += c.execute(f"DELETE FROM {self.t('stories')} WHERE expires_ms <= ?", (now,)).rowcount
             return n

@@ -210,27 +210,35 @@ def test_incomplete_chunk_sets_are_skipped_and_counted(make_config: ConfigFactor
 
 
 def test_bucket_index_lists_nonempty_buckets(make_config: ConfigFactory) -> None:
-    cfg = make_config()
-    per_hour = 3_600_000 // cfg.bucket_ms
-    base = 500_000 * per_hour  # an hour boundary
-    written = [base - 2, base - 1, base + 3, base + per_hour + 1]
+    cfg = make_config(shards=40)
+    per_slot = 900_000 // cfg.bucket_ms
+    base = 2_000_000 * per_slot  # a slot boundary
+    written = [base - 2, base - 1, base + 3, base + per_slot + 1, base + 5 * per_slot]
 
     async def body() -> None:
         store = await opened(cfg)
         try:
             for b in written:
                 await store.append(5, b, events(2, prefix=f"b{b}"))
-            await store.append(4, base, events(1))  # another shard
-            got = await store.nonempty_buckets(5, base - 10, base + per_hour + 10)
+            await store.append(4, base, events(1))  # same index group, another shard
+            await store.append(21, base + 3, events(1))  # another index group
+            await store.append(37, base + 3, events(1))  # not asked for
+            got = await store.nonempty_buckets(5, base - 10, base + 6 * per_slot)
             part = await store.nonempty_buckets(5, base - 1, base + 3)
-            none = await store.nonempty_buckets(5, base + 4, base + per_hour)
+            none = await store.nonempty_buckets(5, base + 4, base + per_slot)
             backwards = await store.nonempty_buckets(5, base, base - 1)
+            many = await store.scan_index([4, 5, 6, 21], base - 1, base + 3)
         finally:
             await store.close()
         assert [h.bucket for h in got] == written
         assert [h.bucket for h in part] == [base - 1, base + 3]
         assert none == [] and backwards == []
         assert all(h.max_row_bytes >= 40 for h in got)
+        assert {s: [h.bucket for h in hs] for s, hs in many.items()} == {
+            4: [base],
+            5: [base - 1, base + 3],
+            21: [base + 3],
+        }
 
     arun(body())
 
