@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from engine import __version__
 from engine.config import Config, load
@@ -56,6 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="validate JSONL events (plain or gzip) and write them durably")
     _common(p)
     p.add_argument("files", nargs="*", default=["-"], help="JSONL files, plain or gzip; - for stdin (default)")
+    p = sub.add_parser("run", help="run the engine: a supervisor and worker processes over a shard range")
+    _common(p)
+    p.add_argument("--shards", help="inclusive shard range A-B of this instance (default: all)")
+    p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
+    p.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="exit once every owned shard has consumed every bucket up to (start time - lag)",
+    )
+    p.add_argument("--drain", action="store_true", help="like --until-idle, then finalize every open story")
+    p.add_argument("--record", help=argparse.SUPPRESS)  # tests: record consumed ids per worker in this folder
+    p.add_argument("--log-level", default="WARNING", help="worker/supervisor log level (default WARNING)")
+    p = sub.add_parser("status", help="offsets and lag per shard; exit 0 when every shard is within 2 x lag")
+    _common(p)
+    p.add_argument("--shards", help="inclusive shard range A-B (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p = sub.add_parser("synth", help="write deterministic synthetic sensor events as JSONL to stdout")
     p.add_argument("--sessions", type=int, default=1_000, help="network sessions (1..4 events each)")
     p.add_argument("--seed", type=int, default=1)
@@ -202,6 +219,109 @@ async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
     return EXIT_OK
 
 
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    import logging
+
+    from engine.assign import parse_range
+    from engine.supervisor import Supervisor
+
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        raise ConfigError("--log-level", f"{args.log_level!r} is not a log level")
+    logging.basicConfig(level=level, format="%(asctime)s supervisor %(levelname)s %(message)s")
+    owned = parse_range(args.shards, cfg.shards)
+    workers = args.workers if args.workers is not None else cfg.workers
+    if workers < 1:
+        raise ConfigError("--workers", "must be >= 1")
+    asyncio.run(_check_ready(cfg))
+    sup = Supervisor(
+        cfg, owned, workers, until_idle=args.until_idle, drain=args.drain, record_dir=args.record, log_level=level
+    )
+    return sup.run()
+
+
+async def _check_ready(cfg: Config) -> None:
+    """Fail fast, in the supervisor, on what every worker would fail on: no database, no tenant."""
+    store = await _with_store(cfg)
+    try:
+        if not (await store.read_meta()).get("created_ms"):
+            raise ConfigError("tenant", f"{cfg.tenant} is not initialized: run `storyline init` first")
+    finally:
+        await store.close()
+
+
+async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
+    import json
+
+    from engine.assign import parse_range
+
+    owned = parse_range(shards_arg, cfg.shards)
+    store = await _with_store(cfg)
+    try:
+        offsets = {o.shard: o for o in await store.read_offsets(cfg.consumer, list(owned))}
+        meta = await store.read_meta()
+        now = await store.server_time_ms()
+    finally:
+        await store.close()
+    bms, lag = cfg.bucket_ms, cfg.lag_ms
+    rows: list[dict[str, Any]] = []
+    healthy = True
+    warnings = []
+    for shard in owned:
+        o = offsets.get(shard)
+        if o is None:
+            rows.append({"shard": shard, "read_bucket": None, "behind_s": None, "replay_bucket": None, "owner": None})
+            healthy = False
+            continue
+        behind = (now - (o.read_bucket + 1) * bms) / 1000
+        if behind * 1000 > 2 * lag:
+            healthy = False
+        replay_age = now - o.replay_bucket * bms
+        if replay_age > 0.8 * cfg.ttl_ms:
+            warnings.append(
+                f"shard {shard}: replay_bucket is {replay_age / 3.6e6:.1f} h old, within 20 % of the TTL "
+                f"({cfg.ttl_ms / 3.6e6:.0f} h): data it needs is about to expire"
+            )
+        rows.append(
+            {
+                "shard": shard,
+                "read_bucket": o.read_bucket,
+                "behind_s": round(behind, 1),
+                "replay_bucket": o.replay_bucket,
+                "owner": o.owner,
+                "epoch": o.epoch,
+            }
+        )
+    known = [r["behind_s"] for r in rows if r["behind_s"] is not None]
+    summary = {
+        "tenant": cfg.tenant,
+        "consumer": cfg.consumer,
+        "shards": len(rows),
+        "shards_without_offset": sum(1 for r in rows if r["read_bucket"] is None),
+        "max_behind_s": max(known) if known else None,
+        "healthy": healthy,
+        "threshold_s": 2 * lag / 1000,
+        "created_ms": int(meta.get("created_ms", "0") or 0),
+    }
+    if as_json:
+        print(json.dumps({"summary": summary, "shards": rows, "warnings": warnings}))
+    else:
+        print(f"{'shard':>5} {'read_bucket':>14} {'behind_s':>9} {'replay_bucket':>14}  owner")
+        for r in rows:
+            rb = "-" if r["read_bucket"] is None else r["read_bucket"]
+            bs = "-" if r["behind_s"] is None else r["behind_s"]
+            rp = "-" if r["replay_bucket"] is None else r["replay_bucket"]
+            print(f"{r['shard']:>5} {rb:>14} {bs:>9} {rp:>14}  {r['owner'] or '-'}")
+        state = "healthy" if healthy else "UNHEALTHY"
+        print(
+            f"status: {state}: {len(rows)} shards, max behind {summary['max_behind_s']} s "
+            f"(threshold {2 * lag / 1000:.0f} s), {summary['shards_without_offset']} never consumed"
+        )
+        for w in warnings:
+            print(f"warning: {w}")
+    return EXIT_OK if healthy else EXIT_FAIL
+
+
 def cmd_config(cfg: Config) -> int:
     import msgspec
 
@@ -238,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(cmd_selftest(cfg, args.events))
         if args.command == "config":
             return cmd_config(cfg)
+        if args.command == "run":
+            return cmd_run(cfg, args)
+        if args.command == "status":
+            return asyncio.run(cmd_status(cfg, args.shards, args.json))
         if args.command == "ingest":
             return asyncio.run(cmd_ingest(cfg, args.files))
         if args.command == "dead-letter":

@@ -149,6 +149,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     workers: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
     consumer: str = "main"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] | None = None
+    metrics_host: str = "127.0.0.1"
+    # Runtime: a graceful stop finishes the current bucket and commits within shutdown_timeout_ms; offsets are
+    # committed at most every commit_interval_ms (and always before stopping); read_ahead partitions are read
+    # concurrently per worker while catching up.
+    shutdown_timeout_ms: PositiveMs = 30_000
+    commit_interval_ms: PositiveMs = 5_000
+    read_ahead: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    # A first start reads from the tenant's creation (bounded by the TTL); start_from_ms narrows that on purpose.
+    start_from_ms: NonNegMs | None = None
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     correlate: CorrelateConfig = msgspec.field(default_factory=CorrelateConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)

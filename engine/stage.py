@@ -1,0 +1,59 @@
+"""The processing stage interface between the worker (the queue half) and correlation (the story builder).
+
+The worker calls the stage shard by shard, bucket by bucket, in bucket order; ``on_bucket`` returns only when
+everything derived from the bucket is durable, so the worker may then move ``read_bucket`` past it.
+``replay_bucket`` tells the worker the oldest bucket the stage still needs to rebuild its in-memory state after
+a crash; the worker commits it with the offset and, on restart, replays from there with ``replay=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from engine.event import Event
+
+
+class Stage(Protocol):
+    async def on_bucket(self, shard: int, bucket: int, events: Sequence[Event], *, replay: bool) -> None:
+        """Process one bucket of one shard (possibly empty: time moved on). ``replay`` buckets were processed
+        before a restart: rebuild state from them, and produce output only if it is idempotent."""
+
+    def replay_bucket(self, shard: int, read_bucket: int) -> int:
+        """The oldest bucket still needed to rebuild this shard's state; ``read_bucket + 1`` when none is."""
+
+    async def drain(self, shard: int, bucket: int) -> None:
+        """Finalize everything still open for the shard (``run --drain``)."""
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+class CountingStage:
+    """A stage that only counts: for the runtime's tests and the consume benchmark."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.buckets = 0
+        self.replayed = 0
+        self.per_shard: dict[int, int] = {}
+        self.seen: dict[int, list[tuple[int, list[str]]]] = {}
+        self.keep_ids = False
+
+    async def on_bucket(self, shard: int, bucket: int, events: Sequence[Event], *, replay: bool) -> None:
+        if replay:
+            self.replayed += len(events)
+            return
+        self.events += len(events)
+        self.buckets += 1
+        self.per_shard[shard] = self.per_shard.get(shard, 0) + len(events)
+        if self.keep_ids and events:
+            self.seen.setdefault(shard, []).append((bucket, [e.id for e in events]))
+
+    def replay_bucket(self, shard: int, read_bucket: int) -> int:
+        return read_bucket + 1
+
+    async def drain(self, shard: int, bucket: int) -> None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {"stage_events": float(self.events), "stage_replayed": float(self.replayed)}

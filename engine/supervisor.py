@@ -1,0 +1,396 @@
+"""The supervisor: splits an instance's shard range among worker processes, keeps them running, stops them
+gracefully and aggregates their metrics.
+
+* Workers are started with the ``spawn`` method, each with a contiguous slice of the range (:mod:`engine.assign`)
+  and an owner id of its own; a restarted worker claims its shards again (a new epoch), which fences any
+  leftover of the old one.
+* A worker that exits with an error or is killed is restarted with exponential backoff (1 s … 30 s).
+* SIGINT / SIGTERM: the supervisor asks every worker to stop (they finish the current bucket and commit), waits
+  up to ``shutdown_timeout_ms``, then kills what is left. Workers whose supervisor died notice it (their parent
+  changes) and stop on their own.
+* Metrics: events/s, buckets/s, lag per shard, CPU % and RSS per worker: a status line on a TTY, JSON lines
+  otherwise, and Prometheus text on ``metrics_port`` (bound to ``metrics_host``, 127.0.0.1 by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.process import BaseProcess
+from typing import Any, TextIO
+
+import msgspec
+import psutil
+
+from engine.assign import split
+from engine.config import Config
+
+log = logging.getLogger("storyline.supervisor")
+
+EXIT_FENCED = 3
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class Slot:
+    index: int
+    shards: list[int]
+    proc: BaseProcess | None = None
+    owner: str = ""
+    restarts: int = 0
+    backoff_s: float = 1.0
+    restart_at: float = 0.0
+    started_at: float = 0.0
+    finished: bool = False
+    given_up: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ps: psutil.Process | None = None
+    cpu: float = 0.0
+    rss: int = 0
+
+
+def worker_process(
+    cfg_tree: dict[str, Any],
+    shards: list[int],
+    owner: str,
+    until_bucket: int | None,
+    drain: bool,
+    metrics_q: Any,
+    parent_pid: int,
+    record_dir: str | None,
+    log_level: int,
+) -> None:
+    """Entry point of a worker process (spawned: everything arrives as plain data)."""
+    import asyncio
+
+    from engine.config import from_mapping
+    from engine.errors import StorylineError
+    from engine.stage import CountingStage, Stage
+    from engine.worker import Worker
+
+    logging.basicConfig(level=log_level, format=f"%(asctime)s worker {owner} %(levelname)s %(message)s")
+    cfg = from_mapping(cfg_tree)
+    stage: Stage
+    if record_dir:
+        from engine.recording import RecordingStage
+
+        stage = RecordingStage(record_dir, owner)
+    else:
+        stage = CountingStage()
+
+    async def main() -> int:
+        worker = Worker(
+            cfg,
+            shards,
+            stage,
+            owner=owner,
+            until_bucket=until_bucket,
+            drain=drain,
+            parent_alive=lambda: os.getppid() == parent_pid,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop.set)
+
+        async def report() -> None:
+            while True:
+                with contextlib.suppress(Exception):
+                    metrics_q.put_nowait(worker.snapshot())
+                await asyncio.sleep(1.0)
+
+        reporter = asyncio.create_task(report())
+        try:
+            return await worker.run()
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(Exception):
+                metrics_q.put_nowait(worker.snapshot())
+
+    try:
+        code = asyncio.run(main())
+    except StorylineError as exc:
+        logging.getLogger("storyline.worker").error("%s", exc)
+        code = 1
+    sys.exit(code)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: Config,
+        owned: range,
+        workers: int,
+        *,
+        until_idle: bool = False,
+        drain: bool = False,
+        record_dir: str | None = None,
+        out: TextIO = sys.stdout,
+        log_level: int = logging.INFO,
+    ) -> None:
+        self.cfg = cfg
+        self.owned = owned
+        self.until_idle = until_idle or drain
+        self.drain = drain
+        self.record_dir = record_dir
+        self.out = out
+        self.log_level = log_level
+        self.ctx = mp.get_context("spawn")
+        self.metrics_q: Any = self.ctx.Queue()
+        self.slots = [Slot(i, list(r)) for i, r in enumerate(split(owned, workers))]
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.started = time.time()
+        self.until_bucket: int | None = None
+        self._lock = threading.Lock()
+        self._prom = ""
+        self._last: dict[str, float] = {}
+        self._http: ThreadingHTTPServer | None = None
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+    # -- processes -----------------------------------------------------------------------------------------
+    def _start(self, slot: Slot) -> None:
+        slot.owner = f"{self.instance}:w{slot.index}:{slot.restarts}"
+        tree = msgspec.to_builtins(self.cfg)
+        proc = self.ctx.Process(
+            target=worker_process,
+            args=(
+                tree,
+                slot.shards,
+                slot.owner,
+                self.until_bucket,
+                self.drain,
+                self.metrics_q,
+                os.getpid(),
+                self.record_dir,
+                self.log_level,
+            ),
+            name=f"storyline-worker-{slot.index}",
+        )
+        proc.start()
+        slot.proc = proc
+        slot.started_at = time.time()
+        slot.ps = psutil.Process(proc.pid) if proc.pid else None
+        if slot.ps is not None:
+            with contextlib.suppress(psutil.Error):
+                slot.ps.cpu_percent(None)
+        log.info("worker %d started (pid %s, shards %d-%d)", slot.index, proc.pid, slot.shards[0], slot.shards[-1])
+
+    def _check(self, slot: Slot) -> None:
+        proc = slot.proc
+        if slot.finished or slot.given_up:
+            return
+        if proc is None:
+            if not self.stopping and time.time() >= slot.restart_at:
+                self._start(slot)
+            return
+        if proc.is_alive():
+            if time.time() - slot.started_at > 60:
+                slot.backoff_s = 1.0
+            return
+        code = proc.exitcode
+        proc.join(0)
+        slot.proc = None
+        if code == 0 and (self.until_idle or self.stopping):
+            slot.finished = True
+            return
+        if self.stopping:
+            slot.finished = True
+            return
+        if code == EXIT_FENCED:
+            slot.given_up = True
+            log.error("worker %d lost all its shards to another owner; not restarting it", slot.index)
+            return
+        slot.restarts += 1
+        slot.restart_at = time.time() + slot.backoff_s
+        log.warning("worker %d exited with %s; restart %d in %.0f s", slot.index, code, slot.restarts, slot.backoff_s)
+        slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+
+    def request_stop(self, *_: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.time() + self.cfg.shutdown_timeout_ms / 1000
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.is_alive() and slot.proc.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.proc.pid, signal.SIGTERM)
+
+    # -- metrics -------------------------------------------------------------------------------------------
+    def _drain_metrics(self) -> None:
+        by_owner = {s.owner: s for s in self.slots}
+        while True:
+            try:
+                m = self.metrics_q.get_nowait()
+            except queue.Empty:
+                return
+            slot = by_owner.get(m.get("owner", ""))
+            if slot is not None:
+                slot.metrics = m
+
+    def _sample(self) -> dict[str, Any]:
+        for slot in self.slots:
+            if slot.ps is not None and slot.proc is not None:
+                try:
+                    slot.cpu = slot.ps.cpu_percent(None)
+                    slot.rss = slot.ps.memory_info().rss
+                except psutil.Error:
+                    slot.cpu, slot.rss = 0.0, 0
+        now = time.time()
+        events = sum(int(s.metrics.get("events", 0)) for s in self.slots)
+        buckets = sum(int(s.metrics.get("buckets", 0)) for s in self.slots)
+        dt = now - self._last.get("t", self.started)
+        snap = {
+            "t": round(now, 3),
+            "events": events,
+            "buckets": buckets,
+            "events_per_s": (events - self._last.get("events", 0)) / dt if dt > 0 else 0.0,
+            "buckets_per_s": (buckets - self._last.get("buckets", 0)) / dt if dt > 0 else 0.0,
+            "workers": [
+                {
+                    "worker": s.index,
+                    "pid": s.proc.pid if s.proc else None,
+                    "alive": bool(s.proc and s.proc.is_alive()),
+                    "restarts": s.restarts,
+                    "cpu_percent": s.cpu,
+                    "rss_bytes": s.rss,
+                    "errors": s.metrics.get("errors", 0),
+                }
+                for s in self.slots
+            ],
+            "lag_s": {int(k): v["lag_s"] for s in self.slots for k, v in s.metrics.get("shards", {}).items()},
+        }
+        self._last = {"t": now, "events": events, "buckets": buckets}
+        with self._lock:
+            self._prom = prometheus(snap)
+        return snap
+
+    def _emit(self, snap: dict[str, Any], final: bool = False) -> None:
+        lags = snap["lag_s"].values()
+        max_lag = max(lags) if lags else 0.0
+        alive = sum(1 for w in snap["workers"] if w["alive"])
+        if self.out.isatty() and not final:
+            cpu = sum(w["cpu_percent"] for w in snap["workers"])
+            rss = sum(w["rss_bytes"] for w in snap["workers"]) / 2**20
+            self.out.write(
+                f"\r{snap['events']:,} events  {snap['events_per_s']:,.0f}/s  {snap['buckets_per_s']:,.0f} buckets/s"
+                f"  max lag {max_lag:,.1f} s  workers {alive}/{len(self.slots)}  cpu {cpu:.0f}%  rss {rss:,.0f} MiB "
+            )
+        else:
+            self.out.write(json.dumps({**snap, "max_lag_s": max_lag, "final": final}) + "\n")
+        self.out.flush()
+
+    def _serve_metrics(self) -> None:
+        port = self.cfg.metrics_port
+        if port is None:
+            return
+        sup = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                with sup._lock:
+                    body = sup._prom.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self._http = ThreadingHTTPServer((self.cfg.metrics_host, port), Handler)
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    # -- main ----------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        if self.until_idle:
+            self.until_bucket = (int(time.time() * 1000) - cfg.lag_ms) // cfg.bucket_ms
+        old_int = signal.signal(signal.SIGINT, self.request_stop)
+        old_term = signal.signal(signal.SIGTERM, self.request_stop)
+        self._serve_metrics()
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            last_emit = 0.0
+            interval = 1.0 if self.out.isatty() else 5.0
+            while True:
+                self._drain_metrics()
+                for slot in self.slots:
+                    self._check(slot)
+                if all(s.finished or s.given_up for s in self.slots):
+                    break
+                if self.stopping and time.time() > self.stop_deadline:
+                    for slot in self.slots:
+                        if slot.proc is not None and slot.proc.is_alive():
+                            log.error("worker %d did not stop within shutdown_timeout_ms; killing it", slot.index)
+                            slot.proc.kill()
+                            slot.proc.join(5)
+                        slot.finished = True
+                    break
+                if time.time() - last_emit >= interval:
+                    self._emit(self._sample())
+                    last_emit = time.time()
+                time.sleep(0.1)
+            self._drain_metrics()
+            snap = self._sample()
+            if self.out.isatty():
+                self.out.write("\n")
+            self._emit(snap, final=True)
+            return 1 if any(s.given_up for s in self.slots) else 0
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+            if self._http is not None:
+                self._http.shutdown()
+            for slot in self.slots:
+                if slot.proc is not None and slot.proc.is_alive():
+                    slot.proc.kill()
+
+
+def prometheus(snap: dict[str, Any]) -> str:
+    lines = [
+        "# HELP storyline_events_total Events consumed by this instance's workers.",
+        "# TYPE storyline_events_total counter",
+        f"storyline_events_total {snap['events']}",
+        "# HELP storyline_buckets_total Buckets consumed (empty ones included).",
+        "# TYPE storyline_buckets_total counter",
+        f"storyline_buckets_total {snap['buckets']}",
+        "# HELP storyline_events_per_second Recent consumption rate.",
+        "# TYPE storyline_events_per_second gauge",
+        f"storyline_events_per_second {snap['events_per_s']:.3f}",
+        "# HELP storyline_shard_lag_seconds Time between now and the end of the shard's last consumed bucket.",
+        "# TYPE storyline_shard_lag_seconds gauge",
+    ]
+    lines += [f'storyline_shard_lag_seconds{{shard="{s}"}} {v:.3f}' for s, v in sorted(snap["lag_s"].items())]
+    lines += [
+        "# HELP storyline_worker_cpu_percent CPU of each worker process.",
+        "# TYPE storyline_worker_cpu_percent gauge",
+    ]
+    lines += [f'storyline_worker_cpu_percent{{worker="{w["worker"]}"}} {w["cpu_percent"]:.1f}' for w in snap["workers"]]
+    lines += [
+        "# HELP storyline_worker_rss_bytes Resident memory of each worker.",
+        "# TYPE storyline_worker_rss_bytes gauge",
+    ]
+    lines += [f'storyline_worker_rss_bytes{{worker="{w["worker"]}"}} {w["rss_bytes"]}' for w in snap["workers"]]
+    lines += [
+        "# HELP storyline_worker_restarts_total Restarts of each worker.",
+        "# TYPE storyline_worker_restarts_total counter",
+    ]
+    lines += [f'storyline_worker_restarts_total{{worker="{w["worker"]}"}} {w["restarts"]}' for w in snap["workers"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,310 @@
+"""The worker: the queue half of "the database is the queue".
+
+For each owned shard it resumes from the committed offsets and reads the partitions ``(shard, b)`` for every
+bucket ``b <= floor((now - lag_ms) / bucket_ms)``, never newer, in order, skipping the buckets that
+``bucket_index`` does not list. ``now`` is this host's clock corrected by the offset to the database's clock
+measured at start (and refreshed every minute), so the lag rule holds against the clock producers are checked
+against too. The offsets move only after the stage has made everything derived from those buckets durable, and
+every commit carries the owner epoch: a worker that lost its shard cannot move its offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from engine.clock import SYSTEM_CLOCK, Clock
+from engine.config import Config
+from engine.errors import FencedError, StorylineError
+from engine.event import Event
+from engine.ingest import ClockSkewError
+from engine.stage import Stage
+from engine.store import BucketHint, Offset, Store, make_store
+
+log = logging.getLogger("storyline.worker")
+
+SKEW_REFRESH_MS = 60_000
+CATCHUP_STEP_SLOTS = 1  # buckets looked up per index scan while catching up: one 15-minute slot
+MAX_BACKOFF_S = 10.0
+
+
+class CorrectedClock:
+    """This host's clock plus the measured offset to the database clock."""
+
+    def __init__(self, base: Clock) -> None:
+        self.base = base
+        self.offset_ms = 0
+
+    def now_ms(self) -> int:
+        return self.base.now_ms() + self.offset_ms
+
+
+@dataclass
+class ShardState:
+    shard: int
+    offset: Offset
+    read: int  # consumed through (committed or about to be)
+    committed_read: int
+    last_commit_ms: int = 0
+    fenced: bool = False
+
+
+@dataclass
+class WorkerStats:
+    events: int = 0
+    buckets: int = 0  # buckets consumed (empty ones included)
+    partitions: int = 0  # non-empty partitions read
+    bytes: int = 0
+    incomplete: int = 0
+    commits: int = 0
+    errors: int = 0
+    index_scans: int = 0
+    started: float = field(default_factory=time.time)
+    last_error: str = ""
+
+
+class Worker:
+    def __init__(
+        self,
+        cfg: Config,
+        shards: Sequence[int],
+        stage: Stage,
+        *,
+        owner: str,
+        clock: Clock = SYSTEM_CLOCK,
+        until_bucket: int | None = None,
+        drain: bool = False,
+        store: Store | None = None,
+        parent_alive: Callable[[], bool] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.shards = list(shards)
+        self.stage = stage
+        self.owner = owner
+        self.clock = CorrectedClock(clock)
+        self.until_bucket = until_bucket
+        self.drain = drain
+        self.store = store if store is not None else make_store(cfg, self.clock)
+        self.parent_alive = parent_alive
+        self.stop = asyncio.Event()
+        self.state: dict[int, ShardState] = {}
+        self.stats = WorkerStats()
+        self._decoder = msgspec.msgpack.Decoder(Event)
+        self._read_sem = asyncio.Semaphore(cfg.read_ahead)
+        self._skew_at = 0
+
+    # -- clock ---------------------------------------------------------------------------------------------
+    async def measure_skew(self) -> int:
+        base = self.clock.base
+        t0 = base.now_ms()
+        server = await self.store.server_time_ms()
+        t1 = base.now_ms()
+        skew = server - (t0 + t1) // 2
+        if abs(skew) > self.cfg.max_clock_skew_ms + (t1 - t0) // 2:
+            raise ClockSkewError(
+                f"this host's clock is {-skew:+d} ms off the database's (max_clock_skew_ms = "
+                f"{self.cfg.max_clock_skew_ms}); fix NTP"
+            )
+        self.clock.offset_ms = skew
+        self._skew_at = t1
+        return skew
+
+    def target(self) -> int:
+        """The newest bucket that may be read now."""
+        t = (self.clock.now_ms() - self.cfg.lag_ms) // self.cfg.bucket_ms
+        return t if self.until_bucket is None else min(t, self.until_bucket)
+
+    # -- start ---------------------------------------------------------------------------------------------
+    async def first_bucket(self) -> int:
+        """Where a shard never consumed before starts: just before the tenant began, bounded by the TTL, and
+        by ``start_from_ms`` when set (consumed through = the bucket before the first to read)."""
+        cfg = self.cfg
+        meta = await self.store.read_meta()
+        created = int(meta.get("created_ms", "0"))
+        if not created:
+            raise StorylineError(f"tenant {cfg.tenant} is not initialized: run `storyline init` first")
+        start_ms = max(created - cfg.max_write_age_ms - cfg.max_clock_skew_ms, self.clock.now_ms() - cfg.ttl_ms)
+        if cfg.start_from_ms is not None:
+            start_ms = max(start_ms, cfg.start_from_ms)
+        return start_ms // cfg.bucket_ms - 1
+
+    async def claim_all(self) -> None:
+        first = await self.first_bucket()
+        for shard in self.shards:
+            off = await self.store.claim(self.cfg.consumer, shard, self.owner, first)
+            self.state[shard] = ShardState(shard, off, off.read_bucket, off.read_bucket, self.clock.now_ms())
+            log.info(
+                "claimed shard %d epoch %d at bucket %d (replay from %d)",
+                shard,
+                off.epoch,
+                off.read_bucket,
+                off.replay_bucket,
+            )
+
+    async def replay(self) -> None:
+        """Rebuild the stage's state from each shard's ``replay_bucket`` through its ``read_bucket``."""
+        for st in self.state.values():
+            lo, hi = st.offset.replay_bucket, st.offset.read_bucket
+            if lo > hi:
+                continue
+            hints = (await self.store.scan_index([st.shard], lo, hi)).get(st.shard, [])
+            by_bucket = {h.bucket: h for h in hints}
+            for b in range(lo, hi + 1):
+                h = by_bucket.get(b)
+                events = await self._read(st.shard, h) if h is not None else []
+                await self.stage.on_bucket(st.shard, b, events, replay=True)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    async def _read(self, shard: int, hint: BucketHint) -> list[Event]:
+        async with self._read_sem:
+            out: list[Event] = []
+            dec = self._decoder.decode
+            async for page in self.store.read_partition(shard, hint.bucket, max_row_bytes=hint.max_row_bytes):
+                out.extend(dec(r.payload) for r in page.events)
+                self.stats.bytes += page.bytes
+                if page.incomplete:
+                    self.stats.incomplete = max(self.stats.incomplete, page.incomplete)
+            self.stats.partitions += 1
+            return out
+
+    async def _consume_shard(self, st: ShardState, hints: list[BucketHint], last: int) -> None:
+        """Buckets (st.read, last] of one shard: read ahead concurrently, hand to the stage in order."""
+        start = st.read
+        todo = [h for h in hints if st.read < h.bucket <= last]
+        reads = [asyncio.ensure_future(self._read(st.shard, h)) for h in todo]
+        try:
+            for h, fut in zip(todo, reads, strict=True):
+                events = await fut
+                await self.stage.on_bucket(st.shard, h.bucket, events, replay=False)
+                self.stats.events += len(events)
+                st.read = h.bucket
+        finally:
+            for fut in reads:
+                if not fut.done():
+                    fut.cancel()
+        if last > st.read:
+            await self.stage.on_bucket(st.shard, last, [], replay=False)  # time moved on; nothing to read
+        st.read = max(st.read, last)
+        self.stats.buckets += st.read - start
+
+    async def _commit(self, st: ShardState, *, force: bool) -> None:
+        now = self.clock.now_ms()
+        if st.fenced or st.read == st.committed_read:
+            return
+        if not force and now - st.last_commit_ms < self.cfg.commit_interval_ms:
+            return
+        replay = self.stage.replay_bucket(st.shard, st.read)
+        try:
+            await self.store.commit(self.cfg.consumer, st.shard, self.owner, st.offset.epoch, st.read, replay)
+        except FencedError as exc:
+            st.fenced = True
+            log.error("shard %d: %s; giving it up", st.shard, exc)
+            return
+        st.committed_read = st.read
+        st.last_commit_ms = now
+        self.stats.commits += 1
+
+    async def step(self) -> bool:
+        """One round over every shard that is behind. Returns whether any shard was behind."""
+        target = self.target()
+        live = [st for st in self.state.values() if not st.fenced]
+        behind = [st for st in live if st.read < target]
+        if not behind:
+            return False
+        lo = min(st.read for st in behind) + 1
+        per_scan = CATCHUP_STEP_SLOTS * 900_000 // self.cfg.bucket_ms
+        last = min(target, lo + max(per_scan, 1) - 1)
+        hints = await self.store.scan_index([st.shard for st in behind], lo, last)
+        self.stats.index_scans += 1
+        await asyncio.gather(*(self._consume_shard(st, hints.get(st.shard, []), last) for st in behind))
+        for st in behind:
+            await self._commit(st, force=False)
+        return True
+
+    # -- loop ----------------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        live = [st for st in self.state.values() if not st.fenced]
+        return self.until_bucket is not None and all(st.read >= self.until_bucket for st in live)
+
+    async def _sleep_until_next_bucket(self) -> None:
+        cfg = self.cfg
+        nxt = (self.target() + 1) * cfg.bucket_ms + cfg.lag_ms
+        delay = max(0.005, min((nxt - self.clock.now_ms()) / 1000, 1.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), delay)
+
+    async def run(self) -> int:
+        """Returns 0 on a normal stop or when idle (``until``), 3 when every shard was lost to other owners."""
+        await self.store.open()
+        try:
+            await self.measure_skew()
+            await self.claim_all()
+            await self.replay()
+            backoff = 0.5
+            while not self.stop.is_set():
+                if self.parent_alive is not None and not self.parent_alive():
+                    log.error("supervisor is gone; stopping")
+                    break
+                if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
+                    await self.measure_skew()
+                try:
+                    progressed = await self.step()
+                    backoff = 0.5
+                except StorylineError as exc:
+                    if not exc.retriable:
+                        raise
+                    self.stats.errors += 1
+                    self.stats.last_error = str(exc)
+                    log.warning("transient error, retrying in %.1f s: %s", backoff, exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    continue
+                if all(st.fenced for st in self.state.values()):
+                    return 3
+                if self.done():
+                    break
+                if not progressed:
+                    await self._sleep_until_next_bucket()
+            if self.drain and self.done():
+                for st in self.state.values():
+                    if not st.fenced:
+                        await self.stage.drain(st.shard, st.read)
+            for st in self.state.values():
+                await self._commit(st, force=True)
+            return 0
+        finally:
+            await self.store.close()
+
+    def snapshot(self) -> dict[str, object]:
+        """Metrics for the supervisor."""
+        now = self.clock.now_ms()
+        bms = self.cfg.bucket_ms
+        return {
+            "pid": os.getpid(),
+            "owner": self.owner,
+            "events": self.stats.events,
+            "buckets": self.stats.buckets,
+            "partitions": self.stats.partitions,
+            "bytes": self.stats.bytes,
+            "commits": self.stats.commits,
+            "errors": self.stats.errors,
+            "incomplete": self.stats.incomplete,
+            "last_error": self.stats.last_error,
+            "shards": {
+                str(st.shard): {
+                    "read_bucket": st.read,
+                    "lag_s": max(0.0, (now - (st.read + 1) * bms) / 1000),
+                    "fenced": st.fenced,
+                }
+                for st in self.state.values()
+            },
+            **self.stage.metrics(),
+        }
