@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit once every owned shard has consumed every bucket up to (start time - lag)",
     )
     p.add_argument("--drain", action="store_true", help="like --until-idle, then finalize every open story")
-    p.add_argument("--record", help=argparse.SUPPRESS)  # tests: record consumed ids per worker in this folder
+    # tests: record consumed ids per worker in folder DIR; DIR,MS also sleeps MS per non-empty bucket
+    p.add_argument("--record", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="worker/supervisor log level (default WARNING)")
     p = sub.add_parser("status", help="offsets and lag per shard; exit 0 when every shard is within 2 x lag")
     _common(p)

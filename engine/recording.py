@@ -3,6 +3,7 @@ chaos suite, which check from these files that no bucket was skipped or lost."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,8 @@ _enc = msgspec.json.Encoder()
 
 
 class RecordingStage:
-    def __init__(self, directory: str, owner: str) -> None:
+    def __init__(self, directory: str, owner: str, delay_ms: int = 0) -> None:
+        self.delay_s = delay_ms / 1000
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in owner)
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.path = os.path.join(directory, f"{safe}.jsonl")
@@ -25,6 +27,8 @@ class RecordingStage:
     async def on_bucket(self, shard: int, bucket: int, events: Sequence[Event], *, replay: bool) -> None:
         if replay or not events:
             return
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)  # tests: a slow stage, so faults land mid-run
         rec = {"shard": shard, "bucket": bucket, "ids": [e.id for e in events]}
         self._f.write(_enc.encode(rec) + b"\n")
         self._f.flush()

@@ -86,7 +86,8 @@ def worker_process(
     if record_dir:
         from engine.recording import RecordingStage
 
-        stage = RecordingStage(record_dir, owner)
+        directory, _, delay = record_dir.partition(",")
+        stage = RecordingStage(directory, owner, int(delay or 0))
     else:
         stage = CountingStage()
 

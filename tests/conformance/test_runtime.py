@@ -1,0 +1,402 @@
+"""The engine runtime on every store: the worker in-process (deterministic clock) and the supervisor with real
+worker processes through the CLI (kill -9, SIGTERM, two instances, status)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from engine.clock import ManualClock
+from engine.config import Config, from_mapping
+from engine.errors import TransientStoreError
+from engine.event import Event, encode
+from engine.ingest import ClockSkewError
+from engine.recording import read_records
+from engine.stage import CountingStage
+from engine.store import EventRecord, PartitionPage, Store, make_store
+from engine.worker import Worker
+from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, merge, new_tenant, require_cql
+
+pytestmark = pytest.mark.conformance
+
+FAST = {
+    "bucket_ms": 100,
+    "max_write_age_ms": 1000,
+    "request_timeout_ms": 1000,
+    "max_clock_skew_ms": 500,
+    "lag_ms": 3000,
+    "commit_interval_ms": 300,
+    "shutdown_timeout_ms": 20_000,
+}
+
+
+def ev(i: int, shard_hint: int = 0) -> Event:
+    return Event(
+        f"e{shard_hint}-{i:06d}", 1_790_000_000_000_000 + i, "fw", "fw-1", None, False, None, None, None, None, None, {}
+    )
+
+
+async def put(store: Store, shard: int, bucket: int, events: Sequence[Event]) -> None:
+    await store.append(shard, bucket, [EventRecord(e.id, encode(e)) for e in events])
+
+
+async def started(cfg: Config, clock: ManualClock) -> Store:
+    store = make_store(cfg, clock)
+    await store.open()
+    await store.init_schema()
+    return store
+
+
+# -- the worker, in-process --------------------------------------------------------------------------------------
+def test_worker_reads_every_bucket_up_to_the_lag_and_no_further(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=4, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        try:
+            for k in range(5):  # events in buckets b0+1 … b0+5 of shards 0 and 3
+                await put(store, 0, b0 + 1 + k, [ev(10 * k + j) for j in range(3)])
+                await put(store, 3, b0 + 1 + k, [ev(10 * k + j, 3) for j in range(2)])
+            stage = CountingStage()
+            stage.keep_ids = True
+            w = Worker(
+                cfg, [0, 1, 2, 3], stage, owner="w-a", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
+            await w.store.open()
+            await w.measure_skew()
+            await w.claim_all()
+            # the clock is at b0: nothing is old enough yet
+            assert not await w.step()
+            # b0+3 is readable once now - lag reaches it
+            clock.set((b0 + 3) * cfg.bucket_ms + cfg.lag_ms)
+            assert w.target() == b0 + 3
+            await w.step()
+            assert stage.events == 3 * 3 + 3 * 2
+            assert [b for b, _ in stage.seen[0]] == [b0 + 1, b0 + 2, b0 + 3]
+            assert all(st.read == b0 + 3 for st in w.state.values())  # empty shards advanced too
+            clock.advance(10 * cfg.bucket_ms)
+            while await w.step():
+                pass
+            assert stage.events == 5 * 5
+            for st in w.state.values():
+                await w._commit(st, force=True)
+            offs = await store.read_offsets(cfg.consumer, range(4))
+            assert {o.read_bucket for o in offs} == {w.target()}
+            await w.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=2, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        try:
+            await put(store, 1, b0 + 1, [ev(1), ev(2)])
+            clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
+            first = CountingStage()
+            a = Worker(cfg, [0, 1], first, owner="a", clock=clock, store=make_store(cfg, clock), check_skew=False)
+            a.until_bucket = b0 + 2
+            assert await a.run() == 0
+            assert first.events == 2
+            await put(store, 1, b0 + 3, [ev(3)])
+            clock.set((b0 + 4) * cfg.bucket_ms + cfg.lag_ms)
+            second = CountingStage()
+            b = Worker(cfg, [0, 1], second, owner="b", clock=clock, store=make_store(cfg, clock), check_skew=False)
+            b.until_bucket = b0 + 4
+            assert await b.run() == 0
+            assert second.events == 1  # resumed after the committed offset: nothing delivered twice
+            # a zombie: claims happened (epoch 1 for a, 2 for b); a third owner takes over while b still runs
+            zombie = Worker(
+                cfg,
+                [0, 1],
+                CountingStage(),
+                owner="zombie",
+                clock=clock,
+                store=make_store(cfg, clock),
+                check_skew=False,
+            )
+            await zombie.store.open()
+            await zombie.measure_skew()
+            await zombie.claim_all()
+            c = Worker(
+                cfg, [0, 1], CountingStage(), owner="c", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
+            await c.store.open()
+            await c.claim_all()
+            clock.advance(5 * cfg.bucket_ms)
+            await zombie.step()
+            for st in zombie.state.values():
+                await zombie._commit(st, force=True)
+            assert all(st.fenced for st in zombie.state.values())
+            offs = {o.shard: o for o in await store.read_offsets(cfg.consumer, [0, 1])}
+            assert all(o.owner == "c" and o.read_bucket == b0 + 4 for o in offs.values())
+            await zombie.store.close()
+            await c.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+class FlakyReads:
+    """Fault injection around a real store: the first ``n`` partition reads fail with a transient error."""
+
+    def __init__(self, store: Store, n: int) -> None:
+        self.store = store
+        self.n = n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def read_partition(self, shard: int, bucket: int, *, max_row_bytes: int | None = None) -> Any:
+        if self.n > 0:
+            self.n -= 1
+            raise TransientStoreError("injected: read timed out")
+        async for page in self.store.read_partition(shard, bucket, max_row_bytes=max_row_bytes):
+            yield page
+
+
+def test_worker_retries_transient_errors_without_moving_past_a_failed_bucket(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=1, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        try:
+            await put(store, 0, b0 + 1, [ev(1)])
+            await put(store, 0, b0 + 2, [ev(2)])
+            clock.set((b0 + 3) * cfg.bucket_ms + cfg.lag_ms)
+            stage = CountingStage()
+            stage.keep_ids = True
+            inner = make_store(cfg, clock)
+            w = Worker(cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False)  # type: ignore[arg-type]
+            await w.store.open()
+            await w.measure_skew()
+            await w.claim_all()
+            start = w.state[0].read
+            with pytest.raises(TransientStoreError):
+                await w.step()  # both read-ahead reads fail
+            assert w.state[0].read == start and stage.events == 0
+            await w.step()
+            assert [ids for _, ids in stage.seen[0]] == [["e0-000001"], ["e0-000002"]]
+            await w.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+@pytest.mark.cql
+def test_worker_refuses_a_skewed_clock(tmp_path: Path) -> None:
+    # CQL only: the embedded store's clock is this host's, so there is no second clock to disagree with.
+    require_cql()
+    cfg = from_mapping(merge(base_tree("cql", tmp_path, new_tenant()), {"shards": 1, **FAST}))
+    clock = ManualClock(int(time.time() * 1000) + 5_000)
+
+    async def body() -> None:
+        store = await started(cfg, ManualClock(int(time.time() * 1000)))
+        await store.close()
+        try:
+            w = Worker(cfg, [0], CountingStage(), owner="w", clock=clock)
+            with pytest.raises(ClockSkewError):
+                await w.run()
+        finally:
+            await drop_tenant(cfg)
+
+    arun(body())
+
+
+# -- the supervisor and real worker processes ------------------------------------------------------------------
+def cli_args(cfg: Config) -> list[str]:
+    assert cfg.bucket_ms == FAST["bucket_ms"], "make the config with **FAST"
+    args = [
+        "--set",
+        f"tenant={cfg.tenant}",
+        "--set",
+        f"shards={cfg.shards}",
+        "--set",
+        f"store.backend={cfg.store.backend}",
+    ]
+    for k, v in FAST.items():
+        args += ["--set", f"{k}={v}"]
+    if cfg.store.backend == "cql":
+        args += ["--set", f"store.contact_points={json.dumps(cfg.store.contact_points)}"]
+        args += ["--set", f"store.consistency={cfg.store.consistency}"]
+        args += ["--set", f"store.serial_consistency={cfg.store.serial_consistency}"]
+    else:
+        args += ["--set", f"store.path={cfg.store.path}"]
+    return args
+
+
+def storyline(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
+    from engine.event import parse_line
+    from engine.synth import sessions as synth
+
+    lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
+    path = tmp / f"in-{seed}.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    res = storyline("ingest", *cli_args(cfg), str(path))
+    assert res.returncode == 0, res.stderr
+    now = int(time.time() * 1000)
+    return {parse_line(ln, cfg, now).id for ln in lines}
+
+
+def recorded(directory: Path) -> list[str]:
+    return [i for r in read_records(str(directory)) for i in r["ids"]]  # type: ignore[union-attr]
+
+
+def worker_pids(proc: subprocess.Popen[str]) -> list[int]:
+    try:
+        kids = psutil.Process(proc.pid).children()
+    except psutil.Error:
+        return []
+    out = []
+    for k in kids:
+        try:
+            if k.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(k.cmdline()):
+                out.append(k.pid)
+        except psutil.Error:
+            continue  # gone, or a zombie the supervisor has not reaped yet
+    return out
+
+
+def test_two_workers_consume_everything_and_status_follows_lag(make_config: ConfigFactory, tmp_path: Path) -> None:
+    cfg = make_config(shards=8, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    assert storyline("status", *args).returncode == 1  # never consumed: unhealthy
+    want = ingest(cfg, tmp_path, 600)
+    time.sleep(FAST["lag_ms"] / 1000 + 0.3)
+    res = storyline("run", *args, "--workers", "2", "--until-idle", "--record", str(tmp_path / "rec"))
+    assert res.returncode == 0, res.stderr
+    got = recorded(tmp_path / "rec")
+    assert set(got) == want and len(got) == len(want)
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    assert final["final"] and final["events"] == len(want)
+    st = storyline("status", *args, "--json")
+    assert st.returncode == 0, st.stdout
+    report = json.loads(st.stdout)
+    assert report["summary"]["healthy"] and len({r["owner"] for r in report["shards"]}) == 2
+    time.sleep(2 * FAST["lag_ms"] / 1000 + 0.5)  # nobody consumes: the lag grows past 2 x lag
+    assert storyline("status", *args).returncode == 1
+
+
+def test_kill_9_of_a_worker_loses_nothing(make_config: ConfigFactory, tmp_path: Path) -> None:
+    cfg = make_config(shards=8, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    rec = tmp_path / "rec"
+    sup = spawn("run", *args, "--workers", "2", "--record", f"{rec},15")
+    want: set[str] = set()
+    try:
+        for seed in range(1, 4):  # producers and consumers run concurrently
+            want |= ingest(cfg, tmp_path, 300, seed)
+        deadline = time.time() + 60
+        while len(worker_pids(sup)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(FAST["lag_ms"] / 1000 + 0.5)  # consumption is under way
+        victim = worker_pids(sup)[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if set(recorded(rec)) >= want:
+                break
+            time.sleep(0.5)
+        deadline = time.time() + 30
+        while (victim in worker_pids(sup) or len(worker_pids(sup)) < 2) and time.time() < deadline:
+            time.sleep(0.2)
+        pids = worker_pids(sup)
+        assert victim not in pids and len(pids) == 2  # the supervisor restarted it
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        out, err = sup.communicate(timeout=60)
+    assert sup.returncode == 0, err
+    got = recorded(rec)
+    assert set(got) >= want, f"{len(want - set(got))} events lost"
+    assert (
+        json.loads(out.strip().splitlines()[-1])["workers"][0]["restarts"]
+        + json.loads(out.strip().splitlines()[-1])["workers"][1]["restarts"]
+        >= 1
+    )
+
+
+def test_sigterm_stops_cleanly_within_the_timeout(make_config: ConfigFactory, tmp_path: Path) -> None:
+    cfg = make_config(shards=4, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    want = ingest(cfg, tmp_path, 400)
+    time.sleep(FAST["lag_ms"] / 1000 + 0.3)
+    rec = tmp_path / "rec"
+    sup = spawn("run", *args, "--workers", "2", "--record", f"{rec},30")
+    time.sleep(3.0)
+    t0 = time.time()
+    sup.send_signal(signal.SIGTERM)
+    _out, err = sup.communicate(timeout=60)
+    took = time.time() - t0
+    assert sup.returncode == 0, err
+    assert took < FAST["shutdown_timeout_ms"] / 1000
+    assert "did not stop" not in err
+    # what was consumed before the stop is committed: a second run delivers only the rest
+    first = recorded(rec)
+    res = storyline("run", *args, "--workers", "1", "--until-idle", "--record", str(tmp_path / "rec2"))
+    assert res.returncode == 0, res.stderr
+    second = recorded(tmp_path / "rec2")
+    assert set(first) | set(second) == want
+    assert len(set(first) & set(second)) <= len(want) // 4  # at most the uncommitted tail is re-read
+
+
+def test_two_instances_with_disjoint_ranges_share_one_database(make_config: ConfigFactory, tmp_path: Path) -> None:
+    cfg = make_config(shards=8, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    want = ingest(cfg, tmp_path, 500)
+    time.sleep(FAST["lag_ms"] / 1000 + 0.3)
+    a = spawn("run", *args, "--shards", "0-3", "--until-idle", "--record", str(tmp_path / "a"))
+    b = spawn("run", *args, "--shards", "4-7", "--until-idle", "--record", str(tmp_path / "b"))
+    for p in (a, b):
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    ra, rb = read_records(str(tmp_path / "a")), read_records(str(tmp_path / "b"))
+    assert {r["shard"] for r in ra} <= {0, 1, 2, 3} and {r["shard"] for r in rb} <= {4, 5, 6, 7}
+    assert set(recorded(tmp_path / "a")) | set(recorded(tmp_path / "b")) == want
+    report = json.loads(storyline("status", *args, "--json").stdout)
+    owners = {r["shard"]: r["owner"].rsplit(":", 3)[0] for r in report["shards"]}
+    assert len({owners[s] for s in range(4)}) == 1 and len({owners[s] for s in range(4, 8)}) == 1
+    assert owners[0] != owners[4]
+
+
+def test_page_type_is_exported() -> None:
+    assert PartitionPage.__struct_fields__[0] == "events"
+    assert asyncio.iscoroutinefunction(Worker.run)
