@@ -22,11 +22,11 @@ import msgspec
 
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
-from engine.errors import FencedError, StorylineError
+from engine.errors import StorylineError
 from engine.event import Event
 from engine.ingest import ClockSkewError
 from engine.stage import Stage
-from engine.store import BucketHint, Offset, Store, make_store
+from engine.store import BucketHint, Commit, Offset, Store, make_store
 
 log = logging.getLogger("storyline.worker")
 
@@ -201,22 +201,31 @@ class Worker:
         st.read = max(st.read, last)
         self.stats.buckets += st.read - start
 
-    async def _commit(self, st: ShardState, *, force: bool) -> None:
+    async def commit(self, states: Sequence[ShardState], *, force: bool) -> None:
+        """Commit the shards whose position moved, at most every ``commit_interval_ms`` unless forced: one
+        conditional batch per 16 shards. A refused shard was claimed by another owner: give it up."""
         now = self.clock.now_ms()
-        if st.fenced or st.read == st.committed_read:
+        due = [
+            st
+            for st in states
+            if not st.fenced
+            and st.read != st.committed_read
+            and (force or now - st.last_commit_ms >= self.cfg.commit_interval_ms)
+        ]
+        if not due:
             return
-        if not force and now - st.last_commit_ms < self.cfg.commit_interval_ms:
-            return
-        replay = self.stage.replay_bucket(st.shard, st.read)
-        try:
-            await self.store.commit(self.cfg.consumer, st.shard, self.owner, st.offset.epoch, st.read, replay)
-        except FencedError as exc:
-            st.fenced = True
-            log.error("shard %d: %s; giving it up", st.shard, exc)
-            return
-        st.committed_read = st.read
-        st.last_commit_ms = now
-        self.stats.commits += 1
+        commits = [
+            Commit(st.shard, st.offset.epoch, st.read, self.stage.replay_bucket(st.shard, st.read)) for st in due
+        ]
+        refused = set(await self.store.commit_many(self.cfg.consumer, self.owner, commits))
+        for st in due:
+            if st.shard in refused:
+                st.fenced = True
+                log.error("shard %d: commit refused (another owner holds a newer epoch); giving it up", st.shard)
+            else:
+                st.committed_read = st.read
+                st.last_commit_ms = now
+                self.stats.commits += 1
 
     async def step(self) -> bool:
         """One round over every shard that is behind. Returns whether any shard was behind."""
@@ -231,8 +240,7 @@ class Worker:
         hints = await self.store.scan_index([st.shard for st in behind], lo, last)
         self.stats.index_scans += 1
         await asyncio.gather(*(self._consume_shard(st, hints.get(st.shard, []), last) for st in behind))
-        for st in behind:
-            await self._commit(st, force=False)
+        await self.commit(behind, force=False)
         return True
 
     # -- loop ----------------------------------------------------------------------------------------------
@@ -284,8 +292,7 @@ class Worker:
                 for st in self.state.values():
                     if not st.fenced:
                         await self.stage.drain(st.shard, st.read)
-            for st in self.state.values():
-                await self._commit(st, force=True)
+            await self.commit(list(self.state.values()), force=True)
             return 0
         finally:
             await self.store.close()

@@ -5,13 +5,23 @@ from __future__ import annotations
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.store.base import INDEX_GROUP_SHARDS, SCHEMA_VERSION, Store, index_group, index_slot
-from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import (
+    AppendResult,
+    BucketHint,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    StoryRecord,
+)
 
 __all__ = [
     "INDEX_GROUP_SHARDS",
     "SCHEMA_VERSION",
     "AppendResult",
     "BucketHint",
+    "Commit",
     "DeadLetter",
     "EventRecord",
     "Offset",

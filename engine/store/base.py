@@ -10,8 +10,9 @@ Tables (one keyspace per tenant; see docs/architecture.md):
   holds 16 consecutive shards for 15 minutes: writes spread over many partitions (no hot partition), while a
   worker polls its shards with one query per 16 shards. ``size_class`` bounds the largest row of each write (a
   power of two), so readers can bound their pages in bytes.
-* ``read_offsets`` — ``PRIMARY KEY ((consumer, shard))``: positions, owner and epoch; changed only by
-  conditional writes so a stale owner cannot move them.
+* ``read_offsets`` — ``PRIMARY KEY ((consumer, shard_group), shard)``: positions, owner and epoch per shard;
+  changed only by conditional writes so a stale owner cannot move them; 16 shards share a partition so one
+  conditional batch commits them together.
 * ``stories`` — ``PRIMARY KEY ((shard, period), story_id, revision)``.
 * ``dead_letter`` — ``PRIMARY KEY (dl_id)``.
 * ``meta`` — ``PRIMARY KEY (key)``: creation time, schema version, and the tenant's fixed settings.
@@ -22,7 +23,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import (
+    AppendResult,
+    BucketHint,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    StoryRecord,
+)
 
 SCHEMA_VERSION = 1
 # Settings that fix how data is laid out: changing them on an existing tenant would misplace events.
@@ -105,6 +115,11 @@ class Store(Protocol):
     ) -> None:
         """Move the offsets if ``epoch`` is still current and ``read_bucket`` does not go backwards; else
         :class:`FencedError`. Repeating a commit that was applied is harmless."""
+
+    async def commit_many(self, consumer: str, owner: str, commits: Sequence[Commit]) -> list[int]:
+        """Several :meth:`commit` at once (one conditional batch per 16-shard offsets partition on CQL, one
+        transaction on SQLite). Returns the shards whose commit was refused (stale epoch or backwards); the
+        others are applied."""
 
     async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
         """The offsets of the given shards that exist, by shard."""

@@ -37,7 +37,16 @@ from engine.store.common import (
     size_class,
     twcs_options,
 )
-from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import (
+    AppendResult,
+    BucketHint,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    StoryRecord,
+)
 
 T = TypeVar("T")
 
@@ -105,8 +114,9 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
             f"AND gc_grace_seconds = 10800"
         ),
         "read_offsets": (
-            f"CREATE TABLE IF NOT EXISTS {ks}.read_offsets (consumer text, shard int, read_bucket bigint, "
-            f"replay_bucket bigint, owner text, epoch bigint, updated_ms bigint, PRIMARY KEY ((consumer, shard)))"
+            f"CREATE TABLE IF NOT EXISTS {ks}.read_offsets (consumer text, shard_group int, shard int, "
+            f"read_bucket bigint, replay_bucket bigint, owner text, epoch bigint, updated_ms bigint, "
+            f"PRIMARY KEY ((consumer, shard_group), shard))"
         ),
         "stories": (
             f"CREATE TABLE IF NOT EXISTS {ks}.stories (shard int, period bigint, story_id text, revision int, "
@@ -504,8 +514,8 @@ class CqlStore:
             "read offset",
             "offset_serial",
             f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
-            f"WHERE consumer = ? AND shard = ?",
-            [consumer, shard],
+            f"WHERE consumer = ? AND shard_group = ? AND shard = ?",
+            [consumer, index_group(shard), shard],
             serial_read=True,
         )
         return _offset(consumer, shard, rows[0]) if rows else None
@@ -513,6 +523,7 @@ class CqlStore:
     async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
         ks = self.ks
         what = f"claim shard {shard}"
+        group = index_group(shard)
         for _ in range(32):  # bounded: each round loses only to a concurrent claimer
             cur = await self._read_offset_serial(consumer, shard)
             now = self.clock.now_ms()
@@ -520,9 +531,9 @@ class CqlStore:
                 rows = await self._exec(
                     what,
                     "offset_create",
-                    f"INSERT INTO {ks}.read_offsets (consumer, shard, read_bucket, replay_bucket, owner, epoch, "
-                    f"updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-                    [consumer, shard, initial_bucket, initial_bucket, owner, 1, now],
+                    f"INSERT INTO {ks}.read_offsets (consumer, shard_group, shard, read_bucket, replay_bucket, owner, "
+                    f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+                    [consumer, group, shard, initial_bucket, initial_bucket, owner, 1, now],
                 )
             else:
                 rows = await self._exec(
@@ -531,8 +542,9 @@ class CqlStore:
                     # The positions are part of the condition: the Offset returned must be the one we took
                     # over, even if the previous owner committed between our read and this write.
                     f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ? "
-                    f"WHERE consumer = ? AND shard = ? IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
-                    [owner, cur.epoch + 1, now, consumer, shard, cur.epoch, cur.read_bucket, cur.replay_bucket],
+                    f"WHERE consumer = ? AND shard_group = ? AND shard = ? "
+                    f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
+                    [owner, cur.epoch + 1, now, consumer, group, shard, cur.epoch, cur.read_bucket, cur.replay_bucket],
                 )
             if rows and rows[0].get("[applied]"):
                 if cur is None:
@@ -547,30 +559,93 @@ class CqlStore:
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
     ) -> None:
-        rows = await self._exec(
-            f"commit shard {shard}",
-            "offset_commit",
+        refused = await self.commit_many(consumer, owner, [Commit(shard, epoch, read_bucket, replay_bucket)])
+        if refused:
+            cur = await self._read_offset_serial(consumer, shard)
+            raise_fenced(shard, owner, epoch, read_bucket, cur)
+
+    async def commit_many(self, consumer: str, owner: str, commits: Sequence[Commit]) -> list[int]:
+        by_group: dict[int, list[Commit]] = {}
+        for c in commits:
+            by_group.setdefault(index_group(c.shard), []).append(c)
+        refused: list[int] = []
+
+        async def one(group: int, todo: list[Commit]) -> None:
+            # One conditional batch per offsets partition (16 shards): all-or-nothing; on refusal, find the
+            # fenced shards and apply the rest again (bounded: each round removes at least one shard).
+            while todo:
+                if await self._commit_batch(consumer, group, todo):
+                    return
+                still: list[Commit] = []
+                for c in todo:
+                    cur = await self._read_offset_serial(consumer, c.shard)
+                    if cur is None or cur.epoch != c.epoch or cur.read_bucket > c.read_bucket:
+                        refused.append(c.shard)
+                    else:
+                        still.append(c)
+                if len(still) == len(todo):
+                    raise StoreError(f"commit offsets: batch refused for shards {[c.shard for c in todo]}")
+                todo = still
+
+        await run_all(one(g, cs) for g, cs in by_group.items())
+        return sorted(refused)
+
+    async def _commit_batch(self, consumer: str, group: int, todo: list[Commit]) -> bool:
+        cql = (
             f"UPDATE {self.ks}.read_offsets SET read_bucket = ?, replay_bucket = ?, updated_ms = ? "
-            f"WHERE consumer = ? AND shard = ? IF epoch = ? AND read_bucket <= ?",
-            [read_bucket, replay_bucket, self.clock.now_ms(), consumer, shard, epoch, read_bucket],
+            f"WHERE consumer = ? AND shard_group = ? AND shard = ? IF epoch = ? AND read_bucket <= ?"
         )
-        if rows and rows[0].get("[applied]"):
-            return
-        cur = await self._read_offset_serial(consumer, shard)
-        raise_fenced(shard, owner, epoch, read_bucket, cur)
+        what = f"commit offsets of shard group {group}"
+        prepared = await self._prep("offset_commit", cql)
+        now = BigInt(self.clock.now_ms())
+        # Batch values are not type-checked against the prepared statement by the driver: bigint explicitly.
+        params = [
+            [
+                BigInt(c.read_bucket),
+                BigInt(c.replay_bucket),
+                now,
+                consumer,
+                group,
+                c.shard,
+                BigInt(c.epoch),
+                BigInt(c.read_bucket),
+            ]
+            for c in todo
+        ]
+
+        async def once() -> bool:
+            batch = Batch(
+                BatchType.UNLOGGED,
+                consistency=self._consistency,
+                serial_consistency=self._serial,
+                request_timeout=self._timeout_s,
+                is_idempotent=True,
+            )
+            for _ in todo:
+                batch.add_query(prepared)
+            res = await self._call(what, lambda: self.db.batch(batch, params))
+            try:
+                rows = res.all()
+            except ScyllaPyMappingError:
+                return True
+            return bool(rows and rows[0].get("[applied]"))
+
+        return await self._retry(what, once)
 
     async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
         cql = (
-            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
-            f"WHERE consumer = ? AND shard = ?"
+            f"SELECT shard, read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
+            f"WHERE consumer = ? AND shard_group = ?"
         )
+        wanted = set(shards)
+        found: list[Offset] = []
 
-        async def one(shard: int) -> Offset | None:
-            rows = await self._exec("read offset", "offset_read", cql, [consumer, shard])
-            return _offset(consumer, shard, rows[0]) if rows else None
+        async def one(group: int) -> None:
+            rows = await self._exec("read offsets", "offset_read", cql, [consumer, group])
+            found.extend(_offset(consumer, r["shard"], r) for r in rows if r["shard"] in wanted)
 
-        found = await asyncio.gather(*(one(s) for s in shards))
-        return [o for o in found if o is not None]
+        await run_all(one(g) for g in sorted({index_group(s) for s in shards}))
+        return sorted(found, key=lambda o: o.shard)
 
     # -- stories -------------------------------------------------------------------------------------------
     async def put_stories(self, stories: Sequence[StoryRecord]) -> None:

@@ -35,7 +35,16 @@ from engine.store.common import (
     retrying,
     size_class,
 )
-from engine.store.types import AppendResult, BucketHint, DeadLetter, EventRecord, Offset, PartitionPage, StoryRecord
+from engine.store.types import (
+    AppendResult,
+    BucketHint,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    StoryRecord,
+)
 
 T = TypeVar("T")
 PURGE_EVERY_MS = 5 * 60_000
@@ -373,17 +382,26 @@ class EmbeddedStore:
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
     ) -> None:
-        def do(c: sqlite3.Connection) -> tuple[bool, Offset | None]:
-            n = c.execute(
-                f"UPDATE {self.t('read_offsets')} SET read_bucket = ?, replay_bucket = ?, updated_ms = ? "
-                f"WHERE consumer = ? AND shard = ? AND epoch = ? AND read_bucket <= ?",
-                (read_bucket, replay_bucket, self.clock.now_ms(), consumer, shard, epoch, read_bucket),
-            ).rowcount
-            return (True, None) if n == 1 else (False, self._get_offset(c, consumer, shard))
-
-        applied, cur = await self._run(f"commit shard {shard}", do, write=True)
-        if not applied:
+        if await self.commit_many(consumer, owner, [Commit(shard, epoch, read_bucket, replay_bucket)]):
+            cur = await self._run("read offset", lambda c: self._get_offset(c, consumer, shard))
             raise_fenced(shard, owner, epoch, read_bucket, cur)
+
+    async def commit_many(self, consumer: str, owner: str, commits: Sequence[Commit]) -> list[int]:
+        sql = (
+            f"UPDATE {self.t('read_offsets')} SET read_bucket = ?, replay_bucket = ?, updated_ms = ? "
+            f"WHERE consumer = ? AND shard = ? AND epoch = ? AND read_bucket <= ?"
+        )
+
+        def do(c: sqlite3.Connection) -> list[int]:
+            now = self.clock.now_ms()
+            refused = []
+            for m in commits:
+                n = c.execute(sql, (m.read_bucket, m.replay_bucket, now, consumer, m.shard, m.epoch, m.read_bucket))
+                if n.rowcount != 1:
+                    refused.append(m.shard)
+            return sorted(refused)
+
+        return await self._run("commit offsets", do, write=True)
 
     async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
         def do(c: sqlite3.Connection) -> list[Offset]:

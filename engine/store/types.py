@@ -32,6 +32,15 @@ class BucketHint(NamedTuple):
     max_row_bytes: int
 
 
+class Commit(NamedTuple):
+    """One offset move for :meth:`engine.store.base.Store.commit_many`."""
+
+    shard: int
+    epoch: int
+    read_bucket: int
+    replay_bucket: int
+
+
 class AppendResult(msgspec.Struct, frozen=True):
     events: int
     rows: int

@@ -91,8 +91,7 @@ def test_worker_reads_every_bucket_up_to_the_lag_and_no_further(make_config: Con
             while await w.step():
                 pass
             assert stage.events == 5 * 5
-            for st in w.state.values():
-                await w._commit(st, force=True)
+            await w.commit(list(w.state.values()), force=True)
             offs = await store.read_offsets(cfg.consumer, range(4))
             assert {o.read_bucket for o in offs} == {w.target()}
             await w.store.close()
@@ -144,8 +143,7 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
             await c.claim_all()
             clock.advance(5 * cfg.bucket_ms)
             await zombie.step()
-            for st in zombie.state.values():
-                await zombie._commit(st, force=True)
+            await zombie.commit(list(zombie.state.values()), force=True)
             assert all(st.fenced for st in zombie.state.values())
             offs = {o.shard: o for o in await store.read_offsets(cfg.consumer, [0, 1])}
             assert all(o.owner == "c" and o.read_bucket == b0 + 4 for o in offs.values())

@@ -16,7 +16,7 @@ import pytest
 from engine.clock import ManualClock
 from engine.config import Config
 from engine.errors import FencedError, SchemaError, StoreError, WriteTooLateError
-from engine.store import DeadLetter, EventRecord, Offset, PartitionPage, Store, StoryRecord, make_store
+from engine.store import Commit, DeadLetter, EventRecord, Offset, PartitionPage, Store, StoryRecord, make_store
 from tests.conftest import ConfigFactory, arun
 
 pytestmark = pytest.mark.conformance
@@ -307,6 +307,43 @@ def test_offset_fencing(make_config: ConfigFactory) -> None:
             (3, 125, 111, "worker-b", 2)
         ]
         assert other == []
+
+    arun(body())
+
+
+def test_commit_many_applies_what_it_may_and_names_the_refused(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=40)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            mine = {s: await store.claim("main", s, "me", 10) for s in (1, 2, 3, 17, 33)}
+            await store.claim("main", 2, "thief", 0)  # shard 2 now belongs to someone else
+            await store.commit("main", 3, "me", mine[3].epoch, 50, 50)
+            refused = await store.commit_many(
+                "main",
+                "me",
+                [
+                    Commit(1, mine[1].epoch, 20, 15),
+                    Commit(2, mine[2].epoch, 20, 15),  # stale epoch
+                    Commit(3, mine[3].epoch, 40, 40),  # backwards
+                    Commit(17, mine[17].epoch, 21, 21),  # another offsets partition
+                    Commit(33, mine[33].epoch, 22, 11),
+                ],
+            )
+            offs = {
+                o.shard: (o.read_bucket, o.replay_bucket, o.owner) for o in await store.read_offsets("main", range(40))
+            }
+        finally:
+            await store.close()
+        assert refused == [2, 3]
+        assert offs == {
+            1: (20, 15, "me"),
+            2: (10, 10, "thief"),
+            3: (50, 50, "me"),
+            17: (21, 21, "me"),
+            33: (22, 11, "me"),
+        }
 
     arun(body())
 
