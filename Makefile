@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/local.toml
 PYTEST_ARGS ?=
+SESSIONS ?= 20000
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test unit lint bench db-up db-down db-status clean
@@ -21,9 +22,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: install ## init the tenant and run the main job on the embedded store (CONFIG=configs/local.toml)
+run: install ## the demo on the embedded store: init, synthetic events, ingest, engine with 2 workers, status
 	$(BIN)/storyline init --config $(CONFIG)
-	$(BIN)/storyline selftest --config $(CONFIG)
+	$(BIN)/storyline synth --sessions $(SESSIONS) --span-s 600 > .data/demo.jsonl
+	$(BIN)/storyline ingest --config $(CONFIG) .data/demo.jsonl
+	@echo "waiting for the lag (events become readable lag_ms after they were written) ..."
+	@sleep $$($(BIN)/storyline config --config $(CONFIG) | awk -F' = ' '$$1=="lag_ms"{print $$2/1000 + 0.5}')
+	$(BIN)/storyline run --config $(CONFIG) --until-idle
+	$(BIN)/storyline status --config $(CONFIG)
 
 test: install lint ## lint, start the local CQL node when Java and Maven exist, run every test
 	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then \
@@ -43,7 +49,7 @@ lint: install ## ruff (lint + format check) and mypy --strict
 
 bench: install ## benchmarks against the embedded store and the local CQL node (started if needed)
 	db/cql-node up
-	$(BIN)/python -m bench
+	POLARS_MAX_THREADS=1 $(BIN)/python -m bench
 
 db-up: ## start the local CQL node (Apache Cassandra 5.0 on 127.0.0.1:9042) and wait until it answers
 	db/cql-node up

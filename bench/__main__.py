@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cql", action="store_true")
     ap.add_argument("--ingest-small", type=int, default=100_000, help="~500 B events for the ingest bench")
     ap.add_argument("--ingest-large", type=int, default=60, help="1 MiB events for the ingest bench")
+    ap.add_argument("--consume-events", type=int, default=300_000, help="events for the consume bench")
+    ap.add_argument("--correlate-events", type=int, default=1_000_000, help="events for the link bench")
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run = uuid.uuid4().hex[:8]
@@ -141,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         results["cql_vs_embedded_read_ratio"] = (
             results["cql"]["read_events_per_s"] / results["embedded"]["read_events_per_s"]
         )
+    if not args.skip_cql:
+        from bench import consume
+
+        results["consume_cql"] = consume.run(args.consume_events, "cql")
+        results["consume_vs_raw_ratio"] = results["consume_cql"]["consume_vs_raw_ratio"]
+        results["idle_cpu_percent"] = results["consume_cql"]["idle"]["cpu_percent_of_one_core"]
+    from bench import correlate
+
+    results["correlate"] = correlate.run(args.correlate_events)
+    results["correlate_events_per_s"] = results["correlate"]["link_events_per_s"]
+    results["correlate_vs_baseline_ratio"] = results["correlate"]["link_vs_baseline_ratio"]
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.write_text(json.dumps(results, indent=2))
@@ -166,6 +179,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<10} {r['small']['events_per_s']:>12,.0f} {r['small']['mb_per_s']:>11.1f} "
                 f"{r['large']['events_per_s']:>11,.1f} {r['large']['mb_per_s']:>11.1f}"
             )
+    if "consume_cql" in results:
+        c2 = results["consume_cql"]
+        print(
+            f"consume (cql, {c2['events']:,} events): engine 1 worker {c2['engine_1w']['events_per_s']:,.0f}/s, "
+            f"raw {c2['raw']['events_per_s']:,.0f}/s, ratio {c2['consume_vs_raw_ratio']:.2f} (median of "
+            f"{', '.join(f'{r:.2f}' for r in c2['consume_vs_raw_ratios'])}); run 1w "
+            f"{c2['run_1w']['events_per_s']:,.0f}/s, 2w {c2['run_2w']['events_per_s']:,.0f}/s; idle 256 shards "
+            f"{c2['idle']['cpu_percent_of_one_core']:.2f} % of a core"
+        )
+    cr = results["correlate"]
+    print(
+        f"correlate link: {cr['link_events_per_s']:,.0f} events/s, baseline {cr['baseline_events_per_s']:,.0f}/s, "
+        f"ratio {cr['link_vs_baseline_ratio']:.1f}"
+    )
     print(f"results: {out}")
     return 0
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 
-from engine.event import Event
+from engine.stage import Batch
 
 _enc = msgspec.json.Encoder()
 
@@ -24,16 +23,16 @@ class RecordingStage:
         self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.events = 0
 
-    async def on_bucket(self, shard: int, bucket: int, events: Sequence[Event], *, replay: bool) -> None:
-        if replay or not events:
+    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
+        if replay or not batch.views:
             return
         if self.delay_s:
             await asyncio.sleep(self.delay_s)  # tests: a slow stage, so faults land mid-run
-        rec = {"shard": shard, "bucket": bucket, "ids": [e.id for e in events]}
+        rec = {"shard": shard, "bucket": bucket, "ids": [e.id for e in batch.views]}
         self._f.write(_enc.encode(rec) + b"\n")
         self._f.flush()
         os.fsync(self._f.fileno())  # durable before the worker may move the offset past this bucket
-        self.events += len(events)
+        self.events += len(batch)
 
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         return read_bucket + 1

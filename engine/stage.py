@@ -11,11 +11,42 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from engine.event import Event
+import msgspec
+
+from engine.event import Event, EventView
+from engine.store import EventRecord
+
+_view_decoder = msgspec.msgpack.Decoder(EventView)
+_full_decoder = msgspec.msgpack.Decoder(Event)
+
+
+class Batch:
+    """The events of one bucket of one shard: the linking fields decoded up front (a small view struct, cheap),
+    the full events only when asked for (``events()``), e.g. for the events of a story being emitted."""
+
+    __slots__ = ("_events", "records", "views")
+
+    def __init__(self, records: Sequence[EventRecord]) -> None:
+        self.records = records
+        dec = _view_decoder.decode
+        self.views: list[EventView] = [dec(r.payload) for r in records]
+        self._events: list[Event] | None = None
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def events(self) -> list[Event]:
+        if self._events is None:
+            dec = _full_decoder.decode
+            self._events = [dec(r.payload) for r in self.records]
+        return self._events
+
+
+EMPTY: Batch = Batch(())
 
 
 class Stage(Protocol):
-    async def on_bucket(self, shard: int, bucket: int, events: Sequence[Event], *, replay: bool) -> None:
+    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
         """Process one bucket of one shard (possibly empty: time moved on). ``replay`` buckets were processed
         before a restart: rebuild state from them, and produce output only if it is idempotent."""
 
@@ -39,15 +70,15 @@ class CountingStage:
         self.seen: dict[int, list[tuple[int, list[str]]]] = {}
         self.keep_ids = False
 
-    async def on_bucket(self, shard: int, bucket: int, events: Sequence[Event], *, replay: bool) -> None:
+    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
         if replay:
-            self.replayed += len(events)
+            self.replayed += len(batch)
             return
-        self.events += len(events)
+        self.events += len(batch)
         self.buckets += 1
-        self.per_shard[shard] = self.per_shard.get(shard, 0) + len(events)
-        if self.keep_ids and events:
-            self.seen.setdefault(shard, []).append((bucket, [e.id for e in events]))
+        self.per_shard[shard] = self.per_shard.get(shard, 0) + len(batch)
+        if self.keep_ids and batch.views:
+            self.seen.setdefault(shard, []).append((bucket, [e.id for e in batch.views]))
 
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         return read_bucket + 1

@@ -18,15 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import msgspec
-
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import StorylineError
-from engine.event import Event
 from engine.ingest import ClockSkewError
-from engine.stage import Stage
-from engine.store import BucketHint, Commit, Offset, Store, make_store
+from engine.stage import EMPTY, Batch, Stage
+from engine.store import BucketHint, Commit, EventRecord, Offset, Store, make_store
 
 log = logging.getLogger("storyline.worker")
 
@@ -97,7 +94,6 @@ class Worker:
         self.stop = asyncio.Event()
         self.state: dict[int, ShardState] = {}
         self.stats = WorkerStats()
-        self._decoder = msgspec.msgpack.Decoder(Event)
         self._read_sem = asyncio.Semaphore(cfg.read_ahead)
         self._skew_at = 0
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
@@ -163,21 +159,20 @@ class Worker:
             by_bucket = {h.bucket: h for h in hints}
             for b in range(lo, hi + 1):
                 h = by_bucket.get(b)
-                events = await self._read(st.shard, h) if h is not None else []
-                await self.stage.on_bucket(st.shard, b, events, replay=True)
+                batch = await self._read(st.shard, h) if h is not None else EMPTY
+                await self.stage.on_bucket(st.shard, b, batch, replay=True)
 
     # -- reading -------------------------------------------------------------------------------------------
-    async def _read(self, shard: int, hint: BucketHint) -> list[Event]:
+    async def _read(self, shard: int, hint: BucketHint) -> Batch:
         async with self._read_sem:
-            out: list[Event] = []
-            dec = self._decoder.decode
+            out: list[EventRecord] = []
             async for page in self.store.read_partition(shard, hint.bucket, max_row_bytes=hint.max_row_bytes):
-                out.extend(dec(r.payload) for r in page.events)
+                out.extend(page.events)
                 self.stats.bytes += page.bytes
                 if page.incomplete:
                     self.stats.incomplete = max(self.stats.incomplete, page.incomplete)
             self.stats.partitions += 1
-            return out
+            return Batch(out)
 
     async def _consume_shard(self, st: ShardState, hints: list[BucketHint], last: int) -> None:
         """Buckets (st.read, last] of one shard: read ahead concurrently, hand to the stage in order."""
@@ -186,9 +181,9 @@ class Worker:
         reads = [asyncio.ensure_future(self._read(st.shard, h)) for h in todo]
         try:
             for h, fut in zip(todo, reads, strict=True):
-                events = await fut
-                await self.stage.on_bucket(st.shard, h.bucket, events, replay=False)
-                self.stats.events += len(events)
+                batch = await fut
+                await self.stage.on_bucket(st.shard, h.bucket, batch, replay=False)
+                self.stats.events += len(batch)
                 st.read = h.bucket
         finally:
             for fut in reads:
@@ -197,7 +192,7 @@ class Worker:
                 elif not fut.cancelled():
                     fut.exception()  # retrieved: a failed read-ahead is redone by the next step
         if last > st.read:
-            await self.stage.on_bucket(st.shard, last, [], replay=False)  # time moved on; nothing to read
+            await self.stage.on_bucket(st.shard, last, EMPTY, replay=False)  # time moved on; nothing to read
         st.read = max(st.read, last)
         self.stats.buckets += st.read - start
 

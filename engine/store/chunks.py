@@ -69,6 +69,18 @@ class Assembler:
                 self._chunks = _DONE
         return out
 
+    def feed_fast(self, rows: list[tuple[str, int, int | None, bytes]]) -> list[EventRecord]:
+        """:meth:`feed`, with a fast path for the common page: no open group and every row a whole event
+        (chunk 0 of 1); any other page goes through the general loop."""
+        if (self._id is None or self._chunks == _DONE) and all([r[2] == 1 for r in rows]):
+            if rows and rows[0][0] == self._id:  # rows past an event already completed: general path
+                return self.feed(rows)
+            if rows:
+                self._id = rows[-1][0]
+                self._chunks = _DONE
+            return [EventRecord(r[0], r[3]) for r in rows]
+        return self.feed(rows)
+
     def finish(self) -> None:
         """End of partition: count a trailing open set as incomplete."""
         self._close_group()

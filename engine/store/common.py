@@ -130,13 +130,10 @@ async def partition_pages(fetch: Fetch, sizer: PageSizer) -> AsyncIterator[Parti
     while True:
         limit = sizer.limit()
         rows = await fetch(cursor, limit)
-        nbytes = 0
-        raw = 0
-        for eid, _, _, piece in rows:
-            nbytes += len(piece)
-            raw += len(piece) + len(eid) + ROW_OVERHEAD
-        sizer.observe(len(rows), raw)
-        events = asm.feed(rows)
+        nbytes = sum([len(r[3]) for r in rows])
+        if rows:
+            sizer.observe(len(rows), nbytes + len(rows) * (ROW_OVERHEAD + len(rows[0][0])))
+        events = asm.feed_fast(rows)
         done = len(rows) < limit
         if done:
             asm.finish()

@@ -2,7 +2,8 @@
 
 * One file may hold several tenants; each tenant's tables carry its (validated) name as a prefix, as a
   keyspace would.
-* WAL journal, ``synchronous = FULL`` (a commit is on disk when it returns), a busy timeout, and
+* WAL journal, ``synchronous = FULL`` (a commit is on disk when it returns), a busy timeout equal to
+  ``request_timeout_ms`` (so a write lands within it, as the lag rule assumes), and
   ``BEGIN IMMEDIATE`` for writes, so several worker processes can share the file.
 * TTL as on CQL: every row gets ``expires_ms = write time + ttl_ms``; reads never return expired rows and
   :meth:`purge_expired` (also run every few minutes by writers) deletes them.
@@ -48,7 +49,6 @@ from engine.store.types import (
 
 T = TypeVar("T")
 PURGE_EVERY_MS = 5 * 60_000
-_BUSY_TIMEOUT_S = 30.0
 
 
 def _ddl(p: str) -> dict[str, str]:
@@ -155,10 +155,13 @@ class EmbeddedStore:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            con = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            # The busy timeout is the request timeout: a write waiting for the lock must land within
+            # request_timeout_ms like a CQL write, or it could land in a bucket a worker already read.
+            busy_ms = self.cfg.request_timeout_ms
+            con = sqlite3.connect(path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")
-            con.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
+            con.execute(f"PRAGMA busy_timeout={busy_ms}")
         except sqlite3.Error as exc:
             raise StoreError(f"open {path}: {exc}") from None
         self._con = con

@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -246,6 +248,12 @@ def cli_args(cfg: Config) -> list[str]:
     return args
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def storyline(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
@@ -357,8 +365,20 @@ def test_sigterm_stops_cleanly_within_the_timeout(make_config: ConfigFactory, tm
     want = ingest(cfg, tmp_path, 400)
     time.sleep(FAST["lag_ms"] / 1000 + 0.3)
     rec = tmp_path / "rec"
-    sup = spawn("run", *args, "--workers", "2", "--record", f"{rec},30")
+    port = free_port()
+    sup = spawn("run", *args, "--workers", "2", "--record", f"{rec},30", "--set", f"metrics_port={port}")
     time.sleep(3.0)
+    body = ""
+    for _ in range(40):  # the Prometheus endpoint on 127.0.0.1 while it runs
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                body = resp.read().decode()
+            if "storyline_shard_lag_seconds{" in body:
+                break
+        except OSError:
+            pass
+        time.sleep(0.25)
+    assert "storyline_events_total" in body and 'storyline_worker_rss_bytes{worker="1"}' in body
     t0 = time.time()
     sup.send_signal(signal.SIGTERM)
     _out, err = sup.communicate(timeout=60)
