@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cql", action="store_true")
     ap.add_argument("--ingest-small", type=int, default=100_000, help="~500 B events for the ingest bench")
     ap.add_argument("--ingest-large", type=int, default=60, help="1 MiB events for the ingest bench")
-    ap.add_argument("--consume-events", type=int, default=300_000, help="events for the consume bench")
+    ap.add_argument("--consume-events", type=int, default=500_000, help="events for the consume bench")
     ap.add_argument("--correlate-events", type=int, default=1_000_000, help="events for the link bench")
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

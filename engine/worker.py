@@ -138,12 +138,11 @@ class Worker:
 
     async def claim_all(self) -> None:
         first = await self.first_bucket()
-        for shard in self.shards:
-            off = await self.store.claim(self.cfg.consumer, shard, self.owner, first)
-            self.state[shard] = ShardState(shard, off, off.read_bucket, off.read_bucket, self.clock.now_ms())
+        for off in await self.store.claim_many(self.cfg.consumer, self.shards, self.owner, first):
+            self.state[off.shard] = ShardState(off.shard, off, off.read_bucket, off.read_bucket, self.clock.now_ms())
             log.info(
                 "claimed shard %d epoch %d at bucket %d (replay from %d)",
-                shard,
+                off.shard,
                 off.epoch,
                 off.read_bucket,
                 off.replay_bucket,
@@ -151,16 +150,23 @@ class Worker:
 
     async def replay(self) -> None:
         """Rebuild the stage's state from each shard's ``replay_bucket`` through its ``read_bucket``."""
-        for st in self.state.values():
-            lo, hi = st.offset.replay_bucket, st.offset.read_bucket
-            if lo > hi:
-                continue
-            hints = (await self.store.scan_index([st.shard], lo, hi)).get(st.shard, [])
-            by_bucket = {h.bucket: h for h in hints}
-            for b in range(lo, hi + 1):
-                h = by_bucket.get(b)
-                batch = await self._read(st.shard, h) if h is not None else EMPTY
-                await self.stage.on_bucket(st.shard, b, batch, replay=True)
+        todo = [st for st in self.state.values() if st.offset.replay_bucket <= st.offset.read_bucket]
+        if not todo:
+            return
+        lo = min(st.offset.replay_bucket for st in todo)
+        hi = max(st.offset.read_bucket for st in todo)
+        hints = await self.store.scan_index([st.shard for st in todo], lo, hi)
+
+        async def one(st: ShardState) -> None:
+            lo_s, hi_s = st.offset.replay_bucket, st.offset.read_bucket
+            by_bucket = {h.bucket: h for h in hints.get(st.shard, []) if lo_s <= h.bucket <= hi_s}
+            reads = {b: asyncio.ensure_future(self._read(st.shard, h)) for b, h in by_bucket.items()}
+            for b in sorted(reads):
+                await self.stage.on_bucket(st.shard, b, await reads[b], replay=True)
+            if hi_s not in reads:
+                await self.stage.on_bucket(st.shard, hi_s, EMPTY, replay=True)  # replayed time reaches read_bucket
+
+        await asyncio.gather(*(one(st) for st in todo))
 
     # -- reading -------------------------------------------------------------------------------------------
     async def _read(self, shard: int, hint: BucketHint) -> Batch:

@@ -110,6 +110,10 @@ class Store(Protocol):
         """Take ownership of a shard: the epoch increments, fencing out the previous owner. A shard never
         claimed before starts with ``read_bucket = replay_bucket = initial_bucket``."""
 
+    async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
+        """:meth:`claim` for several shards (one conditional batch per 16-shard offsets partition on CQL), by
+        shard."""
+
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
     ) -> None:

@@ -556,6 +556,90 @@ class CqlStore:
                 return got
         raise StoreError(f"{what}: too much contention from other claimers", retriable=True)
 
+    async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
+        by_group: dict[int, list[int]] = {}
+        for sh in shards:
+            by_group.setdefault(index_group(sh), []).append(sh)
+        out: list[Offset] = []
+
+        async def one(group: int, todo: list[int]) -> None:
+            got = await self._claim_group(consumer, group, todo, owner, initial_bucket)
+            if got is None:  # lost a race with another claimer: shard by shard (each bounded)
+                got = [await self.claim(consumer, sh, owner, initial_bucket) for sh in todo]
+            out.extend(got)
+
+        await run_all(one(g, t) for g, t in by_group.items())
+        return sorted(out, key=lambda o: o.shard)
+
+    async def _claim_group(
+        self, consumer: str, group: int, shards: list[int], owner: str, initial_bucket: int
+    ) -> list[Offset] | None:
+        """All of one offsets partition's shards in one conditional batch (a single Paxos round instead of one
+        per shard contending on the same partition). None when the batch was refused."""
+        ks = self.ks
+        rows = await self._exec(
+            "read offsets",
+            "offset_group_serial",
+            f"SELECT shard, read_bucket, replay_bucket, owner, epoch, updated_ms FROM {ks}.read_offsets "
+            f"WHERE consumer = ? AND shard_group = ?",
+            [consumer, group],
+            serial_read=True,
+        )
+        cur = {r["shard"]: _offset(consumer, r["shard"], r) for r in rows}
+        now = self.clock.now_ms()
+        create = await self._prep(
+            "offset_create",
+            f"INSERT INTO {ks}.read_offsets (consumer, shard_group, shard, read_bucket, replay_bucket, owner, "
+            f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+        )
+        take = await self._prep(
+            "offset_claim",
+            f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ? "
+            f"WHERE consumer = ? AND shard_group = ? AND shard = ? "
+            f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
+        )
+        batch = Batch(
+            BatchType.UNLOGGED,
+            consistency=self._consistency,
+            serial_consistency=self._serial,
+            request_timeout=self._timeout_s,
+            is_idempotent=True,
+        )
+        params: list[list[Any]] = []
+        result: list[Offset] = []
+        b = BigInt
+        for sh in shards:
+            c = cur.get(sh)
+            if c is None:
+                batch.add_query(create)
+                params.append([consumer, group, sh, b(initial_bucket), b(initial_bucket), owner, b(1), b(now)])
+                result.append(Offset(consumer, sh, initial_bucket, initial_bucket, owner, 1, now))
+            else:
+                batch.add_query(take)
+                params.append(
+                    [
+                        owner,
+                        b(c.epoch + 1),
+                        b(now),
+                        consumer,
+                        group,
+                        sh,
+                        b(c.epoch),
+                        b(c.read_bucket),
+                        b(c.replay_bucket),
+                    ]
+                )
+                result.append(Offset(consumer, sh, c.read_bucket, c.replay_bucket, owner, c.epoch + 1, now))
+        what = f"claim shard group {group}"
+        res = await self._retry(what, lambda: self._call(what, lambda: self.db.batch(batch, params)))
+        try:
+            applied = res.all()
+        except ScyllaPyMappingError:
+            applied = [{"[applied]": True}]
+        if applied and applied[0].get("[applied]"):
+            return result
+        return None
+
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
     ) -> None:

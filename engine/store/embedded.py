@@ -382,6 +382,9 @@ class EmbeddedStore:
 
         return await self._run(f"claim shard {shard}", do, write=True)
 
+    async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
+        return [await self.claim(consumer, sh, owner, initial_bucket) for sh in sorted(shards)]
+
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
     ) -> None:

@@ -348,6 +348,40 @@ def test_commit_many_applies_what_it_may_and_names_the_refused(make_config: Conf
     arun(body())
 
 
+def test_claim_many_takes_over_and_creates(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=40)
+
+    async def body() -> None:
+        import asyncio
+
+        store = await opened(cfg)
+        try:
+            old = await store.claim("main", 3, "old", 7)
+            await store.commit("main", 3, "old", old.epoch, 30, 25)
+            got = await store.claim_many("main", [1, 3, 17, 35], "new", 9)
+            assert [(o.shard, o.read_bucket, o.replay_bucket, o.owner, o.epoch) for o in got] == [
+                (1, 9, 9, "new", 1),
+                (3, 30, 25, "new", 2),
+                (17, 9, 9, "new", 1),
+                (35, 9, 9, "new", 1),
+            ]
+            with pytest.raises(FencedError):
+                await store.commit("main", 3, "old", old.epoch, 31, 31)
+            # two claimers racing for the same shards: every claim gets its own epoch, the last one holds
+            races = await asyncio.gather(
+                store.claim_many("main", [1, 3], "a", 0), store.claim_many("main", [1, 3], "b", 0)
+            )
+            final = {o.shard: o for o in await store.read_offsets("main", [1, 3])}
+            for shard in (1, 3):
+                epochs = sorted(next(o.epoch for o in r if o.shard == shard) for r in races)
+                assert epochs[0] != epochs[1]
+                assert final[shard].epoch == epochs[1]
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_concurrent_claims_get_distinct_epochs(make_config: ConfigFactory) -> None:
     cfg = make_config()
 
