@@ -117,6 +117,12 @@ class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_wait_ms: PositiveMs = 600_000
     amend_horizon_ms: NonNegMs = 3_600_000
     emit: Literal["final", "updates"] = "final"
+    # Per-sensor clock offsets (ms, sensor clock minus true time), subtracted from event times before linking.
+    sensor_offsets_ms: dict[str, int] = msgspec.field(default_factory=dict)
+    # Bounded state: a story reaching either limit is emitted final with truncated = true; the open-story
+    # limit (per worker shard state) force-finalizes the least recently extended stories first.
+    max_story_events: Annotated[int, msgspec.Meta(ge=2)] = 10_000
+    max_open_stories: Annotated[int, msgspec.Meta(ge=1)] = 100_000
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
