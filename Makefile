@@ -22,14 +22,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: install ## the demo on the embedded store: init, synthetic events, ingest, engine with 2 workers, status
+run: install ## the demo on the embedded store: synthetic events, ingest, engine with 2 workers building stories
 	$(BIN)/storyline init --config $(CONFIG)
 	$(BIN)/storyline synth --sessions $(SESSIONS) --span-s 600 > .data/demo.jsonl
 	$(BIN)/storyline ingest --config $(CONFIG) .data/demo.jsonl
 	@echo "waiting for the lag (events become readable lag_ms after they were written) ..."
 	@sleep $$($(BIN)/storyline config --config $(CONFIG) | awk -F' = ' '$$1=="lag_ms"{print $$2/1000 + 0.5}')
-	$(BIN)/storyline run --config $(CONFIG) --until-idle
-	$(BIN)/storyline status --config $(CONFIG)
+	$(BIN)/storyline run --config $(CONFIG) --drain
+	$(BIN)/storyline status --config $(CONFIG) | tail -n 1
+	$(BIN)/storyline stories --config $(CONFIG) --limit 10
 
 test: install lint ## lint, start the local CQL node when Java and Maven exist, run every test
 	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then \

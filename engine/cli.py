@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     # tests: record consumed ids per worker in folder DIR; DIR,MS also sleeps MS per non-empty bucket
     p.add_argument("--record", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="worker/supervisor log level (default WARNING)")
+    p.add_argument(
+        "--stage",
+        choices=["stories", "count"],
+        default="stories",
+        help="what workers do with events: build stories (default) or only count them",
+    )
+    p = sub.add_parser("stories", help="print the latest revision of every story")
+    _common(p)
+    p.add_argument("--format", choices=["table", "jsonl"], default="table")
+    p.add_argument("--since", type=float, help="only stories last emitted at or after this epoch second")
+    p.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
     p = sub.add_parser("status", help="offsets and lag per shard; exit 0 when every shard is within 2 x lag")
     _common(p)
     p.add_argument("--shards", help="inclusive shard range A-B (default: all)")
@@ -236,7 +247,14 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("--workers", "must be >= 1")
     asyncio.run(_check_ready(cfg))
     sup = Supervisor(
-        cfg, owned, workers, until_idle=args.until_idle, drain=args.drain, record_dir=args.record, log_level=level
+        cfg,
+        owned,
+        workers,
+        until_idle=args.until_idle,
+        drain=args.drain,
+        record_dir=args.record,
+        stage=args.stage,
+        log_level=level,
     )
     return sup.run()
 
@@ -323,6 +341,42 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
     return EXIT_OK if healthy else EXIT_FAIL
 
 
+async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) -> int:
+    import msgspec
+
+    latest: dict[str, Any] = {}
+    store = await _with_store(cfg)
+    try:
+        async for page in store.scan_stories():
+            for rec in page:
+                cur = latest.get(rec.story_id)
+                if cur is None or rec.revision > cur.revision:
+                    latest[rec.story_id] = rec
+    finally:
+        await store.close()
+    live = [r for r in latest.values() if r.merged_into is None]
+    if since is not None:
+        live = [r for r in live if r.emitted_ms >= since * 1000]
+    live.sort(key=lambda r: (r.emitted_ms, r.story_id))
+    if limit:
+        live = live[:limit]
+    out = sys.stdout
+    if fmt == "jsonl":
+        for r in live:
+            out.write(r.body.decode() + "\n")
+    else:
+        out.write(f"{'story_id':<24} {'rev':>3} {'events':>6}  {'sources':<32} community_id\n")
+        for r in live:
+            b = msgspec.json.decode(r.body)
+            out.write(
+                f"{r.story_id:<24} {r.revision:>3} {b['event_count']:>6}  {','.join(b['sources']):<32} "
+                f"{b.get('community_id') or '-'}\n"
+            )
+    merged = sum(1 for r in latest.values() if r.merged_into is not None)
+    print(f"stories: {len(live):,} shown, {len(latest):,} story ids ({merged:,} merged into others)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_config(cfg: Config) -> int:
     import msgspec
 
@@ -361,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config(cfg)
         if args.command == "run":
             return cmd_run(cfg, args)
+        if args.command == "stories":
+            return asyncio.run(cmd_stories(cfg, args.format, args.since, args.limit))
         if args.command == "status":
             return asyncio.run(cmd_status(cfg, args.shards, args.json))
         if args.command == "ingest":

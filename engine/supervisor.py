@@ -71,6 +71,7 @@ def worker_process(
     parent_pid: int,
     record_dir: str | None,
     log_level: int,
+    stage_name: str = "stories",
 ) -> None:
     """Entry point of a worker process (spawned: everything arrives as plain data)."""
     import asyncio
@@ -101,6 +102,10 @@ def worker_process(
             drain=drain,
             parent_alive=lambda: os.getppid() == parent_pid,
         )
+        if not record_dir and stage_name == "stories":
+            from engine.correlate.story import StoryStage
+
+            worker.stage = StoryStage(cfg, worker.store)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop.set)
@@ -137,6 +142,7 @@ class Supervisor:
         until_idle: bool = False,
         drain: bool = False,
         record_dir: str | None = None,
+        stage: str = "stories",
         out: TextIO = sys.stdout,
         log_level: int = logging.INFO,
     ) -> None:
@@ -145,6 +151,7 @@ class Supervisor:
         self.until_idle = until_idle or drain
         self.drain = drain
         self.record_dir = record_dir
+        self.stage = stage
         self.out = out
         self.log_level = log_level
         self.ctx = mp.get_context("spawn")
@@ -176,6 +183,7 @@ class Supervisor:
                 os.getpid(),
                 self.record_dir,
                 self.log_level,
+                self.stage,
             ),
             name=f"storyline-worker-{slot.index}",
         )

@@ -1,0 +1,460 @@
+"""Deterministic scenario generator with ground truth: sensor events (JSONL) plus the story each belongs to.
+
+A *scenario* is a stream of sensor reports about network sessions, delivered out of order, with what story
+building has to get right known by construction:
+
+* **Sessions.** One session is one flow (TCP or UDP, IPv4 or about a tenth IPv6) seen by 1..4 distinct sensors.
+  DNS sessions are UDP/53 to a resolver, HTTP sessions TCP/80 or TCP/443, the rest SSH, SMB, RDP, NTP, QUIC and
+  similar. A report's true time lies within ``spread_s`` (3 s) after the session start; session starts are
+  uniform over ``[start_s, start_s + span_s)``.
+* **Sources and schemas.** ``firewall`` (action, rule, bytes, packets), ``endpoint`` (process, pid, user,
+  host), ``dns`` (query, answer, rcode), ``http`` (method, host, path, status, user_agent) and ``cloud`` flow
+  logs (vpc, account, bytes, packets, action ``ACCEPT``/``REJECT``). Each source has ``sensors_per_source``
+  sensors (``fw-1``, ``fw-2``, ``edr-1``, ``dns-1``, ``proxy-1``, ``vpcflow-1``, …). DNS sessions are seen by
+  firewall, endpoint, dns and cloud sensors; HTTP by firewall, endpoint, http and cloud; others by firewall,
+  endpoint and cloud. The sensors of one session have distinct sources while there are enough (a fourth
+  sensor of an "other" session is a second instance of one of its sources).
+* **Clock skew.** Every sensor has its own clock offset, uniform in ``±skew_s``: the reported time is the true
+  time plus the sensor's skew. Firewall and cloud sensors report epoch seconds, the others RFC 3339 (``Z``).
+* **Direction.** Each report independently gives the flow in the reverse direction (server → client) with
+  probability ``reverse_fraction``.
+* **Arrival.** A report arrives ``delay`` seconds after its true time: mostly about a second, some tens of
+  seconds, a tail (3 %) uniform from 60 s up to ``max_arrival_delay_s``; never more than that.
+* **Noise.** ``round(events * noise_fraction)`` background events, each a story of its own: a single report of a
+  flow nobody else reports or (a fifth of them) an endpoint event without flow fields.
+* **Port reuse.** With probability ``port_reuse_fraction`` a session reuses the exact 5-tuple of an earlier
+  session and starts at least ``reuse_gap_s`` (10 min, far beyond a 30 s match window) after that session's
+  last report. It is a different story. Reuse sessions can therefore lie after ``start_s + span_s`` (up to
+  ``span_s + spread_s + 1.25 * reuse_gap_s`` after ``start_s``). Every other flow is unique to its session.
+
+:func:`generate` returns exactly ``events`` :class:`SimEvent` (sorted by arrival) and the :class:`Truth`
+(event id → story key, sensor → skew). Same :class:`Scenario` → byte-identical output. Nothing here does I/O
+except :func:`write`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import ipaddress
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+SOURCES = ("firewall", "endpoint", "dns", "http", "cloud")
+SENSOR_PREFIX = {"firewall": "fw", "endpoint": "edr", "dns": "dns", "http": "proxy", "cloud": "vpcflow"}
+_EPOCH_TIME_SOURCES = frozenset({"firewall", "cloud"})
+_ELIGIBLE: dict[str, tuple[str, ...]] = {
+    "dns": ("firewall", "endpoint", "dns", "cloud"),
+    "http": ("firewall", "endpoint", "http", "cloud"),
+    "other": ("firewall", "endpoint", "cloud"),
+}
+_KIND_WEIGHTS = (("dns", 0.30), ("http", 0.45), ("other", 0.25))
+_SENSOR_COUNT_WEIGHTS = ((1, 0.20), (2, 0.35), (3, 0.30), (4, 0.15))
+_OTHER_SERVICES = (("tcp", 22), ("tcp", 445), ("tcp", 3389), ("tcp", 8443), ("tcp", 5432), ("udp", 123), ("udp", 443))
+_IPV6_FRACTION = 0.10
+_BLOCKED_FRACTION = 0.04
+_FLOWLESS_NOISE_FRACTION = 0.20
+# Arrival delay mix: (probability, mean) exponentials, then the rest uniform over [_TAIL_FROM_S, max].
+_DELAY_FAST = (0.80, 1.0)
+_DELAY_SLOW = (0.17, 20.0)
+_TAIL_FROM_S = 60.0
+
+Kind = Literal["session", "reuse", "noise"]
+_encoder = msgspec.json.Encoder()
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of one scenario. Times are in seconds (float); fractions in ``[0, 1]``."""
+
+    events: int = 10_000
+    seed: int = 1
+    start_s: float = 1_790_000_000.0  # 2026-09-21T14:13:20Z; pass time.time() - span_s for live use
+    span_s: float = 600.0
+    skew_s: float = 5.0
+    reverse_fraction: float = 0.30
+    max_arrival_delay_s: float = 480.0
+    noise_fraction: float = 0.05
+    port_reuse_fraction: float = 0.02
+    reuse_gap_s: float = 600.0
+    spread_s: float = 3.0
+    sensors_per_source: int = 2
+
+    def __post_init__(self) -> None:
+        if self.events < 0:
+            raise ValueError(f"events: {self.events} must be >= 0")
+        if self.sensors_per_source < 1:
+            raise ValueError(f"sensors_per_source: {self.sensors_per_source} must be >= 1")
+        for name in ("span_s", "skew_s", "max_arrival_delay_s", "reuse_gap_s", "spread_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 0")
+        for name in ("reverse_fraction", "noise_fraction", "port_reuse_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be within [0, 1]")
+        if self.start_s < 946_684_800.0:
+            raise ValueError(f"start_s: {self.start_s} is before 2000-01-01 (events there are rejected)")
+
+
+class SimEvent(msgspec.Struct, frozen=True, gc=False):
+    """One generated report.
+
+    ``line`` is the JSONL line (no newline), valid per docs/events.md, with ``id`` set explicitly. ``story`` is
+    the ground-truth story key; ``arrival_s`` the delivery time in seconds after ``Scenario.start_s``.
+    ``true_time_s`` is the event time without sensor skew (the reported time is ``true_time_s + skew``);
+    ``reversed`` says the line reports the flow server → client; ``kind`` tells session / reuse / noise.
+    """
+
+    line: bytes
+    id: str
+    story: str
+    arrival_s: float
+    source: str
+    sensor: str
+    true_time_s: float
+    reversed: bool
+    kind: Kind
+
+
+class Truth(msgspec.Struct, frozen=True, kw_only=True):
+    """Ground truth of a scenario: ``stories`` maps event id → story key, ``skews`` sensor → clock offset (s)."""
+
+    stories: dict[str, str]
+    skews: dict[str, float]
+    scenario: Scenario = msgspec.field(default_factory=Scenario)
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Truth:
+        return msgspec.json.decode(data, type=cls)
+
+
+@dataclass(slots=True)
+class _Client:
+    ip4: str
+    ip6: str
+    host: str
+    user: str
+
+
+@dataclass(slots=True)
+class _Session:
+    """Facts shared by every report of one session (a reuse session copies the flow, not the rest)."""
+
+    story: str
+    kind: Kind
+    service: str  # dns / http / other
+    proto: str
+    client_ip: str
+    client_port: int
+    server_ip: str
+    server_port: int
+    t0: float
+    client: _Client
+    blocked: bool
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A report before it has its id (ids follow arrival order, so they tell nothing about stories)."""
+
+    order: int
+    arrival_s: float
+    true_time_s: float
+    reported_us: int
+    source: str
+    sensor: str
+    story: str
+    kind: Kind
+    reversed: bool
+    flow: tuple[str, str, int, str, int] | None  # proto, src_ip, src_port, dst_ip, dst_port as reported
+    attrs: dict[str, Any]
+
+
+def sensor_names(sensors_per_source: int) -> dict[str, list[str]]:
+    """Source → its sensor names (``fw-1``, ``fw-2``, …)."""
+    return {src: [f"{SENSOR_PREFIX[src]}-{i}" for i in range(1, sensors_per_source + 1)] for src in SOURCES}
+
+
+def _pick(rnd: random.Random, weighted: tuple[tuple[Any, float], ...]) -> Any:
+    u = rnd.random()
+    acc = 0.0
+    for value, weight in weighted:
+        acc += weight
+        if u < acc:
+            return value
+    return weighted[-1][0]
+
+
+def _delay(rnd: random.Random, max_s: float) -> float:
+    u = rnd.random()
+    if u < _DELAY_FAST[0]:
+        d = rnd.expovariate(1.0 / _DELAY_FAST[1])
+    elif u < _DELAY_FAST[0] + _DELAY_SLOW[0]:
+        d = rnd.expovariate(1.0 / _DELAY_SLOW[1])
+    else:
+        d = rnd.uniform(min(_TAIL_FROM_S, max_s), max_s)
+    return min(d, max_s)
+
+
+def _rfc3339(us: int) -> str:
+    return (_EPOCH + dt.timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class _Generator:
+    def __init__(self, s: Scenario) -> None:
+        self.s = s
+        self.rnd = random.Random(s.seed)
+        self.sensors = sensor_names(s.sensors_per_source)
+        rnd = self.rnd
+        self.skews: dict[str, float] = {
+            name: round(rnd.uniform(-s.skew_s, s.skew_s), 6) for src in SOURCES for name in self.sensors[src]
+        }
+        n_clients = max(16, s.events // 20)
+        self.clients = [
+            _Client(
+                ip4=f"10.{rnd.randrange(1, 255)}.{rnd.randrange(256)}.{rnd.randrange(1, 255)}",
+                ip6=str(ipaddress.IPv6Address((0xFD00 << 112) | rnd.getrandbits(64))),
+                host=f"ws-{i:05d}",
+                user=rnd.choice(("alice", "bob", "carol", "dave", "erin", "frank", "svc-backup", "svc-build"))
+                + ("" if rnd.random() < 0.5 else str(rnd.randrange(1, 100))),
+            )
+            for i in range(n_clients)
+        ]
+        self.domains = [f"{w}{i}.example.{tld}" for i, (w, tld) in enumerate(self._words(max(8, s.events // 50)))]
+        self.vpcs = [(f"vpc-{rnd.getrandbits(32):08x}", str(rnd.randrange(10**11, 10**12))) for _ in range(4)]
+        self.used_flows: set[tuple[str, tuple[str, int], tuple[str, int]]] = set()
+        self.pending: list[_Pending] = []
+        self.order = 0
+
+    def _words(self, n: int) -> list[tuple[str, str]]:
+        words = ("app", "api", "cdn", "mail", "auth", "files", "git", "wiki", "shop", "news", "img", "update")
+        return [(self.rnd.choice(words), self.rnd.choice(("com", "net", "org"))) for _ in range(n)]
+
+    def _server_ip(self, v6: bool) -> str:
+        rnd = self.rnd
+        if v6:
+            return str(ipaddress.IPv6Address((0x20010DB8 << 96) | rnd.getrandbits(32)))
+        net = rnd.choice(("192.0.2", "198.51.100", "203.0.113"))
+        return f"{net}.{rnd.randrange(1, 255)}"
+
+    def _flow_key(self, proto: str, a: str, ap: int, b: str, bp: int) -> tuple[str, tuple[str, int], tuple[str, int]]:
+        x, y = (a, ap), (b, bp)
+        return (proto, x, y) if x <= y else (proto, y, x)
+
+    def new_session(self, story: str, kind: Kind) -> _Session:
+        rnd = self.rnd
+        service: str = _pick(rnd, _KIND_WEIGHTS)
+        client = rnd.choice(self.clients)
+        v6 = rnd.random() < _IPV6_FRACTION
+        client_ip = client.ip6 if v6 else client.ip4
+        facts: dict[str, Any] = {}
+        if service == "dns":
+            proto, server_port = "udp", 53
+            server_ip = (
+                ("fd00::53" if rnd.random() < 0.5 else "fd00::1:53") if v6 else rnd.choice(("10.0.0.53", "10.0.1.53"))
+            )
+            nx = rnd.random() < 0.1
+            qname = rnd.choice(self.domains) if not nx else f"nx{rnd.randrange(10**6)}.example.invalid"
+            facts["query"] = qname
+            facts["rcode"] = "NXDOMAIN" if nx else "NOERROR"
+            facts["answer"] = [] if nx else [self._server_ip(v6) for _ in range(rnd.randint(1, 2))]
+        elif service == "http":
+            proto = "tcp"
+            server_port = 443 if rnd.random() < 0.7 else 80
+            server_ip = self._server_ip(v6)
+            facts["method"] = _pick(rnd, (("GET", 0.75), ("POST", 0.2), ("PUT", 0.03), ("DELETE", 0.02)))
+            facts["host"] = rnd.choice(self.domains)
+            facts["path"] = rnd.choice(("/", "/index.html", "/api/v1/items", "/login", "/static/app.js", "/health"))
+            facts["status"] = _pick(rnd, ((200, 0.8), (304, 0.07), (404, 0.06), (302, 0.04), (500, 0.03)))
+            facts["user_agent"] = rnd.choice(
+                ("Mozilla/5.0 (Windows NT 10.0; Win64; x64)", "Mozilla/5.0 (X11; Linux x86_64)", "curl/8.5.0")
+            )
+        else:
+            proto, server_port = rnd.choice(_OTHER_SERVICES)
+            server_ip = self._server_ip(v6)
+        process = {
+            "dns": ("svchost.exe", "systemd-resolved", "chrome.exe"),
+            "http": ("chrome.exe", "firefox", "curl", "python3"),
+            "other": ("ssh", "smbclient", "mstsc.exe", "psql", "chronyd", "chrome.exe"),
+        }[service]
+        facts["process"] = rnd.choice(process)
+        facts["pid"] = rnd.randrange(300, 65_536)
+        facts["bytes"] = int(rnd.lognormvariate(8.5, 1.8)) + 60
+        facts["packets"] = max(1, facts["bytes"] // rnd.randrange(200, 1400))
+        facts["rule"] = f"r-{rnd.randrange(100, 140)}"
+        facts["vpc"], facts["account"] = rnd.choice(self.vpcs)
+        while True:
+            client_port = rnd.randrange(32_768, 61_000)
+            key = self._flow_key(proto, client_ip, client_port, server_ip, server_port)
+            if key not in self.used_flows:
+                self.used_flows.add(key)
+                break
+        t0 = self.s.start_s + rnd.random() * self.s.span_s
+        blocked = rnd.random() < _BLOCKED_FRACTION
+        return _Session(
+            story, kind, service, proto, client_ip, client_port, server_ip, server_port, t0, client, blocked, facts
+        )
+
+    def reuse(self, story: str, orig: _Session) -> _Session:
+        """A later session of ``orig``'s exact 5-tuple, at least ``reuse_gap_s`` after its last report."""
+        fresh = self.new_session(story, "reuse")  # new facts; its own (unused) flow is simply left registered
+        gap = self.rnd.uniform(self.s.reuse_gap_s, 1.25 * self.s.reuse_gap_s)
+        fresh.service, fresh.proto = orig.service, orig.proto
+        fresh.client_ip, fresh.client_port = orig.client_ip, orig.client_port
+        fresh.server_ip, fresh.server_port = orig.server_ip, orig.server_port
+        fresh.client = orig.client
+        fresh.t0 = orig.t0 + self.s.spread_s + gap
+        for k in ("query", "rcode", "answer", "method", "host", "path", "status", "user_agent"):
+            if k in orig.facts:
+                fresh.facts[k] = orig.facts[k]
+            else:
+                fresh.facts.pop(k, None)
+        return fresh
+
+    def _attrs(self, source: str, ses: _Session) -> dict[str, Any]:
+        rnd = self.rnd
+        f = ses.facts
+        jitter = rnd.uniform(0.97, 1.03)
+        if source == "firewall":
+            return {
+                "action": "deny" if ses.blocked else "allow",
+                "rule": f["rule"],
+                "bytes": int(f["bytes"] * jitter),
+                "packets": f["packets"],
+            }
+        if source == "cloud":
+            return {
+                "vpc": f["vpc"],
+                "account": f["account"],
+                "bytes": int(f["bytes"] * jitter),
+                "packets": f["packets"],
+                "action": "REJECT" if ses.blocked else "ACCEPT",
+            }
+        if source == "endpoint":
+            return {"process": f["process"], "pid": f["pid"], "user": ses.client.user, "host": ses.client.host}
+        if source == "dns":
+            return {"query": f["query"], "answer": list(f["answer"]), "rcode": f["rcode"]}
+        return {k: f[k] for k in ("method", "host", "path", "status", "user_agent")}
+
+    def _choose_sensors(self, service: str, k: int) -> list[tuple[str, str]]:
+        rnd = self.rnd
+        eligible = _ELIGIBLE[service]
+        sources = rnd.sample(eligible, min(k, len(eligible)))
+        chosen = [(src, rnd.choice(self.sensors[src])) for src in sources]
+        spare = [(src, name) for src in sources for name in self.sensors[src] if (src, name) not in chosen]
+        while len(chosen) < k and spare:
+            chosen.append(spare.pop(rnd.randrange(len(spare))))
+        return chosen
+
+    def _add(
+        self,
+        source: str,
+        sensor: str,
+        ses: _Session | None,
+        story: str,
+        kind: Kind,
+        t: float,
+        rev: bool,
+        attrs: dict[str, Any],
+    ) -> None:
+        s = self.s
+        flow: tuple[str, str, int, str, int] | None = None
+        if ses is not None:
+            if rev:
+                flow = (ses.proto, ses.server_ip, ses.server_port, ses.client_ip, ses.client_port)
+            else:
+                flow = (ses.proto, ses.client_ip, ses.client_port, ses.server_ip, ses.server_port)
+        reported_us = round((t + self.skews[sensor]) * 1_000_000)
+        arrival = round(t - s.start_s + _delay(self.rnd, s.max_arrival_delay_s), 6)
+        self.pending.append(
+            _Pending(self.order, arrival, t, reported_us, source, sensor, story, kind, rev, flow, attrs)
+        )
+        self.order += 1
+
+    def emit_session(self, ses: _Session, k: int) -> None:
+        rnd = self.rnd
+        for source, sensor in self._choose_sensors(ses.service, k):
+            t = round(ses.t0 + rnd.uniform(0.0, self.s.spread_s), 6)
+            rev = rnd.random() < self.s.reverse_fraction
+            self._add(source, sensor, ses, ses.story, ses.kind, t, rev, self._attrs(source, ses))
+
+    def emit_noise(self, story: str) -> None:
+        rnd = self.rnd
+        if rnd.random() < _FLOWLESS_NOISE_FRACTION:
+            client = rnd.choice(self.clients)
+            sensor = rnd.choice(self.sensors["endpoint"])
+            t = round(self.s.start_s + rnd.random() * self.s.span_s, 6)
+            attrs = {
+                "process": rnd.choice(("powershell.exe", "cron", "explorer.exe", "bash")),
+                "pid": rnd.randrange(300, 65_536),
+                "user": client.user,
+                "host": client.host,
+                "action": rnd.choice(("process_start", "file_write", "login")),
+            }
+            self._add("endpoint", sensor, None, story, "noise", t, False, attrs)
+            return
+        ses = self.new_session(story, "noise")
+        self.emit_session(ses, 1)
+
+    def run(self) -> tuple[list[SimEvent], Truth]:
+        s, rnd = self.s, self.rnd
+        n_noise = round(s.events * s.noise_fraction)
+        remaining = s.events - n_noise
+        reusable: list[_Session] = []
+        n_story = 0
+        while remaining > 0:
+            story = f"st{s.seed}-{n_story:06d}"
+            n_story += 1
+            if reusable and rnd.random() < s.port_reuse_fraction:
+                ses = self.reuse(story, reusable.pop(rnd.randrange(len(reusable))))
+            else:
+                ses = self.new_session(story, "session")
+                reusable.append(ses)
+            k = min(remaining, _pick(rnd, _SENSOR_COUNT_WEIGHTS))
+            before = len(self.pending)
+            self.emit_session(ses, k)
+            remaining -= len(self.pending) - before
+        for i in range(n_noise):
+            self.emit_noise(f"nz{s.seed}-{i:06d}")
+        self.pending.sort(key=lambda p: (p.arrival_s, p.order))
+        width = max(6, len(str(len(self.pending))))
+        out: list[SimEvent] = []
+        stories: dict[str, str] = {}
+        for i, p in enumerate(self.pending):
+            event_id = f"sim{s.seed}-{i:0{width}d}"
+            doc: dict[str, Any] = {"source": p.source, "sensor": p.sensor, "id": event_id}
+            doc["time"] = p.reported_us / 1_000_000 if p.source in _EPOCH_TIME_SOURCES else _rfc3339(p.reported_us)
+            if p.flow is not None:
+                proto, sip, sport, dip, dport = p.flow
+                doc.update(proto=proto, src_ip=sip, src_port=sport, dst_ip=dip, dst_port=dport)
+            doc["attrs"] = p.attrs
+            line = _encoder.encode(doc)
+            out.append(
+                SimEvent(line, event_id, p.story, p.arrival_s, p.source, p.sensor, p.true_time_s, p.reversed, p.kind)
+            )
+            stories[event_id] = p.story
+        return out, Truth(stories=stories, skews=dict(self.skews), scenario=s)
+
+
+def generate(s: Scenario | None = None) -> tuple[list[SimEvent], Truth]:
+    """The scenario's events, sorted by arrival, and its ground truth. Deterministic for equal settings."""
+    return _Generator(s if s is not None else Scenario()).run()
+
+
+def write(events: list[SimEvent], truth: Truth, out_path: str | Path, truth_path: str | Path) -> None:
+    """Write the JSONL (in the list's order, i.e. arrival order; gzip when ``out_path`` ends with ``.gz``) and the
+    truth JSON."""
+    data = b"".join(e.line + b"\n" for e in events)
+    out = Path(out_path)
+    if out.suffix == ".gz":
+        out.write_bytes(gzip.compress(data, mtime=0))
+    else:
+        out.write_bytes(data)
+    Path(truth_path).write_bytes(truth.to_json())
