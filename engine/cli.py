@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from engine import __version__
@@ -89,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=1_000, help="network sessions (1..4 events each)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--span-s", type=float, default=600.0, help="seconds the sessions spread over, ending now")
+    p = sub.add_parser("simulate", help="simulated sensors with ground truth: to files, or --live through the producer")
+    _common(p)
+    p.add_argument("--out", help="JSONL output (gzip when it ends in .gz), in arrival order")
+    p.add_argument("--truth", help="ground truth JSON (event id -> story, sensor skews)")
+    p.add_argument("--events", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--skew-s", type=float, default=5.0, help="per-sensor clock skew bound (default ±5 s)")
+    p.add_argument("--span-s", type=float, default=600.0)
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="send the events through the producer at their arrival "
+        "offsets (compressed --speed times) instead of writing --out",
+    )
+    p.add_argument("--speed", type=float, default=1.0)
     p = sub.add_parser("dead-letter", help="list rejected input lines, or --redrive them through validation")
     _common(p)
     p.add_argument("--redrive", action="store_true", help="validate every pending dead letter again")
@@ -377,6 +393,57 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) ->
     return EXIT_OK
 
 
+async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
+    from engine.event import parse_line
+    from engine.simulate import Scenario, generate, write
+
+    if args.events < 1 or args.speed <= 0:
+        raise ConfigError("--events/--speed", "must be positive")
+    start = time.time() - args.span_s
+    if not args.live:
+        if not args.out or not args.truth:
+            raise ConfigError("--out/--truth", "both are needed (or use --live)")
+        events, truth = generate(
+            Scenario(events=args.events, seed=args.seed, start_s=start, span_s=args.span_s, skew_s=args.skew_s)
+        )
+        write(events, truth, args.out, args.truth)
+        print(
+            f"simulate: {len(events):,} events, {len(set(truth.stories.values())):,} stories -> {args.out}, "
+            f"{args.truth}"
+        )
+        return EXIT_OK
+    # Live: the scenario starts now; each event is sent at its arrival offset / speed.
+    events, truth = generate(
+        Scenario(events=args.events, seed=args.seed, start_s=time.time(), span_s=args.span_s, skew_s=args.skew_s)
+    )
+    if args.truth:
+        await asyncio.to_thread(Path(args.truth).write_bytes, truth.to_json())
+    store = await _with_store(cfg)
+    try:
+        producer = Producer(store, cfg)
+        await producer.check_clock()
+        t0 = time.monotonic()
+        sent = 0
+        i = 0
+        while i < len(events):
+            due = t0 + events[i].arrival_s / args.speed
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now_ms = int(time.time() * 1000)
+            batch = []
+            while i < len(events) and t0 + events[i].arrival_s / args.speed <= time.monotonic():
+                batch.append(parse_line(events[i].line, cfg, now_ms))
+                i += 1
+            sent += (await producer.write(batch)).events
+            if sys.stderr.isatty():
+                sys.stderr.write(f"\rsimulate: {sent:,}/{len(events):,} events sent")
+        print(f"\nsimulate: {sent:,} events sent live at speed {args.speed:g}")
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
 def cmd_config(cfg: Config) -> int:
     import msgspec
 
@@ -415,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_config(cfg)
         if args.command == "run":
             return cmd_run(cfg, args)
+        if args.command == "simulate":
+            return asyncio.run(cmd_simulate(cfg, args))
         if args.command == "stories":
             return asyncio.run(cmd_stories(cfg, args.format, args.since, args.limit))
         if args.command == "status":

@@ -87,3 +87,16 @@ def test_only_the_store_package_imports_database_drivers() -> None:
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in drivers]
     assert offenders == []
+
+
+def test_simulate_writes_lines_and_truth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, truth = tmp_path / "s.jsonl.gz", tmp_path / "t.json"
+    assert main(["simulate", "--set", "tenant=x", "--out", str(out), "--truth", str(truth), "--events", "300"]) == 0
+    assert "300 events" in capsys.readouterr().out
+    import gzip
+    import json
+
+    lines = gzip.decompress(out.read_bytes()).splitlines()
+    stories = json.loads(truth.read_bytes())["stories"]
+    assert len(lines) == 300 and {json.loads(ln)["id"] for ln in lines} == set(stories)
+    assert main(["simulate", "--set", "tenant=x", "--events", "10"]) == 2  # neither --out nor --live
