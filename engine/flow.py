@@ -328,6 +328,7 @@ def _order(proto: str | int, src_ip: str, src_port: int | None, dst_ip: str, dst
     return _Ordered(number, src, sport, dst, dport, False)
 
 
+@functools.lru_cache(maxsize=65_536)
 def community_id(
     proto: str | int,
     src_ip: str,

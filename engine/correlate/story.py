@@ -267,14 +267,24 @@ class StoryStage:
         if due:
             ids = [m.id for m in due]
             rows = st.frame.filter(pl.col("story").is_in(ids)).sort(["story", "t", "id"])
-            for (sid,), part in rows.group_by(["story"], maintain_order=True):
-                meta = st.stories[str(sid)]  # group keys are tuples
+            col_story: list[str] = rows["story"].to_list()
+            col_t: list[int] = rows["t"].to_list()
+            col_payload: list[bytes] = rows["payload"].to_list()
+            lo = 0
+            n = len(col_story)
+            while lo < n:  # one pass over the emitted rows, split at story boundaries
+                sid = col_story[lo]
+                hi = lo + 1
+                while hi < n and col_story[hi] == sid:
+                    hi += 1
+                meta = st.stories[sid]
                 meta.revision += 1
                 meta.emitted_ms = now
                 meta.dirty = False
-                body = self._fuse(meta, part)
+                body = self._fuse(meta, col_t[lo:hi], col_payload[lo:hi])
                 out.append(StoryRecord(shard, bucket, meta.id, meta.revision, True, None, now, _json.encode(body)))
                 self.counters.emitted += 1
+                lo = hi
         if out:
             await self.store.put_stories(out)
 
@@ -282,9 +292,8 @@ class StoryStage:
         body = FusedStory(meta.id, meta.revision + 1, True, None, None, 0, 0, 0, [], [], [], {}, {}, merged_into=into)
         return StoryRecord(shard, bucket, meta.id, meta.revision + 1, True, into, now, _json.encode(body))
 
-    def _fuse(self, meta: StoryMeta, part: pl.DataFrame) -> FusedStory:
-        events = [_full.decode(p) for p in part["payload"]]
-        ts: list[int] = part["t"].to_list()
+    def _fuse(self, meta: StoryMeta, ts: list[int], payloads: list[bytes]) -> FusedStory:
+        events = [_full.decode(p) for p in payloads]
         sources = sorted({e.source for e in events})
         sensors = sorted({e.sensor for e in events})
         directions = {e.id: ("b->a" if e.reversed else "a->b") for e in events}
