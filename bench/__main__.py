@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         results["consume_cql"] = consume.run(args.consume_events, "cql")
         results["consume_vs_raw_ratio"] = results["consume_cql"]["consume_vs_raw_ratio"]
         results["idle_cpu_percent"] = results["consume_cql"]["idle"]["cpu_percent_of_one_core"]
-    from bench import correlate
+    from bench import correlate, stories
+
+    results["stories"] = stories.run()
 
     results["correlate"] = correlate.run(args.correlate_events)
     results["correlate_events_per_s"] = results["correlate"]["link_events_per_s"]
@@ -192,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"correlate link: {cr['link_events_per_s']:,.0f} events/s, baseline {cr['baseline_events_per_s']:,.0f}/s, "
         f"ratio {cr['link_vs_baseline_ratio']:.1f}"
+    )
+    st = results["stories"]
+    print(
+        f"story builder: {st['stage']['stage_events_per_s']:,.0f} events/s (link + state + fused stories + SQLite "
+        f"writes); accuracy default scenario P {st['accuracy']['precision']:.3f} R {st['accuracy']['recall']:.3f} "
+        f"exact {st['accuracy']['exact']:.3f}; with ±20 s skew R {st['accuracy_skew20']['recall']:.3f}"
     )
     print(f"results: {out}")
     return 0

@@ -1,0 +1,151 @@
+"""Story-building benchmarks: the story builder's throughput, and accuracy through the whole path.
+
+* ``stage``: :class:`engine.correlate.story.StoryStage` fed simulated events in buckets of 5,000 on one shard
+  (link + state + emission + fused-story building + writes to the embedded store), one polars thread.
+* ``accuracy``: the default simulator scenario through producer → embedded store → worker → story builder,
+  scored with B-cubed precision/recall and the exact-story match rate (bench/accuracy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+import msgspec
+
+from bench.accuracy import score
+from engine.clock import ManualClock
+from engine.config import Config, from_mapping
+from engine.correlate.story import StoryStage
+from engine.event import encode, parse_line
+from engine.ingest import Producer
+from engine.simulate import Scenario, generate
+from engine.stage import Batch, CountingStage
+from engine.store import EventRecord, make_store
+from engine.worker import Worker
+
+
+def stage_throughput(n_events: int = 200_000, per_bucket: int = 5_000) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = from_mapping(
+            {
+                "tenant": "bench_stories",
+                "shards": 1,
+                "store": {"backend": "embedded", "path": f"{tmp}/s.db"},
+                "correlate": {"match_window_ms": 30_000, "max_wait_ms": 60_000, "amend_horizon_ms": 600_000},
+            }
+        )
+        events, truth = generate(Scenario(events=n_events, seed=2, start_s=time.time() - 3_600, span_s=1_800))
+        now = int(time.time() * 1000)
+        records = [EventRecord(e.id, encode(parse_line(e.line, cfg, now))) for e in events]
+
+        async def run() -> tuple[float, dict[str, int]]:
+            store = make_store(cfg)
+            await store.open()
+            await store.init_schema()
+            try:
+                stage = StoryStage(cfg, store)
+                t0 = time.perf_counter()
+                bucket = 0
+                for i in range(0, len(records), per_bucket):
+                    await stage.on_bucket(0, bucket, Batch(records[i : i + per_bucket]), replay=False)
+                    bucket += 1
+                await stage.drain(0, bucket)
+                return time.perf_counter() - t0, vars(stage.counters)
+            finally:
+                await store.close()
+
+        seconds, counters = asyncio.run(run())
+        return {
+            "events": len(records),
+            "stories": counters["stories"],
+            "seconds": seconds,
+            "stage_events_per_s": len(records) / seconds,
+            "true_stories": len(set(truth.stories.values())),
+        }
+
+
+def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[str, str]]:
+    """Simulated sensors → producer → store → worker (story builder, drained) → the stories' latest revisions.
+    Returns (predicted story per event id, true story per event id)."""
+    events, truth = generate(scenario)
+    start_ms = int(scenario.start_s * 1000)
+    clock = ManualClock(start_ms)
+
+    async def body() -> dict[str, str]:
+        store = make_store(cfg, clock)
+        await store.open()
+        await store.init_schema()
+        try:
+            producer = Producer(store, cfg, clock)
+            producer.clock_checked = True  # simulated time
+            batch: list[Any] = []
+            for ev in events:  # delivered in arrival order, each at its arrival time
+                arrival = start_ms + int(ev.arrival_s * 1000)
+                if batch and arrival // cfg.bucket_ms != clock.now_ms() // cfg.bucket_ms:
+                    await producer.write(batch)
+                    batch = []
+                clock.set(max(clock.now_ms(), arrival))
+                batch.append(parse_line(ev.line, cfg, clock.now_ms()))
+            if batch:
+                await producer.write(batch)
+            end = clock.now_ms()
+            clock.set(end + cfg.lag_ms + cfg.bucket_ms)
+            worker = Worker(
+                cfg,
+                list(range(cfg.shards)),
+                CountingStage(),
+                owner="acc",
+                clock=clock,
+                until_bucket=end // cfg.bucket_ms,
+                drain=True,
+                check_skew=False,
+            )
+            worker.stage = StoryStage(cfg, worker.store)
+            assert await worker.run() == 0
+            latest: dict[str, Any] = {}
+            async for page in store.scan_stories():
+                for rec in page:
+                    if rec.story_id not in latest or rec.revision > latest[rec.story_id].revision:
+                        latest[rec.story_id] = rec
+            predicted: dict[str, str] = {}
+            for rec in latest.values():
+                if rec.merged_into is not None:
+                    continue
+                for eid in msgspec.json.decode(rec.body)["event_ids"]:
+                    assert eid not in predicted, f"{eid} in two stories' latest revisions"
+                    predicted[eid] = rec.story_id
+            return predicted
+        finally:
+            await store.close()
+
+    return asyncio.run(body()), dict(truth.stories)
+
+
+def accuracy(n_events: int = 10_000, skew_s: float = 5.0) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = from_mapping(
+            {
+                "tenant": "bench_accuracy",
+                "shards": 4,
+                "store": {"backend": "embedded", "path": f"{tmp}/a.db"},
+                "correlate": {"match_window_ms": 30_000, "max_wait_ms": 120_000, "amend_horizon_ms": 900_000},
+            }
+        )
+        scenario = Scenario(events=n_events, seed=1, start_s=time.time() - 2_400, span_s=600, skew_s=skew_s)
+        predicted, truth = run_pipeline(cfg, scenario)
+        return score(predicted, truth)
+
+
+def run() -> dict[str, Any]:
+    return {"stage": stage_throughput(), "accuracy": accuracy(), "accuracy_skew20": accuracy(skew_s=20.0)}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("POLARS_MAX_THREADS", "1")
+    import json
+
+    print(json.dumps(run(), indent=2))
