@@ -122,6 +122,7 @@ class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Bounded state: a story reaching either limit is emitted final with truncated = true; the open-story
     # limit (per worker shard state) force-finalizes the least recently extended stories first.
     max_story_events: Annotated[int, msgspec.Meta(ge=2)] = 10_000
+    max_story_ms: PositiveMs = 6 * 3_600_000
     max_open_stories: Annotated[int, msgspec.Meta(ge=1)] = 100_000
 
 

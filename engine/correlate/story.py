@@ -60,6 +60,9 @@ class StoryMeta:
     emitted_ms: int | None = None
     dirty: bool = True  # events joined since the last emission
     truncated: bool = False
+    t_min: int = 2**62
+    t_max: int = -(2**62)
+    predecessor: str | None = None  # the truncated story this one continues
 
 
 class FusedStory(msgspec.Struct, omit_defaults=True):
@@ -80,6 +83,7 @@ class FusedStory(msgspec.Struct, omit_defaults=True):
     attrs: dict[str, dict[str, Any]]  # per source: merged attributes (last value wins)
     totals: dict[str, int] = msgspec.field(default_factory=dict)  # sums of bytes / packets where reported
     truncated: bool = False
+    predecessor: str | None = None
     merged_into: str | None = None
 
 
@@ -89,6 +93,7 @@ class ShardState:
     stories: dict[str, StoryMeta] = field(default_factory=dict)
     pending_chunks: int = 0
     merged_now: dict[str, str] = field(default_factory=dict)  # merged this bucket: old id → survivor
+    sealed_flows: dict[int, str] = field(default_factory=dict)  # flow → its last truncated story
 
 
 @dataclass
@@ -101,6 +106,7 @@ class StoryCounters:
     merged: int = 0
     evicted: int = 0
     forced: int = 0
+    truncated: int = 0
 
 
 class StoryStage:
@@ -175,16 +181,21 @@ class StoryStage:
                 pl.col("story").drop_nulls().unique().sort().alias("known"),
                 pl.col("id").filter(pl.col("is_new")).min().alias("first_new"),
                 pl.col("is_new").sum().alias("n_new"),
+                pl.col("t").min().alias("t_min"),
+                pl.col("t").max().alias("t_max"),
+                pl.col("flow").first().alias("flow"),
             )
             .filter(pl.col("n_new") > 0)
             .sort("first_new")
         )
         survivor_of: dict[int, str] = {}
         renames: dict[str, str] = {}
-        for comp, known, first_new, n_new in groups.iter_rows():
+        for comp, known, first_new, n_new, t_min, t_max, flow in groups.iter_rows():
             if not known:
                 sid = self._new_id(shard, first_new)
                 st.stories[sid] = StoryMeta(sid, bucket, now)
+                if flow is not None and flow in st.sealed_flows:
+                    st.stories[sid].predecessor = st.sealed_flows[flow]
                 self.counters.stories += 1
             else:
                 sid = known[0]
@@ -193,6 +204,8 @@ class StoryStage:
             meta = st.stories[sid]
             meta.last_ingest_ms = now
             meta.events += int(n_new)
+            meta.t_min = min(meta.t_min, t_min)
+            meta.t_max = max(meta.t_max, t_max)
             if meta.revision and not meta.dirty:
                 self.counters.amended += 1
             meta.dirty = True
@@ -209,6 +222,7 @@ class StoryStage:
                 om, sm = st.stories[old], st.stories[sid]
                 sm.events += om.events
                 sm.first_bucket = min(sm.first_bucket, om.first_bucket)
+                sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
                 self.counters.merged += 1
         st.pending_chunks += 1
         if st.pending_chunks > 64:
@@ -230,10 +244,15 @@ class StoryStage:
                 records.append(self._stub(shard, bucket, om, sid, now))
         c = self.c
         due = [m for m in st.stories.values() if m.dirty and m.last_ingest_ms + c.max_wait_ms <= now]
-        big = [m for m in st.stories.values() if m.dirty and m.events >= c.max_story_events and m not in due]
+        span_us = c.max_story_ms * 1000
+        big = [
+            m
+            for m in st.stories.values()
+            if m.dirty and (m.events >= c.max_story_events or m.t_max - m.t_min >= span_us)
+        ]
         for m in big:
             m.truncated = True
-        due += big
+        due += [m for m in big if m not in due]
         open_now = sum(1 for m in st.stories.values() if m.dirty)
         if open_now - len(due) > c.max_open_stories:
             extra = sorted((m for m in st.stories.values() if m.dirty and m not in due), key=lambda m: m.last_ingest_ms)
@@ -242,6 +261,8 @@ class StoryStage:
             due += forced
         if records or due:
             await self._emit(shard, bucket, st, due, now, records)
+        if big:
+            self._seal(st, big)
         # Leave the state: emitted, quiet, and past the amend horizon.
         gone = [
             m.id
@@ -253,6 +274,19 @@ class StoryStage:
                 del st.stories[sid]
             st.frame = st.frame.filter(~pl.col("story").is_in(gone))
             self.counters.evicted += len(gone)
+
+    def _seal(self, st: ShardState, stories: list[StoryMeta]) -> None:
+        """A truncated story is final: its rows leave the state (memory stays bounded under a flood of one
+        flow), and the next events of its flows start a successor story that names it."""
+        ids = [m.id for m in stories]
+        rows = st.frame.filter(pl.col("story").is_in(ids)).group_by("flow").agg(pl.col("story").max())
+        for flow, sid in rows.iter_rows():
+            if flow is not None:
+                st.sealed_flows[flow] = sid
+        st.frame = st.frame.filter(~pl.col("story").is_in(ids))
+        for sid in ids:
+            del st.stories[sid]
+        self.counters.truncated += len(ids)
 
     async def _emit(
         self,
@@ -335,4 +369,5 @@ class StoryStage:
             attrs,
             totals,
             meta.truncated,
+            meta.predecessor,
         )

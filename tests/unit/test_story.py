@@ -259,3 +259,39 @@ def test_open_story_limit_forces_the_oldest_out(tmp_path: Path) -> None:
         await r.store.close()
 
     arun(body())
+
+
+def test_a_flood_of_one_flow_is_cut_into_truncated_stories_that_name_their_predecessor(tmp_path: Path) -> None:
+    async def body() -> None:
+        r = Run(tmp_path, max_story_events=5)
+        await r.start()
+        for k in range(12):
+            await r.feed(100 + k, ev(f"f{k:02d}", 2.0 * k))
+            assert r.stage.shards[0].frame.height <= 5  # the state stays bounded
+        await r.tick(112, 125)
+        latest = await r.latest()
+        chain = sorted(latest.values(), key=lambda s: s["first_seen"])
+        assert [s["event_count"] for s in chain] == [5, 5, 2]
+        assert [s.get("truncated", False) for s in chain] == [True, True, False]
+        assert chain[0].get("predecessor") is None
+        assert chain[1]["predecessor"] == chain[0]["story_id"] and chain[2]["predecessor"] == chain[1]["story_id"]
+        assert sorted(i for s in chain for i in s["event_ids"]) == [f"f{k:02d}" for k in range(12)]
+        assert r.stage.counters.truncated == 2
+        await r.store.close()
+
+    arun(body())
+
+
+def test_a_story_longer_than_max_story_ms_is_cut(tmp_path: Path) -> None:
+    async def body() -> None:
+        r = Run(tmp_path, max_story_ms=60_000)
+        await r.start()
+        for k in range(5):  # 20 s apart: chained by the 30 s window, 80 s long in all
+            await r.feed(100 + k, ev(f"g{k}", 20.0 * k))
+        await r.tick(105, 120)
+        chain = sorted((await r.latest()).values(), key=lambda s: s["first_seen"])
+        assert [s["event_ids"] for s in chain] == [["g0", "g1", "g2", "g3"], ["g4"]]
+        assert chain[0]["truncated"] and chain[1]["predecessor"] == chain[0]["story_id"]
+        await r.store.close()
+
+    arun(body())
