@@ -124,6 +124,9 @@ class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_story_events: Annotated[int, msgspec.Meta(ge=2)] = 10_000
     max_story_ms: PositiveMs = 6 * 3_600_000
     max_open_stories: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    # How a story merges each attribute over its events of one source (in event-time order): first, last, sum,
+    # min, max or set. Attributes not named here take `last`; `bytes` and `packets` are also summed into totals.
+    merge: dict[str, Literal["first", "last", "sum", "min", "max", "set"]] = msgspec.field(default_factory=dict)
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -59,6 +59,7 @@ class StoryMeta:
     revision: int = 0  # the last emitted revision; 0: never emitted
     emitted_ms: int | None = None
     dirty: bool = True  # events joined since the last emission
+    changed: bool = True  # events joined in the bucket being processed
     truncated: bool = False
     t_min: int = 2**62
     t_max: int = -(2**62)
@@ -107,6 +108,26 @@ class StoryCounters:
     evicted: int = 0
     forced: int = 0
     truncated: int = 0
+
+
+_MISSING: Any = object()
+
+
+def _merge(rule: str, old: Any, new: Any) -> Any:
+    """One attribute value folded into the merged value by its rule; values a rule cannot combine (a sum of
+    strings) fall back to the latest value."""
+    if old is _MISSING:
+        return [new] if rule == "set" else new
+    if rule == "first":
+        return old
+    if rule == "set":
+        return old if new in old else [*old, new]
+    numeric = isinstance(old, int | float) and isinstance(new, int | float)
+    if rule == "sum" and numeric and not isinstance(old, bool) and not isinstance(new, bool):
+        return old + new
+    if rule in ("min", "max") and numeric:
+        return min(old, new) if rule == "min" else max(old, new)
+    return new
 
 
 class StoryStage:
@@ -209,6 +230,7 @@ class StoryStage:
             if meta.revision and not meta.dirty:
                 self.counters.amended += 1
             meta.dirty = True
+            meta.changed = True
             survivor_of[comp] = sid
         assigned = (
             union.filter(pl.col("is_new"))
@@ -259,8 +281,13 @@ class StoryStage:
             forced = extra[: open_now - len(due) - c.max_open_stories]
             self.counters.forced += len(forced)
             due += forced
-        if records or due:
-            await self._emit(shard, bucket, st, due, now, records)
+        provisional: list[StoryMeta] = []
+        if c.emit == "updates":
+            provisional = [m for m in st.stories.values() if m.changed and m.dirty and m not in due]
+        for m in st.stories.values():
+            m.changed = False
+        if records or due or provisional:
+            await self._emit(shard, bucket, st, due, now, records, provisional)
         if big:
             self._seal(st, big)
         # Leave the state: emitted, quiet, and past the amend horizon.
@@ -296,8 +323,11 @@ class StoryStage:
         due: list[StoryMeta],
         now: int,
         records: list[StoryRecord] | None = None,
+        provisional: list[StoryMeta] | None = None,
     ) -> None:
         out = list(records or [])
+        temp = {m.id for m in provisional or []}
+        due = [*due, *(provisional or [])]
         if due:
             ids = [m.id for m in due]
             rows = st.frame.filter(pl.col("story").is_in(ids)).sort(["story", "t", "id"])
@@ -313,10 +343,13 @@ class StoryStage:
                     hi += 1
                 meta = st.stories[sid]
                 meta.revision += 1
-                meta.emitted_ms = now
-                meta.dirty = False
+                final = sid not in temp
+                if final:  # a provisional revision neither closes the story nor starts its amend horizon
+                    meta.emitted_ms = now
+                    meta.dirty = False
                 body = self._fuse(meta, col_t[lo:hi], col_payload[lo:hi])
-                out.append(StoryRecord(shard, bucket, meta.id, meta.revision, True, None, now, _json.encode(body)))
+                body.final = final
+                out.append(StoryRecord(shard, bucket, meta.id, meta.revision, final, None, now, _json.encode(body)))
                 self.counters.emitted += 1
                 lo = hi
         if out:
@@ -333,8 +366,14 @@ class StoryStage:
         directions = {e.id: ("b->a" if e.reversed else "a->b") for e in events}
         attrs: dict[str, dict[str, Any]] = {}
         totals: dict[str, int] = {}
+        rules = self.c.merge
         for e in events:
-            attrs.setdefault(e.source, {}).update(e.attrs)
+            merged = attrs.setdefault(e.source, {})
+            if not rules:
+                merged.update(e.attrs)
+            else:
+                for k, v in e.attrs.items():
+                    merged[k] = _merge(rules.get(k, "last"), merged.get(k, _MISSING), v)
             for k in TOTALS:
                 v = e.attrs.get(k)
                 if isinstance(v, int) and not isinstance(v, bool):

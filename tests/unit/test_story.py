@@ -295,3 +295,45 @@ def test_a_story_longer_than_max_story_ms_is_cut(tmp_path: Path) -> None:
         await r.store.close()
 
     arun(body())
+
+
+def test_updates_mode_emits_provisional_revisions_then_the_final(tmp_path: Path) -> None:
+    async def body() -> None:
+        r = Run(tmp_path, emit="updates")
+        await r.start()
+        await r.feed(100, ev("a", 0.0))
+        await r.feed(101)
+        await r.feed(102, ev("b", 1.0, sensor="ep-1"))
+        await r.tick(103, 113)
+        (revs,) = (await r.stories()).values()
+        assert [(x["revision"], x["final"], len(x["event_ids"])) for x in revs] == [
+            (1, False, 1),
+            (2, False, 2),
+            (3, True, 2),
+        ]
+        await r.store.close()
+
+    arun(body())
+
+
+def test_merge_rules_per_attribute(tmp_path: Path) -> None:
+    async def body() -> None:
+        r = Run(tmp_path, merge={"bytes": "sum", "action": "first", "user": "set", "pkts": "max", "rtt": "min"})
+        await r.start()
+        await r.feed(100, ev("a", 0.0, attrs={"bytes": 10, "action": "allow", "user": "u1", "pkts": 3, "rtt": 9.5}))
+        await r.feed(101, ev("b", 1.0, attrs={"bytes": 5, "action": "deny", "user": "u2", "pkts": 2, "rtt": 4.0}))
+        await r.feed(102, ev("c", 2.0, attrs={"bytes": "n/a", "user": "u1", "note": "x"}))
+        await r.tick(103, 113)
+        (story,) = (await r.latest()).values()
+        assert story["attrs"]["firewall"] == {
+            "bytes": "n/a",  # a string cannot be summed: the latest value stands, and totals skip it
+            "action": "allow",
+            "user": ["u1", "u2"],
+            "pkts": 3,
+            "rtt": 4.0,
+            "note": "x",
+        }
+        assert story["totals"] == {"bytes": 15}
+        await r.store.close()
+
+    arun(body())
