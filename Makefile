@@ -31,6 +31,7 @@ run: install ## the demo on the embedded store: synthetic events, ingest, engine
 	$(BIN)/storyline run --config $(CONFIG) --drain
 	$(BIN)/storyline status --config $(CONFIG) | tail -n 1
 	$(BIN)/storyline stories --config $(CONFIG) --limit 10
+	$(BIN)/storyline verify --config $(CONFIG)
 
 test: install lint ## lint, start the local CQL node when Java and Maven exist, run every test
 	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then \

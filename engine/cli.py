@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="stories",
         help="what workers do with events: build stories (default) or only count them",
     )
+    p = sub.add_parser("verify", help="check that every accepted event is in exactly one story (after run --drain)")
+    _common(p)
+    p.add_argument("--truth", help="a `storyline simulate` truth file: every event in it must have been accepted")
     p = sub.add_parser("stories", help="print the latest revision of every story")
     _common(p)
     p.add_argument("--format", choices=["table", "jsonl"], default="table")
@@ -444,6 +447,30 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_verify(cfg: Config, truth_path: str | None) -> int:
+    import msgspec
+
+    from engine.verify import verify
+
+    truth: dict[str, str] = {}
+    if truth_path:
+        try:
+            raw = await asyncio.to_thread(Path(truth_path).read_bytes)
+            truth = msgspec.json.decode(raw)["stories"]
+        except (OSError, msgspec.DecodeError, KeyError, TypeError) as exc:
+            raise ConfigError("--truth", f"cannot read a truth file from {truth_path}: {exc}") from None
+    store = await _with_store(cfg)
+    try:
+        report = await verify(store, cfg, await store.server_time_ms())
+    finally:
+        await store.close()
+    if truth:
+        report.truth_missing = sorted(set(truth) - report.accepted_ids)
+    for line in report.lines():
+        print(line)
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
 def cmd_config(cfg: Config) -> int:
     import msgspec
 
@@ -484,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(cfg, args)
         if args.command == "simulate":
             return asyncio.run(cmd_simulate(cfg, args))
+        if args.command == "verify":
+            return asyncio.run(cmd_verify(cfg, args.truth))
         if args.command == "stories":
             return asyncio.run(cmd_stories(cfg, args.format, args.since, args.limit))
         if args.command == "status":

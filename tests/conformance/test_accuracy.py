@@ -25,3 +25,35 @@ def test_small_scenario_scores_at_least_098(make_config: ConfigFactory) -> None:
     assert set(predicted) == set(truth), "every accepted event is in exactly one story"
     s = score(predicted, truth)
     assert s["precision"] >= 0.98 and s["recall"] >= 0.98 and s["exact"] >= 0.98, s
+
+
+def test_verify_holds_after_a_drain_and_catches_a_lost_event(make_config: ConfigFactory) -> None:
+    import asyncio
+
+    from engine.store import EventRecord, make_store
+    from engine.verify import verify
+
+    cfg = make_config(
+        shards=4,
+        correlate={"match_window_ms": 30_000, "max_wait_ms": 120_000, "amend_horizon_ms": 900_000},
+    )
+    scenario = Scenario(events=600, seed=9, start_s=time.time() - 1_800, span_s=300)
+    predicted, truth = run_pipeline(cfg, scenario)
+    assert set(predicted) == set(truth)
+
+    async def check() -> None:
+        store = make_store(cfg)
+        await store.open()
+        try:
+            now = int(time.time() * 1000)
+            good = await verify(store, cfg, now)
+            assert good.ok, good.lines()
+            assert good.events == len(truth) and not good.missing and not good.unknown
+            # an accepted event that no story holds is loss: verify must say so
+            await store.append(1, now // cfg.bucket_ms, [EventRecord("orphan-1", b"\x90")])
+            bad = await verify(store, cfg, now)
+            assert not bad.ok and bad.missing == ["orphan-1"]
+        finally:
+            await store.close()
+
+    asyncio.run(check())
