@@ -158,11 +158,35 @@ class StoryStage:
         await self._emit(shard, bucket, st, due, now)
 
     async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
+        """Buckets arrive in order but not necessarily one by one (empty buckets may be skipped): what falls
+        due in the skipped buckets is settled first, at the bucket it fell due in, so the output does not
+        depend on which empty buckets the worker reported (live and replay agree)."""
         st = self.shards.setdefault(shard, ShardState())
-        now = (bucket + 1) * self.cfg.bucket_ms
+        await self._catch_up(shard, st, bucket - 1)
         if len(batch):
-            self._absorb(shard, bucket, st, batch, now)
-        await self._timeouts(shard, bucket, st, now)
+            self._absorb(shard, bucket, st, batch, (bucket + 1) * self.cfg.bucket_ms)
+        await self._timeouts(shard, bucket, st, (bucket + 1) * self.cfg.bucket_ms)
+
+    def _due_bucket(self, ms: int) -> int:
+        """The first bucket whose end is at or after ``ms``."""
+        return -(-ms // self.cfg.bucket_ms) - 1
+
+    async def _catch_up(self, shard: int, st: ShardState, until: int) -> None:
+        """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order."""
+        c = self.c
+        while True:
+            pending = [
+                self._due_bucket(m.last_ingest_ms + c.max_wait_ms) for m in st.stories.values() if m.dirty
+            ] + [
+                self._due_bucket(m.emitted_ms + c.amend_horizon_ms)
+                for m in st.stories.values()
+                if not m.dirty and m.emitted_ms is not None
+            ]
+            due = [b for b in pending if b <= until]
+            if not due:
+                return
+            b = min(due)
+            await self._timeouts(shard, b, st, (b + 1) * self.cfg.bucket_ms)
 
     # -- linking ------------------------------------------------------------------------------------------
     def _absorb(self, shard: int, bucket: int, st: ShardState, batch: Batch, now: int) -> None:
