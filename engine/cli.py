@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,10 @@ async def cmd_init(cfg: Config) -> int:
 async def cmd_selftest(cfg: Config, n: int) -> int:
     if n < 1:
         raise ConfigError("--events", "must be >= 1")
+    # Its own throw-away tenant: selftest payloads are not canonical events and must never enter a live queue.
+    import msgspec
+
+    cfg = msgspec.structs.replace(cfg, tenant=f"selftest_{uuid.uuid4().hex[:12]}")
     store = await _with_store(cfg)
     try:
         await store.init_schema()
@@ -180,7 +185,10 @@ async def cmd_selftest(cfg: Config, n: int) -> int:
             f"offset claimed (epoch {off.epoch}) and committed; database clock {skew:+d} ms from this host"
         )
     finally:
-        await store.close()
+        try:
+            await store.drop_schema()
+        finally:
+            await store.close()
     return EXIT_OK
 
 
@@ -400,8 +408,8 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     from engine.event import parse_line
     from engine.simulate import Scenario, generate, write
 
-    if args.events < 1 or args.speed <= 0:
-        raise ConfigError("--events/--speed", "must be positive")
+    if args.events < 1 or args.speed <= 0 or args.span_s <= 0 or args.skew_s < 0:
+        raise ConfigError("--events/--speed/--span-s/--skew-s", "must be positive (skew >= 0)")
     start = time.time() - args.span_s
     if not args.live:
         if not args.out or not args.truth:
@@ -526,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except StorylineError as exc:
         print(f"storyline: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable or truncated input, a port in use, a full disk
+        print(f"storyline: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

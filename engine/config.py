@@ -187,12 +187,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f" + bucket_ms = {need_lag}, or a worker could read a bucket producers still write",
             )
         c = self.correlate
-        need_ttl = self.lag_ms + c.max_wait_ms + c.amend_horizon_ms + self.downtime_allowance_ms
+        need_ttl = self.lag_ms + c.max_story_ms + c.max_wait_ms + c.amend_horizon_ms + self.downtime_allowance_ms
         if self.ttl_ms < need_ttl:
             raise ConfigError(
                 "ttl_ms",
-                f"{self.ttl_ms} must be >= lag_ms + correlate.max_wait_ms + correlate.amend_horizon_ms"
-                f" + downtime_allowance_ms = {need_ttl}, or unread events could expire",
+                f"{self.ttl_ms} must be >= lag_ms + correlate.max_story_ms + correlate.max_wait_ms"
+                f" + correlate.amend_horizon_ms + downtime_allowance_ms = {need_ttl}, or events a replay needs"
+                f" could expire",
             )
         if self.ttl_ms % 1000:
             raise ConfigError("ttl_ms", f"{self.ttl_ms} must be whole seconds (CQL TTLs are in seconds)")

@@ -24,12 +24,26 @@ class Batch:
     """The events of one bucket of one shard: the linking fields decoded up front (a small view struct, cheap),
     the full events only when asked for (``events()``), e.g. for the events of a story being emitted."""
 
-    __slots__ = ("_events", "records", "views")
+    __slots__ = ("_events", "records", "undecodable", "views")
 
     def __init__(self, records: Sequence[EventRecord]) -> None:
-        self.records = records
         dec = _view_decoder.decode
-        self.views: list[EventView] = [dec(r.payload) for r in records]
+        self.undecodable = 0
+        try:
+            self.views: list[EventView] = [dec(r.payload) for r in records]
+            self.records = records
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # Not a canonical event (written by something else into the queue): skip it, count it, go on —
+            # one bad row must not stop a shard.
+            good: list[EventRecord] = []
+            self.views = []
+            for r in records:
+                try:
+                    self.views.append(dec(r.payload))
+                    good.append(r)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.undecodable += 1
+            self.records = good
         self._events: list[Event] | None = None
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.clock import SYSTEM_CLOCK, Clock
@@ -24,6 +24,7 @@ from engine.errors import StorylineError
 from engine.ingest import ClockSkewError
 from engine.stage import EMPTY, Batch, Stage
 from engine.store import BucketHint, Commit, EventRecord, Offset, Store, make_store
+from engine.store.common import run_all
 
 log = logging.getLogger("storyline.worker")
 
@@ -63,6 +64,7 @@ class WorkerStats:
     commits: int = 0
     errors: int = 0
     index_scans: int = 0
+    undecodable: int = 0  # payloads that are not canonical events: skipped and counted
     started: float = field(default_factory=time.time)
     last_error: str = ""
 
@@ -166,7 +168,7 @@ class Worker:
             if hi_s not in reads:
                 await self.stage.on_bucket(st.shard, hi_s, EMPTY, replay=True)  # replayed time reaches read_bucket
 
-        await asyncio.gather(*(one(st) for st in todo))
+        await run_all(one(st) for st in todo)
 
     # -- reading -------------------------------------------------------------------------------------------
     async def _read(self, shard: int, hint: BucketHint) -> Batch:
@@ -190,7 +192,8 @@ class Worker:
                 batch = await fut
                 await self.stage.on_bucket(st.shard, h.bucket, batch, replay=False)
                 self.stats.events += len(batch)
-                st.read = h.bucket
+                self.stats.undecodable += batch.undecodable
+                st.read = max(st.read, h.bucket)
         finally:
             for fut in reads:
                 if not fut.done():
@@ -240,7 +243,8 @@ class Worker:
         last = min(target, lo + max(per_scan, 1) - 1)
         hints = await self.store.scan_index([st.shard for st in behind], lo, last)
         self.stats.index_scans += 1
-        await asyncio.gather(*(self._consume_shard(st, hints.get(st.shard, []), last) for st in behind))
+        # run_all: if one shard fails, the others are cancelled (not left running beside the retried round).
+        await run_all(self._consume_shard(st, hints.get(st.shard, []), last) for st in behind)
         await self.commit(behind, force=False)
         return True
 
@@ -256,21 +260,38 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), delay)
 
+    async def _with_backoff(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Start-up steps: transient database errors are retried with backoff until the worker is stopped."""
+        backoff = 0.5
+        while True:
+            try:
+                await fn()
+                return
+            except StorylineError as exc:
+                if not exc.retriable or self.stop.is_set():
+                    raise
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                log.warning("transient error at start-up, retrying in %.1f s: %s", backoff, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
     async def run(self) -> int:
         """Returns 0 on a normal stop or when idle (``until``), 3 when every shard was lost to other owners."""
         await self.store.open()
         try:
-            await self.measure_skew()
-            await self.claim_all()
-            await self.replay()
+            await self._with_backoff(self.measure_skew)
+            await self._with_backoff(self.claim_all)
+            await self._with_backoff(self.replay)
             backoff = 0.5
             while not self.stop.is_set():
                 if self.parent_alive is not None and not self.parent_alive():
                     log.error("supervisor is gone; stopping")
                     break
-                if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
-                    await self.measure_skew()
                 try:
+                    if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
+                        await self.measure_skew()
                     progressed = await self.step()
                     backoff = 0.5
                 except StorylineError as exc:
@@ -312,6 +333,7 @@ class Worker:
             "commits": self.stats.commits,
             "errors": self.stats.errors,
             "incomplete": self.stats.incomplete,
+            "undecodable": self.stats.undecodable,
             "last_error": self.stats.last_error,
             "shards": {
                 str(st.shard): {

@@ -175,9 +175,7 @@ class StoryStage:
         """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order."""
         c = self.c
         while True:
-            pending = [
-                self._due_bucket(m.last_ingest_ms + c.max_wait_ms) for m in st.stories.values() if m.dirty
-            ] + [
+            pending = [self._due_bucket(m.last_ingest_ms + c.max_wait_ms) for m in st.stories.values() if m.dirty] + [
                 self._due_bucket(m.emitted_ms + c.amend_horizon_ms)
                 for m in st.stories.values()
                 if not m.dirty and m.emitted_ms is not None

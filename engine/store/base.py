@@ -108,7 +108,8 @@ class Store(Protocol):
     # -- offsets -------------------------------------------------------------------------------------------
     async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
         """Take ownership of a shard: the epoch increments, fencing out the previous owner. A shard never
-        claimed before starts with ``read_bucket = replay_bucket = initial_bucket``."""
+        claimed before starts with ``read_bucket = initial_bucket`` and nothing to replay
+        (``replay_bucket = initial_bucket + 1``)."""
 
     async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
         """:meth:`claim` for several shards (one conditional batch per 16-shard offsets partition on CQL), by

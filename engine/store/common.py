@@ -177,21 +177,16 @@ def max_size_class(groups: Iterable[list[Row]]) -> int:
 def hints(
     rows: Iterable[tuple[int, int, int]], shards: Sequence[int], first: int, last: int
 ) -> dict[int, list[BucketHint]]:
-    """``(bucket, shard, size_class)`` index rows → per wanted shard, one hint per bucket in ``[first, last]``
-    (ascending) with its largest row class."""
+    """``(bucket, shard, size_class)`` index rows, in any order → per wanted shard, one hint per bucket in
+    ``[first, last]`` (ascending) carrying its largest row class."""
     wanted = set(shards)
-    out: dict[int, list[BucketHint]] = {}
+    best: dict[tuple[int, int], int] = {}
     for bucket, shard, cls in rows:
-        if shard not in wanted or not first <= bucket <= last:
-            continue
-        lst = out.setdefault(shard, [])
-        if lst and lst[-1].bucket == bucket:
-            if (1 << cls) > lst[-1].max_row_bytes:
-                lst[-1] = BucketHint(bucket, 1 << cls)
-        else:
-            lst.append(BucketHint(bucket, 1 << cls))
-    for lst in out.values():
-        lst.sort()
+        if shard in wanted and first <= bucket <= last and cls > best.get((shard, bucket), -1):
+            best[(shard, bucket)] = cls
+    out: dict[int, list[BucketHint]] = {}
+    for (shard, bucket), cls in sorted(best.items()):
+        out.setdefault(shard, []).append(BucketHint(bucket, 1 << cls))
     return out
 
 

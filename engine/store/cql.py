@@ -19,7 +19,7 @@ from scyllapy.extra_types import BigInt, Unset
 
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
-from engine.errors import SchemaError, StoreError, TransientStoreError
+from engine.errors import SchemaError, StoreError, TransientStoreError, WriteTooLateError
 from engine.store.base import SCHEMA_VERSION, index_group, index_slot
 from engine.store.common import (
     ROW_OVERHEAD,
@@ -164,8 +164,11 @@ class CqlStore:
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
         return await retrying(op, cfg=self.cfg, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms)
 
-    async def _call(self, what: str, coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, coro_fn: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
         async with self._sem:
+            # Checked once the slot is ours: waiting for a slot must not let a write start after its deadline.
+            if deadline_ms is not None and self.clock.now_ms() > deadline_ms:
+                raise WriteTooLateError(f"{what}: deadline passed while waiting for a request slot")
             try:
                 return await coro_fn()
             except ScyllaPyBaseError as exc:
@@ -198,7 +201,7 @@ class CqlStore:
         prepared = await self._prep(key, cql, serial_read=serial_read)
 
         async def once() -> list[dict[str, Any]]:
-            res = await self._call(what, lambda: self.db.execute(prepared, list(params)))
+            res = await self._call(what, lambda: self.db.execute(prepared, list(params)), deadline_ms)
             try:
                 return res.all()
             except ScyllaPyMappingError:  # a statement that returns no rows
@@ -421,7 +424,7 @@ class CqlStore:
             if len(group) == 1:
 
                 async def once() -> None:
-                    await self._call(what, lambda: self.db.execute(prepared, params[0]))
+                    await self._call(what, lambda: self.db.execute(prepared, params[0]), deadline_ms)
             else:
 
                 async def once() -> None:
@@ -433,7 +436,7 @@ class CqlStore:
                     )
                     for _ in group:
                         batch.add_query(prepared)
-                    await self._call(what, lambda: self.db.batch(batch, params))
+                    await self._call(what, lambda: self.db.batch(batch, params), deadline_ms)
 
             await self._retry(what, once, deadline_ms)
 
@@ -533,7 +536,7 @@ class CqlStore:
                     "offset_create",
                     f"INSERT INTO {ks}.read_offsets (consumer, shard_group, shard, read_bucket, replay_bucket, owner, "
                     f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-                    [consumer, group, shard, initial_bucket, initial_bucket, owner, 1, now],
+                    [consumer, group, shard, initial_bucket, initial_bucket + 1, owner, 1, now],
                 )
             else:
                 rows = await self._exec(
@@ -548,7 +551,7 @@ class CqlStore:
                 )
             if rows and rows[0].get("[applied]"):
                 if cur is None:
-                    return Offset(consumer, shard, initial_bucket, initial_bucket, owner, 1, now)
+                    return Offset(consumer, shard, initial_bucket, initial_bucket + 1, owner, 1, now)
                 return Offset(consumer, shard, cur.read_bucket, cur.replay_bucket, owner, cur.epoch + 1, now)
             # Not applied: someone else moved it, or our own earlier attempt (retried after a timeout) did.
             got = await self._read_offset_serial(consumer, shard)
@@ -612,8 +615,8 @@ class CqlStore:
             c = cur.get(sh)
             if c is None:
                 batch.add_query(create)
-                params.append([consumer, group, sh, b(initial_bucket), b(initial_bucket), owner, b(1), b(now)])
-                result.append(Offset(consumer, sh, initial_bucket, initial_bucket, owner, 1, now))
+                params.append([consumer, group, sh, b(initial_bucket), b(initial_bucket + 1), owner, b(1), b(now)])
+                result.append(Offset(consumer, sh, initial_bucket, initial_bucket + 1, owner, 1, now))
             else:
                 batch.add_query(take)
                 params.append(

@@ -368,7 +368,7 @@ class EmbeddedStore:
                 c.execute(
                     f"INSERT INTO {self.t('read_offsets')} (consumer, shard, read_bucket, replay_bucket, owner, "
                     f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                    (consumer, shard, initial_bucket, initial_bucket, owner, now),
+                    (consumer, shard, initial_bucket, initial_bucket + 1, owner, now),
                 )
             else:
                 c.execute(

@@ -287,7 +287,7 @@ def test_offset_fencing(make_config: ConfigFactory) -> None:
         store = await opened(cfg)
         try:
             a = await store.claim("main", 3, "worker-a", 99)
-            assert (a.read_bucket, a.replay_bucket, a.owner, a.epoch) == (99, 99, "worker-a", 1)
+            assert (a.read_bucket, a.replay_bucket, a.owner, a.epoch) == (99, 100, "worker-a", 1)
             await store.commit("main", 3, "worker-a", a.epoch, 120, 110)
             await store.commit("main", 3, "worker-a", a.epoch, 120, 110)  # a retried commit is harmless
             b = await store.claim("main", 3, "worker-b", 0)
@@ -339,7 +339,7 @@ def test_commit_many_applies_what_it_may_and_names_the_refused(make_config: Conf
         assert refused == [2, 3]
         assert offs == {
             1: (20, 15, "me"),
-            2: (10, 10, "thief"),
+            2: (10, 11, "thief"),
             3: (50, 50, "me"),
             17: (21, 21, "me"),
             33: (22, 11, "me"),
@@ -360,10 +360,10 @@ def test_claim_many_takes_over_and_creates(make_config: ConfigFactory) -> None:
             await store.commit("main", 3, "old", old.epoch, 30, 25)
             got = await store.claim_many("main", [1, 3, 17, 35], "new", 9)
             assert [(o.shard, o.read_bucket, o.replay_bucket, o.owner, o.epoch) for o in got] == [
-                (1, 9, 9, "new", 1),
+                (1, 9, 10, "new", 1),
                 (3, 30, 25, "new", 2),
-                (17, 9, 9, "new", 1),
-                (35, 9, 9, "new", 1),
+                (17, 9, 10, "new", 1),
+                (35, 9, 10, "new", 1),
             ]
             with pytest.raises(FencedError):
                 await store.commit("main", 3, "old", old.epoch, 31, 31)
