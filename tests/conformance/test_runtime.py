@@ -157,6 +157,29 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
     arun(body())
 
 
+def test_worker_skips_and_counts_rows_that_are_not_events(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=1, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        try:
+            await put(store, 0, b0 + 1, [ev(1), ev(3)])
+            await store.append(0, b0 + 1, [EventRecord("e0-000002", b'{"not": "an event"}')])
+            clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
+            stage = CountingStage()
+            stage.keep_ids = True
+            w = Worker(cfg, [0], stage, owner="w", clock=clock, until_bucket=b0 + 2, check_skew=False)
+            assert await w.run() == 0
+            assert stage.seen[0] == [(b0 + 1, ["e0-000001", "e0-000003"])]
+            assert w.stats.undecodable == 1
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 class FlakyReads:
     """Fault injection around a real store: the first ``n`` partition reads fail with a transient error."""
 
