@@ -64,6 +64,7 @@ class StoryMeta:
     t_min: int = 2**62
     t_max: int = -(2**62)
     predecessor: str | None = None  # the truncated story this one continues
+    last_bucket: int = -1  # the last bucket an event joined in
 
 
 class FusedStory(msgspec.Struct, omit_defaults=True):
@@ -95,6 +96,8 @@ class ShardState:
     pending_chunks: int = 0
     merged_now: dict[str, str] = field(default_factory=dict)  # merged this bucket: old id → survivor
     sealed_flows: dict[int, str] = field(default_factory=dict)  # flow → its last truncated story
+    # (first_bucket, last_bucket) of stories that left the state: a replay must not start inside one of them
+    gone: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -141,10 +144,21 @@ class StoryStage:
 
     # -- the stage interface ------------------------------------------------------------------------------
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
+        """The first bucket of the oldest story in the state — moved further back while a story that already
+        left the state has events on both sides of it, so that a replay never starts in the middle of a story
+        (its later events would otherwise be rebuilt into a new, partial story)."""
         st = self.shards.get(shard)
-        if st is None or not st.stories:
+        if st is None:
             return read_bucket + 1
-        return min(m.first_bucket for m in st.stories.values())
+        r = min((m.first_bucket for m in st.stories.values()), default=read_bucket + 1)
+        moved = True
+        while moved:
+            moved = False
+            for first, last in st.gone:
+                if first < r <= last:
+                    r, moved = first, True
+        st.gone = [(f, la) for f, la in st.gone if la >= r]  # those ending before r can never matter again
+        return r
 
     def metrics(self) -> dict[str, float]:
         return {f"stories_{k}": float(v) for k, v in vars(self.counters).items()}
@@ -246,6 +260,7 @@ class StoryStage:
                     renames[other] = sid
             meta = st.stories[sid]
             meta.last_ingest_ms = now
+            meta.last_bucket = bucket
             meta.events += int(n_new)
             meta.t_min = min(meta.t_min, t_min)
             meta.t_max = max(meta.t_max, t_max)
@@ -266,6 +281,7 @@ class StoryStage:
                 om, sm = st.stories[old], st.stories[sid]
                 sm.events += om.events
                 sm.first_bucket = min(sm.first_bucket, om.first_bucket)
+                sm.last_bucket = max(sm.last_bucket, om.last_bucket)
                 sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
                 self.counters.merged += 1
         st.pending_chunks += 1
@@ -320,7 +336,8 @@ class StoryStage:
         ]
         if gone:
             for sid in gone:
-                del st.stories[sid]
+                m = st.stories.pop(sid)
+                st.gone.append((m.first_bucket, m.last_bucket))
             st.frame = st.frame.filter(~pl.col("story").is_in(gone))
             self.counters.evicted += len(gone)
 
@@ -334,7 +351,8 @@ class StoryStage:
                 st.sealed_flows[flow] = sid
         st.frame = st.frame.filter(~pl.col("story").is_in(ids))
         for sid in ids:
-            del st.stories[sid]
+            m = st.stories.pop(sid)
+            st.gone.append((m.first_bucket, m.last_bucket))
         self.counters.truncated += len(ids)
 
     async def _emit(

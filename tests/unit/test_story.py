@@ -363,3 +363,39 @@ def test_output_does_not_depend_on_which_empty_buckets_were_reported(tmp_path: P
             await r.store.close()
 
     arun(body())
+
+
+def test_replay_never_starts_inside_a_story_that_already_left(tmp_path: Path) -> None:
+    # X (buckets 100, 103, 106) is emitted and evicted; Z starts at 105 and is still open at the crash (190).
+    # Replaying from Z's first bucket alone would rebuild X's last event into a new, partial story.
+    script: dict[int, list[Event]] = {100: [ev("x0", 0.0)], 103: [ev("x1", 20.0)], 106: [ev("x2", 40.0)]}
+    for k, b in enumerate(range(105, 250, 7)):
+        script.setdefault(b, []).append(ev(f"z{k:02d}", 5.0 + 7.0 * k, sport=7))
+
+    async def records(r: Run) -> list[tuple[Any, ...]]:
+        out = []
+        async for page in r.store.scan_stories():
+            out += [(s.story_id, s.revision, s.period, s.emitted_ms, s.merged_into, s.body) for s in page]
+        return sorted(out)
+
+    async def feed(r: Run, start: int, end: int, replay_to: int = -1) -> None:
+        for b in range(start, end + 1):
+            await r.feed(b, *script.get(b, []), replay=b <= replay_to)
+
+    async def body() -> None:
+        whole = Run(tmp_path / "whole")
+        await whole.start()
+        await feed(whole, 100, 260)
+        crashed = Run(tmp_path / "crashed")
+        await crashed.start()
+        await feed(crashed, 100, 190)
+        assert crashed.stage.counters.evicted == 1  # X left the state
+        start = crashed.stage.replay_bucket(0, 190)
+        assert start == 100  # not 105: the replay covers all of X
+        crashed.stage = StoryStage(crashed.cfg, crashed.store)
+        await feed(crashed, start, 260, replay_to=190)
+        assert await records(crashed) == await records(whole)
+        for r in (whole, crashed):
+            await r.store.close()
+
+    arun(body())
