@@ -100,6 +100,14 @@ class Run:
         return {k: v[-1] for k, v in (await self.stories()).items()}
 
 
+async def records(r: Run) -> list[tuple[Any, ...]]:
+    """Every stored story row, with its partition and emission time, in a stable order."""
+    out = []
+    async for page in r.store.scan_stories():
+        out += [(s.story_id, s.revision, s.period, s.emitted_ms, s.merged_into, s.body) for s in page]
+    return sorted(out)
+
+
 def arun(coro: Any) -> Any:
     return asyncio.run(coro)
 
@@ -340,12 +348,6 @@ def test_merge_rules_per_attribute(tmp_path: Path) -> None:
 
 
 def test_output_does_not_depend_on_which_empty_buckets_were_reported(tmp_path: Path) -> None:
-    async def records(r: Run) -> list[tuple[Any, ...]]:
-        out = []
-        async for page in r.store.scan_stories():
-            out += [(s.story_id, s.revision, s.period, s.emitted_ms, s.merged_into, s.body) for s in page]
-        return sorted(out)
-
     async def body() -> None:
         every = Run(tmp_path / "every")
         sparse = Run(tmp_path / "sparse")
@@ -371,12 +373,6 @@ def test_replay_never_starts_inside_a_story_that_already_left(tmp_path: Path) ->
     script: dict[int, list[Event]] = {100: [ev("x0", 0.0)], 103: [ev("x1", 20.0)], 106: [ev("x2", 40.0)]}
     for k, b in enumerate(range(105, 250, 7)):
         script.setdefault(b, []).append(ev(f"z{k:02d}", 5.0 + 7.0 * k, sport=7))
-
-    async def records(r: Run) -> list[tuple[Any, ...]]:
-        out = []
-        async for page in r.store.scan_stories():
-            out += [(s.story_id, s.revision, s.period, s.emitted_ms, s.merged_into, s.body) for s in page]
-        return sorted(out)
 
     async def feed(r: Run, start: int, end: int, replay_to: int = -1) -> None:
         for b in range(start, end + 1):
