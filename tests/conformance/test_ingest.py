@@ -14,13 +14,13 @@ import pytest
 
 from engine.cli import main
 from engine.clock import ManualClock
-from engine.config import Config
+from engine.config import Config, from_mapping
 from engine.errors import StoreError, TransientStoreError
 from engine.event import Event, decode, parse_line, shard_of
 from engine.ingest import ClockSkewError, Ingestor, Producer, ProducerError, redrive
 from engine.store import AppendResult, EventRecord, Store, make_store
 from engine.synth import sessions
-from tests.conftest import ConfigFactory, arun
+from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance
 
@@ -185,23 +185,23 @@ def test_duplicate_ids_in_one_batch_are_written_once(make_config: ConfigFactory)
     arun(body())
 
 
-def test_clock_skew_is_refused(make_config: ConfigFactory) -> None:
-    cfg = make_config()
+@pytest.mark.cql
+def test_clock_skew_is_refused(tmp_path: Path) -> None:
+    # CQL only: the embedded store's clock is this host's, so there is no second clock to disagree with.
+    require_cql()
+    cfg = from_mapping(base_tree("cql", tmp_path, new_tenant()))
     clock = ManualClock(int(time.time() * 1000) - 60_000)  # this host one minute behind the database
 
     async def body() -> None:
         store = await opened(cfg, clock)
         try:
-            producer = Producer(store, cfg, clock)
-            if cfg.store.backend == "embedded":
-                pytest.skip("the embedded store shares this host's clock")
             with pytest.raises(ClockSkewError, match="max_clock_skew_ms"):
-                await producer.write([])
+                await Producer(store, cfg, clock).write([])
         finally:
             await store.close()
+            await drop_tenant(cfg)
 
-    if cfg.store.backend == "cql":
-        arun(body())
+    arun(body())
 
 
 class Flaky:

@@ -3,7 +3,6 @@ worker processes through the CLI (kill -9, SIGTERM, two instances, status)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ from engine.event import Event, encode
 from engine.ingest import ClockSkewError
 from engine.recording import read_records
 from engine.stage import CountingStage
-from engine.store import EventRecord, PartitionPage, Store, make_store
+from engine.store import EventRecord, Store, make_store
 from engine.worker import Worker
 from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, merge, new_tenant, require_cql
 
@@ -436,8 +435,3 @@ def test_two_instances_with_disjoint_ranges_share_one_database(make_config: Conf
     owners = {r["shard"]: r["owner"].rsplit(":", 3)[0] for r in report["shards"]}
     assert len({owners[s] for s in range(4)}) == 1 and len({owners[s] for s in range(4, 8)}) == 1
     assert owners[0] != owners[4]
-
-
-def test_page_type_is_exported() -> None:
-    assert PartitionPage.__struct_fields__[0] == "events"
-    assert asyncio.iscoroutinefunction(Worker.run)
