@@ -207,6 +207,11 @@ def twcs_options(cfg: Config) -> tuple[str, int]:
     return "MINUTES", cfg.twcs_window_ms // 60_000
 
 
+def initial_meta(cfg: Config, now_ms: int) -> dict[str, str]:
+    """The ``meta`` rows ``init`` records once for a tenant (the first ``init`` wins)."""
+    return {"tenant": cfg.tenant, "shards": str(cfg.shards), "bucket_ms": str(cfg.bucket_ms), "created_ms": str(now_ms)}
+
+
 def check_fixed(cfg: Config, meta: dict[str, str]) -> None:
     """Refuse a config whose layout-fixing settings differ from the tenant's recorded ones."""
     for key in FIXED_SETTINGS:

@@ -29,6 +29,7 @@ from engine.store.common import (
     check_fixed,
     group_rows,
     hints,
+    initial_meta,
     max_size_class,
     partition_pages,
     raise_fenced,
@@ -359,12 +360,7 @@ class CqlStore:
         did: list[str] = []
         if meta:
             check_fixed(cfg, meta)
-        wanted = {
-            "tenant": cfg.tenant,
-            "shards": str(cfg.shards),
-            "bucket_ms": str(cfg.bucket_ms),
-            "created_ms": str(self.clock.now_ms()),
-        }
+        wanted = initial_meta(cfg, self.clock.now_ms())
         for key, value in wanted.items():
             if key in meta:
                 continue

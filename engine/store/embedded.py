@@ -30,6 +30,7 @@ from engine.store.common import (
     check_fixed,
     group_rows,
     hints,
+    initial_meta,
     max_size_class,
     partition_pages,
     raise_fenced,
@@ -228,12 +229,7 @@ class EmbeddedStore:
         old = int(meta.get("schema_version", "0"))
         if old > SCHEMA_VERSION:
             raise SchemaError(f"tenant {cfg.tenant} has schema version {old}, newer than this Storyline")
-        wanted = {
-            "tenant": cfg.tenant,
-            "shards": str(cfg.shards),
-            "bucket_ms": str(cfg.bucket_ms),
-            "created_ms": str(self.clock.now_ms()),
-        }
+        wanted = initial_meta(cfg, self.clock.now_ms())
 
         def write_meta(c: sqlite3.Connection) -> list[str]:
             out = []
