@@ -9,6 +9,12 @@ with no flow (null key), half with a flow of their own; each is a story by itsel
 the frame is in arrival (time) order. The expected number of stories is known by construction and checked,
 and the baseline's labels must equal :func:`engine.correlate.link.link`'s row for row.
 
+Fused stories: the same events get every column the story builder keeps (:func:`full_events`: ids, one of
+five sources with its own attribute schema, sensors, reversed reports, endpoints); ``link`` + labelling +
+:func:`engine.correlate.fuse.fuse` (one JSON body per story) is timed against the baseline link followed by
+:func:`engine.correlate.fuse.fuse_python` per story (events as Python objects; building them is not timed), and a
+sample of 5,000 stories must come out equal.
+
 Timing: best of 3 for ``link`` (single key: its fast path), for ``link(..., fast_path=False)`` (the general
 edge-list path that several keys will use) and for the baseline, all on the same full data set. The baseline
 is timed on Python lists; converting the frame to lists is not counted against it.
@@ -32,10 +38,13 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import msgspec
 import polars as pl
 
 from bench.correlate_baseline import link_baseline
+from engine.correlate.fuse import EVENT_SCHEMA, fuse, fuse_python
 from engine.correlate.link import link
+from engine.event import Event
 
 T = TypeVar("T")
 
@@ -110,6 +119,97 @@ def make_events(n_events: int, window: int = WINDOW_US, seed: int = 7) -> tuple[
     return df, n_stories + noise
 
 
+SOURCES = ("firewall", "endpoint", "dns", "http", "cloud")
+
+
+_KEYS = {
+    "firewall": "action\x1frule\x1fbytes\x1fpackets",
+    "endpoint": "process\x1fpid\x1fuser\x1fhost",
+    "dns": "query\x1fanswer\x1frcode",
+    "http": "method\x1fhost\x1fpath\x1fstatus\x1fuser_agent",
+    "cloud": "vpc\x1faccount\x1fbytes\x1fpackets\x1faction",
+}
+
+
+def _obj(*parts: str | pl.Expr) -> pl.Expr:
+    return pl.concat_str([pl.lit(p) if isinstance(p, str) else p for p in parts])
+
+
+def _attrs_json(source: pl.Expr, r: pl.Expr) -> pl.Expr:
+    """A per-source attribute object as JSON text, values drawn from the row's random ``r`` (UInt64)."""
+    small = (r % _u64(1000)).cast(pl.String)
+    big = (r % _u64(10_000_000)).cast(pl.String)
+    octet = (r % _u64(250)).cast(pl.String)
+    return (
+        pl.when(source == "firewall")
+        .then(_obj('{"action":"allow","rule":"r', small, '","bytes":', big, ',"packets":', small, "}"))
+        .when(source == "endpoint")
+        .then(_obj('{"process":"svc', small, '.exe","pid":', small, ',"user":"u', small, '","host":"h', small, '"}'))
+        .when(source == "dns")
+        .then(_obj('{"query":"q', big, '.example.com","answer":"10.0.0.', octet, '","rcode":"NOERROR"}'))
+        .when(source == "http")
+        .then(
+            _obj('{"method":"GET","host":"h', small, '.example.com","path":"/p/', big, '","status":200,')
+            + pl.lit('"user_agent":"curl/8.5.0"}')
+        )
+        .otherwise(
+            _obj('{"vpc":"vpc-', small, '","account":"', big, '","bytes":', big, ',"packets":', small)
+            + pl.lit(',"action":"ACCEPT"}')
+        )
+    )
+
+
+def full_events(df: pl.DataFrame, seed: int = 7) -> pl.DataFrame:
+    """The link data (``flow``, ``t``) with every column the fused-story step reads (:data:`EVENT_SCHEMA`):
+    hex event ids, one of five sources with its own attribute schema (firewall and cloud report bytes and
+    packets), a sensor per source, 30 % reported reversed, IPv4 TCP/UDP endpoints derived from the flow hash."""
+    i = pl.int_range(0, pl.len(), dtype=pl.Int64)
+    r = _random(i, 8, seed)
+    source = pl.lit(pl.Series(SOURCES)).get(_below(i, 9, seed, len(SOURCES)))
+    flow = pl.col("flow")
+    quad = [((flow // _u64(256**k)) % _u64(256)).cast(pl.String) for k in range(8)]
+    has = flow.is_not_null()
+    return (
+        df.select(
+            pl.concat_str([pl.lit("e"), r.cast(pl.String)]).alias("id"),
+            pl.col("t"),
+            flow,
+            pl.lit(None, pl.UInt64).alias("story"),
+            pl.lit(0, pl.Int64).alias("ingest"),
+            source.alias("source"),
+            pl.concat_str([source, pl.lit("-"), (_below(i, 10, seed, 2) + 1).cast(pl.String)]).alias("sensor"),
+            (_below(i, 11, seed, 10) < 3).alias("reversed"),
+            pl.when(has).then(pl.when(flow % _u64(3) == 0).then(17).otherwise(6)).cast(pl.Int64).alias("proto"),
+            pl.when(has).then(_obj("10.", quad[0], ".", quad[1], ".", quad[2])).alias("src_ip"),
+            pl.when(has).then((flow // _u64(2**24) % _u64(28_000) + 32_768).cast(pl.Int64)).alias("src_port"),
+            pl.when(has).then(_obj("172.16.", quad[4], ".", quad[5])).alias("dst_ip"),
+            pl.when(has).then(pl.when(flow % _u64(2) == 0).then(443).otherwise(53)).cast(pl.Int64).alias("dst_port"),
+            _attrs_json(source, r).alias("attrs"),
+            source.replace_strict(_KEYS).alias("akeys"),
+        )
+        .with_columns(
+            pl.col("attrs").str.json_path_match("$.bytes").cast(pl.Int64).alias("bytes"),
+            pl.col("attrs").str.json_path_match("$.packets").cast(pl.Int64).alias("packets"),
+        )
+        .select(list(EVENT_SCHEMA))
+    )
+
+
+def link_and_fuse(events: pl.DataFrame) -> pl.DataFrame:
+    """The hot path of the story builder on one frame: link, label stories, fuse every story (revision 1)."""
+    label = link(events, [("flow", WINDOW_US)])
+    framed = events.with_columns(label.cast(pl.UInt64).alias("story"))
+    heads = framed.select(pl.col("story").unique()).select(
+        "story",
+        pl.format("s{}", "story").alias("story_id"),
+        pl.lit(1, pl.Int64).alias("revision"),
+        pl.lit(True).alias("final"),
+        pl.lit(False).alias("truncated"),
+        pl.lit(None, pl.String).alias("predecessor"),
+    )
+    return fuse(framed, heads)
+
+
 def _best_of(rounds: int, fn: Callable[[], T]) -> tuple[float, T]:
     best = float("inf")
     out: T | None = None
@@ -137,7 +237,9 @@ def run(n_events: int = 1_000_000) -> dict[str, float]:
     if base != labels.to_list():
         raise SystemExit("bench correlate: the baseline disagrees with link")
     events = df.height
+    fusion = fuse_run(df, labels)
     return {
+        **fusion,
         "events": float(events),
         "stories": float(stories),
         "link_events_per_s": events / t_link,
@@ -146,6 +248,44 @@ def run(n_events: int = 1_000_000) -> dict[str, float]:
         "link_vs_baseline_ratio": t_base / t_link,
         "link_general_vs_baseline_ratio": t_base / t_general,
         "polars_threads": float(pl.thread_pool_size()),
+    }
+
+
+def fuse_baseline(events: list[Event], labels: list[int]) -> list[bytes]:
+    """Link labels (from the baseline link) → one fused story per label, event by event in Python dicts."""
+    members: dict[int, list[Event]] = {}
+    for e, label in zip(events, labels, strict=True):
+        members.setdefault(label, []).append(e)
+    enc = msgspec.json.Encoder()
+    return [enc.encode(fuse_python(evs, (f"s{label}", 1, True, False, None))) for label, evs in members.items()]
+
+
+def fuse_run(df: pl.DataFrame, labels: pl.Series) -> dict[str, float]:
+    """Link + fused-story building on full events, against link + fusion in plain Python (same semantics: the
+    bodies of a sample of stories must be equal once decoded)."""
+    full = full_events(df)
+    t_fused, fused = _best_of(3, lambda: link_and_fuse(full))
+    evs = [
+        Event(r[0], r[1], r[5], r[6], r[2], r[7], r[8], r[9], r[10], r[11], r[12], msgspec.json.decode(r[13]))
+        for r in full.select(list(EVENT_SCHEMA)).iter_rows()
+    ]
+    flows, times = full["flow"].to_list(), full["t"].to_list()
+    t_base, base = _best_of(2, lambda: fuse_baseline(evs, link_baseline([(flows, WINDOW_US)], times)))
+    if len(base) != fused.height or fused.height != labels.n_unique():
+        raise SystemExit("bench correlate: fusion and its baseline disagree on the number of stories")
+    want = {msgspec.json.decode(b)["story_id"]: msgspec.json.decode(b) for b in base[:5000]}
+    got = {
+        sid: msgspec.json.decode(body)
+        for sid, body in fused.filter(pl.col("story_id").is_in(list(want))).select("story_id", "body").iter_rows()
+    }
+    if got != want:
+        raise SystemExit("bench correlate: fused stories differ from the Python baseline's")
+    events = full.height
+    return {
+        "fuse_events_per_s": events / t_fused,
+        "fuse_stories_per_s": fused.height / t_fused,
+        "fuse_baseline_events_per_s": events / t_base,
+        "fuse_vs_baseline_ratio": t_base / t_fused,
     }
 
 
@@ -166,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['link_general_vs_baseline_ratio']:>6.1f}x baseline"
     )
     print(f"baseline (Python)    {r['baseline_events_per_s']:>14,.0f} events/s")
+    print(
+        f"link + fused stories {r['fuse_events_per_s']:>14,.0f} events/s  {r['fuse_vs_baseline_ratio']:>6.1f}x "
+        f"baseline ({r['fuse_stories_per_s']:,.0f} stories/s)"
+    )
+    print(f"baseline (Python)    {r['fuse_baseline_events_per_s']:>14,.0f} events/s (link + fusion)")
     return 0
 
 

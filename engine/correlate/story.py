@@ -23,35 +23,25 @@ replaying from there (the same buckets in the same order give the same stories a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 import polars as pl
 import xxhash
 
 from engine.config import Config
-from engine.event import Event
-from engine.flow import community_id
 from engine.stage import Batch
 from engine.store import Store, StoryRecord
 
+from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, FusedStory, event_columns, fuse
 from .link import link
 
-_full = msgspec.msgpack.Decoder(Event)
 _json = msgspec.json.Encoder()
-SCHEMA = {
-    "id": pl.String,
-    "t": pl.Int64,
-    "flow": pl.UInt64,
-    "story": pl.String,
-    "ingest": pl.Int64,
-    "payload": pl.Binary,
-}
-TOTALS = ("bytes", "packets")
+KEY = pl.UInt64
 
 
 @dataclass
 class StoryMeta:
+    key: int  # the story key of the state frame's rows (the 64-bit hash in the id)
     id: str
     first_bucket: int
     last_ingest_ms: int
@@ -67,35 +57,17 @@ class StoryMeta:
     last_bucket: int = -1  # the last bucket an event joined in
 
 
-class FusedStory(msgspec.Struct, omit_defaults=True):
-    """The documented output schema (docs/correlation.md)."""
-
-    story_id: str
-    revision: int
-    final: bool
-    community_id: str | None
-    flow: dict[str, Any] | None
-    first_seen: int  # µs UTC, corrected event time
-    last_seen: int
-    event_count: int
-    event_ids: list[str]
-    sources: list[str]
-    sensors: list[str]
-    directions: dict[str, str]  # event id → "a->b" (as the flow's order) or "b->a" (reported reversed)
-    attrs: dict[str, dict[str, Any]]  # per source: merged attributes (last value wins)
-    totals: dict[str, int] = msgspec.field(default_factory=dict)  # sums of bytes / packets where reported
-    truncated: bool = False
-    predecessor: str | None = None
-    merged_into: str | None = None
-
-
 @dataclass
 class ShardState:
-    frame: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=SCHEMA))
-    stories: dict[str, StoryMeta] = field(default_factory=dict)
+    frame: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EVENT_SCHEMA))
+    stories: dict[int, StoryMeta] = field(default_factory=dict)  # by story key
     pending_chunks: int = 0
-    merged_now: dict[str, str] = field(default_factory=dict)  # merged this bucket: old id → survivor
+    merged_now: dict[int, int] = field(default_factory=dict)  # merged this bucket: old key → survivor
     sealed_flows: dict[int, str] = field(default_factory=dict)  # flow → its last truncated story
+    # A lower bound of the earliest time (ms) a story falls due (emission or eviction), and whether stories
+    # changed since it was computed: buckets before it need no scan of the stories (0: scan).
+    next_due_ms: int = 0
+    touched: bool = True
     # (first_bucket, last_bucket) of stories that left the state: a replay must not start inside one of them
     gone: list[tuple[int, int]] = field(default_factory=list)
 
@@ -113,26 +85,6 @@ class StoryCounters:
     truncated: int = 0
 
 
-_MISSING: Any = object()
-
-
-def _merge(rule: str, old: Any, new: Any) -> Any:
-    """One attribute value folded into the merged value by its rule; values a rule cannot combine (a sum of
-    strings) fall back to the latest value."""
-    if old is _MISSING:
-        return [new] if rule == "set" else new
-    if rule == "first":
-        return old
-    if rule == "set":
-        return old if new in old else [*old, new]
-    numeric = isinstance(old, int | float) and isinstance(new, int | float)
-    if rule == "sum" and numeric and not isinstance(old, bool) and not isinstance(new, bool):
-        return old + new
-    if rule in ("min", "max") and numeric:
-        return min(old, new) if rule == "min" else max(old, new)
-    return new
-
-
 class StoryStage:
     def __init__(self, cfg: Config, store: Store) -> None:
         self.cfg = cfg
@@ -141,6 +93,7 @@ class StoryStage:
         self.window_us = self.c.match_window_ms * 1000
         self.shards: dict[int, ShardState] = {}
         self.counters = StoryCounters()
+        self.cid_cache: dict[int | None, str | None] = {}
 
     # -- the stage interface ------------------------------------------------------------------------------
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
@@ -187,39 +140,42 @@ class StoryStage:
 
     async def _catch_up(self, shard: int, st: ShardState, until: int) -> None:
         """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order."""
+        last = -1
+        while not st.touched and last < self._due_bucket(st.next_due_ms) <= until:
+            last = self._due_bucket(st.next_due_ms)
+            await self._timeouts(shard, last, st, (last + 1) * self.cfg.bucket_ms)
+        if st.touched:  # not scanned since stories changed: find the first due bucket the long way
+            while True:
+                due = min(self._next_due(st), default=None)
+                if due is None or self._due_bucket(due) > until:
+                    return
+                b = self._due_bucket(due)
+                await self._timeouts(shard, b, st, (b + 1) * self.cfg.bucket_ms)
+
+    def _next_due(self, st: ShardState) -> list[int]:
         c = self.c
-        while True:
-            pending = [self._due_bucket(m.last_ingest_ms + c.max_wait_ms) for m in st.stories.values() if m.dirty] + [
-                self._due_bucket(m.emitted_ms + c.amend_horizon_ms)
-                for m in st.stories.values()
-                if not m.dirty and m.emitted_ms is not None
-            ]
-            due = [b for b in pending if b <= until]
-            if not due:
-                return
-            b = min(due)
-            await self._timeouts(shard, b, st, (b + 1) * self.cfg.bucket_ms)
+        return [m.last_ingest_ms + c.max_wait_ms for m in st.stories.values() if m.dirty] + [
+            m.emitted_ms + c.amend_horizon_ms for m in st.stories.values() if not m.dirty and m.emitted_ms is not None
+        ]
 
     # -- linking ------------------------------------------------------------------------------------------
     def _absorb(self, shard: int, bucket: int, st: ShardState, batch: Batch, now: int) -> None:
-        views = batch.views
+        cols = event_columns([r.payload for r in batch.records])
+        time_us = pl.Series("time_us", cols.pop("time_us"), pl.Int64)
         offsets = self.c.sensor_offsets_ms
-        new = pl.DataFrame(
-            {
-                "id": [v.id for v in views],
-                "t": [v.time_us - offsets.get(v.sensor, 0) * 1000 for v in views]
+        new = pl.DataFrame(cols, schema={k: v for k, v in EVENT_SCHEMA.items() if k in cols}).with_columns(
+            (
+                time_us - pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
                 if offsets
-                else [v.time_us for v in views],
-                "flow": [v.flow for v in views],
-                "story": pl.Series([None] * len(views), dtype=pl.String),
-                "ingest": pl.Series([now] * len(views), dtype=pl.Int64),
-                "payload": [r.payload for r in batch.records],
-            },
-            schema=SCHEMA,
-        ).unique("id", keep="first", maintain_order=True)
+                else time_us
+            ).alias("t"),
+            pl.lit(None, KEY).alias("story"),
+            pl.lit(now, pl.Int64).alias("ingest"),
+        )
+        new = new.select(list(EVENT_SCHEMA)).unique("id", keep="first", maintain_order=True)
         if st.frame.height:
             new = new.join(st.frame.select("id"), on="id", how="anti")
-        self.counters.duplicates += len(views) - len(new)
+        self.counters.duplicates += len(batch) - len(new)
         if new.is_empty():
             return
         self.counters.events += len(new)
@@ -245,12 +201,12 @@ class StoryStage:
             .filter(pl.col("n_new") > 0)
             .sort("first_new")
         )
-        survivor_of: dict[int, str] = {}
-        renames: dict[str, str] = {}
+        survivor_of: dict[int, int] = {}
+        renames: dict[int, int] = {}
         for comp, known, first_new, n_new, t_min, t_max, flow in groups.iter_rows():
             if not known:
-                sid = self._new_id(shard, first_new)
-                st.stories[sid] = StoryMeta(sid, bucket, now)
+                sid = xxhash.xxh3_64_intdigest(first_new.encode())
+                st.stories[sid] = StoryMeta(sid, self._story_id(shard, sid), bucket, now)
                 if flow is not None and flow in st.sealed_flows:
                     st.stories[sid].predecessor = st.sealed_flows[flow]
                 self.counters.stories += 1
@@ -271,8 +227,8 @@ class StoryStage:
             survivor_of[comp] = sid
         assigned = (
             union.filter(pl.col("is_new"))
-            .with_columns(pl.col("comp").replace_strict(survivor_of, return_dtype=pl.String).alias("story"))
-            .select(list(SCHEMA))
+            .with_columns(pl.col("comp").replace_strict(survivor_of, return_dtype=KEY).alias("story"))
+            .select(list(EVENT_SCHEMA))
         )
         frame = pl.concat([st.frame, assigned], how="vertical", rechunk=False)
         if renames:
@@ -290,18 +246,23 @@ class StoryStage:
             st.pending_chunks = 0
         st.frame = frame
         st.merged_now.update(renames)  # written as merged_into stubs by _timeouts
+        st.touched = True
 
-    def _new_id(self, shard: int, first_event: str) -> str:
-        return f"s{shard:04x}-{xxhash.xxh3_64_hexdigest(first_event.encode())}"
+    @staticmethod
+    def _story_id(shard: int, key: int) -> str:
+        """The story id: the shard and the 64-bit hash of the story's smallest first event id (deterministic)."""
+        return f"s{shard:04x}-{key:016x}"
 
     # -- time ---------------------------------------------------------------------------------------------
     async def _timeouts(self, shard: int, bucket: int, st: ShardState, now: int) -> None:
+        if not st.touched and not st.merged_now and now < st.next_due_ms:
+            return  # nothing changed and nothing falls due yet
         renames, st.merged_now = st.merged_now, {}
         records: list[StoryRecord] = []
         for old, sid in renames.items():
             om = st.stories.pop(old)
             if om.revision:  # it was visible downstream: tell consumers where it went
-                records.append(self._stub(shard, bucket, om, sid, now))
+                records.append(self._stub(shard, bucket, om, self._story_id(shard, sid), now))
         c = self.c
         due = [m for m in st.stories.values() if m.dirty and m.last_ingest_ms + c.max_wait_ms <= now]
         span_us = c.max_story_ms * 1000
@@ -312,16 +273,21 @@ class StoryStage:
         ]
         for m in big:
             m.truncated = True
-        due += [m for m in big if m not in due]
+        due_keys = {m.key for m in due}
+        due += [m for m in big if m.key not in due_keys]
+        due_keys.update(m.key for m in big)
         open_now = sum(1 for m in st.stories.values() if m.dirty)
         if open_now - len(due) > c.max_open_stories:
-            extra = sorted((m for m in st.stories.values() if m.dirty and m not in due), key=lambda m: m.last_ingest_ms)
+            extra = sorted(
+                (m for m in st.stories.values() if m.dirty and m.key not in due_keys), key=lambda m: m.last_ingest_ms
+            )
             forced = extra[: open_now - len(due) - c.max_open_stories]
             self.counters.forced += len(forced)
             due += forced
         provisional: list[StoryMeta] = []
         if c.emit == "updates":
-            provisional = [m for m in st.stories.values() if m.changed and m.dirty and m not in due]
+            due_keys.update(m.key for m in due)
+            provisional = [m for m in st.stories.values() if m.changed and m.dirty and m.key not in due_keys]
         for m in st.stories.values():
             m.changed = False
         if records or due or provisional:
@@ -330,7 +296,7 @@ class StoryStage:
             self._seal(st, big)
         # Leave the state: emitted, quiet, and past the amend horizon.
         gone = [
-            m.id
+            m.key
             for m in st.stories.values()
             if not m.dirty and m.emitted_ms is not None and m.emitted_ms + c.amend_horizon_ms <= now
         ]
@@ -340,15 +306,17 @@ class StoryStage:
                 st.gone.append((m.first_bucket, m.last_bucket))
             st.frame = st.frame.filter(~pl.col("story").is_in(gone))
             self.counters.evicted += len(gone)
+        st.next_due_ms = min(self._next_due(st), default=2**62)
+        st.touched = False
 
     def _seal(self, st: ShardState, stories: list[StoryMeta]) -> None:
         """A truncated story is final: its rows leave the state (memory stays bounded under a flood of one
         flow), and the next events of its flows start a successor story that names it."""
-        ids = [m.id for m in stories]
+        ids = [m.key for m in stories]
         rows = st.frame.filter(pl.col("story").is_in(ids)).group_by("flow").agg(pl.col("story").max())
-        for flow, sid in rows.iter_rows():
+        for flow, key in rows.iter_rows():
             if flow is not None:
-                st.sealed_flows[flow] = sid
+                st.sealed_flows[flow] = st.stories[key].id
         st.frame = st.frame.filter(~pl.col("story").is_in(ids))
         for sid in ids:
             m = st.stories.pop(sid)
@@ -365,88 +333,30 @@ class StoryStage:
         records: list[StoryRecord] | None = None,
         provisional: list[StoryMeta] | None = None,
     ) -> None:
+        st.touched = True  # due times change: the next _timeouts scans
         out = list(records or [])
-        temp = {m.id for m in provisional or []}
+        temp = {m.key for m in provisional or []}
         due = [*due, *(provisional or [])]
         if due:
-            ids = [m.id for m in due]
-            rows = st.frame.filter(pl.col("story").is_in(ids)).sort(["story", "t", "id"])
-            col_story: list[str] = rows["story"].to_list()
-            col_t: list[int] = rows["t"].to_list()
-            col_payload: list[bytes] = rows["payload"].to_list()
-            lo = 0
-            n = len(col_story)
-            while lo < n:  # one pass over the emitted rows, split at story boundaries
-                sid = col_story[lo]
-                hi = lo + 1
-                while hi < n and col_story[hi] == sid:
-                    hi += 1
-                meta = st.stories[sid]
+            heads = []
+            for meta in due:
                 meta.revision += 1
-                final = sid not in temp
+                final = meta.key not in temp
                 if final:  # a provisional revision neither closes the story nor starts its amend horizon
                     meta.emitted_ms = now
                     meta.dirty = False
-                body = self._fuse(meta, col_t[lo:hi], col_payload[lo:hi])
-                body.final = final
-                out.append(StoryRecord(shard, bucket, meta.id, meta.revision, final, None, now, _json.encode(body)))
+                heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
                 self.counters.emitted += 1
-                lo = hi
+            head_frame = pl.DataFrame(heads, schema=HEAD_SCHEMA, orient="row")
+            rows = st.frame.filter(pl.col("story").is_in([h[0] for h in heads]))
+            fused = fuse(
+                rows, head_frame, rules=self.c.merge, seed=self.cfg.ingest.community_id_seed, cid_cache=self.cid_cache
+            )
+            for sid, revision, final, body in fused.select("story_id", "revision", "final", "body").iter_rows():
+                out.append(StoryRecord(shard, bucket, sid, revision, final, None, now, body.encode()))
         if out:
             await self.store.put_stories(out)
 
     def _stub(self, shard: int, bucket: int, meta: StoryMeta, into: str, now: int) -> StoryRecord:
         body = FusedStory(meta.id, meta.revision + 1, True, None, None, 0, 0, 0, [], [], [], {}, {}, merged_into=into)
         return StoryRecord(shard, bucket, meta.id, meta.revision + 1, True, into, now, _json.encode(body))
-
-    def _fuse(self, meta: StoryMeta, ts: list[int], payloads: list[bytes]) -> FusedStory:
-        events = [_full.decode(p) for p in payloads]
-        sources = sorted({e.source for e in events})
-        sensors = sorted({e.sensor for e in events})
-        directions = {e.id: ("b->a" if e.reversed else "a->b") for e in events}
-        attrs: dict[str, dict[str, Any]] = {}
-        totals: dict[str, int] = {}
-        rules = self.c.merge
-        for e in events:
-            merged = attrs.setdefault(e.source, {})
-            if not rules:
-                merged.update(e.attrs)
-            else:
-                for k, v in e.attrs.items():
-                    merged[k] = _merge(rules.get(k, "last"), merged.get(k, _MISSING), v)
-            for k in TOTALS:
-                v = e.attrs.get(k)
-                if isinstance(v, int) and not isinstance(v, bool):
-                    totals[k] = totals.get(k, 0) + v
-        first = next((e for e in events if e.flow is not None), None)
-        cid = flow = None
-        if first is not None and first.proto is not None and first.src_ip and first.dst_ip:
-            a = (first.dst_ip, first.dst_port) if first.reversed else (first.src_ip, first.src_port)
-            b = (first.src_ip, first.src_port) if first.reversed else (first.dst_ip, first.dst_port)
-            flow = {"proto": first.proto, "a": {"ip": a[0], "port": a[1]}, "b": {"ip": b[0], "port": b[1]}}
-            cid = community_id(
-                first.proto,
-                first.src_ip,
-                first.src_port,
-                first.dst_ip,
-                first.dst_port,
-                seed=self.cfg.ingest.community_id_seed,
-            )
-        return FusedStory(
-            meta.id,
-            meta.revision,
-            True,
-            cid,
-            flow,
-            min(ts),
-            max(ts),
-            len(events),
-            [e.id for e in events],
-            sources,
-            sensors,
-            directions,
-            attrs,
-            totals,
-            meta.truncated,
-            meta.predecessor,
-        )
