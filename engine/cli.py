@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "jsonl"], default="table")
     p.add_argument("--since", type=float, help="only stories last emitted at or after this epoch second")
     p.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
+    p.add_argument("--id", dest="story_id", help="only this story (a lookup by id; exit 1 when it is unknown)")
     p = sub.add_parser("status", help="offsets and lag per shard; exit 0 when every shard is within 2 x lag")
     _common(p)
     p.add_argument("--shards", help="inclusive shard range A-B (default: all)")
@@ -368,6 +369,26 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
     return EXIT_OK if healthy else EXIT_FAIL
 
 
+async def cmd_story(cfg: Config, story_id: str, fmt: str) -> int:
+    """One story's latest revision, found by id (a merged story shows its ``merged_into`` stub)."""
+    import msgspec
+
+    store = await _with_store(cfg)
+    try:
+        rec = await store.get_story(story_id)
+    finally:
+        await store.close()
+    if rec is None:
+        print(f"stories: no story {story_id!r} (unknown, or expired after ttl_ms)", file=sys.stderr)
+        return EXIT_FAIL
+    if fmt == "jsonl":
+        sys.stdout.write(rec.body.decode() + "\n")
+    else:
+        body = msgspec.json.decode(rec.body)
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(body), indent=2).decode() + "\n")
+    return EXIT_OK
+
+
 async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) -> int:
     import msgspec
 
@@ -522,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             return asyncio.run(cmd_verify(cfg, args.truth))
         if args.command == "stories":
+            if args.story_id is not None:
+                return asyncio.run(cmd_story(cfg, args.story_id, args.format))
             return asyncio.run(cmd_stories(cfg, args.format, args.since, args.limit))
         if args.command == "status":
             return asyncio.run(cmd_status(cfg, args.shards, args.json))

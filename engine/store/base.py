@@ -135,6 +135,9 @@ class Store(Protocol):
     def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
         """One ``(shard, period)`` partition in ``(story_id, revision)`` order, paged."""
 
+    async def get_story(self, story_id: str) -> StoryRecord | None:
+        """The latest stored revision of a story (``None``: unknown or expired)."""
+
     def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
         """Every stored story revision, paged, in no particular order."""
 

@@ -125,6 +125,11 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
             f"PRIMARY KEY ((shard, period), story_id, revision)) "
             f"WITH CLUSTERING ORDER BY (story_id ASC, revision ASC) AND {twcs}"
         ),
+        # The lookup by story id: where each revision of a story is (its stories partition).
+        "story_ids": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.story_ids (story_id text, revision int, shard int, period bigint, "
+            f"PRIMARY KEY ((story_id), revision)) WITH CLUSTERING ORDER BY (revision DESC) AND {twcs}"
+        ),
         "dead_letter": (
             f"CREATE TABLE IF NOT EXISTS {ks}.dead_letter (dl_id text PRIMARY KEY, received_ms bigint, "
             f"file text, line bigint, reason text, raw blob, redriven_ms bigint)"
@@ -132,7 +137,7 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
     }
 
 
-_TTL_TABLES = ("events", "bucket_index", "stories")
+_TTL_TABLES = ("events", "bucket_index", "stories", "story_ids")
 
 
 class CqlStore:
@@ -736,15 +741,38 @@ class CqlStore:
             f"INSERT INTO {self.ks}.stories (shard, period, story_id, revision, final, merged_into, emitted_ms, body) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        await run_all(
-            self._exec(
+        by_id = f"INSERT INTO {self.ks}.story_ids (story_id, revision, shard, period) VALUES (?, ?, ?, ?)"
+
+        async def one(s: StoryRecord) -> None:
+            # The revision first, then its pointer: a lookup never finds a pointer to a missing row.
+            await self._exec(
                 "write story",
                 "story_insert",
                 cql,
                 [s.shard, s.period, s.story_id, s.revision, s.final, _opt(s.merged_into), s.emitted_ms, s.body],
             )
-            for s in stories
+            await self._exec("write story id", "story_id_insert", by_id, [s.story_id, s.revision, s.shard, s.period])
+
+        await run_all(one(s) for s in stories)
+
+    async def get_story(self, story_id: str) -> StoryRecord | None:
+        if not story_id:
+            return None  # never a story id (and an empty partition key is an error in CQL)
+        where = f"SELECT revision, shard, period FROM {self.ks}.story_ids WHERE story_id = ? LIMIT 1"
+        rows = await self._exec("read story id", "story_id_latest", where, [story_id])
+        if not rows:
+            return None
+        r = rows[0]
+        cql = (
+            f"SELECT final, merged_into, emitted_ms, body FROM {self.ks}.stories "
+            f"WHERE shard = ? AND period = ? AND story_id = ? AND revision = ?"
         )
+        found = await self._exec("read story", "story_one", cql, [r["shard"], r["period"], story_id, r["revision"]])
+        if not found:  # the pointer outlived its row (both expire by the same TTL, written a moment apart)
+            return None
+        f = found[0]
+        final, merged, emitted = bool(f["final"]), f["merged_into"], f["emitted_ms"]
+        return StoryRecord(r["shard"], r["period"], story_id, r["revision"], final, merged, emitted, f["body"])
 
     async def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
         cols = "story_id, revision, final, merged_into, emitted_ms, body"

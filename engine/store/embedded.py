@@ -220,6 +220,9 @@ class EmbeddedStore:
                 else:
                     c.execute(ddl)
                     out.append(f"created table {name}")
+            # The lookup by story id (CqlStore keeps a story_ids table for it).
+            index = f'"{self.p}__stories_by_id"'
+            c.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self.t('stories')} (story_id, revision)")
             return out
 
         did.extend(await self._run("create schema", create, write=True))
@@ -455,6 +458,18 @@ class EmbeddedStore:
             if len(rows) < limit:
                 return
             cursor = (page[-1].story_id, page[-1].revision)
+
+    async def get_story(self, story_id: str) -> StoryRecord | None:
+        t = self.t("stories")
+        q = (
+            f"SELECT shard, period, story_id, revision, final, merged_into, emitted_ms, body FROM {t} "
+            f"WHERE story_id = ? AND expires_ms > ? ORDER BY revision DESC LIMIT 1"
+        )
+        rows = await self._run("read story", _fetch(q, (story_id, self.clock.now_ms())))
+        if not rows:
+            return None
+        r = rows[0]
+        return StoryRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6], r[7])
 
     async def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
         t = self.t("stories")

@@ -27,6 +27,26 @@ def test_small_scenario_scores_at_least_098(make_config: ConfigFactory) -> None:
     assert s["precision"] >= 0.98 and s["recall"] >= 0.98 and s["exact"] >= 0.98, s
 
 
+def test_stories_by_id_from_the_cli(make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+    import json
+
+    from engine.cli import cmd_story
+
+    cfg = make_config(shards=2, correlate={"match_window_ms": 30_000, "max_wait_ms": 60_000})
+    predicted, _ = run_pipeline(cfg, Scenario(events=300, seed=5, start_s=time.time() - 1_800, span_s=120))
+    members: dict[str, set[str]] = {}
+    for eid, sid in predicted.items():
+        members.setdefault(sid, set()).add(eid)
+    capsys.readouterr()
+    for sid in sorted(members)[:5]:
+        assert asyncio.run(cmd_story(cfg, sid, "jsonl")) == 0
+        body = json.loads(capsys.readouterr().out)
+        assert body["story_id"] == sid and set(body["event_ids"]) == members[sid]
+    assert asyncio.run(cmd_story(cfg, "s0000-0000000000000000", "table")) == 1
+    assert "no story" in capsys.readouterr().err
+
+
 def test_verify_holds_after_a_drain_and_catches_a_lost_event(make_config: ConfigFactory) -> None:
     import asyncio
 

@@ -439,6 +439,33 @@ def test_story_upserts_reads_and_scan(make_config: ConfigFactory) -> None:
     arun(body())
 
 
+def test_story_lookup_by_id_gives_the_latest_revision(make_config: ConfigFactory) -> None:
+    cfg = make_config()
+    revisions = [
+        StoryRecord(3, 100, "s0003-aa", 1, False, None, NOW, b'{"r":1}'),
+        StoryRecord(3, 104, "s0003-aa", 3, True, None, NOW + 2, b'{"r":3}'),  # a later emit bucket
+        StoryRecord(3, 102, "s0003-aa", 2, True, None, NOW + 1, b'{"r":2}'),  # written out of order
+        StoryRecord(5, 100, "s0005-bb", 1, True, None, NOW, b'{"b":1}'),
+    ]
+    stub = StoryRecord(5, 107, "s0005-bb", 2, True, "s0003-aa", NOW + 3, b'{"merged_into":"s0003-aa"}')
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.put_stories(revisions)
+            assert await store.get_story("s0003-aa") == revisions[1]
+            assert await store.get_story("s0005-bb") == revisions[3]
+            await store.put_stories([stub, revisions[1]])  # idempotent
+            assert await store.get_story("s0005-bb") == stub
+            assert await store.get_story("s0003-aa") == revisions[1]
+            assert await store.get_story("s0003-ab") is None
+            assert await store.get_story("") is None
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_dead_letters_roundtrip(make_config: ConfigFactory) -> None:
     cfg = make_config()
     letters = [
