@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/local.toml
 PYTEST_ARGS ?=
-SESSIONS ?= 20000
+EVENTS ?= 20000
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test unit lint bench db-up db-down db-status clean
@@ -22,16 +22,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-run: install ## the demo on the embedded store: synthetic events, ingest, engine with 2 workers building stories
+run: install ## the demo on the embedded store: simulated sensors, ingest, 2 workers building stories, results
+	@mkdir -p .data
 	$(BIN)/storyline init --config $(CONFIG)
-	$(BIN)/storyline synth --sessions $(SESSIONS) --span-s 600 > .data/demo.jsonl
-	$(BIN)/storyline ingest --config $(CONFIG) .data/demo.jsonl
+	$(BIN)/storyline simulate --config $(CONFIG) --events $(EVENTS) --out .data/demo.jsonl.gz --truth .data/demo-truth.json
+	$(BIN)/storyline ingest --config $(CONFIG) .data/demo.jsonl.gz
 	@echo "waiting for the lag (events become readable lag_ms after they were written) ..."
 	@sleep $$($(BIN)/storyline config --config $(CONFIG) | awk -F' = ' '$$1=="lag_ms"{print $$2/1000 + 0.5}')
-	$(BIN)/storyline run --config $(CONFIG) --drain
+	$(BIN)/storyline run --config $(CONFIG) --workers 2 --drain
 	$(BIN)/storyline status --config $(CONFIG) | tail -n 1
-	$(BIN)/storyline stories --config $(CONFIG) --limit 10
-	$(BIN)/storyline verify --config $(CONFIG)
+	$(BIN)/storyline stories --config $(CONFIG) --limit 8
+	$(BIN)/storyline verify --config $(CONFIG) --truth .data/demo-truth.json
+	@$(BIN)/storyline stories --config $(CONFIG) --format jsonl > .data/demo-stories.jsonl 2>/dev/null
+	@echo "two fused stories (the most sources), then accuracy against the simulator's truth:"
+	@$(BIN)/python -m bench.accuracy --stories .data/demo-stories.jsonl --truth .data/demo-truth.json --show 2
 
 test: install lint ## lint, start the local CQL node when Java and Maven exist, run every test
 	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then \

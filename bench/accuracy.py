@@ -5,7 +5,8 @@ key mapping). :func:`link_reference` applies the link rule in plain Python, dire
 test can show a scenario is solvable and what the engine should reach on it.
 
 ``python -m bench.accuracy [--events N] [--seed S]`` prints the reference clusterer's scores on a scenario with
-and without per-sensor skew correction.
+and without per-sensor skew correction; ``python -m bench.accuracy --stories S.jsonl --truth T.json`` scores
+the engine's stories (``storyline stories --format jsonl``) against a simulator's truth file.
 """
 
 from __future__ import annotations
@@ -133,13 +134,42 @@ def link_reference(
     return out
 
 
+def score_stories(stories_jsonl: str, truth_json: str, show: int = 0) -> dict[str, float]:
+    """Score the output of ``storyline stories --format jsonl`` (latest revisions) against a ``storyline
+    simulate`` truth file; print the ``show`` stories with the most sources in full."""
+    with open(truth_json, "rb") as f:
+        truth = json.load(f)["stories"]
+    predicted: dict[str, str] = {}
+    bodies = []
+    with open(stories_jsonl, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                body = json.loads(line)
+                bodies.append(body)
+                for eid in body["event_ids"]:
+                    predicted[eid] = body["story_id"]
+    bodies.sort(key=lambda b: (-len(b["sources"]), -b["event_count"], b["story_id"]))
+    for body in bodies[:show]:
+        print(json.dumps(body, indent=1))
+    return score(predicted, truth)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=Scenario().events)
     ap.add_argument("--seed", type=int, default=Scenario().seed)
     ap.add_argument("--skew-s", type=float, default=Scenario().skew_s)
     ap.add_argument("--window-s", type=float, default=30.0)
+    ap.add_argument("--stories", help="score this `storyline stories --format jsonl` output against --truth instead")
+    ap.add_argument("--truth", help="the `storyline simulate` truth file of --stories")
+    ap.add_argument("--show", type=int, default=0, help="with --stories: print this many fused stories in full")
     args = ap.parse_args(argv)
+    if args.stories:
+        if not args.truth:
+            ap.error("--stories needs --truth")
+        result = score_stories(args.stories, args.truth, args.show)
+        print(json.dumps({"file": args.stories, **{k: round(v, 6) for k, v in result.items()}}))
+        return
     events, truth = generate(Scenario(events=args.events, seed=args.seed, skew_s=args.skew_s))
     for label, skews in (("with skew correction", truth.skews), ("without skew correction", None)):
         result = score(link_reference(events, args.window_s, skews), truth.stories)

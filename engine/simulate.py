@@ -120,11 +120,13 @@ class SimEvent(msgspec.Struct, frozen=True, gc=False):
 
 
 class Truth(msgspec.Struct, frozen=True, kw_only=True):
-    """Ground truth of a scenario: ``stories`` maps event id → story key, ``skews`` sensor → clock offset (s)."""
+    """Ground truth of a scenario: ``stories`` maps event id → story key, ``skews`` sensor → clock offset (s),
+    ``arrivals`` event id → arrival offset (s after the scenario's start)."""
 
     stories: dict[str, str]
     skews: dict[str, float]
     scenario: Scenario = msgspec.field(default_factory=Scenario)
+    arrivals: dict[str, float] = msgspec.field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -440,7 +442,8 @@ class _Generator:
                 SimEvent(line, event_id, p.story, p.arrival_s, p.source, p.sensor, p.true_time_s, p.reversed, p.kind)
             )
             stories[event_id] = p.story
-        return out, Truth(stories=stories, skews=dict(self.skews), scenario=s)
+        arrivals = {e.id: e.arrival_s for e in out}
+        return out, Truth(stories=stories, skews=dict(self.skews), scenario=s, arrivals=arrivals)
 
 
 def generate(s: Scenario | None = None) -> tuple[list[SimEvent], Truth]:
