@@ -357,20 +357,21 @@ def fuse(
     )
     # All three come out in story order (ev is sorted by story; the groupings keep that order).
     per_story = per_story.hstack([attrs.to_series(0), attrs.to_series(1), sensors.to_series(0)])
-    # The Community ID of each story's flow (from its first event with one), cached per flow hash.
-    cids: list[str | None] = []
-    get = cache.get
-    for flow, proto, sip, sport, dip, dport in zip(
-        *(per_story[c].to_list() for c in ("f_flow", "f_proto", "f_src_ip", "f_src_port", "f_dst_ip", "f_dst_port")),
-        strict=True,
-    ):
-        cid = get(flow, _MISSING)
+    # The Community ID of each story's flow (from its first event with one): once per distinct flow hash, and
+    # cached across calls by the caller.
+    flows = per_story.filter(pl.col("f_flow").is_not_null()).unique("f_flow", keep="first")
+    keys: list[int] = flows["f_flow"].to_list()
+    values: list[str | None] = []
+    endpoints = (flows[c].to_list() for c in ("f_proto", "f_src_ip", "f_src_port", "f_dst_ip", "f_dst_port"))
+    for flow, proto, sip, sport, dip, dport in zip(keys, *endpoints, strict=True):
+        cid = cache.get(flow, _MISSING)
         if cid is _MISSING:
-            cid = story_community_id(proto, sip, sport, dip, dport, seed) if flow is not None and sip and dip else None
-            if len(cache) >= 1 << 20:
-                cache.clear()
+            cid = story_community_id(proto, sip, sport, dip, dport, seed) if sip and dip else None
             cache[flow] = cid
-        cids.append(cid)
+        values.append(cid)
+    if len(cache) > 1 << 20:
+        cache.clear()
+    cid_col = pl.col("f_flow").replace_strict(keys, values, default=None, return_dtype=pl.String).alias("cid")
     rev = pl.col("f_reversed")
     a_ip = pl.when(rev).then(pl.col("f_dst_ip")).otherwise(pl.col("f_src_ip"))
     b_ip = pl.when(rev).then(pl.col("f_src_ip")).otherwise(pl.col("f_dst_ip"))
@@ -440,7 +441,7 @@ def fuse(
     )
     out = heads.with_columns(
         json_strings(heads["story_id"]).alias("q_story_id"), json_strings(heads["predecessor"]).alias("q_predecessor")
-    ).join(per_story.with_columns(pl.Series("cid", cids, pl.String)), on="story", how="left", maintain_order="left")
+    ).join(per_story.with_columns(cid_col), on="story", how="left", maintain_order="left")
     if per_story.height != heads.height or out["event_count"].null_count():
         raise ValueError("fuse: events and heads must name the same stories")
     return out.select(*HEAD_SCHEMA, body.alias("body"))
