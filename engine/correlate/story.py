@@ -39,7 +39,7 @@ _json = msgspec.json.Encoder()
 KEY = pl.UInt64
 
 
-@dataclass
+@dataclass(slots=True)
 class StoryMeta:
     key: int  # the story key of the state frame's rows (the 64-bit hash in the id)
     id: str
@@ -61,6 +61,7 @@ class StoryMeta:
 class ShardState:
     frame: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EVENT_SCHEMA))
     stories: dict[int, StoryMeta] = field(default_factory=dict)  # by story key
+    ids: set[str] = field(default_factory=set)  # the frame's event ids: duplicates are found in O(new events)
     pending_chunks: int = 0
     merged_now: dict[int, int] = field(default_factory=dict)  # merged this bucket: old key → survivor
     sealed_flows: dict[int, str] = field(default_factory=dict)  # flow → its last truncated story
@@ -173,8 +174,13 @@ class StoryStage:
             pl.lit(now, pl.Int64).alias("ingest"),
         )
         new = new.select(list(EVENT_SCHEMA)).unique("id", keep="first", maintain_order=True)
-        if st.frame.height:
-            new = new.join(st.frame.select("id"), on="id", how="anti")
+        new_ids: list[str] = new["id"].to_list()
+        if st.ids:
+            seen = st.ids
+            fresh = [i not in seen for i in new_ids]
+            if not all(fresh):
+                new = new.filter(pl.Series(fresh))
+                new_ids = [i for i, f in zip(new_ids, fresh, strict=True) if f]
         self.counters.duplicates += len(batch) - len(new)
         if new.is_empty():
             return
@@ -188,10 +194,12 @@ class StoryStage:
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
         union = union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
+        story = pl.col("story")
         groups = (
             union.group_by("comp")
             .agg(
-                pl.col("story").drop_nulls().unique().sort().alias("known"),
+                story.min().alias("known_min"),
+                (story.n_unique() - (story.null_count() > 0).cast(pl.UInt32)).alias("known_n"),
                 pl.col("id").filter(pl.col("is_new")).min().alias("first_new"),
                 pl.col("is_new").sum().alias("n_new"),
                 pl.col("t").min().alias("t_min"),
@@ -201,18 +209,41 @@ class StoryStage:
             .filter(pl.col("n_new") > 0)
             .sort("first_new")
         )
-        survivor_of: dict[int, int] = {}
+        comps: list[int] = []
+        sids: list[int] = []
+        # Components with no known story: new stories (most of them), created from columns.
+        fresh_groups = groups.filter(pl.col("known_n") == 0)
+        sealed = st.sealed_flows
+        for comp, first_new, n_new, t_min, t_max, flow in zip(
+            *(fresh_groups[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow")), strict=True
+        ):
+            sid = xxhash.xxh3_64_intdigest(first_new.encode())
+            pred = sealed.get(flow) if flow is not None and sealed else None
+            sid_text = f"s{shard:04x}-{sid:016x}"
+            st.stories[sid] = StoryMeta(
+                sid, sid_text, bucket, now, n_new, 0, None, True, True, False, t_min, t_max, pred, bucket
+            )
+            comps.append(comp)
+            sids.append(sid)
+        self.counters.stories += fresh_groups.height
+        # Components that touch known stories: the events join the smallest; several stories merge into it.
+        known_groups = groups.filter(pl.col("known_n") > 0)
+        merging = known_groups.filter(pl.col("known_n") > 1)["comp"]
+        known_lists: dict[int, list[int]] = {}
+        if merging.len():
+            lists = (
+                union.filter(pl.col("comp").is_in(merging.implode()) & story.is_not_null())
+                .group_by("comp")
+                .agg(story.unique().sort())
+            )
+            known_lists = dict(zip(lists["comp"].to_list(), lists["story"].to_list(), strict=True))
         renames: dict[int, int] = {}
-        for comp, known, first_new, n_new, t_min, t_max, flow in groups.iter_rows():
-            if not known:
-                sid = xxhash.xxh3_64_intdigest(first_new.encode())
-                st.stories[sid] = StoryMeta(sid, self._story_id(shard, sid), bucket, now)
-                if flow is not None and flow in st.sealed_flows:
-                    st.stories[sid].predecessor = st.sealed_flows[flow]
-                self.counters.stories += 1
-            else:
-                sid = known[0]
-                for other in known[1:]:
+        for comp, sid, n_known, n_new, t_min, t_max in zip(
+            *(known_groups[c].to_list() for c in ("comp", "known_min", "known_n", "n_new", "t_min", "t_max")),
+            strict=True,
+        ):
+            if n_known > 1:
+                for other in known_lists[comp][1:]:
                     renames[other] = sid
             meta = st.stories[sid]
             meta.last_ingest_ms = now
@@ -224,10 +255,11 @@ class StoryStage:
                 self.counters.amended += 1
             meta.dirty = True
             meta.changed = True
-            survivor_of[comp] = sid
+            comps.append(comp)
+            sids.append(sid)
         assigned = (
             union.filter(pl.col("is_new"))
-            .with_columns(pl.col("comp").replace_strict(survivor_of, return_dtype=KEY).alias("story"))
+            .with_columns(pl.col("comp").replace_strict(comps, sids, return_dtype=KEY).alias("story"))
             .select(list(EVENT_SCHEMA))
         )
         frame = pl.concat([st.frame, assigned], how="vertical", rechunk=False)
@@ -246,6 +278,7 @@ class StoryStage:
             st.pending_chunks = 0
         st.frame = frame
         st.merged_now.update(renames)  # written as merged_into stubs by _timeouts
+        st.ids.update(new_ids)
         st.touched = True
 
     @staticmethod
@@ -304,10 +337,17 @@ class StoryStage:
             for sid in gone:
                 m = st.stories.pop(sid)
                 st.gone.append((m.first_bucket, m.last_bucket))
-            st.frame = st.frame.filter(~pl.col("story").is_in(gone))
+            self._drop_rows(st, gone)
             self.counters.evicted += len(gone)
         st.next_due_ms = min(self._next_due(st), default=2**62)
         st.touched = False
+
+    @staticmethod
+    def _drop_rows(st: ShardState, keys: list[int]) -> None:
+        """The events of these stories leave the state (frame and id set)."""
+        leaving = pl.col("story").is_in(keys)
+        st.ids.difference_update(st.frame.filter(leaving)["id"].to_list())
+        st.frame = st.frame.filter(~leaving)
 
     def _seal(self, st: ShardState, stories: list[StoryMeta]) -> None:
         """A truncated story is final: its rows leave the state (memory stays bounded under a flood of one
@@ -317,7 +357,7 @@ class StoryStage:
         for flow, key in rows.iter_rows():
             if flow is not None:
                 st.sealed_flows[flow] = st.stories[key].id
-        st.frame = st.frame.filter(~pl.col("story").is_in(ids))
+        self._drop_rows(st, ids)
         for sid in ids:
             m = st.stories.pop(sid)
             st.gone.append((m.first_bucket, m.last_bucket))
