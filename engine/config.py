@@ -31,6 +31,7 @@ from engine.errors import ConfigError
 TENANT_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 _DC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONSUMER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 MAX_TWCS_WINDOWS = 50
 
 Consistency = Literal["ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"]
@@ -99,7 +100,7 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("store.contact_points", "must name at least one host:port")
         for cp in self.contact_points:
             host, sep, port = cp.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not sep or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
                 raise ConfigError("store.contact_points", f"{cp!r} must be host:port")
         if (self.username is None) != (self.password is None):
             raise ConfigError(
@@ -108,8 +109,18 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.retry_max_ms < self.retry_base_ms:
             raise ConfigError("store.retry_max_ms", "must be >= store.retry_base_ms")
 
+    def _shown(self) -> list[tuple[str, Any]]:
+        """Every field, the password masked: what repr, str and rich show (logs, tracebacks, test reports)."""
+        return [
+            (f, "***" if f == "password" and self.password is not None else getattr(self, f))
+            for f in self.__struct_fields__
+        ]
+
     def __repr__(self) -> str:  # never print the password
-        return f"StoreConfig(backend={self.backend!r}, contact_points={self.contact_points!r}, ...)"
+        return f"StoreConfig({', '.join(f'{k}={v!r}' for k, v in self._shown())})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:  # msgspec's default would show the password
+        return self._shown()
 
 
 class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -238,11 +249,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(item, "--set takes dotted.key=value")
+        # Not the item itself in the message: a mistyped `store.password:secret` must not be printed.
+        raise ConfigError("--set", "takes dotted.key=value (an item has no '=' or no key)")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        doc = tomllib.loads(f"v = {raw}")
     except tomllib.TOMLDecodeError:
-        value = raw
+        doc = {}
+    except RecursionError:
+        raise ConfigError(key, "--set value is nested too deeply") from None
+    # One TOML value, nothing after it: "32\nlag_ms = 1" is not the value 32.
+    value = doc["v"] if doc.keys() == {"v"} else raw
     return key, value
 
 
@@ -255,15 +271,42 @@ def _key_from_msgspec(msg: str) -> tuple[str, str]:
     return "", msg
 
 
+def _key_name(name: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (``""``, ``"a b"``), never raw control
+    characters."""
+    if _BARE_KEY_RE.fullmatch(name):
+        return name
+    chars = (
+        c if c.isprintable() and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+        for c in name
+    )
+    return '"' + "".join(chars) + '"'
+
+
+def _check_int64(tree: Mapping[str, Any]) -> None:
+    """Every integer must fit the 64-bit columns and arithmetic downstream (TOML's own range). Iterative."""
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:
+        key, node = stack.pop()
+        if isinstance(node, Mapping):
+            stack.extend((f"{key}.{_key_name(str(k))}" if key else _key_name(str(k)), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(node))
+        elif isinstance(node, int) and not -(2**63) <= node < 2**63:
+            raise ConfigError(key, f"{node} is outside the 64-bit integer range")
+
+
 def from_mapping(tree: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """Build and validate a Config from a parsed TOML tree; raise ConfigError naming the key on any problem."""
+    _check_int64(tree)
     try:
         cfg = msgspec.convert(dict(tree), Config, strict=True)
     except msgspec.ValidationError as exc:
         key, problem = _key_from_msgspec(str(exc))
-        unknown = re.search(r"Object contains unknown field `([^`]*)`", problem)
+        unknown = re.fullmatch(r"Object contains unknown field `(.*)`", problem, re.DOTALL)
         if unknown:
-            key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            name = _key_name(unknown.group(1))
+            key = f"{key}.{name}" if key else name
             problem = "unknown key"
         elif "Object missing required field" in problem:
             m = re.search(r"`([^`]*)`", problem)
@@ -287,13 +330,17 @@ def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> 
     if path is not None:
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_bytes().decode("utf-8")  # not read_text: TOML's newlines are its own (no \r → \n)
         except OSError as exc:
             raise ConfigError("--config", f"cannot read {p}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("--config", f"{p} is not UTF-8 text (invalid byte at {exc.start})") from None
         try:
             tree = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{p} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError("--config", f"{p} is not valid TOML: nested too deeply") from None
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

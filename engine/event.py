@@ -90,6 +90,7 @@ _payload_encoder = msgspec.msgpack.Encoder()
 _payload_decoder = msgspec.msgpack.Decoder(Event)
 _view_decoder = msgspec.msgpack.Decoder(EventView)
 MAX_NAME = 256
+MAX_ATTRS_DEPTH = 64  # arrays/objects nested in attrs (attrs itself is level 1); consumers decode with recursion
 _PROTO_FAST = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "TCP": 6, "UDP": 17, "ICMP": 1}
 
 
@@ -118,6 +119,8 @@ def parse_time_us(value: int | float | str) -> int:
             raise InputError(f"time: {value!r} is not a finite epoch-seconds value")
         return round(value * 1_000_000)
     text = value.strip()
+    if text[-1:] == "z":  # RFC 3339 allows a lower-case Z; fromisoformat does not
+        text = text[:-1] + "Z"
     if len(text) < 19 or len(text) > 40 or text[4] != "-" or text[10] not in "Tt ":
         raise InputError(f"time: {value!r} is not RFC 3339 (e.g. 2026-11-26T07:00:00.5Z)")
     try:
@@ -188,7 +191,32 @@ def parse_line(line: bytes, cfg: Config, now_ms: int) -> Event:
         raise InputError(_validation_reason(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise InputError(f"json: {exc}") from None
-    return normalize(raw, cfg, now_ms)
+    except RecursionError:  # only attrs holds untyped values that can nest
+        raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
+    if raw.attrs and line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and _too_deep(raw.attrs):
+        raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels")
+    event = normalize(raw, cfg, now_ms)
+    # The stored form must exist and fit: msgpack holds no integer outside int64/uint64 (only attrs can carry
+    # one), and it can be larger than the JSON (a 4-byte `1e5,` becomes a 9-byte float64).
+    try:
+        size = len(_payload_encoder.encode(event))
+    except OverflowError:
+        raise InputError("attrs: an integer is outside -2**63..2**64-1 (the stored form cannot hold it)") from None
+    if size > cfg.max_event_bytes:
+        raise InputError(f"line: the stored event is {size} bytes, over max_event_bytes ({cfg.max_event_bytes})")
+    return event
+
+
+def _too_deep(attrs: dict[str, Any]) -> bool:
+    """Whether arrays/objects nest in attrs deeper than MAX_ATTRS_DEPTH (iterative: no recursion limit)."""
+    stack: list[tuple[object, int]] = [(attrs, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_ATTRS_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def shard_of(event: Event, shards: int) -> int:
@@ -213,7 +241,9 @@ def _validation_reason(msg: str) -> str:
         field = path.rstrip("`")
     for marker in ("Object missing required field `", "Object contains unknown field `"):
         if msg.startswith(marker):
-            name = msg[len(marker) :].rstrip("`")
+            name = msg[len(marker) : -1] if msg.endswith("`") else msg[len(marker) :]
+            if not name or not name.isprintable():  # a field name from the input: never raw control characters
+                name = repr(name)
             if "missing" in marker:
                 return f"{name}: required field is missing"
             return f"{name}: unknown field (put sensor-specific data under attrs)"

@@ -152,3 +152,9 @@ def test_password_never_in_repr() -> None:
     assert "s3cret-pw" not in repr(c)
     assert "s3cret-pw" not in repr(c.store)
     assert "s3cret-pw" not in str(c)
+
+
+def test_a_mistyped_set_item_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_override("store.password:hunter2-secret")
+    assert "hunter2" not in str(err.value) and err.value.key == "--set"
