@@ -518,6 +518,15 @@ def cmd_config(cfg: Config) -> int:
     return EXIT_OK
 
 
+def _masked(exc: BaseException, secrets: Sequence[str]) -> str:
+    """An error's message with the configured password masked (the store masks it already; printing is the
+    last place to make sure)."""
+    text = str(exc)
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
@@ -528,8 +537,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.write(line + b"\n")
         out.flush()
         return EXIT_OK
+    secrets: list[str] = []
     try:
         cfg = _config(args)
+        if cfg.store.password:
+            secrets.append(cfg.store.password)
         if args.command == "init":
             return asyncio.run(cmd_init(cfg))
         if args.command == "selftest":
@@ -553,13 +565,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dead-letter":
             return asyncio.run(cmd_dead_letter(cfg, args.redrive, args.limit))
     except ConfigError as exc:
-        print(f"storyline: config error: {exc}", file=sys.stderr)
+        print(f"storyline: config error: {_masked(exc, secrets)}", file=sys.stderr)
         return EXIT_USAGE
     except StorylineError as exc:
-        print(f"storyline: {exc}", file=sys.stderr)
+        print(f"storyline: {_masked(exc, secrets)}", file=sys.stderr)
         return EXIT_FAIL
     except (OSError, EOFError, zlib.error) as exc:  # unreadable or truncated input, a port in use, a full disk
-        print(f"storyline: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"storyline: {type(exc).__name__}: {_masked(exc, secrets)}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ from scyllapy.extra_types import BigInt, Unset
 
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
-from engine.errors import SchemaError, StoreError, TransientStoreError, WriteTooLateError
+from engine.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError
 from engine.store.base import SCHEMA_VERSION, index_group, index_slot
 from engine.store.common import (
     ROW_OVERHEAD,
@@ -85,12 +86,61 @@ def _opt(value: Any) -> Any:
     return Unset() if value is None else value
 
 
-def classify(exc: BaseException, what: str) -> StoreError:
-    """Map a driver exception to our hierarchy; the message never contains credentials (the driver's never do)."""
-    text = str(exc)
+# Checked before the transient markers: the driver wraps a refused login in "Cannot construct new session: IO
+# Error: No connections in the pool; ...", which would otherwise read as a lost connection and be retried.
+_AUTH_REQUIRED = "Authentication is required"
+_AUTH_REFUSED = ("Authentication failed", "bad credentials", "and/or password are incorrect")
+_PERMISSION = "doesn't have the right to perform the query"
+_SERVER_DETAIL = re.compile(r"Error message: (.*)$", re.DOTALL)
+
+
+def mask(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def classify(exc: BaseException, what: str, secrets: Sequence[str] = (), hint: str = "") -> StoreError:
+    """Map a driver exception to our hierarchy.
+
+    Authentication and permission failures are never retriable: doing the same again cannot succeed, and a
+    retry loop against a node that refuses a password looks like a brute-force attempt. The driver's messages
+    name the user but not the password; every secret in ``secrets`` is masked all the same. ``hint`` is added to
+    the other messages (e.g. what to check when a TLS connection fails).
+    """
+    text = mask(str(exc), secrets)
+    detail = _SERVER_DETAIL.search(text)
+    server_says = detail.group(1).strip() if detail else text
+    if _AUTH_REQUIRED in text:
+        return StoreError(
+            f"{what}: authentication failed: the node requires a username and password "
+            f"(set store.username and store.password)"
+        )
+    if any(m in text for m in _AUTH_REFUSED):
+        return StoreError(
+            f"{what}: authentication failed: the node refused the credentials ({server_says}); "
+            f"check store.username and store.password"
+        )
+    if _PERMISSION in text:
+        return StoreError(f"{what}: permission denied: {server_says}")
+    suffix = f" {hint}" if hint else ""
     if any(m in text for m in _TRANSIENT_MARKERS):
-        return TransientStoreError(f"{what}: {text}")
-    return StoreError(f"{what}: {text}")
+        return TransientStoreError(f"{what}: {text}{suffix}")
+    return StoreError(f"{what}: {text}{suffix}")
+
+
+def _read_ca(path: str) -> str:
+    """The PEM text of ``store.tls_ca_file``; a ConfigError naming the key when it is unreadable or not PEM."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            pem = f.read()
+    except OSError as exc:
+        raise ConfigError("store.tls_ca_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError("store.tls_ca_file", f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return pem
 
 
 def _table_ddl(cfg: Config) -> dict[str, str]:
@@ -159,6 +209,7 @@ class CqlStore:
         self._serial = _SERIAL[cfg.store.serial_consistency]
         self._serial_read = _SERIAL_READ[cfg.store.serial_consistency]
         self._timeout_s = max(1, cfg.request_timeout_ms // 1000)
+        self._secrets = tuple(p for p in (cfg.store.password,) if p)
 
     # -- plumbing ------------------------------------------------------------------------------------------
     @property
@@ -178,7 +229,7 @@ class CqlStore:
             try:
                 return await coro_fn()
             except ScyllaPyBaseError as exc:
-                raise classify(exc, what) from None
+                raise classify(exc, what, self._secrets) from None
 
     async def _prep(self, key: str, cql: str, *, serial_read: bool = False) -> PreparedQuery:
         p = self._prepared.get(key)
@@ -237,16 +288,27 @@ class CqlStore:
                 consistency=self._consistency, serial_consistency=self._serial, request_timeout=self._timeout_s
             ),
         }
+        hint = ""
         if s.tls_ca_file:
+            # scyllapy (1.3) builds a TLS context only when ssl_cert is given: ssl_ca_file and ssl_verify_mode
+            # alone are ignored and the connection silently stays plaintext. The CA's certificate fills that
+            # slot; without a private key OpenSSL never presents it, so the client sends no certificate, and
+            # the node's certificate chain is verified against the CA file (PEER).
+            kwargs["ssl_cert"] = _read_ca(s.tls_ca_file)
             kwargs["ssl_ca_file"] = s.tls_ca_file
             kwargs["ssl_verify_mode"] = SSLVerifyMode.PEER
+            hint = (
+                f"(TLS is on: check that the node serves TLS on this port and that its certificate is signed "
+                f"by a CA in store.tls_ca_file = {s.tls_ca_file})"
+            )
         db = Scylla(list(s.contact_points), **kwargs)
+        where = f"connect to {', '.join(s.contact_points)}"
 
         async def start() -> None:
             try:
                 await db.startup()
             except ScyllaPyBaseError as exc:
-                raise classify(exc, f"connect to {', '.join(s.contact_points)}") from None
+                raise classify(exc, where, self._secrets, hint) from None
 
         await self._retry("connect", start)
         self._db = db
