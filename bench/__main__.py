@@ -112,6 +112,26 @@ async def store_round(cfg: Config, events: int, partitions: int, payload: int, c
         await store.close()
 
 
+def peers(args: argparse.Namespace) -> dict[str, Any]:
+    """The peer designs (bench/peers) and the driver check on the same data, and Storyline's ratios to them.
+    A peer that cannot run here is recorded with its error, never silently left out."""
+    import importlib
+
+    out: dict[str, Any] = {}
+    for key, module, kwargs in (
+        ("peer_postgres", "bench.peers.postgres", {"n_events": args.pipeline_events}),
+        ("peer_kafka", "bench.peers.kafka", {"n_events": args.pipeline_events}),
+        ("drivers", "bench.drivers", {}),
+    ):
+        try:
+            mod = importlib.import_module(module)
+            out[key] = mod.run(**kwargs)
+        except Exception as exc:  # recorded in the results and printed
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"bench: {module} did not run: {exc}", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--events", type=int, default=200_000)
@@ -124,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest-large", type=int, default=60, help="1 MiB events for the ingest bench")
     ap.add_argument("--consume-events", type=int, default=500_000, help="events for the consume bench")
     ap.add_argument("--correlate-events", type=int, default=1_000_000, help="events for the link bench")
+    ap.add_argument("--latency-events", type=int, default=20_000, help="simulated events sent live")
+    ap.add_argument("--latency-speed", type=float, default=20.0, help="arrival-time compression of the live run")
+    ap.add_argument("--pipeline-events", type=int, default=200_000, help="events for the pipeline and the peers")
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run = uuid.uuid4().hex[:8]
@@ -152,13 +175,36 @@ def main(argv: list[str] | None = None) -> int:
     from bench import correlate, stories
 
     results["stories"] = stories.run()
+    if not args.skip_cql:
+        from bench import latency, pipeline
+
+        progress("latency (live, ~1 min)", 0, 1)
+        results["latency"] = latency.run(args.latency_events, args.latency_speed, 2, "cql")
+        results["latency_p99_s"] = results["latency"]["latency_p99_s"]
+        progress("latency (live, ~1 min)", 1, 1)
+        results["pipeline"] = pipeline.run(args.pipeline_events, 2)
+        results["pipeline"]["storyline_sustained_events_per_s"] = results["pipeline"]["events"] / max(
+            results["pipeline"]["total_seconds"] - results["pipeline"]["includes_lag_s"], 1e-9
+        )
+        results.update(peers(args))
 
     results["correlate"] = correlate.run(args.correlate_events)
     results["correlate_events_per_s"] = results["correlate"]["link_events_per_s"]
     results["correlate_vs_baseline_ratio"] = results["correlate"]["link_vs_baseline_ratio"]
+    ours = results.get("pipeline", {}).get("storyline_events_per_s")
+    for key, peer in (("vs_postgres_ratio", "peer_postgres"), ("vs_queue_ratio", "peer_kafka")):
+        theirs = results.get(peer, {}).get("pipeline_events_per_s")
+        results[key] = ours / theirs if ours and theirs else None
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     out.write_text(json.dumps(results, indent=2))
+    try:
+        from bench.plots import plot_all
+
+        results["plots"] = [str(p) for p in plot_all(results, out.with_suffix(""))]
+        out.write_text(json.dumps(results, indent=2))
+    except ImportError as exc:  # matplotlib is a dev dependency
+        print(f"bench: no plots ({exc})", file=sys.stderr)
     print(f"{'store':<10} {'write ev/s':>12} {'read ev/s':>12} {'write MB/s':>11} {'read MB/s':>10}")
     for name in ("embedded", "cql"):
         r = results.get(name)
@@ -201,6 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         f"writes); accuracy default scenario P {st['accuracy']['precision']:.3f} R {st['accuracy']['recall']:.3f} "
         f"exact {st['accuracy']['exact']:.3f}; with ±20 s skew R {st['accuracy_skew20']['recall']:.3f}"
     )
+    if "latency" in results:
+        la = results["latency"]
+        print(
+            f"latency ingest -> final story ({la['events']:,} events live): p50 {la['latency_p50_s']:.2f} s, "
+            f"p95 {la['latency_p95_s']:.2f} s, p99 {la['latency_p99_s']:.2f} s (bound {la['latency_bound_s']:g} s)"
+        )
+    if "pipeline" in results:
+        pi = results["pipeline"]
+        print(
+            f"pipeline (ingest + 2 workers, {pi['events']:,} events): {pi['storyline_events_per_s']:,.0f} events/s "
+            f"incl. the {pi['includes_lag_s']:g} s lag, {pi['storyline_sustained_events_per_s']:,.0f} without it"
+        )
+        for key, peer in (("vs_postgres_ratio", "peer_postgres"), ("vs_queue_ratio", "peer_kafka")):
+            r = results.get(key)
+            err = results.get(peer, {}).get("error")
+            print(f"{key}: {r:.2f}" if r else f"{key}: not measured ({err or 'no figure'})")
     print(f"results: {out}")
     return 0
 

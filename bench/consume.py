@@ -4,6 +4,7 @@
   same driver, the same read-ahead bound and no decoding or processing: the ceiling.
 * ``engine_1w``: one :class:`engine.worker.Worker` (in-process, counting stage, full msgspec decoding) draining
   the same partitions. Goal: >= 0.8 x raw (median of 5 rounds in alternating order, after a warm-up read).
+* ``engine_stories_1w``: the same with the story builder (fused stories written to the stories table).
 * ``run_1w`` / ``run_2w``: ``storyline run --until-idle`` with 1 and 2 worker processes (wall time, process
   start-up included).
 * ``idle``: CPU of a running engine (supervisor + workers) with 256 shards and no traffic. Goal: ≤ 2 % of a core.
@@ -91,16 +92,25 @@ async def raw_read(cfg: Config, first: int, last: int) -> dict[str, float]:
         await store.close()
 
 
-async def engine_read(cfg: Config, last: int) -> dict[str, float]:
+async def engine_read(cfg: Config, last: int, *, stories: bool = False) -> dict[str, float]:
     """One in-process worker draining every shard from scratch (a fresh consumer): start-up (clock check,
-    16 claims) included, process start-up not."""
+    16 claims) included, process start-up not. ``stories``: the story builder (link, state, fused stories written
+    to the stories table, drained at the end) instead of the counting stage."""
+    from engine.correlate.story import StoryStage
+
     cfg = msgspec.structs.replace(cfg, consumer=f"bench_{uuid.uuid4().hex[:8]}")
-    stage = CountingStage()
-    w = Worker(cfg, list(range(cfg.shards)), stage, owner=f"bench-{uuid.uuid4().hex[:6]}", until_bucket=last)
+    counting = CountingStage()
+    w = Worker(
+        cfg, list(range(cfg.shards)), counting, owner=f"bench-{uuid.uuid4().hex[:6]}", until_bucket=last, drain=stories
+    )
+    story_stage = StoryStage(cfg, w.store) if stories else None
+    if story_stage is not None:
+        w.stage = story_stage
     t0 = time.perf_counter()
     await w.run()
     dt = time.perf_counter() - t0
-    return {"events": stage.events, "seconds": dt, "events_per_s": stage.events / dt}
+    n = story_stage.counters.events + story_stage.counters.duplicates if story_stage else counting.events
+    return {"events": n, "seconds": dt, "events_per_s": n / dt}
 
 
 def cli_run(cfg: Config, workers: int) -> dict[str, float]:
@@ -200,9 +210,11 @@ def run(n_events: int = 300_000, backend: str = "cql") -> dict[str, Any]:
             "engine_1w": max((e for e, _ in rounds), key=lambda e: e["events_per_s"]),
             "consume_vs_raw_ratio": ratios[len(ratios) // 2],  # the median of the rounds
             "consume_vs_raw_ratios": ratios,
+            "engine_stories_1w": asyncio.run(engine_read(cfg, last, stories=True)),
             "run_1w": cli_run(cfg, 1),
             "run_2w": cli_run(cfg, 2),
         }
+        out["consume_stories_vs_raw_ratio"] = out["engine_stories_1w"]["events_per_s"] / out["raw"]["events_per_s"]
         out["scaling_2w_vs_1w"] = out["run_2w"]["events_per_s"] / out["run_1w"]["events_per_s"]
         out["idle"] = idle_cost(backend, tmp)
         return out

@@ -140,8 +140,85 @@ def accuracy(n_events: int = 10_000, skew_s: float = 5.0) -> dict[str, float]:
         return score(predicted, truth)
 
 
+def memory_curve(points: tuple[int, ...] = (0, 25_000, 50_000, 100_000, 200_000)) -> dict[str, Any]:
+    """Resident memory of a story builder holding ``n`` open stories (one event each, distinct flows, ~300 B
+    stored events with firewall-like attributes; nothing falls due), measured on this process (psutil RSS)."""
+    import gc
+
+    import psutil
+
+    from engine.event import Event
+    from engine.flow import flow_identity
+
+    proc = psutil.Process()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = from_mapping(
+            {
+                "tenant": "bench_memory",
+                "shards": 1,
+                "store": {"backend": "embedded", "path": f"{tmp}/m.db"},
+                "correlate": {"max_wait_ms": 3_600_000, "max_open_stories": 10_000_000},
+            }
+        )
+        t0 = int(time.time() * 1_000_000) - 600_000_000
+
+        def record(i: int) -> EventRecord:
+            sip, dip, key, rev = flow_identity(
+                6, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000, "10.255.0.1", 443
+            )
+            import xxhash
+
+            attrs = {"action": "allow", "rule": f"r-{i % 500}", "bytes": 1000 + i % 7777, "packets": 1 + i % 50}
+            e = Event(
+                f"m{i:09d}",
+                t0 + i,
+                "firewall",
+                "fw-1",
+                xxhash.xxh64_intdigest(key),
+                rev,
+                6,
+                sip,
+                40000,
+                dip,
+                443,
+                attrs,
+            )
+            return EventRecord(e.id, encode(e))
+
+        async def body() -> list[dict[str, float]]:
+            store = make_store(cfg)
+            await store.open()
+            await store.init_schema()
+            out = []
+            try:
+                stage = StoryStage(cfg, store)
+                done = 0
+                for target in points:
+                    while done < target:
+                        n = min(5_000, target - done)
+                        batch = Batch([record(i) for i in range(done, done + n)])
+                        await stage.on_bucket(0, done // 5_000, batch, replay=False)
+                        done += n
+                    gc.collect()
+                    out.append({"open_stories": float(done), "rss_bytes": float(proc.memory_info().rss)})
+            finally:
+                await store.close()
+            return out
+
+        curve = asyncio.run(body())
+    base = curve[0]["rss_bytes"]
+    top = curve[-1]
+    per_story = (top["rss_bytes"] - base) / top["open_stories"] if top["open_stories"] else 0.0
+    return {"points": curve, "bytes_per_open_story": per_story}
+
+
 def run() -> dict[str, Any]:
-    return {"stage": stage_throughput(), "accuracy": accuracy(), "accuracy_skew20": accuracy(skew_s=20.0)}
+    return {
+        "stage": stage_throughput(),
+        "accuracy": accuracy(),
+        "accuracy_skew20": accuracy(skew_s=20.0),
+        "memory": memory_curve(),
+    }
 
 
 if __name__ == "__main__":

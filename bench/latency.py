@@ -1,0 +1,211 @@
+"""``python -m bench.latency``: end-to-end latency, ingest → final story, with the real engine and small windows.
+
+The simulator's scenario (skew, reversed reports, late arrivals, port reuse, noise) is sent live through the
+producer, each event at its arrival offset compressed ``speed`` times, while ``storyline run --workers N``
+(separate processes, the supervisor and its workers, default stage) consumes the same tenant concurrently.
+An event's latency is from the moment its write was durable (the producer's call returned) to the moment a
+reader first finds it in a *final* story revision in the stories table (an observer scans the table every
+``poll_s``, 0.5 s, concurrently; that is the resolution; ``emitted_ms`` in the table is the stage's logical
+bucket time, not wall time, so it cannot be used). A late event that amends an emitted story counts from its own
+write to the amended revision. Small windows from
+``configs/bench.toml`` (bucket 100 ms, lag 3 s, max_wait 5 s), so the bound the issue sets is
+``lag + max_wait + 2 s`` = 10 s. Both clocks are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+
+from engine.config import Config, load
+from engine.event import parse_line
+from engine.ingest import Producer
+from engine.simulate import Scenario, generate
+from engine.store import make_store
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.toml"
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+async def _final_ids(cfg: Config) -> set[str]:
+    """Event ids in some final (not merged) story revision."""
+    store = make_store(cfg)
+    await store.open()
+    try:
+        found: set[str] = set()
+        async for page in store.scan_stories():
+            for rec in page:
+                if rec.final and rec.merged_into is None:
+                    found.update(msgspec.json.decode(rec.body)["event_ids"])
+        return found
+    finally:
+        await store.close()
+
+
+def run(
+    events: int = 20_000,
+    speed: float = 20.0,
+    workers: int = 2,
+    backend: str = "cql",
+    seed: int = 11,
+    poll_s: float = 0.5,
+) -> dict[str, Any]:
+    tenant = f"lat_{uuid.uuid4().hex[:8]}"
+    sets = [f"tenant={tenant}", f"store.backend={backend}"]
+    tmp = None
+    if backend == "embedded":
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        sets.append(f"store.path={tmp.name}/lat.db")
+    cfg = load(CONFIG, sets)
+    sim, _truth = generate(Scenario(events=events, seed=seed, start_s=time.time(), span_s=600))
+
+    async def init() -> None:
+        store = make_store(cfg)
+        await store.open()
+        await store.init_schema()
+        await store.close()
+
+    asyncio.run(init())
+    set_args = [a for kv in sets for a in ("--set", kv)]
+    proc = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
+        [sys.executable, "-m", "engine.cli", "run", "--config", str(CONFIG), *set_args, "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    written: dict[str, int] = {}
+    rss_peak = 0
+
+    def sample_rss() -> None:
+        nonlocal rss_peak
+        try:
+            procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            rss_peak = max(rss_peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+
+    async def produce() -> float:
+        store = make_store(cfg)
+        await store.open()
+        try:
+            producer = Producer(store, cfg)
+            await producer.check_clock()
+            t0 = time.monotonic()
+            i = 0
+            last_sample = 0.0
+            while i < len(sim):
+                delay = t0 + sim[i].arrival_s / speed - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                now_ms = int(time.time() * 1000)
+                batch = []
+                ids = []
+                while i < len(sim) and t0 + sim[i].arrival_s / speed <= time.monotonic():
+                    batch.append(parse_line(sim[i].line, cfg, now_ms))
+                    ids.append(sim[i].id)
+                    i += 1
+                await producer.write(batch)
+                done_ms = int(time.time() * 1000)
+                for eid in ids:
+                    written[eid] = done_ms
+                if time.monotonic() - last_sample > 1.0:
+                    sample_rss()
+                    last_sample = time.monotonic()
+            return time.monotonic() - t0
+        finally:
+            await store.close()
+
+    seen: dict[str, int] = {}
+
+    async def observe(stop: asyncio.Event) -> None:
+        while True:
+            t = int(time.time() * 1000)
+            for eid in await _final_ids(cfg):
+                seen.setdefault(eid, t)
+            if stop.is_set() and written and written.keys() <= seen.keys():
+                return
+            await asyncio.sleep(poll_s)
+
+    async def both() -> float:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(observe(stop))
+        send_s = await produce()
+        stop.set()
+        limit = (cfg.lag_ms + cfg.correlate.max_wait_ms) / 1000 + 60
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watcher, limit)
+        return send_s
+
+    try:
+        time.sleep(3.0)  # the workers start, claim their shards and begin polling
+        send_s = asyncio.run(both())
+        sample_rss()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    async def drop() -> None:
+        store = make_store(cfg)
+        await store.open()
+        await store.drop_schema()
+        await store.close()
+
+    asyncio.run(drop())
+    if tmp is not None:
+        tmp.cleanup()
+    lat = sorted(max(0, seen[e] - written[e]) / 1000 for e in written if e in seen)
+    bound = (cfg.lag_ms + cfg.correlate.max_wait_ms) / 1000 + 2
+    return {
+        "backend": backend,
+        "workers": workers,
+        "events": len(written),
+        "events_in_final_stories": len(lat),
+        "send_seconds": send_s,
+        "rate_events_per_s": len(written) / send_s,
+        "latency_p50_s": _quantile(lat, 0.50),
+        "latency_p95_s": _quantile(lat, 0.95),
+        "latency_p99_s": _quantile(lat, 0.99),
+        "latency_max_s": lat[-1] if lat else float("nan"),
+        "latency_bound_s": bound,
+        "poll_s": poll_s,
+        "rss_peak_bytes": rss_peak,
+        "latencies_s": lat[:: max(1, len(lat) // 2000)],  # a sample for the CDF plot
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=20_000)
+    ap.add_argument("--speed", type=float, default=20.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--backend", choices=["cql", "embedded"], default="cql")
+    args = ap.parse_args(argv)
+    r = run(args.events, args.speed, args.workers, args.backend)
+    r.pop("latencies_s")
+    print(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

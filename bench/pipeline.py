@@ -1,0 +1,103 @@
+"""``python -m bench.pipeline``: Storyline end to end with producers and consumers running together.
+
+The simulator's events (parsed beforehand, not timed) are written by the producer as fast as it goes while
+``storyline run --workers N`` (supervisor + worker processes, the story builder) consumes the same tenant on the
+CQL node (configs/bench.toml windows). Throughput = events / (first write → every shard's committed
+``read_bucket`` past the last written bucket, i.e. every event linked into a story and the offsets durable).
+The same definition is used for the peers (bench/peers): data in, durable, correlated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from engine.config import load
+from engine.event import parse_line
+from engine.ingest import Producer
+from engine.simulate import Scenario, generate
+from engine.store import make_store
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.toml"
+
+
+def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any]:
+    tenant = f"pipe_{uuid.uuid4().hex[:8]}"
+    sets = [f"tenant={tenant}", "consumer=pipe"]
+    cfg = load(CONFIG, sets)
+    sim, _ = generate(Scenario(events=events, seed=seed, start_s=time.time() - 3_600, span_s=600))
+    now_ms = int(time.time() * 1000)
+    parsed = [parse_line(e.line, cfg, now_ms) for e in sim]
+
+    async def init() -> None:
+        store = make_store(cfg)
+        await store.open()
+        await store.init_schema()
+        await store.close()
+
+    asyncio.run(init())
+    set_args = [a for kv in sets for a in ("--set", kv)]
+    proc = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
+        [sys.executable, "-m", "engine.cli", "run", "--config", str(CONFIG), *set_args, "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def body() -> tuple[float, float]:
+        store = make_store(cfg)
+        await store.open()
+        try:
+            producer = Producer(store, cfg)
+            await producer.check_clock()
+            t0 = time.perf_counter()
+            for i in range(0, len(parsed), 2_000):
+                await producer.write(parsed[i : i + 2_000])
+            t_ingest = time.perf_counter() - t0
+            last_bucket = int(time.time() * 1000) // cfg.bucket_ms
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                offsets = await store.read_offsets(cfg.consumer, list(range(cfg.shards)))
+                if len(offsets) == cfg.shards and all(o.read_bucket >= last_bucket for o in offsets):
+                    return t_ingest, time.perf_counter() - t0
+                await asyncio.sleep(0.2)
+            raise SystemExit("bench pipeline: the engine did not catch up within 10 minutes")
+        finally:
+            await store.close()
+
+    try:
+        time.sleep(3.0)  # workers up and polling before the first write
+        t_ingest, t_total = asyncio.run(body())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    async def drop() -> None:
+        store = make_store(cfg)
+        await store.open()
+        await store.drop_schema()
+        await store.close()
+
+    asyncio.run(drop())
+    return {
+        "events": len(parsed),
+        "workers": workers,
+        "ingest_seconds": t_ingest,
+        "total_seconds": t_total,
+        "ingest_events_per_s": len(parsed) / t_ingest,
+        "storyline_events_per_s": len(parsed) / t_total,
+        "includes_lag_s": cfg.lag_ms / 1000,
+    }
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+    print(json.dumps(run(n), indent=1))
