@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--redrive", action="store_true", help="validate every pending dead letter again")
     p.add_argument("--limit", type=int, default=100, help="lines to list (default 100; 0 for all)")
+    p = sub.add_parser("tune", help="print a recommended config (TOML, reasons as comments) for a rate and size")
+    _common(p)
+    p.add_argument("--events-per-sec", type=float, required=True, help="events per second to size for (peak)")
+    p.add_argument("--avg-event-bytes", type=float, required=True, help="average JSON input line, bytes")
+    p.add_argument("--retention-hours", type=float, help="hours events are kept (default 48; raised to the TTL rule)")
+    p.add_argument("--backend", choices=["cql", "embedded"], help="default: embedded below a few hundred events/s")
+    p.add_argument("--cores", type=int, help="cores per engine machine (default: this machine's)")
+    p.add_argument("--measure", action="store_true", help="calibrate per-core figures with a ~10 s run here")
     return parser
 
 
@@ -539,6 +547,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     secrets: list[str] = []
     try:
+        if args.command == "tune":  # before _config: tune needs no tenant; engine/tune.py does the work
+            from engine.tune import main as tune
+
+            return tune(args)
         cfg = _config(args)
         if cfg.store.password:
             secrets.append(cfg.store.password)

@@ -144,7 +144,10 @@ def test_simulate_live_paces_events_through_the_producer(tmp_path: Path, capsys:
     where = asyncio.run(buckets())
     assert set(where) == set(arrivals)
     in_order = [where[e] for e in sorted(arrivals, key=lambda e: (arrivals[e], e))]
-    assert in_order == sorted(in_order), "events were written in arrival order"
+    # In arrival order, up to one bucket: one send's events go to several partitions, whose appends may straddle
+    # a bucket boundary.
+    running_max = [max(in_order[: i + 1]) for i in range(len(in_order))]
+    assert all(m - b <= 1 for m, b in zip(running_max, in_order, strict=True)), "events were sent in arrival order"
     spread_s = (in_order[-1] - in_order[0]) * cfg.bucket_ms / 1000
     expected_s = (max(arrivals.values()) - min(arrivals.values())) / speed
     assert 0.8 * expected_s - 0.5 <= spread_s <= expected_s + 2.0, (spread_s, expected_s)
