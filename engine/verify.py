@@ -5,13 +5,23 @@ It holds when:
 * every accepted event id (every complete event in the ``events`` table, whatever bucket it was stored in) is in
   exactly one story's latest revision, ``merged_into`` stubs aside;
 * no story's latest revision references an event id the ``events`` table does not hold;
+* the counts reconcile with what the producers reported (:func:`reconcile`, given the ingest runs): every
+  distinct event the ingest summaries accepted is stored, and the dead-letter store holds exactly the lines
+  they rejected.
 
 An id found in two stories whose emissions lie further apart than ``correlate.amend_horizon_ms`` was
-re-ingested after the horizon: that is listed apart, not as a violation. Incomplete chunk sets (never
+re-ingested after the horizon: that is listed apart, not as a violation. A re-ingest after the horizon can also
+build a story again under the same id (the id derives from its events), with revisions counted from 1 again:
+the revisions of one id are therefore cut into incarnations where the revision number stops growing (in
+emission order), and each incarnation's last revision counts as a latest revision. Incomplete chunk sets (never
 acknowledged to a producer) and dead letters are counted and reported.
 """
 
 from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable
 
 import msgspec
 
@@ -19,11 +29,19 @@ from engine.config import Config
 from engine.store import Store
 
 
+class _EventIds(msgspec.Struct):
+    event_ids: list[str] = msgspec.field(default_factory=list)
+
+
+_ids_decoder = msgspec.json.Decoder(_EventIds)
+
+
 class VerifyReport(msgspec.Struct):
     events: int = 0  # distinct event ids stored
     stored_twice: int = 0  # ids stored in more than one partition (retries), counted once
     incomplete: int = 0  # incomplete chunk sets skipped
-    stories: int = 0  # story ids with a live latest revision
+    stories: int = 0  # live latest revisions (one per story, and per re-creation of a story id)
+    recreated: int = 0  # story ids built again after they had left the state (a re-ingest after the horizon)
     merged_stubs: int = 0
     dead_letters: int = 0
     missing: list[str] = msgspec.field(default_factory=list)  # accepted ids in no story
@@ -31,17 +49,24 @@ class VerifyReport(msgspec.Struct):
     reingested: list[str] = msgspec.field(default_factory=list)  # ids in several stories beyond the horizon
     unknown: list[str] = msgspec.field(default_factory=list)  # story event ids not in the events table
     truth_missing: list[str] = msgspec.field(default_factory=list)  # --truth ids never accepted
+    unreconciled: list[str] = msgspec.field(default_factory=list)  # counts that disagree with the ingest runs
     accepted_ids: set[str] = msgspec.field(default_factory=set)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.duplicated or self.unknown or self.truth_missing)
+        return not (self.missing or self.duplicated or self.unknown or self.truth_missing or self.unreconciled)
+
+    @property
+    def lost(self) -> int:
+        """Events lost: accepted but in no story, or in the truth file but never stored."""
+        return len(self.missing) + len(self.truth_missing)
 
     def lines(self, limit: int = 20) -> list[str]:
         out = [
             f"events: {self.events:,} accepted ids ({self.stored_twice:,} stored twice, counted once); "
             f"{self.incomplete:,} incomplete chunk sets skipped; {self.dead_letters:,} dead letters",
-            f"stories: {self.stories:,} live, {self.merged_stubs:,} merged into others",
+            f"stories: {self.stories:,} live, {self.merged_stubs:,} merged into others, {self.recreated:,} ids "
+            f"created again after the amend horizon",
         ]
         for name, ids in (
             ("missing from every story", self.missing),
@@ -53,6 +78,7 @@ class VerifyReport(msgspec.Struct):
             if ids:
                 shown = ", ".join(ids[:limit]) + (" …" if len(ids) > limit else "")
                 out.append(f"{len(ids):,} event ids {name}: {shown}")
+        out.extend(f"counts do not reconcile: {problem}" for problem in self.unreconciled)
         out.append("verify: OK" if self.ok else "verify: FAILED")
         return out
 
@@ -80,19 +106,32 @@ async def verify(store: Store, cfg: Config, now_ms: int) -> VerifyReport:
                     incomplete = page.incomplete  # cumulative within the partition
                 rep.incomplete += incomplete
     rep.events = len(accepted)
-    latest: dict[str, tuple[int, bool, int, bytes]] = {}
+    # Every revision's emission time and event ids. A story id can be created again: once a story has left the
+    # state (the amend horizon after its last emission), a re-ingest of its events builds it anew, with the same
+    # id and revisions counted from 1 again (in other ``period`` partitions). So a story's revisions are taken in
+    # emission order and cut into incarnations wherever the revision number does not grow; each incarnation's
+    # last revision is a latest revision.
+    revisions: dict[str, list[tuple[int, int, bool, list[str]]]] = {}
     async for story_page in store.scan_stories():
         for s in story_page:
-            cur = latest.get(s.story_id)
-            if cur is None or s.revision > cur[0]:
-                latest[s.story_id] = (s.revision, s.merged_into is not None, s.emitted_ms, s.body)
+            merged = s.merged_into is not None
+            ids = [] if merged else _ids_decoder.decode(s.body).event_ids
+            revisions.setdefault(s.story_id, []).append((s.emitted_ms, s.revision, merged, ids))
+    latest: list[tuple[int, bool, list[str]]] = []
+    for revs in revisions.values():
+        revs.sort(key=lambda r: (r[0], r[1]))
+        for i, (emitted, revision, merged, ids) in enumerate(revs):
+            if i + 1 == len(revs) or revs[i + 1][1] <= revision:
+                latest.append((emitted, merged, ids))
+        rep.recreated += sum(1 for a, b in itertools.pairwise(revs) if b[1] <= a[1])
+    del revisions
     seen: dict[str, int] = {}
-    for _sid, (_rev, merged, emitted, body) in latest.items():
+    for emitted, merged, ids in latest:
         if merged:
             rep.merged_stubs += 1
             continue
         rep.stories += 1
-        for eid in msgspec.json.decode(body)["event_ids"]:
+        for eid in ids:
             if eid in seen:
                 if abs(emitted - seen[eid]) > cfg.correlate.amend_horizon_ms:
                     rep.reingested.append(eid)
@@ -107,3 +146,55 @@ async def verify(store: Store, cfg: Config, now_ms: int) -> VerifyReport:
     async for dl_page in store.scan_dead_letters():
         rep.dead_letters += len(dl_page)
     return rep
+
+
+class IngestRun(msgspec.Struct, frozen=True):
+    """What one producer run reported for one input (``storyline ingest`` prints it as its summary line;
+    :func:`parse_ingest_summary` reads that line back)."""
+
+    file: str  # the input: runs of the same file deliver the same lines again
+    accepted: int  # distinct events written by the run
+    rejected: int  # lines written to the dead-letter store
+    duplicates: int = 0  # repeated ids within one write call
+
+
+_SUMMARY_RE = re.compile(r"accepted ([\d,]+), rejected ([\d,]+), duplicates ([\d,]+)")
+
+
+def parse_ingest_summary(file: str, text: str) -> IngestRun:
+    """The counts of a ``storyline ingest`` summary line (``ingest: accepted 1,000, rejected 2, duplicates 0, …``)."""
+    m = _SUMMARY_RE.search(text)
+    if m is None:
+        raise ValueError(f"no ingest summary in {text[:200]!r}")
+    accepted, rejected, duplicates = (int(g.replace(",", "")) for g in m.groups())
+    return IngestRun(file, accepted, rejected, duplicates)
+
+
+def reconcile(report: VerifyReport, runs: Iterable[IngestRun]) -> list[str]:
+    """Check the verified counts against the producers' reports and record what disagrees in
+    ``report.unreconciled`` (which makes the report fail). Returns those problems.
+
+    For inputs whose files hold disjoint event ids (a file may be delivered any number of times — a retry, a
+    re-ingest — each delivery writes its lines again): the distinct events stored must equal the sum over the
+    files of the most any one run of that file accepted (a run of a file accepts all of its valid lines), and the
+    dead-letter store, keyed by file, line and content, must hold the sum over the files of the most any run
+    rejected. An event stored that no run accounts for, or an accepted one that is not stored, is a violation.
+    """
+    accepted: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    for run in runs:
+        accepted[run.file] = max(accepted.get(run.file, 0), run.accepted)
+        rejected[run.file] = max(rejected.get(run.file, 0), run.rejected)
+    problems: list[str] = []
+    want_events, want_dead = sum(accepted.values()), sum(rejected.values())
+    if report.events != want_events:
+        problems.append(
+            f"{report.events:,} distinct events stored, but the ingest runs of {len(accepted)} inputs accepted "
+            f"{want_events:,}"
+        )
+    if report.dead_letters != want_dead:
+        problems.append(
+            f"{report.dead_letters:,} dead letters stored, but the ingest runs rejected {want_dead:,} lines"
+        )
+    report.unreconciled.extend(problems)
+    return problems

@@ -138,8 +138,20 @@ class Worker:
             start_ms = max(start_ms, cfg.start_from_ms)
         return start_ms // cfg.bucket_ms - 1
 
+    def orphaned(self) -> bool:
+        """The supervisor that started this worker is gone (its parent changed)."""
+        return self.parent_alive is not None and not self.parent_alive()
+
     async def claim_all(self) -> None:
         first = await self.first_bucket()
+        # An orphan must never claim: its supervisor's successor may already own these shards, and a claim now
+        # would fence that live worker (which then gives the shards up) right before the orphan exits, leaving
+        # them without a consumer. A worker paused during start-up and resumed after a supervisor restart
+        # does exactly that (tests/chaos/test_processes.py).
+        if self.stop.is_set() or self.orphaned():
+            log.error("stopping before claiming: %s", "supervisor is gone" if self.orphaned() else "asked to stop")
+            self.stop.set()
+            return
         for off in await self.store.claim_many(self.cfg.consumer, self.shards, self.owner, first):
             self.state[off.shard] = ShardState(off.shard, off, off.read_bucket, off.read_bucket, self.clock.now_ms())
             log.info(
@@ -277,16 +289,35 @@ class Worker:
                     await asyncio.wait_for(self.stop.wait(), backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
+    async def _open(self) -> None:
+        try:
+            await self.store.open()
+        except StorylineError:
+            await self.store.close()  # connected but failed after: do not leak that session into the retry
+            raise
+
+    async def _watch_parent(self) -> None:
+        """Stop as soon as the supervisor is gone, in every phase (start-up retries and replay included)."""
+        while not self.stop.is_set():
+            if self.orphaned():
+                log.error("supervisor is gone; stopping")
+                self.stop.set()
+                return
+            await asyncio.sleep(0.2)
+
     async def run(self) -> int:
         """Returns 0 on a normal stop or when idle (``until``), 3 when every shard was lost to other owners."""
-        await self.store.open()
+        watchdog = asyncio.create_task(self._watch_parent()) if self.parent_alive is not None else None
         try:
+            # Start-up waits out a database that is down (a worker restarted during an outage) instead of
+            # exiting and being restarted with a growing backoff.
+            await self._with_backoff(self._open)
             await self._with_backoff(self.measure_skew)
             await self._with_backoff(self.claim_all)
             await self._with_backoff(self.replay)
             backoff = 0.5
             while not self.stop.is_set():
-                if self.parent_alive is not None and not self.parent_alive():
+                if self.orphaned():
                     log.error("supervisor is gone; stopping")
                     break
                 try:
@@ -317,6 +348,8 @@ class Worker:
             await self.commit(list(self.state.values()), force=True)
             return 0
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             await self.store.close()
 
     def snapshot(self) -> dict[str, object]:

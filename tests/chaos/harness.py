@@ -1,0 +1,428 @@
+"""The chaos tier's machinery.
+
+* :class:`Tenant`: a fresh tenant's config written to disk, and the ``storyline`` CLI run against it as real
+  processes (``python -m engine.cli``), their output kept in files beside the config.
+* :class:`Supervisor`: ``storyline run --workers N`` as a process, with its worker processes found by psutil.
+* :class:`Feeder`: a producer thread delivering input files with ``storyline ingest`` while the engine runs; a
+  failed run (database down) is delivered again, as a real shipper would (at least once).
+* :class:`OffsetMonitor`: a thread reading the committed offsets a few times a second, to tell when every shard
+  is caught up again after a fault (the recovery times in docs/RELIABILITY.md).
+* :func:`finish`: ``storyline run --drain``, ``storyline verify --truth``, and the count reconciliation against
+  the ingest summaries and the dead-letter store (:func:`engine.verify.reconcile`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+
+from engine.config import Config
+from engine.errors import StorylineError
+from engine.store import Offset, make_store
+from engine.verify import IngestRun, VerifyReport, parse_ingest_summary, reconcile, verify
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Small windows so that a fault and its recovery take seconds, with the lag rule intact:
+# lag_ms 3600 >= max_write_age_ms 1000 + request_timeout_ms 2000 + max_clock_skew_ms 500 + bucket_ms 100.
+CHAOS: dict[str, Any] = {
+    "shards": 8,
+    "bucket_ms": 100,
+    "max_write_age_ms": 1000,
+    "request_timeout_ms": 2000,
+    "max_clock_skew_ms": 500,
+    "lag_ms": 3600,
+    "commit_interval_ms": 300,
+    "shutdown_timeout_ms": 20_000,
+    "correlate": {"match_window_ms": 30_000, "max_wait_ms": 2_000, "amend_horizon_ms": 10_000},
+}
+CAUGHT_UP_SLACK_MS = 1_500  # caught up: every shard's committed offset within lag + this of the clock
+
+
+# -- configs and the CLI -------------------------------------------------------------------------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def to_toml(cfg: Config) -> str:
+    tree = msgspec.to_builtins(cfg)
+    top = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if v is not None and not isinstance(v, dict)]
+    tables = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            tables.append(f"\n[{k}]")
+            tables += [f"{k2} = {_toml_value(v2)}" for k2, v2 in v.items() if v2 is not None]
+    return "\n".join(top + tables) + "\n"
+
+
+def storyline_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "engine.cli", *args]
+
+
+class Tenant:
+    """One test's tenant: its config file, and the CLI run against it (output kept under ``dir``)."""
+
+    def __init__(self, cfg: Config, directory: Path) -> None:
+        self.cfg = cfg
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "storyline.toml"
+        self.path.write_text(to_toml(cfg))
+        self._n = 0
+
+    def argv(self, command: str, *args: str) -> list[str]:
+        return storyline_argv(command, "--config", str(self.path), *args)
+
+    def run(
+        self, command: str, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            self.argv(command, *args), capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT
+        )
+        if check:
+            assert res.returncode == 0, f"storyline {command} {' '.join(args)}: exit {res.returncode}\n{res.stderr}"
+        return res
+
+    def spawn(self, name: str, command: str, *args: str) -> subprocess.Popen[bytes]:
+        """A long-running CLI process; stdout and stderr go to files (a full pipe would block it)."""
+        self._n += 1
+        out = open(self.dir / f"{name}-{self._n}.out", "wb")  # noqa: SIM115 - closed with the process
+        err = open(self.dir / f"{name}-{self._n}.err", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(self.argv(command, *args), stdout=out, stderr=err, cwd=ROOT)
+        out.close()
+        err.close()
+        return proc
+
+
+# -- the engine as processes -------------------------------------------------------------------------------
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Supervisor:
+    """``storyline run --workers N`` (no --until-idle: it runs until stopped or killed)."""
+
+    def __init__(self, tenant: Tenant, workers: int = 2) -> None:
+        self.tenant = tenant
+        self.workers = workers
+        self.proc = tenant.spawn("run", "run", "--workers", str(workers), "--log-level", "WARNING")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.Error:
+            return []
+        out = []
+        for k in kids:
+            try:
+                if k.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(k.cmdline()):
+                    out.append(k.pid)
+            except psutil.Error:
+                continue
+        return out
+
+    def wait_workers(self, timeout: float = 60) -> list[int]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, f"the supervisor exited with {self.proc.returncode}"
+            pids = self.worker_pids()
+            if len(pids) == self.workers:
+                return pids
+            time.sleep(0.05)
+        raise AssertionError(f"the supervisor did not have {self.workers} workers within {timeout} s")
+
+    def kill9(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM: workers finish the current bucket, commit and exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def restart_backoffs(directory: Path) -> list[float]:
+    """The restart delays the supervisors logged, in order ("worker 1 exited with -9; restart 2 in 2 s")."""
+    logs = sorted(directory.glob("run-*.err"), key=lambda p: int(p.stem.split("-")[1]))
+    found = [re.findall(r"exited with (-?\d+); restart \d+ in (\d+) s", p.read_text()) for p in logs]
+    exits = [(int(code), float(delay)) for per_log in found for code, delay in per_log]
+    assert all(code == -signal.SIGKILL for code, _ in exits), f"workers exited for other reasons: {exits}"
+    return [delay for _, delay in exits]
+
+
+# -- input ---------------------------------------------------------------------------------------------------
+def simulate(directory: Path, events: int, seed: int) -> tuple[Path, Path]:
+    """``storyline simulate``: events in arrival order and their ground truth."""
+    out, truth = directory / f"sim-{seed}.jsonl", directory / f"sim-{seed}.truth.json"
+    res = subprocess.run(
+        storyline_argv(
+            "simulate",
+            "--set",
+            "tenant=sim",
+            "--out",
+            str(out),
+            "--truth",
+            str(truth),
+            "--events",
+            str(events),
+            "--seed",
+            str(seed),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    return out, truth
+
+
+def split(src: Path, directory: Path, parts: int, bad_per_part: int = 2) -> list[Path]:
+    """Cut a JSONL file into ``parts`` files, each with ``bad_per_part`` invalid lines mixed in (they must end up
+    in the dead-letter store, and the counts must say so)."""
+    lines = src.read_bytes().splitlines()
+    size = -(-len(lines) // parts)
+    out = []
+    for k in range(parts):
+        chunk = lines[k * size : (k + 1) * size]
+        for j in range(bad_per_part):
+            bad = b'{"source": "firewall", "sensor": "fw-1", "id": "bad-%d-%d"}' if j % 2 else b"not json %d-%d"
+            chunk.insert((j + 1) * len(chunk) // (bad_per_part + 1), bad % (k, j))
+        path = directory / f"{src.stem}.part{k:02d}.jsonl"
+        path.write_bytes(b"\n".join(chunk) + b"\n")
+        out.append(path)
+    return out
+
+
+class Feeder(threading.Thread):
+    """Delivers ``files`` with ``storyline ingest``, one run per file, while the engine runs. File ``k`` starts
+    when ``gate(k)`` says so (None: at once). A failed run is delivered again after a second (the database was
+    down): at least once, like a real shipper; the ids make the repeats harmless."""
+
+    def __init__(
+        self,
+        tenant: Tenant,
+        files: Sequence[Path],
+        gate: Callable[[int], bool] | None = None,
+        *,
+        pause_s: float = 0.0,
+        give_up_s: float = 180.0,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.tenant = tenant
+        self.files = list(files)
+        self.gate = gate
+        self.pause_s = pause_s
+        self.give_up_s = give_up_s
+        self.runs: list[IngestRun] = []
+        self.ended: list[float] = []  # when each successful run ended
+        self.failed_runs = 0
+        self.rebucketed = 0
+        self.error: str | None = None
+        self.stopping = threading.Event()
+        self.started_at = 0.0
+        self.done_at = 0.0
+
+    def run(self) -> None:
+        self.started_at = time.time()
+        try:
+            for k, f in enumerate(self.files):
+                while self.gate is not None and not self.gate(k):
+                    if self.stopping.wait(0.05):
+                        return
+                first_try = time.time()
+                while True:
+                    res = self.tenant.run("ingest", str(f), check=False)
+                    if res.returncode == 0:
+                        self.runs.append(parse_ingest_summary(str(f), res.stdout))
+                        self.ended.append(time.time())
+                        self.rebucketed += int(
+                            res.stdout.split("re-bucketed writes ")[1].split(";")[0].replace(",", "")
+                        )
+                        break
+                    self.failed_runs += 1
+                    if time.time() - first_try > self.give_up_s:
+                        self.error = f"ingest of {f} failed for {self.give_up_s} s: {res.stderr[-2000:]}"
+                        return
+                    if self.stopping.wait(1.0):
+                        return
+                if self.pause_s and self.stopping.wait(self.pause_s):
+                    return
+        except Exception as exc:  # reported by finish()
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done_at = time.time()
+
+    def finish(self, timeout: float = 300) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "the feeder did not finish"
+        assert self.error is None, self.error
+
+
+# -- offsets -------------------------------------------------------------------------------------------------
+class OffsetMonitor:
+    """Reads every shard's committed offset about five times a second in a thread of its own (its own store
+    connection, reopened after repeated errors so that it never waits on the engine's recovery)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.offsets: dict[int, Offset] = {}
+        self.at = 0.0
+        self.errors = 0
+        self.replay_window_max_ms = 0  # the widest read_bucket - replay_bucket seen (what a restart replays)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._loop()), daemon=True)
+        self._thread.start()
+
+    async def _loop(self) -> None:
+        shards = list(range(self.cfg.shards))
+        while not self._stop.is_set():
+            store = make_store(self.cfg)
+            try:
+                await store.open()
+                failures = 0
+                while not self._stop.is_set() and failures < 5:
+                    try:
+                        offs = await store.read_offsets(self.cfg.consumer, shards)
+                        with self._lock:
+                            self.offsets = {o.shard: o for o in offs}
+                            self.at = time.time()
+                            window = max((o.read_bucket - o.replay_bucket + 1 for o in offs), default=0)
+                            self.replay_window_max_ms = max(self.replay_window_max_ms, window * self.cfg.bucket_ms)
+                        failures = 0
+                    except StorylineError:
+                        failures += 1
+                        self.errors += 1
+                    await asyncio.sleep(0.2)
+            except StorylineError:
+                self.errors += 1
+                await asyncio.sleep(0.5)
+            finally:
+                try:
+                    await store.close()
+                except StorylineError:
+                    self.errors += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def snapshot(self, fresh_after: float = 0.0, timeout: float = 30) -> dict[int, Offset]:
+        """The latest offsets, read after ``fresh_after`` (a time.time())."""
+        deadline = time.time() + timeout
+        while True:
+            with self._lock:
+                if self.at > fresh_after and len(self.offsets) == self.cfg.shards:
+                    return dict(self.offsets)
+            if time.time() > deadline:
+                raise AssertionError(f"no fresh offsets for {timeout} s ({self.errors} read errors)")
+            time.sleep(0.05)
+
+    def behind_ms(self, offs: dict[int, Offset], now_ms: int | None = None) -> int:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return max(now - (o.read_bucket + 1) * self.cfg.bucket_ms for o in offs.values())
+
+    def caught_up(self, offs: dict[int, Offset]) -> bool:
+        return len(offs) == self.cfg.shards and self.behind_ms(offs) <= self.cfg.lag_ms + CAUGHT_UP_SLACK_MS
+
+    def wait_until(
+        self, pred: Callable[[dict[int, Offset]], bool], timeout: float, what: str = "recovery", after: float = 0.0
+    ) -> float:
+        """Poll until ``pred(offsets)`` holds for offsets read after ``after``; return when it first held."""
+        deadline = time.time() + timeout
+        last: dict[int, Offset] = {}
+        while time.time() < deadline:
+            with self._lock:
+                offs, at = dict(self.offsets), self.at
+            if at > after and pred(offs):
+                return at
+            last = offs
+            time.sleep(0.05)
+        behind = self.behind_ms(last) if last else None
+        raise AssertionError(f"{what}: not reached within {timeout} s (behind {behind} ms, {self.errors} errors)")
+
+
+def owners(offs: dict[int, Offset]) -> dict[int, tuple[str, int]]:
+    return {s: (o.owner, o.epoch) for s, o in offs.items()}
+
+
+# -- the end of every test ------------------------------------------------------------------------------------
+def wait_readable(cfg: Config, written_at: float) -> None:
+    """Sleep until everything written by ``written_at`` (a time.time()) is older than the lag."""
+    delay = written_at + (cfg.lag_ms + 2 * cfg.bucket_ms) / 1000 - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+async def _verify(cfg: Config) -> VerifyReport:
+    store = make_store(cfg)
+    await store.open()
+    try:
+        return await verify(store, cfg, await store.server_time_ms())
+    finally:
+        await store.close()
+
+
+def finish(tenant: Tenant, truth: Path | None, runs: Sequence[IngestRun], *, workers: int = 2) -> VerifyReport:
+    """``storyline run --drain`` then ``storyline verify [--truth]``; the same report in-process, reconciled with
+    the ingest runs. Asserts that the invariant holds with nothing lost, and returns the report."""
+    drain = tenant.run("run", "--workers", str(workers), "--drain", timeout=600)
+    final = json.loads(drain.stdout.strip().splitlines()[-1])
+    assert final["final"] and all(not w["alive"] for w in final["workers"]), drain.stdout[-2000:]
+    args = ["--truth", str(truth)] if truth is not None else []
+    cli = tenant.run("verify", *args, check=False)
+    assert cli.returncode == 0, f"storyline verify failed:\n{cli.stdout}\n{cli.stderr}"
+    report = asyncio.run(_verify(tenant.cfg))
+    if truth is not None:
+        ids = msgspec.json.decode(truth.read_bytes())["stories"]
+        report.truth_missing = sorted(set(ids) - report.accepted_ids)
+    reconcile(report, runs)
+    assert report.ok, "\n".join(report.lines())
+    assert report.lost == 0
+    return report
+
+
+def summary(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "events_in": report.events,
+        "stories_out": report.stories,
+        "events_lost": report.lost,
+        "merged_stubs": report.merged_stubs,
+        "stored_twice": report.stored_twice,
+        "reingested_apart": len(report.reingested),
+        "recreated_story_ids": report.recreated,
+        "dead_letters": report.dead_letters,
+    }
