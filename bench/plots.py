@@ -60,7 +60,8 @@ def plot_all(results: dict[str, Any], stem: Path) -> list[Path]:
         if bound is not None:
             ax.axvline(bound, color="red", linestyle="--", label=f"bound lag + max_wait + 2 s = {bound:g} s")
     for name, key in (("PostgreSQL", "peer_postgres"), ("CQL + Kafka", "peer_kafka")):
-        p50, p99 = _get(results, key, "latency_p50_s"), _get(results, key, "latency_p99_s")
+        p50 = _get(results, key, "latency_p50_s") or _get(results, key, "latency_ack_to_consumed_p50_s")
+        p99 = _get(results, key, "latency_p99_s") or _get(results, key, "latency_ack_to_consumed_p99_s")
         if p50 is not None and p99 is not None:
             ax.plot([p50, p99], [0.5, 0.99], "o", label=f"{name} p50/p99")
     ax.set_xlabel("seconds from durable write to the event's final story")
