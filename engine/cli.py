@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check that every accepted event is in exactly one story (after run --drain)")
     _common(p)
     p.add_argument("--truth", help="a `storyline simulate` truth file: every event in it must have been accepted")
+    p.add_argument(
+        "--ingest-log",
+        action="append",
+        default=[],
+        metavar="INPUT=LOG",
+        help="the output of one `storyline ingest` run of INPUT (repeatable; runs of the same INPUT name it the same):"
+        " the counts must reconcile with the events and dead letters stored",
+    )
     p = sub.add_parser("stories", help="print the latest revision of every story")
     _common(p)
     p.add_argument("--format", choices=["table", "jsonl"], default="table")
@@ -484,10 +492,21 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_verify(cfg: Config, truth_path: str | None) -> int:
+async def cmd_verify(cfg: Config, truth_path: str | None, ingest_logs: Sequence[str] = ()) -> int:
     import msgspec
 
-    from engine.verify import verify
+    from engine.verify import IngestRun, parse_ingest_summary, reconcile, verify
+
+    runs: list[IngestRun] = []
+    for item in ingest_logs:
+        name, sep, log = item.partition("=")
+        if not sep or not name or not log:
+            raise ConfigError("--ingest-log", f"{item!r} must be INPUT=LOG")
+        try:
+            text = await asyncio.to_thread(Path(log).read_text, encoding="utf-8", errors="replace")
+            runs.append(parse_ingest_summary(name, text))
+        except (OSError, ValueError) as exc:
+            raise ConfigError("--ingest-log", f"{log}: {exc}") from None
 
     truth: dict[str, str] = {}
     if truth_path:
@@ -503,6 +522,8 @@ async def cmd_verify(cfg: Config, truth_path: str | None) -> int:
         await store.close()
     if truth:
         report.truth_missing = sorted(set(truth) - report.accepted_ids)
+    if runs:
+        reconcile(report, runs)
     for line in report.lines():
         print(line)
     return EXIT_OK if report.ok else EXIT_FAIL
@@ -565,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "simulate":
             return asyncio.run(cmd_simulate(cfg, args))
         if args.command == "verify":
-            return asyncio.run(cmd_verify(cfg, args.truth))
+            return asyncio.run(cmd_verify(cfg, args.truth, args.ingest_log))
         if args.command == "stories":
             if args.story_id is not None:
                 return asyncio.run(cmd_story(cfg, args.story_id, args.format))

@@ -156,3 +156,32 @@ def test_simulate_live_paces_events_through_the_producer(tmp_path: Path, capsys:
     time.sleep((cfg.lag_ms + cfg.bucket_ms) / 1000)  # the last events become readable lag_ms after their write
     assert main(["run", *conf, "--drain"]) == 0
     assert main(["verify", *conf, "--truth", str(truth)]) == 0
+
+
+def test_verify_reconciles_with_ingest_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from engine.config import load
+
+    sets = [f"store.path={tmp_path}/s.db", "lag_ms=3000", "max_write_age_ms=500", "request_timeout_ms=1000"]
+    conf = ["--config", str(ROOT / "configs" / "local.toml")] + [x for kv in sets for x in ("--set", kv)]
+    data, truth = tmp_path / "in.jsonl", tmp_path / "t.json"
+    assert main(["init", *conf]) == 0
+    assert main(["simulate", *conf, "--events", "300", "--out", str(data), "--truth", str(truth)]) == 0
+    with data.open("ab") as f:
+        f.write(b'{"source": "fw", "time": "yesterday"}\n')  # one rejected line
+    capsys.readouterr()
+    assert main(["ingest", *conf, str(data)]) == 0
+    log = tmp_path / "ingest.log"
+    log.write_text(capsys.readouterr().out)
+    assert "accepted 300, rejected 1" in log.read_text()
+    time.sleep((load(ROOT / "configs" / "local.toml", sets).lag_ms + 300) / 1000)
+    assert main(["run", *conf, "--drain"]) == 0
+    capsys.readouterr()
+    assert main(["verify", *conf, "--truth", str(truth), "--ingest-log", f"in={log}", "--ingest-log", f"in={log}"]) == 0
+    wrong = tmp_path / "wrong.log"
+    wrong.write_text(log.read_text().replace("accepted 300", "accepted 301"))
+    capsys.readouterr()
+    assert main(["verify", *conf, "--ingest-log", f"in={wrong}"]) == 1
+    assert "counts do not reconcile" in capsys.readouterr().out
+    assert main(["verify", *conf, "--ingest-log", "no-equals-sign"]) == 2
