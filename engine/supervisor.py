@@ -143,7 +143,7 @@ class Supervisor:
         drain: bool = False,
         record_dir: str | None = None,
         stage: str = "stories",
-        out: TextIO = sys.stdout,
+        out: TextIO | None = None,
         log_level: int = logging.INFO,
     ) -> None:
         self.cfg = cfg
@@ -152,7 +152,7 @@ class Supervisor:
         self.drain = drain
         self.record_dir = record_dir
         self.stage = stage
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # at call time: sys.stdout may have been replaced
         self.log_level = log_level
         self.ctx = mp.get_context("spawn")
         self.metrics_q: Any = self.ctx.Queue()
