@@ -20,23 +20,20 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import psutil
 
+from bench.pipeline import CONFIG, schema, start_engine, stop_engine
 from engine.config import Config, load
 from engine.event import parse_line
 from engine.ingest import Producer
 from engine.simulate import Scenario, generate
 from engine.store import Store, make_store
-
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.toml"
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -98,19 +95,8 @@ def run(
     cfg = load(CONFIG, sets)
     sim, _truth = generate(Scenario(events=events, seed=seed, start_s=time.time(), span_s=600))
 
-    async def init() -> None:
-        store = make_store(cfg)
-        await store.open()
-        await store.init_schema()
-        await store.close()
-
-    asyncio.run(init())
-    set_args = [a for kv in sets for a in ("--set", kv)]
-    proc = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-        [sys.executable, "-m", "engine.cli", "run", "--config", str(CONFIG), *set_args, "--workers", str(workers)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    schema(cfg, create=True)
+    proc = start_engine(sets, workers)
     written: dict[str, int] = {}
     rss_peak = 0
 
@@ -183,19 +169,8 @@ def run(
         send_s = asyncio.run(both())
         sample_rss()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    async def drop() -> None:
-        store = make_store(cfg)
-        await store.open()
-        await store.drop_schema()
-        await store.close()
-
-    asyncio.run(drop())
+        stop_engine(proc)
+    schema(cfg, create=False)
     if tmp is not None:
         tmp.cleanup()
     lat = sorted(max(0, seen[e] - written[e]) / 1000 for e in written if e in seen)

@@ -18,13 +18,45 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from engine.config import load
+from engine.config import Config, load
 from engine.event import parse_line
 from engine.ingest import Producer
 from engine.simulate import Scenario, generate
 from engine.store import make_store
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.toml"
+
+
+def schema(cfg: Config, *, create: bool) -> None:
+    """Create (or drop) the tenant's tables."""
+
+    async def go() -> None:
+        store = make_store(cfg)
+        await store.open()
+        try:
+            await (store.init_schema() if create else store.drop_schema())
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def start_engine(sets: list[str], workers: int) -> subprocess.Popen[bytes]:
+    """``storyline run --config configs/bench.toml --set ... --workers N`` as a child process."""
+    set_args = [a for kv in sets for a in ("--set", kv)]
+    return subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
+        [sys.executable, "-m", "engine.cli", "run", "--config", str(CONFIG), *set_args, "--workers", str(workers)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_engine(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any]:
@@ -35,19 +67,8 @@ def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any
     now_ms = int(time.time() * 1000)
     parsed = [parse_line(e.line, cfg, now_ms) for e in sim]
 
-    async def init() -> None:
-        store = make_store(cfg)
-        await store.open()
-        await store.init_schema()
-        await store.close()
-
-    asyncio.run(init())
-    set_args = [a for kv in sets for a in ("--set", kv)]
-    proc = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-        [sys.executable, "-m", "engine.cli", "run", "--config", str(CONFIG), *set_args, "--workers", str(workers)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    schema(cfg, create=True)
+    proc = start_engine(sets, workers)
 
     async def body() -> tuple[float, float]:
         store = make_store(cfg)
@@ -74,19 +95,8 @@ def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any
         time.sleep(3.0)  # workers up and polling before the first write
         t_ingest, t_total = asyncio.run(body())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    async def drop() -> None:
-        store = make_store(cfg)
-        await store.open()
-        await store.drop_schema()
-        await store.close()
-
-    asyncio.run(drop())
+        stop_engine(proc)
+    schema(cfg, create=False)
     return {
         "events": len(parsed),
         "workers": workers,

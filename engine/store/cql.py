@@ -221,6 +221,25 @@ class CqlStore:
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
         return await retrying(op, cfg=self.cfg, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms)
 
+    async def _write_rows(
+        self, what: str, prepared: PreparedQuery, params: list[list[Any]], deadline_ms: int | None = None
+    ) -> None:
+        """One statement per row: a plain execute for one row, else one UNLOGGED batch; retried (idempotent).
+        Batch values are not type-checked against the statement by the driver: callers pass BigInt for bigint."""
+
+        async def once() -> None:
+            if len(params) == 1:
+                await self._call(what, lambda: self.db.execute(prepared, params[0]), deadline_ms)
+                return
+            batch = Batch(
+                BatchType.UNLOGGED, consistency=self._consistency, request_timeout=self._timeout_s, is_idempotent=True
+            )
+            for _ in params:
+                batch.add_query(prepared)
+            await self._call(what, lambda: self.db.batch(batch, params), deadline_ms)
+
+        await self._retry(what, once, deadline_ms)
+
     async def _call(self, what: str, coro_fn: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
         async with self._sem:
             # Checked once the slot is ours: waiting for a slot must not let a write start after its deadline.
@@ -481,27 +500,9 @@ class CqlStore:
         what = f"write events ({shard}, {bucket})"
 
         async def send(group: list[tuple[str, int, int | None, bytes]]) -> None:
-            # Batch values are not type-checked against the prepared statement by the driver: bigint explicitly.
             big_bucket = BigInt(bucket)
             params = [[shard, big_bucket, eid, chunk, _opt(chunks), piece] for eid, chunk, chunks, piece in group]
-            if len(group) == 1:
-
-                async def once() -> None:
-                    await self._call(what, lambda: self.db.execute(prepared, params[0]), deadline_ms)
-            else:
-
-                async def once() -> None:
-                    batch = Batch(
-                        BatchType.UNLOGGED,
-                        consistency=self._consistency,
-                        request_timeout=self._timeout_s,
-                        is_idempotent=True,
-                    )
-                    for _ in group:
-                        batch.add_query(prepared)
-                    await self._call(what, lambda: self.db.batch(batch, params), deadline_ms)
-
-            await self._retry(what, once, deadline_ms)
+            await self._write_rows(what, prepared, params, deadline_ms)
 
         await run_all(send(g) for g in groups)
         rows = sum(len(g) for g in groups)
@@ -841,42 +842,12 @@ class CqlStore:
                 for r in chunk
             ]
 
-            async def once() -> None:
-                if len(chunk) == 1:
-                    await self._call(what, lambda: self.db.execute(prepared, params[0]))
-                    return
-                batch = Batch(
-                    BatchType.UNLOGGED,
-                    consistency=self._consistency,
-                    request_timeout=self._timeout_s,
-                    is_idempotent=True,
-                )
-                for _ in chunk:
-                    batch.add_query(prepared)
-                await self._call(what, lambda: self.db.batch(batch, params))
-
-            await self._retry(what, once)
+            await self._write_rows(what, prepared, params)
             # The pointers: tiny rows of different partitions, 100 per UNLOGGED batch (one round trip instead of
             # 100; the coordinator fans them out — a multi-partition batch, acceptable for rows this small).
             for i in range(0, len(chunk), 100):
-                part = chunk[i : i + 100]
-                ptr = [[r.story_id, r.revision, r.shard, BigInt(r.period)] for r in part]
-
-                async def pointers(part: list[StoryRecord] = part, ptr: list[list[Any]] = ptr) -> None:
-                    if len(part) == 1:
-                        await self._call("write story id", lambda: self.db.execute(prepared_id, ptr[0]))
-                        return
-                    batch = Batch(
-                        BatchType.UNLOGGED,
-                        consistency=self._consistency,
-                        request_timeout=self._timeout_s,
-                        is_idempotent=True,
-                    )
-                    for _ in part:
-                        batch.add_query(prepared_id)
-                    await self._call("write story ids", lambda: self.db.batch(batch, ptr))
-
-                await self._retry("write story ids", pointers)
+                ptr = [[r.story_id, r.revision, r.shard, BigInt(r.period)] for r in chunk[i : i + 100]]
+                await self._write_rows("write story ids", prepared_id, ptr)
 
         await run_all(one_chunk(c) for c in chunks)
 
