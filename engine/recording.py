@@ -37,6 +37,9 @@ class RecordingStage:
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         return read_bucket + 1
 
+    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+        return None
+
     async def drain(self, shard: int, bucket: int) -> None:
         return None
 

@@ -3,7 +3,8 @@
 The worker calls the stage shard by shard, bucket by bucket, in bucket order; ``on_bucket`` returns only when
 everything derived from the bucket is durable, so the worker may then move ``read_bucket`` past it.
 ``replay_bucket`` tells the worker the oldest bucket the stage still needs to rebuild its in-memory state after
-a crash; the worker commits it with the offset and, on restart, replays from there with ``replay=True``.
+a crash; the worker commits it with the offset and, on restart, calls ``prepare_replay`` and then replays from
+there with ``replay=True``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Stage(Protocol):
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         """The oldest bucket still needed to rebuild this shard's state; ``read_bucket + 1`` when none is."""
 
+    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+        """Called once before buckets ``[first, last]`` of a shard are replayed (``first`` = the committed
+        ``replay_bucket``, ``last`` = ``read_bucket``): load what the replay needs besides the events."""
+
     async def drain(self, shard: int, bucket: int) -> None:
         """Finalize everything still open for the shard (``run --drain``)."""
 
@@ -96,6 +101,9 @@ class CountingStage:
 
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         return read_bucket + 1
+
+    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+        return None
 
     async def drain(self, shard: int, bucket: int) -> None:
         return None

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
-from engine.errors import StorylineError
+from engine.errors import SchemaError, StorylineError
 from engine.ingest import ClockSkewError
 from engine.stage import EMPTY, Batch, Stage
-from engine.store import BucketHint, Commit, EventRecord, Offset, Store, make_store
+from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, make_store
 from engine.store.common import run_all
 
 log = logging.getLogger("storyline.worker")
@@ -133,6 +133,12 @@ class Worker:
         created = int(meta.get("created_ms", "0"))
         if not created:
             raise StorylineError(f"tenant {cfg.tenant} is not initialized: run `storyline init` first")
+        version = int(meta.get("schema_version", "0"))
+        if version < SCHEMA_VERSION:
+            raise SchemaError(
+                f"tenant {cfg.tenant} has schema version {version}, this Storyline needs {SCHEMA_VERSION}: "
+                f"run `storyline init` to migrate it"
+            )
         start_ms = max(created - cfg.max_write_age_ms - cfg.max_clock_skew_ms, self.clock.now_ms() - cfg.ttl_ms)
         if cfg.start_from_ms is not None:
             start_ms = max(start_ms, cfg.start_from_ms)
@@ -173,6 +179,7 @@ class Worker:
 
         async def one(st: ShardState) -> None:
             lo_s, hi_s = st.offset.replay_bucket, st.offset.read_bucket
+            await self.stage.prepare_replay(st.shard, lo_s, hi_s)
             by_bucket = {h.bucket: h for h in hints.get(st.shard, []) if lo_s <= h.bucket <= hi_s}
             reads = {b: asyncio.ensure_future(self._read(st.shard, h)) for b, h in by_bucket.items()}
             for b in sorted(reads):

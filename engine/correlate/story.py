@@ -64,13 +64,36 @@ class ShardState:
     ids: set[str] = field(default_factory=set)  # the frame's event ids: duplicates are found in O(new events)
     pending_chunks: int = 0
     merged_now: dict[int, int] = field(default_factory=dict)  # merged this bucket: old key → survivor
-    sealed_flows: dict[int, str] = field(default_factory=dict)  # flow → its last truncated story
+    # flow → (its last truncated story, when it was cut in ms): a story of the flow that starts within max_wait
+    # of the cut continues it (names it as predecessor)
+    sealed_flows: dict[int, tuple[str, int]] = field(default_factory=dict)
     # A lower bound of the earliest time (ms) a story falls due (emission or eviction), and whether stories
     # changed since it was computed: buckets before it need no scan of the stories (0: scan).
     next_due_ms: int = 0
     touched: bool = True
-    # (first_bucket, last_bucket) of stories that left the state: a replay must not start inside one of them
-    gone: list[tuple[int, int]] = field(default_factory=list)
+    # Replay (see StoryStage.prepare_replay): the stories that left the state before the crash, as (flow,
+    # time range, bucket they left in) — their events are skipped, not rebuilt — and the cuts that set
+    # predecessors, applied as the replay passes the bucket they happened in.
+    ghosts: pl.DataFrame | None = None
+    ghost_ids: dict[str, int] = field(default_factory=dict)  # flowless events of stories that left → bucket
+    pending_cuts: list[tuple[int, int, str]] = field(default_factory=list)  # (bucket, flow, story id), ascending
+    replay_through: int = -1  # buckets up to here were processed before the crash: their marks are stored
+
+
+class Marks(msgspec.Struct, array_like=True, frozen=True):
+    """What the stage stores (``Store.put_marks``) at a bucket in which stories left its state: enough for a
+    replay that starts after them to skip their events instead of rebuilding them into partial stories."""
+
+    flows: list[int]  # per (story, flow) that left: the flow hash …
+    lo: list[int]  # … and the corrected event-time range of the story's events of that flow (µs)
+    hi: list[int]
+    ids: list[str]  # events without a flow in stories that left (each its own story)
+    cuts: list[tuple[int, str]]  # (flow, truncated story id) cut at this bucket
+
+
+_marks_encoder = msgspec.msgpack.Encoder()
+_marks_decoder = msgspec.msgpack.Decoder(Marks)
+MARKS_PER_PART = 2000  # entries per stored part (about 60 KB)
 
 
 @dataclass
@@ -84,6 +107,7 @@ class StoryCounters:
     evicted: int = 0
     forced: int = 0
     truncated: int = 0
+    replay_skipped: int = 0  # replayed events of stories that had left the state before the crash
 
 
 class StoryStage:
@@ -98,21 +122,48 @@ class StoryStage:
 
     # -- the stage interface ------------------------------------------------------------------------------
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
-        """The first bucket of the oldest story in the state — moved further back while a story that already
-        left the state has events on both sides of it, so that a replay never starts in the middle of a story
-        (its later events would otherwise be rebuilt into a new, partial story)."""
+        """The first bucket of the oldest story in the state. Stories that already left the state may have
+        events on both sides of it: their marks (written when they left) let the replay skip those events."""
         st = self.shards.get(shard)
         if st is None:
             return read_bucket + 1
-        r = min((m.first_bucket for m in st.stories.values()), default=read_bucket + 1)
-        moved = True
-        while moved:
-            moved = False
-            for first, last in st.gone:
-                if first < r <= last:
-                    r, moved = first, True
-        st.gone = [(f, la) for f, la in st.gone if la >= r]  # those ending before r can never matter again
-        return r
+        return min((m.first_bucket for m in st.stories.values()), default=read_bucket + 1)
+
+    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+        """Load the marks of the stories that left the state in ``[first, last]`` (and the cuts of the
+        ``max_wait`` before ``first``, which still name predecessors). A story that left at bucket L had all its
+        events, and no other story's, among the events of its flow within ``match_window`` of its time range
+        arriving up to L (its events are a connected component, and any other event there would have linked to
+        it while both were in the state): the replay drops exactly those."""
+        st = self.shards.setdefault(shard, ShardState())
+        st.replay_through = max(st.replay_through, last)
+        bms = self.cfg.bucket_ms
+        back = -(-self.c.max_wait_ms // bms) + 1
+        flows: list[int] = []
+        lo: list[int] = []
+        hi: list[int] = []
+        left: list[int] = []
+        for bucket, body in await self.store.read_marks(self.cfg.consumer, shard, first - back, last):
+            m = _marks_decoder.decode(body)
+            st.pending_cuts.extend((bucket, flow, sid) for flow, sid in m.cuts)
+            if bucket < first:
+                continue
+            flows += m.flows
+            lo += m.lo
+            hi += m.hi
+            left += [bucket] * len(m.flows)
+            st.ghost_ids.update(dict.fromkeys(m.ids, bucket))
+        st.pending_cuts.sort(key=lambda c: c[0])
+        if flows:
+            w = self.window_us
+            st.ghosts = pl.DataFrame(
+                {
+                    "flow": pl.Series(flows, dtype=pl.UInt64),
+                    "lo": pl.Series(lo, dtype=pl.Int64) - w,
+                    "hi": pl.Series(hi, dtype=pl.Int64) + w,
+                    "left": pl.Series(left, dtype=pl.Int64),
+                }
+            )
 
     def metrics(self) -> dict[str, float]:
         return {f"stories_{k}": float(v) for k, v in vars(self.counters).items()}
@@ -130,6 +181,9 @@ class StoryStage:
         due in the skipped buckets is settled first, at the bucket it fell due in, so the output does not
         depend on which empty buckets the worker reported (live and replay agree)."""
         st = self.shards.setdefault(shard, ShardState())
+        if not replay and (st.ghosts is not None or st.ghost_ids or st.pending_cuts):
+            st.ghosts, st.ghost_ids = None, {}  # the replay is over
+            self._apply_cuts(st, bucket)
         await self._catch_up(shard, st, bucket - 1)
         if len(batch):
             self._absorb(shard, bucket, st, batch, (bucket + 1) * self.cfg.bucket_ms)
@@ -174,6 +228,14 @@ class StoryStage:
             pl.lit(now, pl.Int64).alias("ingest"),
         )
         new = new.select(list(EVENT_SCHEMA)).unique("id", keep="first", maintain_order=True)
+        if st.pending_cuts:
+            self._apply_cuts(st, bucket)
+        skipped = 0
+        if st.ghosts is not None or st.ghost_ids:
+            before = len(new)
+            new = self._skip_ghosts(st, bucket, new)
+            skipped = before - len(new)
+            self.counters.replay_skipped += skipped
         new_ids: list[str] = new["id"].to_list()
         if st.ids:
             seen = st.ids
@@ -181,7 +243,7 @@ class StoryStage:
             if not all(fresh):
                 new = new.filter(pl.Series(fresh))
                 new_ids = [i for i, f in zip(new_ids, fresh, strict=True) if f]
-        self.counters.duplicates += len(batch) - len(new)
+        self.counters.duplicates += len(batch) - len(new) - skipped
         if new.is_empty():
             return
         self.counters.events += len(new)
@@ -218,7 +280,11 @@ class StoryStage:
             *(fresh_groups[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow")), strict=True
         ):
             sid = xxhash.xxh3_64_intdigest(first_new.encode())
-            pred = sealed.get(flow) if flow is not None and sealed else None
+            pred = None
+            if flow is not None and sealed:
+                cut = sealed.get(flow)
+                if cut is not None and now - cut[1] <= self.c.max_wait_ms:
+                    pred = cut[0]
             sid_text = f"s{shard:04x}-{sid:016x}"
             st.stories[sid] = StoryMeta(
                 sid, sid_text, bucket, now, n_new, 0, None, True, True, False, t_min, t_max, pred, bucket
@@ -286,6 +352,32 @@ class StoryStage:
         """The story id: the shard and the 64-bit hash of the story's smallest first event id (deterministic)."""
         return f"s{shard:04x}-{key:016x}"
 
+    def _skip_ghosts(self, st: ShardState, bucket: int, new: pl.DataFrame) -> pl.DataFrame:
+        """Replay: drop the events of stories that had left the state (see :meth:`prepare_replay`)."""
+        hit: list[str] = []
+        if st.ghosts is not None:
+            ghosts = st.ghosts.filter(pl.col("left") >= bucket)
+            st.ghosts = ghosts if ghosts.height else None
+            if ghosts.height:
+                t = pl.col("t")
+                hit = (
+                    new.select("id", "flow", "t")
+                    .join(ghosts, on="flow")
+                    .filter((t >= pl.col("lo")) & (t <= pl.col("hi")))["id"]
+                    .to_list()
+                )
+        if st.ghost_ids:
+            gid = st.ghost_ids
+            hit += [i for i in new.filter(pl.col("flow").is_null())["id"].to_list() if gid.get(i, -1) >= bucket]
+        return new.filter(~pl.col("id").is_in(hit)) if hit else new
+
+    def _apply_cuts(self, st: ShardState, bucket: int) -> None:
+        """Replay: the cuts made before ``bucket`` name the predecessors of stories created from it on."""
+        bms = self.cfg.bucket_ms
+        while st.pending_cuts and st.pending_cuts[0][0] < bucket:
+            b, flow, sid = st.pending_cuts.pop(0)
+            st.sealed_flows[flow] = (sid, (b + 1) * bms)
+
     # -- time ---------------------------------------------------------------------------------------------
     async def _timeouts(self, shard: int, bucket: int, st: ShardState, now: int) -> None:
         if not st.touched and not st.merged_now and now < st.next_due_ms:
@@ -325,20 +417,26 @@ class StoryStage:
             m.changed = False
         if records or due or provisional:
             await self._emit(shard, bucket, st, due, now, records, provisional)
-        if big:
-            self._seal(st, big)
+        leaving = [m.key for m in big]
         # Leave the state: emitted, quiet, and past the amend horizon.
         gone = [
             m.key
             for m in st.stories.values()
             if not m.dirty and m.emitted_ms is not None and m.emitted_ms + c.amend_horizon_ms <= now
         ]
-        if gone:
-            for sid in gone:
-                m = st.stories.pop(sid)
-                st.gone.append((m.first_bucket, m.last_bucket))
-            self._drop_rows(st, gone)
+        cuts = self._seal(st, big, now) if big else []
+        if leaving or gone:
+            marks = self._marks(st, leaving + gone, cuts)
+            self._drop_rows(st, leaving + gone)
+            for key in leaving + gone:
+                del st.stories[key]
+            self.counters.truncated += len(leaving)
             self.counters.evicted += len(gone)
+            if bucket > st.replay_through:  # a replayed bucket's marks are stored already (and complete)
+                await self.store.put_marks(self.cfg.consumer, shard, bucket, marks)
+        if st.sealed_flows and len(st.sealed_flows) > 64:
+            wait = c.max_wait_ms
+            st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= wait}
         st.next_due_ms = min(self._next_due(st), default=2**62)
         st.touched = False
 
@@ -349,19 +447,43 @@ class StoryStage:
         st.ids.difference_update(st.frame.filter(leaving)["id"].to_list())
         st.frame = st.frame.filter(~leaving)
 
-    def _seal(self, st: ShardState, stories: list[StoryMeta]) -> None:
+    @staticmethod
+    def _marks(st: ShardState, keys: list[int], cuts: list[tuple[int, str]]) -> list[bytes]:
+        """The stored form of the stories leaving the state (:class:`Marks`), in parts of MARKS_PER_PART."""
+        rows = st.frame.filter(pl.col("story").is_in(keys))
+        ranges = (
+            rows.filter(pl.col("flow").is_not_null())
+            .group_by("story", "flow")
+            .agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
+            .sort("story", "flow")
+        )
+        flows, lo, hi = (ranges[c].to_list() for c in ("flow", "lo", "hi"))
+        ids = sorted(rows.filter(pl.col("flow").is_null())["id"].to_list())
+        n = max(len(flows), len(ids), len(cuts))
+        k = MARKS_PER_PART
+        return [
+            _marks_encoder.encode(
+                Marks(flows[i : i + k], lo[i : i + k], hi[i : i + k], ids[i : i + k], cuts[i : i + k])
+            )
+            for i in range(0, n, k)
+        ]
+
+    @staticmethod
+    def _seal(st: ShardState, stories: list[StoryMeta], now: int) -> list[tuple[int, str]]:
         """A truncated story is final: its rows leave the state (memory stays bounded under a flood of one
-        flow), and the next events of its flows start a successor story that names it."""
-        ids = [m.key for m in stories]
-        rows = st.frame.filter(pl.col("story").is_in(ids)).group_by("flow").agg(pl.col("story").max())
-        for flow, key in rows.iter_rows():
-            if flow is not None:
-                st.sealed_flows[flow] = st.stories[key].id
-        self._drop_rows(st, ids)
-        for sid in ids:
-            m = st.stories.pop(sid)
-            st.gone.append((m.first_bucket, m.last_bucket))
-        self.counters.truncated += len(ids)
+        flow), and a story of its flow that starts within ``max_wait`` continues it (names it as predecessor).
+        Returns the cuts: (flow, truncated story id)."""
+        keys = [m.key for m in stories]
+        rows = (
+            st.frame.filter(pl.col("story").is_in(keys) & pl.col("flow").is_not_null())
+            .group_by("flow")
+            .agg(pl.col("story").max())
+            .sort("flow")
+        )
+        cuts = [(flow, st.stories[key].id) for flow, key in rows.iter_rows()]
+        for flow, sid in cuts:
+            st.sealed_flows[flow] = (sid, now)
+        return cuts
 
     async def _emit(
         self,

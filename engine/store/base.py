@@ -14,6 +14,9 @@ Tables (one keyspace per tenant; see docs/architecture.md):
   changed only by conditional writes so a stale owner cannot move them; 16 shards share a partition so one
   conditional batch commits them together.
 * ``stories`` — ``PRIMARY KEY ((shard, period), story_id, revision)``.
+* ``stage_marks`` — ``PRIMARY KEY ((consumer, shard, slot), bucket, part)``: small records a stage writes at a
+  bucket and reads back when it replays (the story builder: the stories that left its state in that bucket, so a
+  replay can start after the oldest story still held instead of before every story that overlaps it).
 * ``dead_letter`` — ``PRIMARY KEY (dl_id)``.
 * ``meta`` — ``PRIMARY KEY (key)``: creation time, schema version, and the tenant's fixed settings.
 """
@@ -34,7 +37,7 @@ from engine.store.types import (
     StoryRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: stage_marks
 # Settings that fix how data is laid out: changing them on an existing tenant would misplace events.
 FIXED_SETTINGS = ("shards", "bucket_ms")
 
@@ -140,6 +143,14 @@ class Store(Protocol):
 
     def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
         """Every stored story revision, paged, in no particular order."""
+
+    # -- stage marks -------------------------------------------------------------------------------------
+    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
+        """Store a stage's marks for one bucket of one shard as rows ``(bucket, part)`` (part = position in
+        ``parts``): an idempotent upsert, so a replay may write the same marks again."""
+
+    async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
+        """The marks of buckets ``[first, last]``, ascending by ``(bucket, part)``."""
 
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
 

@@ -180,6 +180,12 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
             f"CREATE TABLE IF NOT EXISTS {ks}.story_ids (story_id text, revision int, shard int, period bigint, "
             f"PRIMARY KEY ((story_id), revision)) WITH CLUSTERING ORDER BY (revision DESC) AND {twcs}"
         ),
+        # What a stage needs to replay correctly (see Store.put_marks); 15-minute slots like bucket_index.
+        "stage_marks": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.stage_marks (consumer text, shard int, slot bigint, bucket bigint, "
+            f"part int, body blob, PRIMARY KEY ((consumer, shard, slot), bucket, part)) "
+            f"WITH CLUSTERING ORDER BY (bucket ASC, part ASC) AND {twcs}"
+        ),
         "dead_letter": (
             f"CREATE TABLE IF NOT EXISTS {ks}.dead_letter (dl_id text PRIMARY KEY, received_ms bigint, "
             f"file text, line bigint, reason text, raw blob, redriven_ms bigint)"
@@ -187,7 +193,7 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
     }
 
 
-_TTL_TABLES = ("events", "bucket_index", "stories", "story_ids")
+_TTL_TABLES = ("events", "bucket_index", "stories", "story_ids", "stage_marks")
 
 
 class CqlStore:
@@ -967,6 +973,46 @@ class CqlStore:
                 seen = set()
             token = last
             seen |= {r["dl_id"] for r in rows if r["t"] == last}
+
+    # -- stage marks ---------------------------------------------------------------------------------------
+    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
+        if not parts:
+            return
+        cql = f"INSERT INTO {self.ks}.stage_marks (consumer, shard, slot, bucket, part, body) VALUES (?, ?, ?, ?, ?, ?)"
+        prepared = await self._prep("marks_insert", cql)
+        slot = BigInt(index_slot(bucket, self.cfg.bucket_ms))
+        rows = [[consumer, shard, slot, BigInt(bucket), i, body] for i, body in enumerate(parts)]
+        limit = self.cfg.store.batch_bytes
+        cur: list[list[Any]] = []
+        size = 0
+        for row, body in zip(rows, parts, strict=True):
+            if cur and size + len(body) > limit:
+                await self._write_rows(f"write stage marks ({shard}, {bucket})", prepared, cur)
+                cur, size = [], 0
+            cur.append(row)
+            size += len(body) + 64
+        await self._write_rows(f"write stage marks ({shard}, {bucket})", prepared, cur)
+
+    async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
+        bms = self.cfg.bucket_ms
+        limit = 64  # rows of up to store.batch_bytes each
+        cols = f"SELECT bucket, part, body FROM {self.ks}.stage_marks WHERE consumer = ? AND shard = ? AND slot = ?"
+        q_first = f"{cols} AND bucket >= ? AND bucket <= ? LIMIT ?"
+        # One multi-column slice on both ends: CQL does not mix single- and multi-column clustering relations.
+        q_after = f"{cols} AND (bucket, part) > (?, ?) AND (bucket, part) <= (?, ?) LIMIT ?"
+        out: list[tuple[int, bytes]] = []
+        for slot in range(index_slot(first, bms), index_slot(last, bms) + 1):
+            base = [consumer, shard, BigInt(slot)]
+            rows = await self._exec(
+                "read stage marks", "marks_first", q_first, [*base, BigInt(first), BigInt(last), limit]
+            )
+            while True:
+                out.extend((r["bucket"], r["body"]) for r in rows)
+                if len(rows) < limit:
+                    break
+                after = [BigInt(rows[-1]["bucket"]), rows[-1]["part"], BigInt(last), 2**31 - 1, limit]
+                rows = await self._exec("read stage marks", "marks_after", q_after, [*base, *after])
+        return out
 
     async def purge_expired(self) -> int:
         return 0  # the database expires rows by default_time_to_live

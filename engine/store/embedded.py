@@ -76,6 +76,11 @@ def _ddl(p: str) -> dict[str, str]:
             f"emitted_ms INTEGER NOT NULL, body BLOB NOT NULL, expires_ms INTEGER NOT NULL, "
             f"PRIMARY KEY (shard, period, story_id, revision)) WITHOUT ROWID"
         ),
+        "stage_marks": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__stage_marks" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
+            f"bucket INTEGER NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL, expires_ms INTEGER NOT NULL, "
+            f"PRIMARY KEY (consumer, shard, bucket, part)) WITHOUT ROWID"
+        ),
         "dead_letter": (
             f'CREATE TABLE IF NOT EXISTS "{p}__dead_letter" (dl_id TEXT PRIMARY KEY, received_ms INTEGER NOT NULL, '
             f"file TEXT NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL, raw BLOB NOT NULL, "
@@ -484,6 +489,29 @@ class EmbeddedStore:
             async for page in self.read_stories(shard, period):
                 yield page
 
+    # -- stage marks ---------------------------------------------------------------------------------------
+    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
+        if not parts:
+            return
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('stage_marks')} (consumer, shard, bucket, part, body, expires_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?)"
+        )
+
+        def do(c: sqlite3.Connection) -> None:
+            exp = self.clock.now_ms() + self.cfg.ttl_ms
+            c.executemany(sql, [(consumer, shard, bucket, i, body, exp) for i, body in enumerate(parts)])
+
+        await self._run("write stage marks", do, write=True)
+
+    async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
+        q = (
+            f"SELECT bucket, body FROM {self.t('stage_marks')} WHERE consumer = ? AND shard = ? AND bucket >= ? "
+            f"AND bucket <= ? AND expires_ms > ? ORDER BY bucket, part"
+        )
+        rows = await self._run("read stage marks", _fetch(q, (consumer, shard, first, last, self.clock.now_ms())))
+        return [(r[0], r[1]) for r in rows]
+
     # -- dead letters --------------------------------------------------------------------------------------
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
@@ -546,6 +574,7 @@ class EmbeddedStore:
                     (group, last_slot, now),
                 ).rowcount
             n += c.execute(f"DELETE FROM {self.t('stories')} WHERE expires_ms <= ?", (now,)).rowcount
+            n += c.execute(f"DELETE FROM {self.t('stage_marks')} WHERE expires_ms <= ?", (now,)).rowcount
             return n
 
         return await self._run("purge expired rows", do, write=True)

@@ -67,8 +67,9 @@ class Offset(msgspec.Struct, frozen=True):
 
 
 class StoryRecord(msgspec.Struct, frozen=True):
-    """One revision of a story. Partitioned by ``(shard, period)``, where ``period`` is an hour number
-    (``time_ms // HOUR_MS``) chosen deterministically by the writer; ``(story_id, revision)`` is unique."""
+    """One revision of a story. Partitioned by ``(shard, period)``, where ``period`` is chosen deterministically
+    by the writer (the story builder: the bucket whose processing emitted the revision); ``(story_id, revision)``
+    is unique."""
 
     shard: int
     period: int

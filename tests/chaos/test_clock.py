@@ -47,6 +47,9 @@ class Watch:
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         return self.inner.replay_bucket(shard, read_bucket)
 
+    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+        await self.inner.prepare_replay(shard, first, last)
+
     async def drain(self, shard: int, bucket: int) -> None:
         await self.inner.drain(shard, bucket)
 

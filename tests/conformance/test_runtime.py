@@ -20,7 +20,7 @@ import pytest
 
 from engine.clock import ManualClock
 from engine.config import Config, from_mapping
-from engine.errors import TransientStoreError
+from engine.errors import SchemaError, TransientStoreError
 from engine.event import Event, encode
 from engine.ingest import ClockSkewError
 from engine.recording import read_records
@@ -95,6 +95,49 @@ def test_worker_reads_every_bucket_up_to_the_lag_and_no_further(make_config: Con
             await w.commit(list(w.state.values()), force=True)
             offs = await store.read_offsets(cfg.consumer, range(4))
             assert {o.read_bucket for o in offs} == {w.target()}
+            await w.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_a_worker_refuses_an_old_schema_until_init_migrates_it(make_config: ConfigFactory, backend: str) -> None:
+    """A tenant created by schema version 1 (no stage_marks table): workers stop with a clear message, and
+    `storyline init` migrates it."""
+    cfg = make_config(shards=2, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        try:
+            if backend == "cql":
+                from engine.store.cql import CqlStore
+
+                assert isinstance(store, CqlStore)
+                await store._ddl(f"DROP TABLE {cfg.keyspace}.stage_marks")
+                await store._exec(
+                    "t", "v1", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '1')", []
+                )
+            else:
+                from engine.store.embedded import EmbeddedStore
+
+                assert isinstance(store, EmbeddedStore)
+                await store._run("t", lambda c: c.execute(f"DROP TABLE {store.t('stage_marks')}"), write=True)
+                await store._run(
+                    "t",
+                    lambda c: c.execute(f"UPDATE {store.t('meta')} SET value = '1' WHERE key = 'schema_version'"),
+                    write=True,
+                )
+            w = Worker(cfg, [0, 1], CountingStage(), owner="w-old", clock=clock, store=make_store(cfg, clock))
+            await w.store.open()
+            with pytest.raises(SchemaError, match=r"schema version 1, this Storyline needs \d+: run `storyline init`"):
+                await w.claim_all()
+            did = await store.init_schema()
+            assert any("stage_marks" in line and "created" in line for line in did), did
+            assert any(line.startswith("schema version 1 -> ") for line in did), did
+            await w.claim_all()
+            assert sorted(w.state) == [0, 1]
             await w.store.close()
         finally:
             await store.close()

@@ -16,7 +16,17 @@ import pytest
 from engine.clock import ManualClock
 from engine.config import Config
 from engine.errors import FencedError, SchemaError, StoreError, WriteTooLateError
-from engine.store import Commit, DeadLetter, EventRecord, Offset, PartitionPage, Store, StoryRecord, make_store
+from engine.store import (
+    SCHEMA_VERSION,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    Store,
+    StoryRecord,
+    make_store,
+)
 from tests.conftest import ConfigFactory, arun
 
 pytestmark = pytest.mark.conformance
@@ -61,7 +71,7 @@ def test_init_is_idempotent_and_records_meta(make_config: ConfigFactory) -> None
             await store.close()
         assert any(line.startswith("created table") for line in first)
         assert not any(line.startswith("created") for line in second)
-        assert meta["schema_version"] == "1"
+        assert meta["schema_version"] == str(SCHEMA_VERSION)
         assert meta["shards"] == str(cfg.shards)
         assert meta["bucket_ms"] == str(cfg.bucket_ms)
         assert int(meta["created_ms"]) > 1_700_000_000_000
@@ -466,6 +476,40 @@ def test_story_lookup_by_id_gives_the_latest_revision(make_config: ConfigFactory
     arun(body())
 
 
+def test_stage_marks_by_consumer_shard_and_bucket_range(make_config: ConfigFactory) -> None:
+    cfg = make_config(bucket_ms=1000)
+    slot = 900  # buckets per 15-minute slot at 1 s buckets: ranges below cross slot boundaries
+    base = 1_790_000_000 // slot * slot
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            written: list[tuple[int, bytes]] = []
+            for k, b in enumerate(range(base - 5, base + 2 * slot + 5, 37)):
+                parts = [f"{b}:{i}".encode() * (1 + k % 5) for i in range(1 + k % 3)]
+                await store.put_marks("workers", 2, b, parts)
+                written += [(b, p) for p in parts]
+            await store.put_marks("workers", 3, base, [b"other shard"])
+            await store.put_marks("other", 2, base + 1, [b"other consumer"])
+            big = [bytes([i]) * 70_000 for i in range(4)]  # parts beyond store.batch_bytes go in several writes
+            await store.put_marks("workers", 2, base + 3 * slot, big)
+            got = await store.read_marks("workers", 2, base - 10, base + 2 * slot + 10)
+            assert got == written  # ascending (bucket, part); other shards and consumers apart
+            lo, hi = base + 100, base + slot + 100
+            assert await store.read_marks("workers", 2, lo, hi) == [(b, p) for b, p in written if lo <= b <= hi]
+            assert await store.read_marks("workers", 2, base + 3 * slot, base + 3 * slot) == [
+                (base + 3 * slot, p) for p in big
+            ]
+            assert await store.read_marks("workers", 3, base, base) == [(base, b"other shard")]
+            await store.put_marks("workers", 3, base, [b"other shard"])  # idempotent
+            assert await store.read_marks("workers", 3, base - slot, base + slot) == [(base, b"other shard")]
+            assert await store.read_marks("workers", 2, base + 5 * slot, base + 6 * slot) == []
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_dead_letters_roundtrip(make_config: ConfigFactory) -> None:
     cfg = make_config()
     letters = [
@@ -503,6 +547,7 @@ def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> Non
         try:
             await store.append(0, NOW // cfg.bucket_ms, events(20))
             await store.put_stories([StoryRecord(0, 1, "s", 1, True, None, NOW, b"x")])
+            await store.put_marks("c", 0, NOW // cfg.bucket_ms, [b"m"])
             if backend == "cql":
                 from engine.store.cql import CqlStore
 
@@ -515,7 +560,7 @@ def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> Non
                     [cfg.keyspace],
                 )
                 by = {r["table_name"]: r for r in rows}
-                for table in ("events", "bucket_index", "stories"):
+                for table in ("events", "bucket_index", "stories", "story_ids", "stage_marks"):
                     assert by[table]["default_time_to_live"] == cfg.ttl_ms // 1000, table
                     assert by[table]["compaction"]["class"].endswith("TimeWindowCompactionStrategy"), table
             else:
@@ -527,7 +572,8 @@ def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> Non
                 assert gone == []
                 assert await store.nonempty_buckets(0, 0, NOW) == []
                 assert await collect(store.scan_stories()) == []
-                assert await store.purge_expired() == 22  # 20 events, 1 index row, 1 story
+                assert await store.read_marks("c", 0, 0, NOW) == []
+                assert await store.purge_expired() == 23  # 20 events, 1 index row, 1 story, 1 mark
         finally:
             await store.close()
 
