@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
@@ -22,6 +23,10 @@ class RecordingStage:
         self.path = os.path.join(directory, f"{safe}.jsonl")
         self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.events = 0
+
+    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
+        for shard, batch in batches.items():
+            await self.on_bucket(shard, bucket, batch, replay=replay)
 
     async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
         if replay or not batch.views:

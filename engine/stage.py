@@ -1,7 +1,8 @@
 """The processing stage interface between the worker (the queue half) and correlation (the story builder).
 
-The worker calls the stage shard by shard, bucket by bucket, in bucket order; ``on_bucket`` returns only when
-everything derived from the bucket is durable, so the worker may then move ``read_bucket`` past it.
+The worker calls the stage bucket by bucket, in bucket order, with the partitions of that bucket of every shard
+it is moving forward (many partitions per call, so per-call costs are shared); ``on_buckets`` returns only when
+everything derived from them is durable, so the worker may then move those shards' ``read_bucket`` past it.
 ``replay_bucket`` tells the worker the oldest bucket the stage still needs to rebuild its in-memory state after
 a crash; the worker commits it with the offset and, on restart, calls ``prepare_replay`` and then replays from
 there with ``replay=True``.
@@ -9,7 +10,7 @@ there with ``replay=True``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import msgspec
@@ -61,9 +62,10 @@ EMPTY: Batch = Batch(())
 
 
 class Stage(Protocol):
-    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
-        """Process one bucket of one shard (possibly empty: time moved on). ``replay`` buckets were processed
-        before a restart: rebuild state from them, and produce output only if it is idempotent."""
+    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
+        """Process bucket ``bucket`` of the shards in ``batches`` (shard → its partition, possibly empty: time
+        moved on). Each shard's buckets come in order, though not every empty one. ``replay`` buckets were
+        processed before a restart: rebuild state from them, and produce output only if it is idempotent."""
 
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         """The oldest bucket still needed to rebuild this shard's state; ``read_bucket + 1`` when none is."""
@@ -88,6 +90,10 @@ class CountingStage:
         self.per_shard: dict[int, int] = {}
         self.seen: dict[int, list[tuple[int, list[str]]]] = {}
         self.keep_ids = False
+
+    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
+        for shard, batch in batches.items():
+            await self.on_bucket(shard, bucket, batch, replay=replay)
 
     async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
         if replay:

@@ -24,7 +24,6 @@ from engine.errors import SchemaError, StorylineError
 from engine.ingest import ClockSkewError
 from engine.stage import EMPTY, Batch, Stage
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, make_store
-from engine.store.common import run_all
 
 log = logging.getLogger("storyline.worker")
 
@@ -169,25 +168,73 @@ class Worker:
             )
 
     async def replay(self) -> None:
-        """Rebuild the stage's state from each shard's ``replay_bucket`` through its ``read_bucket``."""
+        """Rebuild the stage's state from each shard's ``replay_bucket`` through its ``read_bucket``: bucket by
+        bucket, every shard whose range holds the bucket in the same stage call."""
         todo = [st for st in self.state.values() if st.offset.replay_bucket <= st.offset.read_bucket]
         if not todo:
             return
         lo = min(st.offset.replay_bucket for st in todo)
         hi = max(st.offset.read_bucket for st in todo)
         hints = await self.store.scan_index([st.shard for st in todo], lo, hi)
-
-        async def one(st: ShardState) -> None:
+        for st in todo:
+            await self.stage.prepare_replay(st.shard, st.offset.replay_bucket, st.offset.read_bucket)
+        plan: dict[int, dict[int, BucketHint | None]] = {}
+        for st in todo:
             lo_s, hi_s = st.offset.replay_bucket, st.offset.read_bucket
-            await self.stage.prepare_replay(st.shard, lo_s, hi_s)
-            by_bucket = {h.bucket: h for h in hints.get(st.shard, []) if lo_s <= h.bucket <= hi_s}
-            reads = {b: asyncio.ensure_future(self._read(st.shard, h)) for b, h in by_bucket.items()}
-            for b in sorted(reads):
-                await self.stage.on_bucket(st.shard, b, await reads[b], replay=True)
-            if hi_s not in reads:
-                await self.stage.on_bucket(st.shard, hi_s, EMPTY, replay=True)  # replayed time reaches read_bucket
+            for h in hints.get(st.shard, []):
+                if lo_s <= h.bucket <= hi_s:
+                    plan.setdefault(h.bucket, {})[st.shard] = h
+            plan.setdefault(hi_s, {}).setdefault(st.shard, None)  # replayed time reaches read_bucket
+        ranges = [(st.shard, st.offset.replay_bucket, st.offset.read_bucket) for st in todo]
+        await self._feed(plan, ranges, replay=True)
 
-        await run_all(one(st) for st in todo)
+    async def _feed(
+        self, plan: dict[int, dict[int, BucketHint | None]], ranges: list[tuple[int, int, int]], *, replay: bool
+    ) -> dict[int, int]:
+        """Hand the buckets of ``plan`` (bucket → shard → its partition to read, None: empty) to the stage in
+        bucket order. Each call also takes, as empty, every shard of ``ranges`` ((shard, first, last)) whose range
+        holds the bucket, so their emissions due then are fused in the same pass. Partitions are read ahead
+        concurrently (a sliding window of ``read_ahead``). Returns the last bucket handed over per shard."""
+        order = [(b, s) for b in sorted(plan) for s, h in sorted(plan[b].items()) if h is not None]
+        window = max(4 * self.cfg.read_ahead, 16)
+        futs: dict[tuple[int, int], asyncio.Future[Batch]] = {}
+        nxt = 0
+        done: dict[int, int] = {}
+
+        def fill() -> None:
+            nonlocal nxt
+            while nxt < len(order) and len(futs) < window:
+                b, s = order[nxt]
+                hint = plan[b][s]
+                assert hint is not None
+                futs[(b, s)] = asyncio.ensure_future(self._read(s, hint))
+                nxt += 1
+
+        try:
+            for b in sorted(plan):
+                fill()
+                batches: dict[int, Batch] = {s: EMPTY for s, first, last in ranges if first <= b <= last}
+                for s, hint in plan[b].items():
+                    if hint is not None:
+                        batches[s] = await futs.pop((b, s))
+                        fill()
+                await self.stage.on_buckets(b, batches, replay=replay)
+                if not replay:
+                    for batch in batches.values():
+                        self.stats.events += len(batch)
+                        self.stats.undecodable += batch.undecodable
+                for s in batches:
+                    done[s] = b
+                    st = self.state.get(s)
+                    if st is not None and not replay:
+                        st.read = max(st.read, b)
+        finally:
+            for fut in futs.values():
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # retrieved: a failed read-ahead is redone by the next step
+        return done
 
     # -- reading -------------------------------------------------------------------------------------------
     async def _read(self, shard: int, hint: BucketHint) -> Batch:
@@ -200,29 +247,6 @@ class Worker:
                     self.stats.incomplete = max(self.stats.incomplete, page.incomplete)
             self.stats.partitions += 1
             return Batch(out)
-
-    async def _consume_shard(self, st: ShardState, hints: list[BucketHint], last: int) -> None:
-        """Buckets (st.read, last] of one shard: read ahead concurrently, hand to the stage in order."""
-        start = st.read
-        todo = [h for h in hints if st.read < h.bucket <= last]
-        reads = [asyncio.ensure_future(self._read(st.shard, h)) for h in todo]
-        try:
-            for h, fut in zip(todo, reads, strict=True):
-                batch = await fut
-                await self.stage.on_bucket(st.shard, h.bucket, batch, replay=False)
-                self.stats.events += len(batch)
-                self.stats.undecodable += batch.undecodable
-                st.read = max(st.read, h.bucket)
-        finally:
-            for fut in reads:
-                if not fut.done():
-                    fut.cancel()
-                elif not fut.cancelled():
-                    fut.exception()  # retrieved: a failed read-ahead is redone by the next step
-        if last > st.read:
-            await self.stage.on_bucket(st.shard, last, EMPTY, replay=False)  # time moved on; nothing to read
-        st.read = max(st.read, last)
-        self.stats.buckets += st.read - start
 
     async def commit(self, states: Sequence[ShardState], *, force: bool) -> None:
         """Commit the shards whose position moved, at most every ``commit_interval_ms`` unless forced: one
@@ -262,8 +286,19 @@ class Worker:
         last = min(target, lo + max(per_scan, 1) - 1)
         hints = await self.store.scan_index([st.shard for st in behind], lo, last)
         self.stats.index_scans += 1
-        # run_all: if one shard fails, the others are cancelled (not left running beside the retried round).
-        await run_all(self._consume_shard(st, hints.get(st.shard, []), last) for st in behind)
+        # Buckets (st.read, last] of every shard that is behind, in bucket order, all shards of a bucket in one
+        # stage call; at `last` every shard (time moved on, nothing more to read).
+        plan: dict[int, dict[int, BucketHint | None]] = {}
+        for st in behind:
+            for h in hints.get(st.shard, []):
+                if st.read < h.bucket <= last:
+                    plan.setdefault(h.bucket, {})[st.shard] = h
+            plan.setdefault(last, {}).setdefault(st.shard, None)
+        before = sum(st.read for st in behind)
+        try:
+            await self._feed(plan, [(st.shard, st.read + 1, last) for st in behind], replay=False)
+        finally:
+            self.stats.buckets += sum(st.read for st in behind) - before
         await self.commit(behind, force=False)
         return True
 

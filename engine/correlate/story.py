@@ -1,28 +1,33 @@
-"""The story builder: the stage that fuses linked events into stories (first cut, see docs/correlation.md).
+"""The story builder: the stage that fuses linked events into stories (see docs/correlation.md).
 
-State per shard is one polars frame of the events of open and recently emitted stories (id, corrected time,
-flow, story, ingest time, payload) plus a small record per story. Each bucket is processed as a whole:
+State is one polars frame of the events of open and recently emitted stories of every shard the worker owns
+(id, corrected time, flow, story, ingest time, the fields fusion needs, shard) plus a small record per story,
+kept per shard. The worker hands over one bucket of many shards per call, processed as a whole:
 
-1. the bucket's events (view-decoded by the worker) become a frame; ids already in the state are dropped
+1. the partitions' events (one msgspec call) become a frame; ids already in their shard's state are dropped
    (a re-ingested duplicate counts once) and counted;
 2. the state's events of the same flows are taken (a semi-join), and :func:`engine.correlate.link.link` finds the
-   components of the union — no per-event Python loop;
+   components of the union — no per-event Python loop; a flow lives in one shard, so shards never link;
 3. per component (a Python loop over stories, not events): no known story → a new story whose id derives from
-   its smallest event id (deterministic: the same input gives the same ids, also on replay); one → the events
-   join it (an emitted story gets a new revision: late evidence amends); several → they merge, the smallest id
-   survives and the others get a last revision marked ``merged_into``;
+   its shard and smallest event id (deterministic: the same input gives the same ids, also on replay); one → the
+   events join it (an emitted story gets a new revision: late evidence amends); several → they merge, the
+   smallest id survives and the others get a last revision marked ``merged_into``;
 4. time is the bucket's end (ingest time): a story no event has joined for ``correlate.max_wait_ms`` is emitted
-   (``final``); an emitted story leaves the state ``correlate.amend_horizon_ms`` after its last emission.
+   (``final``); an emitted story leaves the state ``correlate.amend_horizon_ms`` after its last emission. The
+   stories due in all the call's shards are fused in one pass and written in one call.
 
 Every emission is an idempotent upsert of ``(story_id, revision)`` into the ``stories`` table, partitioned by
-``(shard, emit bucket)``; the worker moves ``read_bucket`` only after :meth:`StoryStage.on_bucket` returns.
-``replay_bucket`` is the first bucket of the oldest story still in the state, so a restart rebuilds the state by
-replaying from there (the same buckets in the same order give the same stories and revisions).
+``(shard, emit bucket)``; the worker moves ``read_bucket`` only after :meth:`StoryStage.on_buckets` returns.
+``replay_bucket`` is the first bucket of the oldest story of the shard still in the state; stories that left
+before are stored as marks so that a replay from there skips their events (:meth:`StoryStage.prepare_replay`).
+The same buckets in the same order give the same stories and revisions, however the shards were grouped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import polars as pl
@@ -37,11 +42,13 @@ from .link import link
 
 _json = msgspec.json.Encoder()
 KEY = pl.UInt64
+STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state frame: events of every shard
 
 
 @dataclass(slots=True)
 class StoryMeta:
     key: int  # the story key of the state frame's rows (the 64-bit hash in the id)
+    shard: int
     id: str
     first_bucket: int
     last_ingest_ms: int
@@ -59,10 +66,8 @@ class StoryMeta:
 
 @dataclass
 class ShardState:
-    frame: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=EVENT_SCHEMA))
     stories: dict[int, StoryMeta] = field(default_factory=dict)  # by story key
-    ids: set[str] = field(default_factory=set)  # the frame's event ids: duplicates are found in O(new events)
-    pending_chunks: int = 0
+    ids: set[str] = field(default_factory=set)  # the shard's event ids in the frame: duplicates in O(new events)
     merged_now: dict[int, int] = field(default_factory=dict)  # merged this bucket: old key → survivor
     # flow → (its last truncated story, when it was cut in ms): a story of the flow that starts within max_wait
     # of the cut continues it (names it as predecessor)
@@ -117,6 +122,10 @@ class StoryStage:
         self.c = cfg.correlate
         self.window_us = self.c.match_window_ms * 1000
         self.shards: dict[int, ShardState] = {}
+        # The events of open and recently emitted stories of every shard (STATE_SCHEMA): one frame, so a bucket of
+        # many shards is linked, fused and evicted in one pass.
+        self.frame = pl.DataFrame(schema=STATE_SCHEMA)
+        self.pending_chunks = 0
         self.counters = StoryCounters()
         self.cid_cache: dict[int | None, str | None] = {}
 
@@ -174,38 +183,52 @@ class StoryStage:
             return
         now = (bucket + 1) * self.cfg.bucket_ms
         due = [m for m in st.stories.values() if m.dirty]
-        await self._emit(shard, bucket, st, due, now)
+        await self._emit(bucket, due, now)
 
     async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
-        """Buckets arrive in order but not necessarily one by one (empty buckets may be skipped): what falls
-        due in the skipped buckets is settled first, at the bucket it fell due in, so the output does not
-        depend on which empty buckets the worker reported (live and replay agree)."""
-        st = self.shards.setdefault(shard, ShardState())
-        if not replay and (st.ghosts is not None or st.ghost_ids or st.pending_cuts):
-            st.ghosts, st.ghost_ids = None, {}  # the replay is over
-            self._apply_cuts(st, bucket)
-        await self._catch_up(shard, st, bucket - 1)
-        if len(batch):
-            self._absorb(shard, bucket, st, batch, (bucket + 1) * self.cfg.bucket_ms)
-        await self._timeouts(shard, bucket, st, (bucket + 1) * self.cfg.bucket_ms)
+        """One shard's bucket: :meth:`on_buckets` with one partition."""
+        await self.on_buckets(bucket, {shard: batch}, replay=replay)
+
+    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
+        """Bucket ``bucket`` of several shards at once (one polars pass over all their partitions; shards never
+        link to each other, so this is the same as one call per shard). Each shard's buckets arrive in order but
+        not necessarily one by one (empty buckets may be skipped): what falls due in the skipped buckets is
+        settled first, at the bucket it fell due in, so the output does not depend on which empty buckets the
+        worker reported, nor on which shards it grouped (live and replay agree)."""
+        sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
+        if not replay:
+            for st in sts.values():
+                if st.ghosts is not None or st.ghost_ids or st.pending_cuts:
+                    st.ghosts, st.ghost_ids = None, {}  # the replay is over
+                    self._apply_cuts(st, bucket)
+        await self._catch_up(sts, bucket - 1)
+        now = (bucket + 1) * self.cfg.bucket_ms
+        full = {s: b for s, b in batches.items() if len(b)}
+        if full:
+            self._absorb(bucket, full, now)
+        await self._timeouts(bucket, sts, now)
 
     def _due_bucket(self, ms: int) -> int:
         """The first bucket whose end is at or after ``ms``."""
         return -(-ms // self.cfg.bucket_ms) - 1
 
-    async def _catch_up(self, shard: int, st: ShardState, until: int) -> None:
-        """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order."""
-        last = -1
-        while not st.touched and last < self._due_bucket(st.next_due_ms) <= until:
-            last = self._due_bucket(st.next_due_ms)
-            await self._timeouts(shard, last, st, (last + 1) * self.cfg.bucket_ms)
-        if st.touched:  # not scanned since stories changed: find the first due bucket the long way
-            while True:
-                due = min(self._next_due(st), default=None)
-                if due is None or self._due_bucket(due) > until:
-                    return
-                b = self._due_bucket(due)
-                await self._timeouts(shard, b, st, (b + 1) * self.cfg.bucket_ms)
+    def _next_due_ms(self, st: ShardState) -> int:
+        if st.touched:  # stories changed since the last scan
+            st.next_due_ms = min(self._next_due(st), default=2**62)
+            st.touched = False
+        return st.next_due_ms
+
+    async def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
+        """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order;
+        the shards due at the same bucket together."""
+        last = -(2**62)
+        while True:
+            due = {s: self._due_bucket(self._next_due_ms(st)) for s, st in sts.items()}
+            b = min(due.values(), default=until + 1)
+            if b > until or b <= last:
+                return
+            last = b
+            await self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b}, (b + 1) * self.cfg.bucket_ms)
 
     def _next_due(self, st: ShardState) -> list[int]:
         c = self.c
@@ -214,10 +237,15 @@ class StoryStage:
         ]
 
     # -- linking ------------------------------------------------------------------------------------------
-    def _absorb(self, shard: int, bucket: int, st: ShardState, batch: Batch, now: int) -> None:
-        cols = event_columns([r.payload for r in batch.records])
+    def _absorb(self, bucket: int, batches: Mapping[int, Batch], now: int) -> None:
+        shards = list(batches)
+        sizes = [len(batches[s]) for s in shards]
+        cols = event_columns([r.payload for s in shards for r in batches[s].records])
         time_us = pl.Series("time_us", cols.pop("time_us"), pl.Int64)
         offsets = self.c.sensor_offsets_ms
+        shard_col = pl.Series("shard", shards, pl.Int32).gather(
+            pl.Series(range(len(shards)), dtype=pl.UInt32).repeat_by(pl.Series(sizes, dtype=pl.UInt32)).explode()
+        )
         new = pl.DataFrame(cols, schema={k: v for k, v in EVENT_SCHEMA.items() if k in cols}).with_columns(
             (
                 time_us - pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
@@ -226,32 +254,36 @@ class StoryStage:
             ).alias("t"),
             pl.lit(None, KEY).alias("story"),
             pl.lit(now, pl.Int64).alias("ingest"),
+            shard_col,
         )
-        new = new.select(list(EVENT_SCHEMA)).unique("id", keep="first", maintain_order=True)
-        if st.pending_cuts:
-            self._apply_cuts(st, bucket)
+        total = len(new)
+        new = new.select(list(STATE_SCHEMA)).unique("id", keep="first", maintain_order=True)
+        sts = {s: self.shards[s] for s in shards}
+        replaying = [st for st in sts.values() if st.ghosts is not None or st.ghost_ids or st.pending_cuts]
         skipped = 0
-        if st.ghosts is not None or st.ghost_ids:
+        if replaying:
+            for st in replaying:
+                if st.pending_cuts:
+                    self._apply_cuts(st, bucket)
             before = len(new)
-            new = self._skip_ghosts(st, bucket, new)
+            new = self._skip_ghosts(sts, bucket, new)
             skipped = before - len(new)
             self.counters.replay_skipped += skipped
         new_ids: list[str] = new["id"].to_list()
-        if st.ids:
-            seen = st.ids
-            fresh = [i not in seen for i in new_ids]
+        new_shards: list[int] = new["shard"].to_list()
+        if any(st.ids for st in sts.values()):
+            ids_of = {s: st.ids for s, st in sts.items()}
+            fresh = [i not in ids_of[s] for i, s in zip(new_ids, new_shards, strict=True)]
             if not all(fresh):
                 new = new.filter(pl.Series(fresh))
                 new_ids = [i for i, f in zip(new_ids, fresh, strict=True) if f]
-        self.counters.duplicates += len(batch) - len(new) - skipped
+                new_shards = [s for s, f in zip(new_shards, fresh, strict=True) if f]
+        self.counters.duplicates += total - len(new) - skipped
         if new.is_empty():
             return
         self.counters.events += len(new)
-        ctx = (
-            st.frame.join(new.select("flow").drop_nulls().unique(), on="flow", how="semi")
-            if st.frame.height
-            else st.frame
-        )
+        frame = self.frame
+        ctx = frame.join(new.select("flow").drop_nulls().unique(), on="flow", how="semi") if frame.height else frame
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
@@ -267,6 +299,7 @@ class StoryStage:
                 pl.col("t").min().alias("t_min"),
                 pl.col("t").max().alias("t_max"),
                 pl.col("flow").first().alias("flow"),
+                pl.col("shard").first().alias("shard"),
             )
             .filter(pl.col("n_new") > 0)
             .sort("first_new")
@@ -275,19 +308,29 @@ class StoryStage:
         sids: list[int] = []
         # Components with no known story: new stories (most of them), created from columns.
         fresh_groups = groups.filter(pl.col("known_n") == 0)
-        sealed = st.sealed_flows
-        for comp, first_new, n_new, t_min, t_max, flow in zip(
-            *(fresh_groups[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow")), strict=True
+        wait = self.c.max_wait_ms
+        for comp, first_new, n_new, t_min, t_max, flow, shard in zip(
+            *(fresh_groups[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard")),
+            strict=True,
         ):
             sid = xxhash.xxh3_64_intdigest(first_new.encode())
+            st = sts[shard]
             pred = None
-            if flow is not None and sealed:
-                cut = sealed.get(flow)
-                if cut is not None and now - cut[1] <= self.c.max_wait_ms:
+            if flow is not None and st.sealed_flows:
+                cut = st.sealed_flows.get(flow)
+                if cut is not None and now - cut[1] <= wait:
                     pred = cut[0]
-            sid_text = f"s{shard:04x}-{sid:016x}"
             st.stories[sid] = StoryMeta(
-                sid, sid_text, bucket, now, n_new, 0, None, True, True, False, t_min, t_max, pred, bucket
+                sid,
+                shard,
+                f"s{shard:04x}-{sid:016x}",
+                bucket,
+                now,
+                events=n_new,
+                t_min=t_min,
+                t_max=t_max,
+                predecessor=pred,
+                last_bucket=bucket,
             )
             comps.append(comp)
             sids.append(sid)
@@ -304,13 +347,17 @@ class StoryStage:
             )
             known_lists = dict(zip(lists["comp"].to_list(), lists["story"].to_list(), strict=True))
         renames: dict[int, int] = {}
-        for comp, sid, n_known, n_new, t_min, t_max in zip(
-            *(known_groups[c].to_list() for c in ("comp", "known_min", "known_n", "n_new", "t_min", "t_max")),
+        rename_shard: dict[int, int] = {}
+        for comp, sid, n_known, n_new, t_min, t_max, shard in zip(
+            *(known_groups[c].to_list() for c in ("comp", "known_min", "known_n", "n_new", "t_min", "t_max", "shard")),
             strict=True,
         ):
+            st = sts[shard]
             if n_known > 1:
                 for other in known_lists[comp][1:]:
                     renames[other] = sid
+                    rename_shard[other] = shard
+                    st.merged_now[other] = sid  # written as merged_into stubs by _timeouts
             meta = st.stories[sid]
             meta.last_ingest_ms = now
             meta.last_bucket = bucket
@@ -326,49 +373,59 @@ class StoryStage:
         assigned = (
             union.filter(pl.col("is_new"))
             .with_columns(pl.col("comp").replace_strict(comps, sids, return_dtype=KEY).alias("story"))
-            .select(list(EVENT_SCHEMA))
+            .select(list(STATE_SCHEMA))
         )
-        frame = pl.concat([st.frame, assigned], how="vertical", rechunk=False)
+        frame = pl.concat([frame, assigned], how="vertical", rechunk=False)
         if renames:
             frame = frame.with_columns(pl.col("story").replace(renames))
             for old, sid in renames.items():
+                st = sts[rename_shard[old]]
                 om, sm = st.stories[old], st.stories[sid]
                 sm.events += om.events
                 sm.first_bucket = min(sm.first_bucket, om.first_bucket)
                 sm.last_bucket = max(sm.last_bucket, om.last_bucket)
                 sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
                 self.counters.merged += 1
-        st.pending_chunks += 1
-        if st.pending_chunks > 64:
+        self.pending_chunks += 1
+        if self.pending_chunks > 64:
             frame = frame.rechunk()
-            st.pending_chunks = 0
-        st.frame = frame
-        st.merged_now.update(renames)  # written as merged_into stubs by _timeouts
-        st.ids.update(new_ids)
-        st.touched = True
+            self.pending_chunks = 0
+        self.frame = frame
+        if len(sts) == 1:
+            st = next(iter(sts.values()))
+            st.ids.update(new_ids)
+            st.touched = True
+        else:
+            per = assigned.group_by("shard").agg(pl.col("id"))
+            for s, ids in zip(per["shard"].to_list(), per["id"].to_list(), strict=True):
+                sts[s].ids.update(ids)
+                sts[s].touched = True
 
     @staticmethod
     def _story_id(shard: int, key: int) -> str:
         """The story id: the shard and the 64-bit hash of the story's smallest first event id (deterministic)."""
         return f"s{shard:04x}-{key:016x}"
 
-    def _skip_ghosts(self, st: ShardState, bucket: int, new: pl.DataFrame) -> pl.DataFrame:
+    def _skip_ghosts(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> pl.DataFrame:
         """Replay: drop the events of stories that had left the state (see :meth:`prepare_replay`)."""
         hit: list[str] = []
-        if st.ghosts is not None:
-            ghosts = st.ghosts.filter(pl.col("left") >= bucket)
-            st.ghosts = ghosts if ghosts.height else None
-            if ghosts.height:
-                t = pl.col("t")
-                hit = (
-                    new.select("id", "flow", "t")
-                    .join(ghosts, on="flow")
-                    .filter((t >= pl.col("lo")) & (t <= pl.col("hi")))["id"]
-                    .to_list()
-                )
-        if st.ghost_ids:
-            gid = st.ghost_ids
-            hit += [i for i in new.filter(pl.col("flow").is_null())["id"].to_list() if gid.get(i, -1) >= bucket]
+        t = pl.col("t")
+        for shard, st in sts.items():
+            if st.ghosts is not None:
+                ghosts = st.ghosts.filter(pl.col("left") >= bucket)
+                st.ghosts = ghosts if ghosts.height else None
+                if ghosts.height:
+                    hit += (
+                        new.filter(pl.col("shard") == shard)
+                        .select("id", "flow", "t")
+                        .join(ghosts, on="flow")
+                        .filter((t >= pl.col("lo")) & (t <= pl.col("hi")))["id"]
+                        .to_list()
+                    )
+            if st.ghost_ids:
+                gid = st.ghost_ids
+                flowless = new.filter(pl.col("flow").is_null() & (pl.col("shard") == shard))["id"].to_list()
+                hit += [i for i in flowless if gid.get(i, -1) >= bucket]
         return new.filter(~pl.col("id").is_in(hit)) if hit else new
 
     def _apply_cuts(self, st: ShardState, bucket: int) -> None:
@@ -379,143 +436,180 @@ class StoryStage:
             st.sealed_flows[flow] = (sid, (b + 1) * bms)
 
     # -- time ---------------------------------------------------------------------------------------------
-    async def _timeouts(self, shard: int, bucket: int, st: ShardState, now: int) -> None:
-        if not st.touched and not st.merged_now and now < st.next_due_ms:
-            return  # nothing changed and nothing falls due yet
-        renames, st.merged_now = st.merged_now, {}
-        records: list[StoryRecord] = []
-        for old, sid in renames.items():
-            om = st.stories.pop(old)
-            if om.revision:  # it was visible downstream: tell consumers where it went
-                records.append(self._stub(shard, bucket, om, self._story_id(shard, sid), now))
+    async def _timeouts(self, bucket: int, sts: Mapping[int, ShardState], now: int) -> None:
+        """Emissions, truncations and evictions due at ``bucket`` in these shards: one fusion pass and one
+        story write for all of them."""
         c = self.c
-        due = [m for m in st.stories.values() if m.dirty and m.last_ingest_ms + c.max_wait_ms <= now]
+        records: list[StoryRecord] = []
+        due_all: list[StoryMeta] = []
+        provisional_all: list[StoryMeta] = []
+        active: dict[int, tuple[ShardState, list[StoryMeta]]] = {}
         span_us = c.max_story_ms * 1000
-        big = [
-            m
-            for m in st.stories.values()
-            if m.dirty and (m.events >= c.max_story_events or m.t_max - m.t_min >= span_us)
-        ]
-        for m in big:
-            m.truncated = True
-        due_keys = {m.key for m in due}
-        due += [m for m in big if m.key not in due_keys]
-        due_keys.update(m.key for m in big)
-        open_now = sum(1 for m in st.stories.values() if m.dirty)
-        if open_now - len(due) > c.max_open_stories:
-            extra = sorted(
-                (m for m in st.stories.values() if m.dirty and m.key not in due_keys), key=lambda m: m.last_ingest_ms
-            )
-            forced = extra[: open_now - len(due) - c.max_open_stories]
-            self.counters.forced += len(forced)
-            due += forced
-        provisional: list[StoryMeta] = []
-        if c.emit == "updates":
-            due_keys.update(m.key for m in due)
-            provisional = [m for m in st.stories.values() if m.changed and m.dirty and m.key not in due_keys]
-        for m in st.stories.values():
-            m.changed = False
-        if records or due or provisional:
-            await self._emit(shard, bucket, st, due, now, records, provisional)
-        leaving = [m.key for m in big]
-        # Leave the state: emitted, quiet, and past the amend horizon.
-        gone = [
-            m.key
-            for m in st.stories.values()
-            if not m.dirty and m.emitted_ms is not None and m.emitted_ms + c.amend_horizon_ms <= now
-        ]
-        cuts = self._seal(st, big, now) if big else []
-        if leaving or gone:
-            marks = self._marks(st, leaving + gone, cuts)
-            self._drop_rows(st, leaving + gone)
-            for key in leaving + gone:
-                del st.stories[key]
-            self.counters.truncated += len(leaving)
-            self.counters.evicted += len(gone)
-            if bucket > st.replay_through:  # a replayed bucket's marks are stored already (and complete)
-                await self.store.put_marks(self.cfg.consumer, shard, bucket, marks)
-        if st.sealed_flows and len(st.sealed_flows) > 64:
-            wait = c.max_wait_ms
-            st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= wait}
-        st.next_due_ms = min(self._next_due(st), default=2**62)
-        st.touched = False
+        for shard, st in sts.items():
+            if not st.touched and not st.merged_now and now < st.next_due_ms:
+                continue  # nothing changed and nothing falls due yet
+            renames, st.merged_now = st.merged_now, {}
+            for old, sid in renames.items():
+                om = st.stories.pop(old)
+                if om.revision:  # it was visible downstream: tell consumers where it went
+                    records.append(self._stub(shard, bucket, om, self._story_id(shard, sid), now))
+            due = [m for m in st.stories.values() if m.dirty and m.last_ingest_ms + c.max_wait_ms <= now]
+            big = [
+                m
+                for m in st.stories.values()
+                if m.dirty and (m.events >= c.max_story_events or m.t_max - m.t_min >= span_us)
+            ]
+            for m in big:
+                m.truncated = True
+            due_keys = {m.key for m in due}
+            due += [m for m in big if m.key not in due_keys]
+            due_keys.update(m.key for m in big)
+            open_now = sum(1 for m in st.stories.values() if m.dirty)
+            if open_now - len(due) > c.max_open_stories:
+                extra = sorted(
+                    (m for m in st.stories.values() if m.dirty and m.key not in due_keys),
+                    key=lambda m: m.last_ingest_ms,
+                )
+                forced = extra[: open_now - len(due) - c.max_open_stories]
+                self.counters.forced += len(forced)
+                due += forced
+            if c.emit == "updates":
+                due_keys.update(m.key for m in due)
+                provisional_all += [m for m in st.stories.values() if m.changed and m.dirty and m.key not in due_keys]
+            for m in st.stories.values():
+                m.changed = False
+            due_all += due
+            active[shard] = (st, big)
+        if not active:
+            return
+        if records or due_all or provisional_all:
+            await self._emit(bucket, due_all, now, records, provisional_all)
+        # Leave the state: truncated stories now; emitted, quiet ones past the amend horizon.
+        leaving: dict[int, list[int]] = {}
+        cuts: dict[int, list[tuple[int, str]]] = {}
+        big_all = [m for _, big in active.values() for m in big]
+        if big_all:
+            cuts = self._seal(big_all, now)
+        for shard, (st, big) in active.items():
+            gone = [
+                m.key
+                for m in st.stories.values()
+                if not m.dirty and m.emitted_ms is not None and m.emitted_ms + c.amend_horizon_ms <= now
+            ]
+            if big or gone:
+                leaving[shard] = [m.key for m in big] + gone
+                self.counters.truncated += len(big)
+                self.counters.evicted += len(gone)
+        if leaving:
+            marks = self._marks(leaving, cuts)
+            self._drop_rows(leaving)
+            writes = []
+            for shard, keys in leaving.items():
+                st = active[shard][0]
+                for key in keys:
+                    del st.stories[key]
+                if bucket > st.replay_through:  # a replayed bucket's marks are stored already (and complete)
+                    writes.append(self.store.put_marks(self.cfg.consumer, shard, bucket, marks[shard]))
+            for w in writes:
+                await w
+        for st, _ in active.values():
+            if len(st.sealed_flows) > 64:
+                st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
+            st.next_due_ms = min(self._next_due(st), default=2**62)
+            st.touched = False
 
-    @staticmethod
-    def _drop_rows(st: ShardState, keys: list[int]) -> None:
-        """The events of these stories leave the state (frame and id set)."""
-        leaving = pl.col("story").is_in(keys)
-        st.ids.difference_update(st.frame.filter(leaving)["id"].to_list())
-        st.frame = st.frame.filter(~leaving)
+    def _drop_rows(self, keys: Mapping[int, list[int]]) -> None:
+        """The events of these stories (by shard) leave the state (frame and id sets)."""
+        flat = [k for ks in keys.values() for k in ks]
+        leaving = pl.col("story").is_in(flat)
+        gone = self.frame.filter(leaving).group_by("shard").agg(pl.col("id"))
+        for shard, ids in zip(gone["shard"].to_list(), gone["id"].to_list(), strict=True):
+            self.shards[shard].ids.difference_update(ids)
+        self.frame = self.frame.filter(~leaving)
 
-    @staticmethod
-    def _marks(st: ShardState, keys: list[int], cuts: list[tuple[int, str]]) -> list[bytes]:
-        """The stored form of the stories leaving the state (:class:`Marks`), in parts of MARKS_PER_PART."""
-        rows = st.frame.filter(pl.col("story").is_in(keys))
+    def _marks(
+        self, keys: Mapping[int, list[int]], cuts: Mapping[int, list[tuple[int, str]]]
+    ) -> dict[int, list[bytes]]:
+        """The stored form of the stories leaving the state (:class:`Marks`) per shard, in parts of
+        MARKS_PER_PART."""
+        flat = [k for ks in keys.values() for k in ks]
+        rows = self.frame.filter(pl.col("story").is_in(flat))
         ranges = (
             rows.filter(pl.col("flow").is_not_null())
-            .group_by("story", "flow")
+            .group_by("shard", "story", "flow")
             .agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
-            .sort("story", "flow")
+            .sort("shard", "story", "flow")
+            .partition_by("shard", as_dict=True)
         )
-        flows, lo, hi = (ranges[c].to_list() for c in ("flow", "lo", "hi"))
-        ids = sorted(rows.filter(pl.col("flow").is_null())["id"].to_list())
-        n = max(len(flows), len(ids), len(cuts))
+        flowless = rows.filter(pl.col("flow").is_null()).group_by("shard").agg(pl.col("id").sort())
+        ids_of = dict(zip(flowless["shard"].to_list(), flowless["id"].to_list(), strict=True))
+        out: dict[int, list[bytes]] = {}
         k = MARKS_PER_PART
-        return [
-            _marks_encoder.encode(
-                Marks(flows[i : i + k], lo[i : i + k], hi[i : i + k], ids[i : i + k], cuts[i : i + k])
-            )
-            for i in range(0, n, k)
-        ]
+        for shard in keys:
+            r = ranges.get((shard,))
+            flows, lo, hi = (r[c].to_list() for c in ("flow", "lo", "hi")) if r is not None else ([], [], [])
+            ids: list[str] = ids_of.get(shard, [])
+            cut = list(cuts.get(shard, []))
+            n = max(len(flows), len(ids), len(cut))
+            out[shard] = [
+                _marks_encoder.encode(
+                    Marks(flows[i : i + k], lo[i : i + k], hi[i : i + k], ids[i : i + k], cut[i : i + k])
+                )
+                for i in range(0, n, k)
+            ]
+        return out
 
-    @staticmethod
-    def _seal(st: ShardState, stories: list[StoryMeta], now: int) -> list[tuple[int, str]]:
-        """A truncated story is final: its rows leave the state (memory stays bounded under a flood of one
-        flow), and a story of its flow that starts within ``max_wait`` continues it (names it as predecessor).
-        Returns the cuts: (flow, truncated story id)."""
-        keys = [m.key for m in stories]
+    def _seal(self, stories: list[StoryMeta], now: int) -> dict[int, list[tuple[int, str]]]:
+        """Truncated stories are final: their rows leave the state (memory stays bounded under a flood of one
+        flow), and a story of their flow that starts within ``max_wait`` continues one (names it as
+        predecessor). Returns the cuts per shard: (flow, truncated story id)."""
+        by_key = {m.key: m for m in stories}
         rows = (
-            st.frame.filter(pl.col("story").is_in(keys) & pl.col("flow").is_not_null())
+            self.frame.filter(pl.col("story").is_in(list(by_key)) & pl.col("flow").is_not_null())
             .group_by("flow")
             .agg(pl.col("story").max())
             .sort("flow")
         )
-        cuts = [(flow, st.stories[key].id) for flow, key in rows.iter_rows()]
-        for flow, sid in cuts:
-            st.sealed_flows[flow] = (sid, now)
+        cuts: dict[int, list[tuple[int, str]]] = {}
+        for flow, key in rows.iter_rows():
+            m = by_key[key]
+            cuts.setdefault(m.shard, []).append((flow, m.id))
+            self.shards[m.shard].sealed_flows[flow] = (m.id, now)
         return cuts
 
     async def _emit(
         self,
-        shard: int,
         bucket: int,
-        st: ShardState,
         due: list[StoryMeta],
         now: int,
         records: list[StoryRecord] | None = None,
         provisional: list[StoryMeta] | None = None,
     ) -> None:
-        st.touched = True  # due times change: the next _timeouts scans
         out = list(records or [])
         temp = {m.key for m in provisional or []}
         due = [*due, *(provisional or [])]
         if due:
             heads = []
+            shard_of: dict[int, int] = {}
             for meta in due:
+                self.shards[meta.shard].touched = True  # due times change: the next _timeouts scans
                 meta.revision += 1
                 final = meta.key not in temp
                 if final:  # a provisional revision neither closes the story nor starts its amend horizon
                     meta.emitted_ms = now
                     meta.dirty = False
                 heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
+                shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
             head_frame = pl.DataFrame(heads, schema=HEAD_SCHEMA, orient="row")
-            rows = st.frame.filter(pl.col("story").is_in([h[0] for h in heads]))
+            rows = self.frame.filter(pl.col("story").is_in(list(shard_of))).drop("shard")
             fused = fuse(
                 rows, head_frame, rules=self.c.merge, seed=self.cfg.ingest.community_id_seed, cid_cache=self.cid_cache
             )
-            for sid, revision, final, body in fused.select("story_id", "revision", "final", "body").iter_rows():
-                out.append(StoryRecord(shard, bucket, sid, revision, final, None, now, body.encode()))
+            for key, sid, revision, final, body in fused.select(
+                "story", "story_id", "revision", "final", "body"
+            ).iter_rows():
+                out.append(StoryRecord(shard_of[key], bucket, sid, revision, final, None, now, body.encode()))
         if out:
             await self.store.put_stories(out)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -39,10 +39,11 @@ class Watch:
         self.inner = inner
         self.live: dict[int, list[tuple[int, float]]] = {}
 
-    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
+    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
         if not replay:
-            self.live.setdefault(shard, []).append((bucket, time.time()))
-        await self.inner.on_bucket(shard, bucket, batch, replay=replay)
+            for shard in batches:
+                self.live.setdefault(shard, []).append((bucket, time.time()))
+        await self.inner.on_buckets(bucket, batches, replay=replay)
 
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
         return self.inner.replay_bucket(shard, read_bucket)
