@@ -25,6 +25,7 @@ The same buckets in the same order give the same stories and revisions, however 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,6 @@ class StoryMeta:
     revision: int = 0  # the last emitted revision; 0: never emitted
     emitted_ms: int | None = None
     dirty: bool = True  # events joined since the last emission
-    changed: bool = True  # events joined in the bucket being processed
     truncated: bool = False
     t_min: int = 2**62
     t_max: int = -(2**62)
@@ -72,10 +72,12 @@ class ShardState:
     # flow → (its last truncated story, when it was cut in ms): a story of the flow that starts within max_wait
     # of the cut continues it (names it as predecessor)
     sealed_flows: dict[int, tuple[str, int]] = field(default_factory=dict)
-    # A lower bound of the earliest time (ms) a story falls due (emission or eviction), and whether stories
-    # changed since it was computed: buckets before it need no scan of the stories (0: scan).
-    next_due_ms: int = 0
-    touched: bool = True
+    # When stories fall due, (ms, story key): emission (max_wait after the last event) or leaving the state
+    # (amend horizon after the last emission). An entry whose story is gone or now falls due at another time is
+    # stale and skipped when popped, so the top is a lower bound of the next due time.
+    due: list[tuple[int, int]] = field(default_factory=list)
+    changed: set[int] = field(default_factory=set)  # stories events joined in the call being processed
+    open: int = 0  # stories with events not yet emitted final (dirty)
     # Replay (see StoryStage.prepare_replay): the stories that left the state before the crash, as (flow,
     # time range, bucket they left in) — their events are skipped, not rebuilt — and the cuts that set
     # predecessors, applied as the replay passes the bucket they happened in.
@@ -212,11 +214,28 @@ class StoryStage:
         """The first bucket whose end is at or after ``ms``."""
         return -(-ms // self.cfg.bucket_ms) - 1
 
-    def _next_due_ms(self, st: ShardState) -> int:
-        if st.touched:  # stories changed since the last scan
-            st.next_due_ms = min(self._next_due(st), default=2**62)
-            st.touched = False
-        return st.next_due_ms
+    @staticmethod
+    def _next_due_ms(st: ShardState) -> int:
+        return st.due[0][0] if st.due else 2**62
+
+    def _due_ms(self, m: StoryMeta) -> int | None:
+        """When the story falls due now: emission if it has unemitted events, else leaving the state."""
+        if m.dirty:
+            return m.last_ingest_ms + self.c.max_wait_ms
+        return None if m.emitted_ms is None else m.emitted_ms + self.c.amend_horizon_ms
+
+    def _pop_due(self, st: ShardState, now: int) -> list[StoryMeta]:
+        """The stories whose current due time is at or before ``now``, in due order (stale entries dropped)."""
+        out: list[StoryMeta] = []
+        seen: set[int] = set()
+        heap = st.due
+        while heap and heap[0][0] <= now:
+            at, key = heapq.heappop(heap)
+            m = st.stories.get(key)
+            if m is not None and key not in seen and self._due_ms(m) == at:
+                seen.add(key)
+                out.append(m)
+        return out
 
     async def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
         """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order;
@@ -229,12 +248,6 @@ class StoryStage:
                 return
             last = b
             await self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b}, (b + 1) * self.cfg.bucket_ms)
-
-    def _next_due(self, st: ShardState) -> list[int]:
-        c = self.c
-        return [m.last_ingest_ms + c.max_wait_ms for m in st.stories.values() if m.dirty] + [
-            m.emitted_ms + c.amend_horizon_ms for m in st.stories.values() if not m.dirty and m.emitted_ms is not None
-        ]
 
     # -- linking ------------------------------------------------------------------------------------------
     def _absorb(self, bucket: int, batches: Mapping[int, Batch], now: int) -> None:
@@ -320,6 +333,9 @@ class StoryStage:
                 cut = st.sealed_flows.get(flow)
                 if cut is not None and now - cut[1] <= wait:
                     pred = cut[0]
+            st.open += 1
+            st.changed.add(sid)
+            heapq.heappush(st.due, (now + wait, sid))
             st.stories[sid] = StoryMeta(
                 sid,
                 shard,
@@ -364,10 +380,13 @@ class StoryStage:
             meta.events += int(n_new)
             meta.t_min = min(meta.t_min, t_min)
             meta.t_max = max(meta.t_max, t_max)
-            if meta.revision and not meta.dirty:
-                self.counters.amended += 1
-            meta.dirty = True
-            meta.changed = True
+            if not meta.dirty:
+                if meta.revision:
+                    self.counters.amended += 1
+                meta.dirty = True
+                st.open += 1
+            st.changed.add(sid)
+            heapq.heappush(st.due, (now + self.c.max_wait_ms, sid))
             comps.append(comp)
             sids.append(sid)
         assigned = (
@@ -392,14 +411,11 @@ class StoryStage:
             self.pending_chunks = 0
         self.frame = frame
         if len(sts) == 1:
-            st = next(iter(sts.values()))
-            st.ids.update(new_ids)
-            st.touched = True
+            next(iter(sts.values())).ids.update(new_ids)
         else:
             per = assigned.group_by("shard").agg(pl.col("id"))
             for s, ids in zip(per["shard"].to_list(), per["id"].to_list(), strict=True):
                 sts[s].ids.update(ids)
-                sts[s].touched = True
 
     @staticmethod
     def _story_id(shard: int, key: int) -> str:
@@ -443,20 +459,26 @@ class StoryStage:
         records: list[StoryRecord] = []
         due_all: list[StoryMeta] = []
         provisional_all: list[StoryMeta] = []
-        active: dict[int, tuple[ShardState, list[StoryMeta]]] = {}
+        active: dict[int, tuple[ShardState, list[StoryMeta], list[int]]] = {}
         span_us = c.max_story_ms * 1000
         for shard, st in sts.items():
-            if not st.touched and not st.merged_now and now < st.next_due_ms:
+            if not st.changed and not st.merged_now and now < self._next_due_ms(st):
                 continue  # nothing changed and nothing falls due yet
             renames, st.merged_now = st.merged_now, {}
             for old, sid in renames.items():
                 om = st.stories.pop(old)
+                if om.dirty:
+                    st.open -= 1
                 if om.revision:  # it was visible downstream: tell consumers where it went
                     records.append(self._stub(shard, bucket, om, self._story_id(shard, sid), now))
-            due = [m for m in st.stories.values() if m.dirty and m.last_ingest_ms + c.max_wait_ms <= now]
+            popped = self._pop_due(st, now)
+            due = [m for m in popped if m.dirty]
+            gone = [m.key for m in popped if not m.dirty]  # emitted, quiet, past the amend horizon
+            changed = sorted(st.changed)
+            st.changed.clear()
             big = [
                 m
-                for m in st.stories.values()
+                for m in (st.stories[k] for k in changed if k in st.stories)
                 if m.dirty and (m.events >= c.max_story_events or m.t_max - m.t_min >= span_us)
             ]
             for m in big:
@@ -464,22 +486,21 @@ class StoryStage:
             due_keys = {m.key for m in due}
             due += [m for m in big if m.key not in due_keys]
             due_keys.update(m.key for m in big)
-            open_now = sum(1 for m in st.stories.values() if m.dirty)
-            if open_now - len(due) > c.max_open_stories:
+            if st.open - len(due) > c.max_open_stories:
                 extra = sorted(
                     (m for m in st.stories.values() if m.dirty and m.key not in due_keys),
                     key=lambda m: m.last_ingest_ms,
                 )
-                forced = extra[: open_now - len(due) - c.max_open_stories]
+                forced = extra[: st.open - len(due) - c.max_open_stories]
                 self.counters.forced += len(forced)
                 due += forced
             if c.emit == "updates":
                 due_keys.update(m.key for m in due)
-                provisional_all += [m for m in st.stories.values() if m.changed and m.dirty and m.key not in due_keys]
-            for m in st.stories.values():
-                m.changed = False
+                provisional_all += [
+                    m for m in (st.stories[k] for k in changed if k in st.stories) if m.dirty and m.key not in due_keys
+                ]
             due_all += due
-            active[shard] = (st, big)
+            active[shard] = (st, big, gone)
         if not active:
             return
         if records or due_all or provisional_all:
@@ -487,15 +508,11 @@ class StoryStage:
         # Leave the state: truncated stories now; emitted, quiet ones past the amend horizon.
         leaving: dict[int, list[int]] = {}
         cuts: dict[int, list[tuple[int, str]]] = {}
-        big_all = [m for _, big in active.values() for m in big]
+        big_all = [m for _, big, _ in active.values() for m in big]
         if big_all:
             cuts = self._seal(big_all, now)
-        for shard, (st, big) in active.items():
-            gone = [
-                m.key
-                for m in st.stories.values()
-                if not m.dirty and m.emitted_ms is not None and m.emitted_ms + c.amend_horizon_ms <= now
-            ]
+        for shard, (st, big, gone) in active.items():
+            gone += [m.key for m in self._pop_due(st, now)]  # emitted now with a zero horizon
             if big or gone:
                 leaving[shard] = [m.key for m in big] + gone
                 self.counters.truncated += len(big)
@@ -512,11 +529,9 @@ class StoryStage:
                     writes.append(self.store.put_marks(self.cfg.consumer, shard, bucket, marks[shard]))
             for w in writes:
                 await w
-        for st, _ in active.values():
+        for st, _, _ in active.values():
             if len(st.sealed_flows) > 64:
                 st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
-            st.next_due_ms = min(self._next_due(st), default=2**62)
-            st.touched = False
 
     def _drop_rows(self, keys: Mapping[int, list[int]]) -> None:
         """The events of these stories (by shard) leave the state (frame and id sets)."""
@@ -592,12 +607,15 @@ class StoryStage:
             heads = []
             shard_of: dict[int, int] = {}
             for meta in due:
-                self.shards[meta.shard].touched = True  # due times change: the next _timeouts scans
                 meta.revision += 1
                 final = meta.key not in temp
                 if final:  # a provisional revision neither closes the story nor starts its amend horizon
                     meta.emitted_ms = now
-                    meta.dirty = False
+                    if meta.dirty:
+                        meta.dirty = False
+                        st = self.shards[meta.shard]
+                        st.open -= 1
+                        heapq.heappush(st.due, (now + self.c.amend_horizon_ms, meta.key))
                 heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
                 shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
