@@ -4,7 +4,10 @@ The simulator's scenario (skew, reversed reports, late arrivals, port reuse, noi
 producer, each event at its arrival offset compressed ``speed`` times, while ``storyline run --workers N``
 (separate processes, the supervisor and its workers, default stage) consumes the same tenant concurrently.
 An event's latency is from the moment its write was durable (the producer's call returned) to the moment a
-reader first finds it in a *final* story revision in the stories table: an observer polls every ``poll_s``
+reader first finds it in a *final* story revision in the stories table (``latency_*``). An event waits for its
+story to go quiet (no new member for max_wait), so members that keep arriving push it out — the semantics, not
+the engine; ``after_quiet_*`` measures from the write of the last member of that revision instead (the engine's
+own delay: lag + max_wait + processing + observation): an observer polls every ``poll_s``
 (0.5 s) and reads each (shard, emit bucket) partition once the engine's committed offset has passed that bucket
 (``commit_interval_ms`` is 200 here, so that is close to when the revision was written). The resolution is
 about poll_s + the commit interval. ``emitted_ms`` in the table is the stage's logical bucket time, not wall
@@ -47,30 +50,38 @@ class _Observer:
     """Reads each (shard, emit bucket) partition of the stories table once, right after the engine has committed
     past that bucket (a full scan of the table per poll would take longer than the latency it measures)."""
 
-    def __init__(self, cfg: Config, first_bucket: int) -> None:
+    def __init__(self, cfg: Config, first_bucket: int, written: dict[str, int]) -> None:
         self.cfg = cfg
         self.checked = dict.fromkeys(range(cfg.shards), first_bucket)
         self.seen: dict[str, int] = {}
+        self.written = written
+        # per event: from the write of the last member of the story revision it was first seen in (the moment
+        # the story went quiet) to that sighting — the engine's own delay, without the waiting for later members
+        self.after_quiet: dict[str, int] = {}
 
     async def poll(self, store: Store) -> None:
         offsets = await store.read_offsets(self.cfg.consumer, list(self.checked))
         sem = asyncio.Semaphore(32)
 
-        async def one(shard: int, period: int) -> list[str]:
-            ids: list[str] = []
+        async def one(shard: int, period: int) -> list[list[str]]:
+            revisions: list[list[str]] = []
             async with sem:
                 async for page in store.read_stories(shard, period):
                     for rec in page:
                         if rec.final and rec.merged_into is None:
-                            ids.extend(msgspec.json.decode(rec.body)["event_ids"])
-            return ids
+                            revisions.append(msgspec.json.decode(rec.body)["event_ids"])
+            return revisions
 
         todo = [(o.shard, p) for o in offsets for p in range(self.checked[o.shard] + 1, o.read_bucket + 1)]
         found = await asyncio.gather(*(one(s, p) for s, p in todo))
         now = int(time.time() * 1000)
-        for ids in found:
-            for eid in ids:
-                self.seen.setdefault(eid, now)
+        for revisions in found:
+            for ids in revisions:
+                quiet = max((self.written[i] for i in ids if i in self.written), default=now)
+                for eid in ids:
+                    if eid not in self.seen:
+                        self.seen[eid] = now
+                        self.after_quiet[eid] = now - quiet
         for o in offsets:
             self.checked[o.shard] = max(self.checked[o.shard], o.read_bucket)
 
@@ -139,7 +150,7 @@ def run(
         finally:
             await store.close()
 
-    observer = _Observer(cfg, int(time.time() * 1000) // cfg.bucket_ms - 10)
+    observer = _Observer(cfg, int(time.time() * 1000) // cfg.bucket_ms - 10, written)
     seen = observer.seen
 
     async def observe(stop: asyncio.Event) -> None:
@@ -174,6 +185,7 @@ def run(
     if tmp is not None:
         tmp.cleanup()
     lat = sorted(max(0, seen[e] - written[e]) / 1000 for e in written if e in seen)
+    quiet = sorted(max(0, observer.after_quiet[e]) / 1000 for e in written if e in observer.after_quiet)
     bound = (cfg.lag_ms + cfg.correlate.max_wait_ms) / 1000 + 2
     return {
         "backend": backend,
@@ -186,6 +198,9 @@ def run(
         "latency_p95_s": _quantile(lat, 0.95),
         "latency_p99_s": _quantile(lat, 0.99),
         "latency_max_s": lat[-1] if lat else float("nan"),
+        "after_quiet_p50_s": _quantile(quiet, 0.50),
+        "after_quiet_p99_s": _quantile(quiet, 0.99),
+        "after_quiet_max_s": quiet[-1] if quiet else float("nan"),
         "latency_bound_s": bound,
         "poll_s": poll_s,
         "rss_peak_bytes": rss_peak,
