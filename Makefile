@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 CONFIG ?= configs/local.toml
 PYTEST_ARGS ?=
 EVENTS ?= 20000
+DEMO ?= --set store.path=.data/demo.db
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test unit lint bench db-up db-down db-status clean
@@ -24,16 +25,19 @@ $(STAMP): pyproject.toml
 
 run: install ## the demo on the embedded store: simulated sensors, ingest, 2 workers building stories, results
 	@mkdir -p .data
-	$(BIN)/storyline init --config $(CONFIG)
-	$(BIN)/storyline simulate --config $(CONFIG) --events $(EVENTS) --out .data/demo.jsonl.gz --truth .data/demo-truth.json
-	$(BIN)/storyline ingest --config $(CONFIG) .data/demo.jsonl.gz
+	@# The demo starts from an empty store of its own each time (the same simulated ids ingested twice would
+	@# be re-ingests, and verify would rightly report them).
+	rm -f .data/demo.db .data/demo.db-wal .data/demo.db-shm
+	$(BIN)/storyline init --config $(CONFIG) $(DEMO)
+	$(BIN)/storyline simulate --config $(CONFIG) $(DEMO) --events $(EVENTS) --out .data/demo.jsonl.gz --truth .data/demo-truth.json
+	$(BIN)/storyline ingest --config $(CONFIG) $(DEMO) .data/demo.jsonl.gz
 	@echo "waiting for the lag (events become readable lag_ms after they were written) ..."
-	@sleep $$($(BIN)/storyline config --config $(CONFIG) | awk -F' = ' '$$1=="lag_ms"{print $$2/1000 + 0.5}')
-	$(BIN)/storyline run --config $(CONFIG) --workers 2 --drain
-	$(BIN)/storyline status --config $(CONFIG) | tail -n 1
-	$(BIN)/storyline stories --config $(CONFIG) --limit 8
-	$(BIN)/storyline verify --config $(CONFIG) --truth .data/demo-truth.json
-	@$(BIN)/storyline stories --config $(CONFIG) --format jsonl > .data/demo-stories.jsonl 2>/dev/null
+	@sleep $$($(BIN)/storyline config --config $(CONFIG) $(DEMO) | awk -F' = ' '$$1=="lag_ms"{print $$2/1000 + 0.5}')
+	$(BIN)/storyline run --config $(CONFIG) $(DEMO) --workers 2 --drain
+	$(BIN)/storyline status --config $(CONFIG) $(DEMO) | tail -n 1
+	$(BIN)/storyline stories --config $(CONFIG) $(DEMO) --limit 8
+	$(BIN)/storyline verify --config $(CONFIG) $(DEMO) --truth .data/demo-truth.json
+	@$(BIN)/storyline stories --config $(CONFIG) $(DEMO) --format jsonl > .data/demo-stories.jsonl 2>/dev/null
 	@echo "two fused stories (the most sources), then accuracy against the simulator's truth:"
 	@$(BIN)/python -m bench.accuracy --stories .data/demo-stories.jsonl --truth .data/demo-truth.json --show 2
 
