@@ -339,7 +339,7 @@ class StoryStage:
             st.stories[sid] = StoryMeta(
                 sid,
                 shard,
-                f"s{shard:04x}-{sid:016x}",
+                self._story_id(shard, sid),
                 bucket,
                 now,
                 events=n_new,
@@ -507,10 +507,6 @@ class StoryStage:
             await self._emit(bucket, due_all, now, records, provisional_all)
         # Leave the state: truncated stories now; emitted, quiet ones past the amend horizon.
         leaving: dict[int, list[int]] = {}
-        cuts: dict[int, list[tuple[int, str]]] = {}
-        big_all = [m for _, big, _ in active.values() for m in big]
-        if big_all:
-            cuts = self._seal(big_all, now)
         for shard, (st, big, gone) in active.items():
             gone += [m.key for m in self._pop_due(st, now)]  # emitted now with a zero horizon
             if big or gone:
@@ -518,8 +514,15 @@ class StoryStage:
                 self.counters.truncated += len(big)
                 self.counters.evicted += len(gone)
         if leaving:
-            marks = self._marks(leaving, cuts)
-            self._drop_rows(leaving)
+            # The leaving stories' rows, selected once for the cuts, the marks and the id sets.
+            mask = pl.col("story").is_in([k for ks in leaving.values() for k in ks])
+            rows = self.frame.filter(mask)
+            big_all = [m for _, big, _ in active.values() for m in big]
+            cuts = self._seal(rows, big_all, now) if big_all else {}
+            marks = self._marks(rows, leaving, cuts)
+            for shard, ids in rows.group_by("shard").agg(pl.col("id")).iter_rows():
+                self.shards[shard].ids.difference_update(ids)
+            self.frame = self.frame.filter(~mask)
             writes = []
             for shard, keys in leaving.items():
                 st = active[shard][0]
@@ -533,22 +536,12 @@ class StoryStage:
             if len(st.sealed_flows) > 64:
                 st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
 
-    def _drop_rows(self, keys: Mapping[int, list[int]]) -> None:
-        """The events of these stories (by shard) leave the state (frame and id sets)."""
-        flat = [k for ks in keys.values() for k in ks]
-        leaving = pl.col("story").is_in(flat)
-        gone = self.frame.filter(leaving).group_by("shard").agg(pl.col("id"))
-        for shard, ids in zip(gone["shard"].to_list(), gone["id"].to_list(), strict=True):
-            self.shards[shard].ids.difference_update(ids)
-        self.frame = self.frame.filter(~leaving)
-
+    @staticmethod
     def _marks(
-        self, keys: Mapping[int, list[int]], cuts: Mapping[int, list[tuple[int, str]]]
+        rows: pl.DataFrame, keys: Mapping[int, list[int]], cuts: Mapping[int, list[tuple[int, str]]]
     ) -> dict[int, list[bytes]]:
         """The stored form of the stories leaving the state (:class:`Marks`) per shard, in parts of
-        MARKS_PER_PART."""
-        flat = [k for ks in keys.values() for k in ks]
-        rows = self.frame.filter(pl.col("story").is_in(flat))
+        MARKS_PER_PART. ``rows``: the leaving stories' rows."""
         ranges = (
             rows.filter(pl.col("flow").is_not_null())
             .group_by("shard", "story", "flow")
@@ -574,13 +567,14 @@ class StoryStage:
             ]
         return out
 
-    def _seal(self, stories: list[StoryMeta], now: int) -> dict[int, list[tuple[int, str]]]:
+    def _seal(self, leaving: pl.DataFrame, stories: list[StoryMeta], now: int) -> dict[int, list[tuple[int, str]]]:
         """Truncated stories are final: their rows leave the state (memory stays bounded under a flood of one
         flow), and a story of their flow that starts within ``max_wait`` continues one (names it as
-        predecessor). Returns the cuts per shard: (flow, truncated story id)."""
+        predecessor). ``leaving``: the rows of every story leaving now. Returns the cuts per shard: (flow,
+        truncated story id)."""
         by_key = {m.key: m for m in stories}
         rows = (
-            self.frame.filter(pl.col("story").is_in(list(by_key)) & pl.col("flow").is_not_null())
+            leaving.filter(pl.col("story").is_in(list(by_key)) & pl.col("flow").is_not_null())
             .group_by("flow")
             .agg(pl.col("story").max())
             .sort("flow")
