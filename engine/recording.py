@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import msgspec
@@ -44,6 +44,9 @@ class RecordingStage:
 
     async def prepare_replay(self, shard: int, first: int, last: int) -> None:
         return None
+
+    def reset(self, shards: Sequence[int]) -> None:
+        return None  # nothing held: a bucket processed again after an error is recorded again
 
     async def drain(self, shard: int, bucket: int) -> None:
         return None

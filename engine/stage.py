@@ -74,6 +74,11 @@ class Stage(Protocol):
         """Called once before buckets ``[first, last]`` of a shard are replayed (``first`` = the committed
         ``replay_bucket``, ``last`` = ``read_bucket``): load what the replay needs besides the events."""
 
+    def reset(self, shards: Sequence[int]) -> None:
+        """Forget everything held for these shards. The worker calls it before it replays them: at start, and
+        after an error in the middle of ``on_buckets`` (which may have left their state half-updated, e.g.
+        stories marked emitted whose write failed) — it then rebuilds them from their committed offsets."""
+
     async def drain(self, shard: int, bucket: int) -> None:
         """Finalize everything still open for the shard (``run --drain``)."""
 
@@ -110,6 +115,9 @@ class CountingStage:
 
     async def prepare_replay(self, shard: int, first: int, last: int) -> None:
         return None
+
+    def reset(self, shards: Sequence[int]) -> None:
+        return None  # counts are not state: buckets processed again after an error are counted again
 
     async def drain(self, shard: int, bucket: int) -> None:
         return None

@@ -275,6 +275,7 @@ class Supervisor:
                     "cpu_percent": s.cpu,
                     "rss_bytes": s.rss,
                     "errors": s.metrics.get("errors", 0),
+                    "rebuilds": s.metrics.get("rebuilds", 0),
                 }
                 for s in self.slots
             ],
@@ -402,4 +403,10 @@ def prometheus(snap: dict[str, Any]) -> str:
         "# TYPE storyline_worker_restarts_total counter",
     ]
     lines += [f'storyline_worker_restarts_total{{worker="{w["worker"]}"}} {w["restarts"]}' for w in snap["workers"]]
+    for key, text in (
+        ("errors", "Transient database errors the worker retried (since its process started)."),
+        ("rebuilds", "Stage state rebuilt in-process from the committed offsets after an error mid-bucket."),
+    ):
+        lines += [f"# HELP storyline_worker_{key}_total {text}", f"# TYPE storyline_worker_{key}_total counter"]
+        lines += [f'storyline_worker_{key}_total{{worker="{w["worker"]}"}} {w[key]}' for w in snap["workers"]]
     return "\n".join(lines) + "\n"

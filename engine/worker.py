@@ -49,6 +49,7 @@ class ShardState:
     offset: Offset
     read: int  # consumed through (committed or about to be)
     committed_read: int
+    committed_replay: int  # the replay_bucket committed with committed_read
     last_commit_ms: int = 0
     fenced: bool = False
 
@@ -63,6 +64,7 @@ class WorkerStats:
     commits: int = 0
     errors: int = 0
     index_scans: int = 0
+    rebuilds: int = 0  # stage state rebuilt (replayed) in-process after an error mid-bucket
     undecodable: int = 0  # payloads that are not canonical events: skipped and counted
     started: float = field(default_factory=time.time)
     last_error: str = ""
@@ -97,6 +99,7 @@ class Worker:
         self.stats = WorkerStats()
         self._read_sem = asyncio.Semaphore(cfg.read_ahead)
         self._skew_at = 0
+        self._stage_suspect = False  # an error interrupted the stage mid-bucket: replay before going on
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
 
     # -- clock ---------------------------------------------------------------------------------------------
@@ -158,7 +161,9 @@ class Worker:
             self.stop.set()
             return
         for off in await self.store.claim_many(self.cfg.consumer, self.shards, self.owner, first):
-            self.state[off.shard] = ShardState(off.shard, off, off.read_bucket, off.read_bucket, self.clock.now_ms())
+            self.state[off.shard] = ShardState(
+                off.shard, off, off.read_bucket, off.read_bucket, off.replay_bucket, self.clock.now_ms()
+            )
             log.info(
                 "claimed shard %d epoch %d at bucket %d (replay from %d)",
                 off.shard,
@@ -168,24 +173,31 @@ class Worker:
             )
 
     async def replay(self) -> None:
-        """Rebuild the stage's state from each shard's ``replay_bucket`` through its ``read_bucket``: bucket by
-        bucket, every shard whose range holds the bucket in the same stage call."""
-        todo = [st for st in self.state.values() if st.offset.replay_bucket <= st.offset.read_bucket]
+        """Rebuild the stage's state of every live shard from its committed ``replay_bucket`` through its
+        committed ``read_bucket``: the stage forgets what it holds for them first (so a replay retried after an
+        error starts clean), then bucket by bucket, every shard whose range holds the bucket in the same stage
+        call. Reading resumes after the committed ``read_bucket``."""
+        live = [st for st in self.state.values() if not st.fenced]
+        self.stage.reset([st.shard for st in live])
+        self._stage_suspect = False
+        for st in live:
+            st.read = st.committed_read
+        todo = [st for st in live if st.committed_replay <= st.committed_read]
         if not todo:
             return
-        lo = min(st.offset.replay_bucket for st in todo)
-        hi = max(st.offset.read_bucket for st in todo)
+        lo = min(st.committed_replay for st in todo)
+        hi = max(st.committed_read for st in todo)
         hints = await self.store.scan_index([st.shard for st in todo], lo, hi)
         for st in todo:
-            await self.stage.prepare_replay(st.shard, st.offset.replay_bucket, st.offset.read_bucket)
+            await self.stage.prepare_replay(st.shard, st.committed_replay, st.committed_read)
         plan: dict[int, dict[int, BucketHint | None]] = {}
         for st in todo:
-            lo_s, hi_s = st.offset.replay_bucket, st.offset.read_bucket
+            lo_s, hi_s = st.committed_replay, st.committed_read
             for h in hints.get(st.shard, []):
                 if lo_s <= h.bucket <= hi_s:
                     plan.setdefault(h.bucket, {})[st.shard] = h
             plan.setdefault(hi_s, {}).setdefault(st.shard, None)  # replayed time reaches read_bucket
-        ranges = [(st.shard, st.offset.replay_bucket, st.offset.read_bucket) for st in todo]
+        ranges = [(st.shard, st.committed_replay, st.committed_read) for st in todo]
         await self._feed(plan, ranges, replay=True)
 
     async def _feed(
@@ -218,7 +230,13 @@ class Worker:
                     if hint is not None:
                         batches[s] = await futs.pop((b, s))
                         fill()
-                await self.stage.on_buckets(b, batches, replay=replay)
+                try:
+                    await self.stage.on_buckets(b, batches, replay=replay)
+                except BaseException:
+                    # The stage may be half-way through the bucket (e.g. stories marked emitted whose write
+                    # failed): its state is rebuilt from the committed offsets before anything else is fed.
+                    self._stage_suspect = True
+                    raise
                 if not replay:
                     for batch in batches.values():
                         self.stats.events += len(batch)
@@ -265,12 +283,13 @@ class Worker:
             Commit(st.shard, st.offset.epoch, st.read, self.stage.replay_bucket(st.shard, st.read)) for st in due
         ]
         refused = set(await self.store.commit_many(self.cfg.consumer, self.owner, commits))
-        for st in due:
+        for st, c in zip(due, commits, strict=True):
             if st.shard in refused:
                 st.fenced = True
                 log.error("shard %d: commit refused (another owner holds a newer epoch); giving it up", st.shard)
             else:
                 st.committed_read = st.read
+                st.committed_replay = c.replay_bucket
                 st.last_commit_ms = now
                 self.stats.commits += 1
 
@@ -363,6 +382,10 @@ class Worker:
                     log.error("supervisor is gone; stopping")
                     break
                 try:
+                    if self._stage_suspect:
+                        self.stats.rebuilds += 1
+                        log.warning("rebuilding the stage's state from the committed offsets after an error")
+                        await self.replay()
                     if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
                         await self.measure_skew()
                     progressed = await self.step()
@@ -407,6 +430,7 @@ class Worker:
             "bytes": self.stats.bytes,
             "commits": self.stats.commits,
             "errors": self.stats.errors,
+            "rebuilds": self.stats.rebuilds,
             "incomplete": self.stats.incomplete,
             "undecodable": self.stats.undecodable,
             "last_error": self.stats.last_error,

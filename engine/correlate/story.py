@@ -26,7 +26,7 @@ The same buckets in the same order give the same stories and revisions, however 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +175,14 @@ class StoryStage:
                     "left": pl.Series(left, dtype=pl.Int64),
                 }
             )
+
+    def reset(self, shards: Sequence[int]) -> None:
+        """Drop the shards' stories, their rows in the state frame and their replay marks (see Stage.reset)."""
+        gone = [s for s in shards if s in self.shards]
+        for s in gone:
+            del self.shards[s]
+        if gone:
+            self.frame = self.frame.filter(~pl.col("shard").is_in(gone))
 
     def metrics(self) -> dict[str, float]:
         return {f"stories_{k}": float(v) for k, v in vars(self.counters).items()}

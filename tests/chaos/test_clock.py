@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,9 @@ class Watch:
 
     async def prepare_replay(self, shard: int, first: int, last: int) -> None:
         await self.inner.prepare_replay(shard, first, last)
+
+    def reset(self, shards: Sequence[int]) -> None:
+        self.inner.reset(shards)
 
     async def drain(self, shard: int, bucket: int) -> None:
         await self.inner.drain(shard, bucket)

@@ -11,6 +11,7 @@ import msgspec
 
 from engine.config import Config, from_mapping
 from engine.correlate.story import StoryStage
+from engine.errors import TransientStoreError
 from engine.event import Event, encode
 from engine.flow import community_id, flow_identity
 from engine.stage import EMPTY, Batch
@@ -522,5 +523,93 @@ def test_shards_grouped_in_one_call_give_what_one_call_per_shard_gives(tmp_path:
         assert await records(crashed) == reference
         for r in (alone, together, sparse, crashed):
             await r.store.close()
+
+    arun(body())
+
+
+class TickingClock:
+    """Moves forward by ``tick_ms`` at every reading: the worker below runs through the script's buckets as fast
+    as it can, taking commits on the way, without waiting for the wall clock."""
+
+    def __init__(self, start_ms: int, tick_ms: int) -> None:
+        self.t = start_ms
+        self.tick = tick_ms
+
+    def now_ms(self) -> int:
+        self.t += self.tick
+        return self.t
+
+
+class FlakyWrites:
+    """Fault injection around the real store: the story writes numbered in ``stories`` write the first half of
+    their rows and then fail with a transient error; the marks writes numbered in ``marks`` fail outright."""
+
+    def __init__(self, store: Store, stories: set[int], marks: set[int]) -> None:
+        self.store = store
+        self.fail_stories, self.fail_marks = stories, marks
+        self.n_stories = self.n_marks = self.failed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def put_stories(self, rows: Any) -> None:
+        self.n_stories += 1
+        if self.n_stories in self.fail_stories:
+            self.failed += 1
+            await self.store.put_stories(rows[: len(rows) // 2])
+            raise TransientStoreError("injected: story write timed out half-way")
+        await self.store.put_stories(rows)
+
+    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Any) -> None:
+        self.n_marks += 1
+        if self.n_marks in self.fail_marks:
+            self.failed += 1
+            raise TransientStoreError("injected: marks write timed out")
+        await self.store.put_marks(consumer, shard, bucket, parts)
+
+
+def test_a_worker_rebuilds_the_stage_after_a_failed_write_and_loses_no_story(tmp_path: Path) -> None:
+    """A transient error in the middle of a bucket (a story write that half-happened, a marks write) leaves the
+    stage's state ahead of the store: stories marked emitted that are not stored. The worker must not go on from
+    that state: it rebuilds the stage from the committed offsets (replay) and carries on. Every row written then
+    equals an uninterrupted run's, failures during the rebuild's own replay included."""
+    from engine.event import shard_of
+    from engine.worker import Worker
+
+    knobs = {"max_story_events": 6, "amend_horizon_ms": 40_000}
+    first, last, end, shards = 100, 400, 470, 4
+    script = random_script(11, first, last)
+
+    async def run_worker(name: str, stories: set[int], marks: set[int]) -> tuple[list[tuple[Any, ...]], Any]:
+        r = Run(tmp_path / name, **knobs)
+        clock = TickingClock(90_000, 300)
+        r.store = make_store(r.cfg, clock)
+        await r.start()
+        for b, evs in script.items():
+            for e in evs:
+                await r.store.append(shard_of(e, shards), b, [EventRecord(e.id, encode(e))])
+        flaky = FlakyWrites(make_store(r.cfg, clock), stories, marks)
+        stage = StoryStage(r.cfg, flaky)  # type: ignore[arg-type]
+        w = Worker(r.cfg, range(shards), stage, owner="w", clock=clock, until_bucket=end, store=flaky, check_skew=False)  # type: ignore[arg-type]
+
+        async def no_wait() -> None:
+            await asyncio.sleep(0)
+
+        w._sleep_until_next_bucket = no_wait  # type: ignore[method-assign]  # the ticking clock is the time
+        assert await w.run() == 0
+        assert flaky.failed == len(stories) + len(marks)
+        rows = await records(r)
+        await r.store.close()
+        return rows, w.stats
+
+    async def body() -> None:
+        reference, stats = await run_worker("whole", set(), set())
+        assert stats.commits > 20 and stats.rebuilds == 0
+        assert {r[0][:5] for r in reference} == {f"s{s:04x}" for s in range(shards)}
+        # failures early, late, back to back (the second lands in the rebuild's replay), and in marks writes
+        for stories, marks in (({3}, set()), ({40, 41}, {7}), ({90}, {25, 26})):
+            rows, stats = await run_worker(f"flaky-{min(stories)}", stories, marks)
+            assert stats.rebuilds >= 1 and stats.errors == len(stories) + len(marks)
+            assert rows == reference, (stories, marks)
 
     arun(body())
