@@ -1,10 +1,13 @@
-"""``python -m bench.pipeline``: Storyline end to end with producers and consumers running together.
+"""``python -m bench.pipeline [EVENTS] [STAGES]``: Storyline end to end with producers and consumers running together.
 
 The simulator's events (parsed beforehand, not timed) are written by the producer as fast as it goes while
-``storyline run --workers N`` (supervisor + worker processes, the story builder) consumes the same tenant on the
-CQL node (configs/bench.toml windows). Throughput = events / (first write → every shard's committed
-``read_bucket`` past the last written bucket, i.e. every event linked into a story and the offsets durable).
-The same definition is used for the peers (bench/peers): data in, durable, correlated.
+``storyline run --workers N --stage S`` (supervisor + worker processes) consumes the same tenant on the CQL node
+(configs/bench.toml windows). Run once per stage on the same events: ``stories`` (the story builder: linked,
+fused stories written) and ``count`` (consume only: every record read back and decoded, nothing built — what the
+Kafka peer's consumers do). Throughput = events / (first write → every shard's committed ``read_bucket`` past
+the last written bucket: every event processed by the stage — with ``stories``, linked into a story whose fused
+form is stored — and the offsets durable). The peers (bench/peers) use the same definition: data in, durable,
+processed. The figure includes the fixed ``lag_ms`` (3 s) and up to one ``commit_interval_ms``.
 """
 
 from __future__ import annotations
@@ -41,11 +44,23 @@ def schema(cfg: Config, *, create: bool) -> None:
     asyncio.run(go())
 
 
-def start_engine(sets: list[str], workers: int) -> subprocess.Popen[bytes]:
-    """``storyline run --config configs/bench.toml --set ... --workers N`` as a child process."""
+def start_engine(sets: list[str], workers: int, stage: str = "stories") -> subprocess.Popen[bytes]:
+    """``storyline run --config configs/bench.toml --set ... --workers N --stage S`` as a child process."""
     set_args = [a for kv in sets for a in ("--set", kv)]
     return subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-        [sys.executable, "-m", "engine.cli", "run", "--config", str(CONFIG), *set_args, "--workers", str(workers)],
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "run",
+            "--config",
+            str(CONFIG),
+            *set_args,
+            "--workers",
+            str(workers),
+            "--stage",
+            stage,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -59,16 +74,12 @@ def stop_engine(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any]:
+def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
     tenant = f"pipe_{uuid.uuid4().hex[:8]}"
     sets = [f"tenant={tenant}", "consumer=pipe"]
     cfg = load(CONFIG, sets)
-    sim, _ = generate(Scenario(events=events, seed=seed, start_s=time.time() - 3_600, span_s=600))
-    now_ms = int(time.time() * 1000)
-    parsed = [parse_line(e.line, cfg, now_ms) for e in sim]
-
     schema(cfg, create=True)
-    proc = start_engine(sets, workers)
+    proc = start_engine(sets, workers, stage)
 
     async def body() -> tuple[float, float]:
         store = make_store(cfg)
@@ -81,13 +92,13 @@ def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any
                 await producer.write(parsed[i : i + 2_000])
             t_ingest = time.perf_counter() - t0
             last_bucket = int(time.time() * 1000) // cfg.bucket_ms
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
                 offsets = await store.read_offsets(cfg.consumer, list(range(cfg.shards)))
                 if len(offsets) == cfg.shards and all(o.read_bucket >= last_bucket for o in offsets):
                     return t_ingest, time.perf_counter() - t0
                 await asyncio.sleep(0.2)
-            raise SystemExit("bench pipeline: the engine did not catch up within 10 minutes")
+            raise SystemExit("bench pipeline: the engine did not catch up within 15 minutes")
         finally:
             await store.close()
 
@@ -97,17 +108,34 @@ def run(events: int = 200_000, workers: int = 2, seed: int = 1) -> dict[str, Any
     finally:
         stop_engine(proc)
     schema(cfg, create=False)
+    n = len(parsed)
     return {
-        "events": len(parsed),
+        "events": n,
         "workers": workers,
+        "stage": stage,
         "ingest_seconds": t_ingest,
         "total_seconds": t_total,
-        "ingest_events_per_s": len(parsed) / t_ingest,
-        "storyline_events_per_s": len(parsed) / t_total,
+        "ingest_events_per_s": n / t_ingest,
+        "storyline_events_per_s": n / t_total,
         "includes_lag_s": cfg.lag_ms / 1000,
+        "storyline_sustained_events_per_s": n / max(t_total - cfg.lag_ms / 1000, 1e-9),
     }
 
 
+def run(
+    events: int = 1_000_000, workers: int = 2, seed: int = 1, stages: tuple[str, ...] = ("stories", "count")
+) -> dict[str, dict[str, Any]]:
+    """The pipeline once per stage (``stories``: the story builder; ``count``: consume only, the like-for-like
+    figure for the Kafka peer, whose consumers deliver records without building stories), on the same events."""
+    cfg = load(CONFIG)
+    sim, _ = generate(Scenario(events=events, seed=seed, start_s=time.time() - 3_600, span_s=600))
+    now_ms = int(time.time() * 1000)
+    parsed = [parse_line(e.line, cfg, now_ms) for e in sim]
+    del sim
+    return {stage: _one(parsed, workers, stage) for stage in stages}
+
+
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
-    print(json.dumps(run(n), indent=1))
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    stages = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else ("stories", "count")
+    print(json.dumps(run(n, stages=stages), indent=1))

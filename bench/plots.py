@@ -32,14 +32,19 @@ def plot_all(results: dict[str, Any], stem: Path) -> list[Path]:
 
     # Throughput per design: end-to-end pipeline events/s (producers and consumers running together).
     designs = [
-        ("Storyline (CQL as queue)", _get(results, "pipeline", "storyline_events_per_s")),
-        ("PostgreSQL + SQL job", _get(results, "peer_postgres", "pipeline_events_per_s")),
-        ("CQL + Kafka keys", _get(results, "peer_kafka", "pipeline_events_per_s")),
+        ("Storyline, stories", _get(results, "pipeline", "storyline_events_per_s")),
+        ("PostgreSQL + SQL job, stories", _get(results, "peer_postgres", "pipeline_events_per_s")),
+        ("Storyline, consume only", _get(results, "pipeline_count", "storyline_events_per_s")),
+        ("CQL + Kafka keys, consume only", _get(results, "peer_kafka", "pipeline_events_per_s")),
     ]
     shown = [(n, v) for n, v in designs if v is not None]
     missing = [n for n, v in designs if v is None]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh([n for n, _ in shown], [v for _, v in shown], color=["#2b6cb0", "#718096", "#a0aec0"][: len(shown)])
+    ax.barh(
+        [n for n, _ in shown],
+        [v for _, v in shown],
+        color=["#2b6cb0" if n.startswith("Storyline") else "#a0aec0" for n, _ in shown],
+    )
     for i, (_, v) in enumerate(shown):
         ax.text(v, i, f" {v:,.0f}", va="center")
     ax.set_xlabel("events/s, ingest and consume concurrently (same data, same machine)")

@@ -4,7 +4,9 @@ Producers write each event record durably to the CQL store (``Store.append``: th
 row + UNLOGGED single-partition batches, at ``store.consistency``), and only then publish the event's *key*
 (``shard:bucket:event_id``, i.e. the event id and its CQL partition) to an Apache Kafka topic. Consumers fetch
 keys from Kafka in batches and read the records back from CQL by key, in batches (one ``SELECT … WHERE shard = ?
-AND bucket = ? AND event_id IN ?`` per partition and up to ``IN_KEYS`` keys), then decode them. That is the cost
+AND bucket = ? AND event_id IN ?`` per partition and up to ``IN_KEYS`` keys), then decode them (the linking
+view, :class:`engine.event.EventView`, with one reused decoder: what Storyline's worker decodes of every record
+before its stage; the full event is decoded only for stories being emitted). That is the cost
 of the design: one queue plus a by-key lookup, against Storyline's one table read in whole partitions.
 
 * Kafka: one KRaft broker (``db/kafka-node``: org.apache.kafka:kafka_2.13 from Maven Central on Java 17),
@@ -64,7 +66,7 @@ from typing import Any
 import msgspec
 
 from engine.config import Config, from_mapping, load
-from engine.event import decode, encode, parse_line, shard_of
+from engine.event import EventView, encode, parse_line, shard_of
 from engine.simulate import Scenario, generate
 from engine.store import EventRecord, Store, make_store
 from engine.store.cql import CqlStore
@@ -87,6 +89,7 @@ IN_KEYS = 100  # keys per by-key CQL query (one partition each)
 LOOKUPS_IN_FLIGHT = 32  # by-key queries in flight
 BATCHES_IN_FLIGHT = 4  # fetched key batches being looked up at once (offsets still committed in order)
 PHASE_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 600.0  # a role's start-up (data file loaded, clients connected); 1M events took ~10 s alone
 
 PRODUCER_CONF: dict[str, Any] = {
     "bootstrap.servers": BOOTSTRAP,
@@ -302,6 +305,7 @@ async def _consume(
     from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
     cfg = from_mapping(tree)
+    decode = msgspec.msgpack.Decoder(EventView).decode
     store = make_store(cfg)
     if not isinstance(store, CqlStore):
         raise SystemExit("the Kafka peer needs the CQL store")
@@ -330,7 +334,7 @@ async def _consume(
             for r in rows:
                 if r["chunk"] != 0 or (r["chunks"] or 1) != 1:
                     raise SystemExit("kafka peer: chunked events are not expected here")
-                ev = decode(r["payload"])
+                ev = decode(r["payload"])  # the linking view, as Storyline's worker decodes every record
                 if ev.id not in wanted:
                     raise SystemExit(f"kafka peer: unexpected event {ev.id}")
                 stats["bytes"] += len(r["payload"])
@@ -459,8 +463,8 @@ def _phase(
     results: dict[str, dict[str, Any]] = {}
     try:
         for _, ready in procs:
-            if not ready.wait(120):
-                raise SystemExit("kafka peer: a role did not get ready within 120 s")
+            if not ready.wait(READY_TIMEOUT_S):
+                raise SystemExit(f"kafka peer: a role did not get ready within {READY_TIMEOUT_S:g} s")
         go.set()
         for _ in roles:
             role, res = out.get(timeout=PHASE_TIMEOUT_S + 60)
