@@ -55,7 +55,7 @@ unit: install ## the fast tier only: no database server
 lint: install ## ruff (lint + format check) and mypy --strict
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict engine bench
+	$(BIN)/mypy --strict engine bench tests
 
 bench: install ## benchmarks against the embedded store and the local CQL node (started if needed)
 	db/cql-node up

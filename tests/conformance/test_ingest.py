@@ -234,16 +234,16 @@ def test_transient_failures_are_retried_and_permanent_ones_name_the_events(make_
         store = await opened(cfg)
         try:
             flaky = Flaky(store, 2, TransientStoreError("timeout"))
-            report = await Producer(flaky, cfg).write(events)  # type: ignore[arg-type]
+            report = await Producer(flaky, cfg).write(events)
             assert report.events == len(events) and flaky.calls == 3
             broken = Flaky(store, 10**6, StoreError("unauthorized"))
             with pytest.raises(ProducerError) as info:
-                await Producer(broken, cfg).write(events)  # type: ignore[arg-type]
+                await Producer(broken, cfg).write(events)
             assert {e.id for e in info.value.failed} == {e.id for e in events}
             assert not info.value.retriable
             gone = Flaky(store, 10**6, TransientStoreError("unavailable"))
             with pytest.raises(ProducerError) as info2:
-                await Producer(gone, cfg).write(events)  # type: ignore[arg-type]
+                await Producer(gone, cfg).write(events)
             assert info2.value.retriable and gone.calls == cfg.ingest.max_attempts
         finally:
             await store.close()

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -254,7 +254,7 @@ def test_worker_retries_transient_errors_without_moving_past_a_failed_bucket(mak
             stage = CountingStage()
             stage.keep_ids = True
             inner = make_store(cfg, clock)
-            w = Worker(cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False)  # type: ignore[arg-type]
+            w = Worker(cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False)
             await w.store.open()
             await w.measure_skew()
             await w.claim_all()
@@ -345,7 +345,7 @@ def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
 
 
 def recorded(directory: Path) -> list[str]:
-    return [i for r in read_records(str(directory)) for i in r["ids"]]  # type: ignore[union-attr]
+    return [i for r in read_records(str(directory)) for i in cast(list[str], r["ids"])]
 
 
 def worker_pids(proc: subprocess.Popen[str]) -> list[int]:

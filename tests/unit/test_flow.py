@@ -411,7 +411,7 @@ def test_pack_and_unpack_ip() -> None:
 )
 def test_malformed_flows_raise_input_error(args: tuple[object, ...], field: str) -> None:
     with pytest.raises(InputError, match=rf"^{field}:"):
-        community_id(*args)  # type: ignore[arg-type]
+        community_id(*args)
     with pytest.raises(InputError, match=rf"^{field}:"):
         flow_key(*args)  # type: ignore[arg-type]
 
@@ -419,7 +419,7 @@ def test_malformed_flows_raise_input_error(args: tuple[object, ...], field: str)
 @pytest.mark.parametrize("seed", [-1, 65536, True, "1"])
 def test_bad_seed(seed: object) -> None:
     with pytest.raises(InputError, match=r"^seed:"):
-        community_id("tcp", "1.2.3.4", 1, "5.6.7.8", 2, seed=seed)  # type: ignore[arg-type]
+        community_id("tcp", "1.2.3.4", 1, "5.6.7.8", 2, seed=seed)
 
 
 def test_max_seed_is_accepted() -> None:

@@ -589,8 +589,8 @@ def test_a_worker_rebuilds_the_stage_after_a_failed_write_and_loses_no_story(tmp
             for e in evs:
                 await r.store.append(shard_of(e, shards), b, [EventRecord(e.id, encode(e))])
         flaky = FlakyWrites(make_store(r.cfg, clock), stories, marks)
-        stage = StoryStage(r.cfg, flaky)  # type: ignore[arg-type]
-        w = Worker(r.cfg, range(shards), stage, owner="w", clock=clock, until_bucket=end, store=flaky, check_skew=False)  # type: ignore[arg-type]
+        stage = StoryStage(r.cfg, flaky)
+        w = Worker(r.cfg, range(shards), stage, owner="w", clock=clock, until_bucket=end, store=flaky, check_skew=False)
 
         async def no_wait() -> None:
             await asyncio.sleep(0)
