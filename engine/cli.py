@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    if any(item.partition("=")[0].strip() == "store.password" for item in args.overrides):
+        print(
+            "storyline: warning: --set store.password=... can be read by any user of this host in the process list; "
+            "put the password in a file only you can read and use store.password_file",
+            file=sys.stderr,
+        )
     return load(args.config, args.overrides)
 
 

@@ -82,6 +82,9 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     serial_consistency: SerialConsistency = "LOCAL_SERIAL"
     username: str | None = None
     password: str | None = None
+    # A file holding the password (its first line): read when the config is loaded, into ``password``. Use it
+    # instead of ``--set store.password=...``, which any user on the host can read in the process list.
+    password_file: str | None = None
     tls_ca_file: str | None = None
     # Paging and batching. A page holds at most page_rows rows and about page_bytes bytes.
     page_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5_000
@@ -102,9 +105,11 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             host, sep, port = cp.rpartition(":")
             if not sep or not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
                 raise ConfigError("store.contact_points", f"{cp!r} must be host:port")
-        if (self.username is None) != (self.password is None):
+        if self.password is not None and self.password_file is not None:
+            raise ConfigError("store.password_file", "set store.password or store.password_file, not both")
+        if (self.username is None) != (self.password is None and self.password_file is None):
             raise ConfigError(
-                "store.password" if self.password is None else "store.username", "username and password go together"
+                "store.password" if self.username is not None else "store.username", "username and password go together"
             )
         if self.retry_max_ms < self.retry_base_ms:
             raise ConfigError("store.retry_max_ms", "must be >= store.retry_base_ms")
@@ -321,7 +326,28 @@ def from_mapping(tree: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     if cfg.store.tls_ca_file is not None and not os.path.isabs(cfg.store.tls_ca_file):
         ca = str((base_dir or Path.cwd()) / cfg.store.tls_ca_file)
         cfg = msgspec.structs.replace(cfg, store=msgspec.structs.replace(cfg.store, tls_ca_file=ca))
+    if cfg.store.password_file is not None:
+        password = _read_password((base_dir or Path.cwd()) / cfg.store.password_file)
+        cfg = msgspec.structs.replace(
+            cfg, store=msgspec.structs.replace(cfg.store, password=password, password_file=None)
+        )
     return cfg
+
+
+def _read_password(path: Path) -> str:
+    """The first line of ``path``, without its line end; never echoed in errors."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("store.password_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("store.password_file", f"{path} is not UTF-8 text") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ConfigError("store.password_file", f"{path} is empty (the password is its first line)")
+    return password
 
 
 def load(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:

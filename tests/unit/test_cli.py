@@ -27,6 +27,20 @@ def test_missing_config_file_exits_2(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_a_password_on_the_command_line_is_warned_about_and_never_printed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["--set", "tenant=pw", "--set", "store.backend=cql", "--set", "store.username=u"]
+    assert main(["config", *args, "--set", "store.password=hunter2-secret"]) == 0
+    out, err = capsys.readouterr()
+    assert "store.password_file" in err and "process list" in err
+    assert "hunter2" not in out + err
+    (tmp_path / "pw").write_text("hunter2-secret\n")
+    assert main(["config", *args, "--set", f"store.password_file={tmp_path / 'pw'}"]) == 0
+    out, err = capsys.readouterr()
+    assert "process list" not in err and "hunter2" not in out + err and "password" in out
+
+
 def test_init_and_selftest_on_embedded_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     db = tmp_path / "x.db"
     args = ["--set", "tenant=clitest", "--set", f"store.path={db}"]

@@ -158,3 +158,34 @@ def test_a_mistyped_set_item_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as err:
         parse_override("store.password:hunter2-secret")
     assert "hunter2" not in str(err.value) and err.value.key == "--set"
+
+
+def test_password_file_is_read_at_load_and_never_shown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw").write_text("s3cret-pw\nignored second line\n")
+    monkeypatch.chdir(tmp_path)
+    c = load(None, ["tenant=acme", "store.backend=cql", "store.username=u", "store.password_file=pw"])
+    assert c.store.password == "s3cret-pw" and c.store.password_file is None  # relative to the cwd, first line
+    assert "s3cret-pw" not in repr(c)
+    import msgspec
+
+    assert from_mapping(msgspec.to_builtins(c)).store.password == "s3cret-pw"  # what workers are given
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ({"username": "u", "password": "a", "password_file": "pw"}, "not both"),
+        ({"username": "u", "password_file": "missing"}, "cannot read"),
+        ({"username": "u", "password_file": "empty"}, "is empty"),
+        ({"password_file": "pw"}, "username and password go together"),
+    ],
+)
+def test_password_file_errors_name_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: dict[str, str], message: str
+) -> None:
+    (tmp_path / "pw").write_text("s3cret-pw\n")
+    (tmp_path / "empty").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message) as info:
+        from_mapping({"tenant": "acme", "store": {"backend": "cql", **store}})
+    assert info.value.key in ("store.password_file", "store.username") and "s3cret" not in str(info.value)
