@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -56,6 +57,9 @@ class Slot:
     finished: bool = False
     given_up: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The worker's own metrics queue, new at every start: a worker killed while writing to a queue can leave it
+    # corrupted (a half-written message, its write lock held), and that must not cut off the other workers' metrics.
+    queue: Any = None
     ps: psutil.Process | None = None
     cpu: float = 0.0
     rss: int = 0
@@ -155,7 +159,6 @@ class Supervisor:
         self.out = out if out is not None else sys.stdout  # at call time: sys.stdout may have been replaced
         self.log_level = log_level
         self.ctx = mp.get_context("spawn")
-        self.metrics_q: Any = self.ctx.Queue()
         self.slots = [Slot(i, list(r)) for i, r in enumerate(split(owned, workers))]
         self.stopping = False
         self.stop_deadline = 0.0
@@ -171,6 +174,9 @@ class Supervisor:
     def _start(self, slot: Slot) -> None:
         slot.owner = f"{self.instance}:w{slot.index}:{slot.restarts}"
         tree = msgspec.to_builtins(self.cfg)
+        if slot.queue is not None:
+            slot.queue.close()  # the previous process's queue (drained when it exited)
+        slot.queue = self.ctx.Queue()
         proc = self.ctx.Process(
             target=worker_process,
             args=(
@@ -179,7 +185,7 @@ class Supervisor:
                 slot.owner,
                 self.until_bucket,
                 self.drain,
-                self.metrics_q,
+                slot.queue,
                 os.getpid(),
                 self.record_dir,
                 self.log_level,
@@ -210,6 +216,7 @@ class Supervisor:
             return
         code = proc.exitcode
         proc.join(0)
+        self._drain_slot(slot)  # its last snapshot, before a restart replaces the queue
         slot.proc = None
         if code == 0 and (self.until_idle or self.stopping):
             slot.finished = True
@@ -238,14 +245,23 @@ class Supervisor:
 
     # -- metrics -------------------------------------------------------------------------------------------
     def _drain_metrics(self) -> None:
-        by_owner = {s.owner: s for s in self.slots}
+        for slot in self.slots:
+            self._drain_slot(slot)
+
+    @staticmethod
+    def _drain_slot(slot: Slot) -> None:
+        if slot.queue is None:
+            return
         while True:
             try:
-                m = self.metrics_q.get_nowait()
+                m = slot.queue.get_nowait()
             except queue.Empty:
                 return
-            slot = by_owner.get(m.get("owner", ""))
-            if slot is not None:
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # broken by its killed writer
+                log.warning("worker %d: metrics queue unreadable (%s); dropped", slot.index, exc)
+                slot.queue = None
+                return
+            if m.get("owner", "") == slot.owner:
                 slot.metrics = m
 
     def _sample(self) -> dict[str, Any]:
