@@ -73,8 +73,9 @@ class ShardState:
     # of the cut continues it (names it as predecessor)
     sealed_flows: dict[int, tuple[str, int]] = field(default_factory=dict)
     # When stories fall due, (ms, story key): emission (max_wait after the last event) or leaving the state
-    # (amend horizon after the last emission). An entry whose story is gone or now falls due at another time is
-    # stale and skipped when popped, so the top is a lower bound of the next due time.
+    # (amend horizon after the last emission). Every story has an entry at or before its due time (pushed when
+    # it is created, emitted, or amended; not at each event joining an open story): an early entry is moved to
+    # the due time when popped, so the top is a lower bound of the next due time.
     due: list[tuple[int, int]] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)  # stories events joined in the call being processed
     open: int = 0  # stories with events not yet emitted final (dirty)
@@ -233,16 +234,26 @@ class StoryStage:
         return None if m.emitted_ms is None else m.emitted_ms + self.c.amend_horizon_ms
 
     def _pop_due(self, st: ShardState, now: int) -> list[StoryMeta]:
-        """The stories whose current due time is at or before ``now``, in due order (stale entries dropped)."""
+        """The stories whose current due time is at or before ``now``, in due order. Every story has an entry at
+        or before its due time (entries are lower bounds): an entry found early is pushed again at the story's
+        due time (popped again in this call if that is also at or before ``now``, so the order holds); entries of
+        stories gone, or superseded by an earlier one, are dropped."""
         out: list[StoryMeta] = []
         seen: set[int] = set()
         heap = st.due
         while heap and heap[0][0] <= now:
             at, key = heapq.heappop(heap)
             m = st.stories.get(key)
-            if m is not None and key not in seen and self._due_ms(m) == at:
-                seen.add(key)
-                out.append(m)
+            if m is None or key in seen:
+                continue
+            due = self._due_ms(m)
+            if due is None or due < at:
+                continue
+            if due > at:
+                heapq.heappush(heap, (due, key))
+                continue
+            seen.add(key)
+            out.append(m)
         return out
 
     async def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
@@ -393,8 +404,10 @@ class StoryStage:
                     self.counters.amended += 1
                 meta.dirty = True
                 st.open += 1
+                # due earlier than its entry (the end of the horizon): a new entry. While dirty, its due time only
+                # moves later, and the entry it has (a lower bound) is moved when popped (_pop_due).
+                heapq.heappush(st.due, (now + self.c.max_wait_ms, sid))
             st.changed.add(sid)
-            heapq.heappush(st.due, (now + self.c.max_wait_ms, sid))
             comps.append(comp)
             sids.append(sid)
         assigned = (
