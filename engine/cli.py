@@ -134,13 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    if any(item.partition("=")[0].strip() == "store.password" for item in args.overrides):
+    config = load(args.config, args.overrides)  # a config error is reported alone, without the warning below
+    if any(key.strip() == "store.password" and sep for key, sep, _ in (i.partition("=") for i in args.overrides)):
         print(
             "storyline: warning: --set store.password=... can be read by any user of this host in the process list; "
             "put the password in a file only you can read and use store.password_file",
             file=sys.stderr,
         )
-    return load(args.config, args.overrides)
+    return config
 
 
 async def _with_store(cfg: Config) -> Store:

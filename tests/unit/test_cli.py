@@ -39,6 +39,11 @@ def test_a_password_on_the_command_line_is_warned_about_and_never_printed(
     assert main(["config", *args, "--set", f"store.password_file={tmp_path / 'pw'}"]) == 0
     out, err = capsys.readouterr()
     assert "process list" not in err and "hunter2" not in out + err and "password" in out
+    # a malformed item, or any config error: the error alone, exit 2 (found by the CLI fuzz test)
+    assert main(["config", *args, "--set", "store.password"]) == 2
+    assert capsys.readouterr().err.startswith("storyline: config error: --set:")
+    assert main(["config", *args, "--set", "store.password=x", "--set", "shards=-1"]) == 2
+    assert capsys.readouterr().err.startswith("storyline: config error: shards")
 
 
 def test_init_and_selftest_on_embedded_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
