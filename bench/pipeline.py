@@ -21,6 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from engine.config import Config, load
 from engine.event import parse_line
 from engine.ingest import Producer
@@ -74,23 +76,51 @@ def stop_engine(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
+def _cql_node() -> psutil.Process | None:
+    """The local CQL node's JVM, to account its CPU (None when it is not on this host)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if "org.apache.cassandra.service.CassandraDaemon" in (proc.info["cmdline"] or []):
+            return proc
+    return None
+
+
+def _cpu(proc: psutil.Process | None) -> float | None:
+    """User + system CPU seconds of a process, None when it is not on this host or has gone."""
+    try:
+        t = proc.cpu_times() if proc is not None else None
+    except psutil.Error:
+        return None
+    return None if t is None else float(t.user + t.system)
+
+
+def _children_cpu() -> float:
+    """CPU of this process's finished children (and theirs, as each waited for its own): the engine's processes."""
+    t = psutil.Process().cpu_times()
+    return float(t.children_user + t.children_system)
+
+
 def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
     tenant = f"pipe_{uuid.uuid4().hex[:8]}"
     sets = [f"tenant={tenant}", "consumer=pipe"]
     cfg = load(CONFIG, sets)
     schema(cfg, create=True)
+    node = _cql_node()
+    cpu0 = (_cpu(node), _children_cpu())
     proc = start_engine(sets, workers, stage)
+    producer_cpu = 0.0
 
     async def body() -> tuple[float, float]:
+        nonlocal producer_cpu
         store = make_store(cfg)
         await store.open()
         try:
             producer = Producer(store, cfg)
             await producer.check_clock()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for i in range(0, len(parsed), 2_000):
                 await producer.write(parsed[i : i + 2_000])
             t_ingest = time.perf_counter() - t0
+            producer_cpu = time.process_time() - c0
             last_bucket = int(time.time() * 1000) // cfg.bucket_ms
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
@@ -107,6 +137,9 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
         t_ingest, t_total = asyncio.run(body())
     finally:
         stop_engine(proc)
+        cql_end = _cpu(node)  # until the engine has stopped: its last commits included
+    cql_cpu = None if cql_end is None or cpu0[0] is None else cql_end - cpu0[0]
+    engine_cpu = _children_cpu() - cpu0[1]
     schema(cfg, create=False)
     n = len(parsed)
     return {
@@ -119,6 +152,13 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
         "storyline_events_per_s": n / t_total,
         "includes_lag_s": cfg.lag_ms / 1000,
         "storyline_sustained_events_per_s": n / max(t_total - cfg.lag_ms / 1000, 1e-9),
+        # CPU seconds over the run (2 cores, shared): where the time goes. The CQL node's figure also covers the
+        # few seconds between the last commit and the engine's stop.
+        "cpu_s": {"cql_node": cql_cpu, "engine": engine_cpu, "producer": producer_cpu},
+        "cpu_us_per_event": {
+            "cql_node": None if cql_cpu is None else cql_cpu / n * 1e6,
+            "engine": engine_cpu / n * 1e6,
+        },
     }
 
 

@@ -39,7 +39,7 @@ def plot_all(results: dict[str, Any], stem: Path) -> list[Path]:
     ]
     shown = [(n, v) for n, v in designs if v is not None]
     missing = [n for n, v in designs if v is None]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8.5, 3.5))
     ax.barh(
         [n for n, _ in shown],
         [v for _, v in shown],
