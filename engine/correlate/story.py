@@ -36,7 +36,7 @@ import xxhash
 
 from engine.config import Config
 from engine.stage import Batch
-from engine.store import Store, StoryRecord
+from engine.store import Store, StoryRecord, story_id
 
 from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, FusedStory, event_columns, fuse
 from .link import link
@@ -441,7 +441,7 @@ class StoryStage:
     @staticmethod
     def _story_id(shard: int, key: int) -> str:
         """The story id: the shard and the 64-bit hash of the story's smallest first event id (deterministic)."""
-        return f"s{shard:04x}-{key:016x}"
+        return story_id(shard, key)
 
     def _skip_ghosts(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> pl.DataFrame:
         """Replay: drop the events of stories that had left the state (see :meth:`prepare_replay`)."""

@@ -14,6 +14,8 @@ from engine.store.types import (
     Offset,
     PartitionPage,
     StoryRecord,
+    story_id,
+    story_id_shard,
 )
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "index_group",
     "index_slot",
     "make_store",
+    "story_id",
+    "story_id_shard",
 ]
 
 

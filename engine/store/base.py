@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
+from engine.config import Config
 from engine.store.types import (
     AppendResult,
     BucketHint,
@@ -37,7 +38,7 @@ from engine.store.types import (
     StoryRecord,
 )
 
-SCHEMA_VERSION = 2  # 2: stage_marks
+SCHEMA_VERSION = 3  # 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story)
 # Settings that fix how data is laid out: changing them on an existing tenant would misplace events.
 FIXED_SETTINGS = ("shards", "bucket_ms")
 
@@ -49,6 +50,12 @@ INDEX_SLOT_MS = 900_000
 def index_slot(bucket: int, bucket_ms: int) -> int:
     """The time part of a bucket's ``bucket_index`` partition: the 15-minute slot its start falls in."""
     return (bucket * bucket_ms) // INDEX_SLOT_MS
+
+
+def story_lookup_periods(now_ms: int, cfg: Config) -> tuple[int, int]:
+    """The periods a lookup by story id considers, ``[first, last]``: from ``ttl_ms`` ago to one index slot
+    ahead of ``now_ms`` (a worker on another host may run a little ahead of this clock)."""
+    return (now_ms - cfg.ttl_ms) // cfg.bucket_ms, (now_ms + INDEX_SLOT_MS) // cfg.bucket_ms
 
 
 def index_group(shard: int) -> int:
@@ -139,7 +146,11 @@ class Store(Protocol):
         """One ``(shard, period)`` partition in ``(story_id, revision)`` order, paged."""
 
     async def get_story(self, story_id: str) -> StoryRecord | None:
-        """The latest stored revision of a story (``None``: unknown or expired)."""
+        """The latest stored revision of a story: the one of the latest ``period``, then the latest
+        ``emitted_ms``, then the highest revision (a story built again after it left the state restarts at
+        revision 1 in a later period). Found when ``story_id`` names the shard it is stored under
+        (:func:`engine.store.types.story_id`, as the story builder makes ids) and that period began less than
+        ``ttl_ms`` ago. ``None``: unknown or expired."""
 
     def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
         """Every stored story revision, paged, in no particular order."""

@@ -21,7 +21,7 @@ from scyllapy.extra_types import BigInt, Unset
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError
-from engine.store.base import SCHEMA_VERSION, index_group, index_slot
+from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -48,6 +48,7 @@ from engine.store.types import (
     Offset,
     PartitionPage,
     StoryRecord,
+    story_id_shard,
 )
 
 T = TypeVar("T")
@@ -175,10 +176,15 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
             f"PRIMARY KEY ((shard, period), story_id, revision)) "
             f"WITH CLUSTERING ORDER BY (story_id ASC, revision ASC) AND {twcs}"
         ),
-        # The lookup by story id: where each revision of a story is (its stories partition).
-        "story_ids": (
-            f"CREATE TABLE IF NOT EXISTS {ks}.story_ids (story_id text, revision int, shard int, period bigint, "
-            f"PRIMARY KEY ((story_id), revision)) WITH CLUSTERING ORDER BY (revision DESC) AND {twcs}"
+        # The lookup by story id: where each revision of a story is (its stories partition). The id names the
+        # shard, so the pointers of one emission share a partition per (shard, 15-minute slot of the period)
+        # and are one single-partition batch; a lookup reads the slots newest first (see get_story).
+        # (Schema 2 had story_ids, one partition per story: a tiny partition write per revision, ~30 % of the
+        # node's CPU in a story run; left in place on upgrade and still read by get_story until it expires.)
+        "story_index": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.story_index (shard int, slot bigint, story_id text, revision int, "
+            f"period bigint, emitted_ms bigint, PRIMARY KEY ((shard, slot), story_id, revision)) "
+            f"WITH CLUSTERING ORDER BY (story_id ASC, revision ASC) AND {twcs}"
         ),
         # What a stage needs to replay correctly (see Store.put_marks); 15-minute slots like bucket_index.
         "stage_marks": (
@@ -193,7 +199,8 @@ def _table_ddl(cfg: Config) -> dict[str, str]:
     }
 
 
-_TTL_TABLES = ("events", "bucket_index", "stories", "story_ids", "stage_marks")
+_TTL_TABLES = ("events", "bucket_index", "stories", "story_index", "stage_marks")
+_LOOKUP_SLOTS_AT_ONCE = 16  # story_index slots a lookup reads concurrently, newest first
 
 
 class CqlStore:
@@ -209,6 +216,7 @@ class CqlStore:
         self._db: Scylla | None = None
         self._sem = asyncio.Semaphore(cfg.store.max_in_flight)
         self._prepared: dict[str, PreparedQuery] = {}
+        self._legacy_ids: bool | None = None  # a schema 2 story_ids table exists (read once, on a lookup miss)
         self._worst_row = 1 << size_class(cfg.chunk_bytes + 1024 + ROW_OVERHEAD)
         self._row_estimate = float(self._worst_row)
         self._consistency = _CONSISTENCY[cfg.store.consistency]
@@ -810,12 +818,15 @@ class CqlStore:
             f"INSERT INTO {self.ks}.stories (shard, period, story_id, revision, final, merged_into, emitted_ms, body) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
-        by_id = f"INSERT INTO {self.ks}.story_ids (story_id, revision, shard, period) VALUES (?, ?, ?, ?)"
+        by_id = (
+            f"INSERT INTO {self.ks}.story_index (shard, slot, story_id, revision, period, emitted_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?)"
+        )
         prepared = await self._prep("story_insert", cql)
         prepared_id = await self._prep("story_id_insert", by_id)
         limit = self.cfg.store.batch_bytes
         # Revisions of one (shard, period) partition go together in single-partition UNLOGGED batches of at most
-        # store.batch_bytes (one emission writes one partition); then each story's pointer in story_ids, so a
+        # store.batch_bytes (one emission writes one partition); then their pointers in story_index, so a
         # lookup never finds a pointer to a missing row.
         chunks: list[list[StoryRecord]] = []
         parts: dict[tuple[int, int], list[StoryRecord]] = {}
@@ -849,32 +860,63 @@ class CqlStore:
             ]
 
             await self._write_rows(what, prepared, params)
-            # The pointers: tiny rows of different partitions, 100 per UNLOGGED batch (one round trip instead of
-            # 100; the coordinator fans them out — a multi-partition batch, acceptable for rows this small).
-            for i in range(0, len(chunk), 100):
-                ptr = [[r.story_id, r.revision, r.shard, BigInt(r.period)] for r in chunk[i : i + 100]]
-                await self._write_rows("write story ids", prepared_id, ptr)
+            # The pointers: one (shard, slot) partition, a single-partition batch far smaller than the rows'.
+            slot = BigInt(index_slot(chunk[0].period, self.cfg.bucket_ms))
+            ptr = [[r.shard, slot, r.story_id, r.revision, BigInt(r.period), BigInt(r.emitted_ms)] for r in chunk]
+            await self._write_rows(f"write story index ({chunk[0].shard}, {chunk[0].period})", prepared_id, ptr)
 
         await run_all(one_chunk(c) for c in chunks)
 
     async def get_story(self, story_id: str) -> StoryRecord | None:
-        if not story_id:
-            return None  # never a story id (and an empty partition key is an error in CQL)
-        where = f"SELECT revision, shard, period FROM {self.ks}.story_ids WHERE story_id = ? LIMIT 1"
-        rows = await self._exec("read story id", "story_id_latest", where, [story_id])
-        if not rows:
+        shard = story_id_shard(story_id)
+        if shard is None:
             return None
-        r = rows[0]
+        # The slots of the periods a lookup considers, newest first, a few at a time: the first slot holding
+        # the story holds its latest period.
+        first, last = story_lookup_periods(self.clock.now_ms(), self.cfg)
+        newest, oldest = index_slot(last, self.cfg.bucket_ms), index_slot(first, self.cfg.bucket_ms)
+        cql = (
+            f"SELECT revision, period, emitted_ms FROM {self.ks}.story_index "
+            f"WHERE shard = ? AND slot = ? AND story_id = ?"
+        )
+        found: dict[int, list[dict[str, Any]]] = {}
+
+        async def one(slot: int) -> None:
+            rows = await self._exec("read story index", "story_index_read", cql, [shard, BigInt(slot), story_id])
+            rows = [r for r in rows if first <= r["period"] <= last]
+            if rows:
+                found[slot] = rows
+
+        for top in range(newest, oldest - 1, -_LOOKUP_SLOTS_AT_ONCE):
+            await run_all(one(sl) for sl in range(top, max(oldest - 1, top - _LOOKUP_SLOTS_AT_ONCE), -1))
+            if found:
+                break
+        pointers = found[max(found)] if found else await self._legacy_pointers(story_id)
+        if not pointers:
+            return None
+        r = max(pointers, key=lambda p: (p["period"], p["emitted_ms"] or 0, p["revision"]))
         cql = (
             f"SELECT final, merged_into, emitted_ms, body FROM {self.ks}.stories "
             f"WHERE shard = ? AND period = ? AND story_id = ? AND revision = ?"
         )
-        found = await self._exec("read story", "story_one", cql, [r["shard"], r["period"], story_id, r["revision"]])
-        if not found:  # the pointer outlived its row (both expire by the same TTL, written a moment apart)
+        at = int(r.get("shard", shard))  # a schema 2 pointer names its shard
+        rows = await self._exec("read story", "story_one", cql, [at, BigInt(r["period"]), story_id, r["revision"]])
+        if not rows:  # the pointer outlived its row (both expire by the same TTL, written a moment apart)
             return None
-        f = found[0]
+        f = rows[0]
         final, merged, emitted = bool(f["final"]), f["merged_into"], f["emitted_ms"]
-        return StoryRecord(r["shard"], r["period"], story_id, r["revision"], final, merged, emitted, f["body"])
+        return StoryRecord(at, r["period"], story_id, r["revision"], final, merged, emitted, f["body"])
+
+    async def _legacy_pointers(self, story_id: str) -> list[dict[str, Any]]:
+        """Schema 2's story_ids pointers, for stories emitted before an upgrade (until that table's rows
+        expire; ``storyline init`` leaves it in place)."""
+        if self._legacy_ids is None:
+            self._legacy_ids = "story_ids" in await self._tables()
+        if not self._legacy_ids:
+            return []
+        cql = f"SELECT revision, shard, period FROM {self.ks}.story_ids WHERE story_id = ? LIMIT 1"
+        rows = await self._exec("read story ids (schema 2)", "story_ids_latest", cql, [story_id])
+        return [{**r, "emitted_ms": 0} for r in rows]
 
     async def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
         cols = "story_id, revision, final, merged_into, emitted_ms, body"

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import SchemaError, StoreError, TransientStoreError
-from engine.store.base import SCHEMA_VERSION, index_group, index_slot
+from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -46,6 +46,7 @@ from engine.store.types import (
     Offset,
     PartitionPage,
     StoryRecord,
+    story_id_shard,
 )
 
 T = TypeVar("T")
@@ -225,7 +226,7 @@ class EmbeddedStore:
                 else:
                     c.execute(ddl)
                     out.append(f"created table {name}")
-            # The lookup by story id (CqlStore keeps a story_ids table for it).
+            # The lookup by story id (CqlStore keeps a story_index table for it).
             index = f'"{self.p}__stories_by_id"'
             c.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {self.t('stories')} (story_id, revision)")
             return out
@@ -465,12 +466,18 @@ class EmbeddedStore:
             cursor = (page[-1].story_id, page[-1].revision)
 
     async def get_story(self, story_id: str) -> StoryRecord | None:
+        shard = story_id_shard(story_id)
+        if shard is None:
+            return None
         t = self.t("stories")
+        now = self.clock.now_ms()
+        first, last = story_lookup_periods(now, self.cfg)
         q = (
             f"SELECT shard, period, story_id, revision, final, merged_into, emitted_ms, body FROM {t} "
-            f"WHERE story_id = ? AND expires_ms > ? ORDER BY revision DESC LIMIT 1"
+            f"WHERE story_id = ? AND shard = ? AND period BETWEEN ? AND ? AND expires_ms > ? "
+            f"ORDER BY period DESC, emitted_ms DESC, revision DESC LIMIT 1"
         )
-        rows = await self._run("read story", _fetch(q, (story_id, self.clock.now_ms())))
+        rows = await self._run("read story", _fetch(q, (story_id, shard, first, last, now)))
         if not rows:
             return None
         r = rows[0]

@@ -26,7 +26,9 @@ from engine.store import (
     Store,
     StoryRecord,
     make_store,
+    story_id,
 )
+from engine.store.base import INDEX_SLOT_MS
 from tests.conftest import ConfigFactory, arun
 
 pytestmark = pytest.mark.conformance
@@ -451,25 +453,100 @@ def test_story_upserts_reads_and_scan(make_config: ConfigFactory) -> None:
 
 def test_story_lookup_by_id_gives_the_latest_revision(make_config: ConfigFactory) -> None:
     cfg = make_config()
+    clock = ManualClock(NOW)
+    p, slot = NOW // cfg.bucket_ms, INDEX_SLOT_MS // cfg.bucket_ms  # this bucket; buckets per index slot
+    assert cfg.ttl_ms > 41 * INDEX_SLOT_MS
+    aa, bb, cc = story_id(3, 0xAA), story_id(5, 0xBB), story_id(3, 0xCC)
+
+    def rec(shard: int, period: int, sid: str, revision: int, body: bytes, into: str | None = None) -> StoryRecord:
+        return StoryRecord(shard, period, sid, revision, into is not None, into, period * cfg.bucket_ms, body)
+
     revisions = [
-        StoryRecord(3, 100, "s0003-aa", 1, False, None, NOW, b'{"r":1}'),
-        StoryRecord(3, 104, "s0003-aa", 3, True, None, NOW + 2, b'{"r":3}'),  # a later emit bucket
-        StoryRecord(3, 102, "s0003-aa", 2, True, None, NOW + 1, b'{"r":2}'),  # written out of order
-        StoryRecord(5, 100, "s0005-bb", 1, True, None, NOW, b'{"b":1}'),
+        rec(3, p - 3 * slot, aa, 1, b'{"r":1}'),  # three index slots back
+        rec(3, p - 2, aa, 3, b'{"r":3}'),  # a later emit bucket
+        rec(3, p - 5, aa, 2, b'{"r":2}'),  # written out of order
+        rec(5, p - 40 * slot, bb, 1, b'{"b":1}'),  # 40 slots back: not in the first slots a lookup reads
     ]
-    stub = StoryRecord(5, 107, "s0005-bb", 2, True, "s0003-aa", NOW + 3, b'{"merged_into":"s0003-aa"}')
+    stub = rec(5, p - 1, bb, 2, b'{"merged_into":"s0003"}', into=aa)
+    # A story built again after it had left the state: revision 1 of the later incarnation is the latest.
+    incarnations = [
+        *(rec(3, p - 20 * slot + r, cc, r, b"old") for r in (1, 2, 3)),
+        rec(3, p - 10 * slot, cc, 1, b"new"),
+    ]
 
     async def body() -> None:
-        store = await opened(cfg)
+        store = await opened(cfg, clock)
         try:
             await store.put_stories(revisions)
-            assert await store.get_story("s0003-aa") == revisions[1]
-            assert await store.get_story("s0005-bb") == revisions[3]
+            assert await store.get_story(aa) == revisions[1]
+            assert await store.get_story(bb) == revisions[3]
             await store.put_stories([stub, revisions[1]])  # idempotent
-            assert await store.get_story("s0005-bb") == stub
-            assert await store.get_story("s0003-aa") == revisions[1]
-            assert await store.get_story("s0003-ab") is None
-            assert await store.get_story("") is None
+            assert await store.get_story(bb) == stub
+            assert await store.get_story(aa) == revisions[1]
+            await store.put_stories(incarnations)
+            assert await store.get_story(cc) == incarnations[3]
+            # Not a story, or an id that does not name the shard the story is stored under: unknown.
+            for unknown in (story_id(3, 0xAB), story_id(4, 0xAA), "story-0000", "s", ""):
+                assert await store.get_story(unknown) is None, unknown
+            # A lookup considers the periods of the last ttl_ms: at p - 1 only the stub is left.
+            clock.advance(cfg.ttl_ms - cfg.bucket_ms)
+            assert await store.get_story(aa) is None
+            assert await store.get_story(bb) == stub
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
+    make_config: ConfigFactory, backend: str
+) -> None:
+    """Schema 2 kept story pointers in ``story_ids`` (a partition per story); ``storyline init`` adds
+    ``story_index`` and leaves the old table, which lookups still read until its rows expire."""
+    if backend != "cql":
+        pytest.skip("the embedded store's lookup is an index on the stories table, unchanged")
+    cfg = make_config()
+    clock = ManualClock(NOW)
+    p = NOW // cfg.bucket_ms
+    old = StoryRecord(2, p - 100, story_id(2, 7), 4, True, None, NOW - 100_000, b'{"v":2}')
+    new = StoryRecord(2, p - 3, story_id(2, 8), 1, True, None, NOW - 3_000, b'{"v":3}')
+
+    async def body() -> None:
+        from engine.store.cql import CqlStore
+
+        store = await opened(cfg, clock)
+        try:
+            assert isinstance(store, CqlStore)
+            ks = cfg.keyspace
+            await store._ddl(f"DROP TABLE {ks}.story_index")
+            await store._ddl(
+                f"CREATE TABLE {ks}.story_ids (story_id text, revision int, shard int, period bigint, "
+                f"PRIMARY KEY ((story_id), revision)) WITH CLUSTERING ORDER BY (revision DESC)"
+            )
+            await store._exec("t", "v2", f"INSERT INTO {ks}.meta (key, value) VALUES ('schema_version', '2')", [])
+            await store._exec(
+                "t",
+                "old_row",
+                f"INSERT INTO {ks}.stories (shard, period, story_id, revision, final, emitted_ms, body) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [old.shard, old.period, old.story_id, old.revision, True, old.emitted_ms, old.body],
+            )
+            await store._exec(
+                "t",
+                "old_ptr",
+                f"INSERT INTO {ks}.story_ids (story_id, revision, shard, period) VALUES (?, ?, ?, ?)",
+                [old.story_id, old.revision, old.shard, old.period],
+            )
+            did = await store.init_schema()
+            assert f"created table {ks}.story_index" in did and "schema version 2 -> 3" in did, did
+            await store.put_stories([new])
+        finally:
+            await store.close()
+        store = await opened(cfg, clock, init=False)  # a fresh process: nothing cached
+        try:
+            assert await store.get_story(old.story_id) == old
+            assert await store.get_story(new.story_id) == new
+            assert await store.get_story(story_id(2, 9)) is None
         finally:
             await store.close()
 
@@ -560,7 +637,7 @@ def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> Non
                     [cfg.keyspace],
                 )
                 by = {r["table_name"]: r for r in rows}
-                for table in ("events", "bucket_index", "stories", "story_ids", "stage_marks"):
+                for table in ("events", "bucket_index", "stories", "story_index", "stage_marks"):
                     assert by[table]["default_time_to_live"] == cfg.ttl_ms // 1000, table
                     assert by[table]["compaction"]["class"].endswith("TimeWindowCompactionStrategy"), table
             else:
