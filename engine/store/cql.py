@@ -87,6 +87,18 @@ def _opt(value: Any) -> Any:
     return Unset() if value is None else value
 
 
+def _blob(value: bytes) -> str | bytes:
+    """A blob bind value the driver converts cheaply. scyllapy 1.3 copies ``bytes`` into Rust one element at a
+    time (~14 ns per byte: 9 µs for a 600-byte story body), a ``str`` as one UTF-8 copy (~2 µs). Blob and text
+    values have the same wire form (length, then the bytes) and this driver does not check a value's type
+    against the column, so valid UTF-8 (every JSON story body) is sent as its ``str``: the stored bytes are
+    the same (conformance tests read them back). Anything else goes as ``bytes``."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
+
+
 # Checked before the transient markers: the driver wraps a refused login in "Cannot construct new session: IO
 # Error: No connections in the pool; ...", which would otherwise read as a lost connection and be retried.
 _AUTH_REQUIRED = "Authentication is required"
@@ -854,7 +866,7 @@ class CqlStore:
                     r.final,
                     _opt(r.merged_into),
                     BigInt(r.emitted_ms),
-                    r.body,
+                    _blob(r.body),
                 ]
                 for r in chunk
             ]

@@ -451,6 +451,33 @@ def test_story_upserts_reads_and_scan(make_config: ConfigFactory) -> None:
     arun(body())
 
 
+def test_story_bodies_come_back_byte_for_byte(make_config: ConfigFactory) -> None:
+    """Bodies of any bytes: JSON with non-ASCII text and escapes (sent to the CQL driver as str, see
+    ``engine.store.cql._blob``), invalid UTF-8, NUL bytes, empty."""
+    cfg = make_config()
+    bodies = [
+        '{"user":"zoë","city":"東京","esc":"\\u0000\\n","emoji":"🛡"}'.encode(),
+        b"\xff\xfe\x00binary\x80",
+        b"\x00\x00",
+        b"",
+        ("x" * 70_000).encode(),
+    ]
+    p = NOW // cfg.bucket_ms
+    stories = [StoryRecord(1, p, story_id(1, i), 1, True, None, NOW, b) for i, b in enumerate(bodies)]
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.put_stories(stories)
+            back = [s for page in await collect(store.read_stories(1, p)) for s in page]
+            assert [s.body for s in back] == bodies
+            assert all(isinstance(s.body, bytes) for s in back)
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_story_lookup_by_id_gives_the_latest_revision(make_config: ConfigFactory) -> None:
     cfg = make_config()
     clock = ManualClock(NOW)
