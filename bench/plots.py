@@ -47,6 +47,8 @@ def plot_all(results: dict[str, Any], stem: Path) -> list[Path]:
     )
     for i, (_, v) in enumerate(shown):
         ax.text(v, i, f" {v:,.0f}", va="center")
+    if shown:
+        ax.set_xlim(0, max(v for _, v in shown) * 1.15)  # room for the longest bar's label
     ax.set_xlabel("events/s, ingest and consume concurrently (same data, same machine)")
     ax.set_title("Throughput per design" + (f" (not run: {', '.join(missing)})" if missing else ""))
     fig.tight_layout()
