@@ -692,8 +692,9 @@ RULES: dict[str, set[str]] = {
     "store.page_bytes_max": {"store.page_bytes_max", "chunk_bytes"},
     "store.page_bytes": {"store.page_bytes", "store.page_bytes_max"},
     "chunk_bytes": {"chunk_bytes", "max_event_bytes"},
-    "store.password": {"store.username", "store.password"},
-    "store.username": {"store.username", "store.password"},
+    "store.password": {"store.username", "store.password", "store.password_file"},
+    "store.username": {"store.username", "store.password", "store.password_file"},
+    "store.password_file": {"store.username", "store.password", "store.password_file"},
     "store.retry_max_ms": {"store.retry_max_ms", "store.retry_base_ms"},
     "store.replication.datacenters": {"store.replication.strategy", "store.replication.datacenters"},
 }
@@ -753,7 +754,10 @@ def config_trees(draw: st.DrawFn) -> tuple[dict[str, Any], set[str]]:
 def related(key: str, touched: set[str]) -> bool:
     """Whether an error's key is about a key the test touched: the key itself, a table holding it, something
     inside it, or a rule that involves it."""
-    base = re.sub(r"\[[^\]]*\]", "", key)
+    # Drop list indexes ("[0]") outside quoted key names ('"["[0]' is item 0 of the key '"["').
+    base = "".join(
+        part if i % 2 else re.sub(r"\[(?:\d+|\.\.\.)\]", "", part) for i, part in enumerate(re.split(r'("[^"]*")', key))
+    )
     for t in touched:
         if base == t or t.startswith(base + ".") or base.startswith(t + "."):
             return True
@@ -817,6 +821,8 @@ def assert_taken(path: str, value: Any, given_value: Any) -> None:
 @example(({"tenant": "acme", "ttl_ms": 10**30}, {"ttl_ms"}))  # was blamed on twcs_window_ms
 @example(({"tenant": "acme", "": 1}, {'""'}))  # was "config: unknown key"
 @example(({"tenant": "acme", "store": {"a`b": 1}}, {'store."a`b"'}))  # was "store.a"
+@example(({"tenant": "acme", "store": {"password_file": "embedded"}}, {"store.password_file"}))  # no rule for it
+@example(({"tenant": "acme", "[": [2**63]}, {'"["'}))  # the test's related() read '"["[0]' as '"'
 def test_any_config_tree_is_a_config_or_an_error_naming_the_key(case: tuple[dict[str, Any], set[str]]) -> None:
     tree, touched = case
     got = config_outcome(lambda: from_mapping(tree))
