@@ -86,11 +86,13 @@ def _cql_node() -> psutil.Process | None:
 
 def _cpu(proc: psutil.Process | None) -> float | None:
     """User + system CPU seconds of a process, None when it is not on this host or has gone."""
+    if proc is None:
+        return None
     try:
-        t = proc.cpu_times() if proc is not None else None
+        t = proc.cpu_times()
     except psutil.Error:
         return None
-    return None if t is None else float(t.user + t.system)
+    return float(t.user + t.system)
 
 
 def _children_cpu() -> float:

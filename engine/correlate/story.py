@@ -358,7 +358,7 @@ class StoryStage:
             st.stories[sid] = StoryMeta(
                 sid,
                 shard,
-                self._story_id(shard, sid),
+                story_id(shard, sid),
                 bucket,
                 now,
                 events=n_new,
@@ -438,11 +438,6 @@ class StoryStage:
             for s, ids in zip(per["shard"].to_list(), per["id"].to_list(), strict=True):
                 sts[s].ids.update(ids)
 
-    @staticmethod
-    def _story_id(shard: int, key: int) -> str:
-        """The story id: the shard and the 64-bit hash of the story's smallest first event id (deterministic)."""
-        return story_id(shard, key)
-
     def _skip_ghosts(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> pl.DataFrame:
         """Replay: drop the events of stories that had left the state (see :meth:`prepare_replay`)."""
         hit: list[str] = []
@@ -491,7 +486,7 @@ class StoryStage:
                 if om.dirty:
                     st.open -= 1
                 if om.revision:  # it was visible downstream: tell consumers where it went
-                    records.append(self._stub(shard, bucket, om, self._story_id(shard, sid), now))
+                    records.append(self._stub(shard, bucket, om, story_id(shard, sid), now))
             popped = self._pop_due(st, now)
             due = [m for m in popped if m.dirty]
             gone = [m.key for m in popped if not m.dirty]  # emitted, quiet, past the amend horizon

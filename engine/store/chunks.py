@@ -7,7 +7,7 @@ chunk set, skipped and counted (its writer never saw it durable, so it was never
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from engine.store.types import EventRecord
 
@@ -88,8 +88,9 @@ class Assembler:
         self._chunks = _DONE
 
 
-def iter_rows(event: EventRecord, chunk_bytes: int) -> Iterator[tuple[int, int | None, bytes]]:
-    """``(chunk, chunks_or_None, piece)`` for each row of one event."""
+def iter_rows(event: EventRecord, chunk_bytes: int) -> list[tuple[int, int | None, bytes]]:
+    """``(chunk, chunks_or_None, piece)`` for each row of one event (most events: one row)."""
+    if len(event.payload) <= chunk_bytes:
+        return [(0, 1, event.payload)]
     pieces = split(event.payload, chunk_bytes)
-    for i, piece in enumerate(pieces):
-        yield i, (len(pieces) if i == 0 else None), piece
+    return [(i, (len(pieces) if i == 0 else None), piece) for i, piece in enumerate(pieces)]

@@ -155,9 +155,7 @@ def group_rows(events: Iterable[EventRecord], chunk_bytes: int, batch_bytes: int
     cur: list[Row] = []
     cur_bytes = 0
     for ev in events:
-        # Most events are one row: no generator for them.
-        rows = ((0, 1, ev.payload),) if len(ev.payload) <= chunk_bytes else iter_rows(ev, chunk_bytes)
-        for chunk, chunks, piece in rows:
+        for chunk, chunks, piece in iter_rows(ev, chunk_bytes):
             size = row_bytes(ev.event_id, piece)
             if size >= batch_bytes:
                 groups.append([(ev.event_id, chunk, chunks, piece)])

@@ -81,6 +81,9 @@ class StoryRecord(msgspec.Struct, frozen=True):
     body: bytes
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def story_id(shard: int, key: int) -> str:
     """A story's id: its shard and a 64-bit key (``s0003-00000000000000ff``). The id names the shard so that a
     lookup by id knows which shard's index to read."""
@@ -94,9 +97,6 @@ def story_id_shard(sid: str) -> int | None:
     if not sep or head[:1] != "s" or len(digits) < 4 or not set(digits) <= _HEX_DIGITS:
         return None
     return int(digits, 16)
-
-
-_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
