@@ -230,9 +230,9 @@ class FaultyStore:
     async def put_stories(self, stories: Sequence[StoryRecord]) -> None:
         await self._write("put_stories", stories, self.store.put_stories)
 
-    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
+    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes], **kw: Any) -> None:
         async def do(rows: Sequence[bytes]) -> None:
-            await self.store.put_marks(consumer, shard, bucket, rows)
+            await self.store.put_marks(consumer, shard, bucket, rows, **kw)  # kw: first_part, in the rewrite
 
         await self._write("put_marks", parts, do)
 
