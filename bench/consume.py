@@ -96,14 +96,14 @@ async def engine_read(cfg: Config, last: int, *, stories: bool = False) -> dict[
     """One in-process worker draining every shard from scratch (a fresh consumer): start-up (clock check,
     16 claims) included, process start-up not. ``stories``: the story builder (link, state, fused stories written
     to the stories table, drained at the end) instead of the counting stage."""
-    from engine.correlate.story import StoryStage
+    from engine.correlate.story import StoryMachine
 
     cfg = msgspec.structs.replace(cfg, consumer=f"bench_{uuid.uuid4().hex[:8]}")
     counting = CountingStage()
     w = Worker(
         cfg, list(range(cfg.shards)), counting, owner=f"bench-{uuid.uuid4().hex[:6]}", until_bucket=last, drain=stories
     )
-    story_stage = StoryStage(cfg, w.store) if stories else None
+    story_stage = StoryMachine.for_config(cfg) if stories else None
     if story_stage is not None:
         w.stage = story_stage
     t0 = time.perf_counter()

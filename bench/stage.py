@@ -18,38 +18,31 @@ run (docs/correlation.md, Recovery). One polars thread (``POLARS_MAX_THREADS=1``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from engine.config import from_mapping
-from engine.correlate.story import StoryStage
+from engine.correlate.story import StoryMachine
 from engine.event import encode, parse_line, shard_of
 from engine.simulate import Scenario, generate
-from engine.stage import EMPTY, Batch
-from engine.store import EventRecord, StoryRecord
+from engine.stage import EMPTY, Batch, Emission
+from engine.store import EventRecord
 
 SHARDS = 16
 BUCKET_MS = 100
 
 
-class _DroppingStore:
-    """Accepts the stage's writes and drops them: the benchmark measures the stage, not the database."""
+class _Sink:
+    """Counts what the stage emits and drops it: the benchmark measures the stage (pure), not the database."""
 
     def __init__(self) -> None:
         self.stories = 0
         self.marks = 0
 
-    async def put_stories(self, stories: Sequence[StoryRecord]) -> None:
-        self.stories += len(stories)
-
-    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
-        self.marks += len(parts)
-
-    async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
-        return []
+    def take(self, emission: Emission) -> None:
+        self.stories += len(emission.stories)
+        self.marks += len(emission.marks)
 
 
 def run(
@@ -72,8 +65,8 @@ def run(
         bucket = int(e.arrival_s / speed * 1000 / BUCKET_MS)
         parts.setdefault((shard_of(ev, SHARDS), bucket), []).append(EventRecord(ev.id, encode(ev)))
     last = max(b for _, b in parts)
-    store = _DroppingStore()
-    stage = StoryStage(cfg, store)  # type: ignore[arg-type]  # only the three methods above are called
+    store = _Sink()
+    stage = StoryMachine.for_config(cfg)
     windows: list[tuple[float, float]] = []
     every = 60_000 // BUCKET_MS
 
@@ -81,19 +74,19 @@ def run(
         recs = parts.get((shard, bucket))
         return Batch(recs) if recs else EMPTY
 
-    async def feed() -> None:
+    def feed() -> None:
         for b in range(last + 1):
             if mode == "grouped":
-                await stage.on_buckets(b, {s: part(s, b) for s in range(SHARDS)}, replay=False)
+                store.take(stage.on_buckets([(b, {s: part(s, b) for s in range(SHARDS)})]))
             else:
                 for s in range(SHARDS):
-                    await stage.on_bucket(s, b, part(s, b), replay=False)
+                    store.take(stage.on_buckets([(b, {s: part(s, b)})]))
             if b % every == 0:
                 widest = max(b - stage.replay_bucket(s, b) for s in range(SHARDS))
                 windows.append((b * BUCKET_MS / 1000, widest * BUCKET_MS / 1000))
 
     t0 = time.perf_counter()
-    asyncio.run(feed())
+    feed()
     seconds = time.perf_counter() - t0
     simulated_s = (last + 1) * BUCKET_MS / 1000
     return {

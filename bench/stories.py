@@ -19,13 +19,13 @@ import msgspec
 from bench.accuracy import score
 from engine.clock import ManualClock
 from engine.config import Config, from_mapping
-from engine.correlate.story import StoryStage
+from engine.correlate.story import StoryMachine
 from engine.event import encode, parse_line
 from engine.ingest import Producer
 from engine.simulate import Scenario, generate
 from engine.stage import Batch, CountingStage
 from engine.store import EventRecord, make_store
-from engine.worker import Worker
+from engine.worker import Worker, persist
 
 
 def stage_throughput(n_events: int = 200_000, per_bucket: int = 5_000) -> dict[str, float]:
@@ -47,13 +47,14 @@ def stage_throughput(n_events: int = 200_000, per_bucket: int = 5_000) -> dict[s
             await store.open()
             await store.init_schema()
             try:
-                stage = StoryStage(cfg, store)
+                stage = StoryMachine.for_config(cfg)
                 t0 = time.perf_counter()
                 bucket = 0
                 for i in range(0, len(records), per_bucket):
-                    await stage.on_bucket(0, bucket, Batch(records[i : i + per_bucket]), replay=False)
+                    emission = stage.on_buckets([(bucket, {0: Batch(records[i : i + per_bucket])})])
+                    await persist(store, cfg.consumer, emission)
                     bucket += 1
-                await stage.drain(0, bucket)
+                await persist(store, cfg.consumer, stage.drain([0], bucket - 1))
                 return time.perf_counter() - t0, vars(stage.counters)
             finally:
                 await store.close()
@@ -104,7 +105,7 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
                 drain=True,
                 check_skew=False,
             )
-            worker.stage = StoryStage(cfg, worker.store)
+            worker.stage = StoryMachine.for_config(cfg)
             assert await worker.run() == 0
             latest: dict[str, Any] = {}
             async for page in store.scan_stories():
@@ -191,13 +192,13 @@ def memory_curve(points: tuple[int, ...] = (0, 25_000, 50_000, 100_000, 200_000)
             await store.init_schema()
             out = []
             try:
-                stage = StoryStage(cfg, store)
+                stage = StoryMachine.for_config(cfg)
                 done = 0
                 for target in points:
                     while done < target:
                         n = min(5_000, target - done)
                         batch = Batch([record(i) for i in range(done, done + n)])
-                        await stage.on_bucket(0, done // 5_000, batch, replay=False)
+                        await persist(store, cfg.consumer, stage.on_buckets([(done // 5_000, {0: batch})]))
                         done += n
                     gc.collect()
                     out.append({"open_stories": float(done), "rss_bytes": float(proc.memory_info().rss)})

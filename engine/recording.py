@@ -3,14 +3,14 @@ chaos suite, which check from these files that no bucket was skipped or lost."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 
-from engine.stage import Batch
+from engine.stage import NO_MARKS, Batch, Buckets, Emission, each_partition
 
 _enc = msgspec.json.Encoder()
 
@@ -24,32 +24,31 @@ class RecordingStage:
         self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for the process's life
         self.events = 0
 
-    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
-        for shard, batch in batches.items():
-            await self.on_bucket(shard, bucket, batch, replay=replay)
+    def on_buckets(self, buckets: Buckets, *, replay: bool) -> Emission:
+        return each_partition(buckets, self.on_bucket, replay=replay)
 
-    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
+    def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
         if replay or not batch.views:
             return
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)  # tests: a slow stage, so faults land mid-run
+            time.sleep(self.delay_s)  # tests: a slow stage, so faults land mid-run
         rec = {"shard": shard, "bucket": bucket, "ids": [e.id for e in batch.views]}
         self._f.write(_enc.encode(rec) + b"\n")
         self._f.flush()
         os.fsync(self._f.fileno())  # durable before the worker may move the offset past this bucket
         self.events += len(batch)
 
-    def replay_bucket(self, shard: int, read_bucket: int) -> int:
-        return read_bucket + 1
+    def marks_from(self, first: int) -> int:
+        return NO_MARKS
 
-    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+    def prepare_replay(self, shard: int, first: int, last: int, marks: Sequence[tuple[int, bytes]]) -> None:
         return None
 
     def reset(self, shards: Sequence[int]) -> None:
         return None  # nothing held: a bucket processed again after an error is recorded again
 
-    async def drain(self, shard: int, bucket: int) -> None:
-        return None
+    def drain(self, shards: Sequence[int], bucket: int) -> Emission:
+        return Emission(replay={s: bucket + 1 for s in shards})
 
     def metrics(self) -> dict[str, float]:
         return {"stage_events": float(self.events)}

@@ -1,22 +1,29 @@
 """The processing stage interface between the worker (the queue half) and correlation (the story builder).
 
-The worker calls the stage bucket by bucket, in bucket order, with the partitions of that bucket of every shard
-it is moving forward (many partitions per call, so per-call costs are shared); ``on_buckets`` returns only when
-everything derived from them is durable, so the worker may then move those shards' ``read_bucket`` past it.
-``replay_bucket`` tells the worker the oldest bucket the stage still needs to rebuild its in-memory state after
-a crash; the worker commits it with the offset and, on restart, calls ``prepare_replay`` and then replays from
-there with ``replay=True``.
+A stage is a pure state machine: it does no I/O. The worker hands it buckets in bucket order — each a bucket
+number and the partitions of that bucket of every shard it is moving forward (many partitions per call, so
+per-call costs are shared) — and gets back an :class:`Emission`: the story revisions to write, the marks to
+store, and the replay point of every shard of the call. The worker persists emissions in its checkpoint, in one
+documented order (docs/architecture.md, "The checkpoint"): emissions first (marks, then stories), then the
+offsets; so every offset committed covers only output that is durable.
+
+After a restart the worker reads the marks the stage asks for (``marks_from``), hands them to
+``prepare_replay`` and replays ``[replay_bucket, read_bucket]`` with ``replay=True``: the stage rebuilds its
+state from the same buckets, which gives the same decisions (its output is a function of the sequence of buckets
+only), and emits again only what a crash may have cut off (a recorded drain's revisions); the rest of a
+replay's output is durable already.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import msgspec
 
 from engine.event import Event, EventView
-from engine.store import EventRecord
+from engine.records import EventRecord, StoryRecord
 
 _view_decoder = msgspec.msgpack.Decoder(EventView)
 _full_decoder = msgspec.msgpack.Decoder(Event)
@@ -59,28 +66,78 @@ class Batch:
 
 
 EMPTY: Batch = Batch(())
+NO_MARKS = 2**62
+"""``marks_from`` of a stage that stores no marks: later than any bucket, so nothing is read."""
+
+Buckets = Sequence[tuple[int, Mapping[int, Batch]]]
+"""What a stage call takes: ``(bucket, {shard: its partition of that bucket})`` in ascending bucket order; a shard
+with an empty batch is one whose time moved on with nothing to read."""
+
+
+class MarkRecord(NamedTuple):
+    """One stored mark row: what a replay needs besides the events, at ``(shard, bucket, part)``
+    (``Store.put_marks``)."""
+
+    shard: int
+    bucket: int
+    part: int
+    body: bytes
+
+
+@dataclass(slots=True)
+class Emission:
+    """What a stage call produced, for the worker to persist: story revisions (``(story_id, revision)`` is unique
+    and its content fixed: a rewrite is an idempotent upsert of the same bytes), marks, and the replay point per
+    shard of the call (the oldest bucket a rebuild of its state needs; committed with the offsets)."""
+
+    stories: list[StoryRecord] = field(default_factory=list)
+    marks: list[MarkRecord] = field(default_factory=list)
+    replay: dict[int, int] = field(default_factory=dict)
+
+    def add(self, other: Emission) -> None:
+        """Append a later emission (its replay points replace this one's)."""
+        self.stories += other.stories
+        self.marks += other.marks
+        self.replay.update(other.replay)
+
+    @property
+    def writes(self) -> int:
+        return len(self.stories) + len(self.marks)
+
+
+def each_partition(buckets: Buckets, fn: Callable[..., None], *, replay: bool) -> Emission:
+    """For a stage that holds no state: ``fn(shard, bucket, batch, replay=replay)`` per partition; it emits
+    nothing and needs no replay (replay point: the next bucket)."""
+    out = Emission()
+    for bucket, batches in buckets:
+        for shard, batch in batches.items():
+            fn(shard, bucket, batch, replay=replay)
+            out.replay[shard] = bucket + 1
+    return out
 
 
 class Stage(Protocol):
-    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
-        """Process bucket ``bucket`` of the shards in ``batches`` (shard → its partition, possibly empty: time
-        moved on). Each shard's buckets come in order, though not every empty one. ``replay`` buckets were
-        processed before a restart: rebuild state from them, and produce output only if it is idempotent."""
+    def on_buckets(self, buckets: Buckets, *, replay: bool) -> Emission:
+        """Process the buckets (ascending; each shard's buckets in order, though not every empty one).
+        ``replay`` buckets were processed before a restart: rebuild state from them, and emit only what may not
+        be durable (see the module docstring)."""
 
-    def replay_bucket(self, shard: int, read_bucket: int) -> int:
-        """The oldest bucket still needed to rebuild this shard's state; ``read_bucket + 1`` when none is."""
+    def drain(self, shards: Sequence[int], bucket: int) -> Emission:
+        """Finalize everything still open in these shards at ``bucket`` (their last processed bucket;
+        ``run --drain``). The emission records the drain in the marks, so a replay repeats it."""
 
-    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+    def marks_from(self, first: int) -> int:
+        """The first bucket whose marks :meth:`prepare_replay` needs for a replay starting at ``first``."""
+
+    def prepare_replay(self, shard: int, first: int, last: int, marks: Sequence[tuple[int, bytes]]) -> None:
         """Called once before buckets ``[first, last]`` of a shard are replayed (``first`` = the committed
-        ``replay_bucket``, ``last`` = ``read_bucket``): load what the replay needs besides the events."""
+        replay bucket, ``last`` = the committed read bucket), with the shard's stored marks of
+        ``[marks_from(first), last]`` as ``(bucket, body)`` ascending."""
 
     def reset(self, shards: Sequence[int]) -> None:
         """Forget everything held for these shards. The worker calls it before it replays them: at start, and
-        after an error in the middle of ``on_buckets`` (which may have left their state half-updated, e.g.
-        stories marked emitted whose write failed) — it then rebuilds them from their committed offsets."""
-
-    async def drain(self, shard: int, bucket: int) -> None:
-        """Finalize everything still open for the shard (``run --drain``)."""
+        after an error while it persisted an emission (the state is then ahead of the store) — it then rebuilds
+        them from their committed offsets."""
 
     def metrics(self) -> dict[str, float]: ...
 
@@ -96,11 +153,10 @@ class CountingStage:
         self.seen: dict[int, list[tuple[int, list[str]]]] = {}
         self.keep_ids = False
 
-    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
-        for shard, batch in batches.items():
-            await self.on_bucket(shard, bucket, batch, replay=replay)
+    def on_buckets(self, buckets: Buckets, *, replay: bool) -> Emission:
+        return each_partition(buckets, self.on_bucket, replay=replay)
 
-    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
+    def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
         if replay:
             self.replayed += len(batch)
             return
@@ -110,17 +166,17 @@ class CountingStage:
         if self.keep_ids and batch.views:
             self.seen.setdefault(shard, []).append((bucket, [e.id for e in batch.views]))
 
-    def replay_bucket(self, shard: int, read_bucket: int) -> int:
-        return read_bucket + 1
+    def drain(self, shards: Sequence[int], bucket: int) -> Emission:
+        return Emission(replay={s: bucket + 1 for s in shards})
 
-    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
+    def marks_from(self, first: int) -> int:
+        return NO_MARKS
+
+    def prepare_replay(self, shard: int, first: int, last: int, marks: Sequence[tuple[int, bytes]]) -> None:
         return None
 
     def reset(self, shards: Sequence[int]) -> None:
         return None  # counts are not state: buckets processed again after an error are counted again
-
-    async def drain(self, shard: int, bucket: int) -> None:
-        return None
 
     def metrics(self) -> dict[str, float]:
         return {"stage_events": float(self.events), "stage_replayed": float(self.replayed)}

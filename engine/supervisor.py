@@ -107,9 +107,9 @@ def worker_process(
             parent_alive=lambda: os.getppid() == parent_pid,
         )
         if not record_dir and stage_name == "stories":
-            from engine.correlate.story import StoryStage
+            from engine.correlate.story import StoryMachine
 
-            worker.stage = StoryStage(cfg, worker.store)
+            worker.stage = StoryMachine.for_config(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop.set)

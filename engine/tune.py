@@ -79,7 +79,7 @@ class Capacity:
       shard, group; 8.90 µs per event), docs/BENCHMARKS.md "Ingest";
     * ``embedded_ingest_per_core`` 47,909: end-to-end JSONL ingest of ~515 B events into SQLite (one core client);
     * ``read_per_core`` 271,956: ``storyline run --until-idle`` with one worker process on CQL ("Consume");
-    * ``story_per_core`` 36,376: ``StoryStage`` (decode + link + state + fused stories + SQLite story writes) on
+    * ``story_per_core`` 36,376: ``StoryMachine`` (decode + link + state + fused stories + SQLite story writes) on
       simulated events of ~270 B ("Story builder");
     * ``bytes_per_core`` 143.9 MB/s: end-to-end ingest of 1 MiB events (embedded), the per-byte cost above the
       reference sizes;
@@ -639,17 +639,18 @@ def to_toml(tree: Mapping[str, Any], reasons: Mapping[str, list[str]], title: st
 # -- measuring this machine ------------------------------------------------------------------------------------
 def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_000) -> Capacity:
     """Calibrate the client-side ingest and story-stage figures with a short real run on this machine (~10 s):
-    parse + encode + shard of synthetic lines of about ``avg_bytes`` (engine.synth), and a StoryStage over
+    parse + encode + shard of synthetic lines of about ``avg_bytes`` (engine.synth), and a StoryMachine over
     simulated events writing stories to a temporary embedded store (as bench/stories.py does). Per-core figures
     are events per CPU second of this process (polars threads included). The read and database figures keep their
     docs/BENCHMARKS.md values (they need the CQL node)."""
     from engine.config import from_mapping
-    from engine.correlate.story import StoryStage
+    from engine.correlate.story import StoryMachine
     from engine.event import encode, parse_line, shard_of
     from engine.simulate import Scenario, generate
     from engine.stage import Batch
     from engine.store import EventRecord, make_store
     from engine.synth import sessions
+    from engine.worker import persist
 
     cfg = from_mapping({"tenant": "tune_measure"})
     now_s = time.time()
@@ -693,13 +694,13 @@ def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_0
         await store.open()
         await store.init_schema()
         try:
-            stage = StoryStage(scfg, store)
+            stage = StoryMachine.for_config(scfg)
             c1, w1 = time.process_time(), time.perf_counter()
             bucket = 0
             for i in range(0, len(records), 5_000):
-                await stage.on_bucket(0, bucket, Batch(records[i : i + 5_000]), replay=False)
+                await persist(store, scfg.consumer, stage.on_buckets([(bucket, {0: Batch(records[i : i + 5_000])})]))
                 bucket += 1
-            await stage.drain(0, bucket)
+            await persist(store, scfg.consumer, stage.drain([0], bucket - 1))
             cpu, wall = time.process_time() - c1, time.perf_counter() - w1
             rows = body = 0
             async for page in store.scan_stories():

@@ -22,12 +22,13 @@ from engine.clock import SYSTEM_CLOCK, Clock
 from engine.config import Config
 from engine.errors import SchemaError, StorylineError
 from engine.ingest import ClockSkewError
-from engine.stage import EMPTY, Batch, Stage
+from engine.stage import EMPTY, Batch, Emission, MarkRecord, Stage
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, make_store
 
 log = logging.getLogger("storyline.worker")
 
 SKEW_REFRESH_MS = 60_000
+FLUSH_WRITES = 5_000  # pending story revisions and marks written before the step ends (bounds memory)
 CATCHUP_STEP_SLOTS = 1  # buckets looked up per index scan while catching up: one 15-minute slot
 MAX_BACKOFF_S = 10.0
 
@@ -99,7 +100,10 @@ class Worker:
         self.stats = WorkerStats()
         self._read_sem = asyncio.Semaphore(cfg.read_ahead)
         self._skew_at = 0
-        self._stage_suspect = False  # an error interrupted the stage mid-bucket: replay before going on
+        self._stage_suspect = False  # an emission may not be durable: rebuild the stage before going on
+        self._pending = Emission()  # what the stage emitted since the last flush (written before any commit)
+        self._replay_at: dict[int, int] = {}  # shard → the stage's replay point at its last processed bucket
+        self._drained = False
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
 
     # -- clock ---------------------------------------------------------------------------------------------
@@ -175,21 +179,32 @@ class Worker:
     async def replay(self) -> None:
         """Rebuild the stage's state of every live shard from its committed ``replay_bucket`` through its
         committed ``read_bucket``: the stage forgets what it holds for them first (so a replay retried after an
-        error starts clean), then bucket by bucket, every shard whose range holds the bucket in the same stage
-        call. Reading resumes after the committed ``read_bucket``."""
+        error starts clean), reads the marks it asks for, then bucket by bucket, every shard whose range holds the
+        bucket in the same stage call. What was emitted after the last commit and not yet written is dropped: the
+        stage emits it again when it reaches those buckets. Reading resumes after the committed ``read_bucket``."""
         live = [st for st in self.state.values() if not st.fenced]
         self.stage.reset([st.shard for st in live])
+        self._pending = Emission()
         self._stage_suspect = False
         for st in live:
             st.read = st.committed_read
+            self._replay_at[st.shard] = st.committed_replay
+        # Every live shard gets its marks, also one with nothing to replay: the cuts of the last max_wait still
+        # name the predecessors of stories its next buckets start.
+        for st in live:
+            first = self.stage.marks_from(st.committed_replay)
+            marks = (
+                await self.store.read_marks(self.cfg.consumer, st.shard, first, st.committed_read)
+                if first <= st.committed_read
+                else []
+            )
+            self.stage.prepare_replay(st.shard, st.committed_replay, st.committed_read, marks)
         todo = [st for st in live if st.committed_replay <= st.committed_read]
         if not todo:
             return
         lo = min(st.committed_replay for st in todo)
         hi = max(st.committed_read for st in todo)
         hints = await self.store.scan_index([st.shard for st in todo], lo, hi)
-        for st in todo:
-            await self.stage.prepare_replay(st.shard, st.committed_replay, st.committed_read)
         plan: dict[int, dict[int, BucketHint | None]] = {}
         for st in todo:
             lo_s, hi_s = st.committed_replay, st.committed_read
@@ -199,6 +214,8 @@ class Worker:
             plan.setdefault(hi_s, {}).setdefault(st.shard, None)  # replayed time reaches read_bucket
         ranges = [(st.shard, st.committed_replay, st.committed_read) for st in todo]
         await self._feed(plan, ranges, replay=True)
+        # What the replay emitted (a recorded drain's revisions, which its run may not have finished writing).
+        await self.flush()
 
     async def _feed(
         self, plan: dict[int, dict[int, BucketHint | None]], ranges: list[tuple[int, int, int]], *, replay: bool
@@ -231,12 +248,16 @@ class Worker:
                         batches[s] = await futs.pop((b, s))
                         fill()
                 try:
-                    await self.stage.on_buckets(b, batches, replay=replay)
+                    emission = self.stage.on_buckets([(b, batches)], replay=replay)
                 except BaseException:
-                    # The stage may be half-way through the bucket (e.g. stories marked emitted whose write
-                    # failed): its state is rebuilt from the committed offsets before anything else is fed.
+                    # The stage may be half-way through the bucket: its state is rebuilt from the committed
+                    # offsets before anything else is fed.
                     self._stage_suspect = True
                     raise
+                self._pending.add(emission)
+                self._replay_at.update(emission.replay)
+                if self._pending.writes >= FLUSH_WRITES:
+                    await self.flush()
                 if not replay:
                     for batch in batches.values():
                         self.stats.events += len(batch)
@@ -266,9 +287,27 @@ class Worker:
             self.stats.partitions += 1
             return Batch(out)
 
+    async def flush(self) -> None:
+        """Write what the stage emitted since the last flush (:func:`persist`). A failure leaves the stage's
+        state ahead of the store: it is rebuilt from the committed offsets before the worker goes on (a
+        stopping worker may instead flush the same emission again: its content is fixed)."""
+        if not self._pending.writes:
+            return
+        try:
+            await persist(self.store, self.cfg.consumer, self._pending)
+        except BaseException:
+            self._stage_suspect = True
+            raise
+        self._pending = Emission()
+
     async def commit(self, states: Sequence[ShardState], *, force: bool) -> None:
-        """Commit the shards whose position moved, at most every ``commit_interval_ms`` unless forced: one
-        conditional batch per 16 shards. A refused shard was claimed by another owner: give it up."""
+        """The checkpoint, in this order: (1) write every emission of the buckets consumed so far (marks, then
+        story revisions: :meth:`flush`); (2) move the offsets of the shards whose position moved — at most every
+        ``commit_interval_ms`` unless forced — with the stage's replay point, one conditional batch per 16 shards.
+        So a committed ``read_bucket`` never covers output that is not durable, and a replay from the committed
+        offsets regenerates exactly what was written. A refused shard was claimed by another owner: give it
+        up."""
+        await self.flush()
         now = self.clock.now_ms()
         due = [
             st
@@ -279,9 +318,7 @@ class Worker:
         ]
         if not due:
             return
-        commits = [
-            Commit(st.shard, st.offset.epoch, st.read, self.stage.replay_bucket(st.shard, st.read)) for st in due
-        ]
+        commits = [Commit(st.shard, st.offset.epoch, st.read, self._replay_at.get(st.shard, st.read + 1)) for st in due]
         refused = set(await self.store.commit_many(self.cfg.consumer, self.owner, commits))
         for st, c in zip(due, commits, strict=True):
             if st.shard in refused:
@@ -292,6 +329,24 @@ class Worker:
                 st.committed_replay = c.replay_bucket
                 st.last_commit_ms = now
                 self.stats.commits += 1
+
+    async def drain_all(self) -> None:
+        """``run --drain``, once every live shard has read through ``until_bucket``: commit everything (the
+        checkpoint), then let the stage finalize every open story at each shard's last bucket and write that
+        emission — the drain's record in the marks first, then its revisions — so any later replay through that
+        bucket repeats the drain instead of building those stories again. Shards lost at the commit are not
+        drained (their new owner has them)."""
+        await self.commit(list(self.state.values()), force=True)
+        by_bucket: dict[int, list[int]] = {}
+        for st in self.state.values():
+            if not st.fenced:
+                by_bucket.setdefault(st.read, []).append(st.shard)
+        for bucket, shards in sorted(by_bucket.items()):
+            emission = self.stage.drain(shards, bucket)
+            self._pending.add(emission)
+            self._replay_at.update(emission.replay)
+        await self.flush()
+        self._drained = True
 
     async def step(self) -> bool:
         """One round over every shard that is behind. Returns whether any shard was behind."""
@@ -389,6 +444,8 @@ class Worker:
                     if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
                         await self.measure_skew()
                     progressed = await self.step()
+                    if self.drain and not self._drained and self.done():
+                        await self.drain_all()
                     backoff = 0.5
                 except StorylineError as exc:
                     if not exc.retriable:
@@ -401,16 +458,17 @@ class Worker:
                     backoff = min(backoff * 2, MAX_BACKOFF_S)
                     continue
                 if all(st.fenced for st in self.state.values()):
-                    return 3
+                    break
                 if self.done():
                     break
                 if not progressed:
                     await self._sleep_until_next_bucket()
-            if self.drain and self.done():
-                for st in self.state.values():
-                    if not st.fenced:
-                        await self.stage.drain(st.shard, st.read)
-            await self.commit(list(self.state.values()), force=True)
+            if not self._stage_suspect:
+                await self.commit(list(self.state.values()), force=True)
+            lost = sorted(st.shard for st in self.state.values() if st.fenced)
+            if lost:
+                log.error("lost shards %s to another owner (their commits were refused)", _ranges(lost))
+                return 3
             return 0
         finally:
             if watchdog is not None:
@@ -439,8 +497,42 @@ class Worker:
                     "read_bucket": st.read,
                     "lag_s": max(0.0, (now - (st.read + 1) * bms) / 1000),
                     "fenced": st.fenced,
+                    "committed_read": st.committed_read,
                 }
                 for st in self.state.values()
             },
             **self.stage.metrics(),
         }
+
+
+async def persist(store: Store, consumer: str, emission: Emission) -> None:
+    """Write an emission: its marks first (a drain's record must be durable before the revisions it made, so that
+    no later start emits them again elsewhere), then its story revisions. Both are idempotent upserts of fixed
+    content, so a retry, or a replay that emits the same again, rewrites identical bytes."""
+    runs: dict[tuple[int, int], list[MarkRecord]] = {}
+    for m in emission.marks:
+        runs.setdefault((m.shard, m.bucket), []).append(m)
+    for (shard, bucket), marks in runs.items():
+        marks.sort(key=lambda m: m.part)
+        start = 0
+        for i in range(1, len(marks) + 1):
+            if i == len(marks) or marks[i].part != marks[i - 1].part + 1:  # parts are written in contiguous runs
+                run = marks[start:i]
+                await store.put_marks(consumer, shard, bucket, [m.body for m in run], first_part=run[0].part)
+                start = i
+    if emission.stories:
+        await store.put_stories(emission.stories)
+
+
+def _ranges(shards: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
+    out: list[str] = []
+    start = prev = None
+    for s in [*shards, None]:
+        if s is not None and prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        start = prev = s
+    return ", ".join(out)

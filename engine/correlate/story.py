@@ -1,26 +1,33 @@
-"""The story builder: the stage that fuses linked events into stories (see docs/correlation.md).
+"""The story builder: a pure state machine that fuses linked events into stories (see docs/correlation.md).
 
-State is one polars frame of the events of open and recently emitted stories of every shard the worker owns
+It does no I/O. The worker hands it buckets (:meth:`StoryMachine.on_buckets`) and persists the
+:class:`~engine.stage.Emission` it returns — story revisions, marks, replay points — in its checkpoint. Its
+output is a function of the sequence of buckets only: time inside it is ingest time (the end of the bucket being
+processed), never the wall clock, and never the boundaries of calls, checkpoints or processes. What a replay
+cannot derive from the buckets alone — a drain (``run --drain`` finalizes stories at a bucket of its choosing)
+and which stories the open-story limit forced out while stories that have since left the state still counted —
+is recorded in the marks of that bucket, and a replay applies the record instead of deciding again.
+
+State is one polars frame of the events of open and recently emitted stories of every shard the machine holds
 (id, corrected time, flow, story, ingest time, the fields fusion needs, shard) plus a small record per story,
-kept per shard. The worker hands over one bucket of many shards per call, processed as a whole:
+kept per shard. A bucket of many shards is processed as a whole, in named steps:
 
-1. the partitions' events (one msgspec call) become a frame; ids already in their shard's state are dropped
-   (a re-ingested duplicate counts once) and counted;
-2. the state's events of the same flows are taken (a semi-join), and :func:`engine.correlate.link.link` finds the
-   components of the union — no per-event Python loop; a flow lives in one shard, so shards never link;
-3. per component (a Python loop over stories, not events): no known story → a new story whose id derives from
-   its shard and smallest event id (deterministic: the same input gives the same ids, also on replay); one → the
-   events join it (an emitted story gets a new revision: late evidence amends); several → they merge, the
-   smallest id survives and the others get a last revision marked ``merged_into``;
-4. time is the bucket's end (ingest time): a story no event has joined for ``correlate.max_wait_ms`` is emitted
-   (``final``); an emitted story leaves the state ``correlate.amend_horizon_ms`` after its last emission. The
-   stories due in all the call's shards are fused in one pass and written in one call.
+1. ``_decode``: the partitions' events (one msgspec call) become a frame;
+2. ``_dedupe``: ids already in their shard's state are dropped (a re-delivered event counts once); during a
+   replay, the events of stories that had left the state are dropped too (:meth:`StoryMachine.prepare_replay`);
+3. ``_link``: the state's events of the same flows are taken (a semi-join), and
+   :func:`engine.correlate.link.link` finds the components of the union — no per-event Python loop; a flow lives
+   in one shard, so shards never link;
+4. ``_assign``: per component (a loop over stories, not events): no known story → a new story whose id derives
+   from its shard, the bucket it starts in and its smallest event id; one → the events join it (an emitted story
+   gets a new revision: late evidence amends); several → ``_merge``: they merge, the smallest key survives and
+   the others get a last revision marked ``merged_into``;
+5. ``_timeouts``: a story no event has joined for ``correlate.max_wait_ms`` is emitted (``final``); an emitted
+   story leaves the state ``correlate.amend_horizon_ms`` after its last emission. The stories due in all the
+   call's shards are fused in one pass.
 
-Every emission is an idempotent upsert of ``(story_id, revision)`` into the ``stories`` table, partitioned by
-``(shard, emit bucket)``; the worker moves ``read_bucket`` only after :meth:`StoryStage.on_buckets` returns.
 ``replay_bucket`` is the first bucket of the oldest story of the shard still in the state; stories that left
-before are stored as marks so that a replay from there skips their events (:meth:`StoryStage.prepare_replay`).
-The same buckets in the same order give the same stories and revisions, however the shards were grouped.
+before are stored as marks so that a replay from there skips their events.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ import msgspec
 import polars as pl
 import xxhash
 
-from engine.config import Config
-from engine.stage import Batch
-from engine.store import Store, StoryRecord, story_id
+from engine.config import Config, CorrelateConfig
+from engine.records import StoryRecord, story_id
+from engine.stage import Batch, Buckets, Emission, MarkRecord
 
 from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, FusedStory, event_columns, fuse
 from .link import link
@@ -44,6 +51,8 @@ from .link import link
 _json = msgspec.json.Encoder()
 KEY = pl.UInt64
 STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state frame: events of every shard
+DRAIN_PART = 1 << 20
+"""The marks part that records a drain at its bucket (the other parts of a bucket count up from 0)."""
 
 
 @dataclass(slots=True)
@@ -79,29 +88,40 @@ class ShardState:
     due: list[tuple[int, int]] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)  # stories events joined in the call being processed
     open: int = 0  # stories with events not yet emitted final (dirty)
-    # Replay (see StoryStage.prepare_replay): the stories that left the state before the crash, as (flow,
+    # Replay (see StoryMachine.prepare_replay): the stories that left the state before the crash, as (flow,
     # time range, bucket they left in) — their events are skipped, not rebuilt — and the cuts that set
     # predecessors, applied as the replay passes the bucket they happened in.
     ghosts: pl.DataFrame | None = None
     ghost_ids: dict[str, int] = field(default_factory=dict)  # flowless events of stories that left → bucket
     pending_cuts: list[tuple[int, int, str]] = field(default_factory=list)  # (bucket, flow, story id), ascending
     replay_through: int = -1  # buckets up to here were processed before the crash: their marks are stored
+    forced_at: dict[int, list[int]] = field(default_factory=dict)  # replay: bucket → story keys forced out then
+    drains: set[int] = field(default_factory=set)  # replay: the buckets at which a drain finalized the shard
+
+    @property
+    def replaying(self) -> bool:
+        return self.ghosts is not None or bool(self.ghost_ids) or bool(self.pending_cuts)
 
 
 class Marks(msgspec.Struct, array_like=True, frozen=True):
-    """What the stage stores (``Store.put_marks``) at a bucket in which stories left its state: enough for a
-    replay that starts after them to skip their events instead of rebuilding them into partial stories."""
+    """What the machine stores (as :class:`~engine.stage.MarkRecord` rows) at a bucket where a replay could not
+    decide the same from the events alone: stories that left its state (so a replay that starts after them skips
+    their events instead of rebuilding them into partial stories), stories the open-story limit forced out, and
+    a drain. Array-like: fields are only ever added at the end, with defaults."""
 
     flows: list[int]  # per (story, flow) that left: the flow hash …
     lo: list[int]  # … and the corrected event-time range of the story's events of that flow (µs)
     hi: list[int]
     ids: list[str]  # events without a flow in stories that left (each its own story)
     cuts: list[tuple[int, str]]  # (flow, truncated story id) cut at this bucket
+    forced: list[int] = msgspec.field(default_factory=list)  # story keys the open-story limit forced out
+    drained: bool = False  # a drain finalized every open story of the shard after this bucket
 
 
 _marks_encoder = msgspec.msgpack.Encoder()
 _marks_decoder = msgspec.msgpack.Decoder(Marks)
 MARKS_PER_PART = 2000  # entries per stored part (about 60 KB)
+DRAIN_MARK = _marks_encoder.encode(Marks([], [], [], [], [], drained=True))
 
 
 @dataclass
@@ -115,15 +135,19 @@ class StoryCounters:
     evicted: int = 0
     forced: int = 0
     truncated: int = 0
+    drained: int = 0  # revisions emitted by drains
     replay_skipped: int = 0  # replayed events of stories that had left the state before the crash
 
 
-class StoryStage:
-    def __init__(self, cfg: Config, store: Store) -> None:
-        self.cfg = cfg
-        self.store = store
-        self.c = cfg.correlate
-        self.window_us = self.c.match_window_ms * 1000
+class StoryMachine:
+    """The story builder (see the module docstring). ``settings``: the ``correlate`` section; ``bucket_ms`` and
+    ``community_id_seed`` are the tenant's."""
+
+    def __init__(self, settings: CorrelateConfig, *, bucket_ms: int, community_id_seed: int = 0) -> None:
+        self.c = settings
+        self.bucket_ms = bucket_ms
+        self.seed = community_id_seed
+        self.window_us = settings.match_window_ms * 1000
         self.shards: dict[int, ShardState] = {}
         # The events of open and recently emitted stories of every shard (STATE_SCHEMA): one frame, so a bucket of
         # many shards is linked, fused and evicted in one pass.
@@ -131,6 +155,12 @@ class StoryStage:
         self.pending_chunks = 0
         self.counters = StoryCounters()
         self.cid_cache: dict[int | None, str | None] = {}
+        self._out = Emission()
+        self._writing = True  # False while replaying: what the call emits is durable already
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> StoryMachine:
+        return cls(cfg.correlate, bucket_ms=cfg.bucket_ms, community_id_seed=cfg.ingest.community_id_seed)
 
     # -- the stage interface ------------------------------------------------------------------------------
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
@@ -141,25 +171,34 @@ class StoryStage:
             return read_bucket + 1
         return min((m.first_bucket for m in st.stories.values()), default=read_bucket + 1)
 
-    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
-        """Load the marks of the stories that left the state in ``[first, last]`` (and the cuts of the
-        ``max_wait`` before ``first``, which still name predecessors). A story that left at bucket L had all its
-        events, and no other story's, among the events of its flow within ``match_window`` of its time range
-        arriving up to L (its events are a connected component, and any other event there would have linked to
-        it while both were in the state): the replay drops exactly those."""
+    def marks_from(self, first: int) -> int:
+        """Marks from the ``max_wait`` before ``first`` on: the cuts made then still name predecessors."""
+        return first - (-(-self.c.max_wait_ms // self.bucket_ms) + 1)
+
+    def prepare_replay(self, shard: int, first: int, last: int, marks: Sequence[tuple[int, bytes]]) -> None:
+        """Take the marks of a replay of ``[first, last]``: the stories that left the state in ``[first, last]``
+        (and the cuts of the ``max_wait`` before ``first``, which still name predecessors), the stories forced out
+        by the open-story limit and the drains. A story that left at bucket L had all its events, and no other
+        story's, among the events of its flow within ``match_window`` of its time range arriving up to L (its
+        events are a connected component, and any other event there would have linked to it while both were in
+        the state): the replay drops exactly those."""
         st = self.shards.setdefault(shard, ShardState())
         st.replay_through = max(st.replay_through, last)
-        bms = self.cfg.bucket_ms
-        back = -(-self.c.max_wait_ms // bms) + 1
         flows: list[int] = []
         lo: list[int] = []
         hi: list[int] = []
         left: list[int] = []
-        for bucket, body in await self.store.read_marks(self.cfg.consumer, shard, first - back, last):
+        for bucket, body in marks:
+            if bucket > last:
+                continue
             m = _marks_decoder.decode(body)
             st.pending_cuts.extend((bucket, flow, sid) for flow, sid in m.cuts)
             if bucket < first:
                 continue
+            if m.drained:
+                st.drains.add(bucket)
+            if m.forced:
+                st.forced_at.setdefault(bucket, []).extend(m.forced)
             flows += m.flows
             lo += m.lo
             hi += m.hi
@@ -188,40 +227,92 @@ class StoryStage:
     def metrics(self) -> dict[str, float]:
         return {f"stories_{k}": float(v) for k, v in vars(self.counters).items()}
 
-    async def drain(self, shard: int, bucket: int) -> None:
+    def on_buckets(self, buckets: Buckets, *, replay: bool = False) -> Emission:
+        """Buckets in ascending order, each ``(bucket, {shard: batch})`` of several shards at once (one polars pass
+        over all their partitions; shards never link to each other, so this is the same as one call per shard).
+        Each shard's buckets arrive in order but not necessarily one by one (empty buckets may be skipped): what
+        falls due in the skipped buckets is settled first, at the bucket it fell due in, so the output does not
+        depend on which empty buckets the caller reported, nor on which shards or buckets it grouped into one
+        call (live and replay agree)."""
+        self._out = out = Emission()
+        self._writing = not replay
+        try:
+            for bucket, batches in buckets:
+                self._bucket(bucket, batches, replay=replay)
+                for s in batches:
+                    out.replay[s] = self.replay_bucket(s, bucket)
+        finally:
+            self._writing = True
+            self._out = Emission()
+        return out
+
+    def drain(self, shards: Sequence[int], bucket: int) -> Emission:
+        """Emit every open story of these shards as final at ``bucket`` (the last bucket processed), and record
+        the drain in the shards' marks (part :data:`DRAIN_PART`) so that a replay through ``bucket`` repeats it:
+        a later start then neither rebuilds nor emits again what the drain finalized. Persist the marks before
+        the stories (the worker does): a drain whose stories were written must be known to every later replay."""
+        self._out = out = Emission()
+        try:
+            for s in shards:
+                if self._drain_shard(s, bucket):
+                    out.marks.append(MarkRecord(s, bucket, DRAIN_PART, DRAIN_MARK))
+                out.replay[s] = self.replay_bucket(s, bucket)
+        finally:
+            self._out = Emission()
+        return out
+
+    def _drain_shard(self, shard: int, bucket: int) -> bool:
+        """Emit the shard's open stories at ``bucket``; whether there were any."""
         st = self.shards.get(shard)
         if st is None:
-            return
-        now = (bucket + 1) * self.cfg.bucket_ms
-        due = [m for m in st.stories.values() if m.dirty]
-        await self._emit(bucket, due, now)
+            return False
+        self._catch_up({shard: st}, bucket)
+        due = sorted((m for m in st.stories.values() if m.dirty), key=lambda m: m.key)
+        if not due:
+            return False
+        self.counters.drained += len(due)
+        self._emit(bucket, due, (bucket + 1) * self.bucket_ms)
+        return True
 
-    async def on_bucket(self, shard: int, bucket: int, batch: Batch, *, replay: bool) -> None:
-        """One shard's bucket: :meth:`on_buckets` with one partition."""
-        await self.on_buckets(bucket, {shard: batch}, replay=replay)
-
-    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
-        """Bucket ``bucket`` of several shards at once (one polars pass over all their partitions; shards never
-        link to each other, so this is the same as one call per shard). Each shard's buckets arrive in order but
-        not necessarily one by one (empty buckets may be skipped): what falls due in the skipped buckets is
-        settled first, at the bucket it fell due in, so the output does not depend on which empty buckets the
-        worker reported, nor on which shards it grouped (live and replay agree)."""
+    # -- one bucket ---------------------------------------------------------------------------------------
+    def _bucket(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
         sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
         if not replay:
             for st in sts.values():
-                if st.ghosts is not None or st.ghost_ids or st.pending_cuts:
+                if st.replaying:
                     st.ghosts, st.ghost_ids = None, {}  # the replay is over
                     self._apply_cuts(st, bucket)
-        await self._catch_up(sts, bucket - 1)
-        now = (bucket + 1) * self.cfg.bucket_ms
+                st.forced_at.clear()
+                st.drains.clear()
+        else:
+            self._replay_drains(sts, bucket - 1)
+        self._catch_up(sts, bucket - 1)
+        now = (bucket + 1) * self.bucket_ms
         full = {s: b for s, b in batches.items() if len(b)}
         if full:
             self._absorb(bucket, full, now)
-        await self._timeouts(bucket, sts, now)
+        self._timeouts(bucket, sts, now)
+        if replay:
+            self._replay_drains(sts, bucket)
+
+    def _replay_drains(self, sts: Mapping[int, ShardState], through: int) -> None:
+        """Replay: repeat the drains recorded at buckets up to ``through``, each right after its bucket, as the
+        run that drained did (the replay may not be handed that bucket: it had no events). Their revisions are
+        emitted again (identical bytes): that run may have been cut off between recording the drain and writing
+        them."""
+        for s, st in sts.items():
+            for d in sorted(b for b in st.drains if b <= through):
+                st.drains.discard(d)
+                self._catch_up({s: st}, d)
+                self._writing = True
+                try:
+                    self._drain_shard(s, d)
+                finally:
+                    self._writing = False
 
     def _due_bucket(self, ms: int) -> int:
         """The first bucket whose end is at or after ``ms``."""
-        return -(-ms // self.cfg.bucket_ms) - 1
+        return -(-ms // self.bucket_ms) - 1
 
     @staticmethod
     def _next_due_ms(st: ShardState) -> int:
@@ -256,20 +347,43 @@ class StoryStage:
             out.append(m)
         return out
 
-    async def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
+    def _next_bucket(self, st: ShardState) -> int:
+        """The next bucket at which something falls due in the shard (a replay: or a recorded forced emission)."""
+        b = self._due_bucket(self._next_due_ms(st))
+        return min(b, *st.forced_at) if st.forced_at else b
+
+    def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
         """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order;
         the shards due at the same bucket together."""
         last = -(2**62)
         while True:
-            due = {s: self._due_bucket(self._next_due_ms(st)) for s, st in sts.items()}
+            due = {s: self._next_bucket(st) for s, st in sts.items()}
             b = min(due.values(), default=until + 1)
             if b > until or b <= last:
                 return
             last = b
-            await self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b}, (b + 1) * self.cfg.bucket_ms)
+            self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b}, (b + 1) * self.bucket_ms)
 
     # -- linking ------------------------------------------------------------------------------------------
     def _absorb(self, bucket: int, batches: Mapping[int, Batch], now: int) -> None:
+        """The bucket's events of these shards join the state: decode, dedupe, link, assign (and merge)."""
+        new, total = self._decode(batches, now)
+        sts = {s: self.shards[s] for s in batches}
+        new, skipped = self._dedupe(sts, bucket, new)
+        self.counters.duplicates += total - new.height - skipped
+        if new.is_empty():
+            return
+        self.counters.events += new.height
+        union = self._link(new)
+        frame = self._assign(sts, bucket, now, union)
+        self.pending_chunks += 1
+        if self.pending_chunks > 64:
+            frame = frame.rechunk()
+            self.pending_chunks = 0
+        self.frame = frame
+
+    def _decode(self, batches: Mapping[int, Batch], now: int) -> tuple[pl.DataFrame, int]:
+        """The partitions' events as state rows (story unset), first of each id only; and how many there were."""
         shards = list(batches)
         sizes = [len(batches[s]) for s in shards]
         cols = event_columns([r.payload for s in shards for r in batches[s].records])
@@ -288,38 +402,42 @@ class StoryStage:
             pl.lit(now, pl.Int64).alias("ingest"),
             shard_col,
         )
-        total = len(new)
-        new = new.select(list(STATE_SCHEMA)).unique("id", keep="first", maintain_order=True)
-        sts = {s: self.shards[s] for s in shards}
-        replaying = [st for st in sts.values() if st.ghosts is not None or st.ghost_ids or st.pending_cuts]
+        total = new.height
+        return new.select(list(STATE_SCHEMA)).unique("id", keep="first", maintain_order=True), total
+
+    def _dedupe(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+        """Drop the events already in their shard's state (re-deliveries) and, in a replay, those of stories that
+        had left the state. Returns the rest and how many the replay skipped."""
         skipped = 0
+        replaying = [st for st in sts.values() if st.replaying]
         if replaying:
             for st in replaying:
                 if st.pending_cuts:
                     self._apply_cuts(st, bucket)
-            before = len(new)
+            before = new.height
             new = self._skip_ghosts(sts, bucket, new)
-            skipped = before - len(new)
+            skipped = before - new.height
             self.counters.replay_skipped += skipped
-        new_ids: list[str] = new["id"].to_list()
-        new_shards: list[int] = new["shard"].to_list()
         if any(st.ids for st in sts.values()):
             ids_of = {s: st.ids for s, st in sts.items()}
-            fresh = [i not in ids_of[s] for i, s in zip(new_ids, new_shards, strict=True)]
+            fresh = [i not in ids_of[s] for i, s in zip(new["id"].to_list(), new["shard"].to_list(), strict=True)]
             if not all(fresh):
                 new = new.filter(pl.Series(fresh))
-                new_ids = [i for i, f in zip(new_ids, fresh, strict=True) if f]
-                new_shards = [s for s, f in zip(new_shards, fresh, strict=True) if f]
-        self.counters.duplicates += total - len(new) - skipped
-        if new.is_empty():
-            return
-        self.counters.events += len(new)
+        return new, skipped
+
+    def _link(self, new: pl.DataFrame) -> pl.DataFrame:
+        """The new events with the state's events of the same flows (``is_new`` tells them apart), each with its
+        component (``comp``): events linked directly or through others."""
         frame = self.frame
         ctx = frame.join(new.select("flow").drop_nulls().unique(), on="flow", how="semi") if frame.height else frame
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
-        union = union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
+        return union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
+
+    def _assign(self, sts: Mapping[int, ShardState], bucket: int, now: int, union: pl.DataFrame) -> pl.DataFrame:
+        """Per component with new events: a new story, or the story it touches, or the merge of the several it
+        touches. Returns the state frame with the new events in it."""
         story = pl.col("story")
         groups = (
             union.group_by("comp")
@@ -338,14 +456,42 @@ class StoryStage:
         )
         comps: list[int] = []
         sids: list[int] = []
-        # Components with no known story: new stories (most of them), created from columns.
-        fresh_groups = groups.filter(pl.col("known_n") == 0)
+        self._create(sts, bucket, now, groups.filter(pl.col("known_n") == 0), comps, sids)
+        renames = self._extend(sts, bucket, now, union, groups.filter(pl.col("known_n") > 0), comps, sids)
+        assigned = (
+            union.filter(pl.col("is_new"))
+            .with_columns(pl.col("comp").replace_strict(comps, sids, return_dtype=KEY).alias("story"))
+            .select(list(STATE_SCHEMA))
+        )
+        frame = pl.concat([self.frame, assigned], how="vertical", rechunk=False)
+        if renames:
+            frame = self._merge(sts, frame, renames)
+        if len(sts) == 1:
+            next(iter(sts.values())).ids.update(assigned["id"].to_list())
+        else:
+            per = assigned.group_by("shard").agg(pl.col("id"))
+            for s, ids in zip(per["shard"].to_list(), per["id"].to_list(), strict=True):
+                sts[s].ids.update(ids)
+        return frame
+
+    def _create(
+        self,
+        sts: Mapping[int, ShardState],
+        bucket: int,
+        now: int,
+        fresh: pl.DataFrame,
+        comps: list[int],
+        sids: list[int],
+    ) -> None:
+        """Components that touch no known story become new stories. The key hashes the smallest new event id
+        with the bucket the story starts in: an event delivered again after its story left the state starts a
+        story with another id (never a second revision 1 of the old one)."""
         wait = self.c.max_wait_ms
         for comp, first_new, n_new, t_min, t_max, flow, shard in zip(
-            *(fresh_groups[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard")),
+            *(fresh[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard")),
             strict=True,
         ):
-            sid = xxhash.xxh3_64_intdigest(first_new.encode())
+            sid = xxhash.xxh3_64_intdigest(first_new.encode(), seed=bucket)
             st = sts[shard]
             pred = None
             if flow is not None and st.sealed_flows:
@@ -369,29 +515,38 @@ class StoryStage:
             )
             comps.append(comp)
             sids.append(sid)
-        self.counters.stories += fresh_groups.height
-        # Components that touch known stories: the events join the smallest; several stories merge into it.
-        known_groups = groups.filter(pl.col("known_n") > 0)
-        merging = known_groups.filter(pl.col("known_n") > 1)["comp"]
+        self.counters.stories += fresh.height
+
+    def _extend(
+        self,
+        sts: Mapping[int, ShardState],
+        bucket: int,
+        now: int,
+        union: pl.DataFrame,
+        known: pl.DataFrame,
+        comps: list[int],
+        sids: list[int],
+    ) -> dict[int, tuple[int, int]]:
+        """Components that touch known stories: the new events join the smallest; an emitted story re-opens (a
+        new revision will follow). Returns the other stories of each component: old key → (survivor, shard)."""
+        merging = known.filter(pl.col("known_n") > 1)["comp"]
         known_lists: dict[int, list[int]] = {}
         if merging.len():
             lists = (
-                union.filter(pl.col("comp").is_in(merging.implode()) & story.is_not_null())
+                union.filter(pl.col("comp").is_in(merging.implode()) & pl.col("story").is_not_null())
                 .group_by("comp")
-                .agg(story.unique().sort())
+                .agg(pl.col("story").unique().sort())
             )
             known_lists = dict(zip(lists["comp"].to_list(), lists["story"].to_list(), strict=True))
-        renames: dict[int, int] = {}
-        rename_shard: dict[int, int] = {}
+        renames: dict[int, tuple[int, int]] = {}
         for comp, sid, n_known, n_new, t_min, t_max, shard in zip(
-            *(known_groups[c].to_list() for c in ("comp", "known_min", "known_n", "n_new", "t_min", "t_max", "shard")),
+            *(known[c].to_list() for c in ("comp", "known_min", "known_n", "n_new", "t_min", "t_max", "shard")),
             strict=True,
         ):
             st = sts[shard]
             if n_known > 1:
                 for other in known_lists[comp][1:]:
-                    renames[other] = sid
-                    rename_shard[other] = shard
+                    renames[other] = (sid, shard)
                     st.merged_now[other] = sid  # written as merged_into stubs by _timeouts
             meta = st.stories[sid]
             meta.last_ingest_ms = now
@@ -410,33 +565,22 @@ class StoryStage:
             st.changed.add(sid)
             comps.append(comp)
             sids.append(sid)
-        assigned = (
-            union.filter(pl.col("is_new"))
-            .with_columns(pl.col("comp").replace_strict(comps, sids, return_dtype=KEY).alias("story"))
-            .select(list(STATE_SCHEMA))
-        )
-        frame = pl.concat([frame, assigned], how="vertical", rechunk=False)
-        if renames:
-            frame = frame.with_columns(pl.col("story").replace(renames))
-            for old, sid in renames.items():
-                st = sts[rename_shard[old]]
-                om, sm = st.stories[old], st.stories[sid]
-                sm.events += om.events
-                sm.first_bucket = min(sm.first_bucket, om.first_bucket)
-                sm.last_bucket = max(sm.last_bucket, om.last_bucket)
-                sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
-                self.counters.merged += 1
-        self.pending_chunks += 1
-        if self.pending_chunks > 64:
-            frame = frame.rechunk()
-            self.pending_chunks = 0
-        self.frame = frame
-        if len(sts) == 1:
-            next(iter(sts.values())).ids.update(new_ids)
-        else:
-            per = assigned.group_by("shard").agg(pl.col("id"))
-            for s, ids in zip(per["shard"].to_list(), per["id"].to_list(), strict=True):
-                sts[s].ids.update(ids)
+        return renames
+
+    def _merge(
+        self, sts: Mapping[int, ShardState], frame: pl.DataFrame, renames: Mapping[int, tuple[int, int]]
+    ) -> pl.DataFrame:
+        """Stories linked by this bucket's events merge into the smallest key: rows renamed, counts folded."""
+        frame = frame.with_columns(pl.col("story").replace({old: sid for old, (sid, _) in renames.items()}))
+        for old, (sid, shard) in renames.items():
+            st = sts[shard]
+            om, sm = st.stories[old], st.stories[sid]
+            sm.events += om.events
+            sm.first_bucket = min(sm.first_bucket, om.first_bucket)
+            sm.last_bucket = max(sm.last_bucket, om.last_bucket)
+            sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
+            self.counters.merged += 1
+        return frame
 
     def _skip_ghosts(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> pl.DataFrame:
         """Replay: drop the events of stories that had left the state (see :meth:`prepare_replay`)."""
@@ -462,23 +606,43 @@ class StoryStage:
 
     def _apply_cuts(self, st: ShardState, bucket: int) -> None:
         """Replay: the cuts made before ``bucket`` name the predecessors of stories created from it on."""
-        bms = self.cfg.bucket_ms
+        bms = self.bucket_ms
         while st.pending_cuts and st.pending_cuts[0][0] < bucket:
             b, flow, sid = st.pending_cuts.pop(0)
             st.sealed_flows[flow] = (sid, (b + 1) * bms)
 
     # -- time ---------------------------------------------------------------------------------------------
-    async def _timeouts(self, bucket: int, sts: Mapping[int, ShardState], now: int) -> None:
-        """Emissions, truncations and evictions due at ``bucket`` in these shards: one fusion pass and one
-        story write for all of them."""
+    def _forced(self, st: ShardState, bucket: int, due: list[StoryMeta], due_keys: set[int]) -> list[StoryMeta]:
+        """The stories the open-story limit forces out at ``bucket``, least recently extended first. In a replay
+        the live run's choice is taken from the marks: it counted stories that had left the state since (the
+        replay does not hold them), so deciding again could choose others."""
+        c = self.c
+        if bucket <= st.replay_through:
+            keys = st.forced_at.pop(bucket, [])
+            return [m for m in (st.stories.get(k) for k in keys) if m is not None and m.dirty and m.key not in due_keys]
+        if st.open - len(due) <= c.max_open_stories:
+            return []
+        extra = sorted(
+            (m for m in st.stories.values() if m.dirty and m.key not in due_keys),
+            key=lambda m: (m.last_ingest_ms, m.key),
+        )
+        return extra[: st.open - len(due) - c.max_open_stories]
+
+    def _timeouts(self, bucket: int, sts: Mapping[int, ShardState], now: int) -> None:
+        """Emissions, truncations and evictions due at ``bucket`` in these shards: one fusion pass for all."""
         c = self.c
         records: list[StoryRecord] = []
         due_all: list[StoryMeta] = []
         provisional_all: list[StoryMeta] = []
-        active: dict[int, tuple[ShardState, list[StoryMeta], list[int]]] = {}
+        active: dict[int, tuple[ShardState, list[StoryMeta], list[int], list[int]]] = {}
         span_us = c.max_story_ms * 1000
         for shard, st in sts.items():
-            if not st.changed and not st.merged_now and now < self._next_due_ms(st):
+            if (
+                not st.changed
+                and not st.merged_now
+                and now < self._next_due_ms(st)
+                and not (st.forced_at and bucket in st.forced_at)
+            ):
                 continue  # nothing changed and nothing falls due yet
             renames, st.merged_now = st.merged_now, {}
             for old, sid in renames.items():
@@ -502,62 +666,60 @@ class StoryStage:
             due_keys = {m.key for m in due}
             due += [m for m in big if m.key not in due_keys]
             due_keys.update(m.key for m in big)
-            if st.open - len(due) > c.max_open_stories:
-                extra = sorted(
-                    (m for m in st.stories.values() if m.dirty and m.key not in due_keys),
-                    key=lambda m: m.last_ingest_ms,
-                )
-                forced = extra[: st.open - len(due) - c.max_open_stories]
-                self.counters.forced += len(forced)
-                due += forced
+            forced = self._forced(st, bucket, due, due_keys)
+            self.counters.forced += len(forced)
+            due += forced
             if c.emit == "updates":
                 due_keys.update(m.key for m in due)
                 provisional_all += [
                     m for m in (st.stories[k] for k in changed if k in st.stories) if m.dirty and m.key not in due_keys
                 ]
             due_all += due
-            active[shard] = (st, big, gone)
+            active[shard] = (st, big, gone, [m.key for m in forced])
         if not active:
             return
         if records or due_all or provisional_all:
-            await self._emit(bucket, due_all, now, records, provisional_all)
+            self._emit(bucket, due_all, now, records, provisional_all)
         # Leave the state: truncated stories now; emitted, quiet ones past the amend horizon.
         leaving: dict[int, list[int]] = {}
-        for shard, (st, big, gone) in active.items():
+        for shard, (st, big, gone, _) in active.items():
             gone += [m.key for m in self._pop_due(st, now)]  # emitted now with a zero horizon
             if big or gone:
                 leaving[shard] = [m.key for m in big] + gone
                 self.counters.truncated += len(big)
                 self.counters.evicted += len(gone)
-        if leaving:
+        forced_keys = {shard: keys for shard, (_, _, _, keys) in active.items() if keys}
+        if leaving or forced_keys:
             # The leaving stories' rows, selected once for the cuts, the marks and the id sets.
             mask = pl.col("story").is_in([k for ks in leaving.values() for k in ks])
-            rows = self.frame.filter(mask)
-            big_all = [m for _, big, _ in active.values() for m in big]
+            rows = self.frame.filter(mask) if leaving else self.frame.clear()
+            big_all = [m for _, big, _, _ in active.values() for m in big]
             cuts = self._seal(rows, big_all, now) if big_all else {}
-            marks = self._marks(rows, leaving, cuts)
-            for shard, ids in rows.group_by("shard").agg(pl.col("id")).iter_rows():
-                self.shards[shard].ids.difference_update(ids)
-            self.frame = self.frame.filter(~mask)
-            writes = []
+            marks = self._marks(rows, [*leaving, *(s for s in forced_keys if s not in leaving)], cuts, forced_keys)
+            if leaving:
+                for shard, ids in rows.group_by("shard").agg(pl.col("id")).iter_rows():
+                    self.shards[shard].ids.difference_update(ids)
+                self.frame = self.frame.filter(~mask)
             for shard, keys in leaving.items():
                 st = active[shard][0]
                 for key in keys:
                     del st.stories[key]
-                if bucket > st.replay_through:  # a replayed bucket's marks are stored already (and complete)
-                    writes.append(self.store.put_marks(self.cfg.consumer, shard, bucket, marks[shard]))
-            for w in writes:
-                await w
-        for st, _, _ in active.values():
+            for shard, parts in marks.items():
+                if bucket > active[shard][0].replay_through:  # a replayed bucket's marks are stored (and complete)
+                    self._out.marks += [MarkRecord(shard, bucket, i, body) for i, body in enumerate(parts)]
+        for st, _, _, _ in active.values():
             if len(st.sealed_flows) > 64:
                 st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
 
     @staticmethod
     def _marks(
-        rows: pl.DataFrame, keys: Mapping[int, list[int]], cuts: Mapping[int, list[tuple[int, str]]]
+        rows: pl.DataFrame,
+        shards: Sequence[int],
+        cuts: Mapping[int, list[tuple[int, str]]],
+        forced: Mapping[int, list[int]],
     ) -> dict[int, list[bytes]]:
-        """The stored form of the stories leaving the state (:class:`Marks`) per shard, in parts of
-        MARKS_PER_PART. ``rows``: the leaving stories' rows."""
+        """The stored form (:class:`Marks`) per shard, in parts of MARKS_PER_PART. ``rows``: the leaving stories'
+        rows; ``forced``: the keys of the stories forced out per shard."""
         ranges = (
             rows.filter(pl.col("flow").is_not_null())
             .group_by("shard", "story", "flow")
@@ -569,15 +731,23 @@ class StoryStage:
         ids_of = dict(zip(flowless["shard"].to_list(), flowless["id"].to_list(), strict=True))
         out: dict[int, list[bytes]] = {}
         k = MARKS_PER_PART
-        for shard in keys:
+        for shard in shards:
             r = ranges.get((shard,))
             flows, lo, hi = (r[c].to_list() for c in ("flow", "lo", "hi")) if r is not None else ([], [], [])
             ids: list[str] = ids_of.get(shard, [])
             cut = list(cuts.get(shard, []))
-            n = max(len(flows), len(ids), len(cut))
+            forced_keys = sorted(forced.get(shard, []))
+            n = max(len(flows), len(ids), len(cut), len(forced_keys))
             out[shard] = [
                 _marks_encoder.encode(
-                    Marks(flows[i : i + k], lo[i : i + k], hi[i : i + k], ids[i : i + k], cut[i : i + k])
+                    Marks(
+                        flows[i : i + k],
+                        lo[i : i + k],
+                        hi[i : i + k],
+                        ids[i : i + k],
+                        cut[i : i + k],
+                        forced_keys[i : i + k],
+                    )
                 )
                 for i in range(0, n, k)
             ]
@@ -602,7 +772,7 @@ class StoryStage:
             self.shards[m.shard].sealed_flows[flow] = (m.id, now)
         return cuts
 
-    async def _emit(
+    def _emit(
         self,
         bucket: int,
         due: list[StoryMeta],
@@ -610,6 +780,8 @@ class StoryStage:
         records: list[StoryRecord] | None = None,
         provisional: list[StoryMeta] | None = None,
     ) -> None:
+        """New revisions of ``due`` (final) and ``provisional`` stories, fused in one pass, plus ``records``
+        (merge stubs), into the call's emission (unless replaying: then they are durable already)."""
         out = list(records or [])
         temp = {m.key for m in provisional or []}
         due = [*due, *(provisional or [])]
@@ -629,17 +801,16 @@ class StoryStage:
                 heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
                 shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
-            head_frame = pl.DataFrame(heads, schema=HEAD_SCHEMA, orient="row")
-            rows = self.frame.filter(pl.col("story").is_in(list(shard_of))).drop("shard")
-            fused = fuse(
-                rows, head_frame, rules=self.c.merge, seed=self.cfg.ingest.community_id_seed, cid_cache=self.cid_cache
-            )
-            for key, sid, revision, final, body in fused.select(
-                "story", "story_id", "revision", "final", "body"
-            ).iter_rows():
-                out.append(StoryRecord(shard_of[key], bucket, sid, revision, final, None, now, body.encode()))
-        if out:
-            await self.store.put_stories(out)
+            if self._writing:
+                head_frame = pl.DataFrame(heads, schema=HEAD_SCHEMA, orient="row")
+                rows = self.frame.filter(pl.col("story").is_in(list(shard_of))).drop("shard")
+                fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache)
+                for key, sid, revision, final, body in fused.select(
+                    "story", "story_id", "revision", "final", "body"
+                ).iter_rows():
+                    out.append(StoryRecord(shard_of[key], bucket, sid, revision, final, None, now, body.encode()))
+        if out and self._writing:
+            self._out.stories += out
 
     def _stub(self, shard: int, bucket: int, meta: StoryMeta, into: str, now: int) -> StoryRecord:
         body = FusedStory(meta.id, meta.revision + 1, True, None, None, 0, 0, 0, [], [], [], {}, {}, merged_into=into)

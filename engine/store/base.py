@@ -156,9 +156,11 @@ class Store(Protocol):
         """Every stored story revision, paged, in no particular order."""
 
     # -- stage marks -------------------------------------------------------------------------------------
-    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
-        """Store a stage's marks for one bucket of one shard as rows ``(bucket, part)`` (part = position in
-        ``parts``): an idempotent upsert, so a replay may write the same marks again."""
+    async def put_marks(
+        self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes], *, first_part: int = 0
+    ) -> None:
+        """Store a stage's marks for one bucket of one shard as rows ``(bucket, part)`` (part = ``first_part`` +
+        position in ``parts``): an idempotent upsert, so a replay may write the same marks again."""
 
     async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
         """The marks of buckets ``[first, last]``, ascending by ``(bucket, part)``."""

@@ -1029,13 +1029,15 @@ class CqlStore:
             seen |= {r["dl_id"] for r in rows if r["t"] == last}
 
     # -- stage marks ---------------------------------------------------------------------------------------
-    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
+    async def put_marks(
+        self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes], *, first_part: int = 0
+    ) -> None:
         if not parts:
             return
         cql = f"INSERT INTO {self.ks}.stage_marks (consumer, shard, slot, bucket, part, body) VALUES (?, ?, ?, ?, ?, ?)"
         prepared = await self._prep("marks_insert", cql)
         slot = BigInt(index_slot(bucket, self.cfg.bucket_ms))
-        rows = [[consumer, shard, slot, BigInt(bucket), i, body] for i, body in enumerate(parts)]
+        rows = [[consumer, shard, slot, BigInt(bucket), i, body] for i, body in enumerate(parts, first_part)]
         limit = self.cfg.store.batch_bytes
         cur: list[list[Any]] = []
         size = 0

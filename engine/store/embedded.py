@@ -497,7 +497,9 @@ class EmbeddedStore:
                 yield page
 
     # -- stage marks ---------------------------------------------------------------------------------------
-    async def put_marks(self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes]) -> None:
+    async def put_marks(
+        self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes], *, first_part: int = 0
+    ) -> None:
         if not parts:
             return
         sql = (
@@ -507,7 +509,7 @@ class EmbeddedStore:
 
         def do(c: sqlite3.Connection) -> None:
             exp = self.clock.now_ms() + self.cfg.ttl_ms
-            c.executemany(sql, [(consumer, shard, bucket, i, body, exp) for i, body in enumerate(parts)])
+            c.executemany(sql, [(consumer, shard, bucket, i, body, exp) for i, body in enumerate(parts, first_part)])
 
         await self._run("write stage marks", do, write=True)
 

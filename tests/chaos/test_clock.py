@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from engine.correlate.story import StoryStage
-from engine.stage import Batch, CountingStage, Stage
+from engine.correlate.story import StoryMachine
+from engine.stage import Buckets, CountingStage, Emission, Stage
 from engine.worker import Worker
 from tests.chaos.conftest import Recorder, TenantFactory
 from tests.chaos.harness import CAUGHT_UP_SLACK_MS, Feeder, finish, split
@@ -39,23 +39,24 @@ class Watch:
         self.inner = inner
         self.live: dict[int, list[tuple[int, float]]] = {}
 
-    async def on_buckets(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
+    def on_buckets(self, buckets: Buckets, *, replay: bool) -> Emission:
         if not replay:
-            for shard in batches:
-                self.live.setdefault(shard, []).append((bucket, time.time()))
-        await self.inner.on_buckets(bucket, batches, replay=replay)
+            for bucket, batches in buckets:
+                for shard in batches:
+                    self.live.setdefault(shard, []).append((bucket, time.time()))
+        return self.inner.on_buckets(buckets, replay=replay)
 
-    def replay_bucket(self, shard: int, read_bucket: int) -> int:
-        return self.inner.replay_bucket(shard, read_bucket)
+    def marks_from(self, first: int) -> int:
+        return self.inner.marks_from(first)
 
-    async def prepare_replay(self, shard: int, first: int, last: int) -> None:
-        await self.inner.prepare_replay(shard, first, last)
+    def prepare_replay(self, shard: int, first: int, last: int, marks: Sequence[tuple[int, bytes]]) -> None:
+        self.inner.prepare_replay(shard, first, last, marks)
 
     def reset(self, shards: Sequence[int]) -> None:
         self.inner.reset(shards)
 
-    async def drain(self, shard: int, bucket: int) -> None:
-        await self.inner.drain(shard, bucket)
+    def drain(self, shards: Sequence[int], bucket: int) -> Emission:
+        return self.inner.drain(shards, bucket)
 
     def metrics(self) -> dict[str, float]:
         return self.inner.metrics()
@@ -71,7 +72,7 @@ def test_a_worker_clock_jumping_backwards(
     feeder = Feeder(t, split(src, t.dir, 10), pause_s=1.0)
     clock = JumpClock()
     worker = Worker(cfg, range(cfg.shards), CountingStage(), owner="chaos-clock", clock=clock, check_skew=False)
-    watch = Watch(StoryStage(cfg, worker.store))
+    watch = Watch(StoryMachine.for_config(cfg))
     worker.stage = watch
     committed: dict[int, list[int]] = {}
 
