@@ -9,12 +9,16 @@ It holds when:
   distinct event the ingest summaries accepted is stored, and the dead-letter store holds exactly the lines
   they rejected.
 
+* every ``(story_id, revision)`` is stored as one row: the same revision under a second ``period`` (a story
+  emitted again after a restart) is a violation of the story stream's promise (docs/correlation.md).
+
 An id found in two stories whose emissions lie further apart than ``correlate.amend_horizon_ms`` was
-re-ingested after the horizon: that is listed apart, not as a violation. A re-ingest after the horizon can also
-build a story again under the same id (the id derives from its events), with revisions counted from 1 again:
-the revisions of one id are therefore cut into incarnations where the revision number stops growing (in
-emission order), and each incarnation's last revision counts as a latest revision. Incomplete chunk sets (never
-acknowledged to a producer) and dead letters are counted and reported.
+delivered again after the horizon (a late re-delivery): that is outside the promise and listed apart, not as a
+violation — the story it starts has another id (the id hashes the bucket a story starts in). Tenants written
+before that rule may hold a story id built again with revisions counted from 1: the revisions of one id are
+cut into incarnations where the revision number stops growing (in emission order), and each incarnation's last
+revision counts as a latest revision; those repeated revisions are reported apart too. Incomplete chunk sets
+(never acknowledged to a producer) and dead letters are counted and reported.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class VerifyReport(msgspec.Struct):
     dead_letters: int = 0
     missing: list[str] = msgspec.field(default_factory=list)  # accepted ids in no story
     duplicated: list[str] = msgspec.field(default_factory=list)  # ids in several stories within the horizon
+    # "story_id@revision" stored as more than one row (another period): a story emitted again
+    repeated: list[str] = msgspec.field(default_factory=list)
     reingested: list[str] = msgspec.field(default_factory=list)  # ids in several stories beyond the horizon
     unknown: list[str] = msgspec.field(default_factory=list)  # story event ids not in the events table
     truth_missing: list[str] = msgspec.field(default_factory=list)  # --truth ids never accepted
@@ -54,7 +60,9 @@ class VerifyReport(msgspec.Struct):
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.duplicated or self.unknown or self.truth_missing or self.unreconciled)
+        return not (
+            self.missing or self.duplicated or self.repeated or self.unknown or self.truth_missing or self.unreconciled
+        )
 
     @property
     def lost(self) -> int:
@@ -78,6 +86,11 @@ class VerifyReport(msgspec.Struct):
             if ids:
                 shown = ", ".join(ids[:limit]) + (" …" if len(ids) > limit else "")
                 out.append(f"{len(ids):,} event ids {name}: {shown}")
+        if self.repeated:
+            shown = ", ".join(self.repeated[:limit]) + (" …" if len(self.repeated) > limit else "")
+            out.append(
+                f"{len(self.repeated):,} story revisions stored twice (emitted again under another period): {shown}"
+            )
         out.extend(f"counts do not reconcile: {problem}" for problem in self.unreconciled)
         out.append("verify: OK" if self.ok else "verify: FAILED")
         return out
@@ -112,11 +125,16 @@ async def verify(store: Store, cfg: Config, now_ms: int) -> VerifyReport:
     # emission order and cut into incarnations wherever the revision number does not grow; each incarnation's
     # last revision is a latest revision.
     revisions: dict[str, list[tuple[int, int, bool, list[str]]]] = {}
+    rows: dict[tuple[str, int], int] = {}  # (story_id, revision) → rows stored
     async for story_page in store.scan_stories():
         for s in story_page:
             merged = s.merged_into is not None
             ids = [] if merged else _ids_decoder.decode(s.body).event_ids
             revisions.setdefault(s.story_id, []).append((s.emitted_ms, s.revision, merged, ids))
+            key = (s.story_id, s.revision)
+            rows[key] = rows.get(key, 0) + 1
+    rep.repeated = sorted(f"{sid}@{rev}" for (sid, rev), n in rows.items() if n > 1)
+    del rows
     latest: list[tuple[int, bool, list[str]]] = []
     for revs in revisions.values():
         revs.sort(key=lambda r: (r[0], r[1]))

@@ -39,8 +39,8 @@ def test_verify_tells_incarnations_reingests_conflicts_and_counts_apart(tmp_path
                 [
                     story("s1", 1, now, ["a"]),
                     story("s1", 2, now + 1_000, ["a", "b"]),
-                    # the same id built again after the horizon, revisions from 1: a second incarnation
-                    story("s1", 1, now + 60_000, ["a", "b"]),
+                    # a and b delivered again after the horizon: a new story (its id hashes the bucket it starts in)
+                    story("s4", 1, now + 60_000, ["a", "b"]),
                     story("s2", 1, now, ["c"]),
                     story("s2", 2, now + 500, [], merged_into="s1"),
                     story("s3", 1, now, ["c", "d"]),
@@ -49,9 +49,9 @@ def test_verify_tells_incarnations_reingests_conflicts_and_counts_apart(tmp_path
             rep = await verify(store, cfg, now + 70_000)
         finally:
             await store.close()
-        assert rep.events == 4 and rep.stories == 3 and rep.merged_stubs == 1 and rep.recreated == 1
-        assert sorted(rep.reingested) == ["a", "b"]  # in both incarnations of s1, 59 s apart: listed apart
-        assert rep.duplicated == [] and rep.missing == [] and rep.unknown == [] and rep.ok
+        assert rep.events == 4 and rep.stories == 3 and rep.merged_stubs == 1 and rep.recreated == 0
+        assert sorted(rep.reingested) == ["a", "b"]  # in s1 and s4, 59 s apart: a late re-delivery, listed apart
+        assert rep.duplicated == [] and rep.missing == [] and rep.unknown == [] and rep.repeated == [] and rep.ok
         # ingest summaries: file f2 ran twice (a re-delivery counts once), rejects match the dead letters
         runs = [IngestRun("f1", 3, 1), IngestRun("f2", 1, 0), IngestRun("f2", 1, 0)]
         assert reconcile(rep, runs) == [] and rep.ok
@@ -82,5 +82,28 @@ def test_verify_flags_an_event_in_two_stories_within_the_horizon(tmp_path: Path)
         finally:
             await store.close()
         assert rep.duplicated == ["a"] and rep.unknown == ["zz"] and not rep.ok
+
+    arun(body())
+
+
+def test_verify_flags_a_story_revision_stored_twice(tmp_path: Path) -> None:
+    """The story stream's promise: one row per (story_id, revision). The same revision emitted again under
+    another period (a restart that rebuilt and re-emitted a finished story) fails verify, even when every event
+    is still in exactly one latest revision."""
+    cfg = from_mapping({**base_tree("embedded", tmp_path, "t_verify3"), "shards": 1})
+    now = int(time.time() * 1000)
+
+    async def body() -> None:
+        store = make_store(cfg)
+        await store.open()
+        try:
+            await store.init_schema()
+            await store.append(0, now // cfg.bucket_ms, [EventRecord(i, b"x") for i in ("a", "b")])
+            await store.put_stories([story("s1", 1, now, ["a", "b"]), story("s1", 1, now + 30_000, ["a", "b"])])
+            rep = await verify(store, cfg, now + 40_000)
+        finally:
+            await store.close()
+        assert rep.repeated == ["s1@1"] and rep.missing == [] and not rep.ok
+        assert any("stored twice" in ln for ln in rep.lines())
 
     arun(body())
