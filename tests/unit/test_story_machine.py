@@ -1,0 +1,230 @@
+"""The story state machine alone, with no store: what it emits is all there is, so a replay, a drain and the
+open-story limit are checked on emissions. A :class:`Ledger` stands for the stories stream and the marks table:
+it applies emissions as the worker's checkpoint does and fails on any second row or changed bytes of a
+``(story_id, revision)`` — the story stream's promise (docs/correlation.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.correlate.story import DRAIN_PART, StoryMachine
+from engine.event import Event, shard_of
+from engine.stage import Batch, Emission
+from tests.unit.test_story import batch, config, ev, random_script
+
+Row = tuple[int, int, bool, str | None, int, bytes]  # shard, period, final, merged_into, emitted_ms, body
+
+
+class Ledger:
+    """The stories and marks a sequence of emissions leaves behind; raises on a violation of the promise."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], Row] = {}
+        self.marks: dict[tuple[int, int, int], bytes] = {}
+        self.rewrites = 0
+
+    def apply(self, em: Emission) -> None:
+        for m in em.marks:
+            old = self.marks.get((m.shard, m.bucket, m.part))
+            assert old is None or old == m.body, ("marks rewritten with other bytes", m.shard, m.bucket, m.part)
+            self.marks[(m.shard, m.bucket, m.part)] = m.body
+        for s in em.stories:
+            row = (s.shard, s.period, s.final, s.merged_into, s.emitted_ms, s.body)
+            old_row = self.rows.get((s.story_id, s.revision))
+            if old_row is not None:
+                assert old_row == row, ("a story revision written twice, differently", s.story_id, s.revision)
+                self.rewrites += 1
+            self.rows[(s.story_id, s.revision)] = row
+
+    def marks_of(self, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
+        return sorted((b, body) for (s, b, p), body in sorted(self.marks.items()) if s == shard and first <= b <= last)
+
+    def latest_ids(self) -> dict[str, list[str]]:
+        """Event ids per story in its latest revision (merge stubs left out)."""
+        import msgspec
+
+        latest: dict[str, tuple[int, Row]] = {}
+        for (sid, rev), row in self.rows.items():
+            if sid not in latest or rev > latest[sid][0]:
+                latest[sid] = (rev, row)
+        return {sid: msgspec.json.decode(row[5])["event_ids"] for sid, (_, row) in latest.items() if row[3] is None}
+
+
+def restart(cfg: Any, ledger: Ledger, read: dict[int, int], replay_from: dict[int, int]) -> StoryMachine:
+    m = StoryMachine.for_config(cfg)
+    for shard, last in read.items():
+        first = replay_from[shard]
+        m.prepare_replay(shard, first, last, ledger.marks_of(shard, m.marks_from(first), last))
+    return m
+
+
+def crash_and_replay(
+    cfg: Any,
+    ledger: Ledger,
+    script: dict[int, dict[int, list[Event]]],
+    shards: int,
+    crash: int,
+    before_replay: Callable[[Ledger], None] | None = None,
+) -> StoryMachine:
+    """A machine fed buckets 100..crash, then a new one replayed from the replay points through ``crash`` (the
+    replay's emission applied too): returned ready to go on."""
+    first = StoryMachine.for_config(cfg)
+    replay_from: dict[int, int] = {}
+    for b in range(100, crash + 1):
+        em = first.on_buckets([(b, {s: batch(*script.get(b, {}).get(s, [])) for s in range(shards)})])
+        ledger.apply(em)
+        replay_from.update(em.replay)
+    if before_replay is not None:
+        before_replay(ledger)
+    second = restart(cfg, ledger, dict.fromkeys(range(shards), crash), replay_from)
+    for b in range(min(replay_from.values()), crash + 1):
+        batches = {s: batch(*script.get(b, {}).get(s, [])) for s in range(shards) if replay_from[s] <= b}
+        ledger.apply(second.on_buckets([(b, batches)], replay=True))
+    return second
+
+
+def feed(
+    m: StoryMachine, ledger: Ledger, script: dict[int, dict[int, list[Event]]], lo: int, hi: int, **kw: Any
+) -> None:
+    """Buckets ``lo..hi`` of every shard of the script, one call per bucket (empty shards included)."""
+    shards = sorted({s for per in script.values() for s in per} | {0})
+    for b in range(lo, hi + 1):
+        batches: dict[int, Batch] = {s: batch(*script.get(b, {}).get(s, [])) for s in shards}
+        ledger.apply(m.on_buckets([(b, batches)], **kw))
+
+
+def by_shard(script: dict[int, list[Event]], shards: int) -> dict[int, dict[int, list[Event]]]:
+    out: dict[int, dict[int, list[Event]]] = {}
+    for b, evs in script.items():
+        for e in evs:
+            out.setdefault(b, {}).setdefault(shard_of(e, shards), []).append(e)
+    return out
+
+
+def test_a_drain_is_repeated_by_a_replay_not_rebuilt_and_emitted_again(tmp_path: Path) -> None:
+    """Drain at bucket D, then a restart (replay from the committed offsets through D), then more time, more
+    events and another drain: no story revision appears twice with other content or under another period, the
+    replay emits only the drain's own revisions again (identical), and a later amendment is revision n+1."""
+    cfg = config(tmp_path, max_wait_ms=10_000, amend_horizon_ms=60_000)
+    shards = 4
+    script = by_shard(random_script(5, 100, 160), shards)
+    ledger = Ledger()
+    live = StoryMachine.for_config(cfg)
+    feed(live, ledger, script, 100, 160)
+    drained = live.drain(list(range(shards)), 160)
+    assert drained.stories and all(s.period == 160 and s.final for s in drained.stories)
+    assert [m.part for m in drained.marks] == [DRAIN_PART] * len(drained.marks)
+    ledger.apply(drained)
+    assert not any(m.dirty for st in live.shards.values() for m in st.stories.values())
+    replay_from = {s: drained.replay[s] for s in range(shards)}
+    assert all(r <= 160 for r in replay_from.values())
+
+    # a restart replays through 160: it emits the drain again (the same bytes), nothing else
+    again = restart(cfg, ledger, dict.fromkeys(range(shards), 160), replay_from)
+    rows_before = dict(ledger.rows)
+    replayed = Emission()
+    for b in range(min(replay_from.values()), 161):
+        batches = {s: batch(*script.get(b, {}).get(s, [])) for s in range(shards) if replay_from[s] <= b}
+        replayed.add(again.on_buckets([(b, batches)], replay=True))
+    assert sorted(replayed.stories, key=lambda s: s.story_id) == sorted(drained.stories, key=lambda s: s.story_id)
+    assert not replayed.marks
+    ledger.apply(replayed)
+    assert ledger.rows == rows_before
+    # a second drain right away finds nothing open
+    assert not again.drain(list(range(shards)), 160).stories
+
+    # both go on: an event of an emitted story within the horizon amends it (revision n+1), the same in both
+    victim = next(e for b in range(160, 99, -1) for evs in script.get(b, {}).values() for e in evs if e.flow)
+    late = Event(
+        "late-1",
+        victim.time_us + 1_000_000,
+        "firewall",
+        "c",
+        victim.flow,
+        False,
+        6,
+        victim.src_ip,
+        victim.src_port,
+        victim.dst_ip,
+        victim.dst_port,
+        {},
+    )
+    more = {170: {shard_of(late, shards): [late]}}
+    out_live, out_again = Ledger(), Ledger()
+    feed(live, out_live, more, 161, 200)
+    feed(again, out_again, more, 161, 200)
+    out_live.apply(live.drain(list(range(shards)), 200))
+    out_again.apply(again.drain(list(range(shards)), 200))
+    assert out_live.rows == out_again.rows and out_live.rows
+    amended = [(sid, rev) for (sid, rev) in out_live.rows if rev > 1]
+    assert amended, "the late event amends its story with a new revision"
+    for (sid, rev), row in out_live.rows.items():
+        assert (sid, rev) not in ledger.rows and row[1] > 160  # new revisions only, in later periods
+
+
+@pytest.mark.parametrize("crash", [160, 203, 251])
+def test_the_open_story_limit_forces_out_the_same_stories_after_a_replay(tmp_path: Path, crash: int) -> None:
+    """With ``max_open_stories`` reached, the stories forced out depend on how many stories are open — including
+    ones that have left the state since, which a replay does not hold. The choice is recorded in the marks and
+    a replay takes it: the rows after a crash at any point equal the uninterrupted run's."""
+    knobs = {"max_story_events": 6, "amend_horizon_ms": 20_000, "max_open_stories": 2, "max_wait_ms": 10_000}
+    cfg = config(tmp_path, **knobs)
+    shards = 2
+    script = by_shard(random_script(9, 100, 300), shards)
+    whole = Ledger()
+    m = StoryMachine.for_config(cfg)
+    feed(m, whole, script, 100, 360)
+    assert m.counters.forced > 5 and m.counters.evicted > 20
+
+    crashed = Ledger()
+    second = crash_and_replay(cfg, crashed, script, shards, crash)
+    feed(second, crashed, script, crash + 1, 360)
+    assert crashed.rows == whole.rows
+
+
+def test_without_the_recorded_choice_a_replay_would_force_out_other_stories(tmp_path: Path) -> None:
+    """The record is what makes the previous test pass: a replay that decides again (its marks without the forced
+    lists) writes different rows for at least one crash point — so the test above can fail."""
+    import msgspec
+
+    from engine.correlate.story import Marks
+
+    knobs = {"max_story_events": 6, "amend_horizon_ms": 20_000, "max_open_stories": 2, "max_wait_ms": 10_000}
+    cfg = config(tmp_path, **knobs)
+    shards = 2
+    script = by_shard(random_script(9, 100, 300), shards)
+    whole = Ledger()
+    feed(StoryMachine.for_config(cfg), whole, script, 100, 360)
+    dec, enc = msgspec.msgpack.Decoder(Marks), msgspec.msgpack.Encoder()
+
+    def forget_forced(ledger: Ledger) -> None:
+        ledger.marks = {
+            k: enc.encode(msgspec.structs.replace(dec.decode(v), forced=[])) for k, v in ledger.marks.items()
+        }
+
+    differs = 0
+    for crash in (160, 203, 251):
+        crashed = Ledger()
+        second = crash_and_replay(cfg, crashed, script, shards, crash, before_replay=forget_forced)
+        rest = Ledger()
+        feed(second, rest, script, crash + 1, 360)
+        differs += any(whole.rows.get(k) != v for k, v in rest.rows.items())
+    assert differs >= 1
+
+
+def test_a_story_built_again_after_the_horizon_gets_a_new_id(tmp_path: Path) -> None:
+    """An event delivered again after its story left the state starts a story with another id: the id hashes the
+    bucket a story starts in, so it is never a second revision 1 of the old one."""
+    cfg = config(tmp_path, max_wait_ms=5_000, amend_horizon_ms=10_000)
+    ledger = Ledger()
+    m = StoryMachine.for_config(cfg)
+    e = ev("x1", 0.0)
+    script = {100: {0: [e]}, 200: {0: [e]}}
+    feed(m, ledger, script, 100, 230)
+    ids = ledger.latest_ids()
+    assert sorted(ids.values()) == [["x1"], ["x1"]] and len(ids) == 2
+    assert {rev for (_, rev) in ledger.rows} == {1}
