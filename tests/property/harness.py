@@ -16,7 +16,9 @@ strikes at a chosen one (so hypothesis shrinks a failure to the first write that
   must not catch it) and refuses every later call — the run is abandoned there as a killed process is;
 * ``term``: the call completes, then the worker's ``stop`` is set (SIGTERM: a graceful stop);
 * ``fail``: the call writes a prefix of its rows, then raises ``TransientStoreError`` once (a timed-out write);
-  the worker rebuilds and goes on, or exits with the error (a crash a supervisor would restart).
+  the worker rebuilds and goes on, or exits with the error (a crash a supervisor would restart);
+* ``outage``: a database restart: the call and the next ``span`` store calls of any kind (reads too: the
+  rebuild's own replay) raise ``TransientStoreError``; then the database is back.
 """
 
 from __future__ import annotations
@@ -149,17 +151,19 @@ assert hasattr(Worker, "_sleep_until_next_bucket"), "the worker's idle wait was 
 
 
 # -- faults --------------------------------------------------------------------------------------------------
-FaultKind = Literal["kill", "term", "fail"]
+FaultKind = Literal["kill", "term", "fail", "outage"]
 
 
 @dataclass(frozen=True)
 class Fault:
     """Strike the run at its ``at``-th write call (1-based, over :data:`COUNTED`); ``keep``: how many of that
-    call's rows (stories, mark parts, commits) reach the store first (``kill``, ``fail``)."""
+    call's rows (stories, mark parts, commits) reach the store first (``kill``, ``fail``); ``span``: how many
+    store calls after it fail too (``outage``)."""
 
     kind: FaultKind
     at: int
     keep: int = 0
+    span: int = 0
 
 
 class Killed(BaseException):
@@ -187,6 +191,7 @@ class FaultyStore:
         self.writes = 0
         self.fired = False
         self.dead = False
+        self.outage = 0  # store calls still to fail (a database restart)
         self.on_term: Callable[[], None] = lambda: None
 
     def __getattr__(self, name: str) -> Any:
@@ -199,6 +204,7 @@ class FaultyStore:
         def call(*args: Any, **kwargs: Any) -> Any:
             if self.dead:
                 raise Killed(f"Store.{name} after the kill")
+            self._down(name)
             return target(*args, **kwargs)
 
         return call
@@ -206,10 +212,16 @@ class FaultyStore:
     async def close(self) -> None:
         await self.store.close()  # a killed process's connection goes too
 
+    def _down(self, name: str) -> None:
+        if self.outage > 0:
+            self.outage -= 1
+            raise TransientStoreError(f"injected: Store.{name} while the database restarts")
+
     async def _write(self, name: str, rows: Sequence[T], do: Callable[[Sequence[T]], Awaitable[R]]) -> R:
         if self.dead:
             raise Killed(f"Store.{name} after the kill")
         self.writes += 1
+        self._down(name)
         f = self.fault
         if f is None or self.fired or self.writes != f.at:
             return await do(rows)
@@ -218,6 +230,9 @@ class FaultyStore:
             out = await do(rows)
             self.on_term()
             return out
+        if f.kind == "outage":
+            self.outage = f.span
+            raise TransientStoreError(f"injected: {name} (write {self.writes}): the database restarts")
         kept = rows[: f.keep]
         if kept:
             await do(kept)
@@ -377,7 +392,7 @@ class StoryStream:
         except Killed as exc:
             return result("killed", str(exc))
         except StorylineError as exc:
-            if not (store.fired and fault is not None and fault.kind == "fail" and "injected" in str(exc)):
+            if not (store.fired and fault is not None and fault.kind in ("fail", "outage") and "injected" in str(exc)):
                 raise
             return result("crashed", str(exc))  # the injected error ended the process: a supervisor restarts it
         assert rc == 0, f"the run exited {rc}"

@@ -24,7 +24,7 @@ from tests.property.harness import FLOWS, SENSORS, EventSpec, Fault, StoryStream
 
 pytestmark = pytest.mark.property
 
-CI_EXAMPLES = 60
+CI_EXAMPLES = 100
 EXAMPLES = int(os.environ.get("STORYLINE_PROPERTY_EXAMPLES", "0") or 0)
 START_MS = 1_790_000_000_000
 
@@ -36,7 +36,11 @@ event_specs = st.builds(
     age_s=st.integers(0, 25),
 )
 faults = st.none() | st.builds(
-    Fault, kind=st.sampled_from(["kill", "term", "fail"]), at=st.integers(1, 8), keep=st.integers(0, 3)
+    Fault,
+    kind=st.sampled_from(["kill", "term", "fail", "outage"]),
+    at=st.integers(1, 8),
+    keep=st.integers(0, 3),
+    span=st.integers(0, 6),
 )
 
 
@@ -75,7 +79,7 @@ class StoryStreamMachine(RuleBasedStateMachine):
 SETTINGS = settings(
     max_examples=EXAMPLES or CI_EXAMPLES,
     derandomize=not EXAMPLES,
-    stateful_step_count=10,
+    stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
