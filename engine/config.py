@@ -13,6 +13,11 @@ Safety rules enforced here (see docs/architecture.md for the reasoning):
   must outlive the time the engine may still need it, plus the downtime a deployment is sized to survive
   without losing unread events.
 * ``ttl_ms / twcs_window_ms <= 50`` — ScyllaDB rejects more TWCS windows than ``twcs_max_window_count``.
+* ``drain_timeout_ms > lag_ms`` and ``> commit_interval_ms`` — ``run --until-idle`` / ``--drain`` give up (exit 1)
+  when no shard's committed position moved for ``drain_timeout_ms`` after the run's last bucket became readable.
+  A healthy worker commits at least every ``commit_interval_ms``, and a drain must not give up on a stall shorter
+  than the delay every event waits in the queue anyway (``lag_ms``, which also bounds how far a worker's
+  database-corrected clock can trail the supervisor's).
 """
 
 from __future__ import annotations
@@ -178,9 +183,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     # Runtime: a graceful stop finishes the current bucket and commits within shutdown_timeout_ms; offsets are
     # committed at most every commit_interval_ms (and always before stopping); read_ahead partitions are read
-    # concurrently per worker while catching up.
+    # concurrently per worker while catching up. `run --until-idle` / `--drain` stop with exit 1 (and the last
+    # error the workers reported) when no shard's committed position moved for drain_timeout_ms, counted from
+    # the moment the run's last bucket became readable (the initial wait for the lag does not count); it must
+    # exceed lag_ms and commit_interval_ms.
     shutdown_timeout_ms: PositiveMs = 30_000
     commit_interval_ms: PositiveMs = 5_000
+    drain_timeout_ms: PositiveMs = 120_000
     read_ahead: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     # A first start reads from the tenant's creation (bounded by the TTL); start_from_ms narrows that on purpose.
     start_from_ms: NonNegMs | None = None
@@ -210,6 +219,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"{self.ttl_ms} must be >= lag_ms + correlate.max_story_ms + correlate.max_wait_ms"
                 f" + correlate.amend_horizon_ms + downtime_allowance_ms = {need_ttl}, or events a replay needs"
                 f" could expire",
+            )
+        if self.drain_timeout_ms <= max(self.lag_ms, self.commit_interval_ms):
+            raise ConfigError(
+                "drain_timeout_ms",
+                f"{self.drain_timeout_ms} must be > lag_ms ({self.lag_ms}) and > commit_interval_ms"
+                f" ({self.commit_interval_ms}), or a drain could give up on a healthy worker that has not committed"
+                f" yet",
             )
         if self.ttl_ms % 1000:
             raise ConfigError("ttl_ms", f"{self.ttl_ms} must be whole seconds (CQL TTLs are in seconds)")

@@ -58,6 +58,10 @@ def test_bad_tenants_are_config_errors(name: str) -> None:
         ({"ttl_ms": 3_600_000}, "ttl_ms"),
         ({"ttl_ms": 200_000_000_001}, "ttl_ms"),
         ({"twcs_window_ms": 90_000}, "twcs_window_ms"),
+        ({"drain_timeout_ms": 15_000}, "drain_timeout_ms"),
+        ({"drain_timeout_ms": 0}, "drain_timeout_ms"),
+        ({"lag_ms": 200_000}, "drain_timeout_ms"),
+        ({"commit_interval_ms": 120_000}, "drain_timeout_ms"),
         ({"twcs_window_ms": 600_000}, "twcs_window_ms"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"store": {"bogus": 1}}, "store.bogus"),
@@ -82,6 +86,25 @@ def test_lag_rule_boundary() -> None:
     assert cfg(lag_ms=need).lag_ms == need
     with pytest.raises(ConfigError, match="lag_ms"):
         cfg(lag_ms=need - 1)
+
+
+def test_drain_timeout_rule_boundary() -> None:
+    """drain_timeout_ms must exceed lag_ms and commit_interval_ms (a drain must not give up on a worker that is
+    healthy but has not committed yet); the default, 120 s, holds with the default lag and interval."""
+    c = cfg()
+    assert c.drain_timeout_ms == 120_000 and c.drain_timeout_ms > max(c.lag_ms, c.commit_interval_ms)
+    assert cfg(drain_timeout_ms=15_001).drain_timeout_ms == 15_001  # lag_ms is 15,000 by default
+    with pytest.raises(ConfigError) as info:
+        cfg(drain_timeout_ms=15_000)
+    assert info.value.key == "drain_timeout_ms" and "lag_ms (15000)" in info.value.problem
+    assert cfg(lag_ms=200_000, drain_timeout_ms=200_001).drain_timeout_ms == 200_001
+    assert cfg(commit_interval_ms=30_000, drain_timeout_ms=30_001).commit_interval_ms == 30_000
+    with pytest.raises(ConfigError) as info:
+        cfg(lag_ms=20_000, commit_interval_ms=30_000, drain_timeout_ms=30_000)
+    assert info.value.key == "drain_timeout_ms" and "commit_interval_ms (30000)" in info.value.problem
+    with pytest.raises(ConfigError) as info:
+        load(None, ["tenant=acme", "drain_timeout_ms=5s"])
+    assert info.value.key == "drain_timeout_ms"
 
 
 def test_twcs_window_count_limit() -> None:

@@ -689,6 +689,7 @@ RULES: dict[str, set[str]] = {
     "ttl_ms": {"ttl_ms", "lag_ms", "downtime_allowance_ms", "correlate.max_story_ms", "correlate.max_wait_ms"}
     | {"correlate.amend_horizon_ms"},
     "twcs_window_ms": {"twcs_window_ms", "ttl_ms"},
+    "drain_timeout_ms": {"drain_timeout_ms", "lag_ms", "commit_interval_ms"},
     "store.page_bytes_max": {"store.page_bytes_max", "chunk_bytes"},
     "store.page_bytes": {"store.page_bytes", "store.page_bytes_max"},
     "chunk_bytes": {"chunk_bytes", "max_event_bytes"},
@@ -772,6 +773,7 @@ def check_config(cfg: Config) -> None:
     assert cfg.ttl_ms >= need_ttl
     assert cfg.ttl_ms % 1000 == 0 and cfg.twcs_window_ms % 60_000 == 0
     assert math.ceil(cfg.ttl_ms / cfg.twcs_window_ms) <= 50
+    assert cfg.drain_timeout_ms > cfg.lag_ms and cfg.drain_timeout_ms > cfg.commit_interval_ms
     assert cfg.store.page_bytes <= cfg.store.page_bytes_max and cfg.store.page_bytes_max >= 2 * cfg.chunk_bytes
     assert cfg.chunk_bytes <= cfg.max_event_bytes
     assert re.fullmatch(r"[a-z][a-z0-9_]{0,47}", cfg.tenant)
