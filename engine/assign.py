@@ -8,6 +8,8 @@ than another.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from engine.errors import ConfigError
 
 
@@ -45,3 +47,17 @@ def split(owned: range, workers: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def format_ranges(shards: Iterable[int]) -> str:
+    """Shard numbers as inclusive ranges, the way ``--shards`` writes one: ``[5, 0, 1, 2]`` → ``"0-2, 5"``."""
+    out: list[str] = []
+    ordered = sorted(set(shards))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(f"{ordered[i]}-{ordered[j]}" if j > i else f"{ordered[i]}")
+        i = j + 1
+    return ", ".join(out)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.assign import parse_range, split
+from engine.assign import format_ranges, parse_range, split
 from engine.errors import ConfigError
 
 
@@ -45,3 +45,17 @@ def test_parse_range_errors(text: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_range(text, 16)
     assert info.value.key == "--shards"
+
+
+def test_format_ranges() -> None:
+    assert format_ranges([5, 0, 2, 1, 1]) == "0-2, 5"
+    assert format_ranges([7]) == "7"
+    assert format_ranges([]) == ""
+    assert format_ranges(range(4, 8)) == "4-7"
+
+
+@given(st.sets(st.integers(0, 200)))
+def test_format_ranges_round_trips_through_parse_range(shards: set[int]) -> None:
+    text = format_ranges(shards)
+    back = {s for part in text.split(", ") if part for s in parse_range(part, 201)}
+    assert back == shards
