@@ -1,6 +1,7 @@
 """The ``storyline`` command: a thin layer over the library. The only place that reads the environment.
 
-Exit codes: 0 success, 1 the operation failed (database unreachable, check failed), 2 bad usage or config.
+Exit codes: 0 success, 1 the operation failed (database unreachable, check failed), 2 bad usage or config,
+3 (`run`) shards were lost to another owner.
 """
 
 from __future__ import annotations
@@ -24,6 +25,24 @@ from engine.ingest import Ingestor, IngestSummary, Producer, open_input, read_li
 from engine.store import EventRecord, Store, make_store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+RUN_EPILOG = """\
+--until-idle and --drain consume every event written before the command
+started: they read through the bucket of (start + max_clock_skew_ms), so they
+first wait about lag_ms for it to become readable (said on a TTY; `waiting_s`
+in the JSON lines). If then no shard's committed position moves for
+drain_timeout_ms, the run stops its workers and exits 1 with the last error
+they reported.
+
+exit codes:
+  0  done: --until-idle/--drain consumed everything, or stopped by SIGINT/SIGTERM
+  1  failure: no database or tenant, or --until-idle/--drain made no progress
+     for drain_timeout_ms (the last error is printed)
+  2  bad usage or config (the key is named)
+  3  shards lost: another owner (e.g. a second `storyline run` on the same
+     shards) claimed some of this run's shards and its commits were refused;
+     the lost shards are printed, and in the final JSON line (lost_shards)
+"""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -59,14 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="validate JSONL events (plain or gzip) and write them durably")
     _common(p)
     p.add_argument("files", nargs="*", default=["-"], help="JSONL files, plain or gzip; - for stdin (default)")
-    p = sub.add_parser("run", help="run the engine: a supervisor and worker processes over a shard range")
+    p = sub.add_parser(
+        "run",
+        help="run the engine: a supervisor and worker processes over a shard range",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(p)
     p.add_argument("--shards", help="inclusive shard range A-B of this instance (default: all)")
     p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
     p.add_argument(
         "--until-idle",
         action="store_true",
-        help="exit once every owned shard has consumed every bucket up to (start time - lag)",
+        help="exit once every owned shard has consumed every event written before the command started",
     )
     p.add_argument("--drain", action="store_true", help="like --until-idle, then finalize every open story")
     # tests: record consumed ids per worker in folder DIR; DIR,MS also sleeps MS per non-empty bucket
@@ -296,7 +320,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else cfg.workers
     if workers < 1:
         raise ConfigError("--workers", "must be >= 1")
-    asyncio.run(_check_ready(cfg))
+    offset_ms = asyncio.run(_check_ready(cfg))
     sup = Supervisor(
         cfg,
         owned,
@@ -306,16 +330,23 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         record_dir=args.record,
         stage=args.stage,
         log_level=level,
+        clock_offset_ms=offset_ms,
     )
     return sup.run()
 
 
-async def _check_ready(cfg: Config) -> None:
-    """Fail fast, in the supervisor, on what every worker would fail on: no database, no tenant."""
+async def _check_ready(cfg: Config) -> int:
+    """Fail fast, in the supervisor, on what every worker would fail on: no database, no tenant. Returns the
+    database's clock minus this host's (ms): --until-idle / --drain read what was written before the start by
+    the database's clock, which producers and workers go by."""
     store = await _with_store(cfg)
     try:
         if not (await store.read_meta()).get("created_ms"):
             raise ConfigError("tenant", f"{cfg.tenant} is not initialized: run `storyline init` first")
+        t0 = time.time_ns() // 1_000_000
+        server = await store.server_time_ms()
+        t1 = time.time_ns() // 1_000_000
+        return server - (t0 + t1) // 2
     finally:
         await store.close()
 

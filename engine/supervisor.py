@@ -4,7 +4,18 @@ gracefully and aggregates their metrics.
 * Workers are started with the ``spawn`` method, each with a contiguous slice of the range (:mod:`engine.assign`)
   and an owner id of its own; a restarted worker claims its shards again (a new epoch), which fences any
   leftover of the old one.
-* A worker that exits with an error or is killed is restarted with exponential backoff (1 s … 30 s).
+* A worker that exits with an error or is killed is restarted with exponential backoff (1 s … 30 s). One that
+  exits with code 3 lost shards to another owner (their commits were refused: another instance claimed them); it
+  is not restarted (a restart would claim them back and fence the other owner), and the run exits with 3
+  (:data:`EXIT_FENCED`), naming the lost shards.
+* ``--until-idle`` / ``--drain`` consume every event written before the command started: they read through
+  ``until_bucket = (start_ms + max_clock_skew_ms) // bucket_ms``, ``start_ms`` on the database's clock (a producer
+  picks an event's bucket from its own clock, which may run up to ``max_clock_skew_ms`` ahead of the database's,
+  so an event acknowledged before our start may sit in any bucket up to that one). A worker reads that bucket only
+  once ``lag_ms`` has passed its start, so the run first waits; it says so (a status line on a TTY,
+  ``waiting_s`` in the JSON lines). If then no shard's committed position moves for ``drain_timeout_ms``, counted
+  from the moment that bucket became readable or from the last progress, whichever is later, the run stops every
+  worker and exits 1 with the last error a worker reported, instead of restarting failing workers forever.
 * SIGINT / SIGTERM: the supervisor asks every worker to stop (they finish the current bucket and commit), waits
   up to ``shutdown_timeout_ms``, then kills what is left. Workers whose supervisor died notice it (their parent
   changes) and stop on their own.
@@ -35,12 +46,12 @@ from typing import Any, TextIO
 import msgspec
 import psutil
 
-from engine.assign import split
+from engine.assign import format_ranges, split
 from engine.config import Config
 
 log = logging.getLogger("storyline.supervisor")
 
-EXIT_FENCED = 3
+EXIT_OK, EXIT_FAIL, EXIT_FENCED = 0, 1, 3
 RESTART_BACKOFF_MAX_S = 30.0
 
 
@@ -55,7 +66,7 @@ class Slot:
     restart_at: float = 0.0
     started_at: float = 0.0
     finished: bool = False
-    given_up: bool = False
+    fenced: bool = False  # exited with EXIT_FENCED: lost shards to another owner, not restarted
     metrics: dict[str, Any] = field(default_factory=dict)
     # The worker's own metrics queue, new at every start: a worker killed while writing to a queue can leave it
     # corrupted (a half-written message, its write lock held), and that must not cut off the other workers' metrics.
@@ -123,6 +134,12 @@ def worker_process(
         reporter = asyncio.create_task(report())
         try:
             return await worker.run()
+        except Exception as exc:
+            # The last snapshot carries the error that ended the worker: the supervisor reports it when a drain
+            # gives up (a worker's own last_error only holds the transient errors it retried).
+            named = isinstance(exc, StorylineError)
+            worker.stats.last_error = str(exc) if named else f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             reporter.cancel()
             with contextlib.suppress(Exception):
@@ -148,8 +165,13 @@ class Supervisor:
         record_dir: str | None = None,
         stage: str = "stories",
         out: TextIO | None = None,
+        err: TextIO | None = None,
         log_level: int = logging.INFO,
+        clock_offset_ms: int = 0,
     ) -> None:
+        """``out`` takes the status lines (a TTY) or JSON lines, ``err`` the messages about lost shards and a
+        drain that gave up (default: sys.stdout / sys.stderr at call time). ``clock_offset_ms`` is the database's
+        clock minus this host's, measured by the caller: workers read by the database's clock."""
         self.cfg = cfg
         self.owned = owned
         self.until_idle = until_idle or drain
@@ -157,6 +179,8 @@ class Supervisor:
         self.record_dir = record_dir
         self.stage = stage
         self.out = out if out is not None else sys.stdout  # at call time: sys.stdout may have been replaced
+        self.err = err if err is not None else sys.stderr
+        self.clock_offset_ms = clock_offset_ms
         self.log_level = log_level
         self.ctx = mp.get_context("spawn")
         self.slots = [Slot(i, list(r)) for i, r in enumerate(split(owned, workers))]
@@ -164,6 +188,16 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.started = time.time()
         self.until_bucket: int | None = None
+        # --until-idle / --drain: when until_bucket becomes readable (this host's clock, seconds), and progress.
+        self.readable_at = 0.0
+        self.progress_at = 0.0
+        self.timed_out = False
+        self._committed: dict[int, int] = {}  # shard → the highest committed read bucket a worker reported
+        self._commits: dict[str, int] = {}  # worker owner id → its commits counter
+        self._errors: dict[str, str] = {}  # worker owner id → the last error it reported
+        self.last_error = ""  # the last error a worker reported (which worker: in the text)
+        self.last_exit = ""  # the last abnormal worker exit
+        self.lost: set[int] = set()  # shards lost to another owner (commits refused)
         self._lock = threading.Lock()
         self._prom = ""
         self._last: dict[str, float] = {}
@@ -204,10 +238,12 @@ class Supervisor:
 
     def _check(self, slot: Slot) -> None:
         proc = slot.proc
-        if slot.finished or slot.given_up:
+        if slot.finished:
             return
         if proc is None:
-            if not self.stopping and time.time() >= slot.restart_at:
+            if self.stopping:
+                slot.finished = True  # waiting for its restart: nothing to stop
+            elif time.time() >= slot.restart_at:
                 self._start(slot)
             return
         if proc.is_alive():
@@ -217,16 +253,27 @@ class Supervisor:
         code = proc.exitcode
         proc.join(0)
         self._drain_slot(slot)  # its last snapshot, before a restart replaces the queue
+        self._observe(slot)
         slot.proc = None
+        if code == EXIT_FENCED:
+            # Another owner claimed some of its shards (it carried on with the others first). Not restarted: a
+            # restart would claim them back and fence the other owner in turn.
+            slot.finished = slot.fenced = True
+            lost = self._fenced_shards(slot)
+            if not lost:  # its last snapshot was lost with its queue: which shards is unknown, say all of them
+                lost = list(slot.shards)
+                log.error("worker %d lost shards to another owner; its metrics do not say which", slot.index)
+            self.lost.update(lost)
+            log.error("worker %d lost shards %s to another owner; not restarting it", slot.index, format_ranges(lost))
+            return
         if code == 0 and (self.until_idle or self.stopping):
             slot.finished = True
+            self.progress_at = time.time()  # a worker that read everything it had to is progress
             return
+        if code != 0:
+            self.last_exit = f"worker {slot.index} exited with code {code}"
         if self.stopping:
             slot.finished = True
-            return
-        if code == EXIT_FENCED:
-            slot.given_up = True
-            log.error("worker %d lost all its shards to another owner; not restarting it", slot.index)
             return
         slot.restarts += 1
         slot.restart_at = time.time() + slot.backoff_s
@@ -264,6 +311,74 @@ class Supervisor:
             if m.get("owner", "") == slot.owner:
                 slot.metrics = m
 
+    def _fenced_shards(self, slot: Slot) -> list[int]:
+        m = slot.metrics
+        if m.get("owner") != slot.owner:
+            return []
+        return sorted(int(k) for k, v in m.get("shards", {}).items() if isinstance(v, dict) and v.get("fenced"))
+
+    def _observe(self, slot: Slot) -> None:
+        """Progress, errors and lost shards from a worker's latest snapshot. Progress: a shard's committed read
+        bucket moved, or the worker's commit counter grew (contract of ``Worker.snapshot``)."""
+        m = slot.metrics
+        owner = str(m.get("owner", ""))
+        if not owner:
+            return
+        progressed = False
+        commits = m.get("commits")
+        if isinstance(commits, int):
+            progressed = commits > self._commits.get(owner, 0)
+            self._commits[owner] = max(commits, self._commits.get(owner, 0))
+        for key, sh in m.get("shards", {}).items():
+            if not isinstance(sh, dict):
+                continue
+            shard = int(key)
+            committed = sh.get("committed_read")
+            if isinstance(committed, int) and not isinstance(committed, bool):
+                before = self._committed.get(shard)
+                if before is not None and committed > before:
+                    progressed = True
+                if before is None or committed > before:
+                    self._committed[shard] = committed
+        fenced = set(self._fenced_shards(slot)) - self.lost
+        if fenced:
+            self.lost |= fenced
+            log.error(
+                "worker %d: shards %s were claimed by another owner (commits refused); it goes on with the rest",
+                slot.index,
+                format_ranges(fenced),
+            )
+        error = m.get("last_error")
+        if isinstance(error, str) and error and self._errors.get(owner) != error:
+            self._errors[owner] = error
+            self.last_error = f"worker {slot.index}: {error}"
+        if progressed:
+            self.progress_at = time.time()
+
+    def _waiting_s(self, now: float) -> float:
+        """Seconds until the run's last bucket becomes readable (0 when it is, or when the run is open-ended)."""
+        return max(0.0, self.readable_at - now) if self.until_bucket is not None else 0.0
+
+    def _check_drain_timeout(self, now: float) -> None:
+        """--until-idle / --drain: no committed position moved for drain_timeout_ms since the run's last bucket
+        became readable (or since the last progress, if later): stop every worker, as SIGTERM does."""
+        if self.until_bucket is None or self.stopping:
+            return
+        since = max(self.readable_at, self.progress_at)
+        if now - since <= self.cfg.drain_timeout_ms / 1000:
+            return
+        self.timed_out = True
+        mode = "--drain" if self.drain else "--until-idle"
+        if self.out.isatty():
+            self.out.write("\n")  # end the status line
+            self.out.flush()
+        self.err.write(
+            f"storyline: run {mode}: no shard's committed position moved for {now - since:.1f} s once the run's"
+            f" last bucket was readable (drain_timeout_ms = {self.cfg.drain_timeout_ms}); stopping the workers\n"
+        )
+        self.err.flush()
+        self.request_stop()
+
     def _sample(self) -> dict[str, Any]:
         for slot in self.slots:
             if slot.ps is not None and slot.proc is not None:
@@ -288,6 +403,7 @@ class Supervisor:
                     "pid": s.proc.pid if s.proc else None,
                     "alive": bool(s.proc and s.proc.is_alive()),
                     "restarts": s.restarts,
+                    "fenced": s.fenced,
                     "cpu_percent": s.cpu,
                     "rss_bytes": s.rss,
                     "errors": s.metrics.get("errors", 0),
@@ -296,6 +412,9 @@ class Supervisor:
                 for s in self.slots
             ],
             "lag_s": {int(k): v["lag_s"] for s in self.slots for k, v in s.metrics.get("shards", {}).items()},
+            "waiting_s": round(self._waiting_s(now), 1),
+            "until_bucket": self.until_bucket,
+            "lost_shards": format_ranges(self.lost),
         }
         self._last = {"t": now, "events": events, "buckets": buckets}
         with self._lock:
@@ -307,14 +426,26 @@ class Supervisor:
         max_lag = max(lags) if lags else 0.0
         alive = sum(1 for w in snap["workers"] if w["alive"])
         if self.out.isatty() and not final:
-            cpu = sum(w["cpu_percent"] for w in snap["workers"])
-            rss = sum(w["rss_bytes"] for w in snap["workers"]) / 2**20
-            self.out.write(
-                f"\r{snap['events']:,} events  {snap['events_per_s']:,.0f}/s  {snap['buckets_per_s']:,.0f} buckets/s"
-                f"  max lag {max_lag:,.1f} s  workers {alive}/{len(self.slots)}  cpu {cpu:.0f}%  rss {rss:,.0f} MiB "
-            )
+            if snap["waiting_s"] > 0:
+                # \x1b[K: clear what a longer line left on the right
+                self.out.write(
+                    f"\rwaiting {snap['waiting_s']:,.1f} s for the events written before this run to become"
+                    f" readable (lag_ms = {self.cfg.lag_ms})  {snap['events']:,} events so far  workers"
+                    f" {alive}/{len(self.slots)}\x1b[K"
+                )
+            else:
+                cpu = sum(w["cpu_percent"] for w in snap["workers"])
+                rss = sum(w["rss_bytes"] for w in snap["workers"]) / 2**20
+                self.out.write(
+                    f"\r{snap['events']:,} events  {snap['events_per_s']:,.0f}/s  {snap['buckets_per_s']:,.0f}"
+                    f" buckets/s  max lag {max_lag:,.1f} s  workers {alive}/{len(self.slots)}  cpu {cpu:.0f}%"
+                    f"  rss {rss:,.0f} MiB\x1b[K"
+                )
         else:
-            self.out.write(json.dumps({**snap, "max_lag_s": max_lag, "final": final}) + "\n")
+            extra: dict[str, Any] = {"max_lag_s": max_lag, "final": final}
+            if final:
+                extra |= {"exit": self.exit_code(), "timed_out": self.timed_out, "last_error": self.last_error}
+            self.out.write(json.dumps({**snap, **extra}) + "\n")
         self.out.flush()
 
     def _serve_metrics(self) -> None:
@@ -343,10 +474,46 @@ class Supervisor:
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
 
     # -- main ----------------------------------------------------------------------------------------------
-    def run(self) -> int:
+    def exit_code(self) -> int:
+        """1 when a drain gave up, else 3 when shards were lost to another owner, else 0."""
+        if self.timed_out:
+            return EXIT_FAIL
+        return EXIT_FENCED if self.lost else EXIT_OK
+
+    def _start_until(self) -> None:
+        """--until-idle / --drain: the last bucket to read, and when it becomes readable here."""
         cfg = self.cfg
+        host_ms = int(time.time() * 1000)
+        start_ms = host_ms + self.clock_offset_ms  # the database's clock, which producers and workers go by
+        # Every event acknowledged before start_ms is in a bucket <= this one: its producer chose the bucket from
+        # its own clock, at most max_clock_skew_ms ahead of the database's (producers refuse a larger skew).
+        self.until_bucket = (start_ms + cfg.max_clock_skew_ms) // cfg.bucket_ms
+        # A worker reads bucket b once (now - lag_ms) // bucket_ms >= b on the database's clock (the lag covers
+        # the bucket's own span): b * bucket_ms + lag_ms, here on this host's clock.
+        readable_ms = self.until_bucket * cfg.bucket_ms + cfg.lag_ms - self.clock_offset_ms
+        self.readable_at = readable_ms / 1000
+        log.info(
+            "consuming through bucket %d: waiting %.1f s for the events written before this run to become readable"
+            " (lag_ms = %d)",
+            self.until_bucket,
+            max(0.0, (readable_ms - host_ms) / 1000),
+            cfg.lag_ms,
+        )
+
+    def _report_end(self) -> None:
+        if self.lost:
+            self.err.write(
+                f"storyline: lost shards {format_ranges(self.lost)} to another owner: their commits were refused"
+                f" (another `storyline run` claimed them); not consumed by this run (exit {EXIT_FENCED})\n"
+            )
+        if self.timed_out:
+            why = self.last_error or (f"no worker reported an error; {self.last_exit}" if self.last_exit else "")
+            self.err.write(f"storyline: last error: {why or 'none reported (the workers made no progress)'}\n")
+        self.err.flush()
+
+    def run(self) -> int:
         if self.until_idle:
-            self.until_bucket = (int(time.time() * 1000) - cfg.lag_ms) // cfg.bucket_ms
+            self._start_until()
         old_int = signal.signal(signal.SIGINT, self.request_stop)
         old_term = signal.signal(signal.SIGTERM, self.request_stop)
         self._serve_metrics()
@@ -358,9 +525,11 @@ class Supervisor:
             while True:
                 self._drain_metrics()
                 for slot in self.slots:
+                    self._observe(slot)
                     self._check(slot)
-                if all(s.finished or s.given_up for s in self.slots):
+                if all(s.finished for s in self.slots):
                     break
+                self._check_drain_timeout(time.time())
                 if self.stopping and time.time() > self.stop_deadline:
                     for slot in self.slots:
                         if slot.proc is not None and slot.proc.is_alive():
@@ -374,11 +543,14 @@ class Supervisor:
                     last_emit = time.time()
                 time.sleep(0.1)
             self._drain_metrics()
+            for slot in self.slots:
+                self._observe(slot)
             snap = self._sample()
             if self.out.isatty():
                 self.out.write("\n")
             self._emit(snap, final=True)
-            return 1 if any(s.given_up for s in self.slots) else 0
+            self._report_end()
+            return self.exit_code()
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
