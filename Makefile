@@ -31,8 +31,7 @@ run: install ## the demo on the embedded store: simulated sensors, ingest, 2 wor
 	$(BIN)/storyline init --config $(CONFIG) $(DEMO)
 	$(BIN)/storyline simulate --config $(CONFIG) $(DEMO) --events $(EVENTS) --out .data/demo.jsonl.gz --truth .data/demo-truth.json
 	$(BIN)/storyline ingest --config $(CONFIG) $(DEMO) .data/demo.jsonl.gz
-	@echo "waiting for the lag (events become readable lag_ms after they were written) ..."
-	@sleep $$($(BIN)/storyline config --config $(CONFIG) $(DEMO) | awk -F' = ' '$$1=="lag_ms"{print $$2/1000 + 0.5}')
+	@# run --drain itself waits (about lag_ms) until the events written before it started are readable.
 	$(BIN)/storyline run --config $(CONFIG) $(DEMO) --workers 2 --drain
 	$(BIN)/storyline status --config $(CONFIG) $(DEMO) | tail -n 1
 	$(BIN)/storyline stories --config $(CONFIG) $(DEMO) --limit 8
