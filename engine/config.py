@@ -15,9 +15,8 @@ Safety rules enforced here (see docs/architecture.md for the reasoning):
 * ``ttl_ms / twcs_window_ms <= 50`` — ScyllaDB rejects more TWCS windows than ``twcs_max_window_count``.
 * ``drain_timeout_ms > lag_ms`` and ``> commit_interval_ms`` — ``run --until-idle`` / ``--drain`` give up (exit 1)
   when no shard's committed position moved for ``drain_timeout_ms`` after the run's last bucket became readable.
-  A healthy worker commits at least every ``commit_interval_ms``, and a drain must not give up on a stall shorter
-  than the delay every event waits in the queue anyway (``lag_ms``, which also bounds how far a worker's
-  database-corrected clock can trail the supervisor's).
+  A healthy worker may go ``commit_interval_ms`` between commits, and a drain should not give up on a stall
+  shorter than the delay every event waits in the queue anyway (``lag_ms``).
 """
 
 from __future__ import annotations
