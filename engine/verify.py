@@ -73,14 +73,22 @@ class VerifyReport(msgspec.Struct):
         out = [
             f"events: {self.events:,} accepted ids ({self.stored_twice:,} stored twice, counted once); "
             f"{self.incomplete:,} incomplete chunk sets skipped; {self.dead_letters:,} dead letters",
-            f"stories: {self.stories:,} live, {self.merged_stubs:,} merged into others, {self.recreated:,} ids "
-            f"created again after the amend horizon",
+            f"stories: {self.stories:,} live, {self.merged_stubs:,} merged into others"
+            + (
+                f", {self.recreated:,} ids built again with revisions from 1 (stories written before ids named the "
+                f"bucket they start in)"
+                if self.recreated
+                else ""
+            ),
         ]
         for name, ids in (
             ("missing from every story", self.missing),
             ("in more than one story", self.duplicated),
             ("referenced by a story but not stored", self.unknown),
-            ("re-ingested after the amend horizon (not a violation)", self.reingested),
+            (
+                "delivered again after the amend horizon (late re-deliveries, outside the promise: not a violation)",
+                self.reingested,
+            ),
             ("in the truth file but never accepted", self.truth_missing),
         ):
             if ids:
