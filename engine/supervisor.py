@@ -264,7 +264,7 @@ class Supervisor:
                 lost = list(slot.shards)
                 log.error("worker %d lost shards to another owner; its metrics do not say which", slot.index)
             self.lost.update(lost)
-            log.error("worker %d lost shards %s to another owner; not restarting it", slot.index, format_ranges(lost))
+            log.error("worker %d exited %d (shards lost to another owner); not restarting it", slot.index, code)
             return
         if code == 0 and (self.until_idle or self.stopping):
             slot.finished = True
@@ -343,11 +343,7 @@ class Supervisor:
         fenced = set(self._fenced_shards(slot)) - self.lost
         if fenced:
             self.lost |= fenced
-            log.error(
-                "worker %d: shards %s were claimed by another owner (commits refused); it goes on with the rest",
-                slot.index,
-                format_ranges(fenced),
-            )
+            log.error("worker %d lost shards %s to another owner (commits refused)", slot.index, format_ranges(fenced))
         error = m.get("last_error")
         if isinstance(error, str) and error and self._errors.get(owner) != error:
             self._errors[owner] = error
@@ -430,8 +426,7 @@ class Supervisor:
                 # \x1b[K: clear what a longer line left on the right
                 self.out.write(
                     f"\rwaiting {snap['waiting_s']:,.1f} s for the events written before this run to become"
-                    f" readable (lag_ms = {self.cfg.lag_ms})  {snap['events']:,} events so far  workers"
-                    f" {alive}/{len(self.slots)}\x1b[K"
+                    f" readable (lag_ms = {self.cfg.lag_ms})\x1b[K"
                 )
             else:
                 cpu = sum(w["cpu_percent"] for w in snap["workers"])
