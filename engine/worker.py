@@ -104,6 +104,7 @@ class Worker:
         self._pending = Emission()  # what the stage emitted since the last flush (written before any commit)
         self._replay_at: dict[int, int] = {}  # shard → the stage's replay point at its last processed bucket
         self._drained = False
+        self._last_commit_ms = 0  # when commit() last ran (a checkpoint, whether or not an offset moved)
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
 
     # -- clock ---------------------------------------------------------------------------------------------
@@ -267,6 +268,10 @@ class Worker:
                     st = self.state.get(s)
                     if st is not None and not replay:
                         st.read = max(st.read, b)
+                if not replay and self.clock.now_ms() - self._last_commit_ms >= self.cfg.commit_interval_ms:
+                    # A long step (catching up: up to a 15-minute slot of buckets) checkpoints on the way, so
+                    # progress is durable and visible (a drain's supervisor waits for committed positions).
+                    await self.commit([st for st in self.state.values() if not st.fenced], force=False)
         finally:
             for fut in futs.values():
                 if not fut.done():
@@ -309,6 +314,7 @@ class Worker:
         up."""
         await self.flush()
         now = self.clock.now_ms()
+        self._last_commit_ms = now
         due = [
             st
             for st in states
