@@ -9,6 +9,9 @@
   is caught up again after a fault (the recovery times in docs/RELIABILITY.md).
 * :func:`finish`: ``storyline run --drain``, ``storyline verify --truth``, and the count reconciliation against
   the ingest summaries and the dead-letter store (:func:`engine.verify.reconcile`).
+* :meth:`Tenant.assert_restart_changes_nothing`: the story stream's promise after a final drain (issue 14): the
+  engine started again (``run --drain``, then ``run --until-idle``) writes no new story row and changes no row's
+  bytes, and no ``(story_id, revision)`` is stored as more than one row.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import psutil
 
 from engine.config import Config
 from engine.errors import StorylineError
-from engine.store import Offset, make_store
+from engine.store import Offset, StoryRecord, make_store
 from engine.verify import IngestRun, VerifyReport, parse_ingest_summary, reconcile, verify
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +118,33 @@ class Tenant:
         out.close()
         err.close()
         return proc
+
+    def assert_verify(self, truth: Path | None = None) -> str:
+        """``storyline verify [--truth T]`` exits 0 and says ``verify: OK``; returns its output."""
+        res = self.run("verify", *(["--truth", str(truth)] if truth is not None else []), check=False)
+        assert res.returncode == 0 and "verify: OK" in res.stdout, (
+            f"storyline verify failed:\n{res.stdout}\n{res.stderr}"
+        )
+        return res.stdout
+
+    def assert_restart_changes_nothing(self, truth: Path | None = None, *, workers: int = 2) -> int:
+        """Call after the final drain of a test, with nothing ingested since. The story stream's promise (issue 14,
+        docs/correlation.md): a restart neither rebuilds nor emits again what a drain finalized. So every story
+        row (shard, period, story_id, revision, and its bytes) is read, the engine is started again twice
+        (``run --drain``, then ``run --until-idle``), and after each run the rows must be exactly the same: no new
+        row (such as a revision re-emitted under another period), none gone, none with other bytes. Before that,
+        no ``(story_id, revision)`` may be stored as more than one row at all. ``storyline verify`` must pass at
+        the end. Returns the number of story rows."""
+        before = story_rows(self.cfg)
+        assert before, "no story rows: nothing to compare (was anything consumed?)"
+        assert_one_row_per_revision(before)
+        for mode in ("--drain", "--until-idle"):
+            res = self.run("run", "--workers", str(workers), mode, "--log-level", "WARNING", timeout=600)
+            final = json.loads(res.stdout.strip().splitlines()[-1])
+            assert final["final"] and all(not w["alive"] for w in final["workers"]), res.stdout[-2000:]
+            assert_rows_unchanged(before, story_rows(self.cfg), f"storyline run {mode} after the final drain")
+        self.assert_verify(truth)
+        return len(before)
 
 
 # -- the engine as processes -------------------------------------------------------------------------------
@@ -413,6 +443,62 @@ def finish(tenant: Tenant, truth: Path | None, runs: Sequence[IngestRun], *, wor
     assert report.ok, "\n".join(report.lines())
     assert report.lost == 0
     return report
+
+
+# -- the story stream ----------------------------------------------------------------------------------------
+RowKey = tuple[int, int, str, int]  # (shard, period, story_id, revision): one row of the stories stream
+
+
+async def _scan_stories(cfg: Config) -> list[StoryRecord]:
+    store = make_store(cfg)
+    await store.open()
+    try:
+        return [r async for page in store.scan_stories() for r in page]
+    finally:
+        await store.close()
+
+
+def story_rows(cfg: Config) -> dict[RowKey, StoryRecord]:
+    """Every story row in the store (what a downstream reader of the stories partitions gets), by its key."""
+    rows: dict[RowKey, StoryRecord] = {}
+    for r in asyncio.run(_scan_stories(cfg)):
+        key = (r.shard, r.period, r.story_id, r.revision)
+        assert key not in rows, f"the store returned the row {key} twice"
+        rows[key] = r
+    return rows
+
+
+def assert_one_row_per_revision(rows: dict[RowKey, StoryRecord]) -> None:
+    """No ``(story_id, revision)`` is stored as more than one row (in another period or shard)."""
+    where: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for shard, period, sid, revision in rows:
+        where.setdefault((sid, revision), []).append((shard, period))
+    twice = sorted((k, sorted(v)) for k, v in where.items() if len(v) > 1)
+    assert not twice, (
+        f"{len(twice)} of {len(where)} (story_id, revision) stored as more than one row "
+        f"({len(rows)} rows), e.g. (story_id, revision): [(shard, period), ...] {twice[:3]}"
+    )
+
+
+def assert_rows_unchanged(before: dict[RowKey, StoryRecord], after: dict[RowKey, StoryRecord], what: str) -> None:
+    """The same rows with the same bytes (every field of every row, the body included)."""
+    new = sorted(after.keys() - before.keys())
+    gone = sorted(before.keys() - after.keys())
+    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k])
+    old_revisions = {(sid, revision) for _, _, sid, revision in before}
+    again = [k for k in new if (k[2], k[3]) in old_revisions]
+    problems = []
+    if new:
+        problems.append(
+            f"{len(new)} new rows ({len(again)} of them a (story_id, revision) stored before, under another "
+            f"period), e.g. (shard, period, story_id, revision) {(again or new)[:3]}"
+        )
+    if gone:
+        problems.append(f"{len(gone)} rows gone, e.g. {gone[:3]}")
+    if changed:
+        k = changed[0]
+        problems.append(f"{len(changed)} rows with other bytes, e.g. {k}: {before[k]!r} -> {after[k]!r}"[:2000])
+    assert not problems, f"{what}: " + "; ".join(problems) + f" ({len(before)} rows before)"
 
 
 def summary(report: VerifyReport) -> dict[str, Any]:
