@@ -43,11 +43,11 @@ from tests.conftest import base_tree, merge
 
 
 def make_stage(cfg: Config, store: Store) -> Stage:
-    """The story builder under test: the one place that builds it. ``store`` is the run's (faulty) store, which
-    today's stage writes its stories and marks through."""
-    from engine.correlate.story import StoryStage
+    """The story builder under test: the one place that builds it. It is pure: the worker writes what it emits
+    through the run's (faulty) store, so ``store`` is unused here."""
+    from engine.correlate.story import StoryMachine
 
-    return StoryStage(cfg, store)
+    return StoryMachine.for_config(cfg)
 
 
 # -- the configuration ---------------------------------------------------------------------------------------
@@ -152,18 +152,22 @@ assert hasattr(Worker, "_sleep_until_next_bucket"), "the worker's idle wait was 
 
 # -- faults --------------------------------------------------------------------------------------------------
 FaultKind = Literal["kill", "term", "fail", "outage"]
+Target = Literal["any", "put_stories", "put_marks", "commit_many"]
 
 
 @dataclass(frozen=True)
 class Fault:
-    """Strike the run at its ``at``-th write call (1-based, over :data:`COUNTED`); ``keep``: how many of that
-    call's rows (stories, mark parts, commits) reach the store first (``kill``, ``fail``); ``span``: how many
-    store calls after it fail too (``outage``)."""
+    """Strike the run at its ``at``-th write call (1-based) among the calls of ``on`` (one of :data:`COUNTED`, or
+    ``any`` of them: commits are the most frequent writes, so aiming at a story or marks write directly reaches
+    the points between an emission's writes); ``keep``: how many of that call's rows (stories, mark parts,
+    commits) reach the store first (``kill``, ``fail``); ``span``: how many store calls after it fail too
+    (``outage``)."""
 
     kind: FaultKind
     at: int
     keep: int = 0
     span: int = 0
+    on: Target = "any"
 
 
 class Killed(BaseException):
@@ -189,6 +193,7 @@ class FaultyStore:
         self.store = store
         self.fault = fault
         self.writes = 0
+        self.calls: dict[str, int] = {}  # write calls per method
         self.fired = False
         self.dead = False
         self.outage = 0  # store calls still to fail (a database restart)
@@ -221,9 +226,14 @@ class FaultyStore:
         if self.dead:
             raise Killed(f"Store.{name} after the kill")
         self.writes += 1
+        self.calls[name] = self.calls.get(name, 0) + 1
         self._down(name)
         f = self.fault
-        if f is None or self.fired or self.writes != f.at:
+        if (
+            f is None
+            or self.fired
+            or (self.writes if f.on == "any" else self.calls[name] if f.on == name else 0) != f.at
+        ):
             return await do(rows)
         self.fired = True
         if f.kind == "term":

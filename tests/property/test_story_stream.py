@@ -24,7 +24,7 @@ from tests.property.harness import FLOWS, SENSORS, EventSpec, Fault, StoryStream
 
 pytestmark = pytest.mark.property
 
-CI_EXAMPLES = 100
+CI_EXAMPLES = 200
 EXAMPLES = int(os.environ.get("STORYLINE_PROPERTY_EXAMPLES", "0") or 0)
 START_MS = 1_790_000_000_000
 
@@ -35,12 +35,20 @@ event_specs = st.builds(
     sensor=st.integers(0, len(SENSORS) - 1),
     age_s=st.integers(0, 25),
 )
-faults = st.none() | st.builds(
-    Fault,
-    kind=st.sampled_from(["kill", "term", "fail", "outage"]),
-    at=st.integers(1, 8),
-    keep=st.integers(0, 3),
-    span=st.integers(0, 6),
+kinds = st.sampled_from(["kill", "term", "fail", "outage"])
+# A fault strikes the k-th write of the run, or the k-th story or marks write (rarer than commits: aimed at
+# directly, the points between an emission's writes and the commit after them come up often).
+faults = (
+    st.none()
+    | st.builds(Fault, kind=kinds, at=st.integers(1, 8), keep=st.integers(0, 3), span=st.integers(0, 6))
+    | st.builds(
+        Fault,
+        kind=kinds,
+        at=st.integers(1, 2),
+        keep=st.integers(0, 3),
+        span=st.integers(0, 6),
+        on=st.sampled_from(["put_stories", "put_marks"]),
+    )
 )
 
 
