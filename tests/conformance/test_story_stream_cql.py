@@ -109,3 +109,14 @@ def test_sigterm_during_a_drain_then_drain(stream: StoryStream) -> None:
     result = stream.drain_and_check(Fault("term", 1))
     assert result.fired, result
     stream.final()
+
+
+@pytest.mark.parametrize("span", [1, 3])
+def test_a_database_restart_during_a_drain_that_outlasts_the_first_rebuild(stream: StoryStream, span: int) -> None:
+    """The drain's first marks write fails, and so do the next ``span`` store calls: the reads of the rebuild's
+    replay. The worker must rebuild again, not drain a half-rebuilt stage (found by the property test: the drain
+    then emitted nothing and exited 0, every open story's events missing)."""
+    stream.ingest(batch(0))
+    result = stream.drain_and_check(Fault("outage", 1, span=span, on="put_marks"))
+    assert result.fired and result.outcome == "done", result
+    stream.final()
