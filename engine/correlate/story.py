@@ -96,7 +96,27 @@ class ShardState:
     pending_cuts: list[tuple[int, int, str]] = field(default_factory=list)  # (bucket, flow, story id), ascending
     replay_through: int = -1  # buckets up to here were processed before the crash: their marks are stored
     forced_at: dict[int, list[int]] = field(default_factory=dict)  # replay: bucket → story keys forced out then
+    # The replay point without a scan of the stories: how many stories start in each bucket, and a heap of those
+    # buckets (entries whose count fell to 0 are dropped when they reach the top).
+    firsts: dict[int, int] = field(default_factory=dict)
+    firsts_heap: list[int] = field(default_factory=list)
     drains: set[int] = field(default_factory=set)  # replay: the buckets at which a drain finalized the shard
+
+    def track(self, first_bucket: int, n: int) -> None:
+        """A story starting at ``first_bucket`` joins (``n = 1``) or leaves (``n = -1``) the state."""
+        c = self.firsts.get(first_bucket, 0) + n
+        if c:
+            if first_bucket not in self.firsts:
+                heapq.heappush(self.firsts_heap, first_bucket)
+            self.firsts[first_bucket] = c
+        else:
+            del self.firsts[first_bucket]
+
+    def oldest_first_bucket(self) -> int | None:
+        heap = self.firsts_heap
+        while heap and heap[0] not in self.firsts:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
 
     @property
     def replaying(self) -> bool:
@@ -167,9 +187,8 @@ class StoryMachine:
         """The first bucket of the oldest story in the state. Stories that already left the state may have
         events on both sides of it: their marks (written when they left) let the replay skip those events."""
         st = self.shards.get(shard)
-        if st is None:
-            return read_bucket + 1
-        return min((m.first_bucket for m in st.stories.values()), default=read_bucket + 1)
+        oldest = None if st is None else st.oldest_first_bucket()
+        return read_bucket + 1 if oldest is None else oldest
 
     def marks_from(self, first: int) -> int:
         """Marks from the ``max_wait`` before ``first`` on: the cuts made then still name predecessors."""
@@ -501,6 +520,7 @@ class StoryMachine:
             st.open += 1
             st.changed.add(sid)
             heapq.heappush(st.due, (now + wait, sid))
+            st.track(bucket, 1)
             st.stories[sid] = StoryMeta(
                 sid,
                 shard,
@@ -576,7 +596,10 @@ class StoryMachine:
             st = sts[shard]
             om, sm = st.stories[old], st.stories[sid]
             sm.events += om.events
-            sm.first_bucket = min(sm.first_bucket, om.first_bucket)
+            if om.first_bucket < sm.first_bucket:
+                st.track(sm.first_bucket, -1)
+                st.track(om.first_bucket, 1)
+                sm.first_bucket = om.first_bucket
             sm.last_bucket = max(sm.last_bucket, om.last_bucket)
             sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
             self.counters.merged += 1
@@ -647,6 +670,7 @@ class StoryMachine:
             renames, st.merged_now = st.merged_now, {}
             for old, sid in renames.items():
                 om = st.stories.pop(old)
+                st.track(om.first_bucket, -1)
                 if om.dirty:
                     st.open -= 1
                 if om.revision:  # it was visible downstream: tell consumers where it went
@@ -703,7 +727,7 @@ class StoryMachine:
             for shard, keys in leaving.items():
                 st = active[shard][0]
                 for key in keys:
-                    del st.stories[key]
+                    st.track(st.stories.pop(key).first_bucket, -1)
             for shard, parts in marks.items():
                 if bucket > active[shard][0].replay_through:  # a replayed bucket's marks are stored (and complete)
                     self._out.marks += [MarkRecord(shard, bucket, i, body) for i, body in enumerate(parts)]

@@ -228,3 +228,21 @@ def test_a_story_built_again_after_the_horizon_gets_a_new_id(tmp_path: Path) -> 
     ids = ledger.latest_ids()
     assert sorted(ids.values()) == [["x1"], ["x1"]] and len(ids) == 2
     assert {rev for (_, rev) in ledger.rows} == {1}
+
+
+def test_the_replay_point_is_the_first_bucket_of_the_oldest_story_held(tmp_path: Path) -> None:
+    """The replay point is kept by counting stories per first bucket (no scan per call): through creations,
+    merges, truncations and evictions it equals the minimum over the stories held, or the next bucket."""
+    cfg = config(tmp_path, max_story_events=6, amend_horizon_ms=20_000, max_wait_ms=10_000)
+    shards = 2
+    script = by_shard(random_script(4, 100, 300), shards)
+    m = StoryMachine.for_config(cfg)
+    checked = 0
+    for b in range(100, 361):
+        em = m.on_buckets([(b, {s: batch(*script.get(b, {}).get(s, [])) for s in range(shards)})])
+        for s in range(shards):
+            held = m.shards[s].stories.values()
+            want = min((x.first_bucket for x in held), default=b + 1)
+            assert em.replay[s] == want, (b, s)
+            checked += bool(held)
+    assert checked > 300 and m.counters.merged and m.counters.truncated and m.counters.evicted
