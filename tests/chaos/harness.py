@@ -135,6 +135,7 @@ class Tenant:
         row (such as a revision re-emitted under another period), none gone, none with other bytes. Before that,
         no ``(story_id, revision)`` may be stored as more than one row at all. ``storyline verify`` must pass at
         the end. Returns the number of story rows."""
+        t0 = time.time()
         before = story_rows(self.cfg)
         assert before, "no story rows: nothing to compare (was anything consumed?)"
         assert_one_row_per_revision(before)
@@ -144,6 +145,7 @@ class Tenant:
             assert final["final"] and all(not w["alive"] for w in final["workers"]), res.stdout[-2000:]
             assert_rows_unchanged(before, story_rows(self.cfg), f"storyline run {mode} after the final drain")
         self.assert_verify(truth)
+        print(f"restart after the final drain: {len(before):,} story rows unchanged ({time.time() - t0:.1f} s)")
         return len(before)
 
 

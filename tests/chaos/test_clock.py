@@ -136,3 +136,4 @@ def test_a_worker_clock_jumping_backwards(
         "while producers write: no bucket handed over, no offset moved; recovery = clock restored until every "
         "shard is caught up",
     )
+    t.assert_restart_changes_nothing(truth)

@@ -79,6 +79,7 @@ def test_cql_node_stopped_and_restarted_mid_run(
         f"{feeder.failed_runs} ingest runs failed and were delivered again; recovery = node answering again "
         "until every shard is caught up",
     )
+    t.assert_restart_changes_nothing(truth)
 
 
 def hold_write_lock(path: str, seconds: float, held: threading.Event) -> None:
@@ -136,3 +137,4 @@ def test_embedded_store_locked_by_another_process(
         f"{feeder.failed_runs} ingest runs failed and were delivered again; recovery = lock released until "
         "every shard is caught up",
     )
+    t.assert_restart_changes_nothing(truth)

@@ -143,6 +143,7 @@ def test_kill_9_of_workers_and_of_the_supervisor(
         note=f"orphaned workers exited {orphan_exit_s:.1f} s after the kill; recovery = kill until every shard "
         "is claimed by the new supervisor's workers and caught up (same run as the worker kills)",
     )
+    t.assert_restart_changes_nothing(truth)
 
 
 def test_a_worker_paused_across_a_supervisor_restart_does_not_steal_its_shards(
@@ -212,3 +213,4 @@ def test_a_worker_paused_across_a_supervisor_restart_does_not_steal_its_shards(
         "without claiming; recovery = supervisor kill until the new supervisor's workers own every shard, "
         "caught up",
     )
+    t.assert_restart_changes_nothing(truth)

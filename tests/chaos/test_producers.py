@@ -88,6 +88,7 @@ def test_writes_delayed_past_max_write_age_are_rebucketed_and_consumed(
         "refuses them (WriteTooLateError) and the producer re-buckets; recovery = last write until every shard "
         "is caught up (bounded below by lag_ms = 3.6 s)",
     )
+    t.assert_restart_changes_nothing(truth)
 
 
 def test_the_same_input_delivered_again(
@@ -135,3 +136,4 @@ def test_the_same_input_delivered_again(
         f" and a third time {apart_s:.0f} s later (after the horizon: new stories, listed apart by verify as "
         "re-ingested, not as loss)",
     )
+    t.assert_restart_changes_nothing(truth)
