@@ -23,10 +23,10 @@ import psutil
 import pytest
 
 from engine.config import Config
-from engine.store import make_store
+from engine.store import Store, make_store
 from engine.verify import parse_ingest_summary
 from tests.chaos.conftest import TenantFactory
-from tests.chaos.harness import ROOT, Supervisor, Tenant, simulate
+from tests.chaos.harness import ROOT, Supervisor, Tenant, simulate, story_rows
 
 pytestmark = pytest.mark.chaos
 
@@ -131,20 +131,32 @@ def test_until_idle_then_drain(embedded_tenant: TenantFactory, sims: dict[str, t
     t.assert_restart_changes_nothing(truth)
 
 
-async def _progress(cfg: Config, proc: subprocess.Popen[bytes], first_bucket: int, limit_s: float) -> None:
-    """Return once some shard has committed a bucket at or after ``first_bucket`` (the drain has consumed and
-    written something), while ``proc`` still runs."""
+async def _story_rows(store: Store) -> int:
+    return sum([len(page) async for page in store.scan_stories()])
+
+
+async def _wait_for(
+    cfg: Config, proc: subprocess.Popen[bytes], first_bucket: int | None, rows_before: int, limit_s: float
+) -> bool:
+    """Poll the store while ``proc`` (a drain) runs: until some shard has committed a bucket at or after
+    ``first_bucket`` (it has consumed part of the input), or, with ``first_bucket`` None, until there are more
+    than ``rows_before`` story rows (it is writing what it finalized). Returns whether that happened before the
+    drain ended."""
     store = make_store(cfg)
     await store.open()
     try:
         deadline = time.time() + limit_s
-        while True:
-            assert proc.poll() is None, f"the drain ended (exit {proc.returncode}) before it could be killed"
-            assert time.time() < deadline, f"the drain committed nothing within {limit_s} s"
-            offs = await store.read_offsets(cfg.consumer, list(range(cfg.shards)))
-            if any(o.read_bucket >= first_bucket for o in offs):
-                return
-            await asyncio.sleep(0.02)
+        while proc.poll() is None:
+            assert time.time() < deadline, f"not within {limit_s} s"
+            if first_bucket is None:
+                if await _story_rows(store) > rows_before:
+                    return True
+            else:
+                offs = await store.read_offsets(cfg.consumer, list(range(cfg.shards)))
+                if any(o.read_bucket >= first_bucket for o in offs):
+                    return True
+            await asyncio.sleep(0.01)
+        return False
     finally:
         await store.close()
 
@@ -169,19 +181,30 @@ def kill_9_tree(proc: subprocess.Popen[bytes]) -> int:
 def test_kill_9_of_the_supervisor_and_its_workers_during_a_drain_then_drain(
     embedded_tenant: TenantFactory, sims: dict[str, tuple[Path, Path]]
 ) -> None:
+    """Kill -9 of the supervisor and its workers while a drain consumes; again (when it can be caught) while the
+    next drain writes the stories it finalized; then a drain to the end."""
     src, truth = sims["big"]
     t = embedded_tenant(**JOURNEY)
     t.run("init")
     first_bucket = int(time.time() * 1000) // t.cfg.bucket_ms
     assert ingest(t, src) == KILL_EVENTS
-    proc = t.spawn("drain", "run", "--workers", "2", "--drain", "--log-level", "WARNING")
-    try:
-        asyncio.run(_progress(t.cfg, proc, first_bucket, limit_s=120))
-        assert kill_9_tree(proc) >= 2, "the supervisor had no workers to kill"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    caught = []
+    for at in (first_bucket, None):
+        rows_before = len(story_rows(t.cfg))
+        proc = t.spawn("drain", "run", "--workers", "2", "--drain", "--log-level", "WARNING")
+        try:
+            running = asyncio.run(_wait_for(t.cfg, proc, at, rows_before, limit_s=120))
+            if running:
+                assert kill_9_tree(proc) >= 2, "the supervisor had no workers to kill"
+            caught.append(running)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    # The first kill must land while the drain consumes; the second only lands when the poll catches the
+    # drain's story writes before it ends (the usual case here); if it did not, that drain completed.
+    assert caught[0], "the drain ended before it had committed any of the input: nothing was killed"
+    print(f"second kill during the drain's story writes: {'yes' if caught[1] else 'no, the drain ended first'}")
     drain(t)
     t.assert_verify(truth)
     t.assert_restart_changes_nothing(truth)
