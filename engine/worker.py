@@ -186,7 +186,7 @@ class Worker:
         live = [st for st in self.state.values() if not st.fenced]
         self.stage.reset([st.shard for st in live])
         self._pending = Emission()
-        self._stage_suspect = False
+        self._stage_suspect = True  # until the replay is complete: a failed read below must rebuild again
         for st in live:
             st.read = st.committed_read
             self._replay_at[st.shard] = st.committed_replay
@@ -202,6 +202,7 @@ class Worker:
             self.stage.prepare_replay(st.shard, st.committed_replay, st.committed_read, marks)
         todo = [st for st in live if st.committed_replay <= st.committed_read]
         if not todo:
+            self._stage_suspect = False
             return
         lo = min(st.committed_replay for st in todo)
         hi = max(st.committed_read for st in todo)
@@ -217,6 +218,7 @@ class Worker:
         await self._feed(plan, ranges, replay=True)
         # What the replay emitted (a recorded drain's revisions, which its run may not have finished writing).
         await self.flush()
+        self._stage_suspect = False
 
     async def _feed(
         self, plan: dict[int, dict[int, BucketHint | None]], ranges: list[tuple[int, int, int]], *, replay: bool
