@@ -38,7 +38,7 @@ run: install ## the demo on the embedded store: simulated sensors, ingest, 2 wor
 	$(BIN)/storyline verify --config $(CONFIG) $(DEMO) --truth .data/demo-truth.json
 	@$(BIN)/storyline stories --config $(CONFIG) $(DEMO) --format jsonl > .data/demo-stories.jsonl 2>/dev/null
 	@echo "two fused stories (the most sources), then accuracy against the simulator's truth:"
-	@$(BIN)/python -m bench.accuracy --stories .data/demo-stories.jsonl --truth .data/demo-truth.json --show 2
+	@$(BIN)/python -m engine.tools.accuracy --stories .data/demo-stories.jsonl --truth .data/demo-truth.json --show 2
 
 test: install lint ## lint, start the local CQL node when Java and Maven exist, run every test
 	@if command -v java >/dev/null 2>&1 && command -v mvn >/dev/null 2>&1; then \

@@ -24,7 +24,7 @@ import msgspec
 
 from bench.ingest import client_cost, ingest_bench
 from engine import __version__
-from engine.config import Config, from_mapping
+from engine.core.config import Config, from_mapping
 from engine.store import EventRecord, Store, make_store
 
 RESULTS = Path(__file__).resolve().parent / "results"

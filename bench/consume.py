@@ -2,7 +2,7 @@
 
 * ``raw``: the partitions of a pre-ingested tenant read by a bare loop — the store's partition reads with the
   same driver, the same read-ahead bound and no decoding or processing: the ceiling.
-* ``engine_1w``: one :class:`engine.worker.Worker` (in-process, counting stage, full msgspec decoding) draining
+* ``engine_1w``: one :class:`engine.runtime.worker.Worker` (in-process, counting stage, full msgspec decoding) draining
   the same partitions. Goal: >= 0.8 x raw (median of 5 rounds in alternating order, after a warm-up read).
 * ``engine_stories_1w``: the same with the story builder (fused stories written to the stories table).
 * ``run_1w`` / ``run_2w``: ``storyline run --until-idle`` with 1 and 2 worker processes (wall time, process
@@ -25,13 +25,13 @@ from typing import Any
 import msgspec
 import psutil
 
-from engine.config import Config, from_mapping, load
-from engine.event import parse_line
-from engine.ingest import Producer
-from engine.stage import CountingStage
+from engine.core.config import Config, from_mapping, load
+from engine.ingest.canonical import parse_line
+from engine.ingest.producer import Producer
+from engine.runtime.stages import CountingStage
+from engine.runtime.worker import Worker
 from engine.store import make_store
-from engine.synth import sessions
-from engine.worker import Worker
+from engine.tools.synth import sessions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -41,10 +41,10 @@ from typing import TypeVar
 import msgspec
 import polars as pl
 
-from bench.correlate_baseline import link_baseline
+from engine.core.event import Event
 from engine.correlate.fuse import EVENT_SCHEMA, fuse, fuse_python
 from engine.correlate.link import link
-from engine.event import Event
+from engine.testing.baseline import link_baseline
 
 T = TypeVar("T")
 

@@ -13,11 +13,11 @@ import time
 import uuid
 from typing import Any
 
-from engine.config import Config, from_mapping
-from engine.event import parse_line
-from engine.ingest import Ingestor, Producer
+from engine.core.config import Config, from_mapping
+from engine.ingest.canonical import parse_line
+from engine.ingest.producer import Ingestor, Producer
 from engine.store import make_store
-from engine.synth import sessions
+from engine.tools.synth import sessions
 
 SMALL_PAD = 300  # bytes of attrs padding that bring a synthetic event to ~500 B of JSON
 

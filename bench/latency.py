@@ -32,11 +32,11 @@ import msgspec
 import psutil
 
 from bench.pipeline import CONFIG, schema, start_engine, stop_engine
-from engine.config import Config, load
-from engine.event import parse_line
-from engine.ingest import Producer
-from engine.simulate import Scenario, generate
+from engine.core.config import Config, load
+from engine.ingest.canonical import parse_line
+from engine.ingest.producer import Producer
 from engine.store import Store, make_store
+from engine.tools.simulate import Scenario, generate
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

@@ -23,11 +23,11 @@ from typing import Any
 
 import psutil
 
-from engine.config import Config, load
-from engine.event import parse_line
-from engine.ingest import Producer
-from engine.simulate import Scenario, generate
+from engine.core.config import Config, load
+from engine.ingest.canonical import parse_line
+from engine.ingest.producer import Producer
 from engine.store import make_store
+from engine.tools.simulate import Scenario, generate
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.toml"
 

@@ -22,12 +22,13 @@ import json
 import time
 from typing import Any
 
-from engine.config import from_mapping
+from engine.core.config import from_mapping
+from engine.core.event import encode
+from engine.core.stage import EMPTY, Batch, Emission
 from engine.correlate.story import StoryMachine
-from engine.event import encode, parse_line, shard_of
-from engine.simulate import Scenario, generate
-from engine.stage import EMPTY, Batch, Emission
+from engine.ingest.canonical import parse_line, shard_of
 from engine.store import EventRecord
+from engine.tools.simulate import Scenario, generate
 
 SHARDS = 16
 BUCKET_MS = 100

@@ -3,7 +3,7 @@
 * ``stage``: :class:`engine.correlate.story.StoryStage` fed simulated events in buckets of 5,000 on one shard
   (link + state + emission + fused-story building + writes to the embedded store), one polars thread.
 * ``accuracy``: the default simulator scenario through producer → embedded store → worker → story builder,
-  scored with B-cubed precision/recall and the exact-story match rate (bench/accuracy.py).
+  scored with B-cubed precision/recall and the exact-story match rate (engine/tools/accuracy.py).
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import tempfile
 import time
 from typing import Any
 
-import msgspec
-
-from bench.accuracy import score
-from engine.clock import ManualClock
-from engine.config import Config, from_mapping
+from engine.core.config import from_mapping
+from engine.core.event import encode
+from engine.core.stage import Batch
 from engine.correlate.story import StoryMachine
-from engine.event import encode, parse_line
-from engine.ingest import Producer
-from engine.simulate import Scenario, generate
-from engine.stage import Batch, CountingStage
+from engine.ingest.canonical import parse_line
+from engine.runtime.worker import persist
 from engine.store import EventRecord, make_store
-from engine.worker import Worker, persist
+from engine.testing.pipeline import run_pipeline
+from engine.tools.accuracy import score
+from engine.tools.simulate import Scenario, generate
 
 
 def stage_throughput(n_events: int = 200_000, per_bucket: int = 5_000) -> dict[str, float]:
@@ -69,63 +67,6 @@ def stage_throughput(n_events: int = 200_000, per_bucket: int = 5_000) -> dict[s
         }
 
 
-def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[str, str]]:
-    """Simulated sensors → producer → store → worker (story builder, drained) → the stories' latest revisions.
-    Returns (predicted story per event id, true story per event id)."""
-    events, truth = generate(scenario)
-    start_ms = int(scenario.start_s * 1000)
-    clock = ManualClock(start_ms)
-
-    async def body() -> dict[str, str]:
-        store = make_store(cfg, clock)
-        await store.open()
-        await store.init_schema()
-        try:
-            producer = Producer(store, cfg, clock)
-            producer.clock_checked = True  # simulated time
-            batch: list[Any] = []
-            for ev in events:  # delivered in arrival order, each at its arrival time
-                arrival = start_ms + int(ev.arrival_s * 1000)
-                if batch and arrival // cfg.bucket_ms != clock.now_ms() // cfg.bucket_ms:
-                    await producer.write(batch)
-                    batch = []
-                clock.set(max(clock.now_ms(), arrival))
-                batch.append(parse_line(ev.line, cfg, clock.now_ms()))
-            if batch:
-                await producer.write(batch)
-            end = clock.now_ms()
-            clock.set(end + cfg.lag_ms + cfg.bucket_ms)
-            worker = Worker(
-                cfg,
-                list(range(cfg.shards)),
-                CountingStage(),
-                owner="acc",
-                clock=clock,
-                until_bucket=end // cfg.bucket_ms,
-                drain=True,
-                check_skew=False,
-            )
-            worker.stage = StoryMachine.for_config(cfg)
-            assert await worker.run() == 0
-            latest: dict[str, Any] = {}
-            async for page in store.scan_stories():
-                for rec in page:
-                    if rec.story_id not in latest or rec.revision > latest[rec.story_id].revision:
-                        latest[rec.story_id] = rec
-            predicted: dict[str, str] = {}
-            for rec in latest.values():
-                if rec.merged_into is not None:
-                    continue
-                for eid in msgspec.json.decode(rec.body)["event_ids"]:
-                    assert eid not in predicted, f"{eid} in two stories' latest revisions"
-                    predicted[eid] = rec.story_id
-            return predicted
-        finally:
-            await store.close()
-
-    return asyncio.run(body()), dict(truth.stories)
-
-
 def accuracy(n_events: int = 10_000, skew_s: float = 5.0) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = from_mapping(
@@ -148,8 +89,8 @@ def memory_curve(points: tuple[int, ...] = (0, 25_000, 50_000, 100_000, 200_000)
 
     import psutil
 
-    from engine.event import Event
-    from engine.flow import flow_identity
+    from engine.core.event import Event
+    from engine.ingest.network_identity import flow_identity
 
     proc = psutil.Process()
     with tempfile.TemporaryDirectory() as tmp:

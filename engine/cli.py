@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.config import Config, load
-from engine.errors import ConfigError, StorylineError
-from engine.ingest import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
+from engine.core.config import Config, load
+from engine.core.errors import ConfigError, StorylineError
+from engine.ingest.producer import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
 from engine.store import EventRecord, Store, make_store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -309,8 +309,8 @@ async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     import logging
 
-    from engine.assign import parse_range
-    from engine.supervisor import Supervisor
+    from engine.runtime.assign import parse_range
+    from engine.runtime.supervisor import Supervisor
 
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
@@ -354,7 +354,7 @@ async def _check_ready(cfg: Config) -> int:
 async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
     import json
 
-    from engine.assign import parse_range
+    from engine.runtime.assign import parse_range
 
     owned = parse_range(shards_arg, cfg.shards)
     store = await _with_store(cfg)
@@ -480,8 +480,8 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) ->
 
 
 async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
-    from engine.event import parse_line
-    from engine.simulate import Scenario, generate, write
+    from engine.ingest.canonical import parse_line
+    from engine.tools.simulate import Scenario, generate, write
 
     if args.events < 1 or args.speed <= 0 or args.span_s <= 0 or args.skew_s < 0:
         raise ConfigError("--events/--speed/--span-s/--skew-s", "must be positive (skew >= 0)")
@@ -533,7 +533,7 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
 async def cmd_verify(cfg: Config, truth_path: str | None, ingest_logs: Sequence[str] = ()) -> int:
     import msgspec
 
-    from engine.verify import IngestRun, parse_ingest_summary, reconcile, verify
+    from engine.tools.verify import IngestRun, parse_ingest_summary, reconcile, verify
 
     runs: list[IngestRun] = []
     for item in ingest_logs:
@@ -597,7 +597,7 @@ def _masked(exc: BaseException, secrets: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
-        from engine.synth import sessions
+        from engine.tools.synth import sessions
 
         out = sys.stdout.buffer
         for line in sessions(args.sessions, seed=args.seed, start_s=time.time() - args.span_s, span_s=args.span_s):
@@ -606,8 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     secrets: list[str] = []
     try:
-        if args.command == "tune":  # before _config: tune needs no tenant; engine/tune.py does the work
-            from engine.tune import main as tune
+        if args.command == "tune":  # before _config: tune needs no tenant; engine/tools/tune.py does the work
+            from engine.tools.tune import main as tune
 
             return tune(args)
         cfg = _config(args)

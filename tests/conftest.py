@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from engine.config import Config, from_mapping
+from engine.core.config import Config, from_mapping
 from engine.store import make_store
 
 T = TypeVar("T")

@@ -5,7 +5,7 @@ row + UNLOGGED single-partition batches, at ``store.consistency``), and only the
 (``shard:bucket:event_id``, i.e. the event id and its CQL partition) to an Apache Kafka topic. Consumers fetch
 keys from Kafka in batches and read the records back from CQL by key, in batches (one ``SELECT … WHERE shard = ?
 AND bucket = ? AND event_id IN ?`` per partition and up to ``IN_KEYS`` keys), then decode them (the linking
-view, :class:`engine.event.EventView`, with one reused decoder: what Storyline's worker decodes of every record
+view, :class:`engine.ingest.canonical.EventView`, with one reused decoder: what Storyline's worker decodes of every record
 before its stage; the full event is decoded only for stories being emitted). That is the cost
 of the design: one queue plus a by-key lookup, against Storyline's one table read in whole partitions.
 
@@ -19,7 +19,7 @@ of the design: one queue plus a by-key lookup, against Storyline's one table rea
 * Consumer: partitions assigned explicitly (no group rebalance), fetched up to ``FETCH_KEYS`` at a time; offsets
   committed (asynchronously, in order) only after every record of the fetched batch was read back and decoded
   (at-least-once).
-* Data: ``engine.simulate.generate`` (canonical Storyline events via ``engine.event.parse_line``), parsed and
+* Data: ``engine.tools.simulate.generate`` (canonical Storyline events via ``engine.ingest.canonical.parse_line``), parsed and
   encoded once before any timing (the same client work in both designs; reported as ``parse_us_per_event``).
 
 Four phases, each role in its own process (as separate producer and consumer services would run), timed from a
@@ -65,11 +65,12 @@ from typing import Any
 
 import msgspec
 
-from engine.config import Config, from_mapping, load
-from engine.event import EventView, encode, parse_line, shard_of
-from engine.simulate import Scenario, generate
+from engine.core.config import Config, from_mapping, load
+from engine.core.event import EventView, encode
+from engine.ingest.canonical import parse_line, shard_of
 from engine.store import EventRecord, Store, make_store
 from engine.store.cql import CqlStore
+from engine.tools.simulate import Scenario, generate
 
 DESCRIPTION = "CQL store + Kafka queue of keys (the design Storyline replaces): produce, consume, pipeline figures."
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ client, as for Storyline's own benchmarks):
 * planner: ``jit = off`` (JIT compilation costs more than it saves on a query run every second),
   ``random_page_cost = 1.1`` (SSD), parallel query left at its defaults; autovacuum on (defaults).
 
-**The schema.** ``events`` holds every canonical field of :class:`engine.event.Event` (``flow`` is the same
+**The schema.** ``events`` holds every canonical field of :class:`engine.ingest.canonical.Event` (``flow`` is the same
 xxh64 flow key, stored as a signed bigint; addresses as ``inet``; ``attrs`` as ``jsonb``) plus ``seq`` (an
 identity, the events' compact key) and ``xid`` (the inserting transaction, ``pg_current_xact_id()``), with
 indexes on ``(flow, time_us)`` and on ``xid``. There is no unique constraint on the event id: COPY cannot skip
@@ -36,7 +36,7 @@ which favours PostgreSQL). ``stories`` holds one summary row per story (flow, fi
 sorted distinct sources and sensors, bytes/packets totals; lighter than Storyline's fused JSON body: no
 per-source attribute merge, no directions), ``story_events`` maps every event to its story.
 
-**Ingest.** Events are parsed by :func:`engine.event.parse_line` (exactly Storyline's canonical events) and
+**Ingest.** Events are parsed by :func:`engine.ingest.canonical.parse_line` (exactly Storyline's canonical events) and
 encoded as COPY text rows before the clock starts (``prepare_s``, not part of any rate); the timed part is
 ``COPY events FROM STDIN`` in transactions of 5,000 events (Storyline's ``ingest.batch_lines``), each committed
 durably, on ``PRODUCERS`` = 2 connections at once (one per core: about 1.3 x the events/s of one connection
@@ -78,8 +78,8 @@ one key the connected components of "within the window" are exactly these runs).
   in; the producers record when each committed), on the client's monotonic clock. A story row is current, not
   final: later events may still extend or merge it (Storyline's ``emit = "updates"`` rather than ``"final"``).
 * accuracy of the batch-built stories: ``stories``, and ``precision``/``recall``/``f1``/``exact`` from
-  ``bench.accuracy.score`` against the simulator's truth; ``rule_precision``/``rule_recall`` against
-  ``bench.accuracy.link_reference`` (the same rule in plain Python: 1.0 means the SQL implements it exactly);
+  ``engine.tools.accuracy.score`` against the simulator's truth; ``rule_precision``/``rule_recall`` against
+  ``engine.tools.accuracy.link_reference`` (the same rule in plain Python: 1.0 means the SQL implements it exactly);
   ``pipeline_matches_batch``: the concurrent run built the same stories.
 
 :func:`selfcheck` (``--selfcheck``) is the adversarial check of the incremental job: chains of events around
@@ -110,11 +110,12 @@ from pathlib import Path
 import msgspec
 import psycopg
 
-from bench.accuracy import link_reference, score
-from engine.config import from_mapping
-from engine.errors import InputError
-from engine.event import Event, parse_line
-from engine.simulate import Scenario, generate
+from engine.core.config import from_mapping
+from engine.core.errors import InputError
+from engine.core.event import Event
+from engine.ingest.canonical import parse_line
+from engine.tools.accuracy import link_reference, score
+from engine.tools.simulate import Scenario, generate
 
 __all__ = ["SETTINGS", "STORY_SQL", "run", "selfcheck"]
 

@@ -27,8 +27,8 @@ from typing import Any
 import msgspec
 import polars as pl
 
-from engine.event import Event
-from engine.flow import community_id
+from engine.core.event import Event
+from engine.ingest.network_identity import community_id
 
 __all__ = [
     "EVENT_SCHEMA",
@@ -99,7 +99,7 @@ class FusedStory(msgspec.Struct, omit_defaults=True):
 
 # -- decoding --------------------------------------------------------------------------------------------------
 class _Row(msgspec.Struct, array_like=True, gc=False):
-    """:class:`engine.event.Event` field by field (msgpack array), attributes kept as raw msgpack."""
+    """:class:`engine.ingest.canonical.Event` field by field (msgpack array), attributes kept as raw msgpack."""
 
     id: str
     time_us: int
@@ -173,7 +173,7 @@ _PORT_PROTOS = frozenset({6, 17, 132})
 def story_community_id(
     proto: int, src_ip: str, src_port: int | None, dst_ip: str, dst_port: int | None, seed: int
 ) -> str:
-    """:func:`engine.flow.community_id` of a stored (already validated and normalized) flow; IPv4 TCP/UDP/SCTP —
+    """:func:`engine.ingest.network_identity.community_id` of a stored (already validated and normalized) flow; IPv4 TCP/UDP/SCTP —
     most flows — computed directly (less than half the general function's cost), the rest by it."""
     if proto in _PORT_PROTOS and src_port is not None and dst_port is not None and ":" not in src_ip + dst_ip:
         a = socket.inet_pton(socket.AF_INET, src_ip)

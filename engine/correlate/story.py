@@ -1,7 +1,7 @@
 """The story builder: a pure state machine that fuses linked events into stories (see docs/correlation.md).
 
 It does no I/O. The worker hands it buckets (:meth:`StoryMachine.on_buckets`) and persists the
-:class:`~engine.stage.Emission` it returns — story revisions, marks, replay points — in its checkpoint. Its
+:class:`~engine.core.stage.Emission` it returns — story revisions, marks, replay points — in its checkpoint. Its
 output is a function of the sequence of buckets only: time inside it is ingest time (the end of the bucket being
 processed), never the wall clock, and never the boundaries of calls, checkpoints or processes. What a replay
 cannot derive from the buckets alone — a drain (``run --drain`` finalizes stories at a bucket of its choosing)
@@ -41,9 +41,9 @@ import msgspec
 import polars as pl
 import xxhash
 
-from engine.config import Config, CorrelateConfig
-from engine.records import StoryRecord, story_id
-from engine.stage import Batch, Buckets, Emission, MarkRecord
+from engine.core.config import Config, CorrelateConfig
+from engine.core.records import StoryRecord, story_id
+from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 
 from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, FusedStory, event_columns, fuse
 from .link import link
@@ -124,7 +124,7 @@ class ShardState:
 
 
 class Marks(msgspec.Struct, array_like=True, frozen=True):
-    """What the machine stores (as :class:`~engine.stage.MarkRecord` rows) at a bucket where a replay could not
+    """What the machine stores (as :class:`~engine.core.stage.MarkRecord` rows) at a bucket where a replay could not
     decide the same from the events alone: stories that left its state (so a replay that starts after them skips
     their events instead of rebuilding them into partial stories), stories the open-story limit forced out, and
     a drain. Array-like: fields are only ever added at the end, with defaults."""

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.config import Config
-from engine.store.base import INDEX_GROUP_SHARDS, SCHEMA_VERSION, Store, index_group, index_slot
-from engine.store.types import (
+from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.config import Config
+from engine.core.records import (
     AppendResult,
     BucketHint,
     Commit,
@@ -17,6 +16,7 @@ from engine.store.types import (
     story_id,
     story_id_shard,
 )
+from engine.store.base import INDEX_GROUP_SHARDS, SCHEMA_VERSION, Store, index_group, index_slot
 
 __all__ = [
     "INDEX_GROUP_SHARDS",

@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from engine.config import Config
-from engine.store.types import (
+from engine.core.config import Config
+from engine.core.records import (
     AppendResult,
     BucketHint,
     Commit,
@@ -149,7 +149,7 @@ class Store(Protocol):
         """The latest stored revision of a story: the one of the latest ``period``, then the latest
         ``emitted_ms``, then the highest revision (a story built again after it left the state restarts at
         revision 1 in a later period). Found when ``story_id`` names the shard it is stored under
-        (:func:`engine.store.types.story_id`, as the story builder makes ids) and that period began less than
+        (:func:`engine.core.records.story_id`, as the story builder makes ids) and that period began less than
         ``ttl_ms`` ago. ``None``: unknown or expired."""
 
     def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from engine.store.types import EventRecord
+from engine.core.records import EventRecord
 
 
 def split(payload: bytes, chunk_bytes: int) -> list[bytes]:

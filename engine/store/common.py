@@ -7,12 +7,12 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
-from engine.clock import Clock
-from engine.config import Config
-from engine.errors import FencedError, SchemaError, StoreError, StorylineError, WriteTooLateError
+from engine.core.clock import Clock
+from engine.core.config import Config
+from engine.core.errors import FencedError, SchemaError, StoreError, StorylineError, WriteTooLateError
+from engine.core.records import BucketHint, EventRecord, Offset, PartitionPage
 from engine.store.base import FIXED_SETTINGS
 from engine.store.chunks import Assembler, iter_rows
-from engine.store.types import BucketHint, EventRecord, Offset, PartitionPage
 
 T = TypeVar("T")
 

@@ -18,9 +18,20 @@ from scyllapy import Batch, BatchType, ExecutionProfile, PreparedQuery, Query, S
 from scyllapy.exceptions import ScyllaPyBaseError, ScyllaPyMappingError
 from scyllapy.extra_types import BigInt, Unset
 
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.config import Config
-from engine.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError
+from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.config import Config
+from engine.core.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError
+from engine.core.records import (
+    AppendResult,
+    BucketHint,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    StoryRecord,
+    story_id_shard,
+)
 from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
 from engine.store.common import (
     ROW_OVERHEAD,
@@ -38,17 +49,6 @@ from engine.store.common import (
     run_all,
     size_class,
     twcs_options,
-)
-from engine.store.types import (
-    AppendResult,
-    BucketHint,
-    Commit,
-    DeadLetter,
-    EventRecord,
-    Offset,
-    PartitionPage,
-    StoryRecord,
-    story_id_shard,
 )
 
 T = TypeVar("T")

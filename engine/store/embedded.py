@@ -18,9 +18,20 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.config import Config
-from engine.errors import SchemaError, StoreError, TransientStoreError
+from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.config import Config
+from engine.core.errors import SchemaError, StoreError, TransientStoreError
+from engine.core.records import (
+    AppendResult,
+    BucketHint,
+    Commit,
+    DeadLetter,
+    EventRecord,
+    Offset,
+    PartitionPage,
+    StoryRecord,
+    story_id_shard,
+)
 from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
 from engine.store.common import (
     ROW_OVERHEAD,
@@ -36,17 +47,6 @@ from engine.store.common import (
     raise_fenced,
     retrying,
     size_class,
-)
-from engine.store.types import (
-    AppendResult,
-    BucketHint,
-    Commit,
-    DeadLetter,
-    EventRecord,
-    Offset,
-    PartitionPage,
-    StoryRecord,
-    story_id_shard,
 )
 
 T = TypeVar("T")

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from engine.config import from_mapping
-from engine.verify import VerifyReport
+from engine.core.config import from_mapping
+from engine.tools.verify import VerifyReport
 from tests.chaos.harness import CHAOS, ROOT, Tenant, simulate, summary
 from tests.conftest import REQUIRE_CQL, arun, base_tree, cql_answers, drop_tenant, merge, new_tenant
 

@@ -8,7 +8,7 @@
 * :class:`OffsetMonitor`: a thread reading the committed offsets a few times a second, to tell when every shard
   is caught up again after a fault (the recovery times in docs/RELIABILITY.md).
 * :func:`finish`: ``storyline run --drain``, ``storyline verify --truth``, and the count reconciliation against
-  the ingest summaries and the dead-letter store (:func:`engine.verify.reconcile`).
+  the ingest summaries and the dead-letter store (:func:`engine.tools.verify.reconcile`).
 * :meth:`Tenant.assert_restart_changes_nothing`: the story stream's promise after a final drain (issue 14): the
   engine started again (``run --drain``, then ``run --until-idle``) writes no new story row and changes no row's
   bytes, and no ``(story_id, revision)`` is stored as more than one row.
@@ -32,10 +32,10 @@ from typing import Any
 import msgspec
 import psutil
 
-from engine.config import Config
-from engine.errors import StorylineError
+from engine.core.config import Config
+from engine.core.errors import StorylineError
 from engine.store import Offset, StoryRecord, make_store
-from engine.verify import IngestRun, VerifyReport, parse_ingest_summary, reconcile, verify
+from engine.tools.verify import IngestRun, VerifyReport, parse_ingest_summary, reconcile, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 

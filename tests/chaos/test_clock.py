@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.core.stage import Buckets, Emission, Stage
 from engine.correlate.story import StoryMachine
-from engine.stage import Buckets, CountingStage, Emission, Stage
-from engine.worker import Worker
+from engine.runtime.stages import CountingStage
+from engine.runtime.worker import Worker
 from tests.chaos.conftest import Recorder, TenantFactory
 from tests.chaos.harness import CAUGHT_UP_SLACK_MS, Feeder, finish, split
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.config import Config
+from engine.core.config import Config
 from engine.store import Store, make_store
-from engine.verify import parse_ingest_summary
+from engine.tools.verify import parse_ingest_summary
 from tests.chaos.conftest import TenantFactory
 from tests.chaos.harness import ROOT, Supervisor, Tenant, simulate, story_rows
 

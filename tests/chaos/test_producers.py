@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.ingest import Ingestor, Producer, open_input, read_lines
+from engine.ingest.producer import Ingestor, Producer, open_input, read_lines
 from engine.store import make_store
-from engine.verify import IngestRun
+from engine.tools.verify import IngestRun
 from tests.chaos.conftest import Recorder, TenantFactory
 from tests.chaos.harness import Feeder, OffsetMonitor, Supervisor, Tenant, finish, split, wait_readable
 

@@ -1,4 +1,4 @@
-"""The chaos tier's checker itself (engine/verify.py): it must catch what it is there to catch. Fast, embedded
+"""The chaos tier's checker itself (engine/tools/verify.py): it must catch what it is there to catch. Fast, embedded
 store only (the store calls it makes are covered on both stores by the conformance suite)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine.config import from_mapping
+from engine.core.config import from_mapping
 from engine.store import DeadLetter, EventRecord, StoryRecord, make_store
-from engine.verify import IngestRun, parse_ingest_summary, reconcile, verify
+from engine.tools.verify import IngestRun, parse_ingest_summary, reconcile, verify
 from tests.conftest import arun, base_tree
 
 pytestmark = pytest.mark.chaos

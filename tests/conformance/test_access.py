@@ -39,10 +39,10 @@ from scyllapy.exceptions import ScyllaPyBaseError, ScyllaPyMappingError
 
 import engine.store.cql as cql_store
 from engine.cli import main as cli_main
-from engine.config import Config, from_mapping
-from engine.errors import ConfigError, StoreError, StorylineError
+from engine.core.config import Config, from_mapping
+from engine.core.errors import ConfigError, StoreError, StorylineError
 from engine.store import EventRecord, make_store
-from engine.synth import sessions as synth
+from engine.tools.synth import sessions as synth
 from tests.conftest import CQL_ADDR, REQUIRE_CQL, arun, drop_tenant, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance  # every test but the first needs a CQL node and is marked cql

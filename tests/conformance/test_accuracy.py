@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from bench.accuracy import score
-from bench.stories import run_pipeline
-from engine.simulate import Scenario
+from engine.testing.pipeline import run_pipeline
+from engine.tools.accuracy import score
+from engine.tools.simulate import Scenario
 from tests.conftest import ConfigFactory
 
 pytestmark = pytest.mark.conformance
@@ -51,7 +51,7 @@ def test_verify_holds_after_a_drain_and_catches_a_lost_event(make_config: Config
     import asyncio
 
     from engine.store import EventRecord, make_store
-    from engine.verify import verify
+    from engine.tools.verify import verify
 
     cfg = make_config(
         shards=4,

@@ -26,9 +26,9 @@ from typing import Any, cast
 
 import pytest
 
-from engine.config import Config, from_mapping
-from engine.recording import read_records
+from engine.core.config import Config, from_mapping
 from engine.store import make_store
+from engine.testing.recording import read_records
 from tests.conftest import ConfigFactory, arun, base_tree, merge, new_tenant
 
 pytestmark = pytest.mark.conformance
@@ -75,8 +75,8 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
     """``storyline ingest`` of synthetic sessions; the ids it accepted."""
-    from engine.event import parse_line
-    from engine.synth import sessions as synth
+    from engine.ingest.canonical import parse_line
+    from engine.tools.synth import sessions as synth
 
     lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
     path = tmp / f"in-{seed}.jsonl"

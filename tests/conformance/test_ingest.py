@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 
 from engine.cli import main
-from engine.clock import ManualClock
-from engine.config import Config, from_mapping
-from engine.errors import StoreError, TransientStoreError
-from engine.event import Event, decode, parse_line, shard_of
-from engine.ingest import ClockSkewError, Ingestor, Producer, ProducerError, redrive
+from engine.core.clock import ManualClock
+from engine.core.config import Config, from_mapping
+from engine.core.errors import StoreError, TransientStoreError
+from engine.core.event import Event, decode
+from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.producer import ClockSkewError, Ingestor, Producer, ProducerError, redrive
 from engine.store import AppendResult, EventRecord, Store, make_store
-from engine.synth import sessions
+from engine.tools.synth import sessions
 from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance

@@ -18,15 +18,15 @@ from typing import Any, cast
 import psutil
 import pytest
 
-from engine.clock import ManualClock
-from engine.config import Config, from_mapping
-from engine.errors import SchemaError, TransientStoreError
-from engine.event import Event, encode
-from engine.ingest import ClockSkewError
-from engine.recording import read_records
-from engine.stage import CountingStage
+from engine.core.clock import ManualClock
+from engine.core.config import Config, from_mapping
+from engine.core.errors import SchemaError, TransientStoreError
+from engine.core.event import Event, encode
+from engine.ingest.producer import ClockSkewError
+from engine.runtime.stages import CountingStage
+from engine.runtime.worker import Worker
 from engine.store import EventRecord, Store, make_store
-from engine.worker import Worker
+from engine.testing.recording import read_records
 from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, merge, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance
@@ -332,8 +332,8 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
-    from engine.event import parse_line
-    from engine.synth import sessions as synth
+    from engine.ingest.canonical import parse_line
+    from engine.tools.synth import sessions as synth
 
     lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
     path = tmp / f"in-{seed}.jsonl"

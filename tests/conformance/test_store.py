@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from engine.clock import ManualClock
-from engine.config import Config
-from engine.errors import FencedError, SchemaError, StoreError, WriteTooLateError
+from engine.core.clock import ManualClock
+from engine.core.config import Config
+from engine.core.errors import FencedError, SchemaError, StoreError, WriteTooLateError
 from engine.store import (
     SCHEMA_VERSION,
     Commit,
@@ -727,7 +727,7 @@ def test_server_clock_is_close(make_config: ConfigFactory) -> None:
 
 # -- embedded only: several processes on one file --------------------------------------------------------------
 def _writer(path: str, tenant: str, worker: int, n: int) -> None:
-    from engine.config import from_mapping
+    from engine.core.config import from_mapping
 
     cfg = from_mapping({"tenant": tenant, "shards": 8, "store": {"backend": "embedded", "path": path}})
 
@@ -747,7 +747,7 @@ def _writer(path: str, tenant: str, worker: int, n: int) -> None:
 
 
 def test_embedded_store_is_safe_with_several_processes(tmp_path: Path) -> None:
-    from engine.config import from_mapping
+    from engine.core.config import from_mapping
 
     path = str(tmp_path / "shared.db")
     cfg = from_mapping({"tenant": "shared", "shards": 8, "store": {"backend": "embedded", "path": path}})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.clock import SYSTEM_CLOCK
+from engine.core.clock import SYSTEM_CLOCK
 from tests.conftest import arun, drop_tenant, new_tenant
 from tests.property.harness import FLOWS, EventSpec, Fault, StoryStream, VirtualClock, stream_config
 

@@ -6,9 +6,9 @@ What it checks is the promise of issue 14: for every sequence of ingests, runs (
 kill -9, SIGTERM and failed writes, each ``(story_id, revision)`` exists in the stories table as one row with one
 content (a rewrite of the same bytes to the same row is harmless; a second row under another period, or other
 bytes, is a violation), and after a drain every accepted event is in exactly one live story's latest revision
-(``engine.verify.verify`` is ok).
+(``engine.tools.verify.verify`` is ok).
 
-Everything runs in this process on a virtual clock: a run is a real :class:`~engine.worker.Worker` with the
+Everything runs in this process on a virtual clock: a run is a real :class:`~engine.runtime.worker.Worker` with the
 real story builder over a real store, wrapped in :class:`FaultyStore`, which numbers the run's write calls and
 strikes at a chosen one (so hypothesis shrinks a failure to the first write that matters):
 
@@ -31,14 +31,15 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import xxhash
 
-from engine.config import Config, from_mapping
-from engine.errors import StorylineError, TransientStoreError
-from engine.event import Event, encode, shard_of
-from engine.flow import flow_identity
-from engine.stage import Stage
+from engine.core.config import Config, from_mapping
+from engine.core.errors import StorylineError, TransientStoreError
+from engine.core.event import Event, encode
+from engine.core.stage import Stage
+from engine.ingest.canonical import shard_of
+from engine.ingest.network_identity import flow_identity
+from engine.runtime.worker import Worker
 from engine.store import Commit, EventRecord, Store, StoryRecord, make_store
-from engine.verify import VerifyReport, verify
-from engine.worker import Worker
+from engine.tools.verify import VerifyReport, verify
 from tests.conftest import base_tree, merge
 
 

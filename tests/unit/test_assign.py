@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.assign import format_ranges, parse_range, split
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
+from engine.runtime.assign import format_ranges, parse_range, split
 
 
 @given(lo=st.integers(0, 500), size=st.integers(0, 600), workers=st.integers(1, 64))

@@ -128,8 +128,8 @@ def test_simulate_live_paces_events_through_the_producer(tmp_path: Path, capsys:
     import asyncio
     import json
 
-    from engine.config import load
-    from engine.event import decode
+    from engine.core.config import load
+    from engine.core.event import decode
     from engine.store import make_store
 
     truth = tmp_path / "t.json"
@@ -180,7 +180,7 @@ def test_simulate_live_paces_events_through_the_producer(tmp_path: Path, capsys:
 def test_verify_reconciles_with_ingest_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import time
 
-    from engine.config import load
+    from engine.core.config import load
 
     sets = [f"store.path={tmp_path}/s.db", "lag_ms=3000", "max_write_age_ms=500", "request_timeout_ms=1000"]
     conf = ["--config", str(ROOT / "configs" / "local.toml")] + [x for kv in sets for x in ("--set", kv)]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config, from_mapping, load, parse_override
-from engine.errors import ConfigError
+from engine.core.config import Config, from_mapping, load, parse_override
+from engine.core.errors import ConfigError
 
 
 def cfg(**kw: object) -> Config:

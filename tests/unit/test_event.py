@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.config import from_mapping
-from engine.errors import InputError
-from engine.event import Event, decode, decode_view, encode, parse_line, shard_of
-from engine.flow import flow_identity, flow_key, flow_key_bytes
+from engine.core.config import from_mapping
+from engine.core.errors import InputError
+from engine.core.event import Event, decode, decode_view, encode
+from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.network_identity import flow_identity, flow_key, flow_key_bytes
 
 CFG = from_mapping({"tenant": "t", "max_event_bytes": 4096, "chunk_bytes": 1024, "store": {"page_bytes_max": 1 << 20}})
 NOW_MS = 1_790_000_000_000  # 2026-09-21

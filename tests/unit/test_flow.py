@@ -1,4 +1,4 @@
-"""Tests for engine.flow: Community ID v1 against the published vectors, flow keys, parsing and errors.
+"""Tests for engine.ingest.network_identity: Community ID v1 against the published vectors, flow keys, parsing and errors.
 
 Expected Community ID strings come from the spec repository corelight/community-id-spec
 (``baseline/README.md`` tables and ``baseline/baseline_deflt.json`` / ``baseline/baseline_seed1.json``), plus a
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.errors import InputError
-from engine.flow import (
+from engine.core.errors import InputError
+from engine.ingest.network_identity import (
     FlowKey,
     community_id,
     flow_key,

@@ -11,6 +11,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.core.event import Event, decode, encode
 from engine.correlate.fuse import (
     EVENT_SCHEMA,
     HEAD_SCHEMA,
@@ -20,8 +21,7 @@ from engine.correlate.fuse import (
     json_strings,
     story_community_id,
 )
-from engine.event import Event, decode, encode
-from engine.flow import community_id, flow_identity
+from engine.ingest.network_identity import community_id, flow_identity
 
 NAMES = st.sampled_from(["fw", "edr", "dns", 'q"uote', "back\\slash", "ünï", "tab\there", "ctl\x01"])
 VALUES = st.one_of(

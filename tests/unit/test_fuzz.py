@@ -3,7 +3,7 @@ data silently, and every rejection names the field (events) or the key (config).
 
 The oracles do not reuse the code under test where it matters: times are computed from their parts with
 integer arithmetic, addresses through :mod:`ipaddress`, the config safety rules are restated from
-``engine/config.py``'s docstring. Regressions for the bugs this file found are pinned with ``@example`` and, where
+``engine/core/config.py``'s docstring. Regressions for the bugs this file found are pinned with ``@example`` and, where
 the property alone would allow another outcome, in ``test_the_regressions_are_decided_as_intended``.
 """
 
@@ -32,10 +32,11 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from engine.cli import main
-from engine.config import Config, from_mapping, load, parse_override
-from engine.errors import ConfigError, InputError
-from engine.event import MAX_ATTRS_DEPTH, Event, decode, decode_view, encode, parse_line, shard_of
-from engine.flow import parse_proto
+from engine.core.config import Config, from_mapping, load, parse_override
+from engine.core.errors import ConfigError, InputError
+from engine.core.event import Event, decode, decode_view, encode
+from engine.ingest.canonical import MAX_ATTRS_DEPTH, parse_line, shard_of
+from engine.ingest.network_identity import parse_proto
 
 CFG = from_mapping({"tenant": "t", "max_event_bytes": 4096, "chunk_bytes": 1024, "store": {"page_bytes_max": 1 << 20}})
 NOW_MS = 1_790_000_000_000  # 2026-09-21T14:13:20Z
@@ -277,7 +278,7 @@ def ref_proto(value: Any) -> int | None:
     known = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmp6": 58, "sctp": 132, "gre": 47, "esp": 50}
     if text in known:
         return known[text]
-    try:  # the other IANA names: engine.flow's documented table is the oracle
+    try:  # the other IANA names: engine.ingest.network_identity's documented table is the oracle
         return parse_proto(value)
     except InputError:
         return None
@@ -683,7 +684,7 @@ def struct_paths(struct: Any, prefix: str = "") -> dict[str, Any]:
 
 
 CONFIG_KEYS = struct_paths(Config)
-# Each cross-key rule: the key its error names → the keys it involves (engine/config.py's docstring).
+# Each cross-key rule: the key its error names → the keys it involves (engine/core/config.py's docstring).
 RULES: dict[str, set[str]] = {
     "lag_ms": {"lag_ms", "max_write_age_ms", "request_timeout_ms", "max_clock_skew_ms", "bucket_ms"},
     "ttl_ms": {"ttl_ms", "lag_ms", "downtime_allowance_ms", "correlate.max_story_ms", "correlate.max_wait_ms"}

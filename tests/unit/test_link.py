@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.correlate_baseline import link_baseline
 from engine.correlate import link as link_mod
 from engine.correlate.link import components, link, window_edges
+from engine.testing.baseline import link_baseline
 
 W = 10
 BOTH_PATHS = pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])

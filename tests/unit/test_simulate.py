@@ -1,4 +1,4 @@
-"""The scenario generator (engine.simulate) and the accuracy scoring / reference clusterer (bench.accuracy)."""
+"""The scenario generator (engine.tools.simulate) and the accuracy scoring / reference clusterer (engine.tools.accuracy)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.accuracy import link_reference, score
-from engine.config import from_mapping
-from engine.event import parse_line
-from engine.simulate import Scenario, SimEvent, Truth, generate, write
+from engine.core.config import from_mapping
+from engine.ingest.canonical import parse_line
+from engine.tools.accuracy import link_reference, score
+from engine.tools.simulate import Scenario, SimEvent, Truth, generate, write
 
 CFG = from_mapping({"tenant": "t", "ingest": {"max_future_ms": 10**13}})
 NOW_MS = 1_790_000_000_000

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.clock import ManualClock
-from engine.config import from_mapping
-from engine.errors import StoreError, TransientStoreError, WriteTooLateError
+from engine.core.clock import ManualClock
+from engine.core.config import from_mapping
+from engine.core.errors import StoreError, TransientStoreError, WriteTooLateError
+from engine.core.records import BucketHint, EventRecord
 from engine.store.chunks import Assembler, iter_rows, split
 from engine.store.common import (
     ROW_OVERHEAD,
@@ -25,7 +26,6 @@ from engine.store.common import (
     run_all,
     size_class,
 )
-from engine.store.types import BucketHint, EventRecord
 
 CFG = from_mapping({"tenant": "t", "store": {"max_retries": 3, "retry_base_ms": 1, "retry_max_ms": 4}})
 

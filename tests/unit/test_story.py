@@ -9,14 +9,14 @@ from typing import Any
 
 import msgspec
 
-from engine.config import Config, from_mapping
+from engine.core.config import Config, from_mapping
+from engine.core.errors import TransientStoreError
+from engine.core.event import Event, encode
+from engine.core.stage import EMPTY, Batch
 from engine.correlate.story import StoryMachine
-from engine.errors import TransientStoreError
-from engine.event import Event, encode
-from engine.flow import community_id, flow_identity
-from engine.stage import EMPTY, Batch
+from engine.ingest.network_identity import community_id, flow_identity
+from engine.runtime.worker import persist
 from engine.store import EventRecord, Store, make_store
-from engine.worker import persist
 
 BMS = 1000  # bucket_ms
 T0 = 1_790_000_000_000_000  # µs
@@ -478,7 +478,7 @@ def test_shards_grouped_in_one_call_give_what_one_call_per_shard_gives(tmp_path:
     """The worker hands a bucket of many shards to the stage in one call (one polars pass). Shards never link to
     each other, so the rows written must be exactly those of feeding each shard alone — with only its non-empty
     buckets, as a worker catching up would — and a crash + replay of all shards together must agree too."""
-    from engine.event import shard_of
+    from engine.ingest.canonical import shard_of
 
     knobs = {"max_story_events": 6, "amend_horizon_ms": 40_000}
     first, last, end, shards = 100, 400, 480, 4
@@ -580,8 +580,8 @@ def test_a_worker_rebuilds_the_stage_after_a_failed_write_and_loses_no_story(tmp
     stage's state ahead of the store: stories marked emitted that are not stored. The worker must not go on from
     that state: it rebuilds the stage from the committed offsets (replay) and carries on. Every row written then
     equals an uninterrupted run's, failures during the rebuild's own replay included."""
-    from engine.event import shard_of
-    from engine.worker import Worker
+    from engine.ingest.canonical import shard_of
+    from engine.runtime.worker import Worker
 
     knobs = {"max_story_events": 6, "amend_horizon_ms": 40_000}
     first, last, end, shards = 100, 400, 470, 4

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from engine.core.event import Event
+from engine.core.stage import Batch, Emission
 from engine.correlate.story import DRAIN_PART, StoryMachine
-from engine.event import Event, shard_of
-from engine.stage import Batch, Emission
+from engine.ingest.canonical import shard_of
 from tests.unit.test_story import batch, config, ev, random_script
 
 Row = tuple[int, int, bool, str | None, int, bytes]  # shard, period, final, merged_into, emitted_ms, body

@@ -6,15 +6,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import engine.tools.tune as tune
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import engine.tune as tune
 from engine.cli import main
-from engine.config import MAX_TWCS_WINDOWS, Config, from_mapping, load
-from engine.errors import ConfigError
-from engine.tune import Capacity, recommend, to_toml, twcs_window_ms
+from engine.core.config import MAX_TWCS_WINDOWS, Config, from_mapping, load
+from engine.core.errors import ConfigError
+from engine.tools.tune import Capacity, recommend, to_toml, twcs_window_ms
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR_MS = 3_600_000

@@ -25,10 +25,11 @@ from typing import BinaryIO
 import msgspec
 import xxhash
 
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.config import Config
-from engine.errors import InputError, StoreError, StorylineError, WriteTooLateError
-from engine.event import Event, encode, parse_line, shard_of
+from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.config import Config
+from engine.core.errors import InputError, StoreError, StorylineError, WriteTooLateError
+from engine.core.event import Event, encode
+from engine.ingest.canonical import parse_line, shard_of
 from engine.store import DeadLetter, EventRecord, Store
 
 # One append call carries at most this many events / bytes, so a retry or a re-bucketing redoes little.

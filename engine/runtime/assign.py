@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 
 def parse_range(text: str | None, shards: int) -> range:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from engine.stage import NO_MARKS, Batch, Buckets, Emission, each_partition
+from engine.core.stage import NO_MARKS, Batch, Buckets, Emission, each_partition
 
 _enc = msgspec.json.Encoder()
 

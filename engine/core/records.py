@@ -1,4 +1,6 @@
-"""Records that cross the store interface. Times are int64 UTC milliseconds."""
+"""Records that cross the seams between layers: what a producer appends and a worker reads (:class:`EventRecord`),
+and what the story builder emits and the store keeps (:class:`StoryRecord`). Both the store and the pure
+correlation code use them, so they live here, not in ``engine.store``. Times are int64 UTC milliseconds."""
 
 from __future__ import annotations
 
@@ -6,7 +8,46 @@ from typing import NamedTuple
 
 import msgspec
 
-from engine.records import EventRecord, StoryRecord, story_id, story_id_shard
+
+class EventRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One event as the store sees it: an id (clustering key) and its encoded payload."""
+
+    event_id: str
+    payload: bytes
+
+
+class StoryRecord(msgspec.Struct, frozen=True):
+    """One revision of a story. Partitioned by ``(shard, period)``, where ``period`` is chosen deterministically
+    by the writer (the story builder: the bucket whose processing emitted the revision); ``(story_id, revision)``
+    is unique."""
+
+    shard: int
+    period: int
+    story_id: str
+    revision: int
+    final: bool
+    merged_into: str | None
+    emitted_ms: int
+    body: bytes
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def story_id(shard: int, key: int) -> str:
+    """A story's id: its shard and a 64-bit key (``s0003-00000000000000ff``). The id names the shard so that a
+    lookup by id knows which shard's index to read."""
+    return f"s{shard:04x}-{key:016x}"
+
+
+def story_id_shard(sid: str) -> int | None:
+    """The shard a story id names, ``None`` for a string that is not a story id."""
+    head, sep, _ = sid.partition("-")
+    digits = head[1:]
+    if not sep or head[:1] != "s" or len(digits) < 4 or not set(digits) <= _HEX_DIGITS:
+        return None
+    return int(digits, 16)
+
 
 HOUR_MS = 3_600_000
 

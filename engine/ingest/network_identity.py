@@ -1,7 +1,7 @@
 """Flow identity: protocol numbers, IP addresses, Community ID v1 and a direction-independent flow key.
 
 Everything here is a pure function of its arguments: no I/O, no clock, no database. Malformed input raises
-:class:`engine.errors.InputError` whose message starts with the name of the offending field (``proto``,
+:class:`engine.core.errors.InputError` whose message starts with the name of the offending field (``proto``,
 ``src_ip``, ``dst_port``, ``seed`` ...).
 
 Community ID
@@ -51,7 +51,7 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from engine.errors import InputError
+from engine.core.errors import InputError
 
 __all__ = [
     "FLOW_KEY_FORMAT_VERSION",

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 TENANT_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 _DC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

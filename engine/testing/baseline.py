@@ -1,4 +1,4 @@
-"""Plain per-event Python implementation of the link step, the baseline for :mod:`engine.correlate.link`.
+"""Plain per-event Python implementation of the link step: the oracle for :mod:`engine.correlate.link` (tests)
 
 Same semantics as :func:`engine.correlate.link.link`: two events link when they share a (non-null) key value
 and their (non-null) times are at most that key's window apart, inclusive; linking is transitive and a story is

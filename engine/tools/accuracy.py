@@ -1,11 +1,11 @@
 """Story accuracy: B-cubed scores of a predicted clustering against ground truth, and a reference clusterer.
 
-:func:`score` compares predicted story keys with the truth of :mod:`engine.simulate` (or any event id → story
+:func:`score` compares predicted story keys with the truth of :mod:`engine.tools.simulate` (or any event id → story
 key mapping). :func:`link_reference` applies the link rule in plain Python, directly on the JSONL lines, so a
 test can show a scenario is solvable and what the engine should reach on it.
 
-``python -m bench.accuracy [--events N] [--seed S]`` prints the reference clusterer's scores on a scenario with
-and without per-sensor skew correction; ``python -m bench.accuracy --stories S.jsonl --truth T.json`` scores
+``python -m engine.tools.accuracy [--events N] [--seed S]`` prints the reference clusterer's scores on a scenario with
+and without per-sensor skew correction; ``python -m engine.tools.accuracy --stories S.jsonl --truth T.json`` scores
 the engine's stories (``storyline stories --format jsonl``) against a simulator's truth file.
 """
 
@@ -18,7 +18,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 
-from engine.simulate import Scenario, SimEvent, generate
+from engine.tools.simulate import Scenario, SimEvent, generate
 
 # IANA numbers of the protocol names a line may carry, so "tcp" and 6 give one flow key.
 _PROTO_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ipv6-icmp": 58, "icmp6": 58, "sctp": 132}
@@ -108,7 +108,7 @@ def link_reference(
     apart. An event without flow fields is a cluster of its own. A cluster's key is the id of its first event
     (earliest corrected time, then smallest id).
 
-    This handles ports as TCP/UDP-style numbers (no ICMP type mapping), which is all :mod:`engine.simulate`
+    This handles ports as TCP/UDP-style numbers (no ICMP type mapping), which is all :mod:`engine.tools.simulate`
     produces.
     """
     by_flow: defaultdict[tuple[object, ...], list[tuple[float, str]]] = defaultdict(list)
@@ -155,7 +155,7 @@ def score_stories(stories_jsonl: str, truth_json: str, show: int = 0) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.tools.accuracy", description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=Scenario().events)
     ap.add_argument("--seed", type=int, default=Scenario().seed)
     ap.add_argument("--skew-s", type=float, default=Scenario().skew_s)

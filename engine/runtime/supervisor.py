@@ -1,7 +1,7 @@
 """The supervisor: splits an instance's shard range among worker processes, keeps them running, stops them
 gracefully and aggregates their metrics.
 
-* Workers are started with the ``spawn`` method, each with a contiguous slice of the range (:mod:`engine.assign`)
+* Workers are started with the ``spawn`` method, each with a contiguous slice of the range (:mod:`engine.runtime.assign`)
   and an owner id of its own; a restarted worker claims its shards again (a new epoch), which fences any
   leftover of the old one.
 * A worker that exits with an error or is killed is restarted with exponential backoff (1 s … 30 s). One that
@@ -46,8 +46,8 @@ from typing import Any, TextIO
 import msgspec
 import psutil
 
-from engine.assign import format_ranges, split
-from engine.config import Config
+from engine.core.config import Config
+from engine.runtime.assign import format_ranges, split
 
 log = logging.getLogger("storyline.supervisor")
 
@@ -91,16 +91,17 @@ def worker_process(
     """Entry point of a worker process (spawned: everything arrives as plain data)."""
     import asyncio
 
-    from engine.config import from_mapping
-    from engine.errors import StorylineError
-    from engine.stage import CountingStage, Stage
-    from engine.worker import Worker
+    from engine.core.config import from_mapping
+    from engine.core.errors import StorylineError
+    from engine.core.stage import Stage
+    from engine.runtime.stages import CountingStage
+    from engine.runtime.worker import Worker
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker {owner} %(levelname)s %(message)s")
     cfg = from_mapping(cfg_tree)
     stage: Stage
     if record_dir:
-        from engine.recording import RecordingStage
+        from engine.testing.recording import RecordingStage
 
         directory, _, delay = record_dir.partition(",")
         stage = RecordingStage(directory, owner, int(delay or 0))

@@ -14,9 +14,10 @@ from typing import Any
 import msgspec
 import xxhash
 
-from engine.config import Config
-from engine.errors import InputError
-from engine.flow import PORT_PROTOCOLS, flow_identity, parse_proto
+from engine.core.config import Config
+from engine.core.errors import InputError
+from engine.core.event import Event, encode
+from engine.ingest.network_identity import PORT_PROTOCOLS, flow_identity, parse_proto
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = dt.timedelta(microseconds=1)
@@ -37,39 +38,6 @@ class InputEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     attrs: dict[str, Any] | None = None
 
 
-class Event(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """The canonical stored event (msgpack, array-like: fields by position; never reorder, only append).
-
-    ``flow`` is the xxh64 of the direction-independent flow key (``None`` without addresses) and
-    ``reversed`` says whether the event reports the flow from endpoint b to a. ``time_us`` is the event time in
-    µs UTC as the sensor reported it.
-    """
-
-    id: str
-    time_us: int
-    source: str
-    sensor: str
-    flow: int | None
-    reversed: bool
-    proto: int | None
-    src_ip: str | None
-    src_port: int | None
-    dst_ip: str | None
-    dst_port: int | None
-    attrs: dict[str, Any]
-
-
-class EventView(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """The linking fields only: a prefix of :class:`Event`, so decoding skips the rest cheaply."""
-
-    id: str
-    time_us: int
-    source: str
-    sensor: str
-    flow: int | None
-    reversed: bool
-
-
 class _IdInput(msgspec.Struct, frozen=True, gc=False):
     """What the derived id hashes: the normalized event (msgspec JSON, sorted keys)."""
 
@@ -86,24 +54,9 @@ class _IdInput(msgspec.Struct, frozen=True, gc=False):
 
 _json_decoder = msgspec.json.Decoder(InputEvent)
 _id_encoder = msgspec.json.Encoder(order="sorted")
-_payload_encoder = msgspec.msgpack.Encoder()
-_payload_decoder = msgspec.msgpack.Decoder(Event)
-_view_decoder = msgspec.msgpack.Decoder(EventView)
 MAX_NAME = 256
 MAX_ATTRS_DEPTH = 64  # arrays/objects nested in attrs (attrs itself is level 1); consumers decode with recursion
 _PROTO_FAST = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "TCP": 6, "UDP": 17, "ICMP": 1}
-
-
-def encode(event: Event) -> bytes:
-    return _payload_encoder.encode(event)
-
-
-def decode(payload: bytes) -> Event:
-    return _payload_decoder.decode(payload)
-
-
-def decode_view(payload: bytes) -> EventView:
-    return _view_decoder.decode(payload)
 
 
 def parse_time_us(value: int | float | str) -> int:
@@ -199,7 +152,7 @@ def parse_line(line: bytes, cfg: Config, now_ms: int) -> Event:
     # The stored form must exist and fit: msgpack holds no integer outside int64/uint64 (only attrs can carry
     # one), and it can be larger than the JSON (a 4-byte `1e5,` becomes a 9-byte float64).
     try:
-        size = len(_payload_encoder.encode(event))
+        size = len(encode(event))
     except OverflowError:
         raise InputError("attrs: an integer is outside -2**63..2**64-1 (the stored form cannot hold it)") from None
     if size > cfg.max_event_bytes:

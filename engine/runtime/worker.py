@@ -18,11 +18,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.clock import SYSTEM_CLOCK, Clock
-from engine.config import Config
-from engine.errors import SchemaError, StorylineError
-from engine.ingest import ClockSkewError
-from engine.stage import EMPTY, Batch, Emission, MarkRecord, Stage
+from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.config import Config
+from engine.core.errors import SchemaError, StorylineError
+from engine.core.stage import EMPTY, Batch, Emission, MarkRecord, Stage
+from engine.ingest.producer import ClockSkewError
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, make_store
 
 log = logging.getLogger("storyline.worker")

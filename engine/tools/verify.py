@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from engine.config import Config
+from engine.core.config import Config
 from engine.store import Store
 
 

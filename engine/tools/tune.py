@@ -4,7 +4,7 @@
 and a :class:`Capacity` (per-core throughput figures) it returns the config tree and, per key, the reasoning.
 :func:`to_toml` renders both as a TOML document whose comments carry the reasoning. :func:`measure` calibrates a
 :class:`Capacity` with a short real run on this machine (``--measure``, ~10 s). docs/tuning.md explains the
-rules; every tree :func:`recommend` returns loads with :func:`engine.config.from_mapping`.
+rules; every tree :func:`recommend` returns loads with :func:`engine.core.config.from_mapping`.
 
 The model, in short (all rates in events/s):
 
@@ -15,7 +15,7 @@ The model, in short (all rates in events/s):
 * **bucket_ms** is the largest bucket whose partitions (``rate / shards * bucket`` rows) stay within
   ``PARTITION_MAX_BYTES`` and ``PARTITION_MAX_ROWS`` (small tenants get long buckets: cheap idle polling),
   at most a tenth of ``correlate.max_wait_ms`` so the lag stays small next to a story's wait;
-* **lag_ms**, **ttl_ms** and **twcs_window_ms** follow from the rules in :mod:`engine.config`.
+* **lag_ms**, **ttl_ms** and **twcs_window_ms** follow from the rules in :mod:`engine.core.config`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from engine.config import MAX_TWCS_WINDOWS, Config, load
-from engine.errors import ConfigError
+from engine.core.config import MAX_TWCS_WINDOWS, Config, load
+from engine.core.errors import ConfigError
 
 Backend = Literal["cql", "embedded"]
 Tree = dict[str, Any]
@@ -639,18 +639,19 @@ def to_toml(tree: Mapping[str, Any], reasons: Mapping[str, list[str]], title: st
 # -- measuring this machine ------------------------------------------------------------------------------------
 def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_000) -> Capacity:
     """Calibrate the client-side ingest and story-stage figures with a short real run on this machine (~10 s):
-    parse + encode + shard of synthetic lines of about ``avg_bytes`` (engine.synth), and a StoryMachine over
+    parse + encode + shard of synthetic lines of about ``avg_bytes`` (engine.tools.synth), and a StoryMachine over
     simulated events writing stories to a temporary embedded store (as bench/stories.py does). Per-core figures
     are events per CPU second of this process (polars threads included). The read and database figures keep their
     docs/BENCHMARKS.md values (they need the CQL node)."""
-    from engine.config import from_mapping
+    from engine.core.config import from_mapping
+    from engine.core.event import encode
+    from engine.core.stage import Batch
     from engine.correlate.story import StoryMachine
-    from engine.event import encode, parse_line, shard_of
-    from engine.simulate import Scenario, generate
-    from engine.stage import Batch
+    from engine.ingest.canonical import parse_line, shard_of
+    from engine.runtime.worker import persist
     from engine.store import EventRecord, make_store
-    from engine.synth import sessions
-    from engine.worker import persist
+    from engine.tools.simulate import Scenario, generate
+    from engine.tools.synth import sessions
 
     cfg = from_mapping({"tenant": "tune_measure"})
     now_s = time.time()
