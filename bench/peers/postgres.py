@@ -27,7 +27,7 @@ client, as for Storyline's own benchmarks):
 * planner: ``jit = off`` (JIT compilation costs more than it saves on a query run every second),
   ``random_page_cost = 1.1`` (SSD), parallel query left at its defaults; autovacuum on (defaults).
 
-**The schema.** ``events`` holds every canonical field of :class:`engine.ingest.canonical.Event` (``flow`` is the same
+**The schema.** ``events`` holds every canonical field of :class:`engine.core.event.Event` (``flow`` is the same
 xxh64 flow key, stored as a signed bigint; addresses as ``inet``; ``attrs`` as ``jsonb``) plus ``seq`` (an
 identity, the events' compact key) and ``xid`` (the inserting transaction, ``pg_current_xact_id()``), with
 indexes on ``(flow, time_us)`` and on ``xid``. There is no unique constraint on the event id: COPY cannot skip

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -13,6 +16,8 @@ from hypothesis import strategies as st
 from engine.correlate import link as link_mod
 from engine.correlate.link import components, link, window_edges
 from engine.testing.baseline import link_baseline
+
+ROOT = Path(__file__).resolve().parents[2]
 
 W = 10
 BOTH_PATHS = pytest.mark.parametrize("fast", [True, False], ids=["fast", "general"])
@@ -245,10 +250,19 @@ def test_link_equals_the_baseline(case: tuple[pl.DataFrame, list[tuple[str, int]
 
 
 def test_benchmark_smoke() -> None:
-    from bench.correlate import run
-
-    r = run(5_000)
-    assert r["events"] > 4_000
-    assert r["stories"] > 800
-    assert r["link_events_per_s"] > 0
-    assert r["baseline_events_per_s"] > 0
+    """``python -m bench.correlate`` runs as a user runs it (nothing imports ``bench``); it exits non-zero when
+    link, its general path and the baseline disagree."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.correlate", "--events", "5000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]  # "5,000 events, 1,234 stories, window ..."
+    events, stories = (int(x.split()[0].replace(",", "")) for x in first.split(", ")[:2])
+    assert events > 4_000
+    assert stories > 800
+    assert "baseline" in proc.stdout
