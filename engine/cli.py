@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
 from engine.core.errors import ConfigError, StorylineError
 from engine.ingest.producer import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
@@ -343,10 +344,7 @@ async def _check_ready(cfg: Config) -> int:
     try:
         if not (await store.read_meta()).get("created_ms"):
             raise ConfigError("tenant", f"{cfg.tenant} is not initialized: run `storyline init` first")
-        t0 = time.time_ns() // 1_000_000
-        server = await store.server_time_ms()
-        t1 = time.time_ns() // 1_000_000
-        return server - (t0 + t1) // 2
+        return (await database_offset(SYSTEM_CLOCK, store.server_time_ms)).offset_ms
     finally:
         await store.close()
 

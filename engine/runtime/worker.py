@@ -18,11 +18,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
 from engine.core.errors import SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Emission, MarkRecord, Stage
-from engine.ingest.producer import ClockSkewError
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, make_store
 
 log = logging.getLogger("storyline.worker")
@@ -113,18 +112,10 @@ class Worker:
         if not self.check_skew:
             self._skew_at = base.now_ms()
             return 0
-        t0 = base.now_ms()
-        server = await self.store.server_time_ms()
-        t1 = base.now_ms()
-        skew = server - (t0 + t1) // 2
-        if abs(skew) > self.cfg.max_clock_skew_ms + (t1 - t0) // 2:
-            raise ClockSkewError(
-                f"this host's clock is {-skew:+d} ms off the database's (max_clock_skew_ms = "
-                f"{self.cfg.max_clock_skew_ms}); fix NTP"
-            )
-        self.clock.offset_ms = skew
-        self._skew_at = t1
-        return skew
+        m = await measure_skew(base, self.store.server_time_ms, self.cfg.max_clock_skew_ms, "; fix NTP")
+        self.clock.offset_ms = m.offset_ms
+        self._skew_at = m.at_ms
+        return m.offset_ms
 
     def target(self) -> int:
         """The newest bucket that may be read now."""
@@ -396,6 +387,16 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), delay)
 
+    async def _back_off(self, exc: StorylineError, backoff: float, when: str) -> float:
+        """A transient error: count it, wait ``backoff`` seconds (less if the worker is stopped), return the next
+        backoff."""
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)
+        log.warning("transient error%s, retrying in %.1f s: %s", when, backoff, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), backoff)
+        return min(backoff * 2, MAX_BACKOFF_S)
+
     async def _with_backoff(self, fn: Callable[[], Awaitable[object]]) -> None:
         """Start-up steps: transient database errors are retried with backoff until the worker is stopped."""
         backoff = 0.5
@@ -406,12 +407,7 @@ class Worker:
             except StorylineError as exc:
                 if not exc.retriable or self.stop.is_set():
                     raise
-                self.stats.errors += 1
-                self.stats.last_error = str(exc)
-                log.warning("transient error at start-up, retrying in %.1f s: %s", backoff, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(exc, backoff, " at start-up")
 
     async def _open(self) -> None:
         try:
@@ -458,12 +454,7 @@ class Worker:
                 except StorylineError as exc:
                     if not exc.retriable:
                         raise
-                    self.stats.errors += 1
-                    self.stats.last_error = str(exc)
-                    log.warning("transient error, retrying in %.1f s: %s", backoff, exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stop.wait(), backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    backoff = await self._back_off(exc, backoff, "")
                     continue
                 if all(st.fenced for st in self.state.values()):
                     break

@@ -20,9 +20,8 @@ import pytest
 
 from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
-from engine.core.errors import SchemaError, TransientStoreError
+from engine.core.errors import ClockSkewError, SchemaError, TransientStoreError
 from engine.core.event import Event, encode
-from engine.ingest.producer import ClockSkewError
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from engine.store import EventRecord, Store, make_store
