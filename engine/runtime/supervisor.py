@@ -1,9 +1,9 @@
 """The supervisor: splits an instance's shard range among worker processes, keeps them running, stops them
 gracefully and aggregates their metrics.
 
-* Workers are started with the ``spawn`` method, each with a contiguous slice of the range (:mod:`engine.runtime.assign`)
-  and an owner id of its own; a restarted worker claims its shards again (a new epoch), which fences any
-  leftover of the old one.
+* Workers are started with the ``spawn`` method, each with a contiguous slice of the range
+  (:mod:`engine.runtime.assign`) and an owner id of its own; a restarted worker claims its shards again (a new
+  epoch), which fences any leftover of the old one.
 * A worker that exits with an error or is killed is restarted with exponential backoff (1 s … 30 s). One that
   exits with code 3 lost shards to another owner (their commits were refused: another instance claimed them); it
   is not restarted (a restart would claim them back and fence the other owner), and the run exits with 3
@@ -19,14 +19,14 @@ gracefully and aggregates their metrics.
 * SIGINT / SIGTERM: the supervisor asks every worker to stop (they finish the current bucket and commit), waits
   up to ``shutdown_timeout_ms``, then kills what is left. Workers whose supervisor died notice it (their parent
   changes) and stop on their own.
-* Metrics: events/s, buckets/s, lag per shard, CPU % and RSS per worker: a status line on a TTY, JSON lines
-  otherwise, and Prometheus text on ``metrics_port`` (bound to ``metrics_host``, 127.0.0.1 by default).
+* Metrics: the workers' counters added up per worker slot, monotonic across restarts (:mod:`engine.runtime.metrics`),
+  lag per shard, CPU and RSS per worker: a status line on a TTY, JSON lines otherwise (:mod:`engine.runtime.status`),
+  and Prometheus text on ``metrics_port`` (bound to ``metrics_host``, 127.0.0.1 by default), refreshed every second.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -39,7 +39,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.process import BaseProcess
 from typing import Any, TextIO
 
@@ -48,6 +47,8 @@ import psutil
 
 from engine.core.config import Config
 from engine.runtime.assign import format_ranges, split
+from engine.runtime.metrics import Aggregator, MetricsServer, Rate, Snapshot, prometheus
+from engine.runtime.status import StatusOutput
 
 log = logging.getLogger("storyline.supervisor")
 
@@ -72,8 +73,6 @@ class Slot:
     # corrupted (a half-written message, its write lock held), and that must not cut off the other workers' metrics.
     queue: Any = None
     ps: psutil.Process | None = None
-    cpu: float = 0.0
-    rss: int = 0
 
 
 def worker_process(
@@ -199,10 +198,13 @@ class Supervisor:
         self.last_error = ""  # the last error a worker reported (which worker: in the text)
         self.last_exit = ""  # the last abnormal worker exit
         self.lost: set[int] = set()  # shards lost to another owner (commits refused)
+        self.metrics = Aggregator(len(self.slots))
+        self.status = StatusOutput(self.out, cfg.lag_ms, len(self.slots))
+        self._status_rate = Rate(self.started)
+        self._prom_rate = Rate(self.started)
         self._lock = threading.Lock()
         self._prom = ""
-        self._last: dict[str, float] = {}
-        self._http: ThreadingHTTPServer | None = None
+        self._http: MetricsServer | None = None
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     # -- processes -----------------------------------------------------------------------------------------
@@ -296,8 +298,7 @@ class Supervisor:
         for slot in self.slots:
             self._drain_slot(slot)
 
-    @staticmethod
-    def _drain_slot(slot: Slot) -> None:
+    def _drain_slot(self, slot: Slot) -> None:
         if slot.queue is None:
             return
         while True:
@@ -311,6 +312,7 @@ class Supervisor:
                 return
             if m.get("owner", "") == slot.owner:
                 slot.metrics = m
+                self.metrics.workers[slot.index].report(slot.owner, m)
 
     def _fenced_shards(self, slot: Slot) -> list[int]:
         m = slot.metrics
@@ -366,9 +368,7 @@ class Supervisor:
             return
         self.timed_out = True
         mode = "--drain" if self.drain else "--until-idle"
-        if self.out.isatty():
-            self.out.write("\n")  # end the status line
-            self.out.flush()
+        self.status.end_line()
         self.err.write(
             f"storyline: run {mode}: no shard's committed position moved for {now - since:.1f} s once the run's"
             f" last bucket was readable (drain_timeout_ms = {self.cfg.drain_timeout_ms}); stopping the workers\n"
@@ -376,98 +376,36 @@ class Supervisor:
         self.err.flush()
         self.request_stop()
 
-    def _sample(self) -> dict[str, Any]:
+    def _sample(self, rate: Rate) -> Snapshot:
+        """The instance now; ``rate`` (the status output's or the exposition's) is advanced."""
         for slot in self.slots:
-            if slot.ps is not None and slot.proc is not None:
-                try:
-                    slot.cpu = slot.ps.cpu_percent(None)
-                    slot.rss = slot.ps.memory_info().rss
-                except psutil.Error:
-                    slot.cpu, slot.rss = 0.0, 0
+            self.metrics.workers[slot.index].sample(slot.ps if slot.proc is not None else None)
         now = time.time()
-        events = sum(int(s.metrics.get("events", 0)) for s in self.slots)
-        buckets = sum(int(s.metrics.get("buckets", 0)) for s in self.slots)
-        dt = now - self._last.get("t", self.started)
-        snap = {
-            "t": round(now, 3),
-            "events": events,
-            "buckets": buckets,
-            "events_per_s": (events - self._last.get("events", 0)) / dt if dt > 0 else 0.0,
-            "buckets_per_s": (buckets - self._last.get("buckets", 0)) / dt if dt > 0 else 0.0,
-            "workers": [
-                {
-                    "worker": s.index,
-                    "pid": s.proc.pid if s.proc else None,
-                    "alive": bool(s.proc and s.proc.is_alive()),
-                    "restarts": s.restarts,
-                    "fenced": s.fenced,
-                    "cpu_percent": s.cpu,
-                    "rss_bytes": s.rss,
-                    "errors": s.metrics.get("errors", 0),
-                    "rebuilds": s.metrics.get("rebuilds", 0),
-                }
+        return self.metrics.snapshot(
+            now,
+            rate,
+            [
+                (s.proc.pid if s.proc else None, bool(s.proc and s.proc.is_alive()), s.restarts, s.fenced)
                 for s in self.slots
             ],
-            "lag_s": {int(k): v["lag_s"] for s in self.slots for k, v in s.metrics.get("shards", {}).items()},
-            "waiting_s": round(self._waiting_s(now), 1),
-            "until_bucket": self.until_bucket,
-            "lost_shards": format_ranges(self.lost),
-        }
-        self._last = {"t": now, "events": events, "buckets": buckets}
-        with self._lock:
-            self._prom = prometheus(snap)
-        return snap
+            waiting_s=self._waiting_s(now),
+            until_bucket=self.until_bucket,
+            lost_shards=format_ranges(self.lost),
+            lost_count=len(self.lost),
+        )
 
-    def _emit(self, snap: dict[str, Any], final: bool = False) -> None:
-        lags = snap["lag_s"].values()
-        max_lag = max(lags) if lags else 0.0
-        alive = sum(1 for w in snap["workers"] if w["alive"])
-        if self.out.isatty() and not final:
-            if snap["waiting_s"] > 0:
-                # \x1b[K: clear what a longer line left on the right
-                self.out.write(
-                    f"\rwaiting {snap['waiting_s']:,.1f} s for the events written before this run to become"
-                    f" readable (lag_ms = {self.cfg.lag_ms})\x1b[K"
-                )
-            else:
-                cpu = sum(w["cpu_percent"] for w in snap["workers"])
-                rss = sum(w["rss_bytes"] for w in snap["workers"]) / 2**20
-                self.out.write(
-                    f"\r{snap['events']:,} events  {snap['events_per_s']:,.0f}/s  {snap['buckets_per_s']:,.0f}"
-                    f" buckets/s  max lag {max_lag:,.1f} s  workers {alive}/{len(self.slots)}  cpu {cpu:.0f}%"
-                    f"  rss {rss:,.0f} MiB\x1b[K"
-                )
-        else:
-            extra: dict[str, Any] = {"max_lag_s": max_lag, "final": final}
-            if final:
-                extra |= {"exit": self.exit_code(), "timed_out": self.timed_out, "last_error": self.last_error}
-            self.out.write(json.dumps({**snap, **extra}) + "\n")
-        self.out.flush()
+    def _refresh_exposition(self) -> None:
+        text = prometheus(self._sample(self._prom_rate))
+        with self._lock:
+            self._prom = text
+
+    def _exposition(self) -> str:
+        with self._lock:
+            return self._prom
 
     def _serve_metrics(self) -> None:
-        port = self.cfg.metrics_port
-        if port is None:
-            return
-        sup = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                with sup._lock:
-                    body = sup._prom.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                return
-
-        self._http = ThreadingHTTPServer((self.cfg.metrics_host, port), Handler)
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        if self.cfg.metrics_port is not None:
+            self._http = MetricsServer(self.cfg.metrics_host, self.cfg.metrics_port, self._exposition)
 
     # -- main ----------------------------------------------------------------------------------------------
     def exit_code(self) -> int:
@@ -516,8 +454,8 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start(slot)
-            last_emit = 0.0
-            interval = 1.0 if self.out.isatty() else 5.0
+            last_emit = last_prom = 0.0
+            interval = 1.0 if self.status.tty else 5.0
             while True:
                 self._drain_metrics()
                 for slot in self.slots:
@@ -534,63 +472,32 @@ class Supervisor:
                             slot.proc.join(5)
                         slot.finished = True
                     break
+                if self._http is not None and time.time() - last_prom >= 1.0:
+                    self._refresh_exposition()
+                    last_prom = time.time()
                 if time.time() - last_emit >= interval:
-                    self._emit(self._sample())
+                    self.status.emit(self._sample(self._status_rate))
                     last_emit = time.time()
                 time.sleep(0.1)
             self._drain_metrics()
             for slot in self.slots:
                 self._observe(slot)
-            snap = self._sample()
-            if self.out.isatty():
-                self.out.write("\n")
-            self._emit(snap, final=True)
+            if self._http is not None:
+                self._refresh_exposition()
+            snap = self._sample(self._status_rate)
+            self.status.end_line()
+            self.status.emit(
+                snap,
+                final=True,
+                extra={"exit": self.exit_code(), "timed_out": self.timed_out, "last_error": self.last_error},
+            )
             self._report_end()
             return self.exit_code()
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             if self._http is not None:
-                self._http.shutdown()
+                self._http.close()
             for slot in self.slots:
                 if slot.proc is not None and slot.proc.is_alive():
                     slot.proc.kill()
-
-
-def prometheus(snap: dict[str, Any]) -> str:
-    lines = [
-        "# HELP storyline_events_total Events consumed by this instance's workers.",
-        "# TYPE storyline_events_total counter",
-        f"storyline_events_total {snap['events']}",
-        "# HELP storyline_buckets_total Buckets consumed (empty ones included).",
-        "# TYPE storyline_buckets_total counter",
-        f"storyline_buckets_total {snap['buckets']}",
-        "# HELP storyline_events_per_second Recent consumption rate.",
-        "# TYPE storyline_events_per_second gauge",
-        f"storyline_events_per_second {snap['events_per_s']:.3f}",
-        "# HELP storyline_shard_lag_seconds Time between now and the end of the shard's last consumed bucket.",
-        "# TYPE storyline_shard_lag_seconds gauge",
-    ]
-    lines += [f'storyline_shard_lag_seconds{{shard="{s}"}} {v:.3f}' for s, v in sorted(snap["lag_s"].items())]
-    lines += [
-        "# HELP storyline_worker_cpu_percent CPU of each worker process.",
-        "# TYPE storyline_worker_cpu_percent gauge",
-    ]
-    lines += [f'storyline_worker_cpu_percent{{worker="{w["worker"]}"}} {w["cpu_percent"]:.1f}' for w in snap["workers"]]
-    lines += [
-        "# HELP storyline_worker_rss_bytes Resident memory of each worker.",
-        "# TYPE storyline_worker_rss_bytes gauge",
-    ]
-    lines += [f'storyline_worker_rss_bytes{{worker="{w["worker"]}"}} {w["rss_bytes"]}' for w in snap["workers"]]
-    lines += [
-        "# HELP storyline_worker_restarts_total Restarts of each worker.",
-        "# TYPE storyline_worker_restarts_total counter",
-    ]
-    lines += [f'storyline_worker_restarts_total{{worker="{w["worker"]}"}} {w["restarts"]}' for w in snap["workers"]]
-    for key, text in (
-        ("errors", "Transient database errors the worker retried (since its process started)."),
-        ("rebuilds", "Stage state rebuilt in-process from the committed offsets after an error mid-bucket."),
-    ):
-        lines += [f"# HELP storyline_worker_{key}_total {text}", f"# TYPE storyline_worker_{key}_total counter"]
-        lines += [f'storyline_worker_{key}_total{{worker="{w["worker"]}"}} {w[key]}' for w in snap["workers"]]
-    return "\n".join(lines) + "\n"

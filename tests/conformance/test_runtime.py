@@ -3,6 +3,7 @@ worker processes through the CLI (kill -9, SIGTERM, two instances, status)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -477,3 +478,77 @@ def test_two_instances_with_disjoint_ranges_share_one_database(make_config: Conf
     owners = {r["shard"]: r["owner"].rsplit(":", 3)[0] for r in report["shards"]}
     assert len({owners[s] for s in range(4)}) == 1 and len({owners[s] for s in range(4, 8)}) == 1
     assert owners[0] != owners[4]
+
+
+def scrape(port: int) -> dict[str, float] | None:
+    """Every sample of a counter (``# TYPE … counter``) on the endpoint: ``name{labels}`` → value; None when the
+    endpoint does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            body = resp.read().decode()
+    except OSError:
+        return None
+    counters = {ln.split()[2] for ln in body.splitlines() if ln.startswith("# TYPE ") and ln.split()[3] == "counter"}
+    out: dict[str, float] = {}
+    for ln in body.splitlines():
+        if ln and not ln.startswith("#"):
+            series, value = ln.rsplit(" ", 1)
+            if series.split("{")[0] in counters:
+                out[series] = float(value)
+    return out
+
+
+def test_counters_never_decrease_across_a_worker_kill(make_config: ConfigFactory, tmp_path: Path) -> None:
+    """kill -9 of a worker mid-run: the supervisor restarts it, and no counter on the Prometheus endpoint ever goes
+    down (the dead process's counts are kept; the new process's are added to them). Events written after the
+    restart are consumed and counted on top of what was counted before the kill."""
+    cfg = make_config(shards=4, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    before = ingest(cfg, tmp_path, 400, seed=1)
+    time.sleep(FAST["lag_ms"] / 1000 + 0.3)
+    port = free_port()
+    rec = tmp_path / "rec"
+    sup = spawn("run", *args, "--workers", "2", "--record", f"{rec},20", "--set", f"metrics_port={port}")
+    scrapes: list[tuple[float, dict[str, float]]] = []
+
+    def sample() -> float:
+        got = scrape(port)
+        if got:
+            scrapes.append((time.time(), got))
+        return got.get("storyline_events_total", 0.0) if got else 0.0
+
+    def wait(ok: Callable[[], bool], what: str) -> str:
+        deadline = time.time() + 60
+        while not ok():
+            if time.time() > deadline:
+                return f"timed out waiting for {what}"
+            sample()
+            time.sleep(0.1)
+        return ""
+
+    try:
+        assert not wait(lambda: sample() >= len(before), "the first events to be counted")
+        victim = worker_pids(sup)[0]
+        at_kill = sample()
+        os.kill(victim, signal.SIGKILL)
+        assert not wait(lambda: victim not in worker_pids(sup) and len(worker_pids(sup)) == 2, "the restart")
+        after = ingest(cfg, tmp_path, 400, seed=2)  # consumed by both workers, the restarted one included
+        assert not wait(lambda: set(recorded(rec)) >= before | after, "the new events to be consumed")
+        counted = wait(lambda: sample() >= at_kill + len(after), "the new events to be counted")
+        for _ in range(10):  # a second more of scrapes
+            sample()
+            time.sleep(0.1)
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        _out, err = sup.communicate(timeout=60)
+    assert sup.returncode == 0, err
+    drops = [
+        f"{series}: {prev[series]:g} -> {cur[series]:g} at {t:.1f}"
+        for (_, prev), (t, cur) in itertools.pairwise(scrapes)
+        for series in cur
+        if series in prev and cur[series] < prev[series]
+    ]
+    assert not drops, f"{len(drops)} counter decreases over {len(scrapes)} scrapes: {drops[:10]}"
+    assert not counted, f"{counted}: {scrapes[-1][1]['storyline_events_total']:g} < {at_kill:g} + {len(after)}"
+    assert sum(v for k, v in scrapes[-1][1].items() if k.startswith("storyline_worker_restarts_total")) >= 1
