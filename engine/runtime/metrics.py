@@ -137,10 +137,9 @@ class WorkerMetrics:
         return self.retired[key] + self.live[key]
 
     def sample(self, proc: psutil.Process | None) -> None:
-        """CPU and memory of the slot's live process (``None`` or gone: the gauges drop to 0, the CPU counter
-        keeps what it had)."""
+        """CPU and memory of the slot's live process (``None``: no process now, the figures stay as they were;
+        gone: the gauges drop to 0; the CPU counter keeps what it had)."""
         if proc is None:
-            self.cpu_percent, self.rss_bytes = 0.0, 0
             return
         if proc.pid != self.cpu_pid:
             self.cpu_retired += self.cpu_live

@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any, TextIO
 
-import msgspec
 import psutil
 
-from engine.core.config import Config
 from engine.runtime.assign import format_ranges, split
 from engine.runtime.metrics import Aggregator, MetricsServer, Rate, Snapshot, prometheus
+from engine.runtime.settings import StageFactory, StoreFactory, SupervisorSettings, WorkerSettings
 from engine.runtime.status import StatusOutput
 
 log = logging.getLogger("storyline.supervisor")
@@ -76,51 +75,37 @@ class Slot:
 
 
 def worker_process(
-    cfg_tree: dict[str, Any],
+    settings: WorkerSettings,
+    store: StoreFactory,
+    stage_factory: StageFactory,
     shards: list[int],
     owner: str,
     until_bucket: int | None,
     drain: bool,
     metrics_q: Any,
     parent_pid: int,
-    record_dir: str | None,
     log_level: int,
-    stage_name: str = "stories",
 ) -> None:
-    """Entry point of a worker process (spawned: everything arrives as plain data)."""
+    """Entry point of a worker process (spawned: everything arrives pickled; the factories build the rest)."""
     import asyncio
 
-    from engine.core.config import from_mapping
     from engine.core.errors import StorylineError
-    from engine.core.stage import Stage
-    from engine.runtime.stages import CountingStage
     from engine.runtime.worker import Worker
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker {owner} %(levelname)s %(message)s")
-    cfg = from_mapping(cfg_tree)
-    stage: Stage
-    if record_dir:
-        from engine.testing.recording import RecordingStage
-
-        directory, _, delay = record_dir.partition(",")
-        stage = RecordingStage(directory, owner, int(delay or 0))
-    else:
-        stage = CountingStage()
+    stage = stage_factory.build(owner)
 
     async def main() -> int:
         worker = Worker(
-            cfg,
+            settings,
             shards,
             stage,
             owner=owner,
+            store=store,
             until_bucket=until_bucket,
             drain=drain,
             parent_alive=lambda: os.getppid() == parent_pid,
         )
-        if not record_dir and stage_name == "stories":
-            from engine.correlate.story import StoryMachine
-
-            worker.stage = StoryMachine.for_config(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop.set)
@@ -156,28 +141,29 @@ def worker_process(
 class Supervisor:
     def __init__(
         self,
-        cfg: Config,
+        settings: SupervisorSettings,
+        store: StoreFactory,
+        stage: StageFactory,
         owned: range,
         workers: int,
         *,
         until_idle: bool = False,
         drain: bool = False,
-        record_dir: str | None = None,
-        stage: str = "stories",
         out: TextIO | None = None,
         err: TextIO | None = None,
         log_level: int = logging.INFO,
         clock_offset_ms: int = 0,
     ) -> None:
-        """``out`` takes the status lines (a TTY) or JSON lines, ``err`` the messages about lost shards and a
+        """``store`` and ``stage``: the factories each worker process builds its store and its stage from.
+        ``out`` takes the status lines (a TTY) or JSON lines, ``err`` the messages about lost shards and a
         drain that gave up (default: sys.stdout / sys.stderr at call time). ``clock_offset_ms`` is the database's
         clock minus this host's, measured by the caller: workers read by the database's clock."""
-        self.cfg = cfg
+        self.settings = settings
+        self.store = store
+        self.stage = stage
         self.owned = owned
         self.until_idle = until_idle or drain
         self.drain = drain
-        self.record_dir = record_dir
-        self.stage = stage
         self.out = out if out is not None else sys.stdout  # at call time: sys.stdout may have been replaced
         self.err = err if err is not None else sys.stderr
         self.clock_offset_ms = clock_offset_ms
@@ -199,7 +185,7 @@ class Supervisor:
         self.last_exit = ""  # the last abnormal worker exit
         self.lost: set[int] = set()  # shards lost to another owner (commits refused)
         self.metrics = Aggregator(len(self.slots))
-        self.status = StatusOutput(self.out, cfg.lag_ms, len(self.slots))
+        self.status = StatusOutput(self.out, settings.worker.lag_ms, len(self.slots))
         self._status_rate = Rate(self.started)
         self._prom_rate = Rate(self.started)
         self._lock = threading.Lock()
@@ -210,23 +196,22 @@ class Supervisor:
     # -- processes -----------------------------------------------------------------------------------------
     def _start(self, slot: Slot) -> None:
         slot.owner = f"{self.instance}:w{slot.index}:{slot.restarts}"
-        tree = msgspec.to_builtins(self.cfg)
         if slot.queue is not None:
             slot.queue.close()  # the previous process's queue (drained when it exited)
         slot.queue = self.ctx.Queue()
         proc = self.ctx.Process(
             target=worker_process,
             args=(
-                tree,
+                self.settings.worker,
+                self.store,
+                self.stage,
                 slot.shards,
                 slot.owner,
                 self.until_bucket,
                 self.drain,
                 slot.queue,
                 os.getpid(),
-                self.record_dir,
                 self.log_level,
-                self.stage,
             ),
             name=f"storyline-worker-{slot.index}",
         )
@@ -287,7 +272,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.time() + self.cfg.shutdown_timeout_ms / 1000
+        self.stop_deadline = time.time() + self.settings.shutdown_timeout_ms / 1000
         for slot in self.slots:
             if slot.proc is not None and slot.proc.is_alive() and slot.proc.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -364,22 +349,20 @@ class Supervisor:
         if self.until_bucket is None or self.stopping:
             return
         since = max(self.readable_at, self.progress_at)
-        if now - since <= self.cfg.drain_timeout_ms / 1000:
+        if now - since <= self.settings.drain_timeout_ms / 1000:
             return
         self.timed_out = True
         mode = "--drain" if self.drain else "--until-idle"
         self.status.end_line()
         self.err.write(
             f"storyline: run {mode}: no shard's committed position moved for {now - since:.1f} s once the run's"
-            f" last bucket was readable (drain_timeout_ms = {self.cfg.drain_timeout_ms}); stopping the workers\n"
+            f" last bucket was readable (drain_timeout_ms = {self.settings.drain_timeout_ms}); stopping the workers\n"
         )
         self.err.flush()
         self.request_stop()
 
     def _sample(self, rate: Rate) -> Snapshot:
         """The instance now; ``rate`` (the status output's or the exposition's) is advanced."""
-        for slot in self.slots:
-            self.metrics.workers[slot.index].sample(slot.ps if slot.proc is not None else None)
         now = time.time()
         return self.metrics.snapshot(
             now,
@@ -394,6 +377,11 @@ class Supervisor:
             lost_count=len(self.lost),
         )
 
+    def _sample_processes(self) -> None:
+        """CPU and memory of every worker process (CPU % over the time since the previous call)."""
+        for slot in self.slots:
+            self.metrics.workers[slot.index].sample(slot.ps if slot.proc is not None else None)
+
     def _refresh_exposition(self) -> None:
         text = prometheus(self._sample(self._prom_rate))
         with self._lock:
@@ -404,8 +392,8 @@ class Supervisor:
             return self._prom
 
     def _serve_metrics(self) -> None:
-        if self.cfg.metrics_port is not None:
-            self._http = MetricsServer(self.cfg.metrics_host, self.cfg.metrics_port, self._exposition)
+        if self.settings.metrics_port is not None:
+            self._http = MetricsServer(self.settings.metrics_host, self.settings.metrics_port, self._exposition)
 
     # -- main ----------------------------------------------------------------------------------------------
     def exit_code(self) -> int:
@@ -416,7 +404,7 @@ class Supervisor:
 
     def _start_until(self) -> None:
         """--until-idle / --drain: the last bucket to read, and when it becomes readable here."""
-        cfg = self.cfg
+        cfg = self.settings.worker
         host_ms = int(time.time() * 1000)
         start_ms = host_ms + self.clock_offset_ms  # the database's clock, which producers and workers go by
         # Every event acknowledged before start_ms is in a bucket <= this one: its producer chose the bucket from
@@ -454,7 +442,7 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start(slot)
-            last_emit = last_prom = 0.0
+            last_emit = last_prom = last_ps = 0.0
             interval = 1.0 if self.status.tty else 5.0
             while True:
                 self._drain_metrics()
@@ -472,6 +460,9 @@ class Supervisor:
                             slot.proc.join(5)
                         slot.finished = True
                     break
+                if time.time() - last_ps >= 1.0:
+                    self._sample_processes()
+                    last_ps = time.time()
                 if self._http is not None and time.time() - last_prom >= 1.0:
                     self._refresh_exposition()
                     last_prom = time.time()
@@ -482,6 +473,7 @@ class Supervisor:
             self._drain_metrics()
             for slot in self.slots:
                 self._observe(slot)
+            self._sample_processes()
             if self._http is not None:
                 self._refresh_exposition()
             snap = self._sample(self._status_rate)

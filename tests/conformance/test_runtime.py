@@ -73,7 +73,7 @@ def test_worker_reads_every_bucket_up_to_the_lag_and_no_further(make_config: Con
                 await put(store, 3, b0 + 1 + k, [ev(10 * k + j, 3) for j in range(2)])
             stage = CountingStage()
             stage.keep_ids = True
-            w = Worker(
+            w = Worker.from_config(
                 cfg, [0, 1, 2, 3], stage, owner="w-a", clock=clock, store=make_store(cfg, clock), check_skew=False
             )
             await w.store.open()
@@ -129,7 +129,9 @@ def test_a_worker_refuses_an_old_schema_until_init_migrates_it(make_config: Conf
                     lambda c: c.execute(f"UPDATE {store.t('meta')} SET value = '1' WHERE key = 'schema_version'"),
                     write=True,
                 )
-            w = Worker(cfg, [0, 1], CountingStage(), owner="w-old", clock=clock, store=make_store(cfg, clock))
+            w = Worker.from_config(
+                cfg, [0, 1], CountingStage(), owner="w-old", clock=clock, store=make_store(cfg, clock)
+            )
             await w.store.open()
             with pytest.raises(SchemaError, match=r"schema version 1, this Storyline needs \d+: run `storyline init`"):
                 await w.claim_all()
@@ -156,19 +158,23 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
             await put(store, 1, b0 + 1, [ev(1), ev(2)])
             clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
             first = CountingStage()
-            a = Worker(cfg, [0, 1], first, owner="a", clock=clock, store=make_store(cfg, clock), check_skew=False)
+            a = Worker.from_config(
+                cfg, [0, 1], first, owner="a", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
             a.until_bucket = b0 + 2
             assert await a.run() == 0
             assert first.events == 2
             await put(store, 1, b0 + 3, [ev(3)])
             clock.set((b0 + 4) * cfg.bucket_ms + cfg.lag_ms)
             second = CountingStage()
-            b = Worker(cfg, [0, 1], second, owner="b", clock=clock, store=make_store(cfg, clock), check_skew=False)
+            b = Worker.from_config(
+                cfg, [0, 1], second, owner="b", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
             b.until_bucket = b0 + 4
             assert await b.run() == 0
             assert second.events == 1  # resumed after the committed offset: nothing delivered twice
             # a zombie: claims happened (epoch 1 for a, 2 for b); a third owner takes over while b still runs
-            zombie = Worker(
+            zombie = Worker.from_config(
                 cfg,
                 [0, 1],
                 CountingStage(),
@@ -180,7 +186,7 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
             await zombie.store.open()
             await zombie.measure_skew()
             await zombie.claim_all()
-            c = Worker(
+            c = Worker.from_config(
                 cfg, [0, 1], CountingStage(), owner="c", clock=clock, store=make_store(cfg, clock), check_skew=False
             )
             await c.store.open()
@@ -212,7 +218,7 @@ def test_worker_skips_and_counts_rows_that_are_not_events(make_config: ConfigFac
             clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
             stage = CountingStage()
             stage.keep_ids = True
-            w = Worker(cfg, [0], stage, owner="w", clock=clock, until_bucket=b0 + 2, check_skew=False)
+            w = Worker.from_config(cfg, [0], stage, owner="w", clock=clock, until_bucket=b0 + 2, check_skew=False)
             assert await w.run() == 0
             assert stage.seen[0] == [(b0 + 1, ["e0-000001", "e0-000003"])]
             assert w.stats.undecodable == 1
@@ -254,7 +260,9 @@ def test_worker_retries_transient_errors_without_moving_past_a_failed_bucket(mak
             stage = CountingStage()
             stage.keep_ids = True
             inner = make_store(cfg, clock)
-            w = Worker(cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False)
+            w = Worker.from_config(
+                cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False
+            )
             await w.store.open()
             await w.measure_skew()
             await w.claim_all()
@@ -282,7 +290,7 @@ def test_worker_refuses_a_skewed_clock(tmp_path: Path) -> None:
         store = await started(cfg, ManualClock(int(time.time() * 1000)))
         await store.close()
         try:
-            w = Worker(cfg, [0], CountingStage(), owner="w", clock=clock)
+            w = Worker.from_config(cfg, [0], CountingStage(), owner="w", clock=clock)
             with pytest.raises(ClockSkewError):
                 await w.run()
         finally:
@@ -319,16 +327,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def argv(*args: str) -> list[str]:
+    """``storyline ARGS``; with ``--record DIR[,MS]``, through :mod:`engine.testing.recording`: every worker records
+    the ids it consumed in DIR (and sleeps MS per non-empty bucket) instead of building stories."""
+    return [sys.executable, "-m", "engine.testing.recording" if "--record" in args else "engine.cli", *args]
+
+
 def storyline(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run(argv(*args), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen(argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
