@@ -4,7 +4,6 @@ chaos suite, which check from these files that no bucket was skipped or lost."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,19 +74,3 @@ def read_records(directory: str) -> list[dict[str, object]]:
                 continue  # a line torn by kill -9: its bucket was never acknowledged, so it is consumed again
     return out
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m engine.testing.recording run ... --record DIR[,MS]``: ``storyline`` with every worker recording
-    what it consumed in folder DIR (and sleeping MS per non-empty bucket) instead of building stories. For
-    the tests that run the real supervisor and worker processes."""
-    from engine.cli import main as storyline
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    i = args.index("--record")
-    directory, _, delay = args[i + 1].partition(",")
-    del args[i : i + 2]
-    return storyline(args, stage_factory=RecordingStageFactory(directory, int(delay or 0)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
