@@ -23,6 +23,7 @@ from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
 from engine.core.errors import SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Emission, MarkRecord, Stage
+from engine.runtime.assign import format_ranges
 from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store
 
@@ -485,7 +486,7 @@ class Worker:
                 await self.commit(list(self.state.values()), force=True)
             lost = sorted(st.shard for st in self.state.values() if st.fenced)
             if lost:
-                log.error("lost shards %s to another owner (their commits were refused)", _ranges(lost))
+                log.error("lost shards %s to another owner (their commits were refused)", format_ranges(lost))
                 return 3
             return 0
         finally:
@@ -540,17 +541,3 @@ async def persist(store: Store, consumer: str, emission: Emission) -> None:
                 start = i
     if emission.stories:
         await store.put_stories(emission.stories)
-
-
-def _ranges(shards: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
-    out: list[str] = []
-    start = prev = None
-    for s in [*shards, None]:
-        if s is not None and prev is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            out.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = s
-    return ", ".join(out)
