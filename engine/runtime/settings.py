@@ -6,7 +6,7 @@ worker processes started with ``spawn``.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import msgspec
 
@@ -66,7 +66,6 @@ class SupervisorSettings(msgspec.Struct, frozen=True):
         )
 
 
-@runtime_checkable
 class StoreFactory(Protocol):
     """Builds a worker's store (not yet opened) on the worker's clock (corrected to the database's)."""
 

@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
@@ -97,7 +97,9 @@ class Worker:
         self.clock = CorrectedClock(clock)
         self.until_bucket = until_bucket
         self.drain = drain
-        self.store = store.build(self.clock) if isinstance(store, StoreFactory) else store
+        # A factory is told apart by its type: a store wrapper (tests' fault injection) may answer any attribute.
+        is_factory = hasattr(type(store), "build")
+        self.store = cast(StoreFactory, store).build(self.clock) if is_factory else cast(Store, store)
         self.parent_alive = parent_alive
         self.stop = asyncio.Event()
         self.state: dict[int, ShardState] = {}
