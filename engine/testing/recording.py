@@ -73,4 +73,3 @@ def read_records(directory: str) -> list[dict[str, object]]:
             except msgspec.DecodeError:
                 continue  # a line torn by kill -9: its bucket was never acknowledged, so it is consumed again
     return out
-
