@@ -5,8 +5,8 @@ row + UNLOGGED single-partition batches, at ``store.consistency``), and only the
 (``shard:bucket:event_id``, i.e. the event id and its CQL partition) to an Apache Kafka topic. Consumers fetch
 keys from Kafka in batches and read the records back from CQL by key, in batches (one ``SELECT … WHERE shard = ?
 AND bucket = ? AND event_id IN ?`` per partition and up to ``IN_KEYS`` keys), then decode them (the linking
-view, :class:`engine.ingest.canonical.EventView`, with one reused decoder: what Storyline's worker decodes of every record
-before its stage; the full event is decoded only for stories being emitted). That is the cost
+view, :class:`engine.core.event.EventView`, with one reused decoder: what Storyline's worker decodes of every
+record before its stage; the full event is decoded only for stories being emitted). That is the cost
 of the design: one queue plus a by-key lookup, against Storyline's one table read in whole partitions.
 
 * Kafka: one KRaft broker (``db/kafka-node``: org.apache.kafka:kafka_2.13 from Maven Central on Java 17),
@@ -19,8 +19,9 @@ of the design: one queue plus a by-key lookup, against Storyline's one table rea
 * Consumer: partitions assigned explicitly (no group rebalance), fetched up to ``FETCH_KEYS`` at a time; offsets
   committed (asynchronously, in order) only after every record of the fetched batch was read back and decoded
   (at-least-once).
-* Data: ``engine.tools.simulate.generate`` (canonical Storyline events via ``engine.ingest.canonical.parse_line``), parsed and
-  encoded once before any timing (the same client work in both designs; reported as ``parse_us_per_event``).
+* Data: ``engine.tools.simulate.generate`` (canonical Storyline events via
+  ``engine.ingest.canonical.parse_line``), parsed and encoded once before any timing (the same client work in
+  both designs; reported as ``parse_us_per_event``).
 
 Four phases, each role in its own process (as separate producer and consumer services would run), timed from a
 common start signal after connecting:

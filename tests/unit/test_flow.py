@@ -1,4 +1,5 @@
-"""Tests for engine.ingest.network_identity: Community ID v1 against the published vectors, flow keys, parsing and errors.
+"""Tests for engine.ingest.network_identity: Community ID v1 against the published vectors, flow keys, parsing,
+errors.
 
 Expected Community ID strings come from the spec repository corelight/community-id-spec
 (``baseline/README.md`` tables and ``baseline/baseline_deflt.json`` / ``baseline/baseline_seed1.json``), plus a

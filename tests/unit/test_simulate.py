@@ -1,4 +1,5 @@
-"""The scenario generator (engine.tools.simulate) and the accuracy scoring / reference clusterer (engine.tools.accuracy)."""
+"""The scenario generator (engine.tools.simulate), the accuracy scoring and reference clusterer
+(engine.tools.accuracy)."""
 
 from __future__ import annotations
 

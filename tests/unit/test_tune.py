@@ -6,11 +6,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import engine.tools.tune as tune
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import engine.tools.tune as tune
 from engine.cli import main
 from engine.core.config import MAX_TWCS_WINDOWS, Config, from_mapping, load
 from engine.core.errors import ConfigError
