@@ -100,7 +100,7 @@ async def engine_read(cfg: Config, last: int, *, stories: bool = False) -> dict[
 
     cfg = msgspec.structs.replace(cfg, consumer=f"bench_{uuid.uuid4().hex[:8]}")
     counting = CountingStage()
-    w = Worker(
+    w = Worker.from_config(
         cfg, list(range(cfg.shards)), counting, owner=f"bench-{uuid.uuid4().hex[:6]}", until_bucket=last, drain=stories
     )
     story_stage = StoryMachine.for_config(cfg) if stories else None

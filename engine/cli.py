@@ -16,13 +16,17 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__
+from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
 from engine.core.errors import ConfigError, StorylineError
 from engine.ingest.producer import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
 from engine.store import EventRecord, Store, make_store
+
+if TYPE_CHECKING:
+    from engine.runtime.settings import StageFactory
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -93,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit once every owned shard has consumed every event written before the command started",
     )
     p.add_argument("--drain", action="store_true", help="like --until-idle, then finalize every open story")
-    # tests: record consumed ids per worker in folder DIR; DIR,MS also sleeps MS per non-empty bucket
-    p.add_argument("--record", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="WARNING", help="worker/supervisor log level (default WARNING)")
     p.add_argument(
         "--stage",
@@ -306,10 +308,13 @@ async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
     return EXIT_OK
 
 
-def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+def cmd_run(cfg: Config, args: argparse.Namespace, stage_factory: StageFactory | None = None) -> int:
+    """``stage_factory``: what the workers run instead of ``--stage`` (a library caller's or a test's stage)."""
     import logging
 
     from engine.runtime.assign import parse_range
+    from engine.runtime.settings import ConfiguredStore, SupervisorSettings
+    from engine.runtime.stages import CountingStageFactory, StoryStageFactory
     from engine.runtime.supervisor import Supervisor
 
     level = getattr(logging, str(args.log_level).upper(), None)
@@ -321,14 +326,16 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     if workers < 1:
         raise ConfigError("--workers", "must be >= 1")
     offset_ms = asyncio.run(_check_ready(cfg))
+    if stage_factory is None:
+        stage_factory = StoryStageFactory.for_config(cfg) if args.stage == "stories" else CountingStageFactory()
     sup = Supervisor(
-        cfg,
+        SupervisorSettings.from_config(cfg),
+        ConfiguredStore(cfg),
+        stage_factory,
         owned,
         workers,
         until_idle=args.until_idle,
         drain=args.drain,
-        record_dir=args.record,
-        stage=args.stage,
         log_level=level,
         clock_offset_ms=offset_ms,
     )
@@ -343,10 +350,7 @@ async def _check_ready(cfg: Config) -> int:
     try:
         if not (await store.read_meta()).get("created_ms"):
             raise ConfigError("tenant", f"{cfg.tenant} is not initialized: run `storyline init` first")
-        t0 = time.time_ns() // 1_000_000
-        server = await store.server_time_ms()
-        t1 = time.time_ns() // 1_000_000
-        return server - (t0 + t1) // 2
+        return (await database_offset(SYSTEM_CLOCK, store.server_time_ms)).offset_ms
     finally:
         await store.close()
 
@@ -594,7 +598,8 @@ def _masked(exc: BaseException, secrets: Sequence[str]) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | None = None) -> int:
+    """``stage_factory`` (``run`` only): the stage every worker builds, instead of the one ``--stage`` names."""
     args = build_parser().parse_args(argv)
     if args.command == "synth":
         from engine.tools.synth import sessions
@@ -620,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             return cmd_config(cfg)
         if args.command == "run":
-            return cmd_run(cfg, args)
+            return cmd_run(cfg, args, stage_factory)
         if args.command == "simulate":
             return asyncio.run(cmd_simulate(cfg, args))
         if args.command == "verify":

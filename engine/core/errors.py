@@ -55,3 +55,7 @@ class WriteTooLateError(StoreError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retriable=True)
+
+
+class ClockSkewError(StorylineError):
+    """This host's clock differs from the database's by more than ``max_clock_skew_ms``."""

@@ -173,8 +173,9 @@ _PORT_PROTOS = frozenset({6, 17, 132})
 def story_community_id(
     proto: int, src_ip: str, src_port: int | None, dst_ip: str, dst_port: int | None, seed: int
 ) -> str:
-    """:func:`engine.ingest.network_identity.community_id` of a stored (already validated and normalized) flow; IPv4 TCP/UDP/SCTP —
-    most flows — computed directly (less than half the general function's cost), the rest by it."""
+    """:func:`engine.ingest.network_identity.community_id` of a stored (already validated and normalized) flow;
+    IPv4 TCP/UDP/SCTP — most flows — computed directly (less than half the general function's cost), the rest by
+    it."""
     if proto in _PORT_PROTOS and src_port is not None and dst_port is not None and ":" not in src_ip + dst_ip:
         a = socket.inet_pton(socket.AF_INET, src_ip)
         b = socket.inet_pton(socket.AF_INET, dst_ip)

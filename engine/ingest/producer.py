@@ -25,9 +25,10 @@ from typing import BinaryIO
 import msgspec
 import xxhash
 
-from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
-from engine.core.errors import InputError, StoreError, StorylineError, WriteTooLateError
+from engine.core.errors import ClockSkewError as ClockSkewError  # noqa: PLC0414 - re-exported: its old home
+from engine.core.errors import InputError, StoreError, WriteTooLateError
 from engine.core.event import Event, encode
 from engine.ingest.canonical import parse_line, shard_of
 from engine.store import DeadLetter, EventRecord, Store
@@ -38,10 +39,6 @@ APPEND_BYTES = 4 * 1024 * 1024
 
 BeforeWrite = Callable[[int, int, int], Awaitable[None]]
 """Fault-injection hook: ``await hook(shard, bucket, attempt)`` after the bucket is chosen, before the write."""
-
-
-class ClockSkewError(StorylineError):
-    """This host's clock differs from the database's by more than ``max_clock_skew_ms``."""
 
 
 class ProducerError(StoreError):
@@ -78,18 +75,14 @@ class Producer:
 
     async def check_clock(self) -> int:
         """Measure (database clock - this clock) in ms; refuse above ``max_clock_skew_ms``."""
-        t0 = self.clock.now_ms()
-        server = await self.store.server_time_ms()
-        t1 = self.clock.now_ms()
-        skew = server - (t0 + t1) // 2
-        if abs(skew) > self.cfg.max_clock_skew_ms + (t1 - t0) // 2:
-            raise ClockSkewError(
-                f"this host's clock is {-skew:+d} ms off the database's (max_clock_skew_ms = "
-                f"{self.cfg.max_clock_skew_ms}): fix NTP before writing, or events could land in buckets "
-                f"already read"
-            )
+        m = await measure_skew(
+            self.clock,
+            self.store.server_time_ms,
+            self.cfg.max_clock_skew_ms,
+            ": fix NTP before writing, or events could land in buckets already read",
+        )
         self.clock_checked = True
-        return skew
+        return m.offset_ms
 
     def _groups(self, events: Sequence[Event]) -> tuple[dict[int, list[list[tuple[Event, EventRecord]]]], int]:
         seen: set[str] = set()

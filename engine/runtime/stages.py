@@ -1,10 +1,17 @@
-"""The stages the runtime offers besides story building: ``--stage count``."""
+"""The stages ``storyline run --stage`` offers, as picklable factories a worker process builds its stage from:
+``stories`` (:class:`StoryStageFactory`, the story builder of :mod:`engine.correlate.story`) and ``count``
+(:class:`CountingStageFactory`, :class:`CountingStage`: consume only). Any other
+:class:`~engine.runtime.settings.StageFactory` can be handed to the supervisor (the tests' recording stage:
+:mod:`engine.testing.recording`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.core.stage import NO_MARKS, Batch, Buckets, Emission, each_partition
+import msgspec
+
+from engine.core.config import Config, CorrelateConfig
+from engine.core.stage import NO_MARKS, Batch, Buckets, Emission, Stage, each_partition
 
 
 class CountingStage:
@@ -45,3 +52,27 @@ class CountingStage:
 
     def metrics(self) -> dict[str, float]:
         return {"stage_events": float(self.events), "stage_replayed": float(self.replayed)}
+
+
+class CountingStageFactory(msgspec.Struct, frozen=True):
+    """``--stage count``."""
+
+    def build(self, owner: str) -> Stage:
+        return CountingStage()
+
+
+class StoryStageFactory(msgspec.Struct, frozen=True):
+    """``--stage stories`` (the default): the story builder, with its part of the configuration."""
+
+    correlate: CorrelateConfig
+    bucket_ms: int
+    community_id_seed: int = 0
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> StoryStageFactory:
+        return cls(cfg.correlate, cfg.bucket_ms, cfg.ingest.community_id_seed)
+
+    def build(self, owner: str) -> Stage:
+        from engine.correlate.story import StoryMachine  # polars: imported in the worker process only
+
+        return StoryMachine(self.correlate, bucket_ms=self.bucket_ms, community_id_seed=self.community_id_seed)

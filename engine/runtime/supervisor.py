@@ -1,9 +1,9 @@
 """The supervisor: splits an instance's shard range among worker processes, keeps them running, stops them
 gracefully and aggregates their metrics.
 
-* Workers are started with the ``spawn`` method, each with a contiguous slice of the range (:mod:`engine.runtime.assign`)
-  and an owner id of its own; a restarted worker claims its shards again (a new epoch), which fences any
-  leftover of the old one.
+* Workers are started with the ``spawn`` method, each with a contiguous slice of the range
+  (:mod:`engine.runtime.assign`) and an owner id of its own; a restarted worker claims its shards again (a new
+  epoch), which fences any leftover of the old one.
 * A worker that exits with an error or is killed is restarted with exponential backoff (1 s … 30 s). One that
   exits with code 3 lost shards to another owner (their commits were refused: another instance claimed them); it
   is not restarted (a restart would claim them back and fence the other owner), and the run exits with 3
@@ -19,14 +19,14 @@ gracefully and aggregates their metrics.
 * SIGINT / SIGTERM: the supervisor asks every worker to stop (they finish the current bucket and commit), waits
   up to ``shutdown_timeout_ms``, then kills what is left. Workers whose supervisor died notice it (their parent
   changes) and stop on their own.
-* Metrics: events/s, buckets/s, lag per shard, CPU % and RSS per worker: a status line on a TTY, JSON lines
-  otherwise, and Prometheus text on ``metrics_port`` (bound to ``metrics_host``, 127.0.0.1 by default).
+* Metrics: the workers' counters added up per worker slot, monotonic across restarts (:mod:`engine.runtime.metrics`),
+  lag per shard, CPU and RSS per worker: a status line on a TTY, JSON lines otherwise (:mod:`engine.runtime.status`),
+  and Prometheus text on ``metrics_port`` (bound to ``metrics_host``, 127.0.0.1 by default), refreshed every second.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -39,15 +39,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.process import BaseProcess
 from typing import Any, TextIO
 
-import msgspec
 import psutil
 
-from engine.core.config import Config
 from engine.runtime.assign import format_ranges, split
+from engine.runtime.metrics import Aggregator, MetricsServer, Rate, Snapshot, prometheus
+from engine.runtime.settings import StageFactory, StoreFactory, SupervisorSettings, WorkerSettings
+from engine.runtime.status import StatusOutput
 
 log = logging.getLogger("storyline.supervisor")
 
@@ -72,56 +72,40 @@ class Slot:
     # corrupted (a half-written message, its write lock held), and that must not cut off the other workers' metrics.
     queue: Any = None
     ps: psutil.Process | None = None
-    cpu: float = 0.0
-    rss: int = 0
 
 
 def worker_process(
-    cfg_tree: dict[str, Any],
+    settings: WorkerSettings,
+    store: StoreFactory,
+    stage_factory: StageFactory,
     shards: list[int],
     owner: str,
     until_bucket: int | None,
     drain: bool,
     metrics_q: Any,
     parent_pid: int,
-    record_dir: str | None,
     log_level: int,
-    stage_name: str = "stories",
 ) -> None:
-    """Entry point of a worker process (spawned: everything arrives as plain data)."""
+    """Entry point of a worker process (spawned: everything arrives pickled; the factories build the rest)."""
     import asyncio
 
-    from engine.core.config import from_mapping
     from engine.core.errors import StorylineError
-    from engine.core.stage import Stage
-    from engine.runtime.stages import CountingStage
     from engine.runtime.worker import Worker
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s worker {owner} %(levelname)s %(message)s")
-    cfg = from_mapping(cfg_tree)
-    stage: Stage
-    if record_dir:
-        from engine.testing.recording import RecordingStage
-
-        directory, _, delay = record_dir.partition(",")
-        stage = RecordingStage(directory, owner, int(delay or 0))
-    else:
-        stage = CountingStage()
+    stage = stage_factory.build(owner)
 
     async def main() -> int:
         worker = Worker(
-            cfg,
+            settings,
             shards,
             stage,
             owner=owner,
+            store=store,
             until_bucket=until_bucket,
             drain=drain,
             parent_alive=lambda: os.getppid() == parent_pid,
         )
-        if not record_dir and stage_name == "stories":
-            from engine.correlate.story import StoryMachine
-
-            worker.stage = StoryMachine.for_config(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop.set)
@@ -157,28 +141,29 @@ def worker_process(
 class Supervisor:
     def __init__(
         self,
-        cfg: Config,
+        settings: SupervisorSettings,
+        store: StoreFactory,
+        stage: StageFactory,
         owned: range,
         workers: int,
         *,
         until_idle: bool = False,
         drain: bool = False,
-        record_dir: str | None = None,
-        stage: str = "stories",
         out: TextIO | None = None,
         err: TextIO | None = None,
         log_level: int = logging.INFO,
         clock_offset_ms: int = 0,
     ) -> None:
-        """``out`` takes the status lines (a TTY) or JSON lines, ``err`` the messages about lost shards and a
+        """``store`` and ``stage``: the factories each worker process builds its store and its stage from.
+        ``out`` takes the status lines (a TTY) or JSON lines, ``err`` the messages about lost shards and a
         drain that gave up (default: sys.stdout / sys.stderr at call time). ``clock_offset_ms`` is the database's
         clock minus this host's, measured by the caller: workers read by the database's clock."""
-        self.cfg = cfg
+        self.settings = settings
+        self.store = store
+        self.stage = stage
         self.owned = owned
         self.until_idle = until_idle or drain
         self.drain = drain
-        self.record_dir = record_dir
-        self.stage = stage
         self.out = out if out is not None else sys.stdout  # at call time: sys.stdout may have been replaced
         self.err = err if err is not None else sys.stderr
         self.clock_offset_ms = clock_offset_ms
@@ -199,32 +184,34 @@ class Supervisor:
         self.last_error = ""  # the last error a worker reported (which worker: in the text)
         self.last_exit = ""  # the last abnormal worker exit
         self.lost: set[int] = set()  # shards lost to another owner (commits refused)
+        self.metrics = Aggregator(len(self.slots))
+        self.status = StatusOutput(self.out, settings.worker.lag_ms, len(self.slots))
+        self._status_rate = Rate(self.started)
+        self._prom_rate = Rate(self.started)
         self._lock = threading.Lock()
         self._prom = ""
-        self._last: dict[str, float] = {}
-        self._http: ThreadingHTTPServer | None = None
+        self._http: MetricsServer | None = None
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     # -- processes -----------------------------------------------------------------------------------------
     def _start(self, slot: Slot) -> None:
         slot.owner = f"{self.instance}:w{slot.index}:{slot.restarts}"
-        tree = msgspec.to_builtins(self.cfg)
         if slot.queue is not None:
             slot.queue.close()  # the previous process's queue (drained when it exited)
         slot.queue = self.ctx.Queue()
         proc = self.ctx.Process(
             target=worker_process,
             args=(
-                tree,
+                self.settings.worker,
+                self.store,
+                self.stage,
                 slot.shards,
                 slot.owner,
                 self.until_bucket,
                 self.drain,
                 slot.queue,
                 os.getpid(),
-                self.record_dir,
                 self.log_level,
-                self.stage,
             ),
             name=f"storyline-worker-{slot.index}",
         )
@@ -285,7 +272,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.time() + self.cfg.shutdown_timeout_ms / 1000
+        self.stop_deadline = time.time() + self.settings.shutdown_timeout_ms / 1000
         for slot in self.slots:
             if slot.proc is not None and slot.proc.is_alive() and slot.proc.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -296,8 +283,7 @@ class Supervisor:
         for slot in self.slots:
             self._drain_slot(slot)
 
-    @staticmethod
-    def _drain_slot(slot: Slot) -> None:
+    def _drain_slot(self, slot: Slot) -> None:
         if slot.queue is None:
             return
         while True:
@@ -311,6 +297,7 @@ class Supervisor:
                 return
             if m.get("owner", "") == slot.owner:
                 slot.metrics = m
+                self.metrics.workers[slot.index].report(slot.owner, m)
 
     def _fenced_shards(self, slot: Slot) -> list[int]:
         m = slot.metrics
@@ -362,112 +349,51 @@ class Supervisor:
         if self.until_bucket is None or self.stopping:
             return
         since = max(self.readable_at, self.progress_at)
-        if now - since <= self.cfg.drain_timeout_ms / 1000:
+        if now - since <= self.settings.drain_timeout_ms / 1000:
             return
         self.timed_out = True
         mode = "--drain" if self.drain else "--until-idle"
-        if self.out.isatty():
-            self.out.write("\n")  # end the status line
-            self.out.flush()
+        self.status.end_line()
         self.err.write(
             f"storyline: run {mode}: no shard's committed position moved for {now - since:.1f} s once the run's"
-            f" last bucket was readable (drain_timeout_ms = {self.cfg.drain_timeout_ms}); stopping the workers\n"
+            f" last bucket was readable (drain_timeout_ms = {self.settings.drain_timeout_ms}); stopping the workers\n"
         )
         self.err.flush()
         self.request_stop()
 
-    def _sample(self) -> dict[str, Any]:
-        for slot in self.slots:
-            if slot.ps is not None and slot.proc is not None:
-                try:
-                    slot.cpu = slot.ps.cpu_percent(None)
-                    slot.rss = slot.ps.memory_info().rss
-                except psutil.Error:
-                    slot.cpu, slot.rss = 0.0, 0
+    def _sample(self, rate: Rate) -> Snapshot:
+        """The instance now; ``rate`` (the status output's or the exposition's) is advanced."""
         now = time.time()
-        events = sum(int(s.metrics.get("events", 0)) for s in self.slots)
-        buckets = sum(int(s.metrics.get("buckets", 0)) for s in self.slots)
-        dt = now - self._last.get("t", self.started)
-        snap = {
-            "t": round(now, 3),
-            "events": events,
-            "buckets": buckets,
-            "events_per_s": (events - self._last.get("events", 0)) / dt if dt > 0 else 0.0,
-            "buckets_per_s": (buckets - self._last.get("buckets", 0)) / dt if dt > 0 else 0.0,
-            "workers": [
-                {
-                    "worker": s.index,
-                    "pid": s.proc.pid if s.proc else None,
-                    "alive": bool(s.proc and s.proc.is_alive()),
-                    "restarts": s.restarts,
-                    "fenced": s.fenced,
-                    "cpu_percent": s.cpu,
-                    "rss_bytes": s.rss,
-                    "errors": s.metrics.get("errors", 0),
-                    "rebuilds": s.metrics.get("rebuilds", 0),
-                }
+        return self.metrics.snapshot(
+            now,
+            rate,
+            [
+                (s.proc.pid if s.proc else None, bool(s.proc and s.proc.is_alive()), s.restarts, s.fenced)
                 for s in self.slots
             ],
-            "lag_s": {int(k): v["lag_s"] for s in self.slots for k, v in s.metrics.get("shards", {}).items()},
-            "waiting_s": round(self._waiting_s(now), 1),
-            "until_bucket": self.until_bucket,
-            "lost_shards": format_ranges(self.lost),
-        }
-        self._last = {"t": now, "events": events, "buckets": buckets}
-        with self._lock:
-            self._prom = prometheus(snap)
-        return snap
+            waiting_s=self._waiting_s(now),
+            until_bucket=self.until_bucket,
+            lost_shards=format_ranges(self.lost),
+            lost_count=len(self.lost),
+        )
 
-    def _emit(self, snap: dict[str, Any], final: bool = False) -> None:
-        lags = snap["lag_s"].values()
-        max_lag = max(lags) if lags else 0.0
-        alive = sum(1 for w in snap["workers"] if w["alive"])
-        if self.out.isatty() and not final:
-            if snap["waiting_s"] > 0:
-                # \x1b[K: clear what a longer line left on the right
-                self.out.write(
-                    f"\rwaiting {snap['waiting_s']:,.1f} s for the events written before this run to become"
-                    f" readable (lag_ms = {self.cfg.lag_ms})\x1b[K"
-                )
-            else:
-                cpu = sum(w["cpu_percent"] for w in snap["workers"])
-                rss = sum(w["rss_bytes"] for w in snap["workers"]) / 2**20
-                self.out.write(
-                    f"\r{snap['events']:,} events  {snap['events_per_s']:,.0f}/s  {snap['buckets_per_s']:,.0f}"
-                    f" buckets/s  max lag {max_lag:,.1f} s  workers {alive}/{len(self.slots)}  cpu {cpu:.0f}%"
-                    f"  rss {rss:,.0f} MiB\x1b[K"
-                )
-        else:
-            extra: dict[str, Any] = {"max_lag_s": max_lag, "final": final}
-            if final:
-                extra |= {"exit": self.exit_code(), "timed_out": self.timed_out, "last_error": self.last_error}
-            self.out.write(json.dumps({**snap, **extra}) + "\n")
-        self.out.flush()
+    def _sample_processes(self) -> None:
+        """CPU and memory of every worker process (CPU % over the time since the previous call)."""
+        for slot in self.slots:
+            self.metrics.workers[slot.index].sample(slot.ps if slot.proc is not None else None)
+
+    def _refresh_exposition(self) -> None:
+        text = prometheus(self._sample(self._prom_rate))
+        with self._lock:
+            self._prom = text
+
+    def _exposition(self) -> str:
+        with self._lock:
+            return self._prom
 
     def _serve_metrics(self) -> None:
-        port = self.cfg.metrics_port
-        if port is None:
-            return
-        sup = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                with sup._lock:
-                    body = sup._prom.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                return
-
-        self._http = ThreadingHTTPServer((self.cfg.metrics_host, port), Handler)
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        if self.settings.metrics_port is not None:
+            self._http = MetricsServer(self.settings.metrics_host, self.settings.metrics_port, self._exposition)
 
     # -- main ----------------------------------------------------------------------------------------------
     def exit_code(self) -> int:
@@ -478,7 +404,7 @@ class Supervisor:
 
     def _start_until(self) -> None:
         """--until-idle / --drain: the last bucket to read, and when it becomes readable here."""
-        cfg = self.cfg
+        cfg = self.settings.worker
         host_ms = int(time.time() * 1000)
         start_ms = host_ms + self.clock_offset_ms  # the database's clock, which producers and workers go by
         # Every event acknowledged before start_ms is in a bucket <= this one: its producer chose the bucket from
@@ -516,8 +442,8 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start(slot)
-            last_emit = 0.0
-            interval = 1.0 if self.out.isatty() else 5.0
+            last_emit = last_prom = last_ps = 0.0
+            interval = 1.0 if self.status.tty else 5.0
             while True:
                 self._drain_metrics()
                 for slot in self.slots:
@@ -534,63 +460,36 @@ class Supervisor:
                             slot.proc.join(5)
                         slot.finished = True
                     break
+                if time.time() - last_ps >= 1.0:
+                    self._sample_processes()
+                    last_ps = time.time()
+                if self._http is not None and time.time() - last_prom >= 1.0:
+                    self._refresh_exposition()
+                    last_prom = time.time()
                 if time.time() - last_emit >= interval:
-                    self._emit(self._sample())
+                    self.status.emit(self._sample(self._status_rate))
                     last_emit = time.time()
                 time.sleep(0.1)
             self._drain_metrics()
             for slot in self.slots:
                 self._observe(slot)
-            snap = self._sample()
-            if self.out.isatty():
-                self.out.write("\n")
-            self._emit(snap, final=True)
+            self._sample_processes()
+            if self._http is not None:
+                self._refresh_exposition()
+            snap = self._sample(self._status_rate)
+            self.status.end_line()
+            self.status.emit(
+                snap,
+                final=True,
+                extra={"exit": self.exit_code(), "timed_out": self.timed_out, "last_error": self.last_error},
+            )
             self._report_end()
             return self.exit_code()
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             if self._http is not None:
-                self._http.shutdown()
+                self._http.close()
             for slot in self.slots:
                 if slot.proc is not None and slot.proc.is_alive():
                     slot.proc.kill()
-
-
-def prometheus(snap: dict[str, Any]) -> str:
-    lines = [
-        "# HELP storyline_events_total Events consumed by this instance's workers.",
-        "# TYPE storyline_events_total counter",
-        f"storyline_events_total {snap['events']}",
-        "# HELP storyline_buckets_total Buckets consumed (empty ones included).",
-        "# TYPE storyline_buckets_total counter",
-        f"storyline_buckets_total {snap['buckets']}",
-        "# HELP storyline_events_per_second Recent consumption rate.",
-        "# TYPE storyline_events_per_second gauge",
-        f"storyline_events_per_second {snap['events_per_s']:.3f}",
-        "# HELP storyline_shard_lag_seconds Time between now and the end of the shard's last consumed bucket.",
-        "# TYPE storyline_shard_lag_seconds gauge",
-    ]
-    lines += [f'storyline_shard_lag_seconds{{shard="{s}"}} {v:.3f}' for s, v in sorted(snap["lag_s"].items())]
-    lines += [
-        "# HELP storyline_worker_cpu_percent CPU of each worker process.",
-        "# TYPE storyline_worker_cpu_percent gauge",
-    ]
-    lines += [f'storyline_worker_cpu_percent{{worker="{w["worker"]}"}} {w["cpu_percent"]:.1f}' for w in snap["workers"]]
-    lines += [
-        "# HELP storyline_worker_rss_bytes Resident memory of each worker.",
-        "# TYPE storyline_worker_rss_bytes gauge",
-    ]
-    lines += [f'storyline_worker_rss_bytes{{worker="{w["worker"]}"}} {w["rss_bytes"]}' for w in snap["workers"]]
-    lines += [
-        "# HELP storyline_worker_restarts_total Restarts of each worker.",
-        "# TYPE storyline_worker_restarts_total counter",
-    ]
-    lines += [f'storyline_worker_restarts_total{{worker="{w["worker"]}"}} {w["restarts"]}' for w in snap["workers"]]
-    for key, text in (
-        ("errors", "Transient database errors the worker retried (since its process started)."),
-        ("rebuilds", "Stage state rebuilt in-process from the committed offsets after an error mid-bucket."),
-    ):
-        lines += [f"# HELP storyline_worker_{key}_total {text}", f"# TYPE storyline_worker_{key}_total counter"]
-        lines += [f'storyline_worker_{key}_total{{worker="{w["worker"]}"}} {w[key]}' for w in snap["workers"]]
-    return "\n".join(lines) + "\n"

@@ -17,13 +17,15 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Self, cast
 
-from engine.core.clock import SYSTEM_CLOCK, Clock
+from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
 from engine.core.errors import SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Emission, MarkRecord, Stage
-from engine.ingest.producer import ClockSkewError
-from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, make_store
+from engine.runtime.assign import format_ranges
+from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
+from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store
 
 log = logging.getLogger("storyline.worker")
 
@@ -74,31 +76,35 @@ class WorkerStats:
 class Worker:
     def __init__(
         self,
-        cfg: Config,
+        settings: WorkerSettings,
         shards: Sequence[int],
         stage: Stage,
         *,
         owner: str,
+        store: Store | StoreFactory,
         clock: Clock = SYSTEM_CLOCK,
         until_bucket: int | None = None,
         drain: bool = False,
-        store: Store | None = None,
         parent_alive: Callable[[], bool] | None = None,
         check_skew: bool = True,
     ) -> None:
-        self.cfg = cfg
+        """``store``: the store, or the factory that builds it on this worker's clock (corrected to the
+        database's)."""
+        self.settings = settings
         self.shards = list(shards)
         self.stage = stage
         self.owner = owner
         self.clock = CorrectedClock(clock)
         self.until_bucket = until_bucket
         self.drain = drain
-        self.store = store if store is not None else make_store(cfg, self.clock)
+        # A factory is told apart by its type: a store wrapper (tests' fault injection) may answer any attribute.
+        is_factory = hasattr(type(store), "build")
+        self.store = cast(StoreFactory, store).build(self.clock) if is_factory else cast(Store, store)
         self.parent_alive = parent_alive
         self.stop = asyncio.Event()
         self.state: dict[int, ShardState] = {}
         self.stats = WorkerStats()
-        self._read_sem = asyncio.Semaphore(cfg.read_ahead)
+        self._read_sem = asyncio.Semaphore(settings.read_ahead)
         self._skew_at = 0
         self._stage_suspect = False  # an emission may not be durable: rebuild the stage before going on
         self._pending = Emission()  # what the stage emitted since the last flush (written before any commit)
@@ -107,35 +113,42 @@ class Worker:
         self._last_commit_ms = 0  # when commit() last ran (a checkpoint, whether or not an offset moved)
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
 
+    @classmethod
+    def from_config(
+        cls, cfg: Config, shards: Sequence[int], stage: Stage, *, owner: str, store: Store | None = None, **kw: Any
+    ) -> Self:
+        """A worker with its part of ``cfg``, on ``store`` or else on the store ``cfg`` describes (``kw``: the
+        other arguments of the constructor)."""
+        return cls(
+            WorkerSettings.from_config(cfg),
+            shards,
+            stage,
+            owner=owner,
+            store=store if store is not None else ConfiguredStore(cfg),
+            **kw,
+        )
+
     # -- clock ---------------------------------------------------------------------------------------------
     async def measure_skew(self) -> int:
         base = self.clock.base
         if not self.check_skew:
             self._skew_at = base.now_ms()
             return 0
-        t0 = base.now_ms()
-        server = await self.store.server_time_ms()
-        t1 = base.now_ms()
-        skew = server - (t0 + t1) // 2
-        if abs(skew) > self.cfg.max_clock_skew_ms + (t1 - t0) // 2:
-            raise ClockSkewError(
-                f"this host's clock is {-skew:+d} ms off the database's (max_clock_skew_ms = "
-                f"{self.cfg.max_clock_skew_ms}); fix NTP"
-            )
-        self.clock.offset_ms = skew
-        self._skew_at = t1
-        return skew
+        m = await measure_skew(base, self.store.server_time_ms, self.settings.max_clock_skew_ms, "; fix NTP")
+        self.clock.offset_ms = m.offset_ms
+        self._skew_at = m.at_ms
+        return m.offset_ms
 
     def target(self) -> int:
         """The newest bucket that may be read now."""
-        t = (self.clock.now_ms() - self.cfg.lag_ms) // self.cfg.bucket_ms
+        t = (self.clock.now_ms() - self.settings.lag_ms) // self.settings.bucket_ms
         return t if self.until_bucket is None else min(t, self.until_bucket)
 
     # -- start ---------------------------------------------------------------------------------------------
     async def first_bucket(self) -> int:
         """Where a shard never consumed before starts: just before the tenant began, bounded by the TTL, and
         by ``start_from_ms`` when set (consumed through = the bucket before the first to read)."""
-        cfg = self.cfg
+        cfg = self.settings
         meta = await self.store.read_meta()
         created = int(meta.get("created_ms", "0"))
         if not created:
@@ -165,7 +178,7 @@ class Worker:
             log.error("stopping before claiming: %s", "supervisor is gone" if self.orphaned() else "asked to stop")
             self.stop.set()
             return
-        for off in await self.store.claim_many(self.cfg.consumer, self.shards, self.owner, first):
+        for off in await self.store.claim_many(self.settings.consumer, self.shards, self.owner, first):
             self.state[off.shard] = ShardState(
                 off.shard, off, off.read_bucket, off.read_bucket, off.replay_bucket, self.clock.now_ms()
             )
@@ -195,7 +208,7 @@ class Worker:
         for st in live:
             first = self.stage.marks_from(st.committed_replay)
             marks = (
-                await self.store.read_marks(self.cfg.consumer, st.shard, first, st.committed_read)
+                await self.store.read_marks(self.settings.consumer, st.shard, first, st.committed_read)
                 if first <= st.committed_read
                 else []
             )
@@ -228,7 +241,7 @@ class Worker:
         holds the bucket, so their emissions due then are fused in the same pass. Partitions are read ahead
         concurrently (a sliding window of ``read_ahead``). Returns the last bucket handed over per shard."""
         order = [(b, s) for b in sorted(plan) for s, h in sorted(plan[b].items()) if h is not None]
-        window = max(4 * self.cfg.read_ahead, 16)
+        window = max(4 * self.settings.read_ahead, 16)
         futs: dict[tuple[int, int], asyncio.Future[Batch]] = {}
         nxt = 0
         done: dict[int, int] = {}
@@ -270,7 +283,7 @@ class Worker:
                     st = self.state.get(s)
                     if st is not None and not replay:
                         st.read = max(st.read, b)
-                if not replay and self.clock.now_ms() - self._last_commit_ms >= self.cfg.commit_interval_ms:
+                if not replay and self.clock.now_ms() - self._last_commit_ms >= self.settings.commit_interval_ms:
                     # A long step (catching up: up to a 15-minute slot of buckets) checkpoints on the way, so
                     # progress is durable and visible (a drain's supervisor waits for committed positions).
                     await self.commit([st for st in self.state.values() if not st.fenced], force=False)
@@ -301,7 +314,7 @@ class Worker:
         if not self._pending.writes:
             return
         try:
-            await persist(self.store, self.cfg.consumer, self._pending)
+            await persist(self.store, self.settings.consumer, self._pending)
         except BaseException:
             self._stage_suspect = True
             raise
@@ -322,12 +335,12 @@ class Worker:
             for st in states
             if not st.fenced
             and st.read != st.committed_read
-            and (force or now - st.last_commit_ms >= self.cfg.commit_interval_ms)
+            and (force or now - st.last_commit_ms >= self.settings.commit_interval_ms)
         ]
         if not due:
             return
         commits = [Commit(st.shard, st.offset.epoch, st.read, self._replay_at.get(st.shard, st.read + 1)) for st in due]
-        refused = set(await self.store.commit_many(self.cfg.consumer, self.owner, commits))
+        refused = set(await self.store.commit_many(self.settings.consumer, self.owner, commits))
         for st, c in zip(due, commits, strict=True):
             if st.shard in refused:
                 st.fenced = True
@@ -364,7 +377,7 @@ class Worker:
         if not behind:
             return False
         lo = min(st.read for st in behind) + 1
-        per_scan = CATCHUP_STEP_SLOTS * 900_000 // self.cfg.bucket_ms
+        per_scan = CATCHUP_STEP_SLOTS * 900_000 // self.settings.bucket_ms
         last = min(target, lo + max(per_scan, 1) - 1)
         hints = await self.store.scan_index([st.shard for st in behind], lo, last)
         self.stats.index_scans += 1
@@ -390,11 +403,21 @@ class Worker:
         return self.until_bucket is not None and all(st.read >= self.until_bucket for st in live)
 
     async def _sleep_until_next_bucket(self) -> None:
-        cfg = self.cfg
+        cfg = self.settings
         nxt = (self.target() + 1) * cfg.bucket_ms + cfg.lag_ms
         delay = max(0.005, min((nxt - self.clock.now_ms()) / 1000, 1.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), delay)
+
+    async def _back_off(self, exc: StorylineError, backoff: float, when: str) -> float:
+        """A transient error: count it, wait ``backoff`` seconds (less if the worker is stopped), return the next
+        backoff."""
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)
+        log.warning("transient error%s, retrying in %.1f s: %s", when, backoff, exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), backoff)
+        return min(backoff * 2, MAX_BACKOFF_S)
 
     async def _with_backoff(self, fn: Callable[[], Awaitable[object]]) -> None:
         """Start-up steps: transient database errors are retried with backoff until the worker is stopped."""
@@ -406,12 +429,7 @@ class Worker:
             except StorylineError as exc:
                 if not exc.retriable or self.stop.is_set():
                     raise
-                self.stats.errors += 1
-                self.stats.last_error = str(exc)
-                log.warning("transient error at start-up, retrying in %.1f s: %s", backoff, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = await self._back_off(exc, backoff, " at start-up")
 
     async def _open(self) -> None:
         try:
@@ -458,12 +476,7 @@ class Worker:
                 except StorylineError as exc:
                     if not exc.retriable:
                         raise
-                    self.stats.errors += 1
-                    self.stats.last_error = str(exc)
-                    log.warning("transient error, retrying in %.1f s: %s", backoff, exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stop.wait(), backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                    backoff = await self._back_off(exc, backoff, "")
                     continue
                 if all(st.fenced for st in self.state.values()):
                     break
@@ -475,7 +488,7 @@ class Worker:
                 await self.commit(list(self.state.values()), force=True)
             lost = sorted(st.shard for st in self.state.values() if st.fenced)
             if lost:
-                log.error("lost shards %s to another owner (their commits were refused)", _ranges(lost))
+                log.error("lost shards %s to another owner (their commits were refused)", format_ranges(lost))
                 return 3
             return 0
         finally:
@@ -486,7 +499,7 @@ class Worker:
     def snapshot(self) -> dict[str, object]:
         """Metrics for the supervisor."""
         now = self.clock.now_ms()
-        bms = self.cfg.bucket_ms
+        bms = self.settings.bucket_ms
         return {
             "pid": os.getpid(),
             "owner": self.owner,
@@ -530,17 +543,3 @@ async def persist(store: Store, consumer: str, emission: Emission) -> None:
                 start = i
     if emission.stories:
         await store.put_stories(emission.stories)
-
-
-def _ranges(shards: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
-    out: list[str] = []
-    start = prev = None
-    for s in [*shards, None]:
-        if s is not None and prev is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            out.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = s
-    return ", ".join(out)

@@ -45,7 +45,7 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
                 await producer.write(batch)
             end = clock.now_ms()
             clock.set(end + cfg.lag_ms + cfg.bucket_ms)
-            worker = Worker(
+            worker = Worker.from_config(
                 cfg,
                 list(range(cfg.shards)),
                 CountingStage(),

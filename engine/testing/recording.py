@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from engine.core.stage import NO_MARKS, Batch, Buckets, Emission, each_partition
+from engine.core.stage import NO_MARKS, Batch, Buckets, Emission, Stage, each_partition
 
 _enc = msgspec.json.Encoder()
 
@@ -52,6 +52,16 @@ class RecordingStage:
 
     def metrics(self) -> dict[str, float]:
         return {"stage_events": float(self.events)}
+
+
+class RecordingStageFactory(msgspec.Struct, frozen=True):
+    """A :class:`RecordingStage` per worker process, in ``directory``; ``delay_ms`` per non-empty bucket."""
+
+    directory: str
+    delay_ms: int = 0
+
+    def build(self, owner: str) -> Stage:
+        return RecordingStage(self.directory, owner, self.delay_ms)
 
 
 def read_records(directory: str) -> list[dict[str, object]]:

@@ -72,7 +72,9 @@ def test_a_worker_clock_jumping_backwards(
     src, truth = sim_20k
     feeder = Feeder(t, split(src, t.dir, 10), pause_s=1.0)
     clock = JumpClock()
-    worker = Worker(cfg, range(cfg.shards), CountingStage(), owner="chaos-clock", clock=clock, check_skew=False)
+    worker = Worker.from_config(
+        cfg, range(cfg.shards), CountingStage(), owner="chaos-clock", clock=clock, check_skew=False
+    )
     watch = Watch(StoryMachine.for_config(cfg))
     worker.stage = watch
     committed: dict[int, list[int]] = {}

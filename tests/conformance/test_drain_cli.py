@@ -62,7 +62,9 @@ def cli_args(cfg: Config) -> list[str]:
 
 
 def argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *args]
+    """``storyline ARGS``; with ``--record DIR[,MS]``, through :mod:`tests.record_run`: every worker records
+    the ids it consumed in DIR (and sleeps MS per non-empty bucket) instead of building stories."""
+    return [sys.executable, "-m", "tests.record_run" if "--record" in args else "engine.cli", *args]
 
 
 def storyline(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

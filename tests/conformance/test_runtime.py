@@ -3,6 +3,7 @@ worker processes through the CLI (kill -9, SIGTERM, two instances, status)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,9 +21,8 @@ import pytest
 
 from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
-from engine.core.errors import SchemaError, TransientStoreError
+from engine.core.errors import ClockSkewError, SchemaError, TransientStoreError
 from engine.core.event import Event, encode
-from engine.ingest.producer import ClockSkewError
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from engine.store import EventRecord, Store, make_store
@@ -73,7 +73,7 @@ def test_worker_reads_every_bucket_up_to_the_lag_and_no_further(make_config: Con
                 await put(store, 3, b0 + 1 + k, [ev(10 * k + j, 3) for j in range(2)])
             stage = CountingStage()
             stage.keep_ids = True
-            w = Worker(
+            w = Worker.from_config(
                 cfg, [0, 1, 2, 3], stage, owner="w-a", clock=clock, store=make_store(cfg, clock), check_skew=False
             )
             await w.store.open()
@@ -129,7 +129,9 @@ def test_a_worker_refuses_an_old_schema_until_init_migrates_it(make_config: Conf
                     lambda c: c.execute(f"UPDATE {store.t('meta')} SET value = '1' WHERE key = 'schema_version'"),
                     write=True,
                 )
-            w = Worker(cfg, [0, 1], CountingStage(), owner="w-old", clock=clock, store=make_store(cfg, clock))
+            w = Worker.from_config(
+                cfg, [0, 1], CountingStage(), owner="w-old", clock=clock, store=make_store(cfg, clock)
+            )
             await w.store.open()
             with pytest.raises(SchemaError, match=r"schema version 1, this Storyline needs \d+: run `storyline init`"):
                 await w.claim_all()
@@ -156,19 +158,23 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
             await put(store, 1, b0 + 1, [ev(1), ev(2)])
             clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
             first = CountingStage()
-            a = Worker(cfg, [0, 1], first, owner="a", clock=clock, store=make_store(cfg, clock), check_skew=False)
+            a = Worker.from_config(
+                cfg, [0, 1], first, owner="a", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
             a.until_bucket = b0 + 2
             assert await a.run() == 0
             assert first.events == 2
             await put(store, 1, b0 + 3, [ev(3)])
             clock.set((b0 + 4) * cfg.bucket_ms + cfg.lag_ms)
             second = CountingStage()
-            b = Worker(cfg, [0, 1], second, owner="b", clock=clock, store=make_store(cfg, clock), check_skew=False)
+            b = Worker.from_config(
+                cfg, [0, 1], second, owner="b", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
             b.until_bucket = b0 + 4
             assert await b.run() == 0
             assert second.events == 1  # resumed after the committed offset: nothing delivered twice
             # a zombie: claims happened (epoch 1 for a, 2 for b); a third owner takes over while b still runs
-            zombie = Worker(
+            zombie = Worker.from_config(
                 cfg,
                 [0, 1],
                 CountingStage(),
@@ -180,7 +186,7 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
             await zombie.store.open()
             await zombie.measure_skew()
             await zombie.claim_all()
-            c = Worker(
+            c = Worker.from_config(
                 cfg, [0, 1], CountingStage(), owner="c", clock=clock, store=make_store(cfg, clock), check_skew=False
             )
             await c.store.open()
@@ -212,7 +218,7 @@ def test_worker_skips_and_counts_rows_that_are_not_events(make_config: ConfigFac
             clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
             stage = CountingStage()
             stage.keep_ids = True
-            w = Worker(cfg, [0], stage, owner="w", clock=clock, until_bucket=b0 + 2, check_skew=False)
+            w = Worker.from_config(cfg, [0], stage, owner="w", clock=clock, until_bucket=b0 + 2, check_skew=False)
             assert await w.run() == 0
             assert stage.seen[0] == [(b0 + 1, ["e0-000001", "e0-000003"])]
             assert w.stats.undecodable == 1
@@ -254,7 +260,9 @@ def test_worker_retries_transient_errors_without_moving_past_a_failed_bucket(mak
             stage = CountingStage()
             stage.keep_ids = True
             inner = make_store(cfg, clock)
-            w = Worker(cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False)
+            w = Worker.from_config(
+                cfg, [0], stage, owner="w", clock=clock, store=FlakyReads(inner, 2), check_skew=False
+            )
             await w.store.open()
             await w.measure_skew()
             await w.claim_all()
@@ -282,7 +290,7 @@ def test_worker_refuses_a_skewed_clock(tmp_path: Path) -> None:
         store = await started(cfg, ManualClock(int(time.time() * 1000)))
         await store.close()
         try:
-            w = Worker(cfg, [0], CountingStage(), owner="w", clock=clock)
+            w = Worker.from_config(cfg, [0], CountingStage(), owner="w", clock=clock)
             with pytest.raises(ClockSkewError):
                 await w.run()
         finally:
@@ -319,16 +327,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def argv(*args: str) -> list[str]:
+    """``storyline ARGS``; with ``--record DIR[,MS]``, through :mod:`tests.record_run`: every worker records
+    the ids it consumed in DIR (and sleeps MS per non-empty bucket) instead of building stories."""
+    return [sys.executable, "-m", "tests.record_run" if "--record" in args else "engine.cli", *args]
+
+
 def storyline(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run(argv(*args), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen(argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
@@ -478,3 +488,77 @@ def test_two_instances_with_disjoint_ranges_share_one_database(make_config: Conf
     owners = {r["shard"]: r["owner"].rsplit(":", 3)[0] for r in report["shards"]}
     assert len({owners[s] for s in range(4)}) == 1 and len({owners[s] for s in range(4, 8)}) == 1
     assert owners[0] != owners[4]
+
+
+def scrape(port: int) -> dict[str, float] | None:
+    """Every sample of a counter (``# TYPE … counter``) on the endpoint: ``name{labels}`` → value; None when the
+    endpoint does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            body = resp.read().decode()
+    except OSError:
+        return None
+    counters = {ln.split()[2] for ln in body.splitlines() if ln.startswith("# TYPE ") and ln.split()[3] == "counter"}
+    out: dict[str, float] = {}
+    for ln in body.splitlines():
+        if ln and not ln.startswith("#"):
+            series, value = ln.rsplit(" ", 1)
+            if series.split("{")[0] in counters:
+                out[series] = float(value)
+    return out
+
+
+def test_counters_never_decrease_across_a_worker_kill(make_config: ConfigFactory, tmp_path: Path) -> None:
+    """kill -9 of a worker mid-run: the supervisor restarts it, and no counter on the Prometheus endpoint ever goes
+    down (the dead process's counts are kept; the new process's are added to them). Events written after the
+    restart are consumed and counted on top of what was counted before the kill."""
+    cfg = make_config(shards=4, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    before = ingest(cfg, tmp_path, 400, seed=1)
+    time.sleep(FAST["lag_ms"] / 1000 + 0.3)
+    port = free_port()
+    rec = tmp_path / "rec"
+    sup = spawn("run", *args, "--workers", "2", "--record", f"{rec},20", "--set", f"metrics_port={port}")
+    scrapes: list[tuple[float, dict[str, float]]] = []
+
+    def sample() -> float:
+        got = scrape(port)
+        if got:
+            scrapes.append((time.time(), got))
+        return got.get("storyline_events_total", 0.0) if got else 0.0
+
+    def wait(ok: Callable[[], bool], what: str) -> str:
+        deadline = time.time() + 60
+        while not ok():
+            if time.time() > deadline:
+                return f"timed out waiting for {what}"
+            sample()
+            time.sleep(0.1)
+        return ""
+
+    try:
+        assert not wait(lambda: sample() >= len(before), "the first events to be counted")
+        victim = worker_pids(sup)[0]
+        at_kill = sample()
+        os.kill(victim, signal.SIGKILL)
+        assert not wait(lambda: victim not in worker_pids(sup) and len(worker_pids(sup)) == 2, "the restart")
+        after = ingest(cfg, tmp_path, 400, seed=2)  # consumed by both workers, the restarted one included
+        assert not wait(lambda: set(recorded(rec)) >= before | after, "the new events to be consumed")
+        counted = wait(lambda: sample() >= at_kill + len(after), "the new events to be counted")
+        for _ in range(10):  # a second more of scrapes
+            sample()
+            time.sleep(0.1)
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        _out, err = sup.communicate(timeout=60)
+    assert sup.returncode == 0, err
+    drops = [
+        f"{series}: {prev[series]:g} -> {cur[series]:g} at {t:.1f}"
+        for (_, prev), (t, cur) in itertools.pairwise(scrapes)
+        for series in cur
+        if series in prev and cur[series] < prev[series]
+    ]
+    assert not drops, f"{len(drops)} counter decreases over {len(scrapes)} scrapes: {drops[:10]}"
+    assert not counted, f"{counted}: {scrapes[-1][1]['storyline_events_total']:g} < {at_kill:g} + {len(after)}"
+    assert sum(v for k, v in scrapes[-1][1].items() if k.startswith("storyline_worker_restarts_total")) >= 1

@@ -382,7 +382,7 @@ class StoryStream:
         cfg = self.cfg
         until = self.clock.now_ms() // cfg.bucket_ms
         store = FaultyStore(self._store(), fault)
-        worker = VirtualTimeWorker(
+        worker = VirtualTimeWorker.from_config(
             cfg,
             range(cfg.shards),
             self.make_stage(cfg, store),

@@ -599,7 +599,9 @@ def test_a_worker_rebuilds_the_stage_after_a_failed_write_and_loses_no_story(tmp
                 await r.store.append(shard_of(e, shards), b, [EventRecord(e.id, encode(e))])
         flaky = FlakyWrites(make_store(r.cfg, clock), stories, marks)
         stage = StoryMachine.for_config(r.cfg)
-        w = Worker(r.cfg, range(shards), stage, owner="w", clock=clock, until_bucket=end, store=flaky, check_skew=False)
+        w = Worker.from_config(
+            r.cfg, range(shards), stage, owner="w", clock=clock, until_bucket=end, store=flaky, check_skew=False
+        )
 
         async def no_wait() -> None:
             await asyncio.sleep(0)

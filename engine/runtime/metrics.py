@@ -1,0 +1,286 @@
+"""The runtime's metrics: what the workers count, how the supervisor adds it up, and the Prometheus exposition.
+
+* A worker reports a snapshot of its counters about every second (:meth:`engine.runtime.worker.Worker.snapshot`,
+  a plain dict through a queue). A process's counters start at zero; a worker slot's process is replaced when it
+  dies. :class:`WorkerMetrics` keeps, per slot, the totals of its dead processes (``retired``) and adds the live
+  process's latest values, so every counter the supervisor exports is monotonic across restarts: for each process
+  (owner id) it keeps the highest value reported, a process's values are retired into the slot's totals once when
+  the next process reports, and nothing is ever subtracted. Work a process did after its last report is lost with
+  it (not counted); work redone by its successor (the buckets after the last commit) is counted again.
+* :class:`Aggregator` turns the slots into one :class:`Snapshot` (totals, lag per shard, per-worker figures),
+  which the status output (:mod:`engine.runtime.status`) prints and :func:`prometheus` renders.
+* :class:`MetricsServer` serves the latest exposition on ``GET /metrics``.
+
+Names follow Prometheus's conventions: counters end in ``_total``, units are base units (seconds, bytes) named in
+the metric. :data:`METRICS` lists every metric; docs/architecture.md ("Metrics") lists the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
+
+import msgspec
+import psutil
+
+COUNTERS = ("events", "buckets", "partitions", "bytes", "commits", "errors", "rebuilds", "undecodable")
+"""The worker snapshot's counters (:class:`engine.runtime.worker.WorkerStats`) the supervisor adds up."""
+
+
+class Metric(msgspec.Struct, frozen=True):
+    name: str
+    type: Literal["counter", "gauge"]
+    unit: str
+    help: str
+    label: str = ""  # the one label of a per-shard or per-worker metric
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("storyline_events_total", "counter", "events", "Events handed to the stages (replays not counted)."),
+    Metric("storyline_buckets_total", "counter", "buckets", "Buckets consumed per shard (empty ones included)."),
+    Metric("storyline_partitions_total", "counter", "partitions", "Non-empty partitions read."),
+    Metric("storyline_read_bytes_total", "counter", "bytes", "Bytes of event rows read."),
+    Metric("storyline_commits_total", "counter", "commits", "Shard offsets committed."),
+    Metric("storyline_undecodable_events_total", "counter", "rows", "Rows skipped: not a canonical event."),
+    Metric("storyline_events_per_second", "gauge", "events/s", "Consumption rate over the last refresh (about 1 s)."),
+    Metric(
+        "storyline_shard_lag_seconds",
+        "gauge",
+        "seconds",
+        "Time between now and the end of the shard's last consumed bucket.",
+        "shard",
+    ),
+    Metric("storyline_lost_shards", "gauge", "shards", "Shards lost to another owner (their commits were refused)."),
+    Metric("storyline_worker_up", "gauge", "1", "1 while the worker's process runs, else 0.", "worker"),
+    Metric("storyline_worker_cpu_seconds_total", "counter", "seconds", "CPU (user + system) of the worker.", "worker"),
+    Metric("storyline_worker_rss_bytes", "gauge", "bytes", "Resident memory of the worker's process.", "worker"),
+    Metric("storyline_worker_restarts_total", "counter", "restarts", "Restarts of the worker.", "worker"),
+    Metric("storyline_worker_errors_total", "counter", "errors", "Transient database errors retried.", "worker"),
+    Metric(
+        "storyline_worker_rebuilds_total",
+        "counter",
+        "rebuilds",
+        "Stage state rebuilt in-process from the committed offsets after an error mid-bucket.",
+        "worker",
+    ),
+)
+
+
+class WorkerStatus(msgspec.Struct):
+    """One worker slot at one instant (its counters: over every process the slot ran)."""
+
+    worker: int
+    pid: int | None
+    alive: bool
+    restarts: int
+    fenced: bool
+    cpu_percent: float
+    cpu_seconds: float
+    rss_bytes: int
+    errors: int
+    rebuilds: int
+
+
+class Snapshot(msgspec.Struct):
+    """The instance at one instant: what the status output prints and the exposition renders."""
+
+    t: float
+    events: int
+    buckets: int
+    partitions: int
+    bytes: int
+    commits: int
+    undecodable: int
+    events_per_s: float
+    buckets_per_s: float
+    workers: list[WorkerStatus]
+    lag_s: dict[int, float]
+    waiting_s: float
+    until_bucket: int | None
+    lost_shards: str
+    lost_count: int = 0
+
+
+class WorkerMetrics:
+    """One worker slot's figures: counters monotonic across its processes, the live process's gauges."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.retired: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # the slot's dead processes
+        self.live: dict[str, int] = dict.fromkeys(COUNTERS, 0)  # its current process: the highest values reported
+        self.owner = ""  # whose report ``live`` holds
+        self.shards: dict[int, float] = {}  # lag per shard, from the latest report
+        self.cpu_retired = 0.0
+        self.cpu_live = 0.0
+        self.cpu_pid: int | None = None
+        self.cpu_percent = 0.0
+        self.rss_bytes = 0
+
+    def report(self, owner: str, snapshot: Mapping[str, object]) -> None:
+        """A snapshot from the slot's process ``owner`` (a new owner: the previous process is over)."""
+        if owner != self.owner:
+            for key in COUNTERS:
+                self.retired[key] += self.live[key]
+            self.live = dict.fromkeys(COUNTERS, 0)
+            self.owner = owner
+        for key in COUNTERS:
+            value = snapshot.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                self.live[key] = max(self.live[key], value)
+        shards = snapshot.get("shards")
+        if isinstance(shards, dict):
+            self.shards = {int(k): float(v["lag_s"]) for k, v in shards.items() if isinstance(v, dict)}
+
+    def total(self, key: str) -> int:
+        return self.retired[key] + self.live[key]
+
+    def sample(self, proc: psutil.Process | None) -> None:
+        """CPU and memory of the slot's live process (``None``: no process now, the figures stay as they were;
+        gone: the gauges drop to 0; the CPU counter keeps what it had)."""
+        if proc is None:
+            return
+        if proc.pid != self.cpu_pid:
+            self.cpu_retired += self.cpu_live
+            self.cpu_live = 0.0
+            self.cpu_pid = proc.pid
+        try:
+            times = proc.cpu_times()
+            self.cpu_live = max(self.cpu_live, times.user + times.system)
+            self.cpu_percent = proc.cpu_percent(None)
+            self.rss_bytes = proc.memory_info().rss
+        except psutil.Error:
+            self.cpu_percent, self.rss_bytes = 0.0, 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.cpu_retired + self.cpu_live
+
+
+class Rate:
+    """Events and buckets per second since the previous call (the totals are monotonic: never negative)."""
+
+    def __init__(self, started: float) -> None:
+        self.t = started
+        self.events = 0
+        self.buckets = 0
+
+    def update(self, t: float, events: int, buckets: int) -> tuple[float, float]:
+        dt = t - self.t
+        out = ((events - self.events) / dt, (buckets - self.buckets) / dt) if dt > 0 else (0.0, 0.0)
+        self.t, self.events, self.buckets = t, events, buckets
+        return out
+
+
+class Aggregator:
+    """The slots' figures added up into :class:`Snapshot`\\ s."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = [WorkerMetrics(i) for i in range(workers)]
+
+    def snapshot(
+        self,
+        now: float,
+        rate: Rate,
+        processes: list[tuple[int | None, bool, int, bool]],
+        *,
+        waiting_s: float,
+        until_bucket: int | None,
+        lost_shards: str,
+        lost_count: int,
+    ) -> Snapshot:
+        """``processes``: per slot (pid, alive, restarts, fenced), from the supervisor; ``rate`` is advanced."""
+        totals = {key: sum(w.total(key) for w in self.workers) for key in COUNTERS}
+        eps, bps = rate.update(now, totals["events"], totals["buckets"])
+        return Snapshot(
+            t=round(now, 3),
+            events=totals["events"],
+            buckets=totals["buckets"],
+            partitions=totals["partitions"],
+            bytes=totals["bytes"],
+            commits=totals["commits"],
+            undecodable=totals["undecodable"],
+            events_per_s=eps,
+            buckets_per_s=bps,
+            workers=[
+                WorkerStatus(
+                    worker=w.index,
+                    pid=pid,
+                    alive=alive,
+                    restarts=restarts,
+                    fenced=fenced,
+                    cpu_percent=w.cpu_percent,
+                    cpu_seconds=round(w.cpu_seconds, 3),
+                    rss_bytes=w.rss_bytes,
+                    errors=w.total("errors"),
+                    rebuilds=w.total("rebuilds"),
+                )
+                for w, (pid, alive, restarts, fenced) in zip(self.workers, processes, strict=True)
+            ],
+            lag_s={shard: lag for w in self.workers for shard, lag in w.shards.items()},
+            waiting_s=round(waiting_s, 1),
+            until_bucket=until_bucket,
+            lost_shards=lost_shards,
+            lost_count=lost_count,
+        )
+
+
+def prometheus(snap: Snapshot) -> str:
+    """The text exposition format (version 0.0.4) of a snapshot: every metric of :data:`METRICS`, in that order."""
+    per_worker: dict[str, Callable[[WorkerStatus], str]] = {
+        "storyline_worker_up": lambda w: str(int(w.alive)),
+        "storyline_worker_cpu_seconds_total": lambda w: f"{w.cpu_seconds:.3f}",
+        "storyline_worker_rss_bytes": lambda w: str(w.rss_bytes),
+        "storyline_worker_restarts_total": lambda w: str(w.restarts),
+        "storyline_worker_errors_total": lambda w: str(w.errors),
+        "storyline_worker_rebuilds_total": lambda w: str(w.rebuilds),
+    }
+    single: dict[str, str] = {
+        "storyline_events_total": str(snap.events),
+        "storyline_buckets_total": str(snap.buckets),
+        "storyline_partitions_total": str(snap.partitions),
+        "storyline_read_bytes_total": str(snap.bytes),
+        "storyline_commits_total": str(snap.commits),
+        "storyline_undecodable_events_total": str(snap.undecodable),
+        "storyline_events_per_second": f"{snap.events_per_s:.3f}",
+        "storyline_lost_shards": str(snap.lost_count),
+    }
+    lines: list[str] = []
+    for m in METRICS:
+        lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} {m.type}"]
+        if m.name in single:
+            lines.append(f"{m.name} {single[m.name]}")
+        elif m.name == "storyline_shard_lag_seconds":
+            lines += [f'{m.name}{{shard="{s}"}} {v:.3f}' for s, v in sorted(snap.lag_s.items())]
+        else:
+            value = per_worker[m.name]
+            lines += [f'{m.name}{{worker="{w.worker}"}} {value(w)}' for w in snap.workers]
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port``: the latest text ``exposition`` returns, from a daemon thread."""
+
+    def __init__(self, host: str, port: int, exposition: Callable[[], str]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                body = exposition().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self._http = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._http.shutdown()
+        self._http.server_close()

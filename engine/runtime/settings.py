@@ -1,0 +1,89 @@
+"""What the runtime takes from the configuration: each component its part, derived once from the loaded
+:class:`~engine.core.config.Config` (which stays for loading and validation), and the factories a worker process
+builds its store and its stage from. Everything here is a frozen, picklable struct: the supervisor hands it to
+worker processes started with ``spawn``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+from engine.core.clock import Clock
+from engine.core.config import Config
+from engine.core.stage import Stage
+from engine.store import Store, make_store
+
+
+class WorkerSettings(msgspec.Struct, frozen=True):
+    """What a worker reads of the configuration (the meaning of each field: :class:`Config`)."""
+
+    tenant: str
+    consumer: str
+    bucket_ms: int
+    lag_ms: int
+    max_clock_skew_ms: int
+    max_write_age_ms: int
+    ttl_ms: int
+    commit_interval_ms: int
+    read_ahead: int
+    start_from_ms: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> WorkerSettings:
+        return cls(
+            tenant=cfg.tenant,
+            consumer=cfg.consumer,
+            bucket_ms=cfg.bucket_ms,
+            lag_ms=cfg.lag_ms,
+            max_clock_skew_ms=cfg.max_clock_skew_ms,
+            max_write_age_ms=cfg.max_write_age_ms,
+            ttl_ms=cfg.ttl_ms,
+            commit_interval_ms=cfg.commit_interval_ms,
+            read_ahead=cfg.read_ahead,
+            start_from_ms=cfg.start_from_ms,
+        )
+
+
+class SupervisorSettings(msgspec.Struct, frozen=True):
+    """What the supervisor reads of the configuration, and what it hands each worker."""
+
+    worker: WorkerSettings
+    shutdown_timeout_ms: int
+    drain_timeout_ms: int
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> SupervisorSettings:
+        return cls(
+            worker=WorkerSettings.from_config(cfg),
+            shutdown_timeout_ms=cfg.shutdown_timeout_ms,
+            drain_timeout_ms=cfg.drain_timeout_ms,
+            metrics_port=cfg.metrics_port,
+            metrics_host=cfg.metrics_host,
+        )
+
+
+class StoreFactory(Protocol):
+    """Builds a worker's store (not yet opened) on the worker's clock (corrected to the database's)."""
+
+    def build(self, clock: Clock) -> Store: ...
+
+
+class ConfiguredStore(msgspec.Struct, frozen=True):
+    """The store of a configuration: the one seam through which the runtime hands the store its settings
+    (:func:`engine.store.make_store` takes the whole ``Config``; only this class changes when it takes less)."""
+
+    cfg: Config
+
+    def build(self, clock: Clock) -> Store:
+        return make_store(self.cfg, clock)
+
+
+class StageFactory(Protocol):
+    """Builds the stage of one worker process (``owner``: its owner id). Picklable: it crosses to the worker
+    process as it is."""
+
+    def build(self, owner: str) -> Stage: ...
