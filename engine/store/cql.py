@@ -15,7 +15,12 @@ from typing import Any, TypeVar
 
 import scyllapy
 from scyllapy import Batch, BatchType, ExecutionProfile, PreparedQuery, Query, Scylla, SSLVerifyMode
-from scyllapy.exceptions import ScyllaPyBaseError, ScyllaPyMappingError
+from scyllapy.exceptions import (
+    ScyllaPyBaseError,
+    ScyllaPyBindingError,
+    ScyllaPyMappingError,
+    ScyllaPyQueryBuiderError,
+)
 from scyllapy.extra_types import BigInt, Unset
 
 from engine.core.clock import SYSTEM_CLOCK, Clock
@@ -33,6 +38,7 @@ from engine.core.records import (
     story_id_shard,
 )
 from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
+from engine.store.classify import match_message
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -52,26 +58,6 @@ from engine.store.common import (
 )
 
 T = TypeVar("T")
-
-_TRANSIENT_MARKERS = (
-    "Not enough nodes are alive",
-    "Not enough nodes responded",
-    "A non-timeout error during a",
-    "overloaded",
-    "still bootstrapping",
-    "IO Error",
-    "Timeout Error",
-    "Request timeout",
-    "Client timeout",
-    "orphaned stream ids",
-    "Unable to allocate stream id",
-    "Rate limit was exceeded",
-    "is not prepared",
-    "No connections in the pool",
-    "Connection",
-    "connection",
-    "Cannot construct new session",
-)
 
 _CONSISTENCY = {
     name: getattr(scyllapy.Consistency, name)
@@ -99,11 +85,8 @@ def _blob(value: bytes) -> str | bytes:
         return value
 
 
-# Checked before the transient markers: the driver wraps a refused login in "Cannot construct new session: IO
-# Error: No connections in the pool; ...", which would otherwise read as a lost connection and be retried.
-_AUTH_REQUIRED = "Authentication is required"
-_AUTH_REFUSED = ("Authentication failed", "bad credentials", "and/or password are incorrect")
-_PERMISSION = "doesn't have the right to perform the query"
+# Values or statements the driver cannot handle: the same call fails the same way (engine/store/classify.py).
+_NEVER_RETRIED = (ScyllaPyBindingError, ScyllaPyMappingError, ScyllaPyQueryBuiderError)
 _SERVER_DETAIL = re.compile(r"Error message: (.*)$", re.DOTALL)
 
 
@@ -124,22 +107,25 @@ def classify(exc: BaseException, what: str, secrets: Sequence[str] = (), hint: s
     the other messages (e.g. what to check when a TLS connection fails).
     """
     text = mask(str(exc), secrets)
+    suffix = f" {hint}" if hint else ""
+    if isinstance(exc, _NEVER_RETRIED):
+        return StoreError(f"{what}: {text}{suffix}")
     detail = _SERVER_DETAIL.search(text)
     server_says = detail.group(1).strip() if detail else text
-    if _AUTH_REQUIRED in text:
+    outcome = match_message("cql", text)
+    if outcome == "auth_required":
         return StoreError(
             f"{what}: authentication failed: the node requires a username and password "
             f"(set store.username and store.password)"
         )
-    if any(m in text for m in _AUTH_REFUSED):
+    if outcome == "auth_refused":
         return StoreError(
             f"{what}: authentication failed: the node refused the credentials ({server_says}); "
             f"check store.username and store.password"
         )
-    if _PERMISSION in text:
+    if outcome == "permission":
         return StoreError(f"{what}: permission denied: {server_says}")
-    suffix = f" {hint}" if hint else ""
-    if any(m in text for m in _TRANSIENT_MARKERS):
+    if outcome == "transient":
         return TransientStoreError(f"{what}: {text}{suffix}")
     return StoreError(f"{what}: {text}{suffix}")
 

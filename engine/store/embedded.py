@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +36,7 @@ from engine.core.records import (
     story_id_shard,
 )
 from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
+from engine.store.classify import sqlite_outcome
 from engine.store.common import (
     ROW_OVERHEAD,
     PageSizer,
@@ -51,6 +55,7 @@ from engine.store.common import (
 
 T = TypeVar("T")
 PURGE_EVERY_MS = 5 * 60_000
+POOL_THREADS = 4  # SQLite threads per store: concurrent WAL reads (read-ahead), one writer at a time
 
 
 def _ddl(p: str) -> dict[str, str]:
@@ -91,12 +96,12 @@ def _ddl(p: str) -> dict[str, str]:
 
 
 def _classify(exc: sqlite3.Error, what: str) -> StoreError:
-    text = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
-        return TransientStoreError(f"{what}: {text}")
-    if isinstance(exc, sqlite3.OperationalError) and "no such table" in text:
-        return SchemaError(f"{what}: {text} (run `storyline init`)")
-    return StoreError(f"{what}: {text}")
+    outcome = sqlite_outcome(exc)
+    if outcome == "transient":
+        return TransientStoreError(f"{what}: {exc}")
+    if outcome == "schema":
+        return SchemaError(f"{what}: {exc} (run `storyline init`)")
+    return StoreError(f"{what}: {exc}")
 
 
 def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], list[Any]]:
@@ -116,17 +121,58 @@ class EmbeddedStore:
         self.clock = clock
         self.p = cfg.keyspace
         self.stats = RetryStats()
-        self._con: sqlite3.Connection | None = None
+        # SQLite runs off the event loop: a small pool of threads, each with its own connection (made in the
+        # thread on first use). A locked database then blocks a pool thread, never the loop (the worker's
+        # heartbeat and read-ahead go on); WAL lets the threads read concurrently; writes take the database's
+        # lock in BEGIN IMMEDIATE, waiting up to request_timeout_ms (busy_timeout) in their thread.
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._cons: list[sqlite3.Connection] = []
+        self._cons_lock = threading.Lock()
         self._last_purge = 0
         self._worst_row = 1 << size_class(cfg.chunk_bytes + 1024 + ROW_OVERHEAD)
         self._row_estimate = float(self._worst_row)
 
     # -- plumbing ------------------------------------------------------------------------------------------
-    @property
-    def con(self) -> sqlite3.Connection:
-        if self._con is None:
+    def _connect(self) -> sqlite3.Connection:
+        """This thread's connection (made on first use; pool threads only)."""
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            path = self.cfg.store.path
+            # The busy timeout is the request timeout: a write waiting for the lock must land within
+            # request_timeout_ms like a CQL write, or it could land in a bucket a worker already read.
+            busy_ms = self.cfg.request_timeout_ms
+            con = sqlite3.connect(path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=FULL")
+                con.execute(f"PRAGMA busy_timeout={busy_ms}")
+            except BaseException:
+                con.close()
+                raise
+            self._local.con = con
+            with self._cons_lock:
+                self._cons.append(con)
+        return con
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        """In a pool thread: ``fn`` in one transaction (IMMEDIATE for writes)."""
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            out = fn(con)
+            con.execute("COMMIT")
+            return out
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+    async def _in_thread(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        pool = self._pool
+        if pool is None:
             raise StoreError("store is not open")
-        return self._con
+        return await asyncio.get_running_loop().run_in_executor(pool, self._transaction, fn, write)
 
     def t(self, table: str) -> str:
         return f'"{self.p}__{table}"'
@@ -137,19 +183,9 @@ class EmbeddedStore:
         """Run ``fn`` in one transaction (IMMEDIATE for writes), retrying busy/locked errors."""
 
         async def once() -> T:
-            con = self.con
             try:
-                con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    out = fn(con)
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
-                con.execute("COMMIT")
-                return out
+                return await self._in_thread(fn, write)
             except sqlite3.Error as exc:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
                 raise _classify(exc, what) from None
 
         return await retrying(
@@ -161,24 +197,26 @@ class EmbeddedStore:
         path = self.cfg.store.path
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # ":memory:" is one database per connection: one thread then, so every call sees the same database.
+        threads = 1 if path == ":memory:" or path.startswith("file::memory:") else POOL_THREADS
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sqlite")
         try:
-            # The busy timeout is the request timeout: a write waiting for the lock must land within
-            # request_timeout_ms like a CQL write, or it could land in a bucket a worker already read.
-            busy_ms = self.cfg.request_timeout_ms
-            con = sqlite3.connect(path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            con.execute(f"PRAGMA busy_timeout={busy_ms}")
+            await self._in_thread(lambda c: None, False)  # open the first connection now: errors surface here
         except sqlite3.Error as exc:
+            await self.close()
             raise StoreError(f"open {path}: {exc}") from None
-        self._con = con
         meta = await self._meta_if_present()
         if meta is not None:
             check_fixed(self.cfg, meta)
 
     async def close(self) -> None:
-        con, self._con = self._con, None
-        if con is not None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            # Wait for the calls in flight (a transaction is never cut in half), off the loop.
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        with self._cons_lock:
+            cons, self._cons = self._cons, []
+        for con in cons:
             con.close()
 
     async def __aenter__(self) -> EmbeddedStore:
