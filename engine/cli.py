@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine import __version__
 from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
-from engine.core.errors import ConfigError, StorylineError
+from engine.core.errors import ConfigError, StorylineError, mask
 from engine.ingest.producer import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
 from engine.store import EventRecord, Store, make_store
 
@@ -592,10 +592,7 @@ def cmd_config(cfg: Config) -> int:
 def _masked(exc: BaseException, secrets: Sequence[str]) -> str:
     """An error's message with the configured password masked (the store masks it already; printing is the
     last place to make sure)."""
-    text = str(exc)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+    return mask(str(exc), secrets)
 
 
 def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | None = None) -> int:

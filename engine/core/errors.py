@@ -7,6 +7,8 @@ only a bounded number of times.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class StorylineError(Exception):
     """Root of every error raised by Storyline."""
@@ -59,3 +61,11 @@ class WriteTooLateError(StoreError):
 
 class ClockSkewError(StorylineError):
     """This host's clock differs from the database's by more than ``max_clock_skew_ms``."""
+
+
+def mask(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced by ``***`` (error messages that could quote a password)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

@@ -25,7 +25,7 @@ from scyllapy.extra_types import BigInt, Unset
 
 from engine.core.clock import SYSTEM_CLOCK, Clock
 from engine.core.config import Config
-from engine.core.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError
+from engine.core.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError, mask
 from engine.core.records import (
     AppendResult,
     BucketHint,
@@ -88,14 +88,6 @@ def _blob(value: bytes) -> str | bytes:
 # Values or statements the driver cannot handle: the same call fails the same way (engine/store/classify.py).
 _NEVER_RETRIED = (ScyllaPyBindingError, ScyllaPyMappingError, ScyllaPyQueryBuiderError)
 _SERVER_DETAIL = re.compile(r"Error message: (.*)$", re.DOTALL)
-
-
-def mask(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with every secret replaced by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def classify(exc: BaseException, what: str, secrets: Sequence[str] = (), hint: str = "") -> StoreError:
@@ -251,6 +243,16 @@ class CqlStore:
             await self._call(what, lambda: self.db.batch(batch, params), deadline_ms)
 
         await self._retry(what, once, deadline_ms)
+
+    def _conditional_batch(self) -> Batch:
+        """An UNLOGGED batch of conditional updates of one partition (one Paxos round for all of them)."""
+        return Batch(
+            BatchType.UNLOGGED,
+            consistency=self._consistency,
+            serial_consistency=self._serial,
+            request_timeout=self._timeout_s,
+            is_idempotent=True,
+        )
 
     async def _call(self, what: str, coro_fn: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
         async with self._sem:
@@ -677,13 +679,7 @@ class CqlStore:
             f"WHERE consumer = ? AND shard_group = ? AND shard = ? "
             f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
         )
-        batch = Batch(
-            BatchType.UNLOGGED,
-            consistency=self._consistency,
-            serial_consistency=self._serial,
-            request_timeout=self._timeout_s,
-            is_idempotent=True,
-        )
+        batch = self._conditional_batch()
         params: list[list[Any]] = []
         result: list[Offset] = []
         b = BigInt
@@ -777,13 +773,7 @@ class CqlStore:
         ]
 
         async def once() -> bool:
-            batch = Batch(
-                BatchType.UNLOGGED,
-                consistency=self._consistency,
-                serial_consistency=self._serial,
-                request_timeout=self._timeout_s,
-                is_idempotent=True,
-            )
+            batch = self._conditional_batch()
             for _ in todo:
                 batch.add_query(prepared)
             res = await self._call(what, lambda: self.db.batch(batch, params))
@@ -951,27 +941,38 @@ class CqlStore:
                 return
             cursor = (page[-1].story_id, page[-1].revision)
 
+    async def _token_scan(
+        self, what: str, key: str, cql: str, limit: int, ident: Callable[[dict[str, Any]], object]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every row of a whole-table scan in token order, each once, in non-empty pages. ``cql`` selects
+        ``token(...) AS t`` with ``WHERE token(...) >= ? LIMIT ?``; rows sharing the last token of a page are read
+        again by the next one, so those already yielded (by ``ident``) are skipped."""
+        token = _MIN_TOKEN
+        seen: set[object] = set()
+        while True:
+            rows = await self._exec(what, key, cql, [token, limit])
+            fresh = [r for r in rows if not (r["t"] == token and ident(r) in seen)]
+            if fresh:
+                yield fresh
+            if len(rows) < limit:
+                return
+            last = rows[-1]["t"]
+            if last != token:
+                seen = set()
+            token = last
+            seen |= {ident(r) for r in rows if r["t"] == last}
+
     async def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
         cql = (
             f"SELECT DISTINCT shard, period, token(shard, period) AS t FROM {self.ks}.stories "
             f"WHERE token(shard, period) >= ? LIMIT ?"
         )
-        limit = 1000
-        token = _MIN_TOKEN
-        seen_at_token: set[tuple[int, int]] = set()
-        while True:
-            rows = await self._exec("scan stories", "story_parts", cql, [token, limit])
-            fresh = [r for r in rows if not (r["t"] == token and (r["shard"], r["period"]) in seen_at_token)]
-            for r in fresh:
+        async for rows in self._token_scan(
+            "scan stories", "story_parts", cql, 1000, lambda r: (r["shard"], r["period"])
+        ):
+            for r in rows:
                 async for page in self.read_stories(r["shard"], r["period"]):
                     yield page
-            if len(rows) < limit:
-                return
-            last = rows[-1]["t"]
-            if last != token:
-                seen_at_token = set()
-            token = last
-            seen_at_token |= {(r["shard"], r["period"]) for r in rows if r["t"] == last}
 
     # -- dead letters --------------------------------------------------------------------------------------
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
@@ -994,25 +995,11 @@ class CqlStore:
             f"SELECT token(dl_id) AS t, dl_id, received_ms, file, line, reason, raw, redriven_ms "
             f"FROM {self.ks}.dead_letter WHERE token(dl_id) >= ? LIMIT ?"
         )
-        limit = 500
-        token = _MIN_TOKEN
-        seen: set[str] = set()
-        while True:
-            rows = await self._exec("scan dead letters", "dl_scan", cql, [token, limit])
-            page = [
+        async for rows in self._token_scan("scan dead letters", "dl_scan", cql, 500, lambda r: r["dl_id"]):
+            yield [
                 DeadLetter(r["dl_id"], r["received_ms"], r["file"], r["line"], r["reason"], r["raw"], r["redriven_ms"])
                 for r in rows
-                if not (r["t"] == token and r["dl_id"] in seen)
             ]
-            if page:
-                yield page
-            if len(rows) < limit:
-                return
-            last = rows[-1]["t"]
-            if last != token:
-                seen = set()
-            token = last
-            seen |= {r["dl_id"] for r in rows if r["t"] == last}
 
     # -- stage marks ---------------------------------------------------------------------------------------
     async def put_marks(
