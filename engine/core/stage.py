@@ -22,11 +22,8 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
-from engine.core.event import Event, EventView
+from engine.core.event import Event, EventView, decode, decode_view
 from engine.core.records import EventRecord, StoryRecord
-
-_view_decoder = msgspec.msgpack.Decoder(EventView)
-_full_decoder = msgspec.msgpack.Decoder(Event)
 
 
 class Batch:
@@ -36,7 +33,7 @@ class Batch:
     __slots__ = ("_events", "records", "undecodable", "views")
 
     def __init__(self, records: Sequence[EventRecord]) -> None:
-        dec = _view_decoder.decode
+        dec = decode_view
         self.undecodable = 0
         try:
             self.views: list[EventView] = [dec(r.payload) for r in records]
@@ -60,7 +57,7 @@ class Batch:
 
     def events(self) -> list[Event]:
         if self._events is None:
-            dec = _full_decoder.decode
+            dec = decode
             self._events = [dec(r.payload) for r in self.records]
         return self._events
 

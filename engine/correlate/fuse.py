@@ -22,12 +22,13 @@ import hashlib
 import socket
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import msgspec
 import polars as pl
 
-from engine.core.event import Event
+from engine.core.event import Event, polars_columns, row_struct
 from engine.ingest.network_identity import community_id
 
 __all__ = [
@@ -45,25 +46,22 @@ TOTAL_LIMIT = 2**43
 """An attribute counts towards ``totals`` when it is an integer (not a boolean) of magnitude below this: with at
 most ``correlate.max_story_events`` (≤ 1,000,000) events a story's sum stays inside int64."""
 
+_STORED = dict(polars_columns())  # the stored fields' polars dtypes, derived from the one declaration
+# The event frame: the stored fields (``time_us`` corrected into ``t``, maps as JSON text) and the frame's own
+# columns. Every stored scalar field is a column, so a field added to the event reaches the frame by itself.
 EVENT_SCHEMA: dict[str, Any] = {
     "id": pl.String,
     "t": pl.Int64,  # corrected event time, µs
     "flow": pl.UInt64,
     "story": pl.UInt64,  # story key
     "ingest": pl.Int64,  # ingest time (bucket end), ms
-    "source": pl.String,
-    "sensor": pl.String,
-    "reversed": pl.Boolean,
-    "proto": pl.Int64,
-    "src_ip": pl.String,
-    "src_port": pl.Int64,
-    "dst_ip": pl.String,
-    "dst_port": pl.Int64,
+    **{name: getattr(pl, dtype) for name, dtype in _STORED.items() if dtype and name not in ("id", "time_us", "flow")},
     "attrs": pl.String,  # the event's attributes as a JSON object
     "akeys": pl.String,  # the attribute names, in order, joined by U+001F (equal names: a plain last-wins merge)
     "bytes": pl.Int64,
     "packets": pl.Int64,
 }
+_SCALARS = tuple(name for name, dtype in _STORED.items() if dtype is not None)  # columns taken as stored
 
 HEAD_SCHEMA: dict[str, Any] = {
     "story": pl.UInt64,  # the story key (events' "story"); any orderable dtype the two share
@@ -98,28 +96,12 @@ class FusedStory(msgspec.Struct, omit_defaults=True):
 
 
 # -- decoding --------------------------------------------------------------------------------------------------
-class _Row(msgspec.Struct, array_like=True, gc=False):
-    """:class:`engine.ingest.canonical.Event` field by field (msgpack array), attributes kept as raw msgpack."""
-
-    id: str
-    time_us: int
-    source: str
-    sensor: str
-    flow: int | None
-    reversed: bool
-    proto: int | None
-    src_ip: str | None
-    src_port: int | None
-    dst_ip: str | None
-    dst_port: int | None
-    attrs: msgspec.Raw
-
-
-_rows = msgspec.msgpack.Decoder(list[_Row])
+# :class:`Event` field by field (msgpack array), attributes kept as raw msgpack: derived from the declaration.
+_Row = row_struct("_Row", maps=msgspec.Raw)
+_rows: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[_Row])  # type: ignore[valid-type]
 _any = msgspec.msgpack.Decoder()  # a stored attribute map (validated at ingest)
 _json = msgspec.json.Encoder()
 _json_any = msgspec.json.Decoder()
-assert [f for f in _Row.__struct_fields__] == list(Event.__struct_fields__), "_Row must mirror Event"
 
 
 def _array_header(n: int) -> bytes:
@@ -144,17 +126,7 @@ def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
         rows = _rows.decode(_array_header(len(payloads)) + b"".join(payloads))
         maps = [_any.decode(r.attrs) for r in rows]
         return {
-            "id": [r.id for r in rows],
-            "time_us": [r.time_us for r in rows],
-            "flow": [r.flow for r in rows],
-            "source": [r.source for r in rows],
-            "sensor": [r.sensor for r in rows],
-            "reversed": [r.reversed for r in rows],
-            "proto": [r.proto for r in rows],
-            "src_ip": [r.src_ip for r in rows],
-            "src_port": [r.src_port for r in rows],
-            "dst_ip": [r.dst_ip for r in rows],
-            "dst_port": [r.dst_port for r in rows],
+            **{name: list(map(attrgetter(name), rows)) for name in _SCALARS},
             "attrs": [_json.encode(m).decode() for m in maps],
             "akeys": ["\x1f".join(m) for m in maps],
             "bytes": [_total(m.get("bytes")) for m in maps],

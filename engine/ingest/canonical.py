@@ -16,7 +16,7 @@ import xxhash
 
 from engine.core.config import Config
 from engine.core.errors import InputError
-from engine.core.event import Event, encode
+from engine.core.event import FIELDS, V1_FIELDS, Event, encode
 from engine.ingest.network_identity import PORT_PROTOCOLS, flow_identity, parse_proto
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -38,18 +38,16 @@ class InputEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     attrs: dict[str, Any] | None = None
 
 
-class _IdInput(msgspec.Struct, frozen=True, gc=False):
-    """What the derived id hashes: the normalized event (msgspec JSON, sorted keys)."""
-
-    source: str
-    sensor: str
-    time_us: int
-    proto: int | None
-    src_ip: str | None
-    src_port: int | None
-    dst_ip: str | None
-    dst_port: int | None
-    attrs: dict[str, Any]
+# What a derived id hashes: the normalized event without its id and what derives from the 5-tuple (msgspec JSON,
+# sorted keys), over the FIRST wire version's fields only — ids must not change when the event gains a field (a
+# field added later joins the id only with a new id scheme, or events differing only in it would be duplicates).
+_IdInput = msgspec.defstruct(
+    "_IdInput",
+    [(f.name, f.type) for f in FIELDS[:V1_FIELDS] if f.name not in ("id", "flow", "reversed")],
+    frozen=True,
+    gc=False,
+    module=__name__,
+)
 
 
 _json_decoder = msgspec.json.Decoder(InputEvent)
@@ -125,7 +123,17 @@ def normalize(raw: InputEvent, cfg: Config, now_ms: int) -> Event:
     if event_id is not None:
         _name(event_id, "id")
     else:
-        ident = _IdInput(source, sensor, time_us, proto, src_ip, src_port, dst_ip, dst_port, attrs)
+        ident = _IdInput(
+            source=source,
+            sensor=sensor,
+            time_us=time_us,
+            proto=proto,
+            src_ip=src_ip,
+            src_port=src_port,
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            attrs=attrs,
+        )
         event_id = xxhash.xxh3_128_hexdigest(_id_encoder.encode(ident))
     return Event(event_id, time_us, source, sensor, flow, rev, proto, src_ip, src_port, dst_ip, dst_port, attrs)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from engine.core.config import from_mapping
 from engine.core.errors import InputError
-from engine.core.event import Event, decode, decode_view, encode
+from engine.core.event import Event, EventView, decode, decode_view, encode
 from engine.ingest.canonical import parse_line, shard_of
 from engine.ingest.network_identity import flow_identity, flow_key, flow_key_bytes
 
@@ -173,3 +173,79 @@ def pack(ip: str) -> bytes:
     import ipaddress
 
     return ipaddress.ip_address(ip).packed
+
+
+# -- the one declaration and its derived forms (issue 15) ------------------------------------------------------
+GOLDEN_EVENT = bytes.fromhex(
+    "9ca26531cf00060a2418202240a26677a466772d31cffffffffffffffffbc306a831302e302e302e31cdc822a831302e302e302e32"
+    "cd01bb83a56279746573cd04b0a6616374696f6ea5616c6c6f77a16e920181a178c0"
+)
+GOLDEN_PARSED = bytes.fromhex(
+    "9cd9203733646135323764363932383766383733333361313833643238333833663732cf000661cbf071a920a3646e73a27331cf"
+    "94677b99eab38973c211a831302e312e312e31cd14e9a831302e312e312e323581a171a9612e6578616d706c65"
+)
+
+
+def test_the_wire_bytes_are_those_of_the_first_version() -> None:
+    """Bytes captured from the code before the schema was declared once (the event struct written by hand):
+    the same event encodes to the same bytes, and the same line to the same derived id and bytes."""
+    e = Event(
+        "e1", 1_700_000_000_123_456, "fw", "fw-1", 2**64 - 5, True, 6, "10.0.0.1", 51234, "10.0.0.2", 443,
+        {"bytes": 1200, "action": "allow", "n": [1, {"x": None}]},
+    )  # fmt: skip
+    assert encode(e) == GOLDEN_EVENT
+    assert decode(GOLDEN_EVENT) == e
+    line = (
+        b'{"source":"dns","time":"2026-12-04T10:00:00.5Z","proto":"udp","src_ip":"10.1.1.1","src_port":5353,'
+        b'"dst_ip":"10.1.1.2","dst_port":53,"sensor":"s1","attrs":{"q":"a.example"}}'
+    )
+    parsed = parse_line(line, from_mapping({"tenant": "x"}), 1_796_400_000_000)
+    assert parsed.id == "73da527d69287f87333a183d28383f72"
+    assert encode(parsed) == GOLDEN_PARSED
+
+
+def test_every_derived_form_follows_the_declaration() -> None:
+    import msgspec
+    import polars as pl
+
+    from engine.core.event import FIELDS, VIEW_FIELDS, polars_columns
+    from engine.correlate import fuse
+
+    names = [f.name for f in FIELDS]
+    types = [f.type for f in FIELDS]
+    assert names == list(Event.__struct_fields__)
+    # the view: the first fields, same names and types, and it decodes a stored event
+    view = msgspec.structs.fields(EventView)
+    assert [(f.name, f.type) for f in view] == list(zip(names, types, strict=False))[:VIEW_FIELDS]
+    assert decode_view(GOLDEN_EVENT) == EventView(*(getattr(decode(GOLDEN_EVENT), n) for n in names[:VIEW_FIELDS]))
+    # the fusion row: every field in order, the same types except maps (raw msgpack)
+    row = msgspec.structs.fields(fuse._Row)
+    assert [f.name for f in row] == names
+    assert [f.type for f in row] == [t if n != "attrs" else msgspec.Raw for n, t in zip(names, types, strict=True)]
+    # the polars frame: every stored scalar field has its column with the declared dtype (time_us as "t")
+    dtypes = dict(polars_columns())
+    assert dtypes["flow"] == "UInt64" and dtypes["attrs"] is None
+    for name, dtype in dtypes.items():
+        if dtype is not None:
+            assert fuse.EVENT_SCHEMA["t" if name == "time_us" else name] == getattr(pl, dtype), name
+    cols = fuse.event_columns([GOLDEN_EVENT])
+    assert set(cols) | {"t", "story", "ingest"} == set(fuse.EVENT_SCHEMA) | {"time_us"}
+
+
+def test_a_field_added_without_a_default_is_refused() -> None:
+    import msgspec
+
+    from engine.core.event import check_evolution
+
+    class Grown(Event, frozen=True, array_like=True, gc=False):
+        vlan: int | None = None
+
+    check_evolution(Grown)  # a trailing field with a default: fine
+    old = encode(decode(GOLDEN_EVENT))
+    assert msgspec.msgpack.decode(old, type=Grown).vlan is None  # events stored before it still decode
+
+    class Bad(Event, frozen=True, array_like=True, gc=False):
+        vlan: int
+
+    with pytest.raises(TypeError, match=r"Bad\.vlan: a field added to the stored event needs a default"):
+        check_evolution(Bad)
