@@ -93,7 +93,7 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Paging and batching. A page holds at most page_rows rows and about page_bytes bytes.
     page_rows: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5_000
     page_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024, le=64 * 1024 * 1024)] = 1024 * 1024
-    # Hard ceiling of one page, whatever the mix of row sizes (see engine.store.common.PageSizer).
+    # Hard ceiling of one page, whatever the mix of row sizes (see engine.store.paging.PageSizer).
     page_bytes_max: Annotated[int, msgspec.Meta(ge=1024 * 1024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     batch_bytes: Annotated[int, msgspec.Meta(ge=1024, le=1024 * 1024)] = 64 * 1024
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64

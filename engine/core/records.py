@@ -69,7 +69,7 @@ class BucketHint(NamedTuple):
 
 
 class Commit(NamedTuple):
-    """One offset move for :meth:`engine.store.base.Store.commit_many`."""
+    """One offset move for :meth:`engine.store.protocol.Store.commit_many`."""
 
     shard: int
     epoch: int

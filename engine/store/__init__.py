@@ -1,4 +1,16 @@
-"""Storage: the only package that talks to a database driver. See :mod:`engine.store.base`."""
+"""Storage: the only package that talks to a database driver. Callers import from here, not from the modules.
+
+- ``protocol``: the :class:`Store` protocol both backends implement (and the tables, in its docstring), the
+  error a refused commit raises;
+- ``layout``: how data is laid out — schema version, fixed settings, index slots and shard groups, story lookup
+  periods, table options, the meta checks;
+- ``chunks``: events into rows (chunks of at most ``chunk_bytes``) and back, rows into write batches, row sizes;
+- ``paging``: partitions read in pages bounded in rows and bytes;
+- ``retry``: bounded, idempotent retries with backoff; ``classify``: which driver errors are retriable;
+- ``embedded`` (SQLite, off the event loop) and ``cql`` (ScyllaDB / Cassandra via scyllapy): the backends.
+
+May import ``engine.core`` only (and the drivers).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +28,8 @@ from engine.core.records import (
     story_id,
     story_id_shard,
 )
-from engine.store.base import INDEX_GROUP_SHARDS, SCHEMA_VERSION, Store, index_group, index_slot
+from engine.store.layout import INDEX_GROUP_SHARDS, SCHEMA_VERSION, index_group, index_slot
+from engine.store.protocol import Store
 
 __all__ = [
     "INDEX_GROUP_SHARDS",

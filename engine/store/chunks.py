@@ -7,9 +7,10 @@ chunk set, skipped and counted (its writer never saw it durable, so it was never
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from engine.core.records import EventRecord
+from engine.core.errors import StoreError
+from engine.core.records import BucketHint, EventRecord
 
 
 def split(payload: bytes, chunk_bytes: int) -> list[bytes]:
@@ -94,3 +95,71 @@ def iter_rows(event: EventRecord, chunk_bytes: int) -> list[tuple[int, int | Non
         return [(0, 1, event.payload)]
     pieces = split(event.payload, chunk_bytes)
     return [(i, (len(pieces) if i == 0 else None), piece) for i, piece in enumerate(pieces)]
+
+
+Row = tuple[str, int, int | None, bytes]
+
+
+def group_rows(events: Iterable[EventRecord], chunk_bytes: int, batch_bytes: int) -> list[list[Row]]:
+    """The rows of ``events`` cut into groups: each group is one UNLOGGED batch (or a single statement when
+    it holds one row) of at most ``batch_bytes`` estimated bytes. A chunk bigger than ``batch_bytes`` goes
+    alone."""
+    groups: list[list[Row]] = []
+    cur: list[Row] = []
+    cur_bytes = 0
+    for ev in events:
+        for chunk, chunks, piece in iter_rows(ev, chunk_bytes):
+            size = row_bytes(ev.event_id, piece)
+            if size >= batch_bytes:
+                groups.append([(ev.event_id, chunk, chunks, piece)])
+                continue
+            if cur and cur_bytes + size > batch_bytes:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append((ev.event_id, chunk, chunks, piece))
+            cur_bytes += size
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def max_size_class(groups: Iterable[list[Row]]) -> int:
+    return max(size_class(row_bytes(eid, piece)) for g in groups for eid, _, _, piece in g)
+
+
+def hints(
+    rows: Iterable[tuple[int, int, int]], shards: Sequence[int], first: int, last: int
+) -> dict[int, list[BucketHint]]:
+    """``(bucket, shard, size_class)`` index rows, in any order → per wanted shard, one hint per bucket in
+    ``[first, last]`` (ascending) carrying its largest row class."""
+    wanted = set(shards)
+    best: dict[tuple[int, int], int] = {}
+    for bucket, shard, cls in rows:
+        if shard in wanted and first <= bucket <= last and cls > best.get((shard, bucket), -1):
+            best[(shard, bucket)] = cls
+    out: dict[int, list[BucketHint]] = {}
+    for (shard, bucket), cls in sorted(best.items()):
+        out.setdefault(shard, []).append(BucketHint(bucket, 1 << cls))
+    return out
+
+
+def check_event_sizes(events: Iterable[EventRecord], max_event_bytes: int) -> None:
+    for ev in events:
+        if len(ev.payload) > max_event_bytes:
+            raise StoreError(f"event {ev.event_id!r}: payload of {len(ev.payload)} bytes exceeds max_event_bytes")
+        if not ev.event_id:
+            raise StoreError("event with an empty event_id")
+
+
+# Per-row overhead estimate (keys, cell headers) used when sizing batches and pages.
+ROW_OVERHEAD = 48
+
+
+def row_bytes(event_id: str, piece: bytes) -> int:
+    """What one event row weighs for page sizing: payload, id and a fixed overhead."""
+    return len(piece) + len(event_id) + ROW_OVERHEAD
+
+
+def size_class(nbytes: int) -> int:
+    """The power-of-two class of a row size: ``1 << size_class(n) >= n``."""
+    return max(0, (nbytes - 1).bit_length())

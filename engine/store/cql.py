@@ -37,25 +37,20 @@ from engine.core.records import (
     StoryRecord,
     story_id_shard,
 )
-from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
+from engine.store.chunks import ROW_OVERHEAD, check_event_sizes, group_rows, hints, max_size_class, size_class
 from engine.store.classify import match_message
-from engine.store.common import (
-    ROW_OVERHEAD,
-    PageSizer,
-    RetryStats,
-    check_event_sizes,
+from engine.store.layout import (
+    SCHEMA_VERSION,
     check_fixed,
-    group_rows,
-    hints,
+    index_group,
+    index_slot,
     initial_meta,
-    max_size_class,
-    partition_pages,
-    raise_fenced,
-    retrying,
-    run_all,
-    size_class,
+    story_lookup_periods,
     twcs_options,
 )
+from engine.store.paging import PageSizer, partition_pages
+from engine.store.protocol import raise_fenced
+from engine.store.retry import RetryStats, retrying, run_all
 
 T = TypeVar("T")
 
@@ -194,7 +189,7 @@ _LOOKUP_SLOTS_AT_ONCE = 16  # story_index slots a lookup reads concurrently, new
 
 
 class CqlStore:
-    """:class:`engine.store.base.Store` on ScyllaDB / Cassandra."""
+    """:class:`engine.store.protocol.Store` on ScyllaDB / Cassandra."""
 
     def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
         if cfg.store.backend != "cql":

@@ -35,23 +35,12 @@ from engine.core.records import (
     StoryRecord,
     story_id_shard,
 )
-from engine.store.base import SCHEMA_VERSION, index_group, index_slot, story_lookup_periods
+from engine.store.chunks import ROW_OVERHEAD, check_event_sizes, group_rows, hints, max_size_class, size_class
 from engine.store.classify import sqlite_outcome
-from engine.store.common import (
-    ROW_OVERHEAD,
-    PageSizer,
-    RetryStats,
-    check_event_sizes,
-    check_fixed,
-    group_rows,
-    hints,
-    initial_meta,
-    max_size_class,
-    partition_pages,
-    raise_fenced,
-    retrying,
-    size_class,
-)
+from engine.store.layout import SCHEMA_VERSION, check_fixed, index_group, index_slot, initial_meta, story_lookup_periods
+from engine.store.paging import PageSizer, partition_pages
+from engine.store.protocol import raise_fenced
+from engine.store.retry import RetryStats, retrying
 
 T = TypeVar("T")
 PURGE_EVERY_MS = 5 * 60_000
@@ -112,7 +101,7 @@ def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], li
 
 
 class EmbeddedStore:
-    """:class:`engine.store.base.Store` on SQLite."""
+    """:class:`engine.store.protocol.Store` on SQLite."""
 
     def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
         if cfg.store.backend != "embedded":

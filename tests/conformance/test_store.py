@@ -28,7 +28,7 @@ from engine.store import (
     make_store,
     story_id,
 )
-from engine.store.base import INDEX_SLOT_MS
+from engine.store.layout import INDEX_SLOT_MS
 from tests.conftest import ConfigFactory, arun
 
 pytestmark = pytest.mark.conformance

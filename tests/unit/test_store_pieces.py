@@ -14,18 +14,9 @@ from engine.core.clock import ManualClock
 from engine.core.config import from_mapping
 from engine.core.errors import StoreError, TransientStoreError, WriteTooLateError
 from engine.core.records import BucketHint, EventRecord
-from engine.store.chunks import Assembler, iter_rows, split
-from engine.store.common import (
-    ROW_OVERHEAD,
-    PageSizer,
-    RetryStats,
-    group_rows,
-    hints,
-    retrying,
-    row_bytes,
-    run_all,
-    size_class,
-)
+from engine.store.chunks import ROW_OVERHEAD, Assembler, group_rows, hints, iter_rows, row_bytes, size_class, split
+from engine.store.paging import PageSizer
+from engine.store.retry import RetryStats, retrying, run_all
 
 CFG = from_mapping({"tenant": "t", "store": {"max_retries": 3, "retry_base_ms": 1, "retry_max_ms": 4}})
 

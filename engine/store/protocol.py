@@ -1,4 +1,5 @@
-"""The store interface. Two implementations share its semantics (proven by tests/conformance):
+"""The store interface (the protocol every backend implements) and the error a refused commit raises. Two
+implementations share its semantics (proven by tests/conformance):
 :class:`engine.store.cql.CqlStore` (ScyllaDB / Cassandra via scyllapy) and
 :class:`engine.store.embedded.EmbeddedStore` (SQLite).
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from engine.core.config import Config
+from engine.core.errors import FencedError
 from engine.core.records import (
     AppendResult,
     BucketHint,
@@ -37,30 +38,6 @@ from engine.core.records import (
     PartitionPage,
     StoryRecord,
 )
-
-SCHEMA_VERSION = 3  # 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story)
-# Settings that fix how data is laid out: changing them on an existing tenant would misplace events.
-FIXED_SETTINGS = ("shards", "bucket_ms")
-
-
-INDEX_GROUP_SHARDS = 16
-INDEX_SLOT_MS = 900_000
-
-
-def index_slot(bucket: int, bucket_ms: int) -> int:
-    """The time part of a bucket's ``bucket_index`` partition: the 15-minute slot its start falls in."""
-    return (bucket * bucket_ms) // INDEX_SLOT_MS
-
-
-def story_lookup_periods(now_ms: int, cfg: Config) -> tuple[int, int]:
-    """The periods a lookup by story id considers, ``[first, last]``: from ``ttl_ms`` ago to one index slot
-    ahead of ``now_ms`` (a worker on another host may run a little ahead of this clock)."""
-    return (now_ms - cfg.ttl_ms) // cfg.bucket_ms, (now_ms + INDEX_SLOT_MS) // cfg.bucket_ms
-
-
-def index_group(shard: int) -> int:
-    """The shard part of a ``bucket_index`` partition."""
-    return shard // INDEX_GROUP_SHARDS
 
 
 @runtime_checkable
@@ -172,3 +149,13 @@ class Store(Protocol):
 
     async def purge_expired(self) -> int:
         """Remove rows past their TTL where the backend does not do it itself; return how many."""
+
+
+def raise_fenced(shard: int, owner: str, epoch: int, read_bucket: int, cur: Offset | None) -> None:
+    if cur is None:
+        raise FencedError(f"commit shard {shard}: no offset row (claim the shard first)")
+    if cur.epoch != epoch:
+        raise FencedError(
+            f"commit shard {shard}: epoch {epoch} of {owner} is stale; shard now owned by {cur.owner} epoch {cur.epoch}"
+        )
+    raise FencedError(f"commit shard {shard}: read_bucket would move backwards from {cur.read_bucket} to {read_bucket}")
