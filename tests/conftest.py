@@ -20,6 +20,7 @@ import pytest
 
 from engine.core.config import Config, from_mapping
 from engine.store import make_store
+from engine.testing.memory import MemoryDatabase
 
 T = TypeVar("T")
 
@@ -107,14 +108,20 @@ def make_config(backend: str, tmp_path: Path) -> Iterator[ConfigFactory]:
     """``make_config(**overrides)`` → a Config for a fresh tenant (fresh keyspace) on the current backend.
     Every keyspace made is dropped after the test."""
     made: list[Config] = []
+    memory = MemoryDatabase() if backend == "memory" else None
 
     def make(tenant: str | None = None, **overrides: Any) -> Config:
-        tree = merge(base_tree(backend, tmp_path, tenant or new_tenant()), overrides)
+        tree = merge(base_tree("embedded" if memory else backend, tmp_path, tenant or new_tenant()), overrides)
         cfg = from_mapping(tree)
+        if memory is not None:  # the embedded store on an in-memory database (engine.testing.memory)
+            cfg = memory.config(cfg)
+            arun(memory.open(cfg))
         made.append(cfg)
         return cfg
 
     yield make
+    if memory is not None:
+        arun(memory.close())
     if backend == "cql":
         for ks in {c.keyspace for c in made}:
             cfg = next(c for c in made if c.keyspace == ks)

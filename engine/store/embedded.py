@@ -131,7 +131,9 @@ class EmbeddedStore:
             # The busy timeout is the request timeout: a write waiting for the lock must land within
             # request_timeout_ms like a CQL write, or it could land in a bucket a worker already read.
             busy_ms = self.cfg.request_timeout_ms
-            con = sqlite3.connect(path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False)
+            con = sqlite3.connect(
+                path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False, uri=_is_uri(path)
+            )
             try:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.execute("PRAGMA synchronous=FULL")
@@ -184,10 +186,10 @@ class EmbeddedStore:
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def open(self) -> None:
         path = self.cfg.store.path
-        if path != ":memory:":
+        if not _in_memory(path) and not _is_uri(path):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # ":memory:" is one database per connection: one thread then, so every call sees the same database.
-        threads = 1 if path == ":memory:" or path.startswith("file::memory:") else POOL_THREADS
+        # An in-memory database has no WAL and locks whole tables: one thread (one connection) per store.
+        threads = 1 if _in_memory(path) else POOL_THREADS
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sqlite")
         try:
             await self._in_thread(lambda c: None, False)  # open the first connection now: errors surface here
@@ -618,4 +620,15 @@ class EmbeddedStore:
 
 def database_path(cfg: Config) -> str:
     """The SQLite file of a config, for messages."""
-    return os.path.abspath(cfg.store.path) if cfg.store.path != ":memory:" else ":memory:"
+    path = cfg.store.path
+    return path if _in_memory(path) or _is_uri(path) else os.path.abspath(path)
+
+
+def _is_uri(path: str) -> bool:
+    """``store.path`` as an SQLite URI (``file:...``), e.g. a named in-memory database shared by the
+    connections of one process: ``file:NAME?mode=memory&cache=shared`` (engine.testing.memory)."""
+    return path.startswith("file:")
+
+
+def _in_memory(path: str) -> bool:
+    return path == ":memory:" or (_is_uri(path) and ("mode=memory" in path or path.startswith("file::memory:")))

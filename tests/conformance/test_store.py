@@ -29,9 +29,19 @@ from engine.store import (
     story_id,
 )
 from engine.store.layout import INDEX_SLOT_MS
-from tests.conftest import ConfigFactory, arun
+from tests.conftest import ConfigFactory, arun, require_cql
 
 pytestmark = pytest.mark.conformance
+
+
+@pytest.fixture(params=["embedded", "memory", pytest.param("cql", marks=pytest.mark.cql)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """This suite also runs on the in-memory store of engine.testing (the embedded store on a named in-memory
+    database): test support must behave as the stores do."""
+    if request.param == "cql":
+        require_cql()
+    return str(request.param)
+
 
 T = TypeVar("T")
 NOW = 1_790_000_000_000  # a fixed instant, 2026-09-21
