@@ -330,7 +330,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace, stage_factory: StageFactory |
         stage_factory = StoryStageFactory.for_config(cfg) if args.stage == "stories" else CountingStageFactory()
     sup = Supervisor(
         SupervisorSettings.from_config(cfg),
-        ConfiguredStore(cfg),
+        ConfiguredStore.from_config(cfg),
         stage_factory,
         owned,
         workers,

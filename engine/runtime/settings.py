@@ -13,7 +13,7 @@ import msgspec
 from engine.core.clock import Clock
 from engine.core.config import Config
 from engine.core.stage import Stage
-from engine.store import Store, make_store
+from engine.store import Store, StoreSettings, store_for
 
 
 class WorkerSettings(msgspec.Struct, frozen=True):
@@ -73,13 +73,16 @@ class StoreFactory(Protocol):
 
 
 class ConfiguredStore(msgspec.Struct, frozen=True):
-    """The store of a configuration: the one seam through which the runtime hands the store its settings
-    (:func:`engine.store.make_store` takes the whole ``Config``; only this class changes when it takes less)."""
+    """The store the runtime opens: its settings (the store's part of the config), picklable to the workers."""
 
-    cfg: Config
+    settings: StoreSettings
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ConfiguredStore:
+        return cls(StoreSettings.from_config(cfg))
 
     def build(self, clock: Clock) -> Store:
-        return make_store(self.cfg, clock)
+        return store_for(self.settings, clock)
 
 
 class StageFactory(Protocol):

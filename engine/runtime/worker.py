@@ -124,7 +124,7 @@ class Worker:
             shards,
             stage,
             owner=owner,
-            store=store if store is not None else ConfiguredStore(cfg),
+            store=store if store is not None else ConfiguredStore.from_config(cfg),
             **kw,
         )
 

@@ -30,6 +30,7 @@ from engine.core.records import (
 )
 from engine.store.layout import INDEX_GROUP_SHARDS, SCHEMA_VERSION, index_group, index_slot
 from engine.store.protocol import Store
+from engine.store.settings import StoreSettings
 
 __all__ = [
     "INDEX_GROUP_SHARDS",
@@ -42,21 +43,28 @@ __all__ = [
     "Offset",
     "PartitionPage",
     "Store",
+    "StoreSettings",
     "StoryRecord",
     "index_group",
     "index_slot",
     "make_store",
+    "store_for",
     "story_id",
     "story_id_shard",
 ]
 
 
 def make_store(cfg: Config, clock: Clock = SYSTEM_CLOCK) -> Store:
-    """The store for ``cfg.store.backend`` (not yet opened). The CQL driver is imported only when used."""
-    if cfg.store.backend == "cql":
+    """The store of a loaded configuration (not yet opened): :func:`store_for` its :class:`StoreSettings`."""
+    return store_for(StoreSettings.from_config(cfg), clock)
+
+
+def store_for(settings: StoreSettings, clock: Clock = SYSTEM_CLOCK) -> Store:
+    """The store for ``settings.store.backend`` (not yet opened). The CQL driver is imported only when used."""
+    if settings.store.backend == "cql":
         from engine.store.cql import CqlStore
 
-        return CqlStore(cfg, clock)
+        return CqlStore(settings, clock)
     from engine.store.embedded import EmbeddedStore
 
-    return EmbeddedStore(cfg, clock)
+    return EmbeddedStore(settings, clock)

@@ -24,7 +24,6 @@ from scyllapy.exceptions import (
 from scyllapy.extra_types import BigInt, Unset
 
 from engine.core.clock import SYSTEM_CLOCK, Clock
-from engine.core.config import Config
 from engine.core.errors import ConfigError, SchemaError, StoreError, TransientStoreError, WriteTooLateError, mask
 from engine.core.records import (
     AppendResult,
@@ -51,6 +50,7 @@ from engine.store.layout import (
 from engine.store.paging import PageSizer, partition_pages
 from engine.store.protocol import raise_fenced
 from engine.store.retry import RetryStats, retrying, run_all
+from engine.store.settings import StoreSettings
 
 T = TypeVar("T")
 
@@ -129,7 +129,7 @@ def _read_ca(path: str) -> str:
     return pem
 
 
-def _table_ddl(cfg: Config) -> dict[str, str]:
+def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
     ks = cfg.keyspace
     unit, size = twcs_options(cfg)
     ttl_s = cfg.ttl_ms // 1000
@@ -191,10 +191,11 @@ _LOOKUP_SLOTS_AT_ONCE = 16  # story_index slots a lookup reads concurrently, new
 class CqlStore:
     """:class:`engine.store.protocol.Store` on ScyllaDB / Cassandra."""
 
-    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, settings: StoreSettings, clock: Clock = SYSTEM_CLOCK) -> None:
+        cfg = settings
         if cfg.store.backend != "cql":
             raise StoreError("CqlStore needs store.backend = 'cql'")
-        self.cfg = cfg
+        self.settings = cfg
         self.clock = clock
         self.ks = cfg.keyspace
         self.stats = RetryStats()
@@ -218,7 +219,9 @@ class CqlStore:
         return self._db
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]], deadline_ms: int | None = None) -> T:
-        return await retrying(op, cfg=self.cfg, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms)
+        return await retrying(
+            op, settings=self.settings.store, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms
+        )
 
     async def _write_rows(
         self, what: str, prepared: PreparedQuery, params: list[list[Any]], deadline_ms: int | None = None
@@ -307,7 +310,7 @@ class CqlStore:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def open(self) -> None:
-        s = self.cfg.store
+        s = self.settings.store
         kwargs: dict[str, Any] = {
             "username": s.username,
             "password": s.password,
@@ -342,7 +345,7 @@ class CqlStore:
         self._db = db
         meta = await self._meta_if_present()
         if meta is not None:
-            check_fixed(self.cfg, meta)
+            check_fixed(self.settings, meta)
 
     async def close(self) -> None:
         db, self._db = self._db, None
@@ -397,7 +400,7 @@ class CqlStore:
         return {r["key"]: r["value"] for r in rows}
 
     async def init_schema(self) -> list[str]:
-        cfg, ks, did = self.cfg, self.ks, []
+        cfg, ks, did = self.settings, self.ks, []
         repl = cfg.store.replication.cql()
         if await self._keyspace_exists():
             did.append(f"keyspace {ks} exists")
@@ -450,7 +453,7 @@ class CqlStore:
         return did
 
     async def _write_meta(self) -> list[str]:
-        cfg = self.cfg
+        cfg = self.settings
         meta = await self.read_meta()
         did: list[str] = []
         if meta:
@@ -488,7 +491,7 @@ class CqlStore:
     async def append(
         self, shard: int, bucket: int, events: Sequence[EventRecord], *, deadline_ms: int | None = None
     ) -> AppendResult:
-        cfg = self.cfg
+        cfg = self.settings
         check_event_sizes(events, cfg.max_event_bytes)
         if not events:
             return AppendResult(0, 0, 0, 0, 0)
@@ -531,7 +534,7 @@ class CqlStore:
         if max_row_bytes is None:
             found = await self.nonempty_buckets(shard, bucket, bucket)
             max_row_bytes = found[0].max_row_bytes if found else self._worst_row
-        sizer = PageSizer(self.cfg, max_row_bytes, self._row_estimate)
+        sizer = PageSizer(self.settings.store, max_row_bytes, self._row_estimate)
 
         async def fetch(cursor: tuple[str, int] | None, limit: int) -> list[tuple[str, int, int | None, bytes]]:
             if cursor is None:
@@ -557,7 +560,7 @@ class CqlStore:
     async def scan_index(self, shards: Sequence[int], first: int, last: int) -> dict[int, list[BucketHint]]:
         if last < first or not shards:
             return {}
-        cfg = self.cfg
+        cfg = self.settings
         first_q = (
             f"SELECT bucket, shard, size_class FROM {self.ks}.bucket_index WHERE shard_group = ? AND slot = ? "
             f"AND bucket >= ? AND bucket <= ? LIMIT ?"
@@ -807,7 +810,7 @@ class CqlStore:
         )
         prepared = await self._prep("story_insert", cql)
         prepared_id = await self._prep("story_id_insert", by_id)
-        limit = self.cfg.store.batch_bytes
+        limit = self.settings.store.batch_bytes
         # Revisions of one (shard, period) partition go together in single-partition UNLOGGED batches of at most
         # store.batch_bytes (one emission writes one partition); then their pointers in story_index, so a
         # lookup never finds a pointer to a missing row.
@@ -844,7 +847,7 @@ class CqlStore:
 
             await self._write_rows(what, prepared, params)
             # The pointers: one (shard, slot) partition, a single-partition batch far smaller than the rows'.
-            slot = BigInt(index_slot(chunk[0].period, self.cfg.bucket_ms))
+            slot = BigInt(index_slot(chunk[0].period, self.settings.bucket_ms))
             ptr = [[r.shard, slot, r.story_id, r.revision, BigInt(r.period), BigInt(r.emitted_ms)] for r in chunk]
             await self._write_rows(f"write story index ({chunk[0].shard}, {chunk[0].period})", prepared_id, ptr)
 
@@ -856,8 +859,8 @@ class CqlStore:
             return None
         # The slots of the periods a lookup considers, newest first, a few at a time: the first slot holding
         # the story holds its latest period.
-        first, last = story_lookup_periods(self.clock.now_ms(), self.cfg)
-        newest, oldest = index_slot(last, self.cfg.bucket_ms), index_slot(first, self.cfg.bucket_ms)
+        first, last = story_lookup_periods(self.clock.now_ms(), self.settings)
+        newest, oldest = index_slot(last, self.settings.bucket_ms), index_slot(first, self.settings.bucket_ms)
         cql = (
             f"SELECT revision, period, emitted_ms FROM {self.ks}.story_index "
             f"WHERE shard = ? AND slot = ? AND story_id = ?"
@@ -908,7 +911,7 @@ class CqlStore:
             f"SELECT {cols} FROM {self.ks}.stories WHERE shard = ? AND period = ? "
             f"AND (story_id, revision) > (?, ?) LIMIT ?"
         )
-        limit = self.cfg.store.page_rows
+        limit = self.settings.store.page_rows
         cursor: tuple[str, int] | None = None
         while True:
             if cursor is None:
@@ -1004,9 +1007,9 @@ class CqlStore:
             return
         cql = f"INSERT INTO {self.ks}.stage_marks (consumer, shard, slot, bucket, part, body) VALUES (?, ?, ?, ?, ?, ?)"
         prepared = await self._prep("marks_insert", cql)
-        slot = BigInt(index_slot(bucket, self.cfg.bucket_ms))
+        slot = BigInt(index_slot(bucket, self.settings.bucket_ms))
         rows = [[consumer, shard, slot, BigInt(bucket), i, body] for i, body in enumerate(parts, first_part)]
-        limit = self.cfg.store.batch_bytes
+        limit = self.settings.store.batch_bytes
         cur: list[list[Any]] = []
         size = 0
         for row, body in zip(rows, parts, strict=True):
@@ -1018,7 +1021,7 @@ class CqlStore:
         await self._write_rows(f"write stage marks ({shard}, {bucket})", prepared, cur)
 
     async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
-        bms = self.cfg.bucket_ms
+        bms = self.settings.bucket_ms
         limit = 64  # rows of up to store.batch_bytes each
         cols = f"SELECT bucket, part, body FROM {self.ks}.stage_marks WHERE consumer = ? AND shard = ? AND slot = ?"
         q_first = f"{cols} AND bucket >= ? AND bucket <= ? LIMIT ?"
@@ -1046,7 +1049,7 @@ def _offset(consumer: str, shard: int, r: dict[str, Any]) -> Offset:
     return Offset(consumer, shard, r["read_bucket"], r["replay_bucket"], r["owner"], r["epoch"], r["updated_ms"])
 
 
-def _replication_map(cfg: Config) -> dict[str, str]:
+def _replication_map(cfg: StoreSettings) -> dict[str, str]:
     r = cfg.store.replication
     if r.strategy == "SimpleStrategy":
         return {"class": "SimpleStrategy", "replication_factor": str(r.replication_factor)}

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.core.clock import SYSTEM_CLOCK, Clock
-from engine.core.config import Config
 from engine.core.errors import SchemaError, StoreError, TransientStoreError
 from engine.core.records import (
     AppendResult,
@@ -41,6 +40,7 @@ from engine.store.layout import SCHEMA_VERSION, check_fixed, index_group, index_
 from engine.store.paging import PageSizer, partition_pages
 from engine.store.protocol import raise_fenced
 from engine.store.retry import RetryStats, retrying
+from engine.store.settings import StoreSettings
 
 T = TypeVar("T")
 PURGE_EVERY_MS = 5 * 60_000
@@ -103,10 +103,11 @@ def _fetch(sql: str, args: tuple[Any, ...]) -> Callable[[sqlite3.Connection], li
 class EmbeddedStore:
     """:class:`engine.store.protocol.Store` on SQLite."""
 
-    def __init__(self, cfg: Config, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, settings: StoreSettings, clock: Clock = SYSTEM_CLOCK) -> None:
+        cfg = settings
         if cfg.store.backend != "embedded":
             raise StoreError("EmbeddedStore needs store.backend = 'embedded'")
-        self.cfg = cfg
+        self.settings = cfg
         self.clock = clock
         self.p = cfg.keyspace
         self.stats = RetryStats()
@@ -127,10 +128,10 @@ class EmbeddedStore:
         """This thread's connection (made on first use; pool threads only)."""
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is None:
-            path = self.cfg.store.path
+            path = self.settings.store.path
             # The busy timeout is the request timeout: a write waiting for the lock must land within
             # request_timeout_ms like a CQL write, or it could land in a bucket a worker already read.
-            busy_ms = self.cfg.request_timeout_ms
+            busy_ms = self.settings.request_timeout_ms
             con = sqlite3.connect(
                 path, timeout=busy_ms / 1000, isolation_level=None, check_same_thread=False, uri=_is_uri(path)
             )
@@ -180,12 +181,12 @@ class EmbeddedStore:
                 raise _classify(exc, what) from None
 
         return await retrying(
-            once, cfg=self.cfg, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms
+            once, settings=self.settings.store, what=what, stats=self.stats, clock=self.clock, deadline_ms=deadline_ms
         )
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def open(self) -> None:
-        path = self.cfg.store.path
+        path = self.settings.store.path
         if not _in_memory(path) and not _is_uri(path):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # An in-memory database has no WAL and locks whole tables: one thread (one connection) per store.
@@ -198,7 +199,7 @@ class EmbeddedStore:
             raise StoreError(f"open {path}: {exc}") from None
         meta = await self._meta_if_present()
         if meta is not None:
-            check_fixed(self.cfg, meta)
+            check_fixed(self.settings, meta)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -241,7 +242,7 @@ class EmbeddedStore:
         return {k: v for k, v in rows}
 
     async def init_schema(self) -> list[str]:
-        cfg = self.cfg
+        cfg = self.settings
         did: list[str] = []
         tables = _ddl(self.p)
 
@@ -293,7 +294,7 @@ class EmbeddedStore:
     async def append(
         self, shard: int, bucket: int, events: Sequence[EventRecord], *, deadline_ms: int | None = None
     ) -> AppendResult:
-        cfg = self.cfg
+        cfg = self.settings
         check_event_sizes(events, cfg.max_event_bytes)
         if not events:
             return AppendResult(0, 0, 0, 0, 0)
@@ -339,7 +340,7 @@ class EmbeddedStore:
         if max_row_bytes is None:
             found = await self.nonempty_buckets(shard, bucket, bucket)
             max_row_bytes = found[0].max_row_bytes if found else self._worst_row
-        sizer = PageSizer(self.cfg, max_row_bytes, self._row_estimate)
+        sizer = PageSizer(self.settings.store, max_row_bytes, self._row_estimate)
 
         async def fetch(cursor: tuple[str, int] | None, limit: int) -> list[tuple[str, int, int | None, bytes]]:
             now = self.clock.now_ms()
@@ -352,7 +353,7 @@ class EmbeddedStore:
         self._row_estimate = sizer.estimate
 
     async def inject_rows(self, shard: int, bucket: int, rows: Sequence[tuple[str, int, int | None, bytes]]) -> None:
-        exp = self.clock.now_ms() + self.cfg.ttl_ms
+        exp = self.clock.now_ms() + self.settings.ttl_ms
         sql = (
             f"INSERT OR REPLACE INTO {self.t('events')} (shard, bucket, event_id, chunk, chunks, payload, expires_ms) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -367,7 +368,7 @@ class EmbeddedStore:
     async def scan_index(self, shards: Sequence[int], first: int, last: int) -> dict[int, list[BucketHint]]:
         if last < first or not shards:
             return {}
-        bms = self.cfg.bucket_ms
+        bms = self.settings.bucket_ms
         q = (
             f"SELECT bucket, shard, size_class FROM {self.t('bucket_index')} WHERE shard_group BETWEEN ? AND ? "
             f"AND slot BETWEEN ? AND ? AND bucket BETWEEN ? AND ? AND shard BETWEEN ? AND ? AND expires_ms > ?"
@@ -464,7 +465,7 @@ class EmbeddedStore:
         )
 
         def do(c: sqlite3.Connection) -> None:
-            exp = self.clock.now_ms() + self.cfg.ttl_ms
+            exp = self.clock.now_ms() + self.settings.ttl_ms
             c.executemany(
                 sql,
                 [
@@ -478,7 +479,7 @@ class EmbeddedStore:
     async def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
         cols = "story_id, revision, final, merged_into, emitted_ms, body"
         t = self.t("stories")
-        limit = self.cfg.store.page_rows
+        limit = self.settings.store.page_rows
         cursor = ("", -1)
         while True:
             q = (
@@ -500,7 +501,7 @@ class EmbeddedStore:
             return None
         t = self.t("stories")
         now = self.clock.now_ms()
-        first, last = story_lookup_periods(now, self.cfg)
+        first, last = story_lookup_periods(now, self.settings)
         q = (
             f"SELECT shard, period, story_id, revision, final, merged_into, emitted_ms, body FROM {t} "
             f"WHERE story_id = ? AND shard = ? AND period BETWEEN ? AND ? AND expires_ms > ? "
@@ -537,7 +538,7 @@ class EmbeddedStore:
         )
 
         def do(c: sqlite3.Connection) -> None:
-            exp = self.clock.now_ms() + self.cfg.ttl_ms
+            exp = self.clock.now_ms() + self.settings.ttl_ms
             c.executemany(sql, [(consumer, shard, bucket, i, body, exp) for i, body in enumerate(parts, first_part)])
 
         await self._run("write stage marks", do, write=True)
@@ -593,7 +594,7 @@ class EmbeddedStore:
         now = self.clock.now_ms()
         self._last_purge = now
 
-        cfg = self.cfg
+        cfg = self.settings
         # A row's expires_ms is its write time + ttl_ms, and a write comes after its bucket starts, so expired
         # rows lie in buckets starting at or before now - ttl_ms: a primary-key range per shard.
         last_bucket = (now - cfg.ttl_ms) // cfg.bucket_ms
@@ -618,7 +619,7 @@ class EmbeddedStore:
         return await self._run("purge expired rows", do, write=True)
 
 
-def database_path(cfg: Config) -> str:
+def database_path(cfg: StoreSettings) -> str:
     """The SQLite file of a config, for messages."""
     path = cfg.store.path
     return path if _in_memory(path) or _is_uri(path) else os.path.abspath(path)

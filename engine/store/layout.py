@@ -3,8 +3,8 @@ shard groups), story lookup periods, table options and the meta checks."""
 
 from __future__ import annotations
 
-from engine.core.config import Config
 from engine.core.errors import SchemaError
+from engine.store.settings import StoreSettings
 
 SCHEMA_VERSION = 3  # 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story)
 
@@ -24,7 +24,7 @@ def index_slot(bucket: int, bucket_ms: int) -> int:
     return (bucket * bucket_ms) // INDEX_SLOT_MS
 
 
-def story_lookup_periods(now_ms: int, cfg: Config) -> tuple[int, int]:
+def story_lookup_periods(now_ms: int, cfg: StoreSettings) -> tuple[int, int]:
     """The periods a lookup by story id considers, ``[first, last]``: from ``ttl_ms`` ago to one index slot
     ahead of ``now_ms`` (a worker on another host may run a little ahead of this clock)."""
     return (now_ms - cfg.ttl_ms) // cfg.bucket_ms, (now_ms + INDEX_SLOT_MS) // cfg.bucket_ms
@@ -35,7 +35,7 @@ def index_group(shard: int) -> int:
     return shard // INDEX_GROUP_SHARDS
 
 
-def twcs_options(cfg: Config) -> tuple[str, int]:
+def twcs_options(cfg: StoreSettings) -> tuple[str, int]:
     """(unit, size) of the TWCS window for ``twcs_window_ms`` (validated to whole minutes)."""
     if cfg.twcs_window_ms % 86_400_000 == 0:
         return "DAYS", cfg.twcs_window_ms // 86_400_000
@@ -44,12 +44,12 @@ def twcs_options(cfg: Config) -> tuple[str, int]:
     return "MINUTES", cfg.twcs_window_ms // 60_000
 
 
-def initial_meta(cfg: Config, now_ms: int) -> dict[str, str]:
+def initial_meta(cfg: StoreSettings, now_ms: int) -> dict[str, str]:
     """The ``meta`` rows ``init`` records once for a tenant (the first ``init`` wins)."""
     return {"tenant": cfg.tenant, "shards": str(cfg.shards), "bucket_ms": str(cfg.bucket_ms), "created_ms": str(now_ms)}
 
 
-def check_fixed(cfg: Config, meta: dict[str, str]) -> None:
+def check_fixed(cfg: StoreSettings, meta: dict[str, str]) -> None:
     """Refuse a config whose layout-fixing settings differ from the tenant's recorded ones."""
     for key in FIXED_SETTINGS:
         have = meta.get(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from engine.core.config import Config
+from engine.core.config import StoreConfig
 from engine.core.records import (
     PartitionPage,
 )
@@ -23,8 +23,8 @@ class PageSizer:
 
     __slots__ = ("_cap", "_page_bytes", "estimate")
 
-    def __init__(self, cfg: Config, max_row_bytes: int, estimate: float) -> None:
-        s = cfg.store
+    def __init__(self, settings: StoreConfig, max_row_bytes: int, estimate: float) -> None:
+        s = settings
         self._page_bytes = s.page_bytes
         self._cap = max(1, min(s.page_rows, s.page_bytes_max // max(1, max_row_bytes)))
         self.estimate = max(64.0, min(estimate, float(max_row_bytes)))

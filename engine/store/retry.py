@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from engine.core.clock import Clock
-from engine.core.config import Config
+from engine.core.config import StoreConfig
 from engine.core.errors import StoreError, StorylineError, WriteTooLateError
 
 T = TypeVar("T")
@@ -26,7 +26,7 @@ class RetryStats:
 async def retrying(
     op: Callable[[], Awaitable[T]],
     *,
-    cfg: Config,
+    settings: StoreConfig,
     what: str,
     stats: RetryStats,
     clock: Clock,
@@ -38,7 +38,7 @@ async def retrying(
     At most ``store.max_retries`` retries, with exponential backoff and full jitter between
     ``store.retry_base_ms`` and ``store.retry_max_ms``. No attempt starts after ``deadline_ms``.
     """
-    s = cfg.store
+    s = settings
     attempt = 0
     while True:
         if deadline_ms is not None and clock.now_ms() > deadline_ms:

@@ -101,11 +101,11 @@ def test_size_class_and_hints() -> None:
 def test_page_sizer_bounds() -> None:
     mib = 1 << 20
     cfg = from_mapping({"tenant": "t", "store": {"page_rows": 5000, "page_bytes": mib, "page_bytes_max": 8 * mib}})
-    small = PageSizer(cfg, max_row_bytes=256, estimate=float(1 << 20))
+    small = PageSizer(cfg.store, max_row_bytes=256, estimate=float(1 << 20))
     assert small.limit() == 4096  # page_bytes / 256: the hint caps the pessimistic estimate
     small.observe(4096, 4096 * 150)
     assert small.limit() == 5000  # learnt the rows are small: up to page_rows
-    mixed = PageSizer(cfg, max_row_bytes=1 << 20, estimate=150.0)
+    mixed = PageSizer(cfg.store, max_row_bytes=1 << 20, estimate=150.0)
     assert mixed.limit() == 8  # the partition holds 1 MiB rows: never more than page_bytes_max
     mixed.observe(8, 8 * 150)
     assert mixed.limit() == 8
@@ -130,15 +130,15 @@ def test_retrying_retries_only_transient_and_is_bounded() -> None:
         raise StoreError("syntax error")
 
     stats = RetryStats()
-    assert asyncio.run(retrying(flaky, cfg=CFG, what="w", stats=stats, clock=clock)) == "ok"
+    assert asyncio.run(retrying(flaky, settings=CFG.store, what="w", stats=stats, clock=clock)) == "ok"
     assert (calls["n"], stats.retries) == (3, 2)
     calls["n"] = 0
     with pytest.raises(StoreError, match="gave up after 4 attempts") as info:
-        asyncio.run(retrying(broken, cfg=CFG, what="w", stats=stats, clock=clock))
+        asyncio.run(retrying(broken, settings=CFG.store, what="w", stats=stats, clock=clock))
     assert info.value.retriable and calls["n"] == 4 and stats.giveups == 1
     calls["n"] = 0
     with pytest.raises(StoreError, match="syntax"):
-        asyncio.run(retrying(fatal, cfg=CFG, what="w", stats=stats, clock=clock))
+        asyncio.run(retrying(fatal, settings=CFG.store, what="w", stats=stats, clock=clock))
     assert calls["n"] == 1
 
 
@@ -152,7 +152,9 @@ def test_retrying_never_starts_an_attempt_after_the_deadline() -> None:
         raise TransientStoreError("timeout")
 
     with pytest.raises(WriteTooLateError):
-        asyncio.run(retrying(slow_fail, cfg=CFG, what="w", stats=RetryStats(), clock=clock, deadline_ms=1_500))
+        asyncio.run(
+            retrying(slow_fail, settings=CFG.store, what="w", stats=RetryStats(), clock=clock, deadline_ms=1_500)
+        )
     assert calls["n"] == 2  # at 1000 and 1400; not at 1800
 
 
