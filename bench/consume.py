@@ -26,7 +26,7 @@ import msgspec
 import psutil
 
 from engine.core.config import Config, from_mapping, load
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Producer
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
@@ -55,7 +55,7 @@ async def preload(cfg: Config, n_events: int) -> int:
         batch: list[Any] = []
         written = 0
         for line in sessions(n_events, seed=21, start_s=time.time() - 600, span_s=600):
-            batch.append(parse_line(line, cfg, now))
+            batch.append(parse_line(line, ParseRules.from_config(cfg), now))
             if len(batch) >= 5_000:
                 written += (await producer.write(batch)).events
                 batch = []

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from engine.core.config import Config, from_mapping
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Ingestor, Producer
 from engine.store import make_store
 from engine.tools.synth import sessions
@@ -39,9 +39,10 @@ def client_cost(n: int = 100_000) -> dict[str, float]:
     now = int(time.time() * 1000)
     step = cfg.ingest.batch_lines  # rounds of the size the ingest pipeline uses
     t_parse = t_group = 0.0
+    rules = ParseRules.from_config(cfg)
     for i in range(0, len(lines), step):
         t0 = time.perf_counter()
-        events = [parse_line(ln, cfg, now) for ln in lines[i : i + step]]
+        events = [parse_line(ln, rules, now) for ln in lines[i : i + step]]
         t1 = time.perf_counter()
         producer._groups(events)
         t_parse += t1 - t0

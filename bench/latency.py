@@ -33,7 +33,7 @@ import psutil
 
 from bench.pipeline import CONFIG, schema, start_engine, stop_engine
 from engine.core.config import Config, load
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Producer
 from engine.store import Store, make_store
 from engine.tools.simulate import Scenario, generate
@@ -136,7 +136,7 @@ def run(
                 batch = []
                 ids = []
                 while i < len(sim) and t0 + sim[i].arrival_s / speed <= time.monotonic():
-                    batch.append(parse_line(sim[i].line, cfg, now_ms))
+                    batch.append(parse_line(sim[i].line, ParseRules.from_config(cfg), now_ms))
                     ids.append(sim[i].id)
                     i += 1
                 await producer.write(batch)

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from engine.core.config import Config, load
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Producer
 from engine.store import make_store
 from engine.tools.simulate import Scenario, generate
@@ -172,7 +172,8 @@ def run(
     cfg = load(CONFIG)
     sim, _ = generate(Scenario(events=events, seed=seed, start_s=time.time() - 3_600, span_s=600))
     now_ms = int(time.time() * 1000)
-    parsed = [parse_line(e.line, cfg, now_ms) for e in sim]
+    rules = ParseRules.from_config(cfg)
+    parsed = [parse_line(e.line, rules, now_ms) for e in sim]
     del sim
     return {stage: _one(parsed, workers, stage) for stage in stages}
 

@@ -26,7 +26,7 @@ from engine.core.config import from_mapping
 from engine.core.event import encode
 from engine.core.stage import EMPTY, Batch, Emission
 from engine.correlate.story import StoryMachine
-from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.store import EventRecord
 from engine.tools.simulate import Scenario, generate
 
@@ -62,7 +62,7 @@ def run(
     now = int(time.time() * 1000)
     parts: dict[tuple[int, int], list[EventRecord]] = {}
     for e in sim:
-        ev = parse_line(e.line, cfg, now)
+        ev = parse_line(e.line, ParseRules.from_config(cfg), now)
         bucket = int(e.arrival_s / speed * 1000 / BUCKET_MS)
         parts.setdefault((shard_of(ev, SHARDS), bucket), []).append(EventRecord(ev.id, encode(ev)))
     last = max(b for _, b in parts)

@@ -18,7 +18,7 @@ from engine.core.config import from_mapping
 from engine.core.event import encode
 from engine.core.stage import Batch
 from engine.correlate.story import StoryMachine
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.runtime.worker import persist
 from engine.store import EventRecord, make_store
 from engine.testing.pipeline import run_pipeline
@@ -38,7 +38,7 @@ def stage_throughput(n_events: int = 200_000, per_bucket: int = 5_000) -> dict[s
         )
         events, truth = generate(Scenario(events=n_events, seed=2, start_s=time.time() - 3_600, span_s=1_800))
         now = int(time.time() * 1000)
-        records = [EventRecord(e.id, encode(parse_line(e.line, cfg, now))) for e in events]
+        records = [EventRecord(e.id, encode(parse_line(e.line, ParseRules.from_config(cfg), now))) for e in events]
 
         async def run() -> tuple[float, dict[str, int]]:
             store = make_store(cfg)

@@ -484,7 +484,7 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) ->
 
 
 async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
-    from engine.ingest.canonical import parse_line
+    from engine.ingest.canonical import ParseRules, parse_line
     from engine.tools.simulate import Scenario, generate, write
 
     if args.events < 1 or args.speed <= 0 or args.span_s <= 0 or args.skew_s < 0:
@@ -523,7 +523,7 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
             now_ms = int(time.time() * 1000)
             batch = []
             while i < len(events) and t0 + events[i].arrival_s / args.speed <= time.monotonic():
-                batch.append(parse_line(events[i].line, cfg, now_ms))
+                batch.append(parse_line(events[i].line, ParseRules.from_config(cfg), now_ms))
                 i += 1
             sent += (await producer.write(batch)).events
             if sys.stderr.isatty():

@@ -68,7 +68,7 @@ import msgspec
 
 from engine.core.config import Config, from_mapping, load
 from engine.core.event import EventView, encode
-from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.store import EventRecord, Store, make_store
 from engine.store.cql import CqlStore
 from engine.tools.simulate import Scenario, generate
@@ -177,8 +177,9 @@ def make_data(cfg: Config, n_events: int, seed: int) -> tuple[list[tuple[int, st
     now = int(time.time() * 1000)
     out: list[tuple[int, str, bytes]] = []
     seen: set[str] = set()
+    rules = ParseRules.from_config(cfg)
     for sim in sims:
-        ev = parse_line(sim.line, cfg, now)
+        ev = parse_line(sim.line, rules, now)
         if ev.id in seen:
             continue
         seen.add(ev.id)

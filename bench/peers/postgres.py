@@ -113,7 +113,7 @@ import psycopg
 from engine.core.config import from_mapping
 from engine.core.errors import InputError
 from engine.core.event import Event
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.tools.accuracy import link_reference, score
 from engine.tools.simulate import Scenario, generate
 
@@ -590,9 +590,10 @@ def run(
     now_ms = int(time.time() * 1000)
     rows: list[bytes] = []
     rejected = 0
+    rules = ParseRules.from_config(cfg)
     for ev in events:
         try:
-            rows.append(copy_row(parse_line(ev.line, cfg, now_ms)))
+            rows.append(copy_row(parse_line(ev.line, rules, now_ms)))
         except InputError:
             rejected += 1
     batches = make_batches(rows, BATCH)

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import xxhash
 
-from engine.core.config import Config
+from engine.core.config import Config, IngestConfig
 from engine.core.errors import InputError
 from engine.core.event import FIELDS, V1_FIELDS, Event, encode
 from engine.ingest.network_identity import PORT_PROTOCOLS, flow_identity, parse_proto
@@ -89,15 +89,27 @@ def _name(value: str, field: str) -> str:
     return value
 
 
-def normalize(raw: InputEvent, cfg: Config, now_ms: int) -> Event:
+class ParseRules(msgspec.Struct, frozen=True):
+    """What validation needs of the configuration: the accepted time range and the size limit (defaults as in
+    the config). ``ParseRules.from_config(cfg)`` once per producer, not per line."""
+
+    min_time_ms: int = IngestConfig().min_time_ms
+    max_future_ms: int = IngestConfig().max_future_ms
+    max_event_bytes: int = next(f.default for f in msgspec.structs.fields(Config) if f.name == "max_event_bytes")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ParseRules:
+        return cls(cfg.ingest.min_time_ms, cfg.ingest.max_future_ms, cfg.max_event_bytes)
+
+
+def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     """Validate and normalize one decoded input event; raise :class:`InputError` naming the field."""
     source = _name(raw.source, "source")
     sensor = _name(raw.sensor, "sensor") if raw.sensor is not None else source
     time_us = parse_time_us(raw.time)
-    ing = cfg.ingest
-    if time_us < ing.min_time_ms * 1000:
+    if time_us < rules.min_time_ms * 1000:
         raise InputError(f"time: {_iso(time_us)} is before the accepted range (ingest.min_time_ms)")
-    if time_us > (now_ms + ing.max_future_ms) * 1000:
+    if time_us > (now_ms + rules.max_future_ms) * 1000:
         raise InputError(f"time: {_iso(time_us)} is too far in the future (ingest.max_future_ms)")
     proto: int | None = None
     src_ip = dst_ip = None
@@ -138,10 +150,10 @@ def normalize(raw: InputEvent, cfg: Config, now_ms: int) -> Event:
     return Event(event_id, time_us, source, sensor, flow, rev, proto, src_ip, src_port, dst_ip, dst_port, attrs)
 
 
-def parse_line(line: bytes, cfg: Config, now_ms: int) -> Event:
+def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
     """One JSONL line → Event, or :class:`InputError` with the reason."""
-    if len(line) > cfg.max_event_bytes:
-        raise InputError(f"line: {len(line)} bytes exceeds max_event_bytes ({cfg.max_event_bytes})")
+    if len(line) > rules.max_event_bytes:
+        raise InputError(f"line: {len(line)} bytes exceeds max_event_bytes ({rules.max_event_bytes})")
     try:
         line.decode("utf-8")  # msgspec does not validate UTF-8 inside strings
     except UnicodeDecodeError as u:
@@ -156,15 +168,15 @@ def parse_line(line: bytes, cfg: Config, now_ms: int) -> Event:
         raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
     if raw.attrs and line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and _too_deep(raw.attrs):
         raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels")
-    event = normalize(raw, cfg, now_ms)
+    event = normalize(raw, rules, now_ms)
     # The stored form must exist and fit: msgpack holds no integer outside int64/uint64 (only attrs can carry
     # one), and it can be larger than the JSON (a 4-byte `1e5,` becomes a 9-byte float64).
     try:
         size = len(encode(event))
     except OverflowError:
         raise InputError("attrs: an integer is outside -2**63..2**64-1 (the stored form cannot hold it)") from None
-    if size > cfg.max_event_bytes:
-        raise InputError(f"line: the stored event is {size} bytes, over max_event_bytes ({cfg.max_event_bytes})")
+    if size > rules.max_event_bytes:
+        raise InputError(f"line: the stored event is {size} bytes, over max_event_bytes ({rules.max_event_bytes})")
     return event
 
 

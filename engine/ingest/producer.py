@@ -30,7 +30,7 @@ from engine.core.config import Config
 from engine.core.errors import ClockSkewError as ClockSkewError  # noqa: PLC0414 - re-exported: its old home
 from engine.core.errors import InputError, StoreError, WriteTooLateError
 from engine.core.event import Event, encode
-from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.store import DeadLetter, EventRecord, Store
 
 # One append call carries at most this many events / bytes, so a retry or a re-bucketing redoes little.
@@ -209,6 +209,7 @@ class Ingestor:
         self.producer = producer
         self.clock = clock
         self.summary = IngestSummary()
+        self._rules = ParseRules.from_config(cfg)
 
     async def run(
         self, lines: Iterable[tuple[str, int, bytes]], progress: Callable[[IngestSummary], None] | None = None
@@ -256,7 +257,7 @@ class Ingestor:
                 s.empty += 1
                 continue
             try:
-                good.append(parse_line(raw, self.cfg, now))
+                good.append(parse_line(raw, self._rules, now))
             except InputError as exc:
                 reason = str(exc)
                 bad.append(DeadLetter(dead_letter_id(file, n, raw), now, file, n, reason, raw))
@@ -284,13 +285,14 @@ async def redrive(store: Store, cfg: Config, producer: Producer, clock: Clock = 
     async for page in store.scan_dead_letters():
         pending.extend(d for d in page if d.redriven_ms is None)
     now = clock.now_ms()
+    rules = ParseRules.from_config(cfg)
     for i in range(0, len(pending), cfg.ingest.batch_lines):
         chunk = pending[i : i + cfg.ingest.batch_lines]
         good: list[Event] = []
         done: list[DeadLetter] = []
         for d in chunk:
             try:
-                good.append(parse_line(d.raw, cfg, now))
+                good.append(parse_line(d.raw, rules, now))
                 done.append(msgspec.structs.replace(d, redriven_ms=now))
             except InputError:
                 still += 1

@@ -11,7 +11,7 @@ import msgspec
 from engine.core.clock import ManualClock
 from engine.core.config import Config
 from engine.correlate.story import StoryMachine
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Producer
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
@@ -40,7 +40,7 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
                     await producer.write(batch)
                     batch = []
                 clock.set(max(clock.now_ms(), arrival))
-                batch.append(parse_line(ev.line, cfg, clock.now_ms()))
+                batch.append(parse_line(ev.line, ParseRules.from_config(cfg), clock.now_ms()))
             if batch:
                 await producer.write(batch)
             end = clock.now_ms()

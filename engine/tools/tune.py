@@ -647,7 +647,7 @@ def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_0
     from engine.core.event import encode
     from engine.core.stage import Batch
     from engine.correlate.story import StoryMachine
-    from engine.ingest.canonical import parse_line, shard_of
+    from engine.ingest.canonical import ParseRules, parse_line, shard_of
     from engine.runtime.worker import persist
     from engine.store import EventRecord, make_store
     from engine.tools.simulate import Scenario, generate
@@ -668,10 +668,11 @@ def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_0
         lines.append(ln)
         if len(lines) >= n_lines:
             break
+    rules = ParseRules.from_config(cfg)
     c0, w0 = time.process_time(), time.perf_counter()
     payload = 0
     for ln in lines:
-        ev = parse_line(ln, cfg, now_ms)
+        ev = parse_line(ln, rules, now_ms)
         payload += len(encode(ev))
         shard_of(ev, 16)
     c_ing, w_ing = time.process_time() - c0, time.perf_counter() - w0
@@ -679,7 +680,7 @@ def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_0
 
     # 2. the story stage (decode + link + state + fused stories + SQLite story writes), buckets of 5,000
     events, _ = generate(Scenario(events=story_events, seed=2, start_s=now_s - 3_600, span_s=900))
-    records = [EventRecord(e.id, encode(parse_line(e.line, cfg, now_ms))) for e in events]
+    records = [EventRecord(e.id, encode(parse_line(e.line, rules, now_ms))) for e in events]
     sim_bytes = sum(len(e.line) for e in events) / max(len(events), 1)
 
     async def stage_run(path: str) -> tuple[float, float, int, int]:

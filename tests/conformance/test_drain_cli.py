@@ -77,7 +77,7 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
     """``storyline ingest`` of synthetic sessions; the ids it accepted."""
-    from engine.ingest.canonical import parse_line
+    from engine.ingest.canonical import ParseRules, parse_line
     from engine.tools.synth import sessions as synth
 
     lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
@@ -86,7 +86,7 @@ def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
     res = storyline("ingest", *cli_args(cfg), str(path))
     assert res.returncode == 0, res.stderr
     now = int(time.time() * 1000)
-    return {parse_line(ln, cfg, now).id for ln in lines}
+    return {parse_line(ln, ParseRules.from_config(cfg), now).id for ln in lines}
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
 from engine.core.errors import StoreError, TransientStoreError
 from engine.core.event import Event, decode
-from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.ingest.producer import ClockSkewError, Ingestor, Producer, ProducerError, redrive
 from engine.store import AppendResult, EventRecord, Store, make_store
 from engine.tools.synth import sessions
@@ -128,7 +128,7 @@ def test_good_and_bad_lines(make_config: ConfigFactory, tmp_path: Path, capsys: 
             got = await stored_events(store, cfg, now_b - 100, now_b + 1)
         finally:
             await store.close()
-        want = {parse_line(g, cfg, int(time.time() * 1000)).id for g in good}
+        want = {parse_line(g, ParseRules.from_config(cfg), int(time.time() * 1000)).id for g in good}
         assert set(got) == want
         for shard, _bucket, ev in got.values():
             assert shard == shard_of(ev, cfg.shards)
@@ -139,7 +139,10 @@ def test_good_and_bad_lines(make_config: ConfigFactory, tmp_path: Path, capsys: 
 def test_rebucketing_after_an_injected_slow_write(make_config: ConfigFactory) -> None:
     cfg = make_config()
     clock = ManualClock(int(time.time() * 1000))
-    events = [parse_line(ln, cfg, clock.now_ms()) for ln in sessions(50, seed=5, start_s=time.time() - 60, span_s=60)]
+    events = [
+        parse_line(ln, ParseRules.from_config(cfg), clock.now_ms())
+        for ln in sessions(50, seed=5, start_s=time.time() - 60, span_s=60)
+    ]
     slowed: list[tuple[int, int]] = []
 
     async def slow_first_attempt(shard: int, bucket: int, attempt: int) -> None:
@@ -170,7 +173,7 @@ def test_duplicate_ids_in_one_batch_are_written_once(make_config: ConfigFactory)
     cfg = make_config()
     now = int(time.time() * 1000)
     lines = list(sessions(30, seed=8, start_s=now / 1000 - 60, span_s=60))
-    events = [parse_line(ln, cfg, now) for ln in lines]
+    events = [parse_line(ln, ParseRules.from_config(cfg), now) for ln in lines]
 
     async def body() -> None:
         store = await opened(cfg)
@@ -229,7 +232,10 @@ class Flaky:
 def test_transient_failures_are_retried_and_permanent_ones_name_the_events(make_config: ConfigFactory) -> None:
     cfg = make_config(shards=1)
     now = int(time.time() * 1000)
-    events = [parse_line(ln, cfg, now) for ln in sessions(20, seed=2, start_s=now / 1000 - 60, span_s=60)]
+    events = [
+        parse_line(ln, ParseRules.from_config(cfg), now)
+        for ln in sessions(20, seed=2, start_s=now / 1000 - 60, span_s=60)
+    ]
 
     async def body() -> None:
         store = await opened(cfg)

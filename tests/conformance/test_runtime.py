@@ -342,7 +342,7 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
-    from engine.ingest.canonical import parse_line
+    from engine.ingest.canonical import ParseRules, parse_line
     from engine.tools.synth import sessions as synth
 
     lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
@@ -351,7 +351,7 @@ def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
     res = storyline("ingest", *cli_args(cfg), str(path))
     assert res.returncode == 0, res.stderr
     now = int(time.time() * 1000)
-    return {parse_line(ln, cfg, now).id for ln in lines}
+    return {parse_line(ln, ParseRules.from_config(cfg), now).id for ln in lines}
 
 
 def recorded(directory: Path) -> list[str]:

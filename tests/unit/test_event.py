@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from engine.core.config import from_mapping
 from engine.core.errors import InputError
 from engine.core.event import Event, EventView, decode, decode_view, encode
-from engine.ingest.canonical import parse_line, shard_of
+from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.ingest.network_identity import flow_identity, flow_key, flow_key_bytes
 
 CFG = from_mapping({"tenant": "t", "max_event_bytes": 4096, "chunk_bytes": 1024, "store": {"page_bytes_max": 1 << 20}})
@@ -34,7 +34,7 @@ def line(**fields: object) -> bytes:
 
 
 def parse(raw: bytes) -> Event:
-    return parse_line(raw, CFG, NOW_MS)
+    return parse_line(raw, ParseRules.from_config(CFG), NOW_MS)
 
 
 BAD: list[tuple[str, bytes, str]] = [
@@ -199,9 +199,17 @@ def test_the_wire_bytes_are_those_of_the_first_version() -> None:
         b'{"source":"dns","time":"2026-12-04T10:00:00.5Z","proto":"udp","src_ip":"10.1.1.1","src_port":5353,'
         b'"dst_ip":"10.1.1.2","dst_port":53,"sensor":"s1","attrs":{"q":"a.example"}}'
     )
-    parsed = parse_line(line, from_mapping({"tenant": "x"}), 1_796_400_000_000)
+    parsed = parse_line(line, ParseRules.from_config(from_mapping({"tenant": "x"})), 1_796_400_000_000)
     assert parsed.id == "73da527d69287f87333a183d28383f72"
     assert encode(parsed) == GOLDEN_PARSED
+    # validation needs its rules only, not a tenant's whole config: the defaults are the config's
+    assert parse_line(line, ParseRules(), 1_796_400_000_000) == parsed
+    small = ParseRules.from_config(
+        from_mapping({"tenant": "x", "max_event_bytes": 2048, "chunk_bytes": 1024, "ingest": {"max_future_ms": 0}})
+    )
+    assert (small.max_event_bytes, small.max_future_ms) == (2048, 0)
+    with pytest.raises(InputError, match="too far in the future"):
+        parse_line(line, small, 1_796_400_000_000 - 60_000)
 
 
 def test_every_derived_form_follows_the_declaration() -> None:

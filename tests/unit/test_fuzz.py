@@ -35,7 +35,7 @@ from engine.cli import main
 from engine.core.config import Config, from_mapping, load, parse_override
 from engine.core.errors import ConfigError, InputError
 from engine.core.event import Event, decode, decode_view, encode
-from engine.ingest.canonical import MAX_ATTRS_DEPTH, parse_line, shard_of
+from engine.ingest.canonical import MAX_ATTRS_DEPTH, ParseRules, parse_line, shard_of
 from engine.ingest.network_identity import parse_proto
 
 CFG = from_mapping({"tenant": "t", "max_event_bytes": 4096, "chunk_bytes": 1024, "store": {"page_bytes_max": 1 << 20}})
@@ -326,7 +326,7 @@ def check_line(raw: bytes, obj: dict[str, Any] | None = None) -> Event | None:
     """parse_line gives an Event or an InputError whose reason names the field, nothing else. Given the object
     that was serialized, also check that the reason is about that object and that an accepted event is right."""
     try:
-        ev = parse_line(raw, CFG, NOW_MS)
+        ev = parse_line(raw, ParseRules.from_config(CFG), NOW_MS)
     except InputError as exc:
         check_reason(raw, str(exc), obj)
         return None
@@ -337,7 +337,7 @@ def check_line(raw: bytes, obj: dict[str, Any] | None = None) -> Event | None:
     view = decode_view(payload)
     prefix = (ev.id, ev.time_us, ev.source, ev.sensor, ev.flow, ev.reversed)
     assert (view.id, view.time_us, view.source, view.sensor, view.flow, view.reversed) == prefix
-    assert parse_line(raw, CFG, NOW_MS) == ev  # deterministic, id included
+    assert parse_line(raw, ParseRules.from_config(CFG), NOW_MS) == ev  # deterministic, id included
     assert MIN_US <= ev.time_us <= MAX_US
     if obj is not None:
         check_accepted(ev, obj)
@@ -436,22 +436,22 @@ def test_the_regressions_are_decided_as_intended() -> None:
 
     def reason(obj: dict[str, Any], mode: str = "ascii") -> str:
         with pytest.raises(InputError) as info:
-            parse_line(serialize(obj, mode), CFG, NOW_MS)
+            parse_line(serialize(obj, mode), ParseRules.from_config(CFG), NOW_MS)
         return str(info.value)
 
     def accepted(obj: dict[str, Any]) -> Event:
-        return parse_line(serialize(obj, "ascii"), CFG, NOW_MS)
+        return parse_line(serialize(obj, "ascii"), ParseRules.from_config(CFG), NOW_MS)
 
     assert reason(BASE | {"attrs": {"k": 2**64}}).startswith("attrs: an integer is outside")
     assert reason(BASE | {"attrs": {"k": -(2**63) - 1}}).startswith("attrs: an integer is outside")
     assert accepted(BASE | {"attrs": {"k": 2**64 - 1, "j": -(2**63)}}).attrs == {"k": 2**64 - 1, "j": -(2**63)}
     deep = b'{"source":"fw","time":%d,"attrs":{"k":%s%s}}' % (NOW_S, b"[" * 2000, b"]" * 2000)
     with pytest.raises(InputError, match=f"^attrs: nested deeper than {MAX_ATTRS_DEPTH} levels$"):
-        parse_line(deep, CFG, NOW_MS)
+        parse_line(deep, ParseRules.from_config(CFG), NOW_MS)
     assert reason(BASE | {"attrs": {"k": nested(MAX_ATTRS_DEPTH)}}).startswith("attrs: nested deeper")
     assert depth_of(accepted(BASE | {"attrs": {"k": nested(MAX_ATTRS_DEPTH - 1)}}).attrs) == MAX_ATTRS_DEPTH
     with pytest.raises(InputError, match=r"^line: the stored event is \d+ bytes, over max_event_bytes"):
-        parse_line(FLOATS_LINE, CFG, NOW_MS)
+        parse_line(FLOATS_LINE, ParseRules.from_config(CFG), NOW_MS)
     assert reason(BASE | {"": 1}) == f"''{UNKNOWN}"
     assert reason(BASE | {"\x1b[2J": 1}) == f"'\\x1b[2J'{UNKNOWN}"
     assert accepted(BASE | {"time": "2026-09-21t11:26:40z"}).time_us == 1_789_990_000_000_000
@@ -568,7 +568,7 @@ def swapped(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_obj(obj: dict[str, Any]) -> Event:
-    return parse_line(serialize(obj, "ascii"), CFG, NOW_MS)
+    return parse_line(serialize(obj, "ascii"), ParseRules.from_config(CFG), NOW_MS)
 
 
 @FUZZ
@@ -623,7 +623,7 @@ def test_rfc3339_times_are_converted_exactly(case: tuple[str, int, int]) -> None
         assert ev is not None and low <= ev.time_us <= high, (text, low, ev)
     elif high < MIN_US or low > MAX_US:
         with pytest.raises(InputError, match=r"^time: "):
-            parse_line(raw, CFG, NOW_MS)
+            parse_line(raw, ParseRules.from_config(CFG), NOW_MS)
 
 
 @FUZZ
@@ -635,7 +635,7 @@ def test_epoch_seconds_text_is_converted_exactly(us: int, digits: int, exponent:
     text = f"{seconds}." + f"{frac:06d}"[:digits] if digits else str(seconds)
     if exponent:
         text = f"{Decimal(text).scaleb(-9)}e9"  # 1789990000.25 → 1.78999000025e9
-    ev = parse_line(b'{"source":"fw","time":%s}' % text.encode(), CFG, NOW_MS)
+    ev = parse_line(b'{"source":"fw","time":%s}' % text.encode(), ParseRules.from_config(CFG), NOW_MS)
     assert ev.time_us == us, text
 
 
@@ -1022,7 +1022,7 @@ def test_cli_ingest_accounts_for_every_line(lines: list[bytes], gz: bool) -> Non
             empty += 1
             continue
         try:
-            ids.append(parse_line(raw, cfg, now).id)
+            ids.append(parse_line(raw, ParseRules.from_config(cfg), now).id)
         except InputError as exc:
             rejected[n] = str(exc)
     m = re.search(r"accepted (\d+), rejected (\d+), duplicates (\d+), empty lines (\d+)", summary)

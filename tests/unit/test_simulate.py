@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.config import from_mapping
-from engine.ingest.canonical import parse_line
+from engine.ingest.canonical import ParseRules, parse_line
 from engine.tools.accuracy import link_reference, score
 from engine.tools.simulate import Scenario, SimEvent, Truth, generate, write
 
@@ -60,7 +60,7 @@ def test_exact_count_unique_ids_and_truth(default: tuple[list[SimEvent], Truth])
 def test_every_line_parses(default: tuple[list[SimEvent], Truth]) -> None:
     events, truth = default
     for ev in events:
-        parsed = parse_line(ev.line, CFG, NOW_MS)
+        parsed = parse_line(ev.line, ParseRules.from_config(CFG), NOW_MS)
         assert parsed.id == ev.id
         assert parsed.sensor == ev.sensor
         assert parsed.source == ev.source
@@ -75,14 +75,14 @@ def test_lines_parse_with_default_config_when_live() -> None:
     s = Scenario(events=500, start_s=now - 600)
     cfg = from_mapping({"tenant": "t"})
     for ev in generate(s)[0]:
-        parse_line(ev.line, cfg, int(now * 1000))
+        parse_line(ev.line, ParseRules.from_config(cfg), int(now * 1000))
 
 
 def test_same_story_same_engine_flow(default: tuple[list[SimEvent], Truth]) -> None:
     events, _ = default
     flows: defaultdict[str, set[int | None]] = defaultdict(set)
     for ev in events:
-        flows[ev.story].add(parse_line(ev.line, CFG, NOW_MS).flow)
+        flows[ev.story].add(parse_line(ev.line, ParseRules.from_config(CFG), NOW_MS).flow)
     assert all(len(f) == 1 for f in flows.values())
 
 
