@@ -638,9 +638,9 @@ def to_toml(tree: Mapping[str, Any], reasons: Mapping[str, list[str]], title: st
 
 # -- measuring this machine ------------------------------------------------------------------------------------
 def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_000) -> Capacity:
-    """Calibrate the client-side ingest and story-stage figures with a short real run on this machine (~10 s):
-    parse + encode + shard of synthetic lines of about ``avg_bytes`` (engine.tools.synth), and a StoryMachine over
-    simulated events writing stories to a temporary embedded store (as bench/stories.py does). Per-core figures
+    """Calibrate the client-side ingest and story-stage figures with a short real run on this machine (~10 s): parse
+    + encode + shard of synthetic lines of about ``avg_bytes`` (engine.tools.simulate.sessions), and a StoryMachine
+    over simulated events writing stories to a temporary embedded store (as bench/stories.py does). Per-core figures
     are events per CPU second of this process (polars threads included). The read and database figures keep their
     docs/BENCHMARKS.md values (they need the CQL node)."""
     from engine.core.config import from_mapping
@@ -650,8 +650,7 @@ def measure(avg_bytes: float, cores: int | None = None, story_events: int = 60_0
     from engine.ingest.canonical import parse_line, shard_of
     from engine.runtime.worker import persist
     from engine.store import EventRecord, make_store
-    from engine.tools.simulate import Scenario, generate
-    from engine.tools.synth import sessions
+    from engine.tools.simulate import Scenario, generate, sessions
 
     cfg = from_mapping({"tenant": "tune_measure"})
     now_s = time.time()

@@ -42,7 +42,7 @@ from engine.cli import main as cli_main
 from engine.core.config import Config, from_mapping
 from engine.core.errors import ConfigError, StoreError, StorylineError
 from engine.store import EventRecord, make_store
-from engine.tools.synth import sessions as synth
+from engine.tools.simulate import sessions as synth
 from tests.conftest import CQL_ADDR, REQUIRE_CQL, arun, drop_tenant, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance  # every test but the first needs a CQL node and is marked cql

@@ -343,7 +343,7 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
     from engine.ingest.canonical import parse_line
-    from engine.tools.synth import sessions as synth
+    from engine.tools.simulate import sessions as synth
 
     lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
     path = tmp / f"in-{seed}.jsonl"
