@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | Non
         return EXIT_OK
     secrets: list[str] = []
     try:
-        if args.command == "tune":  # before _config: tune needs no tenant; engine/tools/tune.py does the work
+        if args.command == "tune":  # before _config: tune needs no tenant; engine/tools/tune does the work
             from engine.tools.tune import main as tune
 
             return tune(args)
