@@ -31,7 +31,7 @@ from engine.ingest.producer import Producer
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from engine.store import make_store
-from engine.tools.synth import sessions
+from engine.tools.simulate import sessions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

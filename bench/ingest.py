@@ -17,7 +17,7 @@ from engine.core.config import Config, from_mapping
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Ingestor, Producer
 from engine.store import make_store
-from engine.tools.synth import sessions
+from engine.tools.simulate import sessions
 
 SMALL_PAD = 300  # bytes of attrs padding that bring a synthetic event to ~500 B of JSON
 

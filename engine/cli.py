@@ -599,7 +599,7 @@ def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | Non
     """``stage_factory`` (``run`` only): the stage every worker builds, instead of the one ``--stage`` names."""
     args = build_parser().parse_args(argv)
     if args.command == "synth":
-        from engine.tools.synth import sessions
+        from engine.tools.simulate import sessions
 
         out = sys.stdout.buffer
         for line in sessions(args.sessions, seed=args.seed, start_s=time.time() - args.span_s, span_s=args.span_s):
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | Non
         return EXIT_OK
     secrets: list[str] = []
     try:
-        if args.command == "tune":  # before _config: tune needs no tenant; engine/tools/tune.py does the work
+        if args.command == "tune":  # before _config: tune needs no tenant; engine/tools/tune does the work
             from engine.tools.tune import main as tune
 
             return tune(args)

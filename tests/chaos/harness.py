@@ -25,7 +25,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +406,20 @@ class OffsetMonitor:
             time.sleep(0.05)
         behind = self.behind_ms(last) if last else None
         raise AssertionError(f"{what}: not reached within {timeout} s (behind {behind} ms, {self.errors} errors)")
+
+
+@contextmanager
+def teardown(feeder: Feeder, mon: OffsetMonitor, supervisor: Callable[[], Supervisor]) -> Iterator[None]:
+    """The teardown of a chaos run, however its block ends: stop the feeder, close the offset monitor and kill the
+    supervisor if it still runs. ``supervisor`` returns the current one (a test may start a new one mid-run)."""
+    try:
+        yield
+    finally:
+        feeder.stopping.set()
+        mon.close()
+        sup = supervisor()
+        if sup.proc.poll() is None:
+            sup.proc.kill()
 
 
 def owners(offs: dict[int, Offset]) -> dict[int, tuple[str, int]]:

@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.conftest import ChaosNode, Recorder, TenantFactory
-from tests.chaos.harness import Feeder, OffsetMonitor, Supervisor, finish, restart_backoffs, split, wait_readable
+from tests.chaos.harness import (
+    Feeder,
+    OffsetMonitor,
+    Supervisor,
+    finish,
+    restart_backoffs,
+    split,
+    teardown,
+    wait_readable,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -39,29 +48,26 @@ def test_cql_node_stopped_and_restarted_mid_run(
     sup = Supervisor(t)
     mon = OffsetMonitor(t.cfg)
     try:
-        sup.wait_workers()
-        feeder.start()
-        mon.wait_until(lambda offs: mon.caught_up(offs) and len(feeder.runs) >= 3, 120, "start")
-        t_stop = time.time()
-        stop_s = chaos_node.down()
-        assert not chaos_node.answers()
-        # A worker that dies during the outage is restarted into it: it must wait for the database, not exit.
-        os.kill(sup.wait_workers()[0], signal.SIGKILL)
-        time.sleep(DOWN_S)
-        start_s = chaos_node.up()
-        t_up = time.time()
-        recovered = mon.wait_until(mon.caught_up, 180, "catching up after the restart", after=t_up)
-        assert sup.proc.poll() is None, "the supervisor gave up"
-        assert restart_backoffs(t.dir) == [1.0]  # the kill, and no exit of the restarted worker
-        feeder.finish()
-        wait_readable(t.cfg, feeder.done_at)
-        mon.wait_until(mon.caught_up, 120, "the end", after=time.time())
-        assert sup.stop() == 0
+        with teardown(feeder, mon, lambda: sup):
+            sup.wait_workers()
+            feeder.start()
+            mon.wait_until(lambda offs: mon.caught_up(offs) and len(feeder.runs) >= 3, 120, "start")
+            t_stop = time.time()
+            stop_s = chaos_node.down()
+            assert not chaos_node.answers()
+            # A worker that dies during the outage is restarted into it: it must wait for the database, not exit.
+            os.kill(sup.wait_workers()[0], signal.SIGKILL)
+            time.sleep(DOWN_S)
+            start_s = chaos_node.up()
+            t_up = time.time()
+            recovered = mon.wait_until(mon.caught_up, 180, "catching up after the restart", after=t_up)
+            assert sup.proc.poll() is None, "the supervisor gave up"
+            assert restart_backoffs(t.dir) == [1.0]  # the kill, and no exit of the restarted worker
+            feeder.finish()
+            wait_readable(t.cfg, feeder.done_at)
+            mon.wait_until(mon.caught_up, 120, "the end", after=time.time())
+            assert sup.stop() == 0
     finally:
-        feeder.stopping.set()
-        mon.close()
-        if sup.proc.poll() is None:
-            sup.proc.kill()
         if not chaos_node.answers():
             chaos_node.up()  # leave it running for the next test and the teardown
     report = finish(t, truth, feeder.runs)
@@ -102,7 +108,7 @@ def test_embedded_store_locked_by_another_process(
     feeder = Feeder(t, split(src, t.dir, 12), pause_s=1.0)
     sup = Supervisor(t)
     mon = OffsetMonitor(t.cfg)
-    try:
+    with teardown(feeder, mon, lambda: sup):
         sup.wait_workers()
         feeder.start()
         mon.wait_until(lambda offs: mon.caught_up(offs) and len(feeder.runs) >= 3, 120, "start")
@@ -118,11 +124,6 @@ def test_embedded_store_locked_by_another_process(
         wait_readable(t.cfg, feeder.done_at)
         mon.wait_until(mon.caught_up, 120, "the end", after=time.time())
         assert sup.stop() == 0
-    finally:
-        feeder.stopping.set()
-        mon.close()
-        if sup.proc.poll() is None:
-            sup.proc.kill()
     report = finish(t, truth, feeder.runs)
     assert report.events == 20_000
     chaos_record(

@@ -27,16 +27,12 @@ from engine.store import Store, make_store
 from engine.tools.verify import parse_ingest_summary
 from tests.chaos.conftest import TenantFactory
 from tests.chaos.harness import ROOT, Supervisor, Tenant, simulate, story_rows
+from tests.cli import SMALL_WINDOWS
 
 pytestmark = pytest.mark.chaos
 
 JOURNEY: dict[str, object] = {
-    "bucket_ms": 100,
-    "max_write_age_ms": 500,
-    "request_timeout_ms": 1000,
-    "max_clock_skew_ms": 200,
-    "lag_ms": 1800,
-    "commit_interval_ms": 300,
+    **SMALL_WINDOWS,
     "drain_timeout_ms": 30_000,
     # As configs/local.toml (journeys.sh used it): no story falls due by the clock within a journey, so each
     # drain finalizes the stories still open (the path of issue 14), whatever the timing.

@@ -30,6 +30,7 @@ from tests.chaos.harness import (
     restart_backoffs,
     simulate,
     split,
+    teardown,
     wait_readable,
 )
 
@@ -61,7 +62,7 @@ def test_kill_9_of_workers_and_of_the_supervisor(
     mon = OffsetMonitor(t.cfg)
     recovery: list[float] = []
     orphan_exit_s = 0.0
-    try:
+    with teardown(feeder, mon, lambda: sup):
         labels = dict(zip(sup.wait_workers(), (0, 1), strict=True))  # worker pid -> slot (as far as we know)
         kills = [0, 0]
         feeder.start()
@@ -110,11 +111,6 @@ def test_kill_9_of_workers_and_of_the_supervisor(
         wait_readable(t.cfg, feeder.done_at)
         mon.wait_until(mon.caught_up, 120, "the end", after=time.time())
         assert sup.stop() == 0
-    finally:
-        feeder.stopping.set()
-        mon.close()
-        if sup.proc.poll() is None:
-            sup.proc.kill()
     report = finish(t, truth, feeder.runs)
     assert report.events == EVENTS and report.dead_letters == 2 * PARTS
     worker_rec, sup_rec = [r for r, k in zip(recovery, FAULTS, strict=True) if k == "worker"], recovery[5]
@@ -161,46 +157,43 @@ def test_a_worker_paused_across_a_supervisor_restart_does_not_steal_its_shards(
     mon = OffsetMonitor(t.cfg)
     paused = 0
     try:
-        pids = sup.wait_workers()
-        feeder.start()
-        mon.wait_until(lambda offs: mon.caught_up(offs) and len(feeder.runs) >= 2, 120, "start")
-        os.kill(pids[0], signal.SIGKILL)
-        while not paused:
-            fresh = [p for p in sup.worker_pids() if p not in pids]
-            if fresh:
-                paused = fresh[0]
-                os.kill(paused, signal.SIGSTOP)
-            time.sleep(0.002)
-        sup.kill9()
-        t_kill = time.time()
-        sup = Supervisor(t)
-        mine = f":{sup.pid}:"
+        with teardown(feeder, mon, lambda: sup):
+            pids = sup.wait_workers()
+            feeder.start()
+            mon.wait_until(lambda offs: mon.caught_up(offs) and len(feeder.runs) >= 2, 120, "start")
+            os.kill(pids[0], signal.SIGKILL)
+            while not paused:
+                fresh = [p for p in sup.worker_pids() if p not in pids]
+                if fresh:
+                    paused = fresh[0]
+                    os.kill(paused, signal.SIGSTOP)
+                time.sleep(0.002)
+            sup.kill9()
+            t_kill = time.time()
+            sup = Supervisor(t)
+            mine = f":{sup.pid}:"
 
-        def owned_by_new(offs: dict[int, Offset]) -> bool:
-            return all(mine in o.owner for o in offs.values()) and mon.caught_up(offs)
+            def owned_by_new(offs: dict[int, Offset]) -> bool:
+                return all(mine in o.owner for o in offs.values()) and mon.caught_up(offs)
 
-        recovered = mon.wait_until(owned_by_new, 120, "the new supervisor takes over", after=t_kill)
-        os.kill(paused, signal.SIGCONT)
-        t_cont = time.time()
-        while alive(paused) and time.time() < t_cont + 30:
-            time.sleep(0.05)
-        assert not alive(paused), "the resumed orphan did not exit"
-        orphan_exit_s = time.time() - t_cont
-        time.sleep(2.0)  # a claim by the orphan would show now: a fenced new worker, shards falling behind
-        mon.wait_until(owned_by_new, 30, "the new supervisor still owns every shard", after=time.time())
-        assert len(sup.wait_workers()) == 2
-        feeder.finish()
-        wait_readable(t.cfg, feeder.done_at)
-        mon.wait_until(mon.caught_up, 120, "the end", after=time.time())
-        assert sup.stop() == 0
+            recovered = mon.wait_until(owned_by_new, 120, "the new supervisor takes over", after=t_kill)
+            os.kill(paused, signal.SIGCONT)
+            t_cont = time.time()
+            while alive(paused) and time.time() < t_cont + 30:
+                time.sleep(0.05)
+            assert not alive(paused), "the resumed orphan did not exit"
+            orphan_exit_s = time.time() - t_cont
+            time.sleep(2.0)  # a claim by the orphan would show now: a fenced new worker, shards falling behind
+            mon.wait_until(owned_by_new, 30, "the new supervisor still owns every shard", after=time.time())
+            assert len(sup.wait_workers()) == 2
+            feeder.finish()
+            wait_readable(t.cfg, feeder.done_at)
+            mon.wait_until(mon.caught_up, 120, "the end", after=time.time())
+            assert sup.stop() == 0
     finally:
-        feeder.stopping.set()
-        mon.close()
         if paused and alive(paused):
             os.kill(paused, signal.SIGCONT)
             os.kill(paused, signal.SIGKILL)
-        if sup.proc.poll() is None:
-            sup.proc.kill()
     report = finish(t, truth, feeder.runs)
     assert report.events == 20_000
     chaos_record(

@@ -15,7 +15,7 @@ from engine.ingest.producer import Ingestor, Producer, open_input, read_lines
 from engine.store import make_store
 from engine.tools.verify import IngestRun
 from tests.chaos.conftest import Recorder, TenantFactory
-from tests.chaos.harness import Feeder, OffsetMonitor, Supervisor, Tenant, finish, split, wait_readable
+from tests.chaos.harness import Feeder, OffsetMonitor, Supervisor, Tenant, finish, split, teardown, wait_readable
 
 pytestmark = pytest.mark.chaos
 
@@ -110,18 +110,13 @@ def test_the_same_input_delivered_again(
     feeder = Feeder(t, parts * 3, gate)
     sup = Supervisor(t)
     mon = OffsetMonitor(t.cfg)
-    try:
+    with teardown(feeder, mon, lambda: sup):
         sup.wait_workers()
         feeder.start()
         feeder.finish()
         wait_readable(t.cfg, feeder.done_at)
         mon.wait_until(mon.caught_up, 120, "caught up after the last delivery", after=time.time())
         assert sup.stop() == 0
-    finally:
-        feeder.stopping.set()
-        mon.close()
-        if sup.proc.poll() is None:
-            sup.proc.kill()
     report = finish(t, truth, feeder.runs)
     assert report.events == EVENTS and report.dead_letters == 2 * len(parts)
     assert report.stored_twice >= 2 * EVENTS  # three deliveries, each into newer buckets

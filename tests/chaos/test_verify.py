@@ -4,17 +4,31 @@ store only (the store calls it makes are covered on both stores by the conforman
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from engine.core.config import from_mapping
-from engine.store import DeadLetter, EventRecord, StoryRecord, make_store
+from engine.core.config import Config, from_mapping
+from engine.store import DeadLetter, EventRecord, Store, StoryRecord, make_store
 from engine.tools.verify import IngestRun, parse_ingest_summary, reconcile, verify
 from tests.conftest import arun, base_tree
 
 pytestmark = pytest.mark.chaos
+
+
+@asynccontextmanager
+async def initialized(cfg: Config) -> AsyncIterator[Store]:
+    """The tenant's store, opened with its schema created; closed on the way out."""
+    store = make_store(cfg)
+    await store.open()
+    try:
+        await store.init_schema()
+        yield store
+    finally:
+        await store.close()
 
 
 def story(sid: str, revision: int, emitted_ms: int, ids: list[str], merged_into: str | None = None) -> StoryRecord:
@@ -29,10 +43,7 @@ def test_verify_tells_incarnations_reingests_conflicts_and_counts_apart(tmp_path
     now = int(time.time() * 1000)
 
     async def body() -> None:
-        store = make_store(cfg)
-        await store.open()
-        try:
-            await store.init_schema()
+        async with initialized(cfg) as store:
             await store.append(0, now // cfg.bucket_ms, [EventRecord(i, b"x") for i in ("a", "b", "c", "d")])
             await store.put_dead_letters([DeadLetter("dl1", now, "f1", 3, "bad", b"{")])
             await store.put_stories(
@@ -47,8 +58,6 @@ def test_verify_tells_incarnations_reingests_conflicts_and_counts_apart(tmp_path
                 ]
             )
             rep = await verify(store, cfg, now + 70_000)
-        finally:
-            await store.close()
         assert rep.events == 4 and rep.stories == 3 and rep.merged_stubs == 1 and rep.recreated == 0
         assert sorted(rep.reingested) == ["a", "b"]  # in s1 and s4, 59 s apart: a late re-delivery, listed apart
         assert rep.duplicated == [] and rep.missing == [] and rep.unknown == [] and rep.repeated == [] and rep.ok
@@ -72,15 +81,10 @@ def test_verify_flags_an_event_in_two_stories_within_the_horizon(tmp_path: Path)
     now = int(time.time() * 1000)
 
     async def body() -> None:
-        store = make_store(cfg)
-        await store.open()
-        try:
-            await store.init_schema()
+        async with initialized(cfg) as store:
             await store.append(0, now // cfg.bucket_ms, [EventRecord(i, b"x") for i in ("a", "b")])
             await store.put_stories([story("s1", 1, now, ["a"]), story("s2", 1, now + 2_000, ["a", "b", "zz"])])
             rep = await verify(store, cfg, now + 5_000)
-        finally:
-            await store.close()
         assert rep.duplicated == ["a"] and rep.unknown == ["zz"] and not rep.ok
 
     arun(body())
@@ -94,15 +98,10 @@ def test_verify_flags_a_story_revision_stored_twice(tmp_path: Path) -> None:
     now = int(time.time() * 1000)
 
     async def body() -> None:
-        store = make_store(cfg)
-        await store.open()
-        try:
-            await store.init_schema()
+        async with initialized(cfg) as store:
             await store.append(0, now // cfg.bucket_ms, [EventRecord(i, b"x") for i in ("a", "b")])
             await store.put_stories([story("s1", 1, now, ["a", "b"]), story("s1", 1, now + 30_000, ["a", "b"])])
             rep = await verify(store, cfg, now + 40_000)
-        finally:
-            await store.close()
         assert rep.repeated == ["s1@1"] and rep.missing == [] and not rep.ok
         assert any("stored twice" in ln for ln in rep.lines())
 

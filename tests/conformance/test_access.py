@@ -42,7 +42,8 @@ from engine.cli import main as cli_main
 from engine.core.config import Config, from_mapping
 from engine.core.errors import ConfigError, StoreError, StorylineError
 from engine.store import EventRecord, make_store
-from engine.tools.synth import sessions as synth
+from engine.tools.simulate import sessions as synth
+from tests.cli import FAST
 from tests.conftest import CQL_ADDR, REQUIRE_CQL, arun, drop_tenant, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance  # every test but the first needs a CQL node and is marked cql
@@ -51,15 +52,6 @@ ROOT = Path(__file__).resolve().parents[2]
 AUTH_NAME, AUTH_PORT, AUTH_STORAGE_PORT = "auth", 9242, 7200
 AUTH_ADDR = f"127.0.0.1:{AUTH_PORT}"
 SUPERUSER = ("cassandra", "cassandra")  # the default superuser of a fresh PasswordAuthenticator node
-FAST = {
-    "bucket_ms": 100,
-    "max_write_age_ms": 1000,
-    "request_timeout_ms": 1000,
-    "max_clock_skew_ms": 500,
-    "lag_ms": 3000,
-    "commit_interval_ms": 300,
-    "shutdown_timeout_ms": 20_000,
-}
 # A CA certificate that signed nothing of ours (its key was never kept): the node's certificate must not verify.
 FOREIGN_CA = """-----BEGIN CERTIFICATE-----
 MIIBlDCCATugAwIBAgIUIRVsTB8tvLpQVL5XWXbdEg+MgmMwCgYIKoZIzj0EAwIw

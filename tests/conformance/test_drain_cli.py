@@ -19,7 +19,6 @@ import pty
 import select
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -29,19 +28,14 @@ import pytest
 from engine.core.config import Config, from_mapping
 from engine.store import make_store
 from engine.testing.recording import read_records
+from tests import cli
+from tests.cli import SMALL_WINDOWS, argv, spawn, store_args
 from tests.conftest import ConfigFactory, arun, base_tree, merge, new_tenant
 
 pytestmark = pytest.mark.conformance
 
-# lag_ms 1800 = max_write_age_ms 500 + request_timeout_ms 1000 (its minimum) + max_clock_skew_ms 200 + bucket_ms
-# 100: the lag rule holds exactly.
 DRAIN: dict[str, Any] = {
-    "bucket_ms": 100,
-    "max_write_age_ms": 500,
-    "request_timeout_ms": 1000,
-    "max_clock_skew_ms": 200,
-    "lag_ms": 1800,
-    "commit_interval_ms": 300,
+    **SMALL_WINDOWS,
     "shutdown_timeout_ms": 10_000,
     "drain_timeout_ms": 3000,
 }
@@ -52,41 +46,16 @@ def cli_args(cfg: Config) -> list[str]:
     keys = ("tenant", "shards", *DRAIN)
     args = [x for k in keys for x in ("--set", f"{k}={getattr(cfg, k)}")]
     args += ["--set", f"store.backend={cfg.store.backend}"]
-    if cfg.store.backend == "cql":
-        args += ["--set", f"store.contact_points={json.dumps(cfg.store.contact_points)}"]
-        args += ["--set", f"store.consistency={cfg.store.consistency}"]
-        args += ["--set", f"store.serial_consistency={cfg.store.serial_consistency}"]
-    else:
-        args += ["--set", f"store.path={cfg.store.path}"]
-    return args
-
-
-def argv(*args: str) -> list[str]:
-    """``storyline ARGS``; with ``--record DIR[,MS]``, through :mod:`tests.record_run`: every worker records
-    the ids it consumed in DIR (and sleeps MS per non-empty bucket) instead of building stories."""
-    return [sys.executable, "-m", "tests.record_run" if "--record" in args else "engine.cli", *args]
+    return args + store_args(cfg)
 
 
 def storyline(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv(*args), capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cli.storyline(*args, timeout=timeout)
 
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
     """``storyline ingest`` of synthetic sessions; the ids it accepted."""
-    from engine.ingest.canonical import ParseRules, parse_line
-    from engine.tools.synth import sessions as synth
-
-    lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
-    path = tmp / f"in-{seed}.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    res = storyline("ingest", *cli_args(cfg), str(path))
-    assert res.returncode == 0, res.stderr
-    now = int(time.time() * 1000)
-    return {parse_line(ln, ParseRules.from_config(cfg), now).id for ln in lines}
+    return cli.ingest(cfg, tmp, sessions, seed, cli_args=cli_args(cfg), timeout=60)
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:

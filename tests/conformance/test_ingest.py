@@ -20,7 +20,7 @@ from engine.core.event import Event, decode
 from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.ingest.producer import ClockSkewError, Ingestor, Producer, ProducerError, redrive
 from engine.store import AppendResult, EventRecord, Store, make_store
-from engine.tools.synth import sessions
+from engine.tools.simulate import sessions
 from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance

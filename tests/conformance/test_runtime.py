@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -27,19 +26,11 @@ from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from engine.store import EventRecord, Store, make_store
 from engine.testing.recording import read_records
+from tests import cli
+from tests.cli import FAST, spawn, store_args
 from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, merge, new_tenant, require_cql
 
 pytestmark = pytest.mark.conformance
-
-FAST = {
-    "bucket_ms": 100,
-    "max_write_age_ms": 1000,
-    "request_timeout_ms": 1000,
-    "max_clock_skew_ms": 500,
-    "lag_ms": 3000,
-    "commit_interval_ms": 300,
-    "shutdown_timeout_ms": 20_000,
-}
 
 
 def ev(i: int, shard_hint: int = 0) -> Event:
@@ -312,13 +303,7 @@ def cli_args(cfg: Config) -> list[str]:
     ]
     for k, v in FAST.items():
         args += ["--set", f"{k}={v}"]
-    if cfg.store.backend == "cql":
-        args += ["--set", f"store.contact_points={json.dumps(cfg.store.contact_points)}"]
-        args += ["--set", f"store.consistency={cfg.store.consistency}"]
-        args += ["--set", f"store.serial_consistency={cfg.store.serial_consistency}"]
-    else:
-        args += ["--set", f"store.path={cfg.store.path}"]
-    return args
+    return args + store_args(cfg)
 
 
 def free_port() -> int:
@@ -327,31 +312,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def argv(*args: str) -> list[str]:
-    """``storyline ARGS``; with ``--record DIR[,MS]``, through :mod:`tests.record_run`: every worker records
-    the ids it consumed in DIR (and sleeps MS per non-empty bucket) instead of building stories."""
-    return [sys.executable, "-m", "tests.record_run" if "--record" in args else "engine.cli", *args]
-
-
 def storyline(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv(*args), capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cli.storyline(*args, timeout=timeout)
 
 
 def ingest(cfg: Config, tmp: Path, sessions: int, seed: int = 1) -> set[str]:
-    from engine.ingest.canonical import ParseRules, parse_line
-    from engine.tools.synth import sessions as synth
-
-    lines = list(synth(sessions, seed=seed, start_s=time.time() - 300, span_s=300))
-    path = tmp / f"in-{seed}.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    res = storyline("ingest", *cli_args(cfg), str(path))
-    assert res.returncode == 0, res.stderr
-    now = int(time.time() * 1000)
-    return {parse_line(ln, ParseRules.from_config(cfg), now).id for ln in lines}
+    return cli.ingest(cfg, tmp, sessions, seed, cli_args=cli_args(cfg), timeout=180)
 
 
 def recorded(directory: Path) -> list[str]:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
+from engine.cli import main
 from engine.core.config import from_mapping
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.tools.accuracy import link_reference, score
-from engine.tools.simulate import Scenario, SimEvent, Truth, generate, write
+from engine.tools.simulate import Scenario, SimEvent, Truth, generate, sessions, write
 
 CFG = from_mapping({"tenant": "t", "ingest": {"max_future_ms": 10**13}})
 NOW_MS = 1_790_000_000_000
@@ -216,6 +218,21 @@ def test_scenario_validation() -> None:
     with pytest.raises(ValueError, match="events"):
         Scenario(events=-1)
     assert generate(Scenario(events=0))[0] == []
+
+
+def test_sessions_mode_is_what_storyline_synth_prints(
+    capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``storyline synth`` is simulate's sessions mode: the same lines for the same seed and span, each of which
+    parses; 1..4 lines per session."""
+    monkeypatch.setattr(time, "time", lambda: 1_790_000_000.0)
+    assert main(["synth", "--sessions", "200", "--seed", "5", "--span-s", "120"]) == 0
+    lines = list(sessions(200, seed=5, start_s=1_790_000_000.0 - 120, span_s=120))
+    assert capsysbinary.readouterr().out == b"".join(ln + b"\n" for ln in lines)
+    assert lines == list(sessions(200, seed=5, start_s=1_790_000_000.0 - 120, span_s=120))
+    assert 200 <= len(lines) <= 800
+    for ln in lines:
+        parse_line(ln, ParseRules.from_config(CFG), NOW_MS)
 
 
 # --- scoring -----------------------------------------------------------------------------------------------
