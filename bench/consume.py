@@ -27,7 +27,7 @@ import psutil
 
 from engine.core.config import Config, from_mapping, load
 from engine.ingest.canonical import ParseRules, parse_line
-from engine.ingest.producer import Producer
+from engine.ingest.producer import Producer, ProducerSettings
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from engine.store import make_store
@@ -50,7 +50,7 @@ async def preload(cfg: Config, n_events: int) -> int:
     await store.open()
     try:
         await store.init_schema()
-        producer = Producer(store, cfg)
+        producer = Producer(store, ProducerSettings.from_config(cfg))
         now = int(time.time() * 1000)
         batch: list[Any] = []
         written = 0

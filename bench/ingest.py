@@ -15,7 +15,7 @@ from typing import Any
 
 from engine.core.config import Config, from_mapping
 from engine.ingest.canonical import ParseRules, parse_line
-from engine.ingest.producer import Ingestor, Producer
+from engine.ingest.producer import Ingestor, Producer, ProducerSettings
 from engine.store import make_store
 from engine.tools.simulate import sessions
 
@@ -35,7 +35,7 @@ def client_cost(n: int = 100_000) -> dict[str, float]:
     """Per-event client work without a database: parse, normalize, id, flow, encode, shard and group."""
     cfg = from_mapping({"tenant": "bench"})
     lines = small_lines(n)
-    producer = Producer(None, cfg)  # type: ignore[arg-type]  # only its pure grouping step is used
+    producer = Producer(None, ProducerSettings.from_config(cfg))  # type: ignore[arg-type]  # only its pure grouping step is used
     now = int(time.time() * 1000)
     step = cfg.ingest.batch_lines  # rounds of the size the ingest pipeline uses
     t_parse = t_group = 0.0
@@ -63,7 +63,7 @@ async def _ingest(cfg: Config, lines: list[bytes]) -> dict[str, float]:
     await store.open()
     try:
         await store.init_schema()
-        ing = Ingestor(store, cfg, Producer(store, cfg))
+        ing = Ingestor(store, Producer(store, ProducerSettings.from_config(cfg)))
         s = await ing.run(("bench", i, ln) for i, ln in enumerate(lines, 1))
         if s.accepted != len(lines):
             raise SystemExit(f"bench ingest: accepted {s.accepted} of {len(lines)}")

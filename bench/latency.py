@@ -34,7 +34,7 @@ import psutil
 from bench.pipeline import CONFIG, schema, start_engine, stop_engine
 from engine.core.config import Config, load
 from engine.ingest.canonical import ParseRules, parse_line
-from engine.ingest.producer import Producer
+from engine.ingest.producer import Producer, ProducerSettings
 from engine.store import Store, make_store
 from engine.tools.simulate import Scenario, generate
 
@@ -123,7 +123,7 @@ def run(
         store = make_store(cfg)
         await store.open()
         try:
-            producer = Producer(store, cfg)
+            producer = Producer(store, ProducerSettings.from_config(cfg))
             await producer.check_clock()
             t0 = time.monotonic()
             i = 0

@@ -25,7 +25,7 @@ import psutil
 
 from engine.core.config import Config, load
 from engine.ingest.canonical import ParseRules, parse_line
-from engine.ingest.producer import Producer
+from engine.ingest.producer import Producer, ProducerSettings
 from engine.store import make_store
 from engine.tools.simulate import Scenario, generate
 
@@ -116,7 +116,7 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
         store = make_store(cfg)
         await store.open()
         try:
-            producer = Producer(store, cfg)
+            producer = Producer(store, ProducerSettings.from_config(cfg))
             await producer.check_clock()
             t0, c0 = time.perf_counter(), time.process_time()
             for i in range(0, len(parsed), 2_000):

@@ -22,7 +22,7 @@ from engine import __version__
 from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
 from engine.core.errors import ConfigError, StorylineError, mask
-from engine.ingest.producer import Ingestor, IngestSummary, Producer, open_input, read_lines, redrive
+from engine.ingest.producer import Ingestor, IngestSummary, Producer, ProducerSettings, open_input, read_lines, redrive
 from engine.store import EventRecord, Store, make_store
 
 if TYPE_CHECKING:
@@ -257,9 +257,9 @@ async def cmd_ingest(cfg: Config, files: list[str]) -> int:
 
     store = await _with_store(cfg)
     try:
-        producer = Producer(store, cfg)
+        producer = Producer(store, ProducerSettings.from_config(cfg))
         skew = await producer.check_clock()
-        ingestor = Ingestor(store, cfg, producer)
+        ingestor = Ingestor(store, producer)
         for name in files:
             try:
                 stream = open_input(name)
@@ -287,7 +287,7 @@ async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
     store = await _with_store(cfg)
     try:
         if do_redrive:
-            accepted, still = await redrive(store, cfg, Producer(store, cfg))
+            accepted, still = await redrive(store, Producer(store, ProducerSettings.from_config(cfg)))
             print(f"dead-letter: redrive accepted {accepted:,} now, {still:,} still rejected")
             return EXIT_OK
         total = pending = shown = 0
@@ -510,7 +510,7 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
         await asyncio.to_thread(Path(args.truth).write_bytes, truth.to_json())
     store = await _with_store(cfg)
     try:
-        producer = Producer(store, cfg)
+        producer = Producer(store, ProducerSettings.from_config(cfg))
         await producer.check_clock()
         t0 = time.monotonic()
         sent = 0

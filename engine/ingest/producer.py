@@ -62,15 +62,49 @@ class WriteReport(msgspec.Struct):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
+class ProducerSettings(msgspec.Struct, frozen=True):
+    """What the producer, the JSONL ingest and redrive read of the configuration (the meaning of each field:
+    :class:`~engine.core.config.Config` and its ``ingest`` table)."""
+
+    shards: int
+    bucket_ms: int
+    max_event_bytes: int
+    max_clock_skew_ms: int
+    max_write_age_ms: int
+    max_in_flight: int
+    max_attempts: int
+    batch_lines: int
+    rules: ParseRules
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ProducerSettings:
+        return cls(
+            shards=cfg.shards,
+            bucket_ms=cfg.bucket_ms,
+            max_event_bytes=cfg.max_event_bytes,
+            max_clock_skew_ms=cfg.max_clock_skew_ms,
+            max_write_age_ms=cfg.max_write_age_ms,
+            max_in_flight=cfg.ingest.max_in_flight,
+            max_attempts=cfg.ingest.max_attempts,
+            batch_lines=cfg.ingest.batch_lines,
+            rules=ParseRules.from_config(cfg),
+        )
+
+
 class Producer:
     def __init__(
-        self, store: Store, cfg: Config, clock: Clock = SYSTEM_CLOCK, *, before_write: BeforeWrite | None = None
+        self,
+        store: Store,
+        settings: ProducerSettings,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        before_write: BeforeWrite | None = None,
     ) -> None:
         self.store = store
-        self.cfg = cfg
+        self.settings = settings
         self.clock = clock
         self.before_write = before_write
-        self._sem = asyncio.Semaphore(cfg.ingest.max_in_flight)
+        self._sem = asyncio.Semaphore(settings.max_in_flight)
         self.clock_checked = False
 
     async def check_clock(self) -> int:
@@ -78,7 +112,7 @@ class Producer:
         m = await measure_skew(
             self.clock,
             self.store.server_time_ms,
-            self.cfg.max_clock_skew_ms,
+            self.settings.max_clock_skew_ms,
             ": fix NTP before writing, or events could land in buckets already read",
         )
         self.clock_checked = True
@@ -89,14 +123,14 @@ class Producer:
         dups = 0
         by_shard: dict[int, list[list[tuple[Event, EventRecord]]]] = {}
         sizes: dict[int, int] = {}
-        shards = self.cfg.shards
+        shards = self.settings.shards
         for ev in events:
             if ev.id in seen:
                 dups += 1
                 continue
             seen.add(ev.id)
             payload = encode(ev)
-            if len(payload) > self.cfg.max_event_bytes:
+            if len(payload) > self.settings.max_event_bytes:
                 raise InputError(f"event {ev.id}: encoded size {len(payload)} exceeds max_event_bytes")
             shard = shard_of(ev, shards)
             groups = by_shard.setdefault(shard, [[]])
@@ -134,16 +168,16 @@ class Producer:
         return report
 
     async def _append(self, shard: int, records: list[EventRecord]) -> WriteReport:
-        cfg = self.cfg
+        s = self.settings
         rebucketed = 0
         last: StoreError | None = None
-        for attempt in range(cfg.ingest.max_attempts):
+        for attempt in range(s.max_attempts):
             chosen = self.clock.now_ms()
-            bucket = chosen // cfg.bucket_ms
+            bucket = chosen // s.bucket_ms
             if self.before_write is not None:
                 await self.before_write(shard, bucket, attempt)
             try:
-                res = await self.store.append(shard, bucket, records, deadline_ms=chosen + cfg.max_write_age_ms)
+                res = await self.store.append(shard, bucket, records, deadline_ms=chosen + s.max_write_age_ms)
             except WriteTooLateError as exc:
                 rebucketed += 1
                 last = exc
@@ -157,7 +191,7 @@ class Producer:
                 events=res.events, bytes=res.bytes, appends=1, rebucketed=rebucketed, retries=res.retries
             )
         assert last is not None
-        raise StoreError(f"shard {shard}: gave up after {cfg.ingest.max_attempts} attempts: {last}", retriable=True)
+        raise StoreError(f"shard {shard}: gave up after {s.max_attempts} attempts: {last}", retriable=True)
 
 
 # -- JSONL ingest ----------------------------------------------------------------------------------------------
@@ -201,15 +235,15 @@ def dead_letter_id(file: str, line: int, raw: bytes) -> str:
 
 class Ingestor:
     """Validates lines, writes the good ones through a :class:`Producer` and the bad ones to the dead-letter
-    store, in rounds of ``ingest.batch_lines`` lines."""
+    store, in rounds of ``ingest.batch_lines`` lines; the validation rules are the producer's settings."""
 
-    def __init__(self, store: Store, cfg: Config, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, store: Store, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> None:
         self.store = store
-        self.cfg = cfg
         self.producer = producer
         self.clock = clock
         self.summary = IngestSummary()
-        self._rules = ParseRules.from_config(cfg)
+        self._rules = producer.settings.rules
+        self._batch_lines = producer.settings.batch_lines
 
     async def run(
         self, lines: Iterable[tuple[str, int, bytes]], progress: Callable[[IngestSummary], None] | None = None
@@ -232,7 +266,7 @@ class Ingestor:
         try:
             for item in lines:
                 batch.append(item)
-                if len(batch) >= self.cfg.ingest.batch_lines:
+                if len(batch) >= self._batch_lines:
                     await flush(batch)
                     batch = []
             if batch:
@@ -277,17 +311,17 @@ class Ingestor:
             s.rebucketed += report.rebucketed
 
 
-async def redrive(store: Store, cfg: Config, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> tuple[int, int]:
-    """Validate every dead letter not yet redriven again; write the ones that pass now and mark them.
-    Returns (accepted now, still rejected)."""
+async def redrive(store: Store, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> tuple[int, int]:
+    """Validate every dead letter not yet redriven again (with the producer's rules); write the ones that pass
+    now and mark them. Returns (accepted now, still rejected)."""
     accepted = still = 0
     pending: list[DeadLetter] = []
     async for page in store.scan_dead_letters():
         pending.extend(d for d in page if d.redriven_ms is None)
     now = clock.now_ms()
-    rules = ParseRules.from_config(cfg)
-    for i in range(0, len(pending), cfg.ingest.batch_lines):
-        chunk = pending[i : i + cfg.ingest.batch_lines]
+    rules, step = producer.settings.rules, producer.settings.batch_lines
+    for i in range(0, len(pending), step):
+        chunk = pending[i : i + step]
         good: list[Event] = []
         done: list[DeadLetter] = []
         for d in chunk:

@@ -12,7 +12,7 @@ from engine.core.clock import ManualClock
 from engine.core.config import Config
 from engine.correlate.story import StoryMachine
 from engine.ingest.canonical import ParseRules, parse_line
-from engine.ingest.producer import Producer
+from engine.ingest.producer import Producer, ProducerSettings
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from engine.store import make_store
@@ -31,7 +31,7 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
         await store.open()
         await store.init_schema()
         try:
-            producer = Producer(store, cfg, clock)
+            producer = Producer(store, ProducerSettings.from_config(cfg), clock)
             producer.clock_checked = True  # simulated time
             batch: list[Any] = []
             for ev in events:  # delivered in arrival order, each at its arrival time

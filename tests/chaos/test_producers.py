@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.ingest.producer import Ingestor, Producer, open_input, read_lines
+from engine.ingest.producer import Ingestor, Producer, ProducerSettings, open_input, read_lines
 from engine.store import make_store
 from engine.tools.verify import IngestRun
 from tests.chaos.conftest import Recorder, TenantFactory
@@ -40,10 +40,10 @@ async def ingest_slowly(t: Tenant, files: list[Path], seed: int) -> tuple[list[I
     runs: list[IngestRun] = []
     rebucketed = 0
     try:
-        producer = Producer(store, cfg, before_write=late)
+        producer = Producer(store, ProducerSettings.from_config(cfg), before_write=late)
         await producer.check_clock()
         for f in files:
-            ingestor = Ingestor(store, cfg, producer)
+            ingestor = Ingestor(store, producer)
             with open_input(str(f)) as stream:
                 s = await ingestor.run(read_lines(str(f), stream))
             runs.append(IngestRun(str(f), s.accepted, s.rejected, s.duplicates))

@@ -18,7 +18,7 @@ from engine.core.config import Config, from_mapping
 from engine.core.errors import StoreError, TransientStoreError
 from engine.core.event import Event, decode
 from engine.ingest.canonical import ParseRules, parse_line, shard_of
-from engine.ingest.producer import ClockSkewError, Ingestor, Producer, ProducerError, redrive
+from engine.ingest.producer import ClockSkewError, Ingestor, Producer, ProducerError, ProducerSettings, redrive
 from engine.store import AppendResult, EventRecord, Store, make_store
 from engine.tools.simulate import sessions
 from tests.conftest import ConfigFactory, arun, base_tree, drop_tenant, new_tenant, require_cql
@@ -153,7 +153,7 @@ def test_rebucketing_after_an_injected_slow_write(make_config: ConfigFactory) ->
     async def body() -> None:
         store = await opened(cfg, clock)
         try:
-            producer = Producer(store, cfg, clock, before_write=slow_first_attempt)
+            producer = Producer(store, ProducerSettings.from_config(cfg), clock, before_write=slow_first_attempt)
             producer.clock_checked = True  # the manual clock is not the database's
             report = await producer.write(events)
             start = int(time.time() * 1000) // cfg.bucket_ms
@@ -178,7 +178,7 @@ def test_duplicate_ids_in_one_batch_are_written_once(make_config: ConfigFactory)
     async def body() -> None:
         store = await opened(cfg)
         try:
-            report = await Producer(store, cfg).write(events + events[:10])
+            report = await Producer(store, ProducerSettings.from_config(cfg)).write(events + events[:10])
             got = await stored_events(store, cfg, now // cfg.bucket_ms - 5, now // cfg.bucket_ms + 600)
         finally:
             await store.close()
@@ -200,7 +200,7 @@ def test_clock_skew_is_refused(tmp_path: Path) -> None:
         store = await opened(cfg, clock)
         try:
             with pytest.raises(ClockSkewError, match="max_clock_skew_ms"):
-                await Producer(store, cfg, clock).write([])
+                await Producer(store, ProducerSettings.from_config(cfg), clock).write([])
         finally:
             await store.close()
             await drop_tenant(cfg)
@@ -241,16 +241,16 @@ def test_transient_failures_are_retried_and_permanent_ones_name_the_events(make_
         store = await opened(cfg)
         try:
             flaky = Flaky(store, 2, TransientStoreError("timeout"))
-            report = await Producer(flaky, cfg).write(events)
+            report = await Producer(flaky, ProducerSettings.from_config(cfg)).write(events)
             assert report.events == len(events) and flaky.calls == 3
             broken = Flaky(store, 10**6, StoreError("unauthorized"))
             with pytest.raises(ProducerError) as info:
-                await Producer(broken, cfg).write(events)
+                await Producer(broken, ProducerSettings.from_config(cfg)).write(events)
             assert {e.id for e in info.value.failed} == {e.id for e in events}
             assert not info.value.retriable
             gone = Flaky(store, 10**6, TransientStoreError("unavailable"))
             with pytest.raises(ProducerError) as info2:
-                await Producer(gone, cfg).write(events)
+                await Producer(gone, ProducerSettings.from_config(cfg)).write(events)
             assert info2.value.retriable and gone.calls == cfg.ingest.max_attempts
         finally:
             await store.close()
@@ -269,15 +269,15 @@ def test_redrive_after_a_config_change(make_config: ConfigFactory) -> None:
     async def body() -> None:
         store = await opened(strict)
         try:
-            ing = Ingestor(store, strict, Producer(store, strict))
+            ing = Ingestor(store, Producer(store, ProducerSettings.from_config(strict)))
             s = await ing.run([("f.jsonl", 1, old), ("f.jsonl", 2, junk)])
             assert (s.accepted, s.rejected) == (0, 2)
-            assert await redrive(store, strict, Producer(store, strict)) == (0, 2)
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(strict))) == (0, 2)
             lenient = make_config(tenant=strict.tenant, ingest={"min_time_ms": 946_684_800_000})
-            assert await redrive(store, lenient, Producer(store, lenient)) == (1, 1)
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(lenient))) == (1, 1)
             letters = [d for page in [p async for p in store.scan_dead_letters()] for d in page]
             assert sorted((d.line, d.redriven_ms is not None) for d in letters) == [(1, True), (2, False)]
-            assert await redrive(store, lenient, Producer(store, lenient)) == (0, 1)
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(lenient))) == (0, 1)
         finally:
             await store.close()
 
