@@ -192,10 +192,7 @@ class CqlStore:
     """:class:`engine.store.protocol.Store` on ScyllaDB / Cassandra."""
 
     def __init__(self, settings: StoreSettings, clock: Clock = SYSTEM_CLOCK) -> None:
-        cfg = settings
-        if cfg.store.backend != "cql":
-            raise StoreError("CqlStore needs store.backend = 'cql'")
-        self.settings = cfg
+        self.settings = cfg = settings.for_backend("cql", "CqlStore")
         self.clock = clock
         self.ks = cfg.keyspace
         self.stats = RetryStats()
@@ -531,10 +528,13 @@ class CqlStore:
             f"AND (event_id, chunk) > (?, ?) LIMIT ?"
         )
         what = f"read events ({shard}, {bucket})"
-        if max_row_bytes is None:
-            found = await self.nonempty_buckets(shard, bucket, bucket)
-            max_row_bytes = found[0].max_row_bytes if found else self._worst_row
-        sizer = PageSizer(self.settings.store, max_row_bytes, self._row_estimate)
+        sizer = await PageSizer.for_partition(
+            self.settings.store,
+            max_row_bytes,
+            lambda: self.nonempty_buckets(shard, bucket, bucket),
+            self._worst_row,
+            self._row_estimate,
+        )
 
         async def fetch(cursor: tuple[str, int] | None, limit: int) -> list[tuple[str, int, int | None, bytes]]:
             if cursor is None:

@@ -104,10 +104,7 @@ class EmbeddedStore:
     """:class:`engine.store.protocol.Store` on SQLite."""
 
     def __init__(self, settings: StoreSettings, clock: Clock = SYSTEM_CLOCK) -> None:
-        cfg = settings
-        if cfg.store.backend != "embedded":
-            raise StoreError("EmbeddedStore needs store.backend = 'embedded'")
-        self.settings = cfg
+        self.settings = cfg = settings.for_backend("embedded", "EmbeddedStore")
         self.clock = clock
         self.p = cfg.keyspace
         self.stats = RetryStats()
@@ -337,10 +334,13 @@ class EmbeddedStore:
             f"AND (event_id, chunk) > (?, ?) ORDER BY event_id, chunk LIMIT ?"
         )
         what = f"read events ({shard}, {bucket})"
-        if max_row_bytes is None:
-            found = await self.nonempty_buckets(shard, bucket, bucket)
-            max_row_bytes = found[0].max_row_bytes if found else self._worst_row
-        sizer = PageSizer(self.settings.store, max_row_bytes, self._row_estimate)
+        sizer = await PageSizer.for_partition(
+            self.settings.store,
+            max_row_bytes,
+            lambda: self.nonempty_buckets(shard, bucket, bucket),
+            self._worst_row,
+            self._row_estimate,
+        )
 
         async def fetch(cursor: tuple[str, int] | None, limit: int) -> list[tuple[str, int, int | None, bytes]]:
             now = self.clock.now_ms()

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from engine.core.config import StoreConfig
-from engine.core.records import (
-    PartitionPage,
-)
+from engine.core.records import BucketHint, PartitionPage
 from engine.store.chunks import ROW_OVERHEAD, Assembler
 
 
@@ -28,6 +26,22 @@ class PageSizer:
         self._page_bytes = s.page_bytes
         self._cap = max(1, min(s.page_rows, s.page_bytes_max // max(1, max_row_bytes)))
         self.estimate = max(64.0, min(estimate, float(max_row_bytes)))
+
+    @classmethod
+    async def for_partition(
+        cls,
+        settings: StoreConfig,
+        max_row_bytes: int | None,
+        hints: Callable[[], Awaitable[list[BucketHint]]],
+        worst_row: int,
+        estimate: float,
+    ) -> PageSizer:
+        """A sizer for one partition: its largest row is the caller's, else the bucket index's (``hints()``),
+        else ``worst_row`` (a full chunk)."""
+        if max_row_bytes is None:
+            found = await hints()
+            max_row_bytes = found[0].max_row_bytes if found else worst_row
+        return cls(settings, max_row_bytes, estimate)
 
     def limit(self) -> int:
         return max(1, min(self._cap, int(self._page_bytes // self.estimate)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 
 from engine.core.config import Config, StoreConfig
+from engine.core.errors import StoreError
 
 
 class StoreSettings(msgspec.Struct, frozen=True):
@@ -25,6 +26,12 @@ class StoreSettings(msgspec.Struct, frozen=True):
     def keyspace(self) -> str:
         """The tenant's keyspace (CQL) or table prefix (embedded)."""
         return self.tenant
+
+    def for_backend(self, backend: str, who: str) -> StoreSettings:
+        """These settings, checked to name ``backend`` (a store class refuses another backend's settings)."""
+        if self.store.backend != backend:
+            raise StoreError(f"{who} needs store.backend = {backend!r}, not {self.store.backend!r}")
+        return self
 
     @classmethod
     def from_config(cls, cfg: Config) -> StoreSettings:
