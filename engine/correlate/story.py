@@ -145,6 +145,20 @@ DRAIN_MARK = _marks_encoder.encode(Marks([], [], [], [], [], drained=True))
 
 
 @dataclass
+class _Pending:
+    """Revisions emitted in the call being processed, fused together at its end: per revision its head (the
+    sequence number standing for the story), where its record goes (shard, bucket, ingest time, index in the
+    emission) and the snapshots of the stories' rows."""
+
+    heads: list[tuple[int, str, int, bool, bool, str | None]] = field(default_factory=list)
+    slots: list[tuple[int, int, int, int]] = field(default_factory=list)
+    rows: list[pl.DataFrame] = field(default_factory=list)
+
+
+_PLACEHOLDER = StoryRecord(-1, -1, "", 0, False, None, 0, b"")  # replaced by _fuse_pending before the call returns
+
+
+@dataclass
 class StoryCounters:
     events: int = 0
     duplicates: int = 0
@@ -176,6 +190,7 @@ class StoryMachine:
         self.counters = StoryCounters()
         self.cid_cache: dict[int | None, str | None] = {}
         self._out = Emission()
+        self._pending = _Pending()  # revisions of this call waiting for its one fusion pass
         self._writing = True  # False while replaying: what the call emits is durable already
 
     @classmethod
@@ -260,9 +275,11 @@ class StoryMachine:
                 self._bucket(bucket, batches, replay=replay)
                 for s in batches:
                     out.replay[s] = self.replay_bucket(s, bucket)
+            self._fuse_pending()
         finally:
             self._writing = True
             self._out = Emission()
+            self._pending = _Pending()
         return out
 
     def drain(self, shards: Sequence[int], bucket: int) -> Emission:
@@ -276,8 +293,10 @@ class StoryMachine:
                 if self._drain_shard(s, bucket):
                     out.marks.append(MarkRecord(s, bucket, DRAIN_PART, DRAIN_MARK))
                 out.replay[s] = self.replay_bucket(s, bucket)
+            self._fuse_pending()
         finally:
             self._out = Emission()
+            self._pending = _Pending()
         return out
 
     def _drain_shard(self, shard: int, bucket: int) -> bool:
@@ -804,7 +823,7 @@ class StoryMachine:
         records: list[StoryRecord] | None = None,
         provisional: list[StoryMeta] | None = None,
     ) -> None:
-        """New revisions of ``due`` (final) and ``provisional`` stories, fused in one pass, plus ``records``
+        """New revisions of ``due`` (final) and ``provisional`` stories (fused with the whole call's), plus ``records``
         (merge stubs), into the call's emission (unless replaying: then they are durable already)."""
         out = list(records or [])
         temp = {m.key for m in provisional or []}
@@ -826,15 +845,52 @@ class StoryMachine:
                 shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
             if self._writing:
-                head_frame = pl.DataFrame(heads, schema=HEAD_SCHEMA, orient="row")
-                rows = self.frame.filter(pl.col("story").is_in(list(shard_of))).drop("shard")
-                fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache)
-                for key, sid, revision, final, body in fused.select(
-                    "story", "story_id", "revision", "final", "body"
-                ).iter_rows():
-                    out.append(StoryRecord(shard_of[key], bucket, sid, revision, final, None, now, body.encode()))
+                # Fused once per call (_fuse_pending): here only this bucket's rows of these stories are taken
+                # (they may gain events, or be renamed by a merge, later in the same call).
+                self._defer(bucket, now, heads, shard_of, out)
+                return
         if out and self._writing:
             self._out.stories += out
+
+    def _defer(
+        self,
+        bucket: int,
+        now: int,
+        heads: list[tuple[int, str, int, bool, bool, str | None]],
+        shard_of: Mapping[int, int],
+        ready: list[StoryRecord],
+    ) -> None:
+        """Queue revisions for the call's one fusion pass: each gets a sequence number that stands for the story
+        in the snapshot of its rows taken now (a story emitted twice in a call has two snapshots)."""
+        p = self._pending
+        self._out.stories += ready
+        base = len(p.slots)
+        keys = [h[0] for h in heads]
+        seqs = list(range(base, base + len(heads)))
+        p.rows.append(
+            self.frame.filter(pl.col("story").is_in(keys))
+            .drop("shard")
+            .with_columns(pl.col("story").replace_strict(keys, seqs, return_dtype=KEY))
+        )
+        for seq, (key, sid, revision, final, truncated, predecessor) in zip(seqs, heads, strict=True):
+            p.heads.append((seq, sid, revision, final, truncated, predecessor))
+            p.slots.append((shard_of[key], bucket, now, len(self._out.stories)))
+            self._out.stories.append(_PLACEHOLDER)
+
+    def _fuse_pending(self) -> None:
+        """Fuse every revision queued in this call in one pass and put the bodies in their places."""
+        p = self._pending
+        if not p.slots:
+            return
+        self._pending = _Pending()
+        head_frame = pl.DataFrame(p.heads, schema=HEAD_SCHEMA, orient="row")
+        rows = pl.concat(p.rows, how="vertical", rechunk=False) if len(p.rows) > 1 else p.rows[0]
+        fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache)
+        stories = self._out.stories
+        for (shard, bucket, now, at), (sid, revision, final, body) in zip(
+            p.slots, fused.select("story_id", "revision", "final", "body").iter_rows(), strict=True
+        ):
+            stories[at] = StoryRecord(shard, bucket, sid, revision, final, None, now, body.encode())
 
     def _stub(self, shard: int, bucket: int, meta: StoryMeta, into: str, now: int) -> StoryRecord:
         body = FusedStory(meta.id, meta.revision + 1, True, None, None, 0, 0, 0, [], [], [], {}, {}, merged_into=into)
