@@ -30,7 +30,7 @@ class Batch:
     """The events of one bucket of one shard: the linking fields decoded up front (a small view struct, cheap),
     the full events only when asked for (``events()``), e.g. for the events of a story being emitted."""
 
-    __slots__ = ("_events", "records", "undecodable", "views")
+    __slots__ = ("_events", "bytes", "records", "undecodable", "views")
 
     def __init__(self, records: Sequence[EventRecord]) -> None:
         dec = decode_view
@@ -51,6 +51,7 @@ class Batch:
                     self.undecodable += 1
             self.records = good
         self._events: list[Event] | None = None
+        self.bytes = sum([len(r.payload) for r in self.records])  # payload bytes (bounds a stage call's size)
 
     def __len__(self) -> int:
         return len(self.views)

@@ -271,8 +271,9 @@ class StoryMachine:
         self._out = out = Emission()
         self._writing = not replay
         try:
+            decoded = self._decode_call(buckets)
             for bucket, batches in buckets:
-                self._bucket(bucket, batches, replay=replay)
+                self._bucket(bucket, batches, replay=replay, decoded=decoded.get(bucket))
                 for s in batches:
                     out.replay[s] = self.replay_bucket(s, bucket)
             self._fuse_pending()
@@ -313,7 +314,14 @@ class StoryMachine:
         return True
 
     # -- one bucket ---------------------------------------------------------------------------------------
-    def _bucket(self, bucket: int, batches: Mapping[int, Batch], *, replay: bool) -> None:
+    def _bucket(
+        self,
+        bucket: int,
+        batches: Mapping[int, Batch],
+        *,
+        replay: bool,
+        decoded: tuple[pl.DataFrame, int] | None = None,
+    ) -> None:
         sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
         if not replay:
             for st in sts.values():
@@ -328,7 +336,7 @@ class StoryMachine:
         now = (bucket + 1) * self.bucket_ms
         full = {s: b for s, b in batches.items() if len(b)}
         if full:
-            self._absorb(bucket, full, now)
+            self._absorb(bucket, full, now, decoded)
         self._timeouts(bucket, sts, now)
         if replay:
             self._replay_drains(sts, bucket)
@@ -403,9 +411,12 @@ class StoryMachine:
             self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b}, (b + 1) * self.bucket_ms)
 
     # -- linking ------------------------------------------------------------------------------------------
-    def _absorb(self, bucket: int, batches: Mapping[int, Batch], now: int) -> None:
-        """The bucket's events of these shards join the state: decode, dedupe, link, assign (and merge)."""
-        new, total = self._decode(batches, now)
+    def _absorb(
+        self, bucket: int, batches: Mapping[int, Batch], now: int, decoded: tuple[pl.DataFrame, int] | None
+    ) -> None:
+        """The bucket's events of these shards join the state: decode (unless the call decoded them), dedupe,
+        link, assign (and merge)."""
+        new, total = decoded if decoded is not None else self._decode({bucket: batches})[bucket]
         sts = {s: self.shards[s] for s in batches}
         new, skipped = self._dedupe(sts, bucket, new)
         self.counters.duplicates += total - new.height - skipped
@@ -420,16 +431,32 @@ class StoryMachine:
             self.pending_chunks = 0
         self.frame = frame
 
-    def _decode(self, batches: Mapping[int, Batch], now: int) -> tuple[pl.DataFrame, int]:
-        """The partitions' events as state rows (story unset), first of each id only; and how many there were."""
-        shards = list(batches)
-        sizes = [len(batches[s]) for s in shards]
-        cols = event_columns([r.payload for s in shards for r in batches[s].records])
+    def _decode_call(self, buckets: Buckets) -> dict[int, tuple[pl.DataFrame, int]]:
+        """Every partition of the call decoded at once (see :meth:`_decode`), when there are several buckets."""
+        full = {b: {s: x for s, x in batches.items() if len(x)} for b, batches in buckets}
+        full = {b: parts for b, parts in full.items() if parts}
+        return self._decode(full) if len(full) > 1 else {}
+
+    def _decode(self, buckets: Mapping[int, Mapping[int, Batch]]) -> dict[int, tuple[pl.DataFrame, int]]:
+        """The partitions' events as state rows (story unset; ingest time: the end of their bucket), per bucket the
+        first of each id only, and how many there were. One decoder call and one frame for all the buckets (in
+        ascending order), then a slice per bucket."""
+        shards: list[int] = []
+        sizes: list[int] = []
+        ingest: list[int] = []
+        payloads: list[bytes] = []
+        totals: dict[int, int] = {}
+        for b, batches in buckets.items():
+            for s, batch in batches.items():
+                shards.append(s)
+                sizes.append(len(batch))
+                ingest.append((b + 1) * self.bucket_ms)
+                payloads += [r.payload for r in batch.records]
+            totals[b] = sum(len(x) for x in batches.values())
+        cols = event_columns(payloads)
         time_us = pl.Series("time_us", cols.pop("time_us"), pl.Int64)
         offsets = self.c.sensor_offsets_ms
-        shard_col = pl.Series("shard", shards, pl.Int32).gather(
-            pl.Series(range(len(shards)), dtype=pl.UInt32).repeat_by(pl.Series(sizes, dtype=pl.UInt32)).explode()
-        )
+        spread = pl.Series(range(len(shards)), dtype=pl.UInt32).repeat_by(pl.Series(sizes, dtype=pl.UInt32)).explode()
         new = pl.DataFrame(cols, schema={k: v for k, v in EVENT_SCHEMA.items() if k in cols}).with_columns(
             (
                 time_us - pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
@@ -437,11 +464,20 @@ class StoryMachine:
                 else time_us
             ).alias("t"),
             pl.lit(None, KEY).alias("story"),
-            pl.lit(now, pl.Int64).alias("ingest"),
-            shard_col,
+            pl.Series("ingest", ingest, pl.Int64).gather(spread),
+            pl.Series("shard", shards, pl.Int32).gather(spread),
         )
-        total = new.height
-        return new.select(list(STATE_SCHEMA)).unique("id", keep="first", maintain_order=True), total
+        new = new.select(list(STATE_SCHEMA)).unique(["ingest", "id"], keep="first", maintain_order=True)
+        if len(buckets) == 1:
+            return {b: (new, totals[b]) for b in buckets}
+        counts = new.group_by("ingest", maintain_order=True).len()
+        out: dict[int, tuple[pl.DataFrame, int]] = {}
+        at = 0
+        for ingest_ms, n in counts.iter_rows():
+            b = ingest_ms // self.bucket_ms - 1
+            out[b] = (new.slice(at, n), totals[b])
+            at += n
+        return out
 
     def _dedupe(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> tuple[pl.DataFrame, int]:
         """Drop the events already in their shard's state (re-deliveries) and, in a replay, those of stories that

@@ -25,12 +25,16 @@ from engine.core.errors import SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Emission, MarkRecord, Stage
 from engine.runtime.assign import format_ranges
 from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
-from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store
+from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, run_all
 
 log = logging.getLogger("storyline.worker")
 
 SKEW_REFRESH_MS = 60_000
 FLUSH_WRITES = 5_000  # pending story revisions and marks written before the step ends (bounds memory)
+# One stage call takes at most this many buckets, events and bytes (adaptive batches: see Worker._feed).
+CALL_BUCKETS = 64
+CALL_EVENTS = 50_000
+CALL_BYTES = 32 * 1024 * 1024
 CATCHUP_STEP_SLOTS = 1  # buckets looked up per index scan while catching up: one 15-minute slot
 MAX_BACKOFF_S = 10.0
 
@@ -67,6 +71,7 @@ class WorkerStats:
     commits: int = 0
     errors: int = 0
     index_scans: int = 0
+    stage_calls: int = 0  # on_buckets calls (each takes one or more buckets: adaptive batches)
     rebuilds: int = 0  # stage state rebuilt (replayed) in-process after an error mid-bucket
     undecodable: int = 0  # payloads that are not canonical events: skipped and counted
     started: float = field(default_factory=time.time)
@@ -255,25 +260,32 @@ class Worker:
                 futs[(b, s)] = asyncio.ensure_future(self._read(s, hint))
                 nxt += 1
 
-        try:
-            for b in sorted(plan):
-                fill()
-                batches: dict[int, Batch] = {s: EMPTY for s, first, last in ranges if first <= b <= last}
-                for s, hint in plan[b].items():
-                    if hint is not None:
-                        batches[s] = await futs.pop((b, s))
-                        fill()
-                try:
-                    emission = self.stage.on_buckets([(b, batches)], replay=replay)
-                except BaseException:
-                    # The stage may be half-way through the bucket: its state is rebuilt from the committed
-                    # offsets before anything else is fed.
-                    self._stage_suspect = True
-                    raise
-                self._pending.add(emission)
-                self._replay_at.update(emission.replay)
-                if self._pending.writes >= FLUSH_WRITES:
-                    await self.flush()
+        # Adaptive batches: the buckets whose partitions are already read go to the stage together (up to
+        # CALL_EVENTS events / CALL_BYTES bytes / CALL_BUCKETS buckets), so a worker that is behind shares each
+        # call's fixed costs over many buckets; one that keeps up hands over each bucket as it comes. The
+        # stage's output does not depend on how buckets are grouped into calls (each keeps its own ingest time).
+        group: list[tuple[int, dict[int, Batch]]] = []
+        size = [0, 0]  # events, bytes of the group
+
+        async def hand_over() -> None:
+            if not group:
+                return
+            calls = list(group)
+            group.clear()
+            size[0] = size[1] = 0
+            try:
+                emission = self.stage.on_buckets(calls, replay=replay)
+            except BaseException:
+                # The stage may be half-way through the buckets: its state is rebuilt from the committed
+                # offsets before anything else is fed.
+                self._stage_suspect = True
+                raise
+            self.stats.stage_calls += 1
+            self._pending.add(emission)
+            self._replay_at.update(emission.replay)
+            if self._pending.writes >= FLUSH_WRITES:
+                await self.flush()
+            for b, batches in calls:
                 if not replay:
                     for batch in batches.values():
                         self.stats.events += len(batch)
@@ -283,10 +295,28 @@ class Worker:
                     st = self.state.get(s)
                     if st is not None and not replay:
                         st.read = max(st.read, b)
-                if not replay and self.clock.now_ms() - self._last_commit_ms >= self.settings.commit_interval_ms:
-                    # A long step (catching up: up to a 15-minute slot of buckets) checkpoints on the way, so
-                    # progress is durable and visible (a drain's supervisor waits for committed positions).
-                    await self.commit([st for st in self.state.values() if not st.fenced], force=False)
+            if not replay and self.clock.now_ms() - self._last_commit_ms >= self.settings.commit_interval_ms:
+                # A long step (catching up: up to a 15-minute slot of buckets) checkpoints on the way, so
+                # progress is durable and visible (a drain's supervisor waits for committed positions).
+                await self.commit([st for st in self.state.values() if not st.fenced], force=False)
+
+        try:
+            for b in sorted(plan):
+                fill()
+                batches: dict[int, Batch] = {s: EMPTY for s, first, last in ranges if first <= b <= last}
+                for s, hint in plan[b].items():
+                    if hint is not None:
+                        fut = futs.pop((b, s))
+                        if not fut.done():
+                            await hand_over()  # what is read already goes on while this partition comes in
+                        batches[s] = await fut
+                        size[0] += len(batches[s])
+                        size[1] += batches[s].bytes
+                        fill()
+                group.append((b, batches))
+                if size[0] >= CALL_EVENTS or size[1] >= CALL_BYTES or len(group) >= CALL_BUCKETS:
+                    await hand_over()
+            await hand_over()
         finally:
             for fut in futs.values():
                 if not fut.done():
@@ -508,6 +538,7 @@ class Worker:
             "partitions": self.stats.partitions,
             "bytes": self.stats.bytes,
             "commits": self.stats.commits,
+            "stage_calls": self.stats.stage_calls,
             "errors": self.stats.errors,
             "rebuilds": self.stats.rebuilds,
             "incomplete": self.stats.incomplete,
@@ -529,17 +560,20 @@ class Worker:
 async def persist(store: Store, consumer: str, emission: Emission) -> None:
     """Write an emission: its marks first (a drain's record must be durable before the revisions it made, so that
     no later start emits them again elsewhere), then its story revisions. Both are idempotent upserts of fixed
-    content, so a retry, or a replay that emits the same again, rewrites identical bytes."""
+    content, so a retry, or a replay that emits the same again, rewrites identical bytes. The marks of different
+    (shard, bucket)s are written concurrently (the store bounds the requests in flight)."""
     runs: dict[tuple[int, int], list[MarkRecord]] = {}
     for m in emission.marks:
         runs.setdefault((m.shard, m.bucket), []).append(m)
+    writes = []
     for (shard, bucket), marks in runs.items():
         marks.sort(key=lambda m: m.part)
         start = 0
         for i in range(1, len(marks) + 1):
             if i == len(marks) or marks[i].part != marks[i - 1].part + 1:  # parts are written in contiguous runs
                 run = marks[start:i]
-                await store.put_marks(consumer, shard, bucket, [m.body for m in run], first_part=run[0].part)
+                writes.append(store.put_marks(consumer, shard, bucket, [m.body for m in run], first_part=run[0].part))
                 start = i
+    await run_all(writes)
     if emission.stories:
         await store.put_stories(emission.stories)

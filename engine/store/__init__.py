@@ -30,6 +30,7 @@ from engine.core.records import (
 )
 from engine.store.layout import INDEX_GROUP_SHARDS, SCHEMA_VERSION, index_group, index_slot
 from engine.store.protocol import Store
+from engine.store.retry import run_all
 from engine.store.settings import StoreSettings
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "index_group",
     "index_slot",
     "make_store",
+    "run_all",
     "store_for",
     "story_id",
     "story_id_shard",

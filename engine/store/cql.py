@@ -185,6 +185,7 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
 
 
 _TTL_TABLES = ("events", "bucket_index", "stories", "story_index", "stage_marks")
+_POINTERS_PER_BATCH = 500  # story_index rows per batch (about 60 bytes each: ~30 KB)
 _LOOKUP_SLOTS_AT_ONCE = 16  # story_index slots a lookup reads concurrently, newest first
 
 
@@ -829,9 +830,8 @@ class CqlStore:
                 size += len(rec.body) + 64
             chunks.append(cur)
 
-        async def one_chunk(chunk: list[StoryRecord]) -> None:
-            what = f"write stories ({chunk[0].shard}, {chunk[0].period})"
-            params = [
+        def rows(chunk: list[StoryRecord]) -> list[list[Any]]:
+            return [
                 [
                     r.shard,
                     BigInt(r.period),
@@ -845,13 +845,24 @@ class CqlStore:
                 for r in chunk
             ]
 
-            await self._write_rows(what, prepared, params)
-            # The pointers: one (shard, slot) partition, a single-partition batch far smaller than the rows'.
-            slot = BigInt(index_slot(chunk[0].period, self.settings.bucket_ms))
-            ptr = [[r.shard, slot, r.story_id, r.revision, BigInt(r.period), BigInt(r.emitted_ms)] for r in chunk]
-            await self._write_rows(f"write story index ({chunk[0].shard}, {chunk[0].period})", prepared_id, ptr)
-
-        await run_all(one_chunk(c) for c in chunks)
+        await run_all(
+            self._write_rows(f"write stories ({c[0].shard}, {c[0].period})", prepared, rows(c)) for c in chunks
+        )
+        # Then the pointers (so a lookup never finds a pointer to a missing row), grouped per story_index partition
+        # (shard, slot) across every period of the call: single-partition batches far smaller than the rows'.
+        bms = self.settings.bucket_ms
+        pointers: dict[tuple[int, int], list[list[Any]]] = {}
+        for r in stories:
+            slot = index_slot(r.period, bms)
+            pointers.setdefault((r.shard, slot), []).append(
+                [r.shard, BigInt(slot), r.story_id, r.revision, BigInt(r.period), BigInt(r.emitted_ms)]
+            )
+        step = _POINTERS_PER_BATCH
+        await run_all(
+            self._write_rows(f"write story index ({shard}, slot {slot})", prepared_id, ptr[i : i + step])
+            for (shard, slot), ptr in pointers.items()
+            for i in range(0, len(ptr), step)
+        )
 
     async def get_story(self, story_id: str) -> StoryRecord | None:
         shard = story_id_shard(story_id)
