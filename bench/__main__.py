@@ -196,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         progress("pipeline, stories and consume only (~4 min)", 0, 1)
         pipe = pipeline.run(args.pipeline_events, 2, stages=("stories", "count"))
         results["pipeline"], results["pipeline_count"] = pipe["stories"], pipe["count"]
+        story_cpu, count_cpu = pipe["stories"]["cpu_us_per_event"], pipe["count"]["cpu_us_per_event"]
+        results["story_engine_cpu_us_per_event"] = story_cpu["engine"]
+        results["consume_engine_cpu_us_per_event"] = count_cpu["engine"]
+        results["producer_cpu_us_per_event"] = story_cpu["producer"]
+        results["story_node_cpu_vs_consume_ratio"] = (
+            story_cpu["cql_node"] / count_cpu["cql_node"] if story_cpu["cql_node"] and count_cpu["cql_node"] else None
+        )
+        results["story_cost_ledger"] = pipe["stories"]["cost_ledger_us_per_event"]
         progress("pipeline, stories and consume only (~4 min)", 1, 1)
         results.update(peers(args))
 
@@ -286,6 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{pi['storyline_events_per_s']:,.0f} events/s incl. the {pi['includes_lag_s']:g} s lag, "
                 f"{pi['storyline_sustained_events_per_s']:,.0f} without it"
             )
+    if "story_cost_ledger" in results:
+        led = results["story_cost_ledger"]
+        print(
+            f"story path engine CPU {results['story_engine_cpu_us_per_event']:.1f} us/event (consume only "
+            f"{results['consume_engine_cpu_us_per_event']:.1f}), node ratio "
+            f"{results['story_node_cpu_vs_consume_ratio'] or float('nan'):.2f}; ledger us/event: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in led.items())
+        )
     if "pipeline" in results:
         for key, peer in (
             ("vs_postgres_ratio", "peer_postgres"),

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,26 @@ def start_engine(sets: list[str], workers: int, stage: str = "stories") -> subpr
     )
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape_ledger(port: int) -> dict[str, float]:
+    """The engine's cost ledger (``storyline_step_cpu_seconds_total{step}``) and its event count, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'storyline_step_cpu_seconds_total\{step="(\w+)"\} ([0-9.]+)', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+        elif line.startswith("storyline_events_total "):
+            out["__events"] = float(line.split()[1])
+    return out
+
+
 def stop_engine(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -103,7 +126,8 @@ def _children_cpu() -> float:
 
 def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
     tenant = f"pipe_{uuid.uuid4().hex[:8]}"
-    sets = [f"tenant={tenant}", "consumer=pipe"]
+    port = free_port()
+    sets = [f"tenant={tenant}", "consumer=pipe", f"metrics_port={port}"]
     cfg = load(CONFIG, sets)
     schema(cfg, create=True)
     node = _cql_node()
@@ -134,9 +158,15 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
         finally:
             await store.close()
 
+    ledger: dict[str, float] = {}
     try:
         time.sleep(3.0)  # workers up and polling before the first write
         t_ingest, t_total = asyncio.run(body())
+        time.sleep(1.5)  # one more metrics refresh after the last commit
+        try:
+            ledger = scrape_ledger(port)
+        except OSError as exc:
+            print(f"bench pipeline: no cost ledger ({exc})", file=sys.stderr)
     finally:
         stop_engine(proc)
         cql_end = _cpu(node)  # until the engine has stopped: its last commits included
@@ -160,7 +190,15 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
         "cpu_us_per_event": {
             "cql_node": None if cql_cpu is None else cql_cpu / n * 1e6,
             "engine": engine_cpu / n * 1e6,
+            "producer": producer_cpu / n * 1e6,
         },
+        # The workers' CPU per event by step (docs/architecture.md, "Metrics"); unattributed: the rest of the
+        # engine's figure (the supervisor, and the workers' CPU after their last report: idle polling, shutdown).
+        "cost_ledger_us_per_event": {k: round(v / n * 1e6, 2) for k, v in ledger.items() if k != "__events"},
+        "unattributed_cpu_us_per_event": engine_cpu / n * 1e6
+        - sum(v for k, v in ledger.items() if k != "__events") / n * 1e6
+        if ledger
+        else None,
     }
 
 

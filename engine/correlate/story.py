@@ -33,7 +33,7 @@ before are stored as marks so that a replay from there skips their events.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ from .link import link
 _json = msgspec.json.Encoder()
 KEY = pl.UInt64
 STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state frame: events of every shard
+CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
+"""The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
 DRAIN_PART = 1 << 20
 """The marks part that records a drain at its bucket (the other parts of a bucket count up from 0)."""
 
@@ -144,6 +146,10 @@ MARKS_PER_PART = 2000  # entries per stored part (about 60 KB)
 DRAIN_MARK = _marks_encoder.encode(Marks([], [], [], [], [], drained=True))
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
 @dataclass
 class _Pending:
     """Revisions emitted in the call being processed, fused together at its end: per revision its head (the
@@ -177,7 +183,14 @@ class StoryMachine:
     """The story builder (see the module docstring). ``settings``: the ``correlate`` section; ``bucket_ms`` and
     ``community_id_seed`` are the tenant's."""
 
-    def __init__(self, settings: CorrelateConfig, *, bucket_ms: int, community_id_seed: int = 0) -> None:
+    def __init__(
+        self,
+        settings: CorrelateConfig,
+        *,
+        bucket_ms: int,
+        community_id_seed: int = 0,
+        cpu_clock: Callable[[], float] | None = None,
+    ) -> None:
         self.c = settings
         self.bucket_ms = bucket_ms
         self.seed = community_id_seed
@@ -188,6 +201,13 @@ class StoryMachine:
         self.frame = pl.DataFrame(schema=STATE_SCHEMA)
         self.pending_chunks = 0
         self.counters = StoryCounters()
+        # CPU seconds of this thread per step (the cost ledger; measuring time is not I/O, and nothing decided
+        # depends on it): decode, link (dedupe, link, assign, merge), state (due stories, evictions, marks), fuse,
+        # encode (the emitted records).
+        # ``cpu_clock``: the runtime's CPU clock (time.process_time: polars works on its own threads; the
+        # driver's threads serving read-ahead meanwhile count too); none: nothing is measured.
+        self.cpu = dict.fromkeys(CPU_STEPS, 0.0)
+        self._cpu_clock: Callable[[], float] = cpu_clock or _no_clock
         self.cid_cache: dict[int | None, str | None] = {}
         self._out = Emission()
         self._pending = _Pending()  # revisions of this call waiting for its one fusion pass
@@ -259,7 +279,10 @@ class StoryMachine:
             self.frame = self.frame.filter(~pl.col("shard").is_in(gone))
 
     def metrics(self) -> dict[str, float]:
-        return {f"stories_{k}": float(v) for k, v in vars(self.counters).items()}
+        return {
+            **{f"stories_{k}": float(v) for k, v in vars(self.counters).items()},
+            **{f"cpu_us_{k}": round(v * 1e6) for k, v in self.cpu.items()},
+        }
 
     def on_buckets(self, buckets: Buckets, *, replay: bool = False) -> Emission:
         """Buckets in ascending order, each ``(bucket, {shard: batch})`` of several shards at once (one polars pass
@@ -270,14 +293,18 @@ class StoryMachine:
         call (live and replay agree)."""
         self._out = out = Emission()
         self._writing = not replay
+        t0 = self._cpu_clock()
+        before = sum(self.cpu.values())
         try:
             decoded = self._decode_call(buckets)
+            self.cpu["decode"] += self._cpu_clock() - t0
             for bucket, batches in buckets:
                 self._bucket(bucket, batches, replay=replay, decoded=decoded.get(bucket))
                 for s in batches:
                     out.replay[s] = self.replay_bucket(s, bucket)
             self._fuse_pending()
         finally:
+            self.cpu["state"] += self._cpu_clock() - t0 - (sum(self.cpu.values()) - before)
             self._writing = True
             self._out = Emission()
             self._pending = _Pending()
@@ -289,6 +316,8 @@ class StoryMachine:
         a later start then neither rebuilds nor emits again what the drain finalized. Persist the marks before
         the stories (the worker does): a drain whose stories were written must be known to every later replay."""
         self._out = out = Emission()
+        t0 = self._cpu_clock()
+        before = sum(self.cpu.values())
         try:
             for s in shards:
                 if self._drain_shard(s, bucket):
@@ -296,6 +325,7 @@ class StoryMachine:
                 out.replay[s] = self.replay_bucket(s, bucket)
             self._fuse_pending()
         finally:
+            self.cpu["state"] += self._cpu_clock() - t0 - (sum(self.cpu.values()) - before)
             self._out = Emission()
             self._pending = _Pending()
         return out
@@ -416,7 +446,16 @@ class StoryMachine:
     ) -> None:
         """The bucket's events of these shards join the state: decode (unless the call decoded them), dedupe,
         link, assign (and merge)."""
+        t0 = self._cpu_clock()
         new, total = decoded if decoded is not None else self._decode({bucket: batches})[bucket]
+        t1 = self._cpu_clock()
+        self.cpu["decode"] += t1 - t0
+        try:
+            self._link_assign(bucket, batches, now, new, total)
+        finally:
+            self.cpu["link"] += self._cpu_clock() - t1
+
+    def _link_assign(self, bucket: int, batches: Mapping[int, Batch], now: int, new: pl.DataFrame, total: int) -> None:
         sts = {s: self.shards[s] for s in batches}
         new, skipped = self._dedupe(sts, bucket, new)
         self.counters.duplicates += total - new.height - skipped
@@ -919,14 +958,18 @@ class StoryMachine:
         if not p.slots:
             return
         self._pending = _Pending()
+        t0 = self._cpu_clock()
         head_frame = pl.DataFrame(p.heads, schema=HEAD_SCHEMA, orient="row")
         rows = pl.concat(p.rows, how="vertical", rechunk=False) if len(p.rows) > 1 else p.rows[0]
         fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache)
+        t1 = self._cpu_clock()
+        self.cpu["fuse"] += t1 - t0
         stories = self._out.stories
         for (shard, bucket, now, at), (sid, revision, final, body) in zip(
             p.slots, fused.select("story_id", "revision", "final", "body").iter_rows(), strict=True
         ):
             stories[at] = StoryRecord(shard, bucket, sid, revision, final, None, now, body.encode())
+        self.cpu["encode"] += self._cpu_clock() - t1
 
     def _stub(self, shard: int, bucket: int, meta: StoryMeta, into: str, now: int) -> StoryRecord:
         body = FusedStory(meta.id, meta.revision + 1, True, None, None, 0, 0, 0, [], [], [], {}, {}, merged_into=into)

@@ -25,7 +25,20 @@ from typing import Literal
 import msgspec
 import psutil
 
-COUNTERS = ("events", "buckets", "partitions", "bytes", "commits", "errors", "rebuilds", "undecodable")
+CPU_STEPS = ("decode", "link", "state", "fuse", "encode", "write", "commit")
+"""The cost ledger's measured steps (``cpu_us_<step>`` in a worker's snapshot; the stage reports the ones it
+knows); ``other`` — reads, the event loop, metrics — is the worker's CPU not in any of them."""
+COUNTERS = (
+    "events",
+    "buckets",
+    "partitions",
+    "bytes",
+    "commits",
+    "errors",
+    "rebuilds",
+    "undecodable",
+    *(f"cpu_us_{step}" for step in CPU_STEPS),
+)
 """The worker snapshot's counters (:class:`engine.runtime.worker.WorkerStats`) the supervisor adds up."""
 
 
@@ -44,6 +57,14 @@ METRICS: tuple[Metric, ...] = (
     Metric("storyline_read_bytes_total", "counter", "bytes", "Bytes of event rows read."),
     Metric("storyline_commits_total", "counter", "commits", "Shard offsets committed."),
     Metric("storyline_undecodable_events_total", "counter", "rows", "Rows skipped: not a canonical event."),
+    Metric(
+        "storyline_step_cpu_seconds_total",
+        "counter",
+        "seconds",
+        "Worker CPU per step of the story path (the cost ledger): decode, link, state, fuse, encode, write, commit; "
+        "other = the rest of the workers' CPU (reads, the event loop).",
+        "step",
+    ),
     Metric("storyline_events_per_second", "gauge", "events/s", "Consumption rate over the last refresh (about 1 s)."),
     Metric(
         "storyline_shard_lag_seconds",
@@ -101,6 +122,7 @@ class Snapshot(msgspec.Struct):
     until_bucket: int | None
     lost_shards: str
     lost_count: int = 0
+    step_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # the cost ledger (CPU_STEPS + other)
 
 
 class WorkerMetrics:
@@ -193,6 +215,8 @@ class Aggregator:
         """``processes``: per slot (pid, alive, restarts, fenced), from the supervisor; ``rate`` is advanced."""
         totals = {key: sum(w.total(key) for w in self.workers) for key in COUNTERS}
         eps, bps = rate.update(now, totals["events"], totals["buckets"])
+        steps = {step: totals[f"cpu_us_{step}"] / 1e6 for step in CPU_STEPS}
+        steps["other"] = max(0.0, sum(w.cpu_seconds for w in self.workers) - sum(steps.values()))
         return Snapshot(
             t=round(now, 3),
             events=totals["events"],
@@ -223,6 +247,7 @@ class Aggregator:
             until_bucket=until_bucket,
             lost_shards=lost_shards,
             lost_count=lost_count,
+            step_cpu_s={k: round(v, 3) for k, v in steps.items()},
         )
 
 
@@ -251,6 +276,8 @@ def prometheus(snap: Snapshot) -> str:
         lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} {m.type}"]
         if m.name in single:
             lines.append(f"{m.name} {single[m.name]}")
+        elif m.name == "storyline_step_cpu_seconds_total":
+            lines += [f'{m.name}{{step="{k}"}} {v:.3f}' for k, v in snap.step_cpu_s.items()]
         elif m.name == "storyline_shard_lag_seconds":
             lines += [f'{m.name}{{shard="{s}"}} {v:.3f}' for s, v in sorted(snap.lag_s.items())]
         else:

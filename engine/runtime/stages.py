@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import msgspec
@@ -75,4 +76,9 @@ class StoryStageFactory(msgspec.Struct, frozen=True):
     def build(self, owner: str) -> Stage:
         from engine.correlate.story import StoryMachine  # polars: imported in the worker process only
 
-        return StoryMachine(self.correlate, bucket_ms=self.bucket_ms, community_id_seed=self.community_id_seed)
+        return StoryMachine(
+            self.correlate,
+            bucket_ms=self.bucket_ms,
+            community_id_seed=self.community_id_seed,
+            cpu_clock=time.process_time,  # the cost ledger: polars runs on its own threads, so the process CPU
+        )

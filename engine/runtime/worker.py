@@ -72,6 +72,10 @@ class WorkerStats:
     errors: int = 0
     index_scans: int = 0
     stage_calls: int = 0  # on_buckets calls (each takes one or more buckets: adaptive batches)
+    # The worker's part of the cost ledger, CPU seconds: decode (the views of the partitions read), write (the
+    # process's CPU while an emission is written: the driver's threads included, and read-ahead that ran
+    # meanwhile), commit (likewise while offsets are committed). The stage reports its own steps.
+    cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "write", "commit"), 0.0))
     rebuilds: int = 0  # stage state rebuilt (replayed) in-process after an error mid-bucket
     undecodable: int = 0  # payloads that are not canonical events: skipped and counted
     started: float = field(default_factory=time.time)
@@ -335,7 +339,10 @@ class Worker:
                 if page.incomplete:
                     self.stats.incomplete = max(self.stats.incomplete, page.incomplete)
             self.stats.partitions += 1
-            return Batch(out)
+            t0 = time.thread_time()
+            batch = Batch(out)
+            self.stats.cpu["decode"] += time.thread_time() - t0
+            return batch
 
     async def flush(self) -> None:
         """Write what the stage emitted since the last flush (:func:`persist`). A failure leaves the stage's
@@ -344,7 +351,9 @@ class Worker:
         if not self._pending.writes:
             return
         try:
+            t0 = time.process_time()
             await persist(self.store, self.settings.consumer, self._pending)
+            self.stats.cpu["write"] += time.process_time() - t0
         except BaseException:
             self._stage_suspect = True
             raise
@@ -370,7 +379,9 @@ class Worker:
         if not due:
             return
         commits = [Commit(st.shard, st.offset.epoch, st.read, self._replay_at.get(st.shard, st.read + 1)) for st in due]
+        t0 = time.process_time()
         refused = set(await self.store.commit_many(self.settings.consumer, self.owner, commits))
+        self.stats.cpu["commit"] += time.process_time() - t0
         for st, c in zip(due, commits, strict=True):
             if st.shard in refused:
                 st.fenced = True
@@ -526,6 +537,15 @@ class Worker:
                 watchdog.cancel()
             await self.store.close()
 
+    def _cpu_steps(self) -> dict[str, int]:
+        """The cost ledger's steps measured in this process, µs of CPU (``cpu_us_<step>``): the worker's and the
+        stage's (a step both measure, decode, is added up)."""
+        out = {f"cpu_us_{k}": round(v * 1e6) for k, v in self.stats.cpu.items()}
+        for key, value in self.stage.metrics().items():
+            if key.startswith("cpu_us_"):
+                out[key] = out.get(key, 0) + int(value)
+        return out
+
     def snapshot(self) -> dict[str, object]:
         """Metrics for the supervisor."""
         now = self.clock.now_ms()
@@ -554,6 +574,7 @@ class Worker:
                 for st in self.state.values()
             },
             **self.stage.metrics(),
+            **self._cpu_steps(),
         }
 
 
