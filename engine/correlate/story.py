@@ -204,8 +204,8 @@ class StoryMachine:
         # CPU seconds of this thread per step (the cost ledger; measuring time is not I/O, and nothing decided
         # depends on it): decode, link (dedupe, link, assign, merge), state (due stories, evictions, marks), fuse,
         # encode (the emitted records).
-        # ``cpu_clock``: the runtime's CPU clock (time.process_time: polars works on its own threads; the
-        # driver's threads serving read-ahead meanwhile count too); none: nothing is measured.
+        # ``cpu_clock``: the runtime's CPU clock (engine.runtime.cpuclock: this thread's and polars' threads');
+        # none: nothing is measured.
         self.cpu = dict.fromkeys(CPU_STEPS, 0.0)
         self._cpu_clock: Callable[[], float] = cpu_clock or _no_clock
         self.cid_cache: dict[int | None, str | None] = {}

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import msgspec
 
 from engine.core.config import Config, CorrelateConfig
 from engine.core.stage import NO_MARKS, Batch, Buckets, Emission, Stage, each_partition
+from engine.runtime.cpuclock import StageCpuClock
 
 
 class CountingStage:
@@ -80,5 +80,5 @@ class StoryStageFactory(msgspec.Struct, frozen=True):
             self.correlate,
             bucket_ms=self.bucket_ms,
             community_id_seed=self.community_id_seed,
-            cpu_clock=time.process_time,  # the cost ledger: polars runs on its own threads, so the process CPU
+            cpu_clock=StageCpuClock(),  # the cost ledger's steps: this thread's and polars' threads' CPU
         )
