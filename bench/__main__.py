@@ -119,7 +119,8 @@ def peers(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for key, module, kwargs in (
-        ("peer_postgres", "bench.peers.postgres", {"n_events": args.pipeline_events}),
+        ("peer_postgres", "bench.peers.postgres", {"n_events": args.pipeline_events, "variant": "fused"}),
+        ("peer_postgres_lean", "bench.peers.postgres", {"n_events": args.pipeline_events, "variant": "lean"}),
         ("peer_kafka", "bench.peers.kafka", {"n_events": args.pipeline_events}),
         ("drivers", "bench.drivers", {}),
     ):
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     # Storyline with stories against the Kafka design is reported too (vs_queue_stories_ratio).
     for key, ours_key, peer in (
         ("vs_postgres_ratio", "pipeline", "peer_postgres"),
+        ("vs_postgres_lean_ratio", "pipeline", "peer_postgres_lean"),
         ("vs_queue_ratio", "pipeline_count", "peer_kafka"),
         ("vs_queue_stories_ratio", "pipeline", "peer_kafka"),
     ):
@@ -305,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if "pipeline" in results:
         for key, peer in (
             ("vs_postgres_ratio", "peer_postgres"),
+            ("vs_postgres_lean_ratio", "peer_postgres_lean"),
             ("vs_queue_ratio", "peer_kafka"),
             ("vs_queue_stories_ratio", "peer_kafka"),
         ):

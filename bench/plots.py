@@ -33,7 +33,8 @@ def plot_all(results: dict[str, Any], stem: Path) -> list[Path]:
     # Throughput per design: end-to-end pipeline events/s (producers and consumers running together).
     designs = [
         ("Storyline, stories", _get(results, "pipeline", "storyline_events_per_s")),
-        ("PostgreSQL + SQL job, stories", _get(results, "peer_postgres", "pipeline_events_per_s")),
+        ("PostgreSQL + SQL job, fused stories", _get(results, "peer_postgres", "pipeline_events_per_s")),
+        ("PostgreSQL + SQL job, summary rows", _get(results, "peer_postgres_lean", "pipeline_events_per_s")),
         ("Storyline, consume only", _get(results, "pipeline_count", "storyline_events_per_s")),
         ("CQL + Kafka keys, consume only", _get(results, "peer_kafka", "pipeline_events_per_s")),
     ]

@@ -36,6 +36,16 @@ which favours PostgreSQL). ``stories`` holds one summary row per story (flow, fi
 sorted distinct sources and sensors, bytes/packets totals; lighter than Storyline's fused JSON body: no
 per-source attribute merge, no directions), ``story_events`` maps every event to its story.
 
+**Two variants** (``variant``). ``fused`` (the default, and the one ``make bench`` compares Storyline with:
+``vs_postgres_ratio``): every story row also carries ``body``, a jsonb with the content of Storyline's fused story
+— event ids in (time, id) order, directions, sources, sensors, per-source attributes merged key by key (latest
+wins), bytes/packets totals, times, count, the flow and its Community ID (pgcrypto's SHA-1) — rebuilt in SQL
+from all of the story's events each time a run touches the story (``STORY_SQL_FUSED``). ``content_check``
+compares 500 sampled bodies with Storyline's reference fusion of the same events
+(``content_matches_storyline``, 1.0 = all equal). ``lean`` (``vs_postgres_lean_ratio``): the summary rows only
+(``STORY_SQL``), the design the talk compared. Both report the server's and the client's CPU per event of the
+pipeline phase (``pipeline_server_cpu_us_per_event``, ``pipeline_client_cpu_us_per_event``).
+
 **Ingest.** Events are parsed by :func:`engine.ingest.canonical.parse_line` (exactly Storyline's canonical events) and
 encoded as COPY text rows before the clock starts (``prepare_s``, not part of any rate); the timed part is
 ``COPY events FROM STDIN`` in transactions of 5,000 events (Storyline's ``ingest.batch_lines``), each committed
@@ -108,11 +118,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
+import psutil
 import psycopg
 
 from engine.core.config import from_mapping
 from engine.core.errors import InputError
 from engine.core.event import Event
+from engine.correlate.fuse import fuse_python
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.tools.accuracy import link_reference, score
 from engine.tools.simulate import Scenario, generate
@@ -272,6 +284,165 @@ SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM ins) + (SELECT count(*) F
 """
 
 _json = msgspec.json.Encoder()
+
+# The fused variant (issue 16, "a fair peer"): the same job, and each story it writes also gets the content of
+# Storyline's fused body as jsonb, built in SQL from all its events: event ids in (time, id) order, directions,
+# sources, sensors, per-source attributes merged key by key (the latest event's value wins: Storyline's default
+# rule), bytes/packets totals (integers below 2^43, as Storyline), times, event count, the flow as its first
+# event with one reports it and its Community ID (SHA-1 via pgcrypto; TCP/UDP/SCTP over IPv4 or IPv6, seed 0:
+# the simulator's flows; ICMP and other protocols get none). Each run rewrites the bodies of the stories it
+# touched (Storyline's revisions). ``%(w)s`` = window, µs.
+FUSED_SCHEMA_SQL = r"""
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+ALTER TABLE stories ADD COLUMN body jsonb;
+CREATE OR REPLACE FUNCTION ip_bytes(ip inet) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT substring(inet_send(ip) FROM 5) $$;
+CREATE OR REPLACE FUNCTION port_bytes(p integer) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT substring(int4send(p) FROM 3) $$;
+CREATE OR REPLACE FUNCTION community_id(p smallint, sip inet, sport integer, dip inet, dport integer)
+RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN family(sip) = family(dip) AND p IN (6, 17, 132) AND sport IS NOT NULL AND dport IS NOT NULL
+    THEN '1:' || encode(digest(
+            '\x0000'::bytea
+            || CASE WHEN sip < dip OR (sip = dip AND sport <= dport)
+                    THEN ip_bytes(sip) || ip_bytes(dip) ELSE ip_bytes(dip) || ip_bytes(sip) END
+            || substring(int4send(p) FROM 4) || '\x00'::bytea
+            || CASE WHEN sip < dip OR (sip = dip AND sport <= dport)
+                    THEN port_bytes(sport) || port_bytes(dport) ELSE port_bytes(dport) || port_bytes(sport) END,
+            'sha1'), 'base64')
+    END
+$$;
+"""
+
+_TOTAL = (
+    "CASE WHEN jsonb_typeof({a} -> '{k}') = 'number' AND ({a} ->> '{k}') ~ '^-?[0-9]+$' "
+    "AND abs(({a} ->> '{k}')::numeric) < 8796093022208 THEN ({a} ->> '{k}')::numeric END"
+)
+STORY_SQL_FUSED = """
+WITH st AS MATERIALIZED (
+    SELECT snap AS prev, pg_current_snapshot() AS cur FROM job_state
+),
+n AS MATERIALIZED (
+    SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs, xid,
+           {n_bytes} AS bytes, {n_packets} AS packets
+    FROM events
+    WHERE xid >= (SELECT pg_snapshot_xmin(prev) FROM st) AND NOT pg_visible_in_snapshot(xid, (SELECT prev FROM st))
+),
+touched AS MATERIALIZED (
+    SELECT DISTINCT s.story, s.flow, s.first_us, s.last_us
+    FROM n JOIN stories s
+      ON s.flow = n.flow AND s.first_us <= n.time_us + %(w)s AND s.last_us >= n.time_us - %(w)s
+),
+w AS (
+    SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
+           bytes, packets, NULL::bigint AS old_story
+    FROM n WHERE flow IS NOT NULL
+    UNION ALL
+    SELECT o.* FROM touched t CROSS JOIN LATERAL (
+        SELECT e.seq, e.id, e.flow, e.time_us, e.source, e.sensor, e.reversed, e.proto, e.src_ip, e.src_port,
+               e.dst_ip, e.dst_port, e.attrs, {e_bytes}, {e_packets}, t.story
+        FROM events e
+        WHERE e.flow = t.flow AND e.time_us BETWEEN t.first_us AND t.last_us
+          AND pg_visible_in_snapshot(e.xid, (SELECT prev FROM st))
+        OFFSET 0  -- keep it a per-story index lookup whatever the row estimates say
+    ) o
+),
+g AS (
+    SELECT *, CASE WHEN time_us - lag(time_us) OVER o <= %(w)s THEN 0 ELSE 1 END AS brk
+    FROM w WINDOW o AS (PARTITION BY flow ORDER BY time_us, seq)
+),
+i AS (
+    SELECT *, sum(brk) OVER (PARTITION BY flow ORDER BY time_us, seq ROWS UNBOUNDED PRECEDING) AS run FROM g
+),
+lab AS MATERIALIZED (
+    SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
+           bytes, packets, old_story, coalesce(min(old_story) OVER r, min(seq) OVER r) AS story
+    FROM i WINDOW r AS (PARTITION BY flow, run)
+    UNION ALL
+    SELECT seq, id, NULL, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
+           bytes, packets, NULL, seq
+    FROM n WHERE flow IS NULL
+),
+src AS MATERIALIZED (
+    SELECT l.story, l.source,
+           coalesce(jsonb_object_agg(kv.key, kv.value ORDER BY l.time_us, l.id) FILTER (WHERE kv.key IS NOT NULL),
+                    '{{}}'::jsonb) AS merged
+    FROM lab l LEFT JOIN LATERAL jsonb_each(l.attrs) kv ON true
+    GROUP BY l.story, l.source
+),
+per_story_attrs AS MATERIALIZED (
+    SELECT story, jsonb_object_agg(source, merged) AS attrs FROM src GROUP BY story
+),
+agg AS MATERIALIZED (
+    SELECT story, min(flow) AS flow, min(time_us) AS first_us, max(time_us) AS last_us, count(*) AS n_events,
+           array_agg(DISTINCT source ORDER BY source) AS sources, array_agg(DISTINCT sensor ORDER BY sensor) AS sensors,
+           sum(bytes) AS bytes, sum(packets) AS packets, bool_or(old_story IS NOT NULL) AS known,
+           jsonb_agg(id ORDER BY time_us, id) AS event_ids,
+           jsonb_object_agg(id, CASE WHEN reversed THEN 'b->a' ELSE 'a->b' END) AS directions,
+           (array_agg(ARRAY[proto::text, src_ip::text, src_port::text, dst_ip::text, dst_port::text,
+                            reversed::text] ORDER BY time_us, id) FILTER (WHERE flow IS NOT NULL))[1:1] AS f
+    FROM lab GROUP BY story
+),
+fused AS MATERIALIZED (
+    SELECT a.*, jsonb_build_object(
+        'story_id', a.story::text,
+        'community_id', community_id(f.proto, f.sip, f.sport, f.dip, f.dport),
+        'flow', CASE WHEN f.proto IS NOT NULL THEN jsonb_build_object(
+            'proto', f.proto,
+            'a', CASE WHEN f.rev THEN jsonb_build_object('ip', host(f.dip), 'port', f.dport)
+                      ELSE jsonb_build_object('ip', host(f.sip), 'port', f.sport) END,
+            'b', CASE WHEN f.rev THEN jsonb_build_object('ip', host(f.sip), 'port', f.sport)
+                      ELSE jsonb_build_object('ip', host(f.dip), 'port', f.dport) END) END,
+        'first_seen', a.first_us, 'last_seen', a.last_us, 'event_count', a.n_events,
+        'event_ids', a.event_ids, 'sources', to_jsonb(a.sources), 'sensors', to_jsonb(a.sensors),
+        'directions', a.directions, 'attrs', p.attrs,
+        'totals', jsonb_strip_nulls(jsonb_build_object('bytes', a.bytes, 'packets', a.packets))
+    ) AS body
+    FROM agg a JOIN per_story_attrs p USING (story)
+    LEFT JOIN LATERAL (
+        SELECT a.f[1][1]::smallint AS proto, a.f[1][2]::inet AS sip, a.f[1][3]::integer AS sport,
+               a.f[1][4]::inet AS dip, a.f[1][5]::integer AS dport, a.f[1][6]::boolean AS rev
+    ) f ON true
+),
+ins AS (
+    INSERT INTO stories (story, flow, first_us, last_us, n_events, sources, sensors, bytes, packets, updated, body)
+    SELECT story, flow, first_us, last_us, n_events, sources, sensors, bytes, packets, clock_timestamp(), body
+    FROM fused WHERE NOT known
+    RETURNING 1
+),
+upd AS (
+    UPDATE stories s SET first_us = a.first_us, last_us = a.last_us, n_events = a.n_events, sources = a.sources,
+        sensors = a.sensors, bytes = a.bytes, packets = a.packets, updated = clock_timestamp(), body = a.body
+    FROM fused a WHERE a.known AND s.story = a.story
+    RETURNING 1
+),
+gone AS (
+    DELETE FROM stories s USING touched t
+    WHERE s.story = t.story AND NOT EXISTS (SELECT 1 FROM agg a WHERE a.story = t.story)
+    RETURNING 1
+),
+mem_new AS (
+    INSERT INTO story_events (seq, story) SELECT seq, story FROM lab WHERE old_story IS NULL RETURNING 1
+),
+mem_moved AS (
+    UPDATE story_events m SET story = l.story FROM lab l
+    WHERE l.old_story <> l.story AND m.seq = l.seq
+    RETURNING 1
+),
+adv AS (
+    UPDATE job_state SET snap = (SELECT cur FROM st) RETURNING 1
+)
+SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM ins) + (SELECT count(*) FROM upd), (SELECT count(*) FROM gone),
+       (SELECT count(*) FROM mem_new) + (SELECT count(*) FROM mem_moved), (SELECT count(*) FROM adv),
+       (SELECT coalesce(array_agg(DISTINCT xid::text), '{{}}') FROM n)
+""".format(
+    n_bytes=_TOTAL.format(a="attrs", k="bytes"),
+    n_packets=_TOTAL.format(a="attrs", k="packets"),
+    e_bytes=_TOTAL.format(a="e.attrs", k="bytes"),
+    e_packets=_TOTAL.format(a="e.attrs", k="packets"),
+)
+VARIANTS = ("fused", "lean")
+"""``fused``: stories carry Storyline's body content (STORY_SQL_FUSED); ``lean``: summary rows only (STORY_SQL)."""
 
 
 class JobRun(msgspec.Struct, frozen=True):
@@ -438,10 +609,12 @@ def make_batches(rows: list[bytes], size: int) -> list[tuple[int, bytes]]:
 # --- the measurements -------------------------------------------------------------------------------------------
 
 
-def create_schema(conninfo: str) -> None:
+def create_schema(conninfo: str, variant: str = "lean") -> None:
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS events, stories, story_events, job_state")
         conn.execute(SCHEMA_SQL)
+        if variant == "fused":
+            conn.execute(FUSED_SCHEMA_SQL)
 
 
 def copy_batch(conn: psycopg.Connection, data: bytes) -> str:
@@ -496,10 +669,11 @@ def produce(
     return time.perf_counter() - t0
 
 
-def story_job(conn: psycopg.Connection, window_us: int) -> JobRun:
+def story_job(conn: psycopg.Connection, window_us: int, variant: str = "lean") -> JobRun:
     """One run of the story job (autocommit: the statement is its own transaction)."""
     t0 = time.perf_counter()
-    row = conn.execute(STORY_SQL, {"w": window_us}, prepare=False).fetchone()
+    sql = STORY_SQL_FUSED if variant == "fused" else STORY_SQL
+    row = conn.execute(sql, {"w": window_us}, prepare=False).fetchone()
     done = time.perf_counter()
     assert row is not None
     return JobRun(int(row[0]), int(row[1]), int(row[2]), int(row[3]), list(row[5]), done - t0, done)
@@ -518,6 +692,60 @@ def count_stories(conninfo: str) -> int:
     return int(row[0])
 
 
+_COMPARED = (
+    "community_id",
+    "flow",
+    "first_seen",
+    "last_seen",
+    "event_count",
+    "event_ids",
+    "sources",
+    "sensors",
+    "directions",
+    "attrs",
+    "totals",
+)
+
+
+def content_check(conninfo: str, predicted: dict[str, str], events: dict[str, Event], sample: int = 500) -> float:
+    """The share of (up to ``sample``) stories whose SQL-built body has the content Storyline's reference fusion
+    (:func:`engine.correlate.fuse.fuse_python`) gives for the same events: every field of :data:`_COMPARED`."""
+    members: dict[str, list[Event]] = {}
+    for eid, story in predicted.items():
+        members.setdefault(story, []).append(events[eid])
+    chosen = random.Random(1).sample(sorted(members), min(sample, len(members)))
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute("SELECT story::text, body FROM stories WHERE story = ANY(%s)", ([int(c) for c in chosen],))
+        bodies = {str(k): v for k, v in rows.fetchall()}
+    same = 0
+    for story in chosen:
+        ref = msgspec.to_builtins(fuse_python(members[story], (story, 1, True, False, None)))
+        body = bodies.get(story) or {}
+        if all(body.get(k) == ref.get(k, {} if k == "totals" else None) for k in _COMPARED):
+            same += 1
+        elif os.environ.get("PG_PEER_DEBUG"):
+            diff = [k for k in _COMPARED if body.get(k) != ref.get(k, {} if k == "totals" else None)]
+            print(story, {k: (body.get(k), ref.get(k)) for k in diff}, file=sys.stderr)
+    return same / max(len(chosen), 1)
+
+
+def server_cpu_s(srv: Server) -> float | None:
+    """CPU seconds (user + system) the server has used: the postmaster, its live backends, and the backends it
+    has reaped (their time is in the postmaster's children figures). None when it cannot be read."""
+    try:
+        pid = int((srv.data / "postmaster.pid").read_text().split()[0])
+        root = psutil.Process(pid)
+        t = root.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    return float(total)
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -526,7 +754,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def pipeline(
-    conninfo: str, batches: list[tuple[int, bytes]], window_us: int, rate: float | None
+    conninfo: str, batches: list[tuple[int, bytes]], window_us: int, rate: float | None, variant: str = "lean"
 ) -> tuple[float, list[float], list[JobRun]]:
     """The producers (:func:`produce`) and the per-second story job, concurrently, on an empty database.
     Returns (seconds from the start to the commit of the job run that completed the last event, the latency of
@@ -557,7 +785,7 @@ def pipeline(
                 if wait > 0:
                     time.sleep(wait)
                 finished = producer_done.is_set()
-                r = story_job(conn, window_us)
+                r = story_job(conn, window_us, variant)
                 runs.append(r)
                 done_events += r.new_events
                 tick = max(tick + 1.0, time.perf_counter())
@@ -577,25 +805,36 @@ def pipeline(
 
 
 def run(
-    n_events: int = 200_000, seed: int = 1, window_s: float = 30.0, producers_rate: float | None = None
+    n_events: int = 200_000,
+    seed: int = 1,
+    window_s: float = 30.0,
+    producers_rate: float | None = None,
+    variant: str = "fused",
 ) -> dict[str, float | str]:
-    """Measure the PostgreSQL design on ``n_events`` simulated events; see the module docstring for each key."""
+    """Measure the PostgreSQL design on ``n_events`` simulated events; see the module docstring for each key.
+    ``variant``: :data:`VARIANTS`."""
     if n_events < 1:
         raise ValueError(f"n_events: {n_events} must be >= 1")
-    out: dict[str, float | str] = {"peer": "postgresql", "events": float(n_events)}
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: {variant!r} is not one of {VARIANTS}")
+    out: dict[str, float | str] = {"peer": "postgresql", "variant": variant, "events": float(n_events)}
     window_us = round(window_s * 1_000_000)
     t = time.perf_counter()
     events, truth = generate(Scenario(events=n_events, seed=seed, start_s=time.time() - 3600, span_s=600))
     cfg = from_mapping({"tenant": "bench_pg", "store": {"backend": "embedded", "path": ":memory:"}})
     now_ms = int(time.time() * 1000)
     rows: list[bytes] = []
+    parsed: dict[str, Event] = {}
     rejected = 0
     rules = ParseRules.from_config(cfg)
     for ev in events:
         try:
-            rows.append(copy_row(parse_line(ev.line, rules, now_ms)))
+            e = parse_line(ev.line, rules, now_ms)
         except InputError:
             rejected += 1
+            continue
+        rows.append(copy_row(e))
+        parsed[e.id] = e
     batches = make_batches(rows, BATCH)
     out["prepare_s"] = time.perf_counter() - t
     out["rejected"] = float(rejected)
@@ -612,12 +851,12 @@ def run(
         out["config"] = ", ".join(f"{k}={v.strip(chr(39))}" for k, v in SETTINGS.items() if k != "listen_addresses")
 
         # (a) ingest, then (b) one job run over everything already stored.
-        create_schema(info)
+        create_schema(info, variant)
         seconds = produce(info, batches)
         out["ingest_events_per_s"] = len(rows) / seconds
         with psycopg.connect(info, autocommit=True) as conn:
             conn.execute("ANALYZE events")
-            job = story_job(conn, window_us)
+            job = story_job(conn, window_us, variant)
         out["story_events_per_s"] = job.new_events / job.seconds
         out["story_s"] = job.seconds
         out["stories"] = float(count_stories(info))
@@ -627,13 +866,22 @@ def run(
         out["true_stories"] = s["stories"]
         ref = score(predicted, link_reference(events, window_s))
         out["rule_precision"], out["rule_recall"] = ref["precision"], ref["recall"]
+        if variant == "fused":
+            out["content_matches_storyline"] = content_check(info, predicted, parsed)
 
         # (c) + (d): producer and per-second job concurrently, on an empty database.
-        create_schema(info)
+        create_schema(info, variant)
         # Paced producers commit about ten times a second in all (a rate-limited source flushes smaller batches).
         size = BATCH if not producers_rate else max(100, min(BATCH, round(producers_rate / 10)))
         out["pipeline_batch"] = float(size)
-        seconds, latencies, runs = pipeline(info, make_batches(rows, size), window_us, producers_rate)
+        server0, client0 = server_cpu_s(srv), time.process_time()
+        seconds, latencies, runs = pipeline(info, make_batches(rows, size), window_us, producers_rate, variant)
+        server1, client_s = server_cpu_s(srv), time.process_time() - client0
+        # CPU per event of the pipeline phase: the server's (every backend: COPY and the job) and this client's
+        # (the COPY producers and the job loop; the rows were encoded before the clock started).
+        if server0 is not None and server1 is not None:
+            out["pipeline_server_cpu_us_per_event"] = (server1 - server0) / len(rows) * 1e6
+        out["pipeline_client_cpu_us_per_event"] = client_s / len(rows) * 1e6
         out["producers_rate"] = "max" if not producers_rate else float(producers_rate)
         out["pipeline_events_per_s"] = len(rows) / seconds
         out["pipeline_job_runs"] = float(len(runs))
@@ -721,6 +969,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--window-s", type=float, default=30.0)
     ap.add_argument("--rate", type=float, default=None, help="producer rate in events/s (default: as fast as it can)")
+    ap.add_argument("--variant", choices=VARIANTS, default="fused", help="fused: Storyline's story content; lean")
     ap.add_argument("--selfcheck", action="store_true", help="run the adversarial merge check instead (selfcheck)")
     args = ap.parse_args(argv)
     if args.rate is not None and not args.rate > 0:
@@ -729,7 +978,7 @@ def main(argv: list[str] | None = None) -> None:
         result = selfcheck(window_s=args.window_s)
         print(json.dumps(result, indent=1))
         sys.exit(0 if result["stories_equal_sessionization"] == "yes" and result["inconsistent_story_rows"] == 0 else 1)
-    result = run(args.events, args.seed, args.window_s, args.rate)
+    result = run(args.events, args.seed, args.window_s, args.rate, args.variant)
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}, indent=1))
 
 
