@@ -53,6 +53,8 @@ KEY = pl.UInt64
 STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state frame: events of every shard
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
 """The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
+COMPACT_ROWS = 50_000
+"""Dead rows (of stories that left the state) the frame may hold before it is compacted, at the least."""
 DRAIN_PART = 1 << 20
 """The marks part that records a drain at its bucket (the other parts of a bucket count up from 0)."""
 
@@ -199,6 +201,12 @@ class StoryMachine:
         # The events of open and recently emitted stories of every shard (STATE_SCHEMA): one frame, so a bucket of
         # many shards is linked, fused and evicted in one pass.
         self.frame = pl.DataFrame(schema=STATE_SCHEMA)
+        # Stories that left the state keep their rows in the frame until a compaction (rebuilding the frame at
+        # every bucket would copy all of it each time): every reader of the frame selects rows by live story keys
+        # (the link step drops the dead ones from its context); the frame is compacted once the dead rows are as
+        # many as the live ones (and at least COMPACT_ROWS), so it stays within twice the live state.
+        self.dead: set[int] = set()
+        self.dead_rows = 0
         self.pending_chunks = 0
         self.counters = StoryCounters()
         # CPU seconds of this thread per step (the cost ledger; measuring time is not I/O, and nothing decided
@@ -277,6 +285,7 @@ class StoryMachine:
             del self.shards[s]
         if gone:
             self.frame = self.frame.filter(~pl.col("shard").is_in(gone))
+            self._compact()
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -543,6 +552,11 @@ class StoryMachine:
         component (``comp``): events linked directly or through others."""
         frame = self.frame
         ctx = frame.join(new.select("flow").drop_nulls().unique(), on="flow", how="semi") if frame.height else frame
+        if self.dead and ctx.height:
+            dead = self.dead
+            live = [k not in dead for k in ctx["story"].to_list()]
+            if not all(live):
+                ctx = ctx.filter(pl.Series(live, dtype=pl.Boolean))
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
@@ -817,7 +831,10 @@ class StoryMachine:
             if leaving:
                 for shard, ids in rows.group_by("shard").agg(pl.col("id")).iter_rows():
                     self.shards[shard].ids.difference_update(ids)
-                self.frame = self.frame.filter(~mask)
+                self.dead.update(k for ks in leaving.values() for k in ks)
+                self.dead_rows += rows.height
+                if self.dead_rows >= max(COMPACT_ROWS, self.frame.height - self.dead_rows):
+                    self._compact()
             for shard, keys in leaving.items():
                 st = active[shard][0]
                 for key in keys:
@@ -828,6 +845,20 @@ class StoryMachine:
         for st, _, _, _ in active.values():
             if len(st.sealed_flows) > 64:
                 st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
+
+    @property
+    def live_rows(self) -> int:
+        """Rows of the stories in the state (the frame also holds up to ``max(COMPACT_ROWS, live_rows)`` rows of
+        stories that left it, until the next compaction)."""
+        return self.frame.height - self.dead_rows
+
+    def _compact(self) -> None:
+        """Drop the rows of the stories that left the state."""
+        if self.dead:
+            self.frame = self.frame.filter(~pl.col("story").is_in(pl.Series(list(self.dead), dtype=KEY)))
+            self.pending_chunks = 0
+        self.dead.clear()
+        self.dead_rows = 0
 
     @staticmethod
     def _marks(

@@ -13,7 +13,8 @@ from engine.core.config import Config, from_mapping
 from engine.core.errors import TransientStoreError
 from engine.core.event import Event, encode
 from engine.core.stage import EMPTY, Batch
-from engine.correlate.story import StoryMachine
+from engine.correlate import story as story_module
+from engine.correlate.story import COMPACT_ROWS, StoryMachine
 from engine.ingest.network_identity import community_id, flow_identity
 from engine.runtime.worker import persist
 from engine.store import EventRecord, Store, make_store
@@ -212,6 +213,41 @@ def test_after_the_horizon_an_event_starts_a_new_story_and_duplicates_count_once
     arun(body())
 
 
+def test_rows_of_stories_that_left_are_never_linked_and_compaction_changes_nothing(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Stories that left the state keep their rows in the frame until a compaction: events of their flows that
+    come later start new stories (as after a compaction), and the frame stays within its bound."""
+
+    async def scenario(sub: str) -> list[tuple[Any, ...]]:
+        (tmp_path / sub).mkdir()
+        r = Run(tmp_path / sub, amend_horizon_ms=5_000)
+        await r.start()
+        heights: list[tuple[int, int]] = []
+        for k in range(12):  # a story of the same flow every 20 s, each past the previous one's horizon
+            base = 100 + 20 * k
+            await r.feed(base, ev(f"e{k}a", 20.0 * k), ev(f"e{k}b", 20.0 * k + 1, rev=True, sensor="fw-2"))
+            for b in range(base + 1, base + 20):
+                await r.feed(b)
+                heights.append((r.stage.frame.height, r.stage.live_rows))
+        assert r.stage.counters.evicted >= 10
+        assert all(h <= live + max(story_module.COMPACT_ROWS, live) for h, live in heights)
+        out = await records(r)
+        await r.store.close()
+        return out
+
+    async def body() -> None:
+        monkeypatch.setattr(story_module, "COMPACT_ROWS", 10**9)
+        never = await scenario("never")
+        monkeypatch.setattr(story_module, "COMPACT_ROWS", 1)
+        always = await scenario("always")
+        assert never == always
+        assert len({row[0] for row in never}) == 12  # twelve stories, none joined to one that had left
+
+    arun(body())
+    assert COMPACT_ROWS >= 1
+
+
 def test_sensor_clock_offsets_are_corrected(tmp_path: Path) -> None:
     async def body() -> None:
         skewed = Run(tmp_path / "a", sensor_offsets_ms={"ep-9": 45_000})  # ep-9's clock runs 45 s ahead
@@ -290,7 +326,8 @@ def test_a_flood_of_one_flow_is_cut_into_truncated_stories_that_name_their_prede
         await r.start()
         for k in range(12):
             await r.feed(100 + k, ev(f"f{k:02d}", 2.0 * k))
-            assert r.stage.frame.height <= 5  # the state stays bounded
+            assert r.stage.live_rows <= 5  # the state stays bounded
+            assert r.stage.frame.height <= r.stage.live_rows + max(COMPACT_ROWS, r.stage.live_rows)
         await r.tick(112, 125)
         latest = await r.latest()
         chain = sorted(latest.values(), key=lambda s: s["first_seen"])
@@ -629,8 +666,9 @@ def test_a_worker_rebuilds_the_stage_after_a_failed_write_and_loses_no_story(tmp
         )
         for i, (stories, marks) in enumerate(cases):
             rows, stats, flaky = await run_worker(f"flaky-{i}", stories, marks)
-            # a failure shifts the numbering of later writes (a rebuild writes again): count what was injected
-            assert stats.rebuilds >= 1 and stats.errors == flaky.failed >= 1
+            # a failure shifts the numbering of later writes (a rebuild writes again): count what was injected;
+            # the marks of one checkpoint are written concurrently, so two failing together are one error
+            assert stats.rebuilds >= 1 and 1 <= stats.errors <= flaky.failed
             assert rows == reference, (stories, marks)
 
     arun(body())
