@@ -855,7 +855,7 @@ class StoryMachine:
     def _compact(self) -> None:
         """Drop the rows of the stories that left the state."""
         if self.dead:
-            self.frame = self.frame.filter(~pl.col("story").is_in(pl.Series(list(self.dead), dtype=KEY)))
+            self.frame = self.frame.filter(~pl.col("story").is_in(pl.Series(list(self.dead), dtype=KEY).implode()))
             self.pending_chunks = 0
         self.dead.clear()
         self.dead_rows = 0
