@@ -88,6 +88,8 @@ def scrape_ledger(port: int) -> dict[str, float]:
             out[m.group(1)] = float(m.group(2))
         elif line.startswith("storyline_events_total "):
             out["__events"] = float(line.split()[1])
+        elif line.startswith(("storyline_stage_calls_total ", "storyline_buckets_total ")):
+            out["__" + line.split()[0].split("_")[1]] = float(line.split()[1])
     return out
 
 
@@ -194,9 +196,11 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
         },
         # The workers' CPU per event by step (docs/architecture.md, "Metrics"); unattributed: the rest of the
         # engine's figure (the supervisor, and the workers' CPU after their last report: idle polling, shutdown).
-        "cost_ledger_us_per_event": {k: round(v / n * 1e6, 2) for k, v in ledger.items() if k != "__events"},
+        "cost_ledger_us_per_event": {k: round(v / n * 1e6, 2) for k, v in ledger.items() if not k.startswith("__")},
+        "stage_calls": ledger.get("__stage"),
+        "shard_buckets_per_stage_call": ledger["__buckets"] / ledger["__stage"] if ledger.get("__stage") else None,
         "unattributed_cpu_us_per_event": engine_cpu / n * 1e6
-        - sum(v for k, v in ledger.items() if k != "__events") / n * 1e6
+        - sum(v for k, v in ledger.items() if not k.startswith("__")) / n * 1e6
         if ledger
         else None,
     }

@@ -53,6 +53,7 @@ KEY = pl.UInt64
 STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state frame: events of every shard
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
 """The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
+_KEY_MASK = (1 << 64) - 1  # a due entry is one int, ms << 64 | story key: compared in C, not as a tuple
 COMPACT_ROWS = 50_000
 """Dead rows (of stories that left the state) the frame may hold before it is compacted, at the least."""
 DRAIN_PART = 1 << 20
@@ -85,11 +86,11 @@ class ShardState:
     # flow → (its last truncated story, when it was cut in ms): a story of the flow that starts within max_wait
     # of the cut continues it (names it as predecessor)
     sealed_flows: dict[int, tuple[str, int]] = field(default_factory=dict)
-    # When stories fall due, (ms, story key): emission (max_wait after the last event) or leaving the state
-    # (amend horizon after the last emission). Every story has an entry at or before its due time (pushed when
-    # it is created, emitted, or amended; not at each event joining an open story): an early entry is moved to
-    # the due time when popped, so the top is a lower bound of the next due time.
-    due: list[tuple[int, int]] = field(default_factory=list)
+    # When stories fall due, as one int ms << 64 | story key: emission (max_wait after the last event) or
+    # leaving the state (amend horizon after the last emission). Every story has an entry at or before its due
+    # time (pushed when it is created, emitted, or amended; not at each event joining an open story): an early
+    # entry is moved to the due time when popped, so the top is a lower bound of the next due time.
+    due: list[int] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)  # stories events joined in the call being processed
     open: int = 0  # stories with events not yet emitted final (dirty)
     # Replay (see StoryMachine.prepare_replay): the stories that left the state before the crash, as (flow,
@@ -401,7 +402,7 @@ class StoryMachine:
 
     @staticmethod
     def _next_due_ms(st: ShardState) -> int:
-        return st.due[0][0] if st.due else 2**62
+        return st.due[0] >> 64 if st.due else 2**62
 
     def _due_ms(self, m: StoryMeta) -> int | None:
         """When the story falls due now: emission if it has unemitted events, else leaving the state."""
@@ -417,8 +418,10 @@ class StoryMachine:
         out: list[StoryMeta] = []
         seen: set[int] = set()
         heap = st.due
-        while heap and heap[0][0] <= now:
-            at, key = heapq.heappop(heap)
+        limit = (now + 1) << 64  # entries (ms << 64 | key): every entry at or before now is below this
+        while heap and heap[0] < limit:
+            entry = heapq.heappop(heap)
+            at, key = entry >> 64, entry & _KEY_MASK
             m = st.stories.get(key)
             if m is None or key in seen:
                 continue
@@ -426,7 +429,7 @@ class StoryMachine:
             if due is None or due < at:
                 continue
             if due > at:
-                heapq.heappush(heap, (due, key))
+                heapq.heappush(heap, due << 64 | key)
                 continue
             seen.add(key)
             out.append(m)
@@ -627,7 +630,7 @@ class StoryMachine:
                     pred = cut[0]
             st.open += 1
             st.changed.add(sid)
-            heapq.heappush(st.due, (now + wait, sid))
+            heapq.heappush(st.due, (now + wait) << 64 | sid)
             st.track(bucket, 1)
             st.stories[sid] = StoryMeta(
                 sid,
@@ -689,7 +692,7 @@ class StoryMachine:
                 st.open += 1
                 # due earlier than its entry (the end of the horizon): a new entry. While dirty, its due time only
                 # moves later, and the entry it has (a lower bound) is moved when popped (_pop_due).
-                heapq.heappush(st.due, (now + self.c.max_wait_ms, sid))
+                heapq.heappush(st.due, (now + self.c.max_wait_ms) << 64 | sid)
             st.changed.add(sid)
             comps.append(comp)
             sids.append(sid)
@@ -946,14 +949,14 @@ class StoryMachine:
                         meta.dirty = False
                         st = self.shards[meta.shard]
                         st.open -= 1
-                        heapq.heappush(st.due, (now + self.c.amend_horizon_ms, meta.key))
+                        heapq.heappush(st.due, (now + self.c.amend_horizon_ms) << 64 | meta.key)
                 heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
                 shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
             if self._writing:
                 # Fused once per call (_fuse_pending): here only this bucket's rows of these stories are taken
                 # (they may gain events, or be renamed by a merge, later in the same call).
-                self._defer(bucket, now, heads, shard_of, out)
+                self._defer(bucket, now, heads, shard_of, out, min(m.first_bucket for m in due))
                 return
         if out and self._writing:
             self._out.stories += out
@@ -965,16 +968,24 @@ class StoryMachine:
         heads: list[tuple[int, str, int, bool, bool, str | None]],
         shard_of: Mapping[int, int],
         ready: list[StoryRecord],
+        first_bucket: int,
     ) -> None:
         """Queue revisions for the call's one fusion pass: each gets a sequence number that stands for the story
-        in the snapshot of its rows taken now (a story emitted twice in a call has two snapshots)."""
+        in the snapshot of its rows taken now (a story emitted twice in a call has two snapshots).
+
+        Only the frame's rows from the end of ``first_bucket`` (the earliest bucket any of these stories started
+        in) are searched: rows are appended in ingest order and never reordered, so a story's rows all lie there
+        (emitted stories are mostly recent: this is a small tail of the state, not all of it)."""
         p = self._pending
         self._out.stories += ready
         base = len(p.slots)
         keys = [h[0] for h in heads]
         seqs = list(range(base, base + len(heads)))
+        frame = self.frame
+        start = frame["ingest"].search_sorted((first_bucket + 1) * self.bucket_ms, side="left")
         p.rows.append(
-            self.frame.filter(pl.col("story").is_in(keys))
+            frame.slice(int(start))
+            .filter(pl.col("story").is_in(keys))
             .drop("shard")
             .with_columns(pl.col("story").replace_strict(keys, seqs, return_dtype=KEY))
         )
@@ -996,10 +1007,11 @@ class StoryMachine:
         t1 = self._cpu_clock()
         self.cpu["fuse"] += t1 - t0
         stories = self._out.stories
-        for (shard, bucket, now, at), (sid, revision, final, body) in zip(
-            p.slots, fused.select("story_id", "revision", "final", "body").iter_rows(), strict=True
+        bodies = fused["body"].cast(pl.Binary).to_list()
+        for (shard, bucket, now, at), (_, sid, revision, final, _, _), body in zip(
+            p.slots, p.heads, bodies, strict=True
         ):
-            stories[at] = StoryRecord(shard, bucket, sid, revision, final, None, now, body.encode())
+            stories[at] = StoryRecord(shard, bucket, sid, revision, final, None, now, body)
         self.cpu["encode"] += self._cpu_clock() - t1
 
     def _stub(self, shard: int, bucket: int, meta: StoryMeta, into: str, now: int) -> StoryRecord:

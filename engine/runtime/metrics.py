@@ -37,6 +37,7 @@ COUNTERS = (
     "errors",
     "rebuilds",
     "undecodable",
+    "stage_calls",
     *(f"cpu_us_{step}" for step in CPU_STEPS),
 )
 """The worker snapshot's counters (:class:`engine.runtime.worker.WorkerStats`) the supervisor adds up."""
@@ -57,6 +58,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("storyline_read_bytes_total", "counter", "bytes", "Bytes of event rows read."),
     Metric("storyline_commits_total", "counter", "commits", "Shard offsets committed."),
     Metric("storyline_undecodable_events_total", "counter", "rows", "Rows skipped: not a canonical event."),
+    Metric(
+        "storyline_stage_calls_total",
+        "counter",
+        "calls",
+        "Stage calls; each takes one or more buckets (adaptive batches: several when a worker is behind).",
+    ),
     Metric(
         "storyline_step_cpu_seconds_total",
         "counter",
@@ -122,6 +129,7 @@ class Snapshot(msgspec.Struct):
     until_bucket: int | None
     lost_shards: str
     lost_count: int = 0
+    stage_calls: int = 0
     step_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # the cost ledger (CPU_STEPS + other)
 
 
@@ -225,6 +233,7 @@ class Aggregator:
             bytes=totals["bytes"],
             commits=totals["commits"],
             undecodable=totals["undecodable"],
+            stage_calls=totals["stage_calls"],
             events_per_s=eps,
             buckets_per_s=bps,
             workers=[
@@ -268,6 +277,7 @@ def prometheus(snap: Snapshot) -> str:
         "storyline_read_bytes_total": str(snap.bytes),
         "storyline_commits_total": str(snap.commits),
         "storyline_undecodable_events_total": str(snap.undecodable),
+        "storyline_stage_calls_total": str(snap.stage_calls),
         "storyline_events_per_second": f"{snap.events_per_s:.3f}",
         "storyline_lost_shards": str(snap.lost_count),
     }

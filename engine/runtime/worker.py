@@ -35,6 +35,7 @@ FLUSH_WRITES = 5_000  # pending story revisions and marks written before the ste
 CALL_BUCKETS = 64
 CALL_EVENTS = 50_000
 CALL_BYTES = 32 * 1024 * 1024
+CALL_MIN_EVENTS = 5_000  # below this, wait for the next partition's read rather than make a small call
 CATCHUP_STEP_SLOTS = 1  # buckets looked up per index scan while catching up: one 15-minute slot
 MAX_BACKOFF_S = 10.0
 
@@ -264,9 +265,10 @@ class Worker:
                 futs[(b, s)] = asyncio.ensure_future(self._read(s, hint))
                 nxt += 1
 
-        # Adaptive batches: the buckets whose partitions are already read go to the stage together (up to
-        # CALL_EVENTS events / CALL_BYTES bytes / CALL_BUCKETS buckets), so a worker that is behind shares each
-        # call's fixed costs over many buckets; one that keeps up hands over each bucket as it comes. The
+        # Adaptive batches: the buckets of the plan go to the stage together (up to CALL_EVENTS events /
+        # CALL_BYTES bytes / CALL_BUCKETS buckets; once a group holds CALL_MIN_EVENTS, it goes on rather than wait
+        # for a partition still being read), so a worker that is behind shares each call's fixed costs over many
+        # buckets; one that keeps up hands over each bucket as it comes (its plan holds one). The
         # stage's output does not depend on how buckets are grouped into calls (each keeps its own ingest time).
         group: list[tuple[int, dict[int, Batch]]] = []
         size = [0, 0]  # events, bytes of the group
@@ -311,7 +313,7 @@ class Worker:
                 for s, hint in plan[b].items():
                     if hint is not None:
                         fut = futs.pop((b, s))
-                        if not fut.done():
+                        if not fut.done() and size[0] >= CALL_MIN_EVENTS:
                             await hand_over()  # what is read already goes on while this partition comes in
                         batches[s] = await fut
                         size[0] += len(batches[s])
