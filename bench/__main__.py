@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["correlate"] = correlate.run(args.correlate_events)
     results["correlate_events_per_s"] = results["correlate"]["link_events_per_s"]
+    results["correlate_fuse_events_per_s"] = results["correlate"]["fuse_events_per_s"]
     results["correlate_vs_baseline_ratio"] = results["correlate"]["link_vs_baseline_ratio"]
     # Like for like: the PostgreSQL design builds stories, so it is compared with Storyline building stories; the
     # Kafka design's consumers deliver decoded records, so it is compared with Storyline consuming (count stage).

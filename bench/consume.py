@@ -3,7 +3,8 @@
 * ``raw``: the partitions of a pre-ingested tenant read by a bare loop — the store's partition reads with the
   same driver, the same read-ahead bound and no decoding or processing: the ceiling.
 * ``engine_1w``: one :class:`engine.runtime.worker.Worker` (in-process, counting stage, full msgspec decoding) draining
-  the same partitions. Goal: >= 0.8 x raw (median of 5 rounds in alternating order, after a warm-up read).
+  the same partitions. Goal: >= 0.85 x raw (median of ROUNDS = 7 rounds in alternating order, after a warm-up
+  read).
 * ``engine_stories_1w``: the same with the story builder (fused stories written to the stories table).
 * ``run_1w`` / ``run_2w``: ``storyline run --until-idle`` with 1 and 2 worker processes (wall time, process
   start-up included).
@@ -33,6 +34,7 @@ from engine.runtime.worker import Worker
 from engine.store import make_store
 from engine.tools.simulate import sessions
 
+ROUNDS = 7  # engine/raw read rounds, alternating; the ratio reported is their median (issue 16: at least 7)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -192,7 +194,7 @@ def run(n_events: int = 300_000, backend: str = "cql") -> dict[str, Any]:
         # the database's post-ingest flushes.
         asyncio.run(raw_read(cfg, first, last))
         rounds = []
-        for i in range(5):
+        for i in range(ROUNDS):
             if i % 2:
                 raw = asyncio.run(raw_read(cfg, first, last))
                 eng = asyncio.run(engine_read(cfg, last))
