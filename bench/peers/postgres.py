@@ -199,23 +199,60 @@ COPY_SQL = (
 
 # One statement: new events since the previous run's snapshot, the stories they touch, sessionization of both per
 # flow, then upsert stories / delete merged ones / write memberships / advance the snapshot. %(w)s = window, µs.
-STORY_SQL = """
-WITH st AS MATERIALIZED (
+# The two statements share their first and last steps: the snapshots (st), the stories the new events touch
+# (touched), the sessionization per flow (g, i), and the writes of merges, memberships and the snapshot.
+_ST = """st AS MATERIALIZED (
     SELECT snap AS prev, pg_current_snapshot() AS cur FROM job_state
 ),
-n AS MATERIALIZED (
+"""
+_TOUCHED = """touched AS MATERIALIZED (
+    SELECT DISTINCT s.story, s.flow, s.first_us, s.last_us
+    FROM n JOIN stories s
+      ON s.flow = n.flow AND s.first_us <= n.time_us + %(w)s AND s.last_us >= n.time_us - %(w)s
+),
+"""
+_SESSIONS = """g AS (
+    SELECT *, CASE WHEN time_us - lag(time_us) OVER o <= %(w)s THEN 0 ELSE 1 END AS brk
+    FROM w WINDOW o AS (PARTITION BY flow ORDER BY time_us, seq)
+),
+i AS (
+    SELECT *, sum(brk) OVER (PARTITION BY flow ORDER BY time_us, seq ROWS UNBOUNDED PRECEDING) AS run FROM g
+),
+"""
+_WRITES = """gone AS (
+    DELETE FROM stories s USING touched t
+    WHERE s.story = t.story AND NOT EXISTS (SELECT 1 FROM agg a WHERE a.story = t.story)
+    RETURNING 1
+),
+mem_new AS (
+    INSERT INTO story_events (seq, story) SELECT seq, story FROM lab WHERE old_story IS NULL RETURNING 1
+),
+mem_moved AS (
+    UPDATE story_events m SET story = l.story FROM lab l
+    WHERE l.old_story <> l.story AND m.seq = l.seq
+    RETURNING 1
+),
+adv AS (
+    UPDATE job_state SET snap = (SELECT cur FROM st) RETURNING 1
+)
+SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM ins) + (SELECT count(*) FROM upd), (SELECT count(*) FROM gone),
+       (SELECT count(*) FROM mem_new) + (SELECT count(*) FROM mem_moved), (SELECT count(*) FROM adv),
+       (SELECT coalesce(array_agg(DISTINCT xid::text), '{}') FROM n)
+"""
+
+STORY_SQL = (
+    "\nWITH "
+    + _ST
+    + """n AS MATERIALIZED (
     SELECT seq, flow, time_us, source, sensor, xid,
            CASE WHEN jsonb_typeof(attrs -> 'bytes') = 'number' THEN (attrs ->> 'bytes')::numeric END AS bytes,
            CASE WHEN jsonb_typeof(attrs -> 'packets') = 'number' THEN (attrs ->> 'packets')::numeric END AS packets
     FROM events
     WHERE xid >= (SELECT pg_snapshot_xmin(prev) FROM st) AND NOT pg_visible_in_snapshot(xid, (SELECT prev FROM st))
 ),
-touched AS MATERIALIZED (
-    SELECT DISTINCT s.story, s.flow, s.first_us, s.last_us
-    FROM n JOIN stories s
-      ON s.flow = n.flow AND s.first_us <= n.time_us + %(w)s AND s.last_us >= n.time_us - %(w)s
-),
-w AS (
+"""
+    + _TOUCHED
+    + """w AS (
     SELECT seq, flow, time_us, source, sensor, bytes, packets, NULL::bigint AS old_story
     FROM n WHERE flow IS NOT NULL
     UNION ALL
@@ -230,14 +267,9 @@ w AS (
         OFFSET 0  -- keep it a per-story index lookup whatever the row estimates say
     ) o
 ),
-g AS (
-    SELECT *, CASE WHEN time_us - lag(time_us) OVER o <= %(w)s THEN 0 ELSE 1 END AS brk
-    FROM w WINDOW o AS (PARTITION BY flow ORDER BY time_us, seq)
-),
-i AS (
-    SELECT *, sum(brk) OVER (PARTITION BY flow ORDER BY time_us, seq ROWS UNBOUNDED PRECEDING) AS run FROM g
-),
-lab AS MATERIALIZED (
+"""
+    + _SESSIONS
+    + """lab AS MATERIALIZED (
     SELECT seq, flow, time_us, source, sensor, bytes, packets, old_story,
            coalesce(min(old_story) OVER r, min(seq) OVER r) AS story
     FROM i WINDOW r AS (PARTITION BY flow, run)
@@ -262,26 +294,9 @@ upd AS (
     FROM agg a WHERE a.known AND s.story = a.story
     RETURNING 1
 ),
-gone AS (
-    DELETE FROM stories s USING touched t
-    WHERE s.story = t.story AND NOT EXISTS (SELECT 1 FROM agg a WHERE a.story = t.story)
-    RETURNING 1
-),
-mem_new AS (
-    INSERT INTO story_events (seq, story) SELECT seq, story FROM lab WHERE old_story IS NULL RETURNING 1
-),
-mem_moved AS (
-    UPDATE story_events m SET story = l.story FROM lab l
-    WHERE l.old_story <> l.story AND m.seq = l.seq
-    RETURNING 1
-),
-adv AS (
-    UPDATE job_state SET snap = (SELECT cur FROM st) RETURNING 1
-)
-SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM ins) + (SELECT count(*) FROM upd), (SELECT count(*) FROM gone),
-       (SELECT count(*) FROM mem_new) + (SELECT count(*) FROM mem_moved), (SELECT count(*) FROM adv),
-       (SELECT coalesce(array_agg(DISTINCT xid::text), '{}') FROM n)
 """
+    + _WRITES
+)
 
 _json = msgspec.json.Encoder()
 
@@ -318,22 +333,18 @@ _TOTAL = (
     "CASE WHEN jsonb_typeof({a} -> '{k}') = 'number' AND ({a} ->> '{k}') ~ '^-?[0-9]+$' "
     "AND abs(({a} ->> '{k}')::numeric) < 8796093022208 THEN ({a} ->> '{k}')::numeric END"
 )
-STORY_SQL_FUSED = """
-WITH st AS MATERIALIZED (
-    SELECT snap AS prev, pg_current_snapshot() AS cur FROM job_state
-),
-n AS MATERIALIZED (
+STORY_SQL_FUSED = (
+    "\nWITH "
+    + _ST
+    + """n AS MATERIALIZED (
     SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs, xid,
            {n_bytes} AS bytes, {n_packets} AS packets
     FROM events
     WHERE xid >= (SELECT pg_snapshot_xmin(prev) FROM st) AND NOT pg_visible_in_snapshot(xid, (SELECT prev FROM st))
 ),
-touched AS MATERIALIZED (
-    SELECT DISTINCT s.story, s.flow, s.first_us, s.last_us
-    FROM n JOIN stories s
-      ON s.flow = n.flow AND s.first_us <= n.time_us + %(w)s AND s.last_us >= n.time_us - %(w)s
-),
-w AS (
+""".format(n_bytes=_TOTAL.format(a="attrs", k="bytes"), n_packets=_TOTAL.format(a="attrs", k="packets"))
+    + _TOUCHED
+    + """w AS (
     SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
            bytes, packets, NULL::bigint AS old_story
     FROM n WHERE flow IS NOT NULL
@@ -347,14 +358,9 @@ w AS (
         OFFSET 0  -- keep it a per-story index lookup whatever the row estimates say
     ) o
 ),
-g AS (
-    SELECT *, CASE WHEN time_us - lag(time_us) OVER o <= %(w)s THEN 0 ELSE 1 END AS brk
-    FROM w WINDOW o AS (PARTITION BY flow ORDER BY time_us, seq)
-),
-i AS (
-    SELECT *, sum(brk) OVER (PARTITION BY flow ORDER BY time_us, seq ROWS UNBOUNDED PRECEDING) AS run FROM g
-),
-lab AS MATERIALIZED (
+""".format(e_bytes=_TOTAL.format(a="e.attrs", k="bytes"), e_packets=_TOTAL.format(a="e.attrs", k="packets"))
+    + _SESSIONS
+    + """lab AS MATERIALIZED (
     SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
            bytes, packets, old_story, coalesce(min(old_story) OVER r, min(seq) OVER r) AS story
     FROM i WINDOW r AS (PARTITION BY flow, run)
@@ -366,7 +372,7 @@ lab AS MATERIALIZED (
 src AS MATERIALIZED (
     SELECT l.story, l.source,
            coalesce(jsonb_object_agg(kv.key, kv.value ORDER BY l.time_us, l.id) FILTER (WHERE kv.key IS NOT NULL),
-                    '{{}}'::jsonb) AS merged
+                    '{}'::jsonb) AS merged
     FROM lab l LEFT JOIN LATERAL jsonb_each(l.attrs) kv ON true
     GROUP BY l.story, l.source
 ),
@@ -416,30 +422,8 @@ upd AS (
     FROM fused a WHERE a.known AND s.story = a.story
     RETURNING 1
 ),
-gone AS (
-    DELETE FROM stories s USING touched t
-    WHERE s.story = t.story AND NOT EXISTS (SELECT 1 FROM agg a WHERE a.story = t.story)
-    RETURNING 1
-),
-mem_new AS (
-    INSERT INTO story_events (seq, story) SELECT seq, story FROM lab WHERE old_story IS NULL RETURNING 1
-),
-mem_moved AS (
-    UPDATE story_events m SET story = l.story FROM lab l
-    WHERE l.old_story <> l.story AND m.seq = l.seq
-    RETURNING 1
-),
-adv AS (
-    UPDATE job_state SET snap = (SELECT cur FROM st) RETURNING 1
-)
-SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM ins) + (SELECT count(*) FROM upd), (SELECT count(*) FROM gone),
-       (SELECT count(*) FROM mem_new) + (SELECT count(*) FROM mem_moved), (SELECT count(*) FROM adv),
-       (SELECT coalesce(array_agg(DISTINCT xid::text), '{{}}') FROM n)
-""".format(
-    n_bytes=_TOTAL.format(a="attrs", k="bytes"),
-    n_packets=_TOTAL.format(a="attrs", k="packets"),
-    e_bytes=_TOTAL.format(a="e.attrs", k="bytes"),
-    e_packets=_TOTAL.format(a="e.attrs", k="packets"),
+"""
+    + _WRITES
 )
 VARIANTS = ("fused", "lean")
 """``fused``: stories carry Storyline's body content (STORY_SQL_FUSED); ``lean``: summary rows only (STORY_SQL)."""
@@ -717,16 +701,16 @@ def content_check(conninfo: str, predicted: dict[str, str], events: dict[str, Ev
     with psycopg.connect(conninfo) as conn:
         rows = conn.execute("SELECT story::text, body FROM stories WHERE story = ANY(%s)", ([int(c) for c in chosen],))
         bodies = {str(k): v for k, v in rows.fetchall()}
-    same = 0
+    differ: list[tuple[str, list[str]]] = []
     for story in chosen:
         ref = msgspec.to_builtins(fuse_python(members[story], (story, 1, True, False, None)))
         body = bodies.get(story) or {}
-        if all(body.get(k) == ref.get(k, {} if k == "totals" else None) for k in _COMPARED):
-            same += 1
-        elif os.environ.get("PG_PEER_DEBUG"):
-            diff = [k for k in _COMPARED if body.get(k) != ref.get(k, {} if k == "totals" else None)]
-            print(story, {k: (body.get(k), ref.get(k)) for k in diff}, file=sys.stderr)
-    return same / max(len(chosen), 1)
+        diff = [k for k in _COMPARED if body.get(k) != ref.get(k, {} if k == "totals" else None)]
+        if diff:
+            differ.append((story, diff))
+    for story, diff in differ[:3]:  # what differs, not just how many
+        print(f"content_check: story {story} differs in {diff}", file=sys.stderr)
+    return 1 - len(differ) / max(len(chosen), 1)
 
 
 def server_cpu_s(srv: Server) -> float | None:

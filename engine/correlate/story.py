@@ -953,13 +953,13 @@ class StoryMachine:
                 heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
                 shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
-            if self._writing:
-                # Fused once per call (_fuse_pending): here only this bucket's rows of these stories are taken
-                # (they may gain events, or be renamed by a merge, later in the same call).
-                self._defer(bucket, now, heads, shard_of, out, min(m.first_bucket for m in due))
-                return
-        if out and self._writing:
-            self._out.stories += out
+        if not self._writing:
+            return
+        self._out.stories += out
+        if due:
+            # Fused once per call (_fuse_pending): here only this bucket's rows of these stories are taken (they
+            # may gain events, or be renamed by a merge, later in the same call).
+            self._defer(bucket, now, heads, shard_of, min(m.first_bucket for m in due))
 
     def _defer(
         self,
@@ -967,7 +967,6 @@ class StoryMachine:
         now: int,
         heads: list[tuple[int, str, int, bool, bool, str | None]],
         shard_of: Mapping[int, int],
-        ready: list[StoryRecord],
         first_bucket: int,
     ) -> None:
         """Queue revisions for the call's one fusion pass: each gets a sequence number that stands for the story
@@ -977,7 +976,6 @@ class StoryMachine:
         in) are searched: rows are appended in ingest order and never reordered, so a story's rows all lie there
         (emitted stories are mostly recent: this is a small tail of the state, not all of it)."""
         p = self._pending
-        self._out.stories += ready
         base = len(p.slots)
         keys = [h[0] for h in heads]
         seqs = list(range(base, base + len(heads)))

@@ -539,11 +539,11 @@ class Worker:
                 watchdog.cancel()
             await self.store.close()
 
-    def _cpu_steps(self) -> dict[str, int]:
+    def _cpu_steps(self, stage_metrics: dict[str, float]) -> dict[str, int]:
         """The cost ledger's steps measured in this process, µs of CPU (``cpu_us_<step>``): the worker's and the
         stage's (a step both measure, decode, is added up)."""
         out = {f"cpu_us_{k}": round(v * 1e6) for k, v in self.stats.cpu.items()}
-        for key, value in self.stage.metrics().items():
+        for key, value in stage_metrics.items():
             if key.startswith("cpu_us_"):
                 out[key] = out.get(key, 0) + int(value)
         return out
@@ -552,6 +552,7 @@ class Worker:
         """Metrics for the supervisor."""
         now = self.clock.now_ms()
         bms = self.settings.bucket_ms
+        stage = self.stage.metrics()
         return {
             "pid": os.getpid(),
             "owner": self.owner,
@@ -575,8 +576,8 @@ class Worker:
                 }
                 for st in self.state.values()
             },
-            **self.stage.metrics(),
-            **self._cpu_steps(),
+            **stage,
+            **self._cpu_steps(stage),
         }
 
 
