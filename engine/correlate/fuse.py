@@ -219,7 +219,7 @@ def fuse(
     ``events`` holds exactly the events of these stories (:data:`EVENT_SCHEMA`; ``story`` is the story key,
     any orderable dtype, the same as ``heads["story"]``). ``heads`` has :data:`HEAD_SCHEMA`; ``story_id`` is what
     the body calls the story. Events are taken in (time, id) order: the order of ``event_ids`` and of the merge.
-    ``cid_cache`` (flow hash → Community ID) may be kept by the caller across calls.
+    ``cid_cache`` (flow hash → Community ID) may be kept by the caller across calls (the caller bounds it).
     """
     rules = dict(rules or {})
     cache = cid_cache if cid_cache is not None else {}
@@ -342,8 +342,6 @@ def fuse(
             cid = story_community_id(proto, sip, sport, dip, dport, seed) if sip and dip else None
             cache[flow] = cid
         values.append(cid)
-    if len(cache) > 1 << 20:
-        cache.clear()
     cid_col = pl.col("f_flow").replace_strict(keys, values, default=None, return_dtype=pl.String).alias("cid")
     rev = pl.col("f_reversed")
     a_ip = pl.when(rev).then(pl.col("f_dst_ip")).otherwise(pl.col("f_src_ip"))

@@ -54,8 +54,26 @@ STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state 
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
 """The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
 _KEY_MASK = (1 << 64) - 1  # a due entry is one int, ms << 64 | story key: compared in C, not as a tuple
+_SHARD_BITS = (1 << 16) - 1  # a story key's low bits: its shard
+
+
+def story_key(first_id: str, bucket: int, shard: int) -> int:
+    """A new story's key: the 64-bit hash of its smallest new event id followed by the bucket it starts in (8
+    bytes, so no two (id, bucket) pairs give the same input), its low 16 bits replaced by the shard (shards are
+    at most 65,536), so stories of different shards never share a key in the worker's one frame.
+
+    Not the id hashed with the bucket as xxh3's seed: for inputs up to 16 bytes xxh3 folds the seed into the
+    input with an xor before mixing, so short ids in nearby buckets collided ("f10" at bucket 110 and "f12" at
+    112 had one key, and one of the stories was lost)."""
+    digest = xxhash.xxh3_64_intdigest(first_id.encode() + bucket.to_bytes(8, "little", signed=True))
+    return (digest & ~_SHARD_BITS & _KEY_MASK) | shard
+
+
 COMPACT_ROWS = 50_000
 """Dead rows (of stories that left the state) the frame may hold before it is compacted, at the least."""
+CID_CACHE_MAX = 100_000
+"""Community IDs of flows kept between fusion passes (a re-emitted story's flow is not hashed again); the cache
+starts over past this many entries, so a long run's memory does not grow with every flow it saw (~150 B each)."""
 DRAIN_PART = 1 << 20
 """The marks part that records a drain at its bucket (the other parts of a bucket count up from 0)."""
 
@@ -614,15 +632,19 @@ class StoryMachine:
         sids: list[int],
     ) -> None:
         """Components that touch no known story become new stories. The key hashes the smallest new event id
-        with the bucket the story starts in: an event delivered again after its story left the state starts a
-        story with another id (never a second revision 1 of the old one)."""
+        with the bucket the story starts in (:func:`story_key`): an event delivered again after its story left
+        the state starts a story with another id (never a second revision 1 of the old one)."""
         wait = self.c.max_wait_ms
         for comp, first_new, n_new, t_min, t_max, flow, shard in zip(
             *(fresh[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard")),
             strict=True,
         ):
-            sid = xxhash.xxh3_64_intdigest(first_new.encode(), seed=bucket)
             st = sts[shard]
+            sid = story_key(first_new, bucket, shard)
+            while sid in st.stories:  # a hash collision in the shard (48 bits): never join unrelated stories
+                sid = (sid + _SHARD_BITS + 1) & _KEY_MASK
+            if sid in self.dead:  # the rows of a story that left still carry this key: drop them first
+                self._compact()
             pred = None
             if flow is not None and st.sealed_flows:
                 cut = st.sealed_flows.get(flow)
@@ -999,6 +1021,8 @@ class StoryMachine:
             return
         self._pending = _Pending()
         t0 = self._cpu_clock()
+        if len(self.cid_cache) > CID_CACHE_MAX:
+            self.cid_cache.clear()
         head_frame = pl.DataFrame(p.heads, schema=HEAD_SCHEMA, orient="row")
         rows = pl.concat(p.rows, how="vertical", rechunk=False) if len(p.rows) > 1 else p.rows[0]
         fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache)
