@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-events", type=int, default=20_000, help="simulated events sent live")
     ap.add_argument("--latency-speed", type=float, default=20.0, help="arrival-time compression of the live run")
     ap.add_argument("--pipeline-events", type=int, default=1_000_000, help="events for the pipeline and the peers")
+    ap.add_argument(
+        "--growth-prior", type=int, default=4_000_000, help="events stored before the growth run (0: no growth run)"
+    )
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     run = uuid.uuid4().hex[:8]
@@ -206,7 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["story_cost_ledger"] = pipe["stories"]["cost_ledger_us_per_event"]
         progress("pipeline, stories and consume only (~4 min)", 1, 1)
+        progress("latency under the pipeline's load (~1 min)", 0, 1)
+        results["latency_under_load"] = latency.under_load(pipeline.parsed_events(args.pipeline_events))
+        results["latency_after_quiet_p99_s"] = results["latency_under_load"]["after_quiet_p99_s"]
+        progress("latency under the pipeline's load (~1 min)", 1, 1)
         results.update(peers(args))
+        if args.growth_prior:
+            from bench import growth
+
+            progress("growth, 0 and N events stored (~15 min)", 0, 1)
+            results["growth"] = growth.run(args.pipeline_events, (0, args.growth_prior))
+            results["growth_storyline_rise"] = results["growth"]["storyline_rise"]
+            results["growth_postgres_rise"] = results["growth"].get("postgres_rise")
+            progress("growth, 0 and N events stored (~15 min)", 1, 1)
 
     results["correlate"] = correlate.run(args.correlate_events)
     results["correlate_events_per_s"] = results["correlate"]["link_events_per_s"]
@@ -289,6 +304,21 @@ def main(argv: list[str] | None = None) -> int:
             f"p95 {la['latency_p95_s']:.2f} s, p99 {la['latency_p99_s']:.2f} s (bound {la['latency_bound_s']:g} s); "
             f"from the story's last member: p50 {la['after_quiet_p50_s']:.2f} s, p99 {la['after_quiet_p99_s']:.2f} s"
         )
+    if "latency_under_load" in results:
+        lu = results["latency_under_load"]
+        print(
+            f"latency under the pipeline's load ({lu['events']:,} events, {len(lu['observed_shards'])} shards "
+            f"observed): from the story's last member p50 {lu['after_quiet_p50_s']:.2f} s, p99 "
+            f"{lu['after_quiet_p99_s']:.2f} s (bound lag + max_wait + 1 s = {lu['bound_s']:g} s)"
+        )
+    if "growth" in results:
+        gr = results["growth"]
+        for name in ("storyline", "postgres"):
+            rows = gr.get(name)
+            if isinstance(rows, list):
+                costs = ", ".join(f"{r['prior_events']:,} stored: {r['cost_us_per_event']:.1f}" for r in rows)
+                rise = gr.get(f"{name}_rise")
+                print(f"growth {name}: CPU us/event {costs}" + (f"; rise {rise:+.1%}" if rise is not None else ""))
     for name in ("pipeline", "pipeline_count"):
         pi = results.get(name)
         if pi:

@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import psutil
 
-from bench.pipeline import CONFIG, schema, start_engine, stop_engine
+from bench.pipeline import CONFIG, ingest_until_processed, schema, start_engine, stop_engine
 from engine.core.config import Config, load
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Producer, ProducerSettings
@@ -50,9 +50,11 @@ class _Observer:
     """Reads each (shard, emit bucket) partition of the stories table once, right after the engine has committed
     past that bucket (a full scan of the table per poll would take longer than the latency it measures)."""
 
-    def __init__(self, cfg: Config, first_bucket: int, written: dict[str, int]) -> None:
+    def __init__(
+        self, cfg: Config, first_bucket: int, written: dict[str, int], shards: list[int] | None = None
+    ) -> None:
         self.cfg = cfg
-        self.checked = dict.fromkeys(range(cfg.shards), first_bucket)
+        self.checked = dict.fromkeys(range(cfg.shards) if shards is None else shards, first_bucket)
         self.seen: dict[str, int] = {}
         self.written = written
         # per event: from the write of the last member of the story revision it was first seen in (the moment
@@ -208,6 +210,69 @@ def run(
     }
 
 
+def under_load(parsed: list[Any], workers: int = 2, observed_shards: int = 4, poll_s: float = 0.5) -> dict[str, Any]:
+    """``latency_after_quiet_*`` under the pipeline's load: the pipeline's events (``bench.pipeline``, written as
+    fast as the producer goes, the engine with ``--stage stories``) while an observer reads the final story
+    revisions of ``observed_shards`` of the shards (a sample: reading every story would take CPU from the engine
+    on this 2-core machine) the moment the engine has committed past their bucket. Per event: from the write of
+    the last member of its story revision to that revision being read. ``commit_interval_ms`` = 200 here (the
+    observer can only see a revision once its bucket is committed; bench.toml's 1 s would add up to 1 s).
+    A backlog — the engine processing slower than the producer writes — shows up here as latency."""
+    tenant = f"lload_{uuid.uuid4().hex[:8]}"
+    sets = [f"tenant={tenant}", "consumer=lload", "commit_interval_ms=200"]
+    cfg = load(CONFIG, sets)
+    schema(cfg, create=True)
+    written: dict[str, int] = {}
+    shards = list(range(0, cfg.shards, max(1, cfg.shards // max(1, observed_shards))))[:observed_shards]
+    observer = _Observer(cfg, int(time.time() * 1000) // cfg.bucket_ms - 10, written, shards)
+
+    async def go() -> tuple[float, float]:
+        stop = asyncio.Event()
+
+        async def observe() -> None:
+            store = make_store(cfg)
+            await store.open()
+            try:
+                while not stop.is_set():
+                    await observer.poll(store)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), poll_s)
+                await observer.poll(store)
+            finally:
+                await store.close()
+
+        watcher = asyncio.create_task(observe())
+        t_ingest, t_total, _ = await ingest_until_processed(cfg, parsed, written=written)
+        # the last stories go final max_wait after their last member; a few commits more
+        await asyncio.sleep((cfg.lag_ms + cfg.correlate.max_wait_ms) / 1000 + 3)
+        stop.set()
+        await watcher
+        return t_ingest, t_total
+
+    proc = start_engine(sets, workers)
+    try:
+        time.sleep(3.0)
+        t_ingest, t_total = asyncio.run(go())
+    finally:
+        stop_engine(proc)
+    schema(cfg, create=False)
+    quiet = sorted(max(0, v) / 1000 for v in observer.after_quiet.values())
+    return {
+        "events": len(parsed),
+        "workers": workers,
+        "observed_shards": shards,
+        "events_observed": len(quiet),
+        "ingest_events_per_s": len(parsed) / t_ingest,
+        "storyline_events_per_s": len(parsed) / t_total,
+        "after_quiet_p50_s": _quantile(quiet, 0.50),
+        "after_quiet_p99_s": _quantile(quiet, 0.99),
+        "after_quiet_max_s": quiet[-1] if quiet else float("nan"),
+        "bound_s": (cfg.lag_ms + cfg.correlate.max_wait_ms) / 1000 + 1,
+        "commit_interval_ms": cfg.commit_interval_ms,
+        "poll_s": poll_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=20_000)
@@ -215,7 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--backend", choices=["cql", "embedded"], default="cql")
     ap.add_argument("--set", action="append", default=[], help="config overrides (dotted.key=value)")
+    ap.add_argument(
+        "--under-load", type=int, default=0, metavar="EVENTS", help="instead: latency under the pipeline's load"
+    )
     args = ap.parse_args(argv)
+    if args.under_load:
+        from bench.pipeline import parsed_events
+
+        print(json.dumps(under_load(parsed_events(args.under_load), args.workers), indent=1))
+        return 0
     r = run(args.events, args.speed, args.workers, args.backend, extra_sets=tuple(args.set))
     r.pop("latencies_s")
     print(json.dumps(r, indent=1))

@@ -126,6 +126,39 @@ def _children_cpu() -> float:
     return float(t.children_user + t.children_system)
 
 
+async def ingest_until_processed(
+    cfg: Config, parsed: list[Any], timeout_s: float = 900, written: dict[str, int] | None = None
+) -> tuple[float, float, float]:
+    """Write ``parsed`` with the producer as fast as it goes, then wait until every shard's committed
+    ``read_bucket`` has passed the last written bucket. Returns (ingest seconds, seconds until processed, the
+    producer's CPU seconds). ``written``: filled with each event id's write time (ms, when its write call
+    returned)."""
+    store = make_store(cfg)
+    await store.open()
+    try:
+        producer = Producer(store, ProducerSettings.from_config(cfg))
+        await producer.check_clock()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, len(parsed), 2_000):
+            await producer.write(parsed[i : i + 2_000])
+            if written is not None:
+                done_ms = int(time.time() * 1000)
+                for e in parsed[i : i + 2_000]:
+                    written[e.id] = done_ms
+        t_ingest = time.perf_counter() - t0
+        producer_cpu = time.process_time() - c0
+        last_bucket = int(time.time() * 1000) // cfg.bucket_ms
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            offsets = await store.read_offsets(cfg.consumer, list(range(cfg.shards)))
+            if len(offsets) == cfg.shards and all(o.read_bucket >= last_bucket for o in offsets):
+                return t_ingest, time.perf_counter() - t0, producer_cpu
+            await asyncio.sleep(0.2)
+        raise SystemExit(f"bench pipeline: the engine did not catch up within {timeout_s:.0f} s")
+    finally:
+        await store.close()
+
+
 def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
     tenant = f"pipe_{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -135,35 +168,10 @@ def _one(parsed: list[Any], workers: int, stage: str) -> dict[str, Any]:
     node = _cql_node()
     cpu0 = (_cpu(node), _children_cpu())
     proc = start_engine(sets, workers, stage)
-    producer_cpu = 0.0
-
-    async def body() -> tuple[float, float]:
-        nonlocal producer_cpu
-        store = make_store(cfg)
-        await store.open()
-        try:
-            producer = Producer(store, ProducerSettings.from_config(cfg))
-            await producer.check_clock()
-            t0, c0 = time.perf_counter(), time.process_time()
-            for i in range(0, len(parsed), 2_000):
-                await producer.write(parsed[i : i + 2_000])
-            t_ingest = time.perf_counter() - t0
-            producer_cpu = time.process_time() - c0
-            last_bucket = int(time.time() * 1000) // cfg.bucket_ms
-            deadline = time.monotonic() + 900
-            while time.monotonic() < deadline:
-                offsets = await store.read_offsets(cfg.consumer, list(range(cfg.shards)))
-                if len(offsets) == cfg.shards and all(o.read_bucket >= last_bucket for o in offsets):
-                    return t_ingest, time.perf_counter() - t0
-                await asyncio.sleep(0.2)
-            raise SystemExit("bench pipeline: the engine did not catch up within 15 minutes")
-        finally:
-            await store.close()
-
     ledger: dict[str, float] = {}
     try:
         time.sleep(3.0)  # workers up and polling before the first write
-        t_ingest, t_total = asyncio.run(body())
+        t_ingest, t_total, producer_cpu = asyncio.run(ingest_until_processed(cfg, parsed))
         time.sleep(1.5)  # one more metrics refresh after the last commit
         try:
             ledger = scrape_ledger(port)
@@ -211,13 +219,18 @@ def run(
 ) -> dict[str, dict[str, Any]]:
     """The pipeline once per stage (``stories``: the story builder; ``count``: consume only, the like-for-like
     figure for the Kafka peer, whose consumers deliver records without building stories), on the same events."""
-    cfg = load(CONFIG)
-    sim, _ = generate(Scenario(events=events, seed=seed, start_s=time.time() - 3_600, span_s=600))
-    now_ms = int(time.time() * 1000)
-    rules = ParseRules.from_config(cfg)
-    parsed = [parse_line(e.line, rules, now_ms) for e in sim]
-    del sim
+    parsed = parsed_events(events, seed)
     return {stage: _one(parsed, workers, stage) for stage in stages}
+
+
+def parsed_events(events: int, seed: int = 1, start_s: float | None = None, span_s: float = 600) -> list[Any]:
+    """The simulator's events as the producer takes them (parsed before any clock starts); by default from an
+    hour ago over ``span_s``."""
+    rules = ParseRules.from_config(load(CONFIG))
+    start = time.time() - 3_600 if start_s is None else start_s
+    sim, _ = generate(Scenario(events=events, seed=seed, start_s=start, span_s=span_s))
+    now_ms = int(time.time() * 1000)
+    return [parse_line(e.line, rules, now_ms) for e in sim]
 
 
 if __name__ == "__main__":

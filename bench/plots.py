@@ -1,4 +1,4 @@
-"""PNG plots of one ``python -m bench`` results file: throughput per design, latency CDF, scaling, memory.
+"""PNG plots of one ``python -m bench`` results file: throughput per design, latency CDF, scaling, memory, growth.
 
 ``python -m bench.plots bench/results/<stamp>.json`` (``python -m bench`` calls :func:`plot_all` itself). Every
 plot is drawn only from figures in that file; a figure that is missing (a peer that did not run) is left out
@@ -112,6 +112,35 @@ def plot_all(results: dict[str, Any], stem: Path) -> list[Path]:
         ax.set_title("Memory vs open stories")
         fig.tight_layout()
         path = stem.with_name(stem.name + "-memory.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+
+    # Growth: cost per event (CPU µs, engine + database) with 0 and N events already stored.
+    growth = results.get("growth") or {}
+    series = [
+        (name, rows)
+        for name, rows in (("Storyline", growth.get("storyline")), ("PostgreSQL, fused", growth.get("postgres")))
+        if isinstance(rows, list) and rows
+    ]
+    if series:
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        priors = [int(r["prior_events"]) for r in series[0][1]]
+        width = 0.8 / len(series)
+        for k, (name, rows) in enumerate(series):
+            xs = [i + k * width for i in range(len(rows))]
+            ys = [float(r["cost_us_per_event"]) for r in rows]
+            ax.bar(xs, ys, width, label=name, color="#2b6cb0" if name == "Storyline" else "#a0aec0")
+            for x, y in zip(xs, ys, strict=True):
+                ax.text(x, y, f"{y:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(priors))])
+        ax.set_xticklabels([f"{p:,} events stored" for p in priors])
+        ax.set_ylabel("CPU µs per event (engine + database)")
+        not_run = "" if len(series) == 2 else " (PostgreSQL not run)"
+        ax.set_title(f"Cost per event as the tenant grows ({int(growth.get('events', 0)):,} events measured){not_run}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = stem.with_name(stem.name + "-growth.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out.append(path)

@@ -116,6 +116,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import psutil
@@ -876,6 +877,70 @@ def run(
         out["pipeline_stories"] = float(count_stories(info))
         same = _partition(predicted_stories(info)) == _partition(predicted)
         out["pipeline_matches_batch"] = "yes" if same else "no"
+    return out
+
+
+def _rows(n_events: int, seed: int, start_s: float, span_s: float) -> list[bytes]:
+    """COPY rows of ``n_events`` simulated events (parsed as Storyline's producer parses them; rejects skipped)."""
+    events, _ = generate(Scenario(events=n_events, seed=seed, start_s=start_s, span_s=span_s))
+    rules = ParseRules.from_config(from_mapping({"tenant": "bench_pg", "store": {"backend": "embedded"}}))
+    now_ms = int(time.time() * 1000)
+    rows: list[bytes] = []
+    for ev in events:
+        try:
+            rows.append(copy_row(parse_line(ev.line, rules, now_ms)))
+        except InputError:
+            continue
+    return rows
+
+
+def growth(
+    n_events: int = 1_000_000,
+    prior_events: int = 4_000_000,
+    seed: int = 1,
+    window_s: float = 30.0,
+    variant: str = "fused",
+    chunk: int = 1_000_000,
+    span_per_chunk_s: float = 600.0,
+) -> dict[str, Any]:
+    """The pipeline phase (producers and the per-second job together) on a database that already holds
+    ``prior_events`` events with their stories built (COPYed and run through the story job in ``chunk``-sized
+    steps, event times before the measured ones and more than the window apart), for ``bench.growth``. Cost =
+    the server's CPU + this client's CPU per measured event."""
+    window_us = round(window_s * 1_000_000)
+    now = time.time()
+    rows = _rows(n_events, seed, now - 3_600, span_per_chunk_s * n_events / chunk)
+    out: dict[str, Any] = {"peer": "postgresql", "variant": variant, "prior_events": prior_events, "events": len(rows)}
+    with server() as (srv, _installed):
+        info = srv.conninfo()
+        create_schema(info, variant)
+        t = time.perf_counter()
+        for k, first in enumerate(range(0, prior_events, chunk)):
+            n = min(chunk, prior_events - first)
+            start = now - 3_600 - (k + 1) * (span_per_chunk_s + 100)
+            produce(info, make_batches(_rows(n, 100 + k, start, span_per_chunk_s * n / chunk), BATCH))
+            with psycopg.connect(info, autocommit=True) as conn:
+                conn.execute("ANALYZE events")
+                story_job(conn, window_us, variant)
+        if prior_events:
+            out["prior_load_s"] = time.perf_counter() - t
+            with psycopg.connect(info, autocommit=True) as conn:
+                size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+            out["prior_database_bytes"] = int(size[0]) if size else None
+        server0, client0 = server_cpu_s(srv), time.process_time()
+        seconds, latencies, runs = pipeline(info, make_batches(rows, BATCH), window_us, None, variant)
+        server1, client_s = server_cpu_s(srv), time.process_time() - client0
+    server_us = None if server0 is None or server1 is None else (server1 - server0) / len(rows) * 1e6
+    client_us = client_s / len(rows) * 1e6
+    out.update(
+        pipeline_events_per_s=len(rows) / seconds,
+        server_cpu_us_per_event=server_us,
+        client_cpu_us_per_event=client_us,
+        cost_us_per_event=client_us + (server_us or 0.0),
+        job_runs=len(runs),
+        job_max_s=max(r.seconds for r in runs),
+        latency_p99_s=_percentile(latencies, 0.99),
+    )
     return out
 
 
