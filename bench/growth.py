@@ -49,14 +49,15 @@ CHUNK = 1_000_000
 SPAN_PER_MILLION_S = 600.0  # the measured run's event density: 1M events over 10 minutes
 
 
-def _chunks(prior: int) -> list[tuple[int, int, float]]:
-    """(events, seed, start_s) of each prior chunk: 10-minute spans laid back to back before the measured
-    events' hour-old span, 100 s apart (more than the match window, so prior and measured never link)."""
+def _chunks(prior: int) -> list[tuple[int, int, float, float]]:
+    """(events, seed, start_s, span_s) of each prior chunk: spans at the measured run's density laid back to back
+    before the measured events' hour-old span, 100 s apart (more than the match window, so prior and measured
+    never link). Storyline and the PostgreSQL design get the same chunks."""
     out = []
     now = time.time()
     for k, first in enumerate(range(0, prior, CHUNK)):
         n = min(CHUNK, prior - first)
-        out.append((n, 100 + k, now - 3_600 - (k + 1) * (SPAN_PER_MILLION_S + 100)))
+        out.append((n, 100 + k, now - 3_600 - (k + 1) * (SPAN_PER_MILLION_S + 100), SPAN_PER_MILLION_S * n / CHUNK))
     return out
 
 
@@ -84,8 +85,8 @@ def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, An
         time.sleep(3.0)
         engine = psutil.Process(proc.pid)
         t = time.perf_counter()
-        for n, seed, start_s in _chunks(prior):
-            asyncio.run(ingest_until_processed(cfg, parsed_events(n, seed, start_s, SPAN_PER_MILLION_S * n / CHUNK)))
+        for n, seed, start_s, span_s in _chunks(prior):
+            asyncio.run(ingest_until_processed(cfg, parsed_events(n, seed, start_s, span_s)))
         if prior:
             out["prior_load_s"] = time.perf_counter() - t
             c = cfg.correlate
@@ -113,7 +114,7 @@ def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, An
 def postgres(measured_n: int, prior: int, variant: str = "fused") -> dict[str, Any]:
     from bench.peers import postgres as pg
 
-    return pg.growth(measured_n, prior, variant=variant, chunk=CHUNK, span_per_chunk_s=SPAN_PER_MILLION_S)
+    return pg.growth(measured_n, _chunks(prior), variant=variant, span_s=SPAN_PER_MILLION_S * measured_n / CHUNK)
 
 
 def _rise(rows: list[dict[str, Any]]) -> float | None:

@@ -895,30 +895,28 @@ def _rows(n_events: int, seed: int, start_s: float, span_s: float) -> list[bytes
 
 
 def growth(
-    n_events: int = 1_000_000,
-    prior_events: int = 4_000_000,
+    n_events: int,
+    prior_chunks: list[tuple[int, int, float, float]],
+    *,
+    span_s: float,
     seed: int = 1,
     window_s: float = 30.0,
     variant: str = "fused",
-    chunk: int = 1_000_000,
-    span_per_chunk_s: float = 600.0,
 ) -> dict[str, Any]:
-    """The pipeline phase (producers and the per-second job together) on a database that already holds
-    ``prior_events`` events with their stories built (COPYed and run through the story job in ``chunk``-sized
-    steps, event times before the measured ones and more than the window apart), for ``bench.growth``. Cost =
+    """The pipeline phase (producers and the per-second job together) on ``n_events`` events from an hour ago
+    over ``span_s``, on a database that already holds the ``prior_chunks`` (``bench.growth``: (events, seed,
+    start_s, span_s) each) with their stories built: each chunk COPYed, then run through the story job. Cost =
     the server's CPU + this client's CPU per measured event."""
     window_us = round(window_s * 1_000_000)
-    now = time.time()
-    rows = _rows(n_events, seed, now - 3_600, span_per_chunk_s * n_events / chunk)
+    rows = _rows(n_events, seed, time.time() - 3_600, span_s)
+    prior_events = sum(n for n, _, _, _ in prior_chunks)
     out: dict[str, Any] = {"peer": "postgresql", "variant": variant, "prior_events": prior_events, "events": len(rows)}
     with server() as (srv, _installed):
         info = srv.conninfo()
         create_schema(info, variant)
         t = time.perf_counter()
-        for k, first in enumerate(range(0, prior_events, chunk)):
-            n = min(chunk, prior_events - first)
-            start = now - 3_600 - (k + 1) * (span_per_chunk_s + 100)
-            produce(info, make_batches(_rows(n, 100 + k, start, span_per_chunk_s * n / chunk), BATCH))
+        for n, chunk_seed, start_s, chunk_span_s in prior_chunks:
+            produce(info, make_batches(_rows(n, chunk_seed, start_s, chunk_span_s), BATCH))
             with psycopg.connect(info, autocommit=True) as conn:
                 conn.execute("ANALYZE events")
                 story_job(conn, window_us, variant)
