@@ -37,9 +37,11 @@ from bench.pipeline import (
     CONFIG,
     _cpu,
     _cql_node,
+    free_port,
     ingest_until_processed,
     parsed_events,
     schema,
+    scrape_ledger,
     start_engine,
     stop_engine,
 )
@@ -75,7 +77,8 @@ def _engine_cpu(proc: psutil.Process) -> float:
 
 def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, Any]:
     tenant = f"grow_{uuid.uuid4().hex[:8]}"
-    sets = [f"tenant={tenant}", "consumer=grow"]
+    port = free_port()
+    sets = [f"tenant={tenant}", "consumer=grow", f"metrics_port={port}"]
     cfg = load(CONFIG, sets)
     schema(cfg, create=True)
     node = _cql_node()
@@ -91,9 +94,11 @@ def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, An
             out["prior_load_s"] = time.perf_counter() - t
             c = cfg.correlate
             time.sleep((cfg.lag_ms + c.max_wait_ms + c.amend_horizon_ms) / 1000 + 2)
-        e0, n0 = _engine_cpu(engine), _cpu(node)
+        e0, n0, l0 = _engine_cpu(engine), _cpu(node), scrape_ledger(port)
         t_ingest, t_total, producer_cpu = asyncio.run(ingest_until_processed(cfg, measured))
         e1, n1 = _engine_cpu(engine), _cpu(node)
+        time.sleep(1.5)  # one more metrics refresh after the last commit
+        l1 = scrape_ledger(port)
     finally:
         stop_engine(proc)
     schema(cfg, create=False)
@@ -107,6 +112,11 @@ def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, An
         node_cpu_us_per_event=node_us,
         producer_cpu_us_per_event=producer_cpu / n * 1e6,
         cost_us_per_event=engine_us + (node_us or 0.0),
+        # The workers' CPU by step over the measured phase (the metrics' ledger, diffed): where a rise comes from.
+        cost_ledger_us_per_event={
+            k: round((v - l0.get(k, 0.0)) / n * 1e6, 2) for k, v in l1.items() if not k.startswith("__")
+        },
+        stage_calls=l1.get("__stage", 0.0) - l0.get("__stage", 0.0),
     )
     return out
 

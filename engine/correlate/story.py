@@ -50,7 +50,9 @@ from .link import link
 
 _json = msgspec.json.Encoder()
 KEY = pl.UInt64
-STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32}  # the state frame: events of every shard
+# The state frame: events of every shard; ``seq``: the number of the append that brought the row in (ascending in
+# frame order by construction — ingest times are not: a shard behind the others appends older buckets later).
+STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32, "seq": pl.Int64}
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
 """The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
 _KEY_MASK = (1 << 64) - 1  # a due entry is one int, ms << 64 | story key: compared in C, not as a tuple
@@ -94,6 +96,8 @@ class StoryMeta:
     t_max: int = -(2**62)
     predecessor: str | None = None  # the truncated story this one continues
     last_bucket: int = -1  # the last bucket an event joined in
+    first_seq: int = 0  # the state frame's appends holding the story's rows: from this one …
+    last_seq: int = 0  # … to this one
 
 
 @dataclass
@@ -227,6 +231,7 @@ class StoryMachine:
         self.dead: set[int] = set()
         self.dead_rows = 0
         self.pending_chunks = 0
+        self.appends = 0  # the frame's appends so far: the next one's rows get ``seq`` = this
         self.counters = StoryCounters()
         # CPU seconds of this thread per step (the cost ledger; measuring time is not I/O, and nothing decided
         # depends on it): decode, link (dedupe, link, assign, merge), state (due stories, evictions, marks), fuse,
@@ -494,6 +499,7 @@ class StoryMachine:
         self.counters.events += new.height
         union = self._link(new)
         frame = self._assign(sts, bucket, now, union)
+        self.appends += 1
         self.pending_chunks += 1
         if self.pending_chunks > 64:
             frame = frame.rechunk()
@@ -535,6 +541,7 @@ class StoryMachine:
             pl.lit(None, KEY).alias("story"),
             pl.Series("ingest", ingest, pl.Int64).gather(spread),
             pl.Series("shard", shards, pl.Int32).gather(spread),
+            pl.lit(0, pl.Int64).alias("seq"),  # set when the rows join the state (_assign)
         )
         new = new.select(list(STATE_SCHEMA)).unique(["ingest", "id"], keep="first", maintain_order=True)
         if len(buckets) == 1:
@@ -608,7 +615,10 @@ class StoryMachine:
         renames = self._extend(sts, bucket, now, union, groups.filter(pl.col("known_n") > 0), comps, sids)
         assigned = (
             union.filter(pl.col("is_new"))
-            .with_columns(pl.col("comp").replace_strict(comps, sids, return_dtype=KEY).alias("story"))
+            .with_columns(
+                pl.col("comp").replace_strict(comps, sids, return_dtype=KEY).alias("story"),
+                pl.lit(self.appends, pl.Int64).alias("seq"),
+            )
             .select(list(STATE_SCHEMA))
         )
         frame = pl.concat([self.frame, assigned], how="vertical", rechunk=False)
@@ -665,6 +675,8 @@ class StoryMachine:
                 t_max=t_max,
                 predecessor=pred,
                 last_bucket=bucket,
+                first_seq=self.appends,
+                last_seq=self.appends,
             )
             comps.append(comp)
             sids.append(sid)
@@ -704,6 +716,7 @@ class StoryMachine:
             meta = st.stories[sid]
             meta.last_ingest_ms = now
             meta.last_bucket = bucket
+            meta.last_seq = self.appends
             meta.events += int(n_new)
             meta.t_min = min(meta.t_min, t_min)
             meta.t_max = max(meta.t_max, t_max)
@@ -734,6 +747,7 @@ class StoryMachine:
                 st.track(om.first_bucket, 1)
                 sm.first_bucket = om.first_bucket
             sm.last_bucket = max(sm.last_bucket, om.last_bucket)
+            sm.first_seq, sm.last_seq = min(sm.first_seq, om.first_seq), max(sm.last_seq, om.last_seq)
             sm.t_min, sm.t_max = min(sm.t_min, om.t_min), max(sm.t_max, om.t_max)
             self.counters.merged += 1
         return frame
@@ -981,7 +995,7 @@ class StoryMachine:
         if due:
             # Fused once per call (_fuse_pending): here only this bucket's rows of these stories are taken (they
             # may gain events, or be renamed by a merge, later in the same call).
-            self._defer(bucket, now, heads, shard_of, min(m.first_bucket for m in due))
+            self._defer(bucket, now, heads, shard_of, min(m.first_seq for m in due))
 
     def _defer(
         self,
@@ -989,24 +1003,25 @@ class StoryMachine:
         now: int,
         heads: list[tuple[int, str, int, bool, bool, str | None]],
         shard_of: Mapping[int, int],
-        first_bucket: int,
+        first_seq: int,
     ) -> None:
         """Queue revisions for the call's one fusion pass: each gets a sequence number that stands for the story
         in the snapshot of its rows taken now (a story emitted twice in a call has two snapshots).
 
-        Only the frame's rows from the end of ``first_bucket`` (the earliest bucket any of these stories started
-        in) are searched: rows are appended in ingest order and never reordered, so a story's rows all lie there
-        (emitted stories are mostly recent: this is a small tail of the state, not all of it)."""
+        Only the frame's rows from append ``first_seq`` on (the earliest append holding rows of any of these
+        stories) are searched: ``seq`` ascends in frame order, so a story's rows all lie there (emitted stories
+        are mostly recent: this is a small tail of the state, not all of it). Not ingest time: a shard that was
+        behind the others appends older buckets after their newer ones."""
         p = self._pending
         base = len(p.slots)
         keys = [h[0] for h in heads]
         seqs = list(range(base, base + len(heads)))
         frame = self.frame
-        start = frame["ingest"].search_sorted((first_bucket + 1) * self.bucket_ms, side="left")
+        start = frame["seq"].search_sorted(first_seq, side="left")
         p.rows.append(
             frame.slice(int(start))
             .filter(pl.col("story").is_in(keys))
-            .drop("shard")
+            .drop("shard", "seq")
             .with_columns(pl.col("story").replace_strict(keys, seqs, return_dtype=KEY))
         )
         for seq, (key, sid, revision, final, truncated, predecessor) in zip(seqs, heads, strict=True):
