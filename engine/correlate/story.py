@@ -736,8 +736,12 @@ class StoryMachine:
     def _merge(
         self, sts: Mapping[int, ShardState], frame: pl.DataFrame, renames: Mapping[int, tuple[int, int]]
     ) -> pl.DataFrame:
-        """Stories linked by this bucket's events merge into the smallest key: rows renamed, counts folded."""
-        frame = frame.with_columns(pl.col("story").replace({old: sid for old, (sid, _) in renames.items()}))
+        """Stories linked by this bucket's events merge into the smallest key: rows renamed (from the first append
+        holding rows of a merged story on), counts folded."""
+        first = min(sts[shard].stories[old].first_seq for old, (_, shard) in renames.items())
+        at = int(frame["seq"].search_sorted(first, side="left"))
+        renamed = frame.slice(at).with_columns(pl.col("story").replace({old: sid for old, (sid, _) in renames.items()}))
+        frame = pl.concat([frame.slice(0, at), renamed], how="vertical", rechunk=False) if at else renamed
         for old, (sid, shard) in renames.items():
             st = sts[shard]
             om, sm = st.stories[old], st.stories[sid]
@@ -862,8 +866,7 @@ class StoryMachine:
         forced_keys = {shard: keys for shard, (_, _, _, keys) in active.items() if keys}
         if leaving or forced_keys:
             # The leaving stories' rows, selected once for the cuts, the marks and the id sets.
-            mask = pl.col("story").is_in([k for ks in leaving.values() for k in ks])
-            rows = self.frame.filter(mask) if leaving else self.frame.clear()
+            rows = self._rows_of([active[s][0].stories[k] for s, ks in leaving.items() for k in ks])
             big_all = [m for _, big, _, _ in active.values() for m in big]
             cuts = self._seal(rows, big_all, now) if big_all else {}
             marks = self._marks(rows, [*leaving, *(s for s in forced_keys if s not in leaving)], cuts, forced_keys)
@@ -884,6 +887,15 @@ class StoryMachine:
         for st, _, _, _ in active.values():
             if len(st.sealed_flows) > 64:
                 st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
+
+    def _rows_of(self, stories: Sequence[StoryMeta]) -> pl.DataFrame:
+        """The stories' rows in the frame: searched only between the first and the last append holding any."""
+        if not stories:
+            return self.frame.clear()
+        seq = self.frame["seq"]
+        lo = int(seq.search_sorted(min(m.first_seq for m in stories), side="left"))
+        hi = int(seq.search_sorted(max(m.last_seq for m in stories), side="right"))
+        return self.frame.slice(lo, hi - lo).filter(pl.col("story").is_in([m.key for m in stories]))
 
     @property
     def live_rows(self) -> int:
