@@ -37,6 +37,7 @@ from bench.pipeline import (
     CONFIG,
     _cpu,
     _cql_node,
+    engine_cpu,
     free_port,
     ingest_until_processed,
     parsed_events,
@@ -63,18 +64,6 @@ def _chunks(prior: int) -> list[tuple[int, int, float, float]]:
     return out
 
 
-def _engine_cpu(proc: psutil.Process) -> float:
-    """CPU seconds of the engine's live processes (the supervisor and its workers, their threads included)."""
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
-
-
 def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, Any]:
     tenant = f"grow_{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -94,9 +83,9 @@ def storyline(measured: list[Any], prior: int, workers: int = 2) -> dict[str, An
             out["prior_load_s"] = time.perf_counter() - t
             c = cfg.correlate
             time.sleep((cfg.lag_ms + c.max_wait_ms + c.amend_horizon_ms) / 1000 + 2)
-        e0, n0, l0 = _engine_cpu(engine), _cpu(node), scrape_ledger(port)
+        e0, n0, l0 = engine_cpu(engine), _cpu(node), scrape_ledger(port)
         t_ingest, t_total, producer_cpu = asyncio.run(ingest_until_processed(cfg, measured))
-        e1, n1 = _engine_cpu(engine), _cpu(node)
+        e1, n1 = engine_cpu(engine), _cpu(node)
         time.sleep(1.5)  # one more metrics refresh after the last commit
         l1 = scrape_ledger(port)
     finally:
