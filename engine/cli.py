@@ -49,6 +49,37 @@ exit codes:
 """
 
 
+def _count(text: str) -> int:
+    """A ``--limit``: a whole number >= 0 (0: no limit)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} is negative (0 means no limit)")
+    return n
+
+
+def _instant(text: str) -> float:
+    """A point in time as epoch seconds: epoch seconds (``1764918000``, ``1764918000.5``) or RFC 3339 with a UTC
+    offset (``2026-12-05T07:00:00Z``, ``2026-12-05T08:00:00+01:00``)."""
+    from datetime import datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither epoch seconds nor an RFC 3339 time such as 2026-12-05T07:00:00Z"
+        ) from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset: add Z (UTC) or one such as +01:00")
+    return when.timestamp()
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -118,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stories", help="print the latest revision of every story")
     _common(p)
     p.add_argument("--format", choices=["table", "jsonl"], default="table")
-    p.add_argument("--since", type=float, help="only stories last emitted at or after this epoch second")
-    p.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
+    p.add_argument(
+        "--since",
+        type=_instant,
+        help="only stories last emitted at or after this time (RFC 3339 with an offset, e.g. 2026-12-05T07:00:00Z,"
+        " or epoch seconds)",
+    )
+    p.add_argument("--until", type=_instant, help="only stories last emitted before this time (as --since)")
+    p.add_argument("--limit", type=_count, default=0, help="at most this many, oldest first (default 0: all)")
     p.add_argument("--id", dest="story_id", help="only this story (a lookup by id; exit 1 when it is unknown)")
     p = sub.add_parser("status", help="offsets and lag per shard; exit 0 when every shard is within 2 x lag")
     _common(p)
@@ -147,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letter", help="list rejected input lines, or --redrive them through validation")
     _common(p)
     p.add_argument("--redrive", action="store_true", help="validate every pending dead letter again")
-    p.add_argument("--limit", type=int, default=100, help="lines to list (default 100; 0 for all)")
+    p.add_argument("--limit", type=_count, default=100, help="lines to list (default 100; 0 for all)")
     p = sub.add_parser("tune", help="print a recommended config (TOML, reasons as comments) for a rate and size")
     _common(p)
     p.add_argument("--events-per-sec", type=float, required=True, help="events per second to size for (peak)")
@@ -447,7 +484,7 @@ async def cmd_story(cfg: Config, story_id: str, fmt: str) -> int:
     return EXIT_OK
 
 
-async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) -> int:
+async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int, until: float | None = None) -> int:
     import msgspec
 
     latest: dict[str, Any] = {}
@@ -463,6 +500,8 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int) ->
     live = [r for r in latest.values() if r.merged_into is None]
     if since is not None:
         live = [r for r in live if r.emitted_ms >= since * 1000]
+    if until is not None:
+        live = [r for r in live if r.emitted_ms < until * 1000]
     live.sort(key=lambda r: (r.emitted_ms, r.story_id))
     if limit:
         live = live[:limit]
@@ -630,7 +669,7 @@ def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | Non
         if args.command == "stories":
             if args.story_id is not None:
                 return asyncio.run(cmd_story(cfg, args.story_id, args.format))
-            return asyncio.run(cmd_stories(cfg, args.format, args.since, args.limit))
+            return asyncio.run(cmd_stories(cfg, args.format, args.since, args.limit, args.until))
         if args.command == "status":
             return asyncio.run(cmd_status(cfg, args.shards, args.json))
         if args.command == "ingest":

@@ -204,3 +204,56 @@ def test_verify_reconciles_with_ingest_logs(tmp_path: Path, capsys: pytest.Captu
     assert main(["verify", *conf, "--ingest-log", f"in={wrong}"]) == 1
     assert "counts do not reconcile" in capsys.readouterr().out
     assert main(["verify", *conf, "--ingest-log", "no-equals-sign"]) == 2
+
+
+def test_stories_time_window_takes_rfc3339_or_epoch_and_a_negative_limit_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import asyncio
+    import json
+
+    from engine.core.config import from_mapping
+    from engine.core.records import StoryRecord
+    from engine.store import make_store
+
+    db = tmp_path / "w.db"
+    args = ["--set", "tenant=window", "--set", f"store.path={db}"]
+    assert main(["init", *args]) == 0
+    base_ms = 1_796_000_000_000  # 2026-11-30T00:53:20Z
+
+    async def put() -> None:
+        store = make_store(from_mapping({"tenant": "window", "store": {"backend": "embedded", "path": str(db)}}))
+        await store.open()
+        rows = []
+        for i in range(4):  # one story each 10 minutes; the first also has an older revision
+            sid = f"s0000-{i:016x}"
+            at = base_ms + i * 600_000
+            body = json.dumps({"story_id": sid, "revision": 2, "event_count": 1, "sources": ["fw"]}).encode()
+            rows.append(StoryRecord(0, at // 1000, sid, 2, True, None, at, body))
+        rows.append(StoryRecord(0, base_ms // 1000 - 10, "s0000-0000000000000000", 1, False, None, base_ms - 1, b"{}"))
+        await store.put_stories(rows)
+        await store.close()
+
+    asyncio.run(put())
+    capsys.readouterr()
+
+    def ids(*extra: str) -> list[str]:
+        assert main(["stories", *args, "--format", "jsonl", *extra]) == 0
+        return [json.loads(line)["story_id"][-1] for line in capsys.readouterr().out.splitlines()]
+
+    assert ids() == ["0", "1", "2", "3"]
+    # 00:53:20Z + 10 min = 01:03:20Z: the second story on; until is exclusive
+    assert ids("--since", "2026-11-30T01:03:20Z", "--until", "2026-11-30T01:23:20Z") == ["1", "2"]
+    assert ids("--since", "2026-11-30T02:03:20+01:00") == ["1", "2", "3"]  # the same instant, another offset
+    assert ids("--since", str((base_ms + 600_000) / 1000)) == ["1", "2", "3"]  # epoch seconds
+    assert ids("--limit", "1") == ["0"]
+    for bad, why in (
+        (["--limit", "-1"], "negative"),
+        (["--since", "2026-11-30T01:03:20"], "no UTC offset"),
+        (["--until", "yesterday"], "neither epoch seconds nor an RFC 3339"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["stories", *args, *bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err
