@@ -42,7 +42,7 @@ import msgspec
 import polars as pl
 
 from engine.core.event import Event
-from engine.correlate.fuse import EVENT_SCHEMA, fuse, fuse_python
+from engine.correlate.fuse import EVENT_SCHEMA, FIGURE_ATTRS, fuse, fuse_python
 from engine.correlate.link import link
 from engine.testing.baseline import link_baseline
 
@@ -123,11 +123,11 @@ SOURCES = ("firewall", "endpoint", "dns", "http", "cloud")
 
 
 _KEYS = {
-    "firewall": "action\x1frule\x1fbytes\x1fpackets",
+    "firewall": "action\x1frule\x1fsrc_bytes\x1fdst_bytes\x1fsrc_packets\x1fdst_packets\x1finitiator",
     "endpoint": "process\x1fpid\x1fuser\x1fhost",
     "dns": "query\x1fanswer\x1frcode",
     "http": "method\x1fhost\x1fpath\x1fstatus\x1fuser_agent",
-    "cloud": "vpc\x1faccount\x1fbytes\x1fpackets\x1faction",
+    "cloud": "vpc\x1faccount\x1fsrc_bytes\x1fsrc_packets\x1faction",
 }
 
 
@@ -142,7 +142,10 @@ def _attrs_json(source: pl.Expr, r: pl.Expr) -> pl.Expr:
     octet = (r % _u64(250)).cast(pl.String)
     return (
         pl.when(source == "firewall")
-        .then(_obj('{"action":"allow","rule":"r', small, '","bytes":', big, ',"packets":', small, "}"))
+        .then(
+            _obj('{"action":"allow","rule":"r', small, '","src_bytes":', big, ',"dst_bytes":', small)
+            + _obj(',"src_packets":', octet, ',"dst_packets":', octet, ',"initiator":"src"}')
+        )
         .when(source == "endpoint")
         .then(_obj('{"process":"svc', small, '.exe","pid":', small, ',"user":"u', small, '","host":"h', small, '"}'))
         .when(source == "dns")
@@ -153,7 +156,7 @@ def _attrs_json(source: pl.Expr, r: pl.Expr) -> pl.Expr:
             + pl.lit('"user_agent":"curl/8.5.0"}')
         )
         .otherwise(
-            _obj('{"vpc":"vpc-', small, '","account":"', big, '","bytes":', big, ',"packets":', small)
+            _obj('{"vpc":"vpc-', small, '","account":"', big, '","src_bytes":', big, ',"src_packets":', small)
             + pl.lit(',"action":"ACCEPT"}')
         )
     )
@@ -161,8 +164,9 @@ def _attrs_json(source: pl.Expr, r: pl.Expr) -> pl.Expr:
 
 def full_events(df: pl.DataFrame, seed: int = 7) -> pl.DataFrame:
     """The link data (``flow``, ``t``) with every column the fused-story step reads (:data:`EVENT_SCHEMA`):
-    hex event ids, one of five sources with its own attribute schema (firewall and cloud report bytes and
-    packets), a sensor per source, 30 % reported reversed, IPv4 TCP/UDP endpoints derived from the flow hash."""
+    hex event ids, one of five sources with its own attribute schema (firewall: both directions' bytes and
+    packets and the initiator; cloud: one direction's), a sensor per source, 30 % reported reversed, IPv4
+    TCP/UDP endpoints derived from the flow hash."""
     i = pl.int_range(0, pl.len(), dtype=pl.Int64)
     r = _random(i, 8, seed)
     source = pl.lit(pl.Series(SOURCES)).get(_below(i, 9, seed, len(SOURCES)))
@@ -188,8 +192,11 @@ def full_events(df: pl.DataFrame, seed: int = 7) -> pl.DataFrame:
             source.replace_strict(_KEYS).alias("akeys"),
         )
         .with_columns(
-            pl.col("attrs").str.json_path_match("$.bytes").cast(pl.Int64).alias("bytes"),
-            pl.col("attrs").str.json_path_match("$.packets").cast(pl.Int64).alias("packets"),
+            *(pl.col("attrs").str.json_path_match(f"$.{name}").cast(pl.Int64).alias(name) for name in FIGURE_ATTRS),
+            pl.col("attrs")
+            .str.json_path_match("$.initiator")
+            .replace_strict({"src": 1, "dst": -1}, default=None, return_dtype=pl.Int8)
+            .alias("init"),
         )
         .select(list(EVENT_SCHEMA))
     )
@@ -206,6 +213,7 @@ def link_and_fuse(events: pl.DataFrame) -> pl.DataFrame:
         pl.lit(True).alias("final"),
         pl.lit(False).alias("truncated"),
         pl.lit(None, pl.String).alias("predecessor"),
+        pl.lit(0, pl.Int64).alias("emitted_ms"),
     )
     return fuse(framed, heads)
 
@@ -257,7 +265,7 @@ def fuse_baseline(events: list[Event], labels: list[int]) -> list[bytes]:
     for e, label in zip(events, labels, strict=True):
         members.setdefault(label, []).append(e)
     enc = msgspec.json.Encoder()
-    return [enc.encode(fuse_python(evs, (f"s{label}", 1, True, False, None))) for label, evs in members.items()]
+    return [enc.encode(fuse_python(evs, (f"s{label}", 1, True, False, None, 0))) for label, evs in members.items()]
 
 
 def fuse_run(df: pl.DataFrame, labels: pl.Series) -> dict[str, float]:

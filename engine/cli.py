@@ -484,6 +484,31 @@ async def cmd_story(cfg: Config, story_id: str, fmt: str) -> int:
     return EXIT_OK
 
 
+def _story_line(story_id: str, revision: int, b: dict[str, Any]) -> str:
+    """One story as a table line: a version 2 body, or a version 1 one (rows written before version 2)."""
+    if b.get("body_version") == 2:
+        start = b["start"]
+        sensors = ",".join(o["sensor"] for o in b["observers"])
+        c, s = b.get("client"), b.get("server")
+        flow = "-" if c is None or s is None else f"{_hostport(c)} -> {_hostport(s)}"
+        if b.get("initiator_known") is False:
+            flow += " (guessed)"
+    else:  # version 1: times in µs, endpoints in Community ID order, not client and server
+        import datetime as dt
+
+        start = dt.datetime.fromtimestamp(b["first_seen"] / 1e6, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        sensors = ",".join(b["sensors"])
+        f = b.get("flow")
+        flow = "-" if f is None else f"{_hostport(f['a'])} <-> {_hostport(f['b'])} (v1 body)"
+    return f"{story_id:<24} {revision:>3} {b['event_count']:>6}  {start:<26} {sensors:<28} {flow}"
+
+
+def _hostport(ep: dict[str, Any]) -> str:
+    ip, port = ep["ip"], ep.get("port")
+    host = f"[{ip}]" if ":" in ip else ip
+    return host if port is None else f"{host}:{port}"
+
+
 async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int, until: float | None = None) -> int:
     import msgspec
 
@@ -510,13 +535,9 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int, un
         for r in live:
             out.write(r.body.decode() + "\n")
     else:
-        out.write(f"{'story_id':<24} {'rev':>3} {'events':>6}  {'sources':<32} community_id\n")
+        out.write(f"{'story_id':<24} {'rev':>3} {'events':>6}  {'start (UTC)':<26} {'sensors':<28} client -> server\n")
         for r in live:
-            b = msgspec.json.decode(r.body)
-            out.write(
-                f"{r.story_id:<24} {r.revision:>3} {b['event_count']:>6}  {','.join(b['sources']):<32} "
-                f"{b.get('community_id') or '-'}\n"
-            )
+            out.write(_story_line(r.story_id, r.revision, msgspec.json.decode(r.body)) + "\n")
     merged = sum(1 for r in latest.values() if r.merged_into is not None)
     print(f"stories: {len(live):,} shown, {len(latest):,} story ids ({merged:,} merged into others)", file=sys.stderr)
     return EXIT_OK

@@ -2,14 +2,17 @@
 
 Input: an *event frame* (:data:`EVENT_SCHEMA`; what :func:`event_columns` makes from stored payloads) whose
 ``story`` column says which story each event belongs to, and a *head frame* (:data:`HEAD_SCHEMA`) with what the
-story builder knows per story (revision, final, truncated, predecessor). Output: the head frame with a ``body``
-column, the fused story as JSON (the documented :class:`FusedStory` schema, docs/correlation.md).
+story builder knows per story (revision, final, truncated, predecessor, emission time). Output: the head frame
+with a ``body`` column, the fused story as JSON: the version 2 body declared in :mod:`engine.correlate.body`
+(docs/stories.md), byte for byte what :func:`msgspec.json.encode` gives for that struct.
 
 Everything per event runs in polars (sorting, grouping, string assembly); Python runs once per story only for
-the Community ID (SHA-1, cached per flow) and once per *(story, source) group with several events* for the
+the Community ID (SHA-1, cached per flow) and once per *(story, sensor) group with several events* for the
 attribute merge (the rules fold values key by key; a group with one event takes its attributes as they are,
 which is what every rule gives for a single value — except ``set``, so a ``set`` rule sends every group through
 the Python merge).
+
+:func:`fuse_python` builds the same body event by event: the reference the tests and the benchmark compare with.
 
 Pure functions, no I/O.
 """
@@ -31,20 +34,25 @@ import polars as pl
 from engine.core.event import Event, polars_columns, row_struct
 from engine.ingest.network_identity import community_id
 
+from .body import Endpoint, Figures, Observer, StoryBody, Totals, transport_name
+
 __all__ = [
     "EVENT_SCHEMA",
+    "FIGURE_ATTRS",
     "HEAD_SCHEMA",
-    "TOTALS",
     "FusedStory",
     "event_columns",
     "fuse",
+    "fuse_python",
     "merge_value",
 ]
 
-TOTALS = ("bytes", "packets")
+FIGURE_ATTRS = ("bytes", "packets", "src_bytes", "dst_bytes", "src_packets", "dst_packets")
+"""The attributes fusion reads as byte and packet figures (docs/events.md): ``src_*``/``dst_*`` what the reported
+source (destination) sent, ``bytes``/``packets`` both directions undivided."""
 TOTAL_LIMIT = 2**43
-"""An attribute counts towards ``totals`` when it is an integer (not a boolean) of magnitude below this: with at
-most ``correlate.max_story_events`` (≤ 1,000,000) events a story's sum stays inside int64."""
+"""An attribute counts as a figure when it is an integer (not a boolean) of magnitude below this: with at most
+``correlate.max_story_events`` (≤ 1,000,000) events a story's sum stays inside int64."""
 
 _STORED = dict(polars_columns())  # the stored fields' polars dtypes, derived from the one declaration
 # The event frame: the stored fields (``time_us`` corrected into ``t``, maps as JSON text) and the frame's own
@@ -58,8 +66,8 @@ EVENT_SCHEMA: dict[str, Any] = {
     **{name: getattr(pl, dtype) for name, dtype in _STORED.items() if dtype and name not in ("id", "time_us", "flow")},
     "attrs": pl.String,  # the event's attributes as a JSON object
     "akeys": pl.String,  # the attribute names, in order, joined by U+001F (equal names: a plain last-wins merge)
-    "bytes": pl.Int64,
-    "packets": pl.Int64,
+    **{name: pl.Int64 for name in FIGURE_ATTRS},
+    "init": pl.Int8,  # the ``initiator`` attribute: 1 the reported src opened the session, -1 the dst, null: unknown
 }
 _SCALARS = tuple(name for name, dtype in _STORED.items() if dtype is not None)  # columns taken as stored
 
@@ -70,11 +78,12 @@ HEAD_SCHEMA: dict[str, Any] = {
     "final": pl.Boolean,
     "truncated": pl.Boolean,
     "predecessor": pl.String,
+    "emitted_ms": pl.Int64,
 }
 
 
 class FusedStory(msgspec.Struct, omit_defaults=True):
-    """The documented output schema (docs/correlation.md); :func:`fuse` writes the same JSON."""
+    """The version 1 body, which rows written before version 2 hold (no ``body_version`` field); read-only now."""
 
     story_id: str
     revision: int
@@ -112,6 +121,10 @@ def _total(v: object) -> int | None:
     return v if type(v) is int and -TOTAL_LIMIT < v < TOTAL_LIMIT else None
 
 
+def _initiator(v: object) -> int | None:
+    return 1 if v == "src" else -1 if v == "dst" else None
+
+
 def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
     """Stored event payloads (canonical msgpack :class:`Event`) → the columns of :data:`EVENT_SCHEMA` except
     ``t``/``story``/``ingest`` (``time_us`` is given instead; the caller corrects it). One decoder call for the
@@ -129,8 +142,8 @@ def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
             **{name: list(map(attrgetter(name), rows)) for name in _SCALARS},
             "attrs": [_json.encode(m).decode() for m in maps],
             "akeys": ["\x1f".join(m) for m in maps],
-            "bytes": [_total(m.get("bytes")) for m in maps],
-            "packets": [_total(m.get("packets")) for m in maps],
+            **{name: [_total(m.get(name)) for m in maps] for name in FIGURE_ATTRS},
+            "init": [_initiator(m.get("initiator")) for m in maps],
         }
     finally:
         if paused:
@@ -140,6 +153,7 @@ def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
 # -- Community ID ---------------------------------------------------------------------------------------------
 _V4_PORTS = struct.Struct("!H4s4sBBHH").pack
 _PORT_PROTOS = frozenset({6, 17, 132})
+_TRANSPORT_JSON = {p: f',"transport":"{transport_name(p)}"' for p in (1, 6, 17, 58, 132)}
 
 
 def story_community_id(
@@ -206,6 +220,30 @@ def json_strings(s: pl.Series) -> pl.Series:
     return pl.Series(s.name, values, pl.String).fill_null("null")
 
 
+def _figures(c2s: pl.Expr, s2c: pl.Expr, total: pl.Expr) -> pl.Expr:
+    """A :class:`~engine.correlate.body.Figures` object's members as JSON (null when none is known)."""
+    parts = pl.concat_str(
+        [
+            pl.format('"client_to_server":{}', c2s),
+            pl.format('"server_to_client":{}', s2c),
+            pl.format('"total":{}', total),
+        ],
+        separator=",",
+        ignore_nulls=True,
+    )
+    return pl.when(c2s.is_not_null() | s2c.is_not_null() | total.is_not_null()).then(
+        pl.concat_str([pl.lit("{"), parts, pl.lit("}")])
+    )
+
+
+def _port_class(port: pl.Expr) -> pl.Expr:
+    return pl.when(port < 1024).then(0).when(port < 32768).then(1).otherwise(2)
+
+
+def _rfc3339(us: pl.Expr) -> pl.Expr:
+    return pl.from_epoch(us, time_unit="us").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+
+
 def fuse(
     events: pl.DataFrame,
     heads: pl.DataFrame,
@@ -213,8 +251,10 @@ def fuse(
     rules: Mapping[str, str] | None = None,
     seed: int = 0,
     cid_cache: dict[int | None, str | None] | None = None,
+    tenant: str = "",
 ) -> pl.DataFrame:
-    """One fused story per row of ``heads``: ``heads`` with a ``body`` column (JSON text).
+    """One fused story per row of ``heads``: ``heads`` with a ``body`` column (JSON text, the version 2 body of
+    :mod:`engine.correlate.body`).
 
     ``events`` holds exactly the events of these stories (:data:`EVENT_SCHEMA`; ``story`` is the story key,
     any orderable dtype, the same as ``heads["story"]``). ``heads`` has :data:`HEAD_SCHEMA`; ``story_id`` is what
@@ -237,65 +277,15 @@ def fuse(
         .drop("source", "sensor", "ingest")
         .sort(["story", "t", "id"])
     )
-    # rank: the story's position (ev is sorted by story). Keys built from it and the small codes are single
-    # integers in (story, name) order, so the groupings below sort and group plain integers.
-    n_src, n_sen = len(source_names), len(sensor_names)
+    # rank: the story's position (ev is sorted by story). A key built from it and the sensor's code is a single
+    # integer in (story, sensor name) order, so the observers are grouped on plain integers.
+    n_sen = len(sensor_names)
     ev = ev.with_columns(json_strings(ev["id"]).alias("qid"), pl.col("story").rle_id().cast(pl.UInt64).alias("rank"))
-    ev = ev.with_columns(
-        (pl.col("rank") * n_src + pl.col("sc")).alias("skey"), (pl.col("rank") * n_sen + pl.col("nc")).alias("nkey")
-    )
-    # Attributes per (story, source). One event, or several with the same attribute names and the default rule
-    # (last wins): the last event's object as it is. Otherwise merged in Python, key by key.
-    per_source = (
-        ev.select("skey", "akeys", "attrs")
-        .sort("skey", maintain_order=True)  # stable: (time, id) order within each group
-        .group_by(pl.col("skey").set_sorted(), maintain_order=True)
-        .agg(
-            pl.len().alias("n"),
-            (pl.col("akeys").min() == pl.col("akeys").max()).alias("same_keys"),
-            pl.col("attrs").last().alias("merged"),
-        )
-    )
-    if "set" in rules.values():
-        python = pl.lit(True)
-    elif rules:
-        python = pl.col("n") > 1
-    else:
-        python = (pl.col("n") > 1) & ~pl.col("same_keys")
-    slow = per_source.filter(python)
-    if slow.height:
-        lists = ev.join(slow.select("skey"), on="skey", how="semi").group_by("skey").agg(pl.col("attrs"))
-        merged = [
-            _json.encode(merge_attrs(rules, [_json_any.decode(a) for a in attrs])).decode()
-            for attrs in lists["attrs"].to_list()
-        ]
-        lists = lists.select("skey", pl.Series("slow_merged", merged, pl.String))
-        per_source = per_source.join(lists, on="skey", how="left", maintain_order="left").with_columns(
-            pl.coalesce("slow_merged", "merged").alias("merged")
-        )
-    qsource = pl.lit(q_source).gather(pl.col("skey") % n_src)
-    attrs = (
-        per_source.select(
-            (pl.col("skey") // n_src).alias("rank"),
-            pl.concat_str([qsource, pl.lit(":"), pl.col("merged")]).alias("kv"),
-            qsource.alias("qsource"),
-        )
-        .group_by(pl.col("rank").set_sorted(), maintain_order=True)
-        .agg("kv", "qsource")
-        .select(
-            pl.col("kv").list.join(",").alias("attrs_json"),
-            pl.col("qsource").list.join(",").alias("sources_json"),
-        )
-    )
-    sensors = (
-        ev.select(pl.col("nkey").unique().sort())
-        .select((pl.col("nkey") // n_sen).alias("rank"), pl.lit(q_sensor).gather(pl.col("nkey") % n_sen).alias("q"))
-        .group_by(pl.col("rank").set_sorted(), maintain_order=True)
-        .agg("q")
-        .select(pl.col("q").list.join(",").alias("sensors_json"))
-    )
-    # The flow of a story is its first event's that has one. Events without a flow link to nothing today, so a
-    # story either has a flow on every event or is one flowless event: the first event's flow then is the one.
+    ev = ev.with_columns((pl.col("rank") * n_sen + pl.col("nc")).alias("nkey"))
+
+    # -- per story: times, ids, the flow (its first event's that has one), the initiator evidence --------------
+    # Events without a flow link to nothing today, so a story either has a flow on every event or is one
+    # flowless event: the first event's flow then is the one.
     has_flow = pl.col("flow").is_not_null()
     mixed = (
         ev.group_by("story")
@@ -306,32 +296,152 @@ def fuse(
     def flow_field(c: str) -> pl.Expr:
         return pl.col(c).filter(has_flow).first() if mixed.height else pl.col(c).first()
 
-    direction = pl.when(pl.col("reversed")).then(pl.lit(':"b->a"')).otherwise(pl.lit(':"a->b"'))
-    per_story = (
-        ev.with_columns(pl.concat_str([pl.col("qid"), direction]).alias("dir"))
-        .group_by("story", maintain_order=True)
-        .agg(
-            pl.len().alias("event_count"),
-            pl.col("t").min().alias("first_seen"),
-            pl.col("t").max().alias("last_seen"),
-            pl.col("qid"),
-            pl.col("dir"),
-            pl.col("bytes").sum().alias("bytes_sum"),
-            pl.col("bytes").count().alias("bytes_n"),
-            pl.col("packets").sum().alias("packets_sum"),
-            pl.col("packets").count().alias("packets_n"),
-            *(
-                flow_field(c).alias(f"f_{c}")
-                for c in ("flow", "proto", "src_ip", "src_port", "dst_ip", "dst_port", "reversed")
-            ),
-        )
-        .with_columns(pl.col("qid").list.join(",").alias("ids_json"), pl.col("dir").list.join(",").alias("dirs_json"))
-        .drop("qid", "dir")
+    # A sensor's claim, for endpoint a of the flow's order: +1 "a opened it", -1 "b did" (init is about the
+    # reported src, which is b when the event is reversed).
+    claim = pl.col("init").cast(pl.Int64) * pl.when(pl.col("reversed")).then(-1).otherwise(1)
+    per_story = ev.group_by("story", maintain_order=True).agg(
+        pl.len().alias("event_count"),
+        pl.col("t").min().alias("start_us"),
+        pl.col("t").max().alias("end_us"),
+        pl.col("qid").str.join(",").alias("ids_json"),
+        (claim.filter(has_flow) if mixed.height else claim).sum().alias("vote"),
+        *(
+            flow_field(c).alias(f"f_{c}")
+            for c in ("flow", "proto", "src_ip", "src_port", "dst_ip", "dst_port", "reversed")
+        ),
     )
-    # All three come out in story order (ev is sorted by story; the groupings keep that order).
-    per_story = per_story.hstack([attrs.to_series(0), attrs.to_series(1), sensors.to_series(0)])
-    # The Community ID of each story's flow (from its first event with one): once per distinct flow hash, and
-    # cached across calls by the caller.
+    rev = pl.col("f_reversed")
+    a_port = pl.when(rev).then(pl.col("f_dst_port")).otherwise(pl.col("f_src_port"))
+    b_port = pl.when(rev).then(pl.col("f_src_port")).otherwise(pl.col("f_dst_port"))
+    by_ports = (
+        pl.col("f_proto").is_in(list(_PORT_PROTOS))
+        & a_port.is_not_null()
+        & b_port.is_not_null()
+        & (_port_class(a_port) != _port_class(b_port))
+    )
+    vote = pl.col("vote")
+    per_story = per_story.with_columns(
+        a_port.alias("a_port"),
+        b_port.alias("b_port"),
+        pl.when(rev).then(pl.col("f_dst_ip")).otherwise(pl.col("f_src_ip")).alias("a_ip"),
+        pl.when(rev).then(pl.col("f_src_ip")).otherwise(pl.col("f_dst_ip")).alias("b_ip"),
+        pl.when(pl.col("f_flow").is_null())
+        .then(None)
+        .when(vote != 0)
+        .then(vote < 0)
+        .when(by_ports)
+        .then(_port_class(a_port) < _port_class(b_port))  # a's port is the service's: b is the client
+        .otherwise(rev)  # the earliest report's source (b when it is reversed)
+        .alias("client_is_b"),
+        pl.when(vote != 0)
+        .then(pl.lit("sensor"))
+        .when(by_ports)
+        .then(pl.lit("service_port"))
+        .otherwise(pl.lit("first_seen"))
+        .alias("rule"),
+    )
+
+    # -- per event: its figures relative to client and server -------------------------------------------------
+    # ev is sorted by story and per_story is in story order: a story's value is taken by its rank.
+    cib = per_story["client_is_b"].gather(ev["rank"])
+    sic = pl.when(has_flow).then(pl.col("reversed") == pl.col("cib"))  # the reported src is the client
+    story_flow = pl.col("cib").is_not_null()
+    figures = []
+    for kind in ("bytes", "packets"):
+        src, dst = pl.col(f"src_{kind}"), pl.col(f"dst_{kind}")
+        figures += [
+            pl.when(sic).then(src).when(~sic).then(dst).alias(f"c2s_{kind}"),
+            pl.when(sic).then(dst).when(~sic).then(src).alias(f"s2c_{kind}"),
+            pl.when(story_flow)
+            .then(
+                pl.coalesce(
+                    pl.col(kind),
+                    pl.when(src.is_not_null() | dst.is_not_null()).then(src.fill_null(0) + dst.fill_null(0)),
+                )
+            )
+            .alias(f"tot_{kind}"),
+        ]
+    fig_names = [f"{d}_{kind}" for kind in ("bytes", "packets") for d in ("c2s", "s2c", "tot")]
+
+    # -- observers: one per (story, sensor) -------------------------------------------------------------------
+    by_sensor = (
+        ev.with_columns(cib.alias("cib"))
+        .select("nkey", "sc", "t", "akeys", "attrs", sic.cast(pl.Int8).alias("sic"), *figures)
+        .sort("nkey", maintain_order=True)  # stable: (time, id) order within each group
+        .group_by(pl.col("nkey").set_sorted(), maintain_order=True)
+        .agg(
+            pl.len().alias("n"),
+            (pl.col("akeys").min() == pl.col("akeys").max()).alias("same_keys"),
+            pl.col("attrs").last().alias("merged"),
+            pl.col("sc").first(),
+            pl.col("t").min().alias("first_us"),
+            pl.col("t").max().alias("last_us"),
+            pl.col("sic").min().alias("sic_min"),
+            pl.col("sic").max().alias("sic_max"),
+            *(pl.when(pl.col(f).count() > 0).then(pl.col(f).sum()).alias(f) for f in fig_names),
+        )
+    )
+    # Attributes per observer. One event, or several with the same attribute names and the default rule (last
+    # wins): the last event's object as it is. Otherwise merged in Python, key by key.
+    if "set" in rules.values():
+        python = pl.lit(True)
+    elif rules:
+        python = pl.col("n") > 1
+    else:
+        python = (pl.col("n") > 1) & ~pl.col("same_keys")
+    slow = by_sensor.filter(python)
+    if slow.height:
+        lists = ev.join(slow.select("nkey"), on="nkey", how="semi").group_by("nkey").agg(pl.col("attrs"))
+        merged = [
+            _json.encode(merge_attrs(rules, [_json_any.decode(a) for a in attrs])).decode()
+            for attrs in lists["attrs"].to_list()
+        ]
+        lists = lists.select("nkey", pl.Series("slow_merged", merged, pl.String))
+        by_sensor = by_sensor.join(lists, on="nkey", how="left", maintain_order="left").with_columns(
+            pl.coalesce("slow_merged", "merged").alias("merged")
+        )
+    direction = (
+        pl.when(pl.col("sic_min") == 1)
+        .then(pl.lit(',"reported_direction":"client_to_server"'))
+        .when(pl.col("sic_max") == 0)
+        .then(pl.lit(',"reported_direction":"server_to_client"'))
+        .when(pl.col("sic_max").is_not_null())
+        .then(pl.lit(',"reported_direction":"both"'))
+        .otherwise(pl.lit(""))
+    )
+
+    def member(name: str, value: pl.Expr) -> pl.Expr:
+        return pl.when(value.is_not_null()).then(pl.concat_str([pl.lit(f',"{name}":'), value])).otherwise(pl.lit(""))
+
+    observer_json = pl.concat_str(
+        [
+            pl.lit('{"sensor":'),
+            pl.lit(q_sensor).gather(pl.col("nkey") % n_sen),
+            pl.lit(',"source":'),
+            pl.lit(q_source).gather(pl.col("sc")),
+            pl.lit(',"first_us":'),
+            pl.col("first_us").cast(pl.String),
+            pl.lit(',"last_us":'),
+            pl.col("last_us").cast(pl.String),
+            pl.lit(',"events":'),
+            pl.col("n").cast(pl.String),
+            direction,
+            member("bytes", _figures(pl.col("c2s_bytes"), pl.col("s2c_bytes"), pl.col("tot_bytes"))),
+            member("packets", _figures(pl.col("c2s_packets"), pl.col("s2c_packets"), pl.col("tot_packets"))),
+            pl.lit(',"attrs":'),
+            pl.col("merged"),
+            pl.lit("}"),
+        ]
+    )
+    observers = (
+        by_sensor.select((pl.col("nkey") // n_sen).alias("rank"), observer_json.alias("o"), *fig_names)
+        .group_by(pl.col("rank").set_sorted(), maintain_order=True)
+        .agg(pl.col("o").str.join(",").alias("observers_json"), *(pl.col(f).max() for f in fig_names))
+    )
+    # All come out in story order (ev is sorted by story; the groupings keep that order).
+    per_story = per_story.hstack(observers.drop("rank"))
+
+    # -- the Community ID of each story's flow: once per distinct flow hash, cached across calls by the caller --
     flows = per_story.filter(pl.col("f_flow").is_not_null()).unique("f_flow", keep="first")
     keys: list[int] = flows["f_flow"].to_list()
     values: list[str | None] = []
@@ -343,66 +453,76 @@ def fuse(
             cache[flow] = cid
         values.append(cid)
     cid_col = pl.col("f_flow").replace_strict(keys, values, default=None, return_dtype=pl.String).alias("cid")
-    rev = pl.col("f_reversed")
-    a_ip = pl.when(rev).then(pl.col("f_dst_ip")).otherwise(pl.col("f_src_ip"))
-    b_ip = pl.when(rev).then(pl.col("f_src_ip")).otherwise(pl.col("f_dst_ip"))
-    a_port = pl.when(rev).then(pl.col("f_dst_port")).otherwise(pl.col("f_src_port")).cast(pl.String).fill_null("null")
-    b_port = pl.when(rev).then(pl.col("f_src_port")).otherwise(pl.col("f_dst_port")).cast(pl.String).fill_null("null")
+
+    # -- the body ------------------------------------------------------------------------------------------------
+    cib_col = pl.col("client_is_b")
+
+    def endpoint(b_side: pl.Expr) -> pl.Expr:
+        ip = pl.when(b_side).then(pl.col("b_ip")).otherwise(pl.col("a_ip"))
+        port = pl.when(b_side).then(pl.col("b_port")).otherwise(pl.col("a_port"))
+        return pl.concat_str(
+            [pl.lit('{"ip":"'), ip, pl.lit('","port":'), port.cast(pl.String).fill_null("null"), pl.lit("}")]
+        )
+
+    def reconciled(kind: str) -> pl.Expr:
+        c2s, s2c, tot = pl.col(f"c2s_{kind}"), pl.col(f"s2c_{kind}"), pl.col(f"tot_{kind}")
+        both = pl.when(c2s.is_not_null() | s2c.is_not_null()).then(c2s.fill_null(0) + s2c.fill_null(0))
+        total = pl.max_horizontal(tot, both)  # nulls ignored
+        return pl.when(total.is_not_null()).then(pl.concat_str([pl.lit(f'"{kind}":'), _figures(c2s, s2c, total)]))
+
+    totals = pl.concat_str([reconciled("bytes"), reconciled("packets")], separator=",", ignore_nulls=True)
+    transport = pl.col("f_proto").replace_strict(
+        list(_TRANSPORT_JSON), list(_TRANSPORT_JSON.values()), default="", return_dtype=pl.String
+    )
     flow_json = pl.concat_str(
         [
-            pl.lit('{"proto":'),
+            pl.lit(',"community_id":"'),
+            pl.col("cid"),  # base64: nothing to escape
+            pl.lit('","proto":'),
             pl.col("f_proto").cast(pl.String),
-            pl.lit(',"a":{"ip":"'),
-            a_ip,
-            pl.lit('","port":'),
-            a_port,
-            pl.lit('},"b":{"ip":"'),
-            b_ip,
-            pl.lit('","port":'),
-            b_port,
-            pl.lit("}}"),
-        ]
-    )
-    totals = pl.concat_str(
-        [
-            pl.when(pl.col("bytes_n") > 0).then(pl.format('"bytes":{}', pl.col("bytes_sum"))),
-            pl.when(pl.col("packets_n") > 0).then(pl.format('"packets":{}', pl.col("packets_sum"))),
-        ],
-        separator=",",
-        ignore_nulls=True,
-    )
-    body = pl.concat_str(
-        [
-            pl.lit('{"story_id":'),
-            pl.col("q_story_id"),
-            pl.lit(',"revision":'),
-            pl.col("revision").cast(pl.String),
-            pl.lit(',"final":'),
-            pl.when(pl.col("final")).then(pl.lit("true")).otherwise(pl.lit("false")),
-            pl.lit(',"community_id":'),
-            pl.concat_str([pl.lit('"'), pl.col("cid"), pl.lit('"')]).fill_null("null"),  # base64: nothing to escape
-            pl.lit(',"flow":'),
-            pl.when(pl.col("cid").is_null()).then(pl.lit("null")).otherwise(flow_json),
-            pl.lit(',"first_seen":'),
-            pl.col("first_seen").cast(pl.String),
-            pl.lit(',"last_seen":'),
-            pl.col("last_seen").cast(pl.String),
-            pl.lit(',"event_count":'),
-            pl.col("event_count").cast(pl.String),
-            pl.lit(',"event_ids":['),
-            pl.col("ids_json"),
-            pl.lit('],"sources":['),
-            pl.col("sources_json"),
-            pl.lit('],"sensors":['),
-            pl.col("sensors_json"),
-            pl.lit('],"directions":{'),
-            pl.col("dirs_json"),
-            pl.lit('},"attrs":{'),
-            pl.col("attrs_json"),
-            pl.lit("}"),
+            transport,
+            pl.lit(',"client":'),
+            endpoint(cib_col),
+            pl.lit(',"server":'),
+            endpoint(~cib_col),
+            pl.lit(',"initiator_known":'),
+            pl.when(pl.col("rule") == "first_seen").then(pl.lit("false")).otherwise(pl.lit("true")),
+            pl.lit(',"initiator_rule":"'),
+            pl.col("rule"),
+            pl.lit('"'),
             pl.when(totals != "")
             .then(pl.concat_str([pl.lit(',"totals":{'), totals, pl.lit("}")]))
             .otherwise(pl.lit("")),
+        ]
+    )
+    body = pl.concat_str(
+        [
+            pl.lit('{"body_version":2,"story_id":'),
+            pl.col("q_story_id"),
+            pl.lit(',"tenant":' + _json.encode(tenant).decode() + ',"revision":'),
+            pl.col("revision").cast(pl.String),
+            pl.lit(',"final":'),
+            pl.when(pl.col("final")).then(pl.lit("true")).otherwise(pl.lit("false")),
+            pl.lit(',"emitted_ms":'),
+            pl.col("emitted_ms").cast(pl.String),
+            pl.lit(',"start":"'),
+            _rfc3339(pl.col("start_us")),
+            pl.lit('","end":"'),
+            _rfc3339(pl.col("end_us")),
+            pl.lit('","start_us":'),
+            pl.col("start_us").cast(pl.String),
+            pl.lit(',"end_us":'),
+            pl.col("end_us").cast(pl.String),
+            pl.lit(',"duration_ms":'),
+            ((pl.col("end_us") - pl.col("start_us")) // 1000).cast(pl.String),
+            pl.lit(',"event_count":'),
+            pl.col("event_count").cast(pl.String),
+            pl.when(pl.col("cid").is_null()).then(pl.lit("")).otherwise(flow_json),
+            pl.lit(',"observers":['),
+            pl.col("observers_json"),
+            pl.lit('],"event_ids":['),
+            pl.col("ids_json"),
+            pl.lit("]"),
             pl.when(pl.col("truncated")).then(pl.lit(',"truncated":true')).otherwise(pl.lit("")),
             pl.when(pl.col("q_predecessor") != "null")
             .then(pl.concat_str([pl.lit(',"predecessor":'), pl.col("q_predecessor")]))
@@ -418,53 +538,161 @@ def fuse(
     return out.select(*HEAD_SCHEMA, body.alias("body"))
 
 
+def _port_rank(port: int) -> int:
+    return 0 if port < 1024 else 1 if port < 32768 else 2
+
+
+def _sum(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _max(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _rfc3339_py(us: int) -> str:
+    """µs since the epoch → RFC 3339 UTC with µs (the proleptic Gregorian calendar, by days since 1970-01-01:
+    arithmetic only, the module does not import the clock's modules)."""
+    days, rest = divmod(us, 86_400_000_000)
+    z = days + 719_468  # days since 0000-03-01
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (month <= 2)
+    secs, micros = divmod(rest, 1_000_000)
+    return f"{year:04d}-{month:02d}-{day:02d}T{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{micros:06d}Z"
+
+
 def fuse_python(
     events: list[Event],
-    head: tuple[str, int, bool, bool, str | None],
+    head: tuple[str, int, bool, bool, str | None, int],
     *,
     rules: Mapping[str, str] | None = None,
     seed: int = 0,
     offsets_ms: Callable[[str], int] | None = None,
-) -> FusedStory:
+    tenant: str = "",
+) -> StoryBody:
     """The same story fused event by event in Python (the reference :func:`fuse` is tested and benchmarked
-    against). ``events`` are one story's events; ``head`` is (story, revision, final, truncated, predecessor)."""
+    against). ``events`` are one story's events; ``head`` is (story, revision, final, truncated, predecessor,
+    emitted_ms)."""
     shift = offsets_ms or (lambda _sensor: 0)
     events = sorted(events, key=lambda e: (e.time_us - shift(e.sensor) * 1000, e.id))
     ts = [e.time_us - shift(e.sensor) * 1000 for e in events]
-    story, revision, final, truncated, predecessor = head
-    attrs: dict[str, dict[str, Any]] = {}
-    totals: dict[str, int] = {}
-    by_source: dict[str, list[dict[str, Any]]] = {}
-    for e in events:
-        by_source.setdefault(e.source, []).append(e.attrs)
-        for k in TOTALS:
-            v = _total(e.attrs.get(k))
-            if v is not None:
-                totals[k] = totals.get(k, 0) + v
-    for source in sorted(by_source):
-        attrs[source] = merge_attrs(dict(rules or {}), by_source[source])
+    story, revision, final, truncated, predecessor, emitted_ms = head
     first = next((e for e in events if e.flow is not None), None)
-    cid = flow = None
+    flow: dict[str, Any] = {}
+    client_is_b: bool | None = None
     if first is not None and first.proto is not None and first.src_ip and first.dst_ip:
         a = (first.dst_ip, first.dst_port) if first.reversed else (first.src_ip, first.src_port)
         b = (first.src_ip, first.src_port) if first.reversed else (first.dst_ip, first.dst_port)
-        flow = {"proto": first.proto, "a": {"ip": a[0], "port": a[1]}, "b": {"ip": b[0], "port": b[1]}}
-        cid = community_id(first.proto, first.src_ip, first.src_port, first.dst_ip, first.dst_port, seed=seed)
-    return FusedStory(
-        story,
-        revision,
-        final,
-        cid,
-        flow,
-        min(ts),
-        max(ts),
-        len(events),
-        [e.id for e in events],
-        sorted({e.source for e in events}),
-        sorted({e.sensor for e in events}),
-        {e.id: ("b->a" if e.reversed else "a->b") for e in events},
-        attrs,
-        totals,
-        truncated,
-        predecessor,
+        vote = 0
+        for e in events:
+            init = _initiator(e.attrs.get("initiator"))
+            if e.flow is not None and init is not None:
+                vote += init * (-1 if e.reversed else 1)
+        if vote:
+            client_is_b, rule = vote < 0, "sensor"
+        elif (
+            first.proto in _PORT_PROTOS
+            and a[1] is not None
+            and b[1] is not None
+            and _port_rank(a[1]) != _port_rank(b[1])
+        ):
+            client_is_b, rule = _port_rank(a[1]) < _port_rank(b[1]), "service_port"
+        else:
+            client_is_b, rule = first.reversed, "first_seen"
+        client, server = (b, a) if client_is_b else (a, b)
+        flow = {
+            "community_id": community_id(
+                first.proto, first.src_ip, first.src_port, first.dst_ip, first.dst_port, seed=seed
+            ),
+            "proto": first.proto,
+            "transport": transport_name(first.proto),
+            "client": Endpoint(*client),
+            "server": Endpoint(*server),
+            "initiator_known": rule != "first_seen",
+            "initiator_rule": rule,
+        }
+    per_sensor: dict[str, list[tuple[Event, int]]] = {}
+    for e, t in zip(events, ts, strict=True):
+        per_sensor.setdefault(e.sensor, []).append((e, t))
+    observers: list[Observer] = []
+    kinds = ("bytes", "packets")
+    story_figs: dict[str, list[list[int | None]]] = {k: [[], [], []] for k in kinds}
+    for sensor in sorted(per_sensor):
+        group = per_sensor[sensor]
+        extra: dict[str, Any] = {}
+        if client_is_b is not None:
+            src_is_client = [e.reversed == client_is_b for e, _ in group if e.flow is not None]
+            if src_is_client:
+                extra["reported_direction"] = (
+                    "client_to_server"
+                    if all(src_is_client)
+                    else "server_to_client"
+                    if not any(src_is_client)
+                    else "both"
+                )
+            for kind in kinds:
+                c2s: list[int | None] = []
+                s2c: list[int | None] = []
+                tot: list[int | None] = []
+                for e, _ in group:
+                    src, dst = _total(e.attrs.get(f"src_{kind}")), _total(e.attrs.get(f"dst_{kind}"))
+                    if e.flow is not None:
+                        sic = e.reversed == client_is_b
+                        c2s.append(src if sic else dst)
+                        s2c.append(dst if sic else src)
+                    undivided = _total(e.attrs.get(kind))
+                    if undivided is None and (src is not None or dst is not None):
+                        undivided = (src or 0) + (dst or 0)
+                    tot.append(undivided)
+                fig = [_sum(c2s), _sum(s2c), _sum(tot)]
+                for i, v in enumerate(fig):
+                    story_figs[kind][i].append(v)
+                if any(v is not None for v in fig):
+                    extra[kind] = Figures(*fig)
+        observers.append(
+            Observer(
+                sensor=sensor,
+                source=group[0][0].source,
+                first_us=min(t for _, t in group),
+                last_us=max(t for _, t in group),
+                events=len(group),
+                attrs=merge_attrs(dict(rules or {}), [e.attrs for e, _ in group]),
+                **extra,
+            )
+        )
+    if flow:
+        reconciled: dict[str, Figures] = {}
+        for kind in kinds:
+            c2s_max, s2c_max, tot_max = (_max(v) for v in story_figs[kind])
+            both = None if c2s_max is None and s2c_max is None else (c2s_max or 0) + (s2c_max or 0)
+            total = _max([tot_max, both])
+            if total is not None:
+                reconciled[kind] = Figures(c2s_max, s2c_max, total)
+        if reconciled:
+            flow["totals"] = Totals(**reconciled)
+    return StoryBody(
+        story_id=story,
+        tenant=tenant,
+        revision=revision,
+        final=final,
+        emitted_ms=emitted_ms,
+        start=_rfc3339_py(min(ts)),
+        end=_rfc3339_py(max(ts)),
+        start_us=min(ts),
+        end_us=max(ts),
+        duration_ms=(max(ts) - min(ts)) // 1000,
+        event_count=len(events),
+        **flow,
+        observers=observers,
+        event_ids=[e.id for e in events],
+        truncated=truncated,
+        predecessor=predecessor,
     )

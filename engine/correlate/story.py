@@ -45,7 +45,8 @@ from engine.core.config import Config, CorrelateConfig
 from engine.core.records import StoryRecord, story_id
 from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 
-from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, FusedStory, event_columns, fuse
+from .body import StoryBody
+from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, event_columns, fuse
 from .link import link
 
 _json = msgspec.json.Encoder()
@@ -181,7 +182,7 @@ class _Pending:
     sequence number standing for the story), where its record goes (shard, bucket, ingest time, index in the
     emission) and the snapshots of the stories' rows."""
 
-    heads: list[tuple[int, str, int, bool, bool, str | None]] = field(default_factory=list)
+    heads: list[tuple[int, str, int, bool, bool, str | None, int]] = field(default_factory=list)
     slots: list[tuple[int, int, int, int]] = field(default_factory=list)
     rows: list[pl.DataFrame] = field(default_factory=list)
 
@@ -205,8 +206,8 @@ class StoryCounters:
 
 
 class StoryMachine:
-    """The story builder (see the module docstring). ``settings``: the ``correlate`` section; ``bucket_ms`` and
-    ``community_id_seed`` are the tenant's."""
+    """The story builder (see the module docstring). ``settings``: the ``correlate`` section; ``bucket_ms``,
+    ``community_id_seed`` and the ``tenant`` name (written in every story body) are the tenant's."""
 
     def __init__(
         self,
@@ -214,9 +215,11 @@ class StoryMachine:
         *,
         bucket_ms: int,
         community_id_seed: int = 0,
+        tenant: str = "",
         cpu_clock: Callable[[], float] | None = None,
     ) -> None:
         self.c = settings
+        self.tenant = tenant  # named in every story body
         self.bucket_ms = bucket_ms
         self.seed = community_id_seed
         self.window_us = settings.match_window_ms * 1000
@@ -247,7 +250,9 @@ class StoryMachine:
 
     @classmethod
     def for_config(cls, cfg: Config) -> StoryMachine:
-        return cls(cfg.correlate, bucket_ms=cfg.bucket_ms, community_id_seed=cfg.ingest.community_id_seed)
+        return cls(
+            cfg.correlate, bucket_ms=cfg.bucket_ms, community_id_seed=cfg.ingest.community_id_seed, tenant=cfg.tenant
+        )
 
     # -- the stage interface ------------------------------------------------------------------------------
     def replay_bucket(self, shard: int, read_bucket: int) -> int:
@@ -1037,7 +1042,7 @@ class StoryMachine:
             .with_columns(pl.col("story").replace_strict(keys, seqs, return_dtype=KEY))
         )
         for seq, (key, sid, revision, final, truncated, predecessor) in zip(seqs, heads, strict=True):
-            p.heads.append((seq, sid, revision, final, truncated, predecessor))
+            p.heads.append((seq, sid, revision, final, truncated, predecessor, now))
             p.slots.append((shard_of[key], bucket, now, len(self._out.stories)))
             self._out.stories.append(_PLACEHOLDER)
 
@@ -1052,17 +1057,24 @@ class StoryMachine:
             self.cid_cache.clear()
         head_frame = pl.DataFrame(p.heads, schema=HEAD_SCHEMA, orient="row")
         rows = pl.concat(p.rows, how="vertical", rechunk=False) if len(p.rows) > 1 else p.rows[0]
-        fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache)
+        fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache, tenant=self.tenant)
         t1 = self._cpu_clock()
         self.cpu["fuse"] += t1 - t0
         stories = self._out.stories
         bodies = fused["body"].cast(pl.Binary).to_list()
-        for (shard, bucket, now, at), (_, sid, revision, final, _, _), body in zip(
+        for (shard, bucket, now, at), (_, sid, revision, final, _, _, _), body in zip(
             p.slots, p.heads, bodies, strict=True
         ):
             stories[at] = StoryRecord(shard, bucket, sid, revision, final, None, now, body)
         self.cpu["encode"] += self._cpu_clock() - t1
 
     def _stub(self, shard: int, bucket: int, meta: StoryMeta, into: str, now: int) -> StoryRecord:
-        body = FusedStory(meta.id, meta.revision + 1, True, None, None, 0, 0, 0, [], [], [], {}, {}, merged_into=into)
+        body = StoryBody(
+            story_id=meta.id,
+            tenant=self.tenant,
+            revision=meta.revision + 1,
+            final=True,
+            emitted_ms=now,
+            merged_into=into,
+        )
         return StoryRecord(shard, bucket, meta.id, meta.revision + 1, True, into, now, _json.encode(body))

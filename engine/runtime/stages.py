@@ -68,10 +68,11 @@ class StoryStageFactory(msgspec.Struct, frozen=True):
     correlate: CorrelateConfig
     bucket_ms: int
     community_id_seed: int = 0
+    tenant: str = ""
 
     @classmethod
     def for_config(cls, cfg: Config) -> StoryStageFactory:
-        return cls(cfg.correlate, cfg.bucket_ms, cfg.ingest.community_id_seed)
+        return cls(cfg.correlate, cfg.bucket_ms, cfg.ingest.community_id_seed, cfg.tenant)
 
     def build(self, owner: str) -> Stage:
         from engine.correlate.story import StoryMachine  # polars: imported in the worker process only
@@ -80,5 +81,6 @@ class StoryStageFactory(msgspec.Struct, frozen=True):
             self.correlate,
             bucket_ms=self.bucket_ms,
             community_id_seed=self.community_id_seed,
+            tenant=self.tenant,
             cpu_clock=StageCpuClock(),  # the cost ledger's steps: this thread's and polars' threads' CPU
         )

@@ -17,6 +17,7 @@ import ipaddress
 import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from engine.tools.simulate import Scenario, SimEvent, generate
 
@@ -134,11 +135,78 @@ def link_reference(
     return out
 
 
+def _sources(body: Mapping[str, Any]) -> int:
+    if body.get("body_version") == 2:
+        return len({o["source"] for o in body["observers"]})
+    return len(body.get("sources", ()))
+
+
+def score_contents(bodies: Sequence[Mapping[str, Any]], truth: Mapping[str, Any]) -> dict[str, float]:
+    """What the version 2 bodies say of each flow against the simulator's truth (``truth["flows"]``): of the
+    stories that hold exactly one true story's events, all of them,
+
+    * ``client_server_right``: the share of flow stories whose client and server are the true ones
+      (``client_server_stories``: how many were scored; those with a known initiator separately as
+      ``client_server_right_known``);
+    * ``totals_within_jitter``: the share of stories seen by several sensors whose reconciled bytes and packets
+      per direction — each direction some sensor reported — lie within the sensors' jitter of the truth
+      (``totals_stories``: how many were scored).
+    """
+    stories: Mapping[str, str] = truth["stories"]
+    flows: Mapping[str, Mapping[str, Any]] = truth.get("flows") or {}
+    size: dict[str, int] = {}
+    for story in stories.values():
+        size[story] = size.get(story, 0) + 1
+    cs = [0, 0]
+    cs_known = [0, 0]
+    tot = [0, 0]
+    for body in bodies:
+        if body.get("body_version") != 2 or "client" not in body:
+            continue
+        keys = {stories.get(e) for e in body["event_ids"]}
+        if len(keys) != 1:
+            continue
+        (key,) = keys
+        if key is None or key not in flows or size[key] != len(body["event_ids"]):
+            continue
+        f = flows[key]
+        right = body["client"] == {"ip": f["client_ip"], "port": f["client_port"]} and body["server"] == {
+            "ip": f["server_ip"],
+            "port": f["server_port"],
+        }
+        cs[0] += right
+        cs[1] += 1
+        if body["initiator_known"]:
+            cs_known[0] += right
+            cs_known[1] += 1
+        if len(body["observers"]) < 2:
+            continue
+        ok = True
+        jitter = float(f.get("jitter", 0.03)) + 1e-9
+        for kind in ("bytes", "packets"):
+            got = (body.get("totals") or {}).get(kind) or {}
+            for direction, true_key in (("client_to_server", f"{kind}_c2s"), ("server_to_client", f"{kind}_s2c")):
+                if direction in got:
+                    want = f[true_key]
+                    ok &= abs(got[direction] - want) <= jitter * want + 1
+        tot[0] += ok
+        tot[1] += 1
+    return {
+        "client_server_right": cs[0] / cs[1] if cs[1] else 1.0,
+        "client_server_right_known": cs_known[0] / cs_known[1] if cs_known[1] else 1.0,
+        "client_server_stories": float(cs[1]),
+        "totals_within_jitter": tot[0] / tot[1] if tot[1] else 1.0,
+        "totals_stories": float(tot[1]),
+    }
+
+
 def score_stories(stories_jsonl: str, truth_json: str, show: int = 0) -> dict[str, float]:
     """Score the output of ``storyline stories --format jsonl`` (latest revisions) against a ``storyline
-    simulate`` truth file; print the ``show`` stories with the most sources in full."""
+    simulate`` truth file: the linking (:func:`score`) and the contents (:func:`score_contents`); print the
+    ``show`` stories with the most sources in full."""
     with open(truth_json, "rb") as f:
-        truth = json.load(f)["stories"]
+        truth_doc = json.load(f)
+    truth = truth_doc["stories"]
     predicted: dict[str, str] = {}
     bodies = []
     with open(stories_jsonl, encoding="utf-8") as f:
@@ -148,10 +216,10 @@ def score_stories(stories_jsonl: str, truth_json: str, show: int = 0) -> dict[st
                 bodies.append(body)
                 for eid in body["event_ids"]:
                     predicted[eid] = body["story_id"]
-    bodies.sort(key=lambda b: (-len(b["sources"]), -b["event_count"], b["story_id"]))
+    bodies.sort(key=lambda b: (-_sources(b), -b["event_count"], b["story_id"]))
     for body in bodies[:show]:
         print(json.dumps(body, indent=1))
-    return score(predicted, truth)
+    return {**score(predicted, truth), **score_contents(bodies, truth_doc)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,8 +142,14 @@ def test_sensors_and_directions_fuse_into_one_story_after_the_wait(tmp_path: Pat
         assert len(latest) == 1
         s = next(iter(latest.values()))
         assert s["revision"] == 1 and s["final"] and s["event_ids"] == ["a", "b"]
-        assert s["sources"] == ["endpoint", "firewall"] and s["directions"] == {"a": "a->b", "b": "b->a"}
-        assert s["totals"] == {"bytes": 150} and s["attrs"]["firewall"]["action"] == "allow"
+        assert s["body_version"] == 2 and s["event_count"] == 2
+        assert s["client"] == {"ip": "10.0.0.1", "port": 40000} and s["server"] == {"ip": "192.0.2.7", "port": 443}
+        assert s["initiator_known"] and s["initiator_rule"] == "service_port"
+        fw, ep = (next(o for o in s["observers"] if o["sensor"] == name) for name in ("fw-1", "ep-1"))
+        assert fw["reported_direction"] == "client_to_server" and ep["reported_direction"] == "server_to_client"
+        assert fw["attrs"]["action"] == "allow" and fw["bytes"] == {"total": 100} and ep["bytes"] == {"total": 50}
+        # two sensors' reports of one flow: the larger, not the sum
+        assert s["totals"] == {"bytes": {"total": 100}}
         assert s["community_id"] == community_id(6, "10.0.0.1", 40000, "192.0.2.7", 443)
         await r.store.close()
 
@@ -390,7 +396,7 @@ def test_a_flood_of_one_flow_is_cut_into_truncated_stories_that_name_their_prede
             assert r.stage.frame.height <= r.stage.live_rows + max(COMPACT_ROWS, r.stage.live_rows)
         await r.tick(112, 125)
         latest = await r.latest()
-        chain = sorted(latest.values(), key=lambda s: s["first_seen"])
+        chain = sorted(latest.values(), key=lambda s: s["start_us"])
         assert [s["event_count"] for s in chain] == [5, 5, 2]
         assert [s.get("truncated", False) for s in chain] == [True, True, False]
         assert chain[0].get("predecessor") is None
@@ -409,7 +415,7 @@ def test_a_story_longer_than_max_story_ms_is_cut(tmp_path: Path) -> None:
         for k in range(5):  # 20 s apart: chained by the 30 s window, 80 s long in all
             await r.feed(100 + k, ev(f"g{k}", 20.0 * k))
         await r.tick(105, 120)
-        chain = sorted((await r.latest()).values(), key=lambda s: s["first_seen"])
+        chain = sorted((await r.latest()).values(), key=lambda s: s["start_us"])
         assert [s["event_ids"] for s in chain] == [["g0", "g1", "g2", "g3"], ["g4"]]
         assert chain[0]["truncated"] and chain[1]["predecessor"] == chain[0]["story_id"]
         await r.store.close()
@@ -445,7 +451,8 @@ def test_merge_rules_per_attribute(tmp_path: Path) -> None:
         await r.feed(102, ev("c", 2.0, attrs={"bytes": "n/a", "user": "u1", "note": "x"}))
         await r.tick(103, 113)
         (story,) = (await r.latest()).values()
-        assert story["attrs"]["firewall"] == {
+        (observer,) = story["observers"]
+        assert observer["attrs"] == {
             "bytes": "n/a",  # a string cannot be summed: the latest value stands, and totals skip it
             "action": "allow",
             "user": ["u1", "u2"],
@@ -453,7 +460,7 @@ def test_merge_rules_per_attribute(tmp_path: Path) -> None:
             "rtt": 4.0,
             "note": "x",
         }
-        assert story["totals"] == {"bytes": 15}
+        assert story["totals"] == {"bytes": {"total": 15}}  # one sensor's records add up
         await r.store.close()
 
     arun(body())
