@@ -102,6 +102,31 @@ class Offset(msgspec.Struct, frozen=True):
     updated_ms: int
 
 
+class StoryPeriod(NamedTuple):
+    """A ``stories`` partition that holds rows: its ``period`` and ``shard``, and whether a drain ``sealed`` it
+    (wrote its revisions there after the shard's checkpoint committed that bucket, and nothing will be added)."""
+
+    period: int
+    shard: int
+    sealed: bool
+
+
+class FeedPosition(msgspec.Struct, frozen=True):
+    """Where a story feed reader is: the last revision it delivered and committed, in emission order — ``(period,
+    shard, story_id, revision)``. ``story_id`` "" with revision -1 stands before the first revision of that
+    (period, shard)."""
+
+    reader: str
+    period: int
+    shard: int
+    story_id: str
+    revision: int
+    updated_ms: int = 0
+
+    def key(self) -> tuple[int, int, str, int]:
+        return (self.period, self.shard, self.story_id, self.revision)
+
+
 class DeadLetter(msgspec.Struct, frozen=True):
     """A rejected input line, kept with everything needed to understand and redrive it."""
 

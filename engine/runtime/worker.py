@@ -398,8 +398,8 @@ class Worker:
         """``run --drain``, once every live shard has read through ``until_bucket``: commit everything (the
         checkpoint), then let the stage finalize every open story at each shard's last bucket and write that
         emission — the drain's record in the marks first, then its revisions — so any later replay through that
-        bucket repeats the drain instead of building those stories again. Shards lost at the commit are not
-        drained (their new owner has them)."""
+        bucket repeats the drain instead of building those stories again; then seal those (bucket, shard) story
+        periods for the story feed. Shards lost at the commit are not drained (their new owner has them)."""
         await self.commit(list(self.state.values()), force=True)
         by_bucket: dict[int, list[int]] = {}
         for st in self.state.values():
@@ -410,6 +410,10 @@ class Worker:
             self._pending.add(emission)
             self._replay_at.update(emission.replay)
         await self.flush()
+        # The drain wrote into periods its checkpoint had already committed: seal them, so a story feed (which
+        # takes a committed period only once it is sealed or the shard has read past it) delivers them now, and
+        # never before they are all written.
+        await self.store.seal_periods([(bucket, shard) for bucket, shards in by_bucket.items() for shard in shards])
         self._drained = True
 
     async def step(self) -> bool:

@@ -31,8 +31,10 @@ from engine.core.records import (
     Commit,
     DeadLetter,
     EventRecord,
+    FeedPosition,
     Offset,
     PartitionPage,
+    StoryPeriod,
     StoryRecord,
     story_id_shard,
 )
@@ -171,6 +173,18 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
             f"period bigint, emitted_ms bigint, PRIMARY KEY ((shard, slot), story_id, revision)) "
             f"WITH CLUSTERING ORDER BY (story_id ASC, revision ASC) AND {twcs}"
         ),
+        # Which stories partitions hold rows, per 15-minute slot of the period (the story feed reads one partition
+        # per slot instead of probing every shard's partition of every period); ``sealed``: a drain finished
+        # writing there after the checkpoint (see Store.seal_periods).
+        "story_periods": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.story_periods (slot bigint, period bigint, shard int, sealed boolean, "
+            f"PRIMARY KEY ((slot), period, shard)) WITH CLUSTERING ORDER BY (period ASC, shard ASC) AND {twcs}"
+        ),
+        # Story feed readers' committed positions: kept until deleted (no TTL; a few rows).
+        "feed_readers": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.feed_readers (reader text PRIMARY KEY, period bigint, shard int, "
+            f"story_id text, revision int, updated_ms bigint)"
+        ),
         # What a stage needs to replay correctly (see Store.put_marks); 15-minute slots like bucket_index.
         "stage_marks": (
             f"CREATE TABLE IF NOT EXISTS {ks}.stage_marks (consumer text, shard int, slot bigint, bucket bigint, "
@@ -184,7 +198,7 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
     }
 
 
-_TTL_TABLES = ("events", "bucket_index", "stories", "story_index", "stage_marks")
+_TTL_TABLES = ("events", "bucket_index", "stories", "story_index", "story_periods", "stage_marks")
 _POINTERS_PER_BATCH = 500  # story_index rows per batch (about 60 bytes each: ~30 KB)
 _LOOKUP_SLOTS_AT_ONCE = 16  # story_index slots a lookup reads concurrently, newest first
 
@@ -473,6 +487,8 @@ class CqlStore:
             raise SchemaError(
                 f"keyspace {self.ks} has schema version {old}, newer than this Storyline ({SCHEMA_VERSION})"
             )
+        if 0 < old < 4:
+            did.append(await self._backfill_story_periods())
         if old != SCHEMA_VERSION:
             await self._exec(
                 "write meta",
@@ -484,6 +500,23 @@ class CqlStore:
         else:
             did.append(f"schema version {SCHEMA_VERSION}")
         return did
+
+    async def _backfill_story_periods(self) -> str:
+        """Upgrading to schema 4: the stories partitions written before it, into story_periods (a scan of the
+        stories table's partition keys, once), so the story feed finds them."""
+        rows = await self._exec(
+            "backfill story periods", "periods_backfill", f"SELECT DISTINCT shard, period FROM {self.ks}.stories", []
+        )
+        pairs = sorted({(r["period"], r["shard"]) for r in rows})
+        prepared = await self._prep(
+            "story_period_insert", f"INSERT INTO {self.ks}.story_periods (slot, period, shard) VALUES (?, ?, ?)"
+        )
+        bms = self.settings.bucket_ms
+        await run_all(
+            self._write_rows("backfill story periods", prepared, [[BigInt(index_slot(p, bms)), BigInt(p), s]])
+            for p, s in pairs
+        )
+        return f"recorded {len(pairs)} existing stories partitions in {self.ks}.story_periods"
 
     # -- events --------------------------------------------------------------------------------------------
     async def append(
@@ -811,6 +844,21 @@ class CqlStore:
         )
         prepared = await self._prep("story_insert", cql)
         prepared_id = await self._prep("story_id_insert", by_id)
+        # First the partitions in story_periods (their sealed column untouched), so a feed finds every partition
+        # that has rows; one single-partition batch per slot.
+        bms = self.settings.bucket_ms
+        by_slot: dict[int, list[list[Any]]] = {}
+        for period, shard in sorted({(r.period, r.shard) for r in stories}):
+            slot = index_slot(period, bms)
+            by_slot.setdefault(slot, []).append([BigInt(slot), BigInt(period), shard])
+        if by_slot:
+            prepared_period = await self._prep(
+                "story_period_insert", f"INSERT INTO {self.ks}.story_periods (slot, period, shard) VALUES (?, ?, ?)"
+            )
+            await run_all(
+                self._write_rows(f"write story periods (slot {slot})", prepared_period, rows)
+                for slot, rows in by_slot.items()
+            )
         limit = self.settings.store.batch_bytes
         # Revisions of one (shard, period) partition go together in single-partition UNLOGGED batches of at most
         # store.batch_bytes (one emission writes one partition); then their pointers in story_index, so a
@@ -850,7 +898,6 @@ class CqlStore:
         )
         # Then the pointers (so a lookup never finds a pointer to a missing row), grouped per story_index partition
         # (shard, slot) across every period of the call: single-partition batches far smaller than the rows'.
-        bms = self.settings.bucket_ms
         pointers: dict[tuple[int, int], list[list[Any]]] = {}
         for r in stories:
             slot = index_slot(r.period, bms)
@@ -863,6 +910,63 @@ class CqlStore:
             for (shard, slot), ptr in pointers.items()
             for i in range(0, len(ptr), step)
         )
+
+    async def story_periods(self, first: int, last: int) -> list[StoryPeriod]:
+        bms = self.settings.bucket_ms
+        limit = 5000
+        cols = f"SELECT period, shard, sealed FROM {self.ks}.story_periods WHERE slot = ?"
+        q_first = f"{cols} AND period >= ? AND period <= ? LIMIT ?"
+        q_after = f"{cols} AND (period, shard) > (?, ?) AND (period, shard) <= (?, ?) LIMIT ?"
+        out: list[StoryPeriod] = []
+        for slot in range(index_slot(first, bms), index_slot(last, bms) + 1):
+            rows = await self._exec(
+                "read story periods", "periods_first", q_first, [BigInt(slot), BigInt(first), BigInt(last), limit]
+            )
+            while True:
+                out.extend(StoryPeriod(r["period"], r["shard"], bool(r["sealed"])) for r in rows)
+                if len(rows) < limit:
+                    break
+                after = [BigInt(rows[-1]["period"]), rows[-1]["shard"], BigInt(last), 2**31 - 1, limit]
+                rows = await self._exec("read story periods", "periods_after", q_after, [BigInt(slot), *after])
+        return out
+
+    async def seal_periods(self, periods: Sequence[tuple[int, int]]) -> None:
+        if not periods:
+            return
+        prepared = await self._prep(
+            "story_period_seal",
+            f"INSERT INTO {self.ks}.story_periods (slot, period, shard, sealed) VALUES (?, ?, ?, true)",
+        )
+        bms = self.settings.bucket_ms
+        by_slot: dict[int, list[list[Any]]] = {}
+        for period, shard in periods:
+            slot = index_slot(period, bms)
+            by_slot.setdefault(slot, []).append([BigInt(slot), BigInt(period), shard])
+        await run_all(
+            self._write_rows(f"seal story periods (slot {slot})", prepared, rows) for slot, rows in by_slot.items()
+        )
+
+    async def read_feed_position(self, reader: str) -> FeedPosition | None:
+        rows = await self._exec(
+            "read feed position",
+            "feed_read",
+            f"SELECT period, shard, story_id, revision, updated_ms FROM {self.ks}.feed_readers WHERE reader = ?",
+            [reader],
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return FeedPosition(reader, r["period"], r["shard"], r["story_id"], r["revision"], r["updated_ms"])
+
+    async def commit_feed_position(self, position: FeedPosition) -> None:
+        p = position
+        prepared = await self._prep(
+            "feed_commit",
+            f"INSERT INTO {self.ks}.feed_readers (reader, period, shard, story_id, revision, updated_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        row = [p.reader, BigInt(p.period), p.shard, p.story_id, p.revision, BigInt(p.updated_ms or self.clock.now_ms())]
+        await self._write_rows("commit feed position", prepared, [row])
 
     async def get_story(self, story_id: str) -> StoryRecord | None:
         shard = story_id_shard(story_id)

@@ -29,8 +29,10 @@ from engine.core.records import (
     Commit,
     DeadLetter,
     EventRecord,
+    FeedPosition,
     Offset,
     PartitionPage,
+    StoryPeriod,
     StoryRecord,
     story_id_shard,
 )
@@ -70,6 +72,15 @@ def _ddl(p: str) -> dict[str, str]:
             f"story_id TEXT NOT NULL, revision INTEGER NOT NULL, final INTEGER NOT NULL, merged_into TEXT, "
             f"emitted_ms INTEGER NOT NULL, body BLOB NOT NULL, expires_ms INTEGER NOT NULL, "
             f"PRIMARY KEY (shard, period, story_id, revision)) WITHOUT ROWID"
+        ),
+        "story_periods": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__story_periods" (period INTEGER NOT NULL, shard INTEGER NOT NULL, '
+            f"sealed INTEGER NOT NULL DEFAULT 0, expires_ms INTEGER NOT NULL, PRIMARY KEY (period, shard)) "
+            f"WITHOUT ROWID"
+        ),
+        "feed_readers": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__feed_readers" (reader TEXT PRIMARY KEY, period INTEGER NOT NULL, '
+            f"shard INTEGER NOT NULL, story_id TEXT NOT NULL, revision INTEGER NOT NULL, updated_ms INTEGER NOT NULL)"
         ),
         "stage_marks": (
             f'CREATE TABLE IF NOT EXISTS "{p}__stage_marks" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
@@ -269,6 +280,12 @@ class EmbeddedStore:
 
         def write_meta(c: sqlite3.Connection) -> list[str]:
             out = []
+            if 0 < old < 4:  # the stories partitions written before schema 4, for the story feed
+                n = c.execute(
+                    f"INSERT OR IGNORE INTO {self.t('story_periods')} (period, shard, expires_ms) "
+                    f"SELECT period, shard, max(expires_ms) FROM {self.t('stories')} GROUP BY period, shard"
+                ).rowcount
+                out.append(f"recorded {n} existing stories partitions in {self.p}__story_periods")
             for key, value in wanted.items():
                 cur = c.execute(f"INSERT OR IGNORE INTO {self.t('meta')} (key, value) VALUES (?, ?)", (key, value))
                 if cur.rowcount:
@@ -464,8 +481,14 @@ class EmbeddedStore:
             f"emitted_ms, body, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
 
+        index = (
+            f"INSERT INTO {self.t('story_periods')} (period, shard, expires_ms) VALUES (?, ?, ?) "
+            f"ON CONFLICT (period, shard) DO UPDATE SET expires_ms = max(expires_ms, excluded.expires_ms)"
+        )
+
         def do(c: sqlite3.Connection) -> None:
             exp = self.clock.now_ms() + self.settings.ttl_ms
+            c.executemany(index, [(p, s, exp) for p, s in sorted({(r.period, r.shard) for r in stories})])
             c.executemany(
                 sql,
                 [
@@ -475,6 +498,42 @@ class EmbeddedStore:
             )
 
         await self._run("write stories", do, write=True)
+
+    async def story_periods(self, first: int, last: int) -> list[StoryPeriod]:
+        q = (
+            f"SELECT period, shard, sealed FROM {self.t('story_periods')} WHERE period BETWEEN ? AND ? "
+            f"AND expires_ms > ? ORDER BY period, shard"
+        )
+        rows = await self._run("read story periods", _fetch(q, (first, last, self.clock.now_ms())))
+        return [StoryPeriod(p, s, bool(sealed)) for p, s, sealed in rows]
+
+    async def seal_periods(self, periods: Sequence[tuple[int, int]]) -> None:
+        if not periods:
+            return
+        sql = (
+            f"INSERT INTO {self.t('story_periods')} (period, shard, sealed, expires_ms) VALUES (?, ?, 1, ?) "
+            f"ON CONFLICT (period, shard) DO UPDATE SET sealed = 1"
+        )
+
+        def do(c: sqlite3.Connection) -> None:
+            exp = self.clock.now_ms() + self.settings.ttl_ms
+            c.executemany(sql, [(p, s, exp) for p, s in periods])
+
+        await self._run("seal story periods", do, write=True)
+
+    async def read_feed_position(self, reader: str) -> FeedPosition | None:
+        q = f"SELECT period, shard, story_id, revision, updated_ms FROM {self.t('feed_readers')} WHERE reader = ?"
+        rows = await self._run("read feed position", _fetch(q, (reader,)))
+        return FeedPosition(reader, *rows[0]) if rows else None
+
+    async def commit_feed_position(self, position: FeedPosition) -> None:
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('feed_readers')} (reader, period, shard, story_id, revision, updated_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?)"
+        )
+        p = position
+        args = (p.reader, p.period, p.shard, p.story_id, p.revision, p.updated_ms or self.clock.now_ms())
+        await self._run("commit feed position", lambda c: c.execute(sql, args), write=True)
 
     async def read_stories(self, shard: int, period: int) -> AsyncIterator[list[StoryRecord]]:
         cols = "story_id, revision, final, merged_into, emitted_ms, body"
@@ -613,6 +672,7 @@ class EmbeddedStore:
                     (group, last_slot, now),
                 ).rowcount
             n += c.execute(f"DELETE FROM {self.t('stories')} WHERE expires_ms <= ?", (now,)).rowcount
+            n += c.execute(f"DELETE FROM {self.t('story_periods')} WHERE expires_ms <= ?", (now,)).rowcount
             n += c.execute(f"DELETE FROM {self.t('stage_marks')} WHERE expires_ms <= ?", (now,)).rowcount
             return n
 

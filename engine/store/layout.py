@@ -6,7 +6,9 @@ from __future__ import annotations
 from engine.core.errors import SchemaError
 from engine.store.settings import StoreSettings
 
-SCHEMA_VERSION = 3  # 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story)
+SCHEMA_VERSION = 4
+# 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story); 4: story_periods and
+# feed_readers (the story feed)
 
 
 # Settings that fix how data is laid out: changing them on an existing tenant would misplace events.

@@ -15,6 +15,9 @@ Tables (one keyspace per tenant; see docs/architecture.md):
   changed only by conditional writes so a stale owner cannot move them; 16 shards share a partition so one
   conditional batch commits them together.
 * ``stories`` — ``PRIMARY KEY ((shard, period), story_id, revision)``.
+* ``story_periods`` — ``PRIMARY KEY ((slot), period, shard)``: which ``stories`` partitions hold rows (written with
+  them), and ``sealed`` when a drain has finished writing one after its checkpoint (the story feed reads these).
+* ``feed_readers`` — ``PRIMARY KEY (reader)``: each story feed reader's committed position (no TTL).
 * ``stage_marks`` — ``PRIMARY KEY ((consumer, shard, slot), bucket, part)``: small records a stage writes at a
   bucket and reads back when it replays (the story builder: the stories that left its state in that bucket, so a
   replay can start after the oldest story still held instead of before every story that overlaps it).
@@ -34,8 +37,10 @@ from engine.core.records import (
     Commit,
     DeadLetter,
     EventRecord,
+    FeedPosition,
     Offset,
     PartitionPage,
+    StoryPeriod,
     StoryRecord,
 )
 
@@ -131,6 +136,20 @@ class Store(Protocol):
 
     def scan_stories(self) -> AsyncIterator[list[StoryRecord]]:
         """Every stored story revision, paged, in no particular order."""
+
+    async def story_periods(self, first: int, last: int) -> list[StoryPeriod]:
+        """The ``stories`` partitions with rows whose period lies in ``[first, last]``, by (period, shard)."""
+
+    async def seal_periods(self, periods: Sequence[tuple[int, int]]) -> None:
+        """Mark these (period, shard) partitions sealed: every revision that will ever be written there is durable
+        (a drain calls it after writing its revisions at the shard's committed bucket)."""
+
+    # -- story feed readers ------------------------------------------------------------------------------
+    async def read_feed_position(self, reader: str) -> FeedPosition | None:
+        """The reader's committed position; None for a reader that never committed."""
+
+    async def commit_feed_position(self, position: FeedPosition) -> None:
+        """Store the reader's position (an upsert: one process per reader name)."""
 
     # -- stage marks -------------------------------------------------------------------------------------
     async def put_marks(

@@ -19,9 +19,11 @@ ALLOWED: dict[str, set[str]] = {
     # correlate is pure: the ground layer and the network identity only (no producer, no input parsing, no store)
     "engine.correlate": {"engine.core", "engine.ingest.network_identity"},
     "engine.runtime": {"engine.core", "engine.store", "engine.ingest", "engine.correlate"},
+    # the story feed reads what the engine stored: the store's interface and the story body's declaration
+    "engine.feed": {"engine.core", "engine.store", "engine.correlate"},
     "engine.tools": {"engine.core", "engine.store", "engine.ingest", "engine.correlate", "engine.runtime"},
     "engine.cli": {"engine", "engine.core", "engine.store", "engine.ingest", "engine.correlate", "engine.runtime"}
-    | {"engine.tools"},
+    | {"engine.tools", "engine.feed"},
     "engine.testing": {"engine.core", "engine.store", "engine.ingest", "engine.correlate", "engine.runtime"}
     | {"engine.tools"},
 }
