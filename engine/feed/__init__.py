@@ -171,10 +171,12 @@ class StoryFeed:
         pos = stored if stored is not None else await self._initial(complete)
         self.delivered = pos
         kept = self.first_kept(self.clock.now_ms())
-        if stored is not None and stored.period < kept:
-            # Periods stored.period (its remaining revisions) .. kept - 1 may have expired.
+        # The first period the reader has not finished: its position's (unless the position stands after all of
+        # its shards). Periods from there to kept - 1 may have expired.
+        needed = None if stored is None else stored.period + (stored.shard >= self.s.shards)
+        if needed is not None and needed < kept:
             bms = self.s.bucket_ms
-            yield FeedGap(self.reader, stored.period, kept - 1, stored.period * bms, kept * bms)
+            yield FeedGap(self.reader, needed, kept - 1, needed * bms, kept * bms)
             pos = FeedPosition(self.reader, kept - 1, self.s.shards, "", -1)
             self.delivered = pos
         while True:
