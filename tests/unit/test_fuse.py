@@ -106,7 +106,7 @@ def test_fuse_equals_the_python_reference(evs: list[Event], n_stories: int, rule
     assert out["story_id"].to_list() == [h[1] for h in heads_rows]
     for (_, sid, *head), body in zip(heads_rows, out["body"].to_list(), strict=True):
         members = [e for e in evs if f"s-{story_of[e.id]}" == sid]
-        want = fuse_python(members, (sid, *head), rules=rules, seed=3, tenant="t1")  # type: ignore[arg-type]
+        want = fuse_python(members, (sid, *head), rules=rules, seed=3, tenant="t1")
         # Byte for byte what the declared struct encodes to, and it decodes as that struct.
         assert body.encode() == msgspec.json.encode(want)
         assert decode_body(body) == want
