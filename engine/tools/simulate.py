@@ -7,29 +7,50 @@ building has to get right known by construction:
   DNS sessions are UDP/53 to a resolver, HTTP sessions TCP/80 or TCP/443, the rest SSH, SMB, RDP, NTP, QUIC and
   similar. A report's true time lies within ``spread_s`` (3 s) after the session start; session starts are
   uniform over ``[start_s, start_s + span_s)``.
-* **Sources and schemas.** ``firewall`` (action, rule, bytes, packets), ``endpoint`` (process, pid, user,
-  host), ``dns`` (query, answer, rcode), ``http`` (method, host, path, status, user_agent) and ``cloud`` flow
-  logs (vpc, account, bytes, packets, action ``ACCEPT``/``REJECT``). Each source has ``sensors_per_source``
-  sensors (``fw-1``, ``fw-2``, ``edr-1``, ``dns-1``, ``proxy-1``, ``vpcflow-1``, …). DNS sessions are seen by
-  firewall, endpoint, dns and cloud sensors; HTTP by firewall, endpoint, http and cloud; others by firewall,
-  endpoint and cloud. The sensors of one session have distinct sources while there are enough (a fourth
-  sensor of an "other" session is a second instance of one of its sources).
+* **Figures.** Every session has true bytes and packets per direction (client → server, server → client),
+  lognormal: DNS a one-packet query and a somewhat larger one-packet answer, HTTP a small request and a larger
+  response, the rest alike both ways; at least one packet each way. A reuse session has its own figures.
+* **Sources and schemas.** ``firewall`` (action, rule, ``src_bytes``, ``dst_bytes``, ``src_packets``,
+  ``dst_packets``, ``initiator``), ``endpoint`` (process, pid, user, host, ``initiator``), ``dns`` (query,
+  answer, rcode), ``http`` (method, host, path, status, user_agent) and ``cloud`` flow logs (vpc, account,
+  ``src_bytes``, ``src_packets``, action ``ACCEPT``/``REJECT``). Figures follow docs/events.md: relative to the
+  flow as the report gives it, so a reversed firewall report's ``src_bytes`` is the server → client figure;
+  ``initiator`` is ``"src"``, or ``"dst"`` when the report is reversed. Bytes are the truth times one jitter
+  draw uniform in ``[0.97, 1.03]`` (per firewall report; per cloud sensor and direction), packets exact. Each
+  source has ``sensors_per_source`` sensors (``fw-1``, ``fw-2``, ``edr-1``, ``dns-1``, ``proxy-1``,
+  ``vpcflow-1``, …). DNS sessions are seen by firewall, endpoint, dns and cloud sensors; HTTP by firewall,
+  endpoint, http and cloud; others by firewall, endpoint and cloud. The sensors of one session have distinct
+  sources while there are enough (a fourth sensor of an "other" session is a second instance of one of its
+  sources).
+* **Flow logs.** A cloud sensor writes one record per direction, each reporting its direction's flow (the
+  sender as ``src``, so the server → client record is the reversed one) with only ``src_bytes`` and
+  ``src_packets``, at its own time within ``spread_s``. With probability 0.10 a sensor sees one direction
+  only (either, at random). With probability 0.15 a direction's record is split across two capture windows
+  (when it has at least two packets): two records whose bytes and packets add up exactly to that direction's
+  jittered figure, the second 0.5 to 5 s after the first (so within ``spread_s + 5`` s of the session start).
+  All other sources write one report per sensor.
 * **Clock skew.** Every sensor has its own clock offset, uniform in ``±skew_s``: the reported time is the true
   time plus the sensor's skew. Firewall and cloud sensors report epoch seconds, the others RFC 3339 (``Z``).
-* **Direction.** Each report independently gives the flow in the reverse direction (server → client) with
-  probability ``reverse_fraction``.
+* **Direction.** Each firewall, endpoint, dns and http report independently gives the flow in the reverse
+  direction (server → client) with probability ``reverse_fraction``; a flow-log record's direction is its
+  traffic's.
 * **Arrival.** A report arrives ``delay`` seconds after its true time: mostly about a second, some tens of
   seconds, a tail (3 %) uniform from 60 s up to ``max_arrival_delay_s``; never more than that.
 * **Noise.** ``round(events * noise_fraction)`` background events, each a story of its own: a single report of a
-  flow nobody else reports or (a fifth of them) an endpoint event without flow fields.
+  flow nobody else reports (from the cloud: one record of one direction) or (a fifth of them) an endpoint event
+  without flow fields.
 * **Port reuse.** With probability ``port_reuse_fraction`` a session reuses the exact 5-tuple of an earlier
   session and starts at least ``reuse_gap_s`` (10 min, far beyond a 30 s match window) after that session's
-  last report. It is a different story. Reuse sessions can therefore lie after ``start_s + span_s`` (up to
-  ``span_s + spread_s + 1.25 * reuse_gap_s`` after ``start_s``). Every other flow is unique to its session.
+  last report. It is a different story. Reuse sessions can therefore lie after ``start_s + span_s`` (starting
+  up to ``span_s + spread_s + 5 + 1.25 * reuse_gap_s`` after ``start_s``). Every other flow is unique to its
+  session.
 
-:func:`generate` returns exactly ``events`` :class:`SimEvent` (sorted by arrival) and the :class:`Truth`
-(event id → story key, sensor → skew). Same :class:`Scenario` → byte-identical output. Nothing here does I/O
-except :func:`write`.
+:func:`generate` returns exactly ``events`` :class:`SimEvent` (sorted by arrival): a session's sensors are
+chosen first, and when the budget left is smaller than what they would write, flow-log sensors drop splits,
+then their second direction. The :class:`Truth` gives event id → story key, sensor → skew, event id → arrival
+and, for every story with a flow (sessions, reuse sessions, flow noise), its :class:`FlowTruth`: protocol,
+client and server, true bytes and packets per direction, and the sensors' relative jitter bound. Same
+:class:`Scenario` → byte-identical output. Nothing here does I/O except :func:`write`.
 
 The *sessions* mode (:func:`sessions`, ``storyline synth``) is the plain variant for demos, ingest tests and
 benchmarks: JSONL lines only, no ground truth, ordered by session start. Each session is one network flow seen
@@ -64,6 +85,10 @@ _OTHER_SERVICES = (("tcp", 22), ("tcp", 445), ("tcp", 3389), ("tcp", 8443), ("tc
 _IPV6_FRACTION = 0.10
 _BLOCKED_FRACTION = 0.04
 _FLOWLESS_NOISE_FRACTION = 0.20
+_JITTER = 0.03  # relative bound of a sensor's byte figures around the truth
+_CLOUD_ONE_DIRECTION = 0.10  # a flow-log sensor that sees one direction of a session only
+_CLOUD_SPLIT = 0.15  # a direction's flow-log record split across two capture windows
+_SPLIT_LATER_S = (0.5, 5.0)  # the second part's time after the first's
 # Arrival delay mix: (probability, mean) exponentials, then the rest uniform over [_TAIL_FROM_S, max].
 _DELAY_FAST = (0.80, 1.0)
 _DELAY_SLOW = (0.17, 20.0)
@@ -125,14 +150,33 @@ class SimEvent(msgspec.Struct, frozen=True, gc=False):
     kind: Kind
 
 
+class FlowTruth(msgspec.Struct, frozen=True, kw_only=True):
+    """The true flow of one story: protocol, client (the initiator) and server, bytes and packets per direction
+    before any sensor's jitter, and ``jitter``, the relative bound of a sensor's byte figures around them
+    (packets are reported exactly)."""
+
+    proto: str
+    client_ip: str
+    client_port: int
+    server_ip: str
+    server_port: int
+    bytes_c2s: int
+    bytes_s2c: int
+    packets_c2s: int
+    packets_s2c: int
+    jitter: float = _JITTER
+
+
 class Truth(msgspec.Struct, frozen=True, kw_only=True):
     """Ground truth of a scenario: ``stories`` maps event id → story key, ``skews`` sensor → clock offset (s),
-    ``arrivals`` event id → arrival offset (s after the scenario's start)."""
+    ``arrivals`` event id → arrival offset (s after the scenario's start), ``flows`` story key → its true flow
+    (every story with a flow; absent from truth files of older versions)."""
 
     stories: dict[str, str]
     skews: dict[str, float]
     scenario: Scenario = msgspec.field(default_factory=Scenario)
     arrivals: dict[str, float] = msgspec.field(default_factory=dict)
+    flows: dict[str, FlowTruth] = msgspec.field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -166,6 +210,22 @@ class _Session:
     client: _Client
     blocked: bool
     facts: dict[str, Any] = field(default_factory=dict)
+    c2s: tuple[int, int] = (0, 0)  # true (bytes, packets) client → server
+    s2c: tuple[int, int] = (0, 0)  # and server → client
+    last_s: float = 0.0  # true time of the latest report so far (at least t0 + spread_s)
+
+    def flow_truth(self) -> FlowTruth:
+        return FlowTruth(
+            proto=self.proto,
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            server_ip=self.server_ip,
+            server_port=self.server_port,
+            bytes_c2s=self.c2s[0],
+            bytes_s2c=self.s2c[0],
+            packets_c2s=self.c2s[1],
+            packets_s2c=self.s2c[1],
+        )
 
 
 @dataclass(slots=True)
@@ -239,6 +299,7 @@ class _Generator:
         self.vpcs = [(f"vpc-{rnd.getrandbits(32):08x}", str(rnd.randrange(10**11, 10**12))) for _ in range(4)]
         self.used_flows: set[tuple[str, tuple[str, int], tuple[str, int]]] = set()
         self.pending: list[_Pending] = []
+        self.flows: dict[str, FlowTruth] = {}
         self.order = 0
 
     def _words(self, n: int) -> list[tuple[str, str]]:
@@ -294,8 +355,6 @@ class _Generator:
         }[service]
         facts["process"] = rnd.choice(process)
         facts["pid"] = rnd.randrange(300, 65_536)
-        facts["bytes"] = int(rnd.lognormvariate(8.5, 1.8)) + 60
-        facts["packets"] = max(1, facts["bytes"] // rnd.randrange(200, 1400))
         facts["rule"] = f"r-{rnd.randrange(100, 140)}"
         facts["vpc"], facts["account"] = rnd.choice(self.vpcs)
         while True:
@@ -306,9 +365,25 @@ class _Generator:
                 break
         t0 = self.s.start_s + rnd.random() * self.s.span_s
         blocked = rnd.random() < _BLOCKED_FRACTION
-        return _Session(
+        ses = _Session(
             story, kind, service, proto, client_ip, client_port, server_ip, server_port, t0, client, blocked, facts
         )
+        self._figures(ses)
+        return ses
+
+    def _figures(self, ses: _Session) -> None:
+        """Draw the session's true bytes and packets per direction (for its service) and reset ``last_s``."""
+        rnd = self.rnd
+        if ses.service == "dns":
+            ses.c2s = (int(rnd.lognormvariate(4.0, 0.3)) + 28, 1)
+            ses.s2c = (int(rnd.lognormvariate(4.8, 0.6)) + 28, 1)
+        else:
+            mu_c2s, mu_s2c = (6.5, 9.0) if ses.service == "http" else (7.5, 8.0)
+            b_c2s = int(rnd.lognormvariate(mu_c2s, 1.2 if ses.service == "http" else 1.8)) + 60
+            b_s2c = int(rnd.lognormvariate(mu_s2c, 1.8)) + 60
+            ses.c2s = (b_c2s, max(1, b_c2s // rnd.randrange(200, 1400)))
+            ses.s2c = (b_s2c, max(1, b_s2c // rnd.randrange(200, 1400)))
+        ses.last_s = ses.t0 + self.s.spread_s
 
     def reuse(self, story: str, orig: _Session) -> _Session:
         """A later session of ``orig``'s exact 5-tuple, at least ``reuse_gap_s`` after its last report."""
@@ -318,7 +393,8 @@ class _Generator:
         fresh.client_ip, fresh.client_port = orig.client_ip, orig.client_port
         fresh.server_ip, fresh.server_port = orig.server_ip, orig.server_port
         fresh.client = orig.client
-        fresh.t0 = orig.t0 + self.s.spread_s + gap
+        fresh.t0 = orig.last_s + gap
+        self._figures(fresh)  # figures of the reused service, its own
         for k in ("query", "rcode", "answer", "method", "host", "path", "status", "user_agent"):
             if k in orig.facts:
                 fresh.facts[k] = orig.facts[k]
@@ -326,27 +402,32 @@ class _Generator:
                 fresh.facts.pop(k, None)
         return fresh
 
-    def _attrs(self, source: str, ses: _Session) -> dict[str, Any]:
-        rnd = self.rnd
+    def _jitter(self) -> float:
+        return self.rnd.uniform(1.0 - _JITTER, 1.0 + _JITTER)
+
+    def _attrs(self, source: str, ses: _Session, rev: bool) -> dict[str, Any]:
+        """The attributes of a one-report source (not ``cloud``), ``rev``: the report gives server → client."""
         f = ses.facts
-        jitter = rnd.uniform(0.97, 1.03)
         if source == "firewall":
+            jitter = self._jitter()
+            (src_b, src_p), (dst_b, dst_p) = (ses.s2c, ses.c2s) if rev else (ses.c2s, ses.s2c)
             return {
                 "action": "deny" if ses.blocked else "allow",
                 "rule": f["rule"],
-                "bytes": int(f["bytes"] * jitter),
-                "packets": f["packets"],
-            }
-        if source == "cloud":
-            return {
-                "vpc": f["vpc"],
-                "account": f["account"],
-                "bytes": int(f["bytes"] * jitter),
-                "packets": f["packets"],
-                "action": "REJECT" if ses.blocked else "ACCEPT",
+                "src_bytes": int(src_b * jitter),
+                "dst_bytes": int(dst_b * jitter),
+                "src_packets": src_p,
+                "dst_packets": dst_p,
+                "initiator": "dst" if rev else "src",
             }
         if source == "endpoint":
-            return {"process": f["process"], "pid": f["pid"], "user": ses.client.user, "host": ses.client.host}
+            return {
+                "process": f["process"],
+                "pid": f["pid"],
+                "user": ses.client.user,
+                "host": ses.client.host,
+                "initiator": "dst" if rev else "src",
+            }
         if source == "dns":
             return {"query": f["query"], "answer": list(f["answer"]), "rcode": f["rcode"]}
         return {k: f[k] for k in ("method", "host", "path", "status", "user_agent")}
@@ -379,6 +460,8 @@ class _Generator:
                 flow = (ses.proto, ses.server_ip, ses.server_port, ses.client_ip, ses.client_port)
             else:
                 flow = (ses.proto, ses.client_ip, ses.client_port, ses.server_ip, ses.server_port)
+        if ses is not None:
+            ses.last_s = max(ses.last_s, t)
         reported_us = round((t + self.skews[sensor]) * 1_000_000)
         arrival = round(t - s.start_s + _delay(self.rnd, s.max_arrival_delay_s), 6)
         self.pending.append(
@@ -386,12 +469,56 @@ class _Generator:
         )
         self.order += 1
 
-    def emit_session(self, ses: _Session, k: int) -> None:
+    def emit_session(self, ses: _Session, k: int, extra: int) -> None:
+        """Reports of ``k`` sensors of ``ses``; flow-log sensors may write up to ``extra`` records more in all."""
         rnd = self.rnd
         for source, sensor in self._choose_sensors(ses.service, k):
+            if source == "cloud":
+                extra -= self._emit_flow_log(ses, sensor, extra)
+                continue
             t = round(ses.t0 + rnd.uniform(0.0, self.s.spread_s), 6)
             rev = rnd.random() < self.s.reverse_fraction
-            self._add(source, sensor, ses, ses.story, ses.kind, t, rev, self._attrs(source, ses))
+            self._add(source, sensor, ses, ses.story, ses.kind, t, rev, self._attrs(source, ses, rev))
+
+    def _emit_flow_log(self, ses: _Session, sensor: str, extra: int) -> int:
+        """One flow-log sensor's records of ``ses``: one per direction it sees, a direction possibly split in
+        two. Beyond its first record it writes at most ``extra`` (dropping splits, then the second direction);
+        returns how many it wrote beyond the first."""
+        rnd, s = self.rnd, self.s
+        first_s2c = rnd.random() < 0.5
+        directions = [first_s2c] if rnd.random() < _CLOUD_ONE_DIRECTION else [first_s2c, not first_s2c]
+        plan: list[tuple[bool, float, int, int, bool]] = []  # s2c, time, jittered bytes, packets, split
+        for s2c in directions:
+            b, p = ses.s2c if s2c else ses.c2s
+            t = round(ses.t0 + rnd.uniform(0.0, s.spread_s), 6)
+            jb = int(b * self._jitter())
+            split = rnd.random() < _CLOUD_SPLIT and p >= 2 and jb >= 2
+            plan.append((s2c, t, jb, p, split))
+        more = len(plan) - 1 + sum(d[4] for d in plan)
+        for i in reversed(range(len(plan))):
+            if more > extra and plan[i][4]:
+                plan[i] = (*plan[i][:4], False)
+                more -= 1
+        if more > extra:
+            del plan[1:]
+            more = 0
+        for s2c, t, jb, p, split in plan:
+            parts = [(t, jb, p)]
+            if split:
+                p1 = rnd.randint(1, p - 1)
+                b1 = min(jb - 1, max(1, round(jb * p1 / p)))
+                t2 = round(t + rnd.uniform(*_SPLIT_LATER_S), 6)  # t <= t0 + spread_s
+                parts = [(t, b1, p1), (t2, jb - b1, p - p1)]
+            for tp, bp, pp in parts:
+                attrs = {
+                    "vpc": ses.facts["vpc"],
+                    "account": ses.facts["account"],
+                    "src_bytes": bp,
+                    "src_packets": pp,
+                    "action": "REJECT" if ses.blocked else "ACCEPT",
+                }
+                self._add("cloud", sensor, ses, ses.story, ses.kind, tp, s2c, attrs)
+        return more
 
     def emit_noise(self, story: str) -> None:
         rnd = self.rnd
@@ -409,7 +536,8 @@ class _Generator:
             self._add("endpoint", sensor, None, story, "noise", t, False, attrs)
             return
         ses = self.new_session(story, "noise")
-        self.emit_session(ses, 1)
+        self.flows[story] = ses.flow_truth()
+        self.emit_session(ses, 1, 0)
 
     def run(self) -> tuple[list[SimEvent], Truth]:
         s, rnd = self.s, self.rnd
@@ -425,9 +553,10 @@ class _Generator:
             else:
                 ses = self.new_session(story, "session")
                 reusable.append(ses)
+            self.flows[story] = ses.flow_truth()
             k = min(remaining, _pick(rnd, _SENSOR_COUNT_WEIGHTS))
             before = len(self.pending)
-            self.emit_session(ses, k)
+            self.emit_session(ses, k, remaining - k)
             remaining -= len(self.pending) - before
         for i in range(n_noise):
             self.emit_noise(f"nz{s.seed}-{i:06d}")
@@ -449,7 +578,7 @@ class _Generator:
             )
             stories[event_id] = p.story
         arrivals = {e.id: e.arrival_s for e in out}
-        return out, Truth(stories=stories, skews=dict(self.skews), scenario=s, arrivals=arrivals)
+        return out, Truth(stories=stories, skews=dict(self.skews), scenario=s, arrivals=arrivals, flows=self.flows)
 
 
 def generate(s: Scenario | None = None) -> tuple[list[SimEvent], Truth]:

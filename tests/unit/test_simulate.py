@@ -15,8 +15,9 @@ import pytest
 from engine.cli import main
 from engine.core.config import from_mapping
 from engine.ingest.canonical import ParseRules, parse_line
+from engine.tools import simulate
 from engine.tools.accuracy import link_reference, score
-from engine.tools.simulate import Scenario, SimEvent, Truth, generate, sessions, write
+from engine.tools.simulate import FlowTruth, Scenario, SimEvent, Truth, generate, sessions, write
 
 CFG = from_mapping({"tenant": "t", "ingest": {"max_future_ms": 10**13}})
 NOW_MS = 1_790_000_000_000
@@ -91,17 +92,21 @@ def test_same_story_same_engine_flow(default: tuple[list[SimEvent], Truth]) -> N
 def test_sources_schemas_and_services(default: tuple[list[SimEvent], Truth]) -> None:
     events, _ = default
     schemas = {
-        "firewall": {"action", "rule", "bytes", "packets"},
-        "endpoint": {"process", "pid", "user", "host"},
+        "firewall": {"action", "rule", "src_bytes", "dst_bytes", "src_packets", "dst_packets", "initiator"},
+        "endpoint": {"process", "pid", "user", "host", "initiator"},
         "dns": {"query", "answer", "rcode"},
         "http": {"method", "host", "path", "status", "user_agent"},
-        "cloud": {"vpc", "account", "bytes", "packets", "action"},
+        "cloud": {"vpc", "account", "src_bytes", "src_packets", "action"},
     }
+    flowless_endpoint = {"process", "pid", "user", "host", "action"}
     seen = Counter(e.source for e in events)
     assert set(seen) == set(schemas)
     for ev in events:
         doc = json.loads(ev.line)
-        assert schemas[ev.source] <= set(doc["attrs"]), ev.line
+        if ev.source == "endpoint" and "proto" not in doc:
+            assert set(doc["attrs"]) == flowless_endpoint, ev.line
+        else:
+            assert set(doc["attrs"]) == schemas[ev.source], ev.line
         assert ev.sensor.split("-")[0] in {"fw", "edr", "dns", "proxy", "vpcflow"}
         if ev.source == "dns":
             assert doc["proto"] == "udp" and 53 in (doc["src_port"], doc["dst_port"])
@@ -112,23 +117,33 @@ def test_sources_schemas_and_services(default: tuple[list[SimEvent], Truth]) -> 
 
 
 def test_sessions_one_to_four_distinct_sensors(default: tuple[list[SimEvent], Truth]) -> None:
+    """1..4 sensors per story; each writes one report, except a flow log: one record per direction it sees,
+    possibly split in two (so up to 4), the second part at most 5 s after the first."""
     events, _ = default
     by_story: defaultdict[str, list[SimEvent]] = defaultdict(list)
     for ev in events:
         by_story[ev.story].append(ev)
-    sizes = Counter(len(v) for v in by_story.values())
+    sizes = Counter(len({e.sensor for e in v}) for v in by_story.values())
     assert set(sizes) == {1, 2, 3, 4}
+    spread = Scenario().spread_s
     for members in by_story.values():
-        assert len({e.sensor for e in members}) == len(members)
+        per_sensor = Counter(e.sensor for e in members)
+        for e in members:
+            assert per_sensor[e.sensor] <= (4 if e.source == "cloud" else 1)
         times = [e.true_time_s for e in members]
-        assert max(times) - min(times) <= Scenario().spread_s
+        assert max(times) - min(times) <= spread + 5.0 + 1e-6
+        if all(e.source != "cloud" for e in members):
+            assert max(times) - min(times) <= spread
 
 
 def test_reverse_fraction(default: tuple[list[SimEvent], Truth]) -> None:
     events, _ = default
     with_flow = [e for e in events if five_tuple(e) is not None]
-    share = sum(e.reversed for e in with_flow) / len(with_flow)
+    one_report = [e for e in with_flow if e.source != "cloud"]  # a flow log's direction is its traffic's
+    share = sum(e.reversed for e in one_report) / len(one_report)
     assert 0.28 <= share <= 0.32
+    cloud = [e for e in with_flow if e.source == "cloud"]
+    assert 0.45 <= sum(e.reversed for e in cloud) / len(cloud) <= 0.55
     # a reversed report swaps the endpoints of a forward report of the same session
     forward: dict[str, tuple[object, ...]] = {}
     for ev in with_flow:
@@ -166,7 +181,8 @@ def test_arrival_sorted_and_delay_bounded(default: tuple[list[SimEvent], Truth])
 
 
 def test_port_reuse_is_a_different_story(default: tuple[list[SimEvent], Truth]) -> None:
-    events, _ = default
+    events, truth = default
+    own_figures = 0
     by_tuple: defaultdict[tuple[object, ...], list[SimEvent]] = defaultdict(list)
     for ev in events:
         key = five_tuple(ev)
@@ -181,6 +197,17 @@ def test_port_reuse_is_a_different_story(default: tuple[list[SimEvent], Truth]) 
         assert len(stories) == 2
         (a, b) = sorted(stories.values(), key=min)
         assert min(b) - max(a) >= 600.0
+        # same flow in the truth, own figures
+        fa, fb = (truth.flows[k] for k in stories)
+        assert (fa.proto, fa.client_ip, fa.client_port, fa.server_ip, fa.server_port) == (
+            fb.proto,
+            fb.client_ip,
+            fb.client_port,
+            fb.server_ip,
+            fb.server_port,
+        )
+        own_figures += (fa.bytes_c2s, fa.bytes_s2c) != (fb.bytes_c2s, fb.bytes_s2c)
+    assert own_figures >= 0.9 * len(reused)
     # every other 5-tuple belongs to exactly one story
     for members in by_tuple.values():
         if all(e.kind != "reuse" for e in members):
@@ -201,6 +228,8 @@ def test_noise_is_singletons(default: tuple[list[SimEvent], Truth]) -> None:
 
 def test_truth_json_round_trip(default: tuple[list[SimEvent], Truth], tmp_path: Path) -> None:
     events, truth = default
+    assert truth.flows and all(isinstance(f, FlowTruth) for f in truth.flows.values())
+    assert json.loads(truth.to_json())["flows"]  # written
     assert Truth.from_json(truth.to_json()) == truth
     assert Truth.from_json(truth.to_json().decode()) == truth
     out, truth_path = tmp_path / "events.jsonl", tmp_path / "truth.json"
@@ -304,3 +333,161 @@ def test_reference_needs_skew_correction_when_skew_is_large() -> None:
     # ignoring the window merges reused 5-tuples
     merged = score(link_reference(events, 10**9, truth.skews), truth.stories)
     assert merged["precision"] < 1.0
+
+
+# --- per-direction figures, initiator, flow logs ---------------------------------------------------------------
+
+
+def _reported_client_first(doc: dict[str, object], flow: FlowTruth) -> bool:
+    """Whether the line reports the flow client → server (else server → client; anything else fails)."""
+    src = (ipaddress.ip_address(str(doc["src_ip"])), doc["src_port"])
+    dst = (ipaddress.ip_address(str(doc["dst_ip"])), doc["dst_port"])
+    client = (ipaddress.ip_address(flow.client_ip), flow.client_port)
+    server = (ipaddress.ip_address(flow.server_ip), flow.server_port)
+    assert {src, dst} == {client, server} and doc["proto"] == flow.proto
+    return src == client
+
+
+def _within_jitter(got: int, want: int, jitter: float = 0.03) -> bool:
+    return (1 - jitter) * want - 1 <= got <= (1 + jitter) * want
+
+
+def test_flow_truth_covers_every_story_with_a_flow(default: tuple[list[SimEvent], Truth]) -> None:
+    events, truth = default
+    with_flow = {e.story for e in events if five_tuple(e) is not None}
+    assert set(truth.flows) == with_flow
+    assert not {e.story for e in events if five_tuple(e) is None} & set(truth.flows)
+    for ev in events:
+        if ev.story in truth.flows:
+            # the truth's endpoints are the line's, and `reversed` says which way round it reports them
+            assert _reported_client_first(json.loads(ev.line), truth.flows[ev.story]) is not ev.reversed
+    for f in truth.flows.values():
+        assert f.proto in {"tcp", "udp"} and f.jitter == 0.03
+        assert min(f.packets_c2s, f.packets_s2c) >= 1 and min(f.bytes_c2s, f.bytes_s2c) >= f.packets_c2s // 100
+        assert f.bytes_c2s >= 28 and f.bytes_s2c >= 28
+    http = [f for f in truth.flows.values() if f.server_port in (80, 443) and f.proto == "tcp"]
+    assert sum(f.bytes_s2c > f.bytes_c2s for f in http) > 0.75 * len(http)  # responses larger than requests
+
+
+def test_firewall_figures_follow_the_reported_direction(default: tuple[list[SimEvent], Truth]) -> None:
+    events, truth = default
+    checked = {False: 0, True: 0}
+    for ev in events:
+        if ev.source != "firewall":
+            continue
+        f, a = truth.flows[ev.story], json.loads(ev.line)["attrs"]
+        want = (
+            (f.bytes_s2c, f.bytes_c2s, f.packets_s2c, f.packets_c2s)
+            if ev.reversed
+            else (f.bytes_c2s, f.bytes_s2c, f.packets_c2s, f.packets_s2c)
+        )
+        assert _within_jitter(a["src_bytes"], want[0]) and _within_jitter(a["dst_bytes"], want[1]), (ev.line, f)
+        assert (a["src_packets"], a["dst_packets"]) == want[2:], (ev.line, f)
+        assert "bytes" not in a and "packets" not in a
+        checked[ev.reversed] += 1
+    assert min(checked.values()) > 300
+
+
+def test_initiator_is_consistent_with_reversed(default: tuple[list[SimEvent], Truth]) -> None:
+    events, _ = default
+    counts: Counter[tuple[str, str | None]] = Counter()
+    for ev in events:
+        doc = json.loads(ev.line)
+        initiator = doc["attrs"].get("initiator")
+        if ev.source == "firewall" or (ev.source == "endpoint" and "proto" in doc):
+            assert initiator == ("dst" if ev.reversed else "src"), ev.line
+        else:
+            assert initiator is None, ev.line
+        counts[(ev.source, initiator)] += 1
+    for source in ("firewall", "endpoint"):
+        assert counts[(source, "src")] > 2 * counts[(source, "dst")] > 0
+
+
+def test_flow_log_records_add_up_per_direction(default: tuple[list[SimEvent], Truth]) -> None:
+    """Each cloud sensor of a story: per direction it reports, its records' src_bytes add up to one jittered
+    figure and its src_packets to the true packets; some sensors see one direction only, some records are
+    split in two."""
+    events, truth = default
+    records: defaultdict[tuple[str, str], defaultdict[bool, list[SimEvent]]] = defaultdict(lambda: defaultdict(list))
+    for ev in events:
+        if ev.source == "cloud":
+            records[(ev.story, ev.sensor)][ev.reversed].append(ev)
+    one_direction = splits = 0
+    for (story, _), by_dir in records.items():
+        f = truth.flows[story]
+        kind = next(iter(by_dir.values()))[0].kind
+        assert 1 <= len(by_dir) <= 2
+        if len(by_dir) == 1 and kind != "noise":
+            one_direction += 1
+        for s2c, recs in by_dir.items():
+            attrs = [json.loads(e.line)["attrs"] for e in recs]
+            assert all(set(a) == {"vpc", "account", "src_bytes", "src_packets", "action"} for a in attrs)
+            assert all(a["src_packets"] >= 1 and a["src_bytes"] >= 1 for a in attrs)
+            b, p = (f.bytes_s2c, f.packets_s2c) if s2c else (f.bytes_c2s, f.packets_c2s)
+            assert _within_jitter(sum(a["src_bytes"] for a in attrs), b), (recs, f)
+            assert sum(a["src_packets"] for a in attrs) == p, (recs, f)
+            assert len(recs) <= 2
+            if len(recs) == 2:
+                splits += 1
+                assert kind != "noise"
+                t1, t2 = sorted(e.true_time_s for e in recs)
+                assert 0.5 - 1e-6 <= t2 - t1 <= 5.0 + 1e-6
+                assert len({e.id for e in recs}) == 2
+        if kind == "noise":
+            assert sum(len(r) for r in by_dir.values()) == 1
+    sessions_seen = sum(1 for (story, _) in records if not story.startswith("nz"))
+    assert 0.05 * sessions_seen <= one_direction <= 0.15 * sessions_seen, (one_direction, sessions_seen)
+    assert splits >= 50, splits
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 13, 100, 999, 2_500])
+def test_exact_event_count_for_any_budget(n: int) -> None:
+    for seed in range(1, 13 if n < 100 else 3):
+        for noise in (0.0, 0.05):
+            events, truth = generate(Scenario(events=n, seed=seed, noise_fraction=noise))
+            assert len(events) == n, (n, seed, noise)
+            assert len(truth.stories) == n == len({e.id for e in events})
+            assert set(truth.flows) == {e.story for e in events if five_tuple(e) is not None}
+
+
+def test_flow_log_budget_drops_splits_then_the_second_direction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulate, "_CLOUD_SPLIT", 1.0)
+    monkeypatch.setattr(simulate, "_CLOUD_ONE_DIRECTION", 0.0)
+    gen = simulate._Generator(Scenario(events=100, seed=3))
+    for i in range(1_000):
+        ses = gen.new_session(f"s{i}", "session")
+        if min(ses.c2s[1], ses.s2c[1]) >= 2:
+            break
+    else:
+        pytest.fail("no session with two packets each way")
+    for extra, want in ((5, (2, 2)), (3, (2, 2)), (2, (1, 2)), (1, (1, 1)), (0, (1,))):
+        gen.pending.clear()
+        assert gen._emit_flow_log(ses, "vpcflow-1", extra) == min(extra, 3)
+        per_dir = Counter(p.reversed for p in gen.pending)
+        assert tuple(sorted(per_dir.values())) == want, (extra, per_dir)
+        for s2c in per_dir:
+            recs = [p for p in gen.pending if p.reversed == s2c]
+            assert sum(p.attrs["src_packets"] for p in recs) == (ses.s2c if s2c else ses.c2s)[1]
+            assert all(p.flow is not None and (p.flow[1] == ses.server_ip) is s2c for p in recs)
+
+
+def test_truth_without_flows_still_loads(default: tuple[list[SimEvent], Truth]) -> None:
+    _, truth = default
+    doc = json.loads(truth.to_json())
+    del doc["flows"]
+    old = Truth.from_json(json.dumps(doc))
+    assert old.flows == {} and old.stories == truth.stories and old.arrivals == truth.arrivals
+    # a flow without `jitter` takes the default
+    doc = json.loads(truth.to_json())
+    key, flow = next(iter(doc["flows"].items()))
+    del flow["jitter"]
+    assert Truth.from_json(json.dumps(doc)).flows[key] == truth.flows[key]
+
+
+def test_deterministic_with_flows() -> None:
+    s = Scenario(events=3_000, seed=11)
+    a_events, a_truth = generate(s)
+    b_events, b_truth = generate(s)
+    assert [e.line for e in a_events] == [e.line for e in b_events]
+    assert a_truth.to_json() == b_truth.to_json()
+    assert a_truth.flows == b_truth.flows
