@@ -34,17 +34,23 @@ indexes on ``(flow, time_us)`` and on ``xid``. There is no unique constraint on 
 duplicates, so idempotent re-sends would need a staging table and ``INSERT .. ON CONFLICT`` (slower; not done,
 which favours PostgreSQL). ``stories`` holds one summary row per story (flow, first/last time, event count,
 sorted distinct sources and sensors, bytes/packets totals; lighter than Storyline's fused JSON body: no
-per-source attribute merge, no directions), ``story_events`` maps every event to its story.
+attribute merge, no client/server, no observers), ``story_events`` maps every event to its story.
 
 **Two variants** (``variant``). ``fused`` (the default, and the one ``make bench`` compares Storyline with:
-``vs_postgres_ratio``): every story row also carries ``body``, a jsonb with the content of Storyline's fused story
-— event ids in (time, id) order, directions, sources, sensors, per-source attributes merged key by key (latest
-wins), bytes/packets totals, times, count, the flow and its Community ID (pgcrypto's SHA-1) — rebuilt in SQL
-from all of the story's events each time a run touches the story (``STORY_SQL_FUSED``). ``content_check``
-compares 500 sampled bodies with Storyline's reference fusion of the same events
-(``content_matches_storyline``, 1.0 = all equal). ``lean`` (``vs_postgres_lean_ratio``): the summary rows only
-(``STORY_SQL``), the design the talk compared. Both report the server's and the client's CPU per event of the
-pipeline phase (``pipeline_server_cpu_us_per_event``, ``pipeline_client_cpu_us_per_event``).
+``vs_postgres_ratio``): every story row also carries ``body``, a jsonb with the content of Storyline's fused story,
+version 2 (:mod:`engine.correlate.body`) — start/end (RFC 3339 and µs), duration, event count, event ids in
+(time, id) order; for a story with a flow its Community ID (pgcrypto's SHA-1), protocol and transport name,
+client and server decided as Storyline decides them (the sensors' ``initiator`` votes, else the service-port
+classes, else the earliest report's source: ``initiator_known``, ``initiator_rule``) and the reconciled
+bytes/packets totals (per direction the largest observer's, total the larger of the largest observer total and
+the two directions added up); and one observer per sensor (by name: source, first/last time, events, for a flow
+the direction it reports and its per-direction byte/packet sums, its attributes merged key by key, latest wins)
+— rebuilt in SQL from all of the story's events each time a run touches the story (``STORY_SQL_FUSED``).
+``content_check`` compares 500 sampled bodies with Storyline's reference fusion of the same events
+(``content_matches_storyline``, 1.0 = every compared field of every sampled story equal). ``lean``
+(``vs_postgres_lean_ratio``): the summary rows only (``STORY_SQL``), the design the talk compared. Both report
+the server's and the client's CPU per event of the pipeline phase (``pipeline_server_cpu_us_per_event``,
+``pipeline_client_cpu_us_per_event``).
 
 **Ingest.** Events are parsed by :func:`engine.ingest.canonical.parse_line` (exactly Storyline's canonical events) and
 encoded as COPY text rows before the clock starts (``prepare_s``, not part of any rate); the timed part is
@@ -125,8 +131,10 @@ import psycopg
 from engine.core.config import from_mapping
 from engine.core.errors import InputError
 from engine.core.event import Event
-from engine.correlate.fuse import fuse_python
+from engine.correlate.body import transport_name
+from engine.correlate.fuse import FIGURE_ATTRS, TOTAL_LIMIT, fuse_python
 from engine.ingest.canonical import ParseRules, parse_line
+from engine.ingest.network_identity import ICMP4_COUNTERPART, ICMP6_COUNTERPART
 from engine.tools.accuracy import link_reference, score
 from engine.tools.simulate import Scenario, generate
 
@@ -301,115 +309,239 @@ upd AS (
 
 _json = msgspec.json.Encoder()
 
-# The fused variant (issue 16, "a fair peer"): the same job, and each story it writes also gets the content of
-# Storyline's fused body as jsonb, built in SQL from all its events: event ids in (time, id) order, directions,
-# sources, sensors, per-source attributes merged key by key (the latest event's value wins: Storyline's default
-# rule), bytes/packets totals (integers below 2^43, as Storyline), times, event count, the flow as its first
-# event with one reports it and its Community ID (SHA-1 via pgcrypto; TCP/UDP/SCTP over IPv4 or IPv6, seed 0:
-# the simulator's flows; ICMP and other protocols get none). Each run rewrites the bodies of the stories it
-# touched (Storyline's revisions). ``%(w)s`` = window, µs.
-FUSED_SCHEMA_SQL = r"""
+# The fused variant (issue 16, "a fair peer"; body version 2 since issue 17): the same job, and each story it
+# writes also gets the content of Storyline's fused body (engine.correlate.body, as fuse_python builds it) as
+# jsonb, built in SQL from all its events, set-based: one aggregate per story (times, count, event ids in (time,
+# id) order, the sensors' initiator vote, the earliest report), the client/server decision per story, one
+# aggregate per (story, sensor) — the observer: its attributes merged key by key in (time, id) order, the latest
+# value winning (Storyline's default rule: ``jsonb_merge``, jsonb's ``||`` folded), its byte/packet figures
+# summed per direction of the flow's order (integers below 2^43, as Storyline), mapped to client/server once the
+# story's client is known — then the observers and reconciled totals per story, and the body. The Community ID
+# is pgcrypto's SHA-1 (seed 0, as the content check's reference: every protocol, ICMP type/code mapping as
+# engine.ingest.network_identity). Absent optional fields are left out, as msgspec's ``omit_defaults`` does. The
+# observers and the body are assembled as JSON text (names through ``to_json``, attributes as jsonb prints them)
+# and cast to jsonb once — as Storyline assembles its bodies; nested jsonb_build_object calls with
+# jsonb_strip_nulls (nulls inside attributes must stay) cost about a quarter more on the whole job.
+# Each run rewrites the bodies of the stories it touched (Storyline's revisions). ``%(w)s`` = window, µs.
+_PORT_PROTOS = "1, 6, 17, 58, 132"  # protocols whose ports (ICMP: type and code) are part of the Community ID
+
+
+def _counterparts(table: dict[int, int]) -> str:
+    return "CASE t " + " ".join(f"WHEN {k} THEN {v}" for k, v in sorted(table.items())) + " END"
+
+
+FUSED_SCHEMA_SQL = (
+    r"""
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 ALTER TABLE stories ADD COLUMN body jsonb;
+DROP TYPE IF EXISTS flow_report CASCADE;
+CREATE TYPE flow_report AS (proto smallint, sip inet, sport integer, dip inet, dport integer, rev boolean);
+CREATE OR REPLACE AGGREGATE jsonb_merge (jsonb) (SFUNC = jsonb_concat, STYPE = jsonb, INITCOND = '{}');
+CREATE OR REPLACE FUNCTION port_class(p integer) RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
+$$ SELECT CASE WHEN p < 1024 THEN 0 WHEN p < 32768 THEN 1 ELSE 2 END $$;
+CREATE OR REPLACE FUNCTION rfc3339(us bigint) RETURNS text LANGUAGE sql STABLE PARALLEL SAFE AS
+$$ SELECT to_char(timestamp '1970-01-01' + us * interval '1 microsecond', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') $$;
 CREATE OR REPLACE FUNCTION ip_bytes(ip inet) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
 $$ SELECT substring(inet_send(ip) FROM 5) $$;
 CREATE OR REPLACE FUNCTION port_bytes(p integer) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS
 $$ SELECT substring(int4send(p) FROM 3) $$;
+CREATE OR REPLACE FUNCTION icmp_counterpart(p smallint, t integer) RETURNS integer LANGUAGE sql IMMUTABLE
+PARALLEL SAFE AS $$ SELECT CASE p WHEN 1 THEN ICMP4 WHEN 58 THEN ICMP6 END $$;
+-- The second port the Community ID hashes (ICMP: the type's counterpart, or the code for a one-way type) ...
+CREATE OR REPLACE FUNCTION cid_dport(p smallint, sport integer, dport integer) RETURNS integer LANGUAGE sql
+IMMUTABLE PARALLEL SAFE AS
+$$ SELECT CASE WHEN p IN (1, 58) THEN coalesce(icmp_counterpart(p, sport), dport) ELSE dport END $$;
+-- ... and whether it swaps the endpoints (the smaller address, then port, first; one-way ICMP never).
+CREATE OR REPLACE FUNCTION cid_swap(p smallint, sip inet, sport integer, dip inet, dport integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN p IN (1, 58) AND icmp_counterpart(p, sport) IS NULL THEN false
+                WHEN sip <> dip THEN sip > dip
+                ELSE coalesce(sport > cid_dport(p, sport, dport), false) END
+$$;
 CREATE OR REPLACE FUNCTION community_id(p smallint, sip inet, sport integer, dip inet, dport integer)
 RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN family(sip) = family(dip) AND p IN (6, 17, 132) AND sport IS NOT NULL AND dport IS NOT NULL
+    SELECT CASE WHEN family(sip) = family(dip)
+                     AND (p NOT IN (PORT_PROTOS) OR (sport IS NOT NULL AND dport IS NOT NULL))
     THEN '1:' || encode(digest(
             '\x0000'::bytea
-            || CASE WHEN sip < dip OR (sip = dip AND sport <= dport)
-                    THEN ip_bytes(sip) || ip_bytes(dip) ELSE ip_bytes(dip) || ip_bytes(sip) END
-            || substring(int4send(p) FROM 4) || '\x00'::bytea
-            || CASE WHEN sip < dip OR (sip = dip AND sport <= dport)
-                    THEN port_bytes(sport) || port_bytes(dport) ELSE port_bytes(dport) || port_bytes(sport) END,
+            || CASE WHEN cid_swap(p, sip, sport, dip, dport)
+                    THEN ip_bytes(dip) || ip_bytes(sip) ELSE ip_bytes(sip) || ip_bytes(dip) END
+            || substring(int4send(p::integer) FROM 4) || '\x00'::bytea
+            || CASE WHEN p NOT IN (PORT_PROTOS) THEN ''::bytea
+                    WHEN cid_swap(p, sip, sport, dip, dport)
+                    THEN port_bytes(cid_dport(p, sport, dport)) || port_bytes(sport)
+                    ELSE port_bytes(sport) || port_bytes(cid_dport(p, sport, dport)) END,
             'sha1'), 'base64')
     END
 $$;
-"""
-
-_TOTAL = (
-    "CASE WHEN jsonb_typeof({a} -> '{k}') = 'number' AND ({a} ->> '{k}') ~ '^-?[0-9]+$' "
-    "AND abs(({a} ->> '{k}')::numeric) < 8796093022208 THEN ({a} ->> '{k}')::numeric END"
+""".replace("ICMP4", _counterparts(ICMP4_COUNTERPART))
+    .replace("ICMP6", _counterparts(ICMP6_COUNTERPART))
+    .replace("PORT_PROTOS", _PORT_PROTOS)
 )
+
+
+def _figure(k: str) -> str:
+    """The event's attribute ``k`` as a figure (bigint), as Storyline reads it: an integer (not a boolean, not a
+    float such as ``5.0``) of magnitude below 2^43, else NULL. CASE branches are evaluated in order: the casts
+    only see numbers."""
+    v = f"(attrs -> '{k}')"
+    return (
+        f"CASE WHEN jsonb_typeof({v}) <> 'number' THEN NULL"
+        f" WHEN scale({v}::numeric) = 0 AND abs({v}::numeric) < {TOTAL_LIMIT} THEN {v}::bigint END AS {k}"
+    )
+
+
+def _figures_json(c2s: str, s2c: str, total: str) -> str:
+    """A Figures object as JSON text (members that are NULL left out; NULL when all are)."""
+    return (
+        f"CASE WHEN coalesce({c2s}, {s2c}, {total}) IS NOT NULL THEN '{{' || concat_ws(',', "
+        f"'\"client_to_server\":' || {c2s}, '\"server_to_client\":' || {s2c}, '\"total\":' || {total}) || '}}' END"
+    )
+
+
+def _reconciled(kind: str) -> str:
+    """The story's total of ``kind``: the larger of the largest observer total and the directions added up."""
+    c2s, s2c = f"o.c2s_{kind}", f"o.s2c_{kind}"
+    return (
+        f"greatest(o.t_{kind}, CASE WHEN coalesce({c2s}, {s2c}) IS NOT NULL "
+        f"THEN coalesce({c2s}, 0) + coalesce({s2c}, 0) END)"
+    )
+
+
+_KINDS = ("bytes", "packets")
+_DIRECTED = ", ".join(
+    f"sum(CASE WHEN reversed THEN dst_{k} ELSE src_{k} END) AS a_{k}, "
+    f"sum(CASE WHEN reversed THEN src_{k} ELSE dst_{k} END) AS b_{k}, "
+    f"sum(coalesce({k}, CASE WHEN src_{k} IS NOT NULL OR dst_{k} IS NOT NULL "
+    f"THEN coalesce(src_{k}, 0) + coalesce(dst_{k}, 0) END)) AS t_{k}"
+    for k in _KINDS
+)
+_TRANSPORT = "CASE d.proto " + " ".join(f"WHEN {p} THEN '{transport_name(p)}'" for p in (1, 6, 17, 58, 132)) + " END"
 STORY_SQL_FUSED = (
     "\nWITH "
     + _ST
     + """n AS MATERIALIZED (
-    SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs, xid,
-           {n_bytes} AS bytes, {n_packets} AS packets
+    SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs, xid
     FROM events
     WHERE xid >= (SELECT pg_snapshot_xmin(prev) FROM st) AND NOT pg_visible_in_snapshot(xid, (SELECT prev FROM st))
 ),
-""".format(n_bytes=_TOTAL.format(a="attrs", k="bytes"), n_packets=_TOTAL.format(a="attrs", k="packets"))
+"""
     + _TOUCHED
     + """w AS (
     SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
-           bytes, packets, NULL::bigint AS old_story
+           NULL::bigint AS old_story
     FROM n WHERE flow IS NOT NULL
     UNION ALL
     SELECT o.* FROM touched t CROSS JOIN LATERAL (
         SELECT e.seq, e.id, e.flow, e.time_us, e.source, e.sensor, e.reversed, e.proto, e.src_ip, e.src_port,
-               e.dst_ip, e.dst_port, e.attrs, {e_bytes}, {e_packets}, t.story
+               e.dst_ip, e.dst_port, e.attrs, t.story
         FROM events e
         WHERE e.flow = t.flow AND e.time_us BETWEEN t.first_us AND t.last_us
           AND pg_visible_in_snapshot(e.xid, (SELECT prev FROM st))
         OFFSET 0  -- keep it a per-story index lookup whatever the row estimates say
     ) o
 ),
-""".format(e_bytes=_TOTAL.format(a="e.attrs", k="bytes"), e_packets=_TOTAL.format(a="e.attrs", k="packets"))
+"""
     + _SESSIONS
     + """lab AS MATERIALIZED (
     SELECT seq, id, flow, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
-           bytes, packets, old_story, coalesce(min(old_story) OVER r, min(seq) OVER r) AS story
+           old_story, coalesce(min(old_story) OVER r, min(seq) OVER r) AS story
     FROM i WINDOW r AS (PARTITION BY flow, run)
     UNION ALL
-    SELECT seq, id, NULL, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs,
-           bytes, packets, NULL, seq
+    SELECT seq, id, NULL, time_us, source, sensor, reversed, proto, src_ip, src_port, dst_ip, dst_port, attrs, NULL, seq
     FROM n WHERE flow IS NULL
 ),
-src AS MATERIALIZED (
-    SELECT l.story, l.source,
-           coalesce(jsonb_object_agg(kv.key, kv.value ORDER BY l.time_us, l.id) FILTER (WHERE kv.key IS NOT NULL),
-                    '{}'::jsonb) AS merged
-    FROM lab l LEFT JOIN LATERAL jsonb_each(l.attrs) kv ON true
-    GROUP BY l.story, l.source
-),
-per_story_attrs AS MATERIALIZED (
-    SELECT story, jsonb_object_agg(source, merged) AS attrs FROM src GROUP BY story
-),
+-- Per story: times, count, ids, the sensors' initiator vote (+1: endpoint a of the flow's order opened the
+-- session, -1: b did; the attribute speaks of the reported src, which is b in a reversed report) and the earliest
+-- report of the flow. A story with a flow has one on every event (flowless events are stories of their own).
 agg AS MATERIALIZED (
     SELECT story, min(flow) AS flow, min(time_us) AS first_us, max(time_us) AS last_us, count(*) AS n_events,
            array_agg(DISTINCT source ORDER BY source) AS sources, array_agg(DISTINCT sensor ORDER BY sensor) AS sensors,
-           sum(bytes) AS bytes, sum(packets) AS packets, bool_or(old_story IS NOT NULL) AS known,
-           jsonb_agg(id ORDER BY time_us, id) AS event_ids,
-           jsonb_object_agg(id, CASE WHEN reversed THEN 'b->a' ELSE 'a->b' END) AS directions,
-           (array_agg(ARRAY[proto::text, src_ip::text, src_port::text, dst_ip::text, dst_port::text,
-                            reversed::text] ORDER BY time_us, id) FILTER (WHERE flow IS NOT NULL))[1:1] AS f
+           bool_or(old_story IS NOT NULL) AS known, json_agg(id ORDER BY time_us, id) AS event_ids,
+           coalesce(sum(CASE attrs -> 'initiator' WHEN '"src"' THEN 1 WHEN '"dst"' THEN -1 END
+                        * CASE WHEN reversed THEN -1 ELSE 1 END), 0) AS vote,
+           (array_agg(ROW(proto, src_ip, src_port, dst_ip, dst_port, reversed)::flow_report ORDER BY time_us, id)
+               FILTER (WHERE flow IS NOT NULL))[1] AS f
     FROM lab GROUP BY story
 ),
+-- Per story with a flow: endpoints a and b (the earliest report's src and dst, swapped when it is reversed) and
+-- the client: by the vote (sensor), else the lower port class is the server's (service_port: TCP, UDP, SCTP),
+-- else the earliest report's src (first_seen). cib: the client is b.
+ab AS (
+    SELECT story, vote, (f).proto AS proto, (f).rev AS rev,
+           community_id((f).proto, (f).sip, (f).sport, (f).dip, (f).dport) AS cid,
+           CASE WHEN (f).rev THEN (f).dip ELSE (f).sip END AS a_ip,
+           CASE WHEN (f).rev THEN (f).dport ELSE (f).sport END AS a_port,
+           CASE WHEN (f).rev THEN (f).sip ELSE (f).dip END AS b_ip,
+           CASE WHEN (f).rev THEN (f).sport ELSE (f).dport END AS b_port
+    FROM agg WHERE (f).proto IS NOT NULL AND (f).sip IS NOT NULL AND (f).dip IS NOT NULL
+),
+dec AS MATERIALIZED (
+    SELECT story, proto, cid, a_ip, a_port, b_ip, b_port,
+           CASE WHEN vote <> 0 THEN 'sensor' WHEN svc THEN 'service_port' ELSE 'first_seen' END AS rule,
+           CASE WHEN vote <> 0 THEN vote < 0 WHEN svc THEN port_class(a_port) < port_class(b_port) ELSE rev END AS cib
+    FROM (
+        SELECT *, proto IN (6, 17, 132) AND a_port IS NOT NULL AND b_port IS NOT NULL
+                  AND port_class(a_port) <> port_class(b_port) AS svc
+        FROM ab WHERE cid IS NOT NULL  -- always, for validated events (a NULL would void the body)
+        OFFSET 0
+    ) x
+),
+-- Per (story, sensor), the observer: source (its first event's), times, count, whether it reports the flow as
+-- a -> b and/or b -> a, its figures summed per direction of the flow's order (a_*: sent by a) and in total, its
+-- attributes merged.
+obs AS (
+    SELECT story, sensor, (array_agg(source ORDER BY time_us, id))[1] AS source, min(time_us) AS first_us,
+           max(time_us) AS last_us, count(*) AS events, bool_or(reversed) AS any_rev, bool_or(NOT reversed) AS any_fwd,
+           DIRECTED, jsonb_merge(attrs ORDER BY time_us, id) AS attrs
+    FROM (SELECT story, sensor, source, time_us, id, reversed, attrs, FIGURES FROM lab OFFSET 0) e
+    GROUP BY story, sensor
+),
+-- The observers relative to client and server, as a list by sensor name, and the story's reconciled figures:
+-- per direction the largest observer's (several sensors report the same bytes: never added up).
+obs_story AS (
+    SELECT o.story, string_agg(
+               '{"sensor":' || to_json(o.sensor) || ',"source":' || to_json(o.source) || ',"first_us":' || o.first_us
+               || ',"last_us":' || o.last_us || ',"events":' || o.events
+               || CASE WHEN o.cib IS NULL THEN '' ELSE
+                   CASE WHEN NOT o.any_s2c THEN ',"reported_direction":"client_to_server"'
+                        WHEN NOT o.any_c2s THEN ',"reported_direction":"server_to_client"'
+                        ELSE ',"reported_direction":"both"' END
+                   || coalesce(',"bytes":' || FIG_BYTES, '') || coalesce(',"packets":' || FIG_PACKETS, '') END
+               || ',"attrs":' || o.attrs || '}', ',' ORDER BY o.sensor) AS observers,
+           max(c2s_bytes) AS c2s_bytes, max(s2c_bytes) AS s2c_bytes, max(t_bytes) AS t_bytes,
+           max(c2s_packets) AS c2s_packets, max(s2c_packets) AS s2c_packets, max(t_packets) AS t_packets
+    FROM (
+        SELECT o.*, d.cib,
+               CASE WHEN d.cib THEN o.any_fwd ELSE o.any_rev END AS any_s2c,
+               CASE WHEN d.cib THEN o.any_rev ELSE o.any_fwd END AS any_c2s,
+               CASE WHEN d.cib THEN o.b_bytes ELSE o.a_bytes END AS c2s_bytes,
+               CASE WHEN d.cib THEN o.a_bytes ELSE o.b_bytes END AS s2c_bytes,
+               CASE WHEN d.cib THEN o.b_packets ELSE o.a_packets END AS c2s_packets,
+               CASE WHEN d.cib THEN o.a_packets ELSE o.b_packets END AS s2c_packets
+        FROM obs o LEFT JOIN dec d USING (story) OFFSET 0
+    ) o
+    GROUP BY o.story
+),
 fused AS MATERIALIZED (
-    SELECT a.*, jsonb_build_object(
-        'story_id', a.story::text,
-        'community_id', community_id(f.proto, f.sip, f.sport, f.dip, f.dport),
-        'flow', CASE WHEN f.proto IS NOT NULL THEN jsonb_build_object(
-            'proto', f.proto,
-            'a', CASE WHEN f.rev THEN jsonb_build_object('ip', host(f.dip), 'port', f.dport)
-                      ELSE jsonb_build_object('ip', host(f.sip), 'port', f.sport) END,
-            'b', CASE WHEN f.rev THEN jsonb_build_object('ip', host(f.sip), 'port', f.sport)
-                      ELSE jsonb_build_object('ip', host(f.dip), 'port', f.dport) END) END,
-        'first_seen', a.first_us, 'last_seen', a.last_us, 'event_count', a.n_events,
-        'event_ids', a.event_ids, 'sources', to_jsonb(a.sources), 'sensors', to_jsonb(a.sensors),
-        'directions', a.directions, 'attrs', p.attrs,
-        'totals', jsonb_strip_nulls(jsonb_build_object('bytes', a.bytes, 'packets', a.packets))
-    ) AS body
-    FROM agg a JOIN per_story_attrs p USING (story)
-    LEFT JOIN LATERAL (
-        SELECT a.f[1][1]::smallint AS proto, a.f[1][2]::inet AS sip, a.f[1][3]::integer AS sport,
-               a.f[1][4]::inet AS dip, a.f[1][5]::integer AS dport, a.f[1][6]::boolean AS rev
-    ) f ON true
+    SELECT a.story, a.flow, a.first_us, a.last_us, a.n_events, a.sources, a.sensors, a.known,
+           CASE WHEN d.story IS NOT NULL THEN TOTAL_BYTES END AS bytes,
+           CASE WHEN d.story IS NOT NULL THEN TOTAL_PACKETS END AS packets,
+           ('{"body_version":2,"story_id":"' || a.story || '","start":"' || rfc3339(a.first_us)
+            || '","end":"' || rfc3339(a.last_us) || '","start_us":' || a.first_us || ',"end_us":' || a.last_us
+            || ',"duration_ms":' || (a.last_us - a.first_us) / 1000 || ',"event_count":' || a.n_events
+            || CASE WHEN d.story IS NULL THEN '' ELSE
+                ',"community_id":"' || d.cid || '","proto":' || d.proto
+                || coalesce(',"transport":"' || TRANSPORT || '"', '')
+                || ',"client":{"ip":"' || host(CASE WHEN d.cib THEN d.b_ip ELSE d.a_ip END) || '","port":'
+                || coalesce((CASE WHEN d.cib THEN d.b_port ELSE d.a_port END)::text, 'null')
+                || '},"server":{"ip":"' || host(CASE WHEN d.cib THEN d.a_ip ELSE d.b_ip END) || '","port":'
+                || coalesce((CASE WHEN d.cib THEN d.a_port ELSE d.b_port END)::text, 'null')
+                || '},"initiator_known":' || (d.rule <> 'first_seen') || ',"initiator_rule":"' || d.rule || '"'
+                || coalesce(',"totals":{' || nullif(concat_ws(',', '"bytes":' || RECONCILED_BYTES,
+                                                              '"packets":' || RECONCILED_PACKETS), '') || '}', '') END
+            || ',"observers":[' || o.observers || '],"event_ids":' || a.event_ids || '}')::jsonb AS body
+    FROM agg a JOIN obs_story o USING (story) LEFT JOIN dec d USING (story)
 ),
 ins AS (
     INSERT INTO stories (story, flow, first_us, last_us, n_events, sources, sensors, bytes, packets, updated, body)
@@ -423,7 +555,15 @@ upd AS (
     FROM fused a WHERE a.known AND s.story = a.story
     RETURNING 1
 ),
-"""
+""".replace("DIRECTED", _DIRECTED)
+    .replace("FIGURES", ", ".join(_figure(k) for k in FIGURE_ATTRS))
+    .replace("FIG_BYTES", _figures_json("o.c2s_bytes", "o.s2c_bytes", "o.t_bytes"))
+    .replace("FIG_PACKETS", _figures_json("o.c2s_packets", "o.s2c_packets", "o.t_packets"))
+    .replace("TOTAL_BYTES", _reconciled("bytes"))
+    .replace("TOTAL_PACKETS", _reconciled("packets"))
+    .replace("RECONCILED_BYTES", _figures_json("o.c2s_bytes", "o.s2c_bytes", _reconciled("bytes")))
+    .replace("RECONCILED_PACKETS", _figures_json("o.c2s_packets", "o.s2c_packets", _reconciled("packets")))
+    .replace("TRANSPORT", _TRANSPORT)
     + _WRITES
 )
 VARIANTS = ("fused", "lean")
@@ -678,23 +818,38 @@ def count_stories(conninfo: str) -> int:
 
 
 _COMPARED = (
-    "community_id",
-    "flow",
-    "first_seen",
-    "last_seen",
+    "body_version",
+    "start",
+    "end",
+    "start_us",
+    "end_us",
+    "duration_ms",
     "event_count",
-    "event_ids",
-    "sources",
-    "sensors",
-    "directions",
-    "attrs",
+    "community_id",
+    "proto",
+    "transport",
+    "client",
+    "server",
+    "initiator_known",
+    "initiator_rule",
     "totals",
+    "observers",
+    "event_ids",
 )
+"""The body fields compared with Storyline's (all but the head: story_id, tenant, revision, final, emitted_ms —
+the peer has no revisions or tenants — and the truncation fields, which it never sets)."""
+
+
+def content_diff(body: dict[str, Any], events: list[Event]) -> list[str]:
+    """The fields of :data:`_COMPARED` in which an SQL-built ``body`` differs from Storyline's reference fusion
+    (:func:`engine.correlate.fuse.fuse_python`) of the same ``events`` (absent fields are absent in both)."""
+    ref = msgspec.to_builtins(fuse_python(events, ("", 1, True, False, None, 0)))
+    return [k for k in _COMPARED if body.get(k) != ref.get(k)]
 
 
 def content_check(conninfo: str, predicted: dict[str, str], events: dict[str, Event], sample: int = 500) -> float:
     """The share of (up to ``sample``) stories whose SQL-built body has the content Storyline's reference fusion
-    (:func:`engine.correlate.fuse.fuse_python`) gives for the same events: every field of :data:`_COMPARED`."""
+    gives for the same events (:func:`content_diff`: every field of :data:`_COMPARED`)."""
     members: dict[str, list[Event]] = {}
     for eid, story in predicted.items():
         members.setdefault(story, []).append(events[eid])
@@ -704,9 +859,7 @@ def content_check(conninfo: str, predicted: dict[str, str], events: dict[str, Ev
         bodies = {str(k): v for k, v in rows.fetchall()}
     differ: list[tuple[str, list[str]]] = []
     for story in chosen:
-        ref = msgspec.to_builtins(fuse_python(members[story], (story, 1, True, False, None)))
-        body = bodies.get(story) or {}
-        diff = [k for k in _COMPARED if body.get(k) != ref.get(k, {} if k == "totals" else None)]
+        diff = content_diff(bodies.get(story) or {}, members[story])
         if diff:
             differ.append((story, diff))
     for story, diff in differ[:3]:  # what differs, not just how many

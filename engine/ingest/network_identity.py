@@ -85,7 +85,7 @@ PORT_PROTOCOLS: Final = frozenset({PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMP6
 _ICMP_PROTOCOLS: Final = frozenset({PROTO_ICMP, PROTO_ICMP6})
 
 # Request/reply type pairs, both directions listed. Types not listed here are one-way.
-_ICMP4_COUNTERPART: Final[dict[int, int]] = {
+ICMP4_COUNTERPART: Final[dict[int, int]] = {
     8: 0,  # echo request -> echo reply
     0: 8,
     13: 14,  # timestamp -> timestamp reply
@@ -97,7 +97,7 @@ _ICMP4_COUNTERPART: Final[dict[int, int]] = {
     17: 18,  # address mask request -> address mask reply
     18: 17,
 }
-_ICMP6_COUNTERPART: Final[dict[int, int]] = {
+ICMP6_COUNTERPART: Final[dict[int, int]] = {
     128: 129,  # echo request -> echo reply
     129: 128,
     130: 131,  # multicast listener query -> report
@@ -298,7 +298,7 @@ def _order(proto: str | int, src_ip: str, src_port: int | None, dst_ip: str, dst
             raise InputError("dst_port: the ICMP code is required (dst_port carries it)")
         icmp_type = _port(src_port, "src_port", 255, "ICMP type")
         icmp_code = _port(dst_port, "dst_port", 255, "ICMP code")
-        counterparts = _ICMP4_COUNTERPART if number == PROTO_ICMP else _ICMP6_COUNTERPART
+        counterparts = ICMP4_COUNTERPART if number == PROTO_ICMP else ICMP6_COUNTERPART
         counterpart = counterparts.get(icmp_type)
         if counterpart is None:
             sport, dport, one_way = icmp_type, icmp_code, True
