@@ -556,6 +556,8 @@ def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
             assert isinstance(store, CqlStore)
             ks = cfg.keyspace
             await store._ddl(f"DROP TABLE {ks}.story_index")
+            await store._ddl(f"DROP TABLE {ks}.story_periods")
+            await store._ddl(f"DROP TABLE {ks}.feed_readers")
             await store._ddl(
                 f"CREATE TABLE {ks}.story_ids (story_id text, revision int, shard int, period bigint, "
                 f"PRIMARY KEY ((story_id), revision)) WITH CLUSTERING ORDER BY (revision DESC)"
@@ -575,8 +577,11 @@ def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
                 [old.story_id, old.revision, old.shard, old.period],
             )
             did = await store.init_schema()
-            assert f"created table {ks}.story_index" in did and "schema version 2 -> 3" in did, did
+            assert f"created table {ks}.story_index" in did and "schema version 2 -> 4" in did, did
+            assert f"created table {ks}.story_periods" in did and f"created table {ks}.feed_readers" in did, did
+            assert f"recorded 1 existing stories partitions in {ks}.story_periods" in did, did
             await store.put_stories([new])
+            assert [(x.period, x.shard) for x in await store.story_periods(0, p)] == [(p - 100, 2), (p - 3, 2)]
         finally:
             await store.close()
         store = await opened(cfg, clock, init=False)  # a fresh process: nothing cached
@@ -584,6 +589,55 @@ def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
             assert await store.get_story(old.story_id) == old
             assert await store.get_story(new.story_id) == new
             assert await store.get_story(story_id(2, 9)) is None
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_an_upgrade_to_schema_4_records_the_stories_partitions_written_before(
+    make_config: ConfigFactory, backend: str
+) -> None:
+    """Schema 4 adds story_periods (the story feed finds stories partitions through it) and feed_readers;
+    ``storyline init`` on an older tenant fills story_periods from the stories already stored."""
+    cfg = make_config()
+    clock = ManualClock(NOW)
+    p = NOW // cfg.bucket_ms
+    rows = [StoryRecord(s, p - d, story_id(s, d), 1, True, None, NOW, b"{}") for s in (0, 3) for d in (5, 9)]
+
+    async def body() -> None:
+        store = await opened(cfg, clock)
+        try:
+            await store.put_stories(rows)
+            if backend == "cql":
+                from engine.store.cql import CqlStore
+
+                assert isinstance(store, CqlStore)
+                await store._ddl(f"DROP TABLE {cfg.keyspace}.story_periods")
+                await store._exec(
+                    "t", "v3", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '3')", []
+                )
+            else:
+                from engine.store.embedded import EmbeddedStore
+
+                assert isinstance(store, EmbeddedStore)
+
+                def downgrade(c: Any) -> None:
+                    c.execute(f"DROP TABLE {store.t('story_periods')}")
+                    c.execute(f"UPDATE {store.t('meta')} SET value = '3' WHERE key = 'schema_version'")
+
+                await store._run("t", downgrade, write=True)
+            did = await store.init_schema()
+            assert "schema version 3 -> 4" in did and any("recorded 4 existing stories partitions" in d for d in did)
+            got = await store.story_periods(0, p)
+            assert [(x.period, x.shard, x.sealed) for x in got] == [
+                (p - 9, 0, False),
+                (p - 9, 3, False),
+                (p - 5, 0, False),
+                (p - 5, 3, False),
+            ]
+            again = await store.init_schema()  # current: nothing recorded again
+            assert not any("recorded" in d and "partitions" in d for d in again), again
         finally:
             await store.close()
 
