@@ -138,7 +138,8 @@ class Store(Protocol):
         """Every stored story revision, paged, in no particular order."""
 
     async def story_periods(self, first: int, last: int) -> list[StoryPeriod]:
-        """The ``stories`` partitions with rows whose period lies in ``[first, last]``, by (period, shard)."""
+        """The ``stories`` partitions with rows whose period lies in ``[first, last]``, by (period, shard). The CQL
+        store reads one partition per 15-minute slot of the range: callers bound it (the feed: by the TTL)."""
 
     async def seal_periods(self, periods: Sequence[tuple[int, int]]) -> None:
         """Mark these (period, shard) partitions sealed: every revision that will ever be written there is durable
