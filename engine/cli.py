@@ -53,8 +53,9 @@ FEED_EPILOG = """\
 Revisions come in emission order, (period, shard, story_id, revision), from
 periods the engine's checkpoints have committed (or a drain sealed). The
 reader's position is committed after its output is flushed (and fsynced for
---out FILE), at least every second and at the end: after a crash the
-revisions after the last committed position come again (at-least-once;
+--out FILE) every 1,000 revisions, within commit_interval_ms when following,
+and at the end: after a crash the revisions after the last committed
+position come again (at-least-once;
 de-duplicate by story_id and revision if you must). Several readers read
 independently; run one process per reader name.
 
@@ -595,9 +596,9 @@ async def cmd_feed(
             os.fsync(fd)
         await feed.commit()
 
-    async def committer() -> None:
+    async def committer() -> None:  # following: what was delivered is committed within commit_interval_ms
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(cfg.commit_interval_ms / 1000)
             await commit()
 
     task = asyncio.create_task(committer()) if follow else None
@@ -627,7 +628,7 @@ async def cmd_feed(
             buf += b"\n"
             if len(buf) >= 1 << 16:
                 flush()
-            if not follow and feed.revisions % 10_000 == 0:
+            if feed.revisions % FEED_COMMIT_EVERY == 0:  # bounds what a kill makes a restart deliver again
                 await commit()
         await commit()
     except BrokenPipeError:  # the reading end went away: what it did not take stays uncommitted
@@ -653,6 +654,9 @@ async def cmd_feed(
             file=sys.stderr,
         )
     return EXIT_GAP if gaps and not follow else EXIT_OK
+
+
+FEED_COMMIT_EVERY = 1_000  # revisions; each commit is one fsync and one position write
 
 
 def _rfc3339_ms(ms: int) -> str:
