@@ -169,7 +169,9 @@ class StoryFeed:
         self.committed = stored
         complete = await self.complete()
         pos = stored if stored is not None else await self._initial(complete)
-        self.delivered = pos
+        # A new reader's start is not a position yet: committing it would make a later start see the periods
+        # between it and the then oldest kept period as a gap. It gets one once it has read something.
+        self.delivered = stored
         kept = self.first_kept(self.clock.now_ms())
         # The first period the reader has not finished: its position's (unless the position stands after all of
         # its shards). Periods from there to kept - 1 may have expired.

@@ -184,3 +184,32 @@ def test_a_reader_behind_the_ttl_gets_a_gap_first(make_config: ConfigFactory) ->
             await store.close()
 
     arun(body())
+
+
+def test_a_new_reader_that_found_nothing_complete_keeps_no_position_and_later_gets_no_gap(
+    make_config: ConfigFactory,
+) -> None:
+    """Before the engine's first checkpoint nothing is complete: a new reader reads nothing and must not commit
+    its start (the oldest kept period). Started again after the clock moved on, it would see the periods between
+    that start and the new oldest kept period as a gap, and the CLI would exit 4 on a healthy tenant (found by a
+    journey: feed before the first drain, drain, feed)."""
+    cfg = cfg_of(make_config)
+    settings = FeedSettings.from_config(cfg)
+
+    async def body() -> None:
+        clock = ManualClock(NOW)
+        store = await opened(cfg, clock)
+        try:
+            assert await drain(StoryFeed(store, settings, reader="early", clock=clock)) == []
+            assert await store.read_feed_position("early") is None
+            clock.advance(5_000)
+            b = clock.now_ms() // cfg.bucket_ms
+            await store.put_stories([rec(2, b - 1, 1)])
+            await checkpoint(store, [b] * SHARDS)
+            got = await drain(StoryFeed(store, settings, reader="early", clock=clock))
+            assert not any(isinstance(x, FeedGap) for x in got), got
+            assert keys(got) == [(b - 1, 2, story_id(2, 1), 1)]
+        finally:
+            await store.close()
+
+    arun(body())
