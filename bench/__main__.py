@@ -223,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             results["growth_postgres_rise"] = results["growth"].get("postgres_rise")
             progress("growth, 0 and N events stored (~15 min)", 1, 1)
 
+    from bench import feed
+
+    progress("story feed, read and follow (~1 min)", 0, 1)
+    results["feed"] = feed.run("embedded" if args.skip_cql else "cql", cql=args.cql)
+    results["feed_revisions_per_s"] = results["feed"]["throughput"]["revisions_per_s"]
+    results["feed_follow_p99_s"] = results["feed"]["follow"]["follow_p99_s"]
+    progress("story feed, read and follow (~1 min)", 1, 1)
     results["correlate"] = correlate.run(args.correlate_events)
     results["correlate_events_per_s"] = results["correlate"]["link_events_per_s"]
     results["correlate_fuse_events_per_s"] = results["correlate"]["fuse_events_per_s"]
