@@ -177,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("stories", help="print the latest revision of every story")
     _common(p)
-    p.add_argument("--format", choices=["table", "jsonl"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "jsonl", "ecs", "ocsf"],
+        default="table",
+        help="table (default); jsonl: the story body as stored; ecs: one ECS 9.3 document per story; ocsf: one OCSF"
+        " 1.7.0 Network Activity event per story (stories without a flow have none: skipped, said on stderr)",
+    )
     p.add_argument(
         "--since",
         type=_instant,
@@ -205,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--follow", action="store_true", help="keep reading as the engine emits (SIGINT/SIGTERM: stop)")
     p.add_argument("--final-only", action="store_true", help="skip provisional revisions (emit = updates)")
-    p.add_argument("--format", choices=["jsonl"], default="jsonl", help="jsonl: the story body as stored")
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "ecs", "ocsf"],
+        default="jsonl",
+        help="jsonl (default): the story body as stored; ecs: one ECS 9.3 document per revision; ocsf: one OCSF 1.7.0"
+        " Network Activity event per revision (merge stubs and stories without a flow have none, nor have version 1"
+        " bodies in either: such a revision is skipped and named in a JSON line on stderr)",
+    )
     p.add_argument("--out", default="-", help="append to this file (default -: standard output)")
     p = sub.add_parser("status", help="offsets and lag per shard; exit 0 when every shard is within 2 x lag")
     _common(p)
@@ -527,6 +540,11 @@ async def cmd_story(cfg: Config, story_id: str, fmt: str) -> int:
         return EXIT_FAIL
     if fmt == "jsonl":
         sys.stdout.write(rec.body.decode() + "\n")
+    elif fmt in ("ecs", "ocsf"):
+        from engine.export import encode_story
+
+        # no form in that format (a version 1 body; OCSF: a flowless story): InputError, exit 1 with the reason
+        sys.stdout.write(encode_story(rec.body, fmt, product_version=__version__).decode() + "\n")
     else:
         body = msgspec.json.decode(rec.body)
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(body), indent=2).decode() + "\n")
@@ -566,10 +584,13 @@ async def cmd_feed(
     follow: bool,
     final_only: bool,
     out_path: str,
+    fmt: str = "jsonl",
 ) -> int:
     import json
     import signal
 
+    from engine.core.errors import InputError
+    from engine.export import encode_story
     from engine.feed import FeedGap, FeedSettings, StoryFeed
 
     settings = FeedSettings.from_config(cfg)
@@ -582,6 +603,7 @@ async def cmd_feed(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, feed.stop)
     gaps = 0
+    skipped = 0  # revisions without a form in --format (ecs, ocsf)
 
     def flush() -> None:
         view = memoryview(buf)
@@ -624,8 +646,17 @@ async def cmd_feed(
                     file=sys.stderr,
                 )
                 continue
-            buf += item.record.body
-            buf += b"\n"
+            if fmt == "jsonl":
+                buf += item.record.body
+                buf += b"\n"
+            else:
+                try:
+                    buf += encode_story(item.record.body, fmt, product_version=__version__) + b"\n"
+                except InputError as exc:  # no form in this format: named on stderr, and counted as delivered
+                    skipped += 1
+                    rec = item.record
+                    skip = {"story_id": rec.story_id, "revision": rec.revision, "format": fmt, "reason": str(exc)}
+                    print(json.dumps({"skipped": skip}), file=sys.stderr)
             if len(buf) >= 1 << 16:
                 flush()
             if feed.revisions % FEED_COMMIT_EVERY == 0:  # bounds what a kill makes a restart deliver again
@@ -645,7 +676,8 @@ async def cmd_feed(
     where = (
         "none" if pos is None else f"period {pos.period} ({_rfc3339_ms(pos.period * cfg.bucket_ms)}), shard {pos.shard}"
     )
-    print(f"feed: reader {reader}: {feed.revisions:,} revisions delivered; position {where}", file=sys.stderr)
+    without = f" ({skipped:,} skipped: no {fmt} form)" if skipped else ""
+    print(f"feed: reader {reader}: {feed.revisions:,} revisions delivered{without}; position {where}", file=sys.stderr)
     if feed.waiting_for:
         shown = ", ".join(map(str, feed.waiting_for[:8])) + (" ..." if len(feed.waiting_for) > 8 else "")
         print(
@@ -687,15 +719,30 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int, un
     if limit:
         live = live[:limit]
     out = sys.stdout
+    skipped = 0
     if fmt == "jsonl":
         for r in live:
             out.write(r.body.decode() + "\n")
+    elif fmt in ("ecs", "ocsf"):
+        from engine.core.errors import InputError
+        from engine.export import encode_story
+
+        for r in live:
+            try:
+                out.write(encode_story(r.body, fmt, product_version=__version__).decode() + "\n")
+            except InputError as exc:  # no form in this format: said, and the others still written
+                skipped += 1
+                print(f"stories: skipped: {exc}", file=sys.stderr)
     else:
         out.write(f"{'story_id':<24} {'rev':>3} {'events':>6}  {'start (UTC)':<26} {'sensors':<28} client -> server\n")
         for r in live:
             out.write(_story_line(r.story_id, r.revision, msgspec.json.decode(r.body)) + "\n")
     merged = sum(1 for r in latest.values() if r.merged_into is not None)
-    print(f"stories: {len(live):,} shown, {len(latest):,} story ids ({merged:,} merged into others)", file=sys.stderr)
+    not_shown = f" ({skipped:,} skipped: no {fmt} form)" if skipped else ""
+    print(
+        f"stories: {len(live) - skipped:,} shown{not_shown}, {len(latest):,} story ids ({merged:,} merged into others)",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -856,6 +903,7 @@ def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | Non
                     follow=args.follow,
                     final_only=args.final_only,
                     out_path=args.out,
+                    fmt=args.format,
                 )
             )
         if args.command == "status":

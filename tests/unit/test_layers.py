@@ -22,8 +22,10 @@ ALLOWED: dict[str, set[str]] = {
     # the story feed reads what the engine stored: the store's interface and the story body's declaration
     "engine.feed": {"engine.core", "engine.store", "engine.correlate"},
     "engine.tools": {"engine.core", "engine.store", "engine.ingest", "engine.correlate", "engine.runtime"},
+    # ECS and OCSF mappings of a story body: pure, the body's declaration and the errors only (no store, no driver)
+    "engine.export": {"engine.core", "engine.correlate"},
     "engine.cli": {"engine", "engine.core", "engine.store", "engine.ingest", "engine.correlate", "engine.runtime"}
-    | {"engine.tools", "engine.feed"},
+    | {"engine.tools", "engine.feed", "engine.export"},
     "engine.testing": {"engine.core", "engine.store", "engine.ingest", "engine.correlate", "engine.runtime"}
     | {"engine.tools"},
 }
