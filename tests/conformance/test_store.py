@@ -728,7 +728,7 @@ def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> Non
                     [cfg.keyspace],
                 )
                 by = {r["table_name"]: r for r in rows}
-                for table in ("events", "bucket_index", "stories", "story_index", "stage_marks"):
+                for table in ("events", "bucket_index", "stories", "story_index", "story_periods", "stage_marks"):
                     assert by[table]["default_time_to_live"] == cfg.ttl_ms // 1000, table
                     assert by[table]["compaction"]["class"].endswith("TimeWindowCompactionStrategy"), table
             else:
@@ -741,7 +741,8 @@ def test_ttl_is_set_or_enforced(make_config: ConfigFactory, backend: str) -> Non
                 assert await store.nonempty_buckets(0, 0, NOW) == []
                 assert await collect(store.scan_stories()) == []
                 assert await store.read_marks("c", 0, 0, NOW) == []
-                assert await store.purge_expired() == 23  # 20 events, 1 index row, 1 story, 1 mark
+                assert await store.story_periods(0, 10) == []
+                assert await store.purge_expired() == 24  # 20 events, 1 index row, 1 story, its period, 1 mark
         finally:
             await store.close()
 

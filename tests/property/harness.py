@@ -153,7 +153,7 @@ assert hasattr(Worker, "_sleep_until_next_bucket"), "the worker's idle wait was 
 
 # -- faults --------------------------------------------------------------------------------------------------
 FaultKind = Literal["kill", "term", "fail", "outage"]
-Target = Literal["any", "put_stories", "put_marks", "commit_many"]
+Target = Literal["any", "put_stories", "put_marks", "commit_many", "seal_periods"]
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,9 @@ class Killed(BaseException):
     """kill -9 of the engine process: not an ``Exception``, so nothing in the worker handles it."""
 
 
-COUNTED = frozenset({"put_stories", "put_marks", "commit_many"})
-"""The writes a run makes after its claim: the emissions and the checkpoint; every one is a kill point."""
+COUNTED = frozenset({"put_stories", "put_marks", "commit_many", "seal_periods"})
+"""The writes a run makes after its claim: the emissions, the checkpoint and a drain's seal of the periods it
+wrote (for the story feed); every one is a kill point."""
 PASSED = frozenset(
     {"open", "read_meta", "server_time_ms", "claim_many", "read_offsets", "scan_index", "nonempty_buckets"}
     | {"read_partition", "read_marks", "read_stories", "get_story", "scan_stories", "cfg", "clock", "stats"}
@@ -267,6 +268,9 @@ class FaultyStore:
             return await self.store.commit_many(consumer, owner, rows)
 
         return await self._write("commit_many", commits, do)
+
+    async def seal_periods(self, periods: Sequence[tuple[int, int]]) -> None:
+        await self._write("seal_periods", periods, self.store.seal_periods)
 
 
 # -- the stream ----------------------------------------------------------------------------------------------
