@@ -46,7 +46,7 @@ from engine.core.records import StoryRecord, story_id
 from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 
 from .body import StoryBody
-from .fuse import EVENT_SCHEMA, HEAD_SCHEMA, event_columns, fuse
+from .fuse import EVENT_SCHEMA, event_columns, fuse_bodies
 from .link import link
 
 _json = msgspec.json.Encoder()
@@ -1055,13 +1055,13 @@ class StoryMachine:
         t0 = self._cpu_clock()
         if len(self.cid_cache) > CID_CACHE_MAX:
             self.cid_cache.clear()
-        head_frame = pl.DataFrame(p.heads, schema=HEAD_SCHEMA, orient="row")
         rows = pl.concat(p.rows, how="vertical", rechunk=False) if len(p.rows) > 1 else p.rows[0]
-        fused = fuse(rows, head_frame, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache, tenant=self.tenant)
+        bodies = fuse_bodies(
+            rows, p.heads, rules=self.c.merge, seed=self.seed, cid_cache=self.cid_cache, tenant=self.tenant
+        )
         t1 = self._cpu_clock()
         self.cpu["fuse"] += t1 - t0
         stories = self._out.stories
-        bodies = fused["body"].cast(pl.Binary).to_list()
         for (shard, bucket, now, at), (_, sid, revision, final, _, _, _), body in zip(
             p.slots, p.heads, bodies, strict=True
         ):

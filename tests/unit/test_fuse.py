@@ -95,14 +95,20 @@ RULES: st.SearchStrategy[dict[str, str]] = st.one_of(
 )
 
 
+@pytest.mark.parametrize("vectorized", [True, False], ids=["polars", "rows"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(events(), min_size=1, max_size=25, unique_by=lambda e: e.id), st.integers(1, 5), RULES, st.data())
-def test_fuse_equals_the_python_reference(evs: list[Event], n_stories: int, rules: dict[str, str], data: Any) -> None:
+def test_fuse_equals_the_python_reference(
+    vectorized: bool, evs: list[Event], n_stories: int, rules: dict[str, str], data: Any
+) -> None:
+    """Both of fuse's paths — column-wise in polars (large calls) and story by story (small ones) — give the
+    reference's bytes."""
     story_of = {e.id: data.draw(st.integers(0, n_stories - 1)) for e in evs}
     keys = sorted(set(story_of.values()))
     heads_rows = [(k, f"s-{k}", k + 1, k % 2 == 0, k == 1, "s-pred" if k == 2 else None, 1000 * k) for k in keys]
     heads = pl.DataFrame(heads_rows, schema=HEAD_SCHEMA, orient="row")
-    out = fuse(frame_of(evs, story_of), heads, rules=rules, seed=3, tenant="t1")
+    out = fuse(frame_of(evs, story_of), heads, rules=rules, seed=3, tenant="t1", vectorized=vectorized)
+    assert out.columns == [*HEAD_SCHEMA, "body"]
     assert out["story_id"].to_list() == [h[1] for h in heads_rows]
     for (_, sid, *head), body in zip(heads_rows, out["body"].to_list(), strict=True):
         members = [e for e in evs if f"s-{story_of[e.id]}" == sid]
@@ -112,16 +118,17 @@ def test_fuse_equals_the_python_reference(evs: list[Event], n_stories: int, rule
         assert decode_body(body) == want
 
 
-def test_events_and_heads_must_name_the_same_stories() -> None:
+@pytest.mark.parametrize("vectorized", [True, False], ids=["polars", "rows"])
+def test_events_and_heads_must_name_the_same_stories(vectorized: bool) -> None:
     e = Event("e1", 1, "fw", "fw", None, False, None, None, None, None, None, {})
     heads = pl.DataFrame([(1, "s1", 1, True, False, None, 0)], schema=HEAD_SCHEMA, orient="row")
     with pytest.raises(ValueError, match="same stories"):
-        fuse(frame_of([e], {"e1": 2}), heads)
+        fuse(frame_of([e], {"e1": 2}), heads, vectorized=vectorized)
     heads2 = pl.DataFrame(
         [(2, "s2", 1, True, False, None, 0), (3, "s3", 1, True, False, None, 0)], schema=HEAD_SCHEMA, orient="row"
     )
     with pytest.raises(ValueError, match="same stories"):
-        fuse(frame_of([e], {"e1": 2}), heads2)
+        fuse(frame_of([e], {"e1": 2}), heads2, vectorized=vectorized)
 
 
 def test_event_columns_round_trip() -> None:
