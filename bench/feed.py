@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from bench.pipeline import schema
 from engine.core.config import Config, from_mapping
 from engine.core.records import Commit, StoryRecord, story_id
 from engine.correlate.body import Endpoint, Figures, Observer, StoryBody, Totals
@@ -203,7 +204,7 @@ def throughput(backend: str, revisions: int = 200_000, cql: str = "127.0.0.1:904
         written = asyncio.run(prepare())
         n, wall, cpu = asyncio.run(_read_all(cfg, f"{tmp}/out.jsonl"))
         size = os.path.getsize(f"{tmp}/out.jsonl")
-        asyncio.run(_drop(cfg))
+        _drop(cfg)
     assert n == written, f"the feed delivered {n} of {written} revisions"
     return {
         "backend": backend,
@@ -215,15 +216,10 @@ def throughput(backend: str, revisions: int = 200_000, cql: str = "127.0.0.1:904
     }
 
 
-async def _drop(cfg: Config) -> None:
-    if cfg.store.backend != "cql":
-        return
-    store = make_store(cfg)
-    await store.open()
-    try:
-        await store.drop_schema()
-    finally:
-        await store.close()
+def _drop(cfg: Config) -> None:
+    """Drop the run's keyspace (CQL); the embedded store's file goes with its temporary directory."""
+    if cfg.store.backend == "cql":
+        schema(cfg, create=False)
 
 
 def _writer(tree: dict[str, Any], periods: int, per_period: int, ready: Any, go: Any, out: Any) -> None:
@@ -300,7 +296,7 @@ def follow(backend: str, seconds: float = 30.0, per_period: int = 40, cql: str =
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-        asyncio.run(_drop(cfg))
+        _drop(cfg)
     delays = sorted(t - committed[p] for p, ts in received.items() for t in ts)
     assert len(delays) == periods * per_period, (len(delays), periods * per_period)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 import time
@@ -22,7 +23,15 @@ from engine import __version__
 from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
 from engine.core.errors import ConfigError, StorylineError, mask
-from engine.ingest.producer import Ingestor, IngestSummary, Producer, ProducerSettings, open_input, read_lines, redrive
+from engine.ingest.producer import (
+    Ingestor,
+    IngestSummary,
+    InputLines,
+    Producer,
+    ProducerSettings,
+    open_input,
+    redrive,
+)
 from engine.store import EventRecord, Store, make_store
 
 if TYPE_CHECKING:
@@ -342,7 +351,11 @@ async def cmd_selftest(cfg: Config, n: int) -> int:
 
 
 async def cmd_ingest(cfg: Config, files: list[str]) -> int:
+    if files.count("-") > 1:
+        raise ConfigError("files", "- (standard input) can be read only once")
     tty = sys.stderr.isatty()
+    if files == ["-"] and sys.stdin.isatty():
+        print("ingest: reading JSONL events from standard input (end with Ctrl-D; or name files)", file=sys.stderr)
 
     def progress(s: IngestSummary) -> None:
         if tty:
@@ -354,32 +367,75 @@ async def cmd_ingest(cfg: Config, files: list[str]) -> int:
             )
             sys.stderr.flush()
 
+    # SIGINT: stop reading, write what was read, report, exit 130. A second SIGINT interrupts at once.
+    interrupted = False
+    lines: InputLines | None = None
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+        if lines is not None:
+            lines.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     store = await _with_store(cfg)
+    rc = EXIT_OK
     try:
         producer = Producer(store, ProducerSettings.from_config(cfg))
         skew = await producer.check_clock()
         ingestor = Ingestor(store, producer)
         for name in files:
+            if interrupted:
+                break
             try:
                 stream = open_input(name)
             except OSError as exc:
                 raise ConfigError("files", f"cannot open {name}: {exc.strerror or exc}") from None
+            lines = InputLines(name, stream)
             with stream:
                 try:
-                    await ingestor.run(read_lines(name, stream), progress)
-                except (OSError, EOFError) as exc:  # a truncated gzip, a read error
-                    print(f"storyline: reading {name} stopped: {exc}", file=sys.stderr)
+                    await ingestor.run(lines, progress)
+                except StorylineError as exc:
+                    _ingest_report(ingestor.summary, skew, tty)
+                    print(
+                        f"storyline: ingest stopped at {name} line {lines.stopped_after:,}: {exc}\n"
+                        "storyline: the counts above are what was written; running the same ingest again is safe"
+                        " (an event's id is derived from its content; consumers deduplicate by id)",
+                        file=sys.stderr,
+                    )
                     return EXIT_FAIL
-        s = ingestor.summary
-        if tty:
-            sys.stderr.write("\n")
-        print(f"ingest: {s.line()}; database clock {skew:+d} ms")
-        if s.reasons:
-            top = ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
-            print(f"ingest: rejections by field: {top} (see `storyline dead-letter`)")
+            if lines.error is not None:
+                print(
+                    f"storyline: reading {name} stopped after line {lines.stopped_after:,}: {lines.error}; every"
+                    " complete line before it was ingested",
+                    file=sys.stderr,
+                )
+                rc = EXIT_FAIL
+            if lines.interrupted:
+                break
+        _ingest_report(ingestor.summary, skew, tty)
+        if interrupted:
+            where = f"; {lines.name} stopped after line {lines.stopped_after:,}" if lines is not None else ""
+            print(
+                f"storyline: interrupted: every line read before it was ingested (the counts above){where}",
+                file=sys.stderr,
+            )
+            rc = 130
     finally:
+        signal.signal(signal.SIGINT, previous)
         await store.close()
-    return EXIT_OK
+    return rc
+
+
+def _ingest_report(s: IngestSummary, skew: int, tty: bool) -> None:
+    if tty:
+        sys.stderr.write("\n")
+    print(f"ingest: {s.line()}; database clock {skew:+d} ms")
+    if s.reasons:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
+        print(f"ingest: rejections by field: {top} (see `storyline dead-letter`)")
 
 
 async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:

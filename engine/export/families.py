@@ -44,6 +44,7 @@ __all__ = [
     "convert",
     "families_present",
     "family_of",
+    "get_path",
     "pick",
     "primary",
     "rfc3339_ms",
@@ -275,6 +276,16 @@ def storyline_namespace(body: StoryBody) -> dict[str, Any]:
     if body.event_ids is not None:
         out["event_ids"] = list(body.event_ids)
     return out
+
+
+def get_path(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of a nested document (``"connection_info.direction_id"``); None when absent."""
+    node: Any = doc
+    for name in path.split("."):
+        if not isinstance(node, Mapping) or name not in node:
+            return None
+        node = node[name]
+    return node
 
 
 def rfc3339_ms(ms: int) -> str:

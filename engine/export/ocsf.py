@@ -32,7 +32,7 @@ from engine.core.errors import InputError
 from engine.correlate.body import Endpoint, Figures, StoryBody
 
 from .ecs import message
-from .families import Picked, convert, pick, storyline_namespace
+from .families import Picked, convert, get_path, pick, storyline_namespace
 
 __all__ = ["OCSF_VERSION", "PRODUCT_NAME", "to_ocsf"]
 
@@ -87,15 +87,6 @@ _OBSERVED: Final[tuple[tuple[str, int], ...]] = (
 _ICMP: Final = frozenset({1, 58})
 
 
-def _get(doc: dict[str, Any], path: str) -> Any:
-    node: Any = doc
-    for name in path.split("."):
-        if not isinstance(node, dict) or name not in node:
-            return None
-        node = node[name]
-    return node
-
-
 def _put(doc: dict[str, Any], path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
     node = doc
@@ -106,7 +97,7 @@ def _put(doc: dict[str, Any], path: str, value: Any) -> None:
 
 def _delete(doc: dict[str, Any], path: str) -> None:
     *parents, leaf = path.split(".")
-    parent = _get(doc, ".".join(parents)) if parents else doc
+    parent = get_path(doc, ".".join(parents)) if parents else doc
     if isinstance(parent, dict):
         parent.pop(leaf, None)
 
@@ -145,11 +136,11 @@ def _place(doc: dict[str, Any], picked: list[Picked], fallback: dict[str, Any]) 
                 paths.append(target.path)
         placed.append((chosen, paths))
     for path, needs in _NEEDS:
-        obj = _get(doc, path)
+        obj = get_path(doc, path)
         if isinstance(obj, dict) and not any(k in obj for k in needs):
             _delete(doc, path)
     for chosen, paths in placed:
-        if not any(_get(doc, p) is not None for p in paths):
+        if not any(get_path(doc, p) is not None for p in paths):
             fallback.setdefault(chosen.row.family, {})[chosen.row.attr] = chosen.value
 
 
@@ -244,7 +235,7 @@ def to_ocsf(body: StoryBody, *, product_version: str) -> dict[str, Any]:
 
     observables = []
     for path, type_id in _OBSERVED:
-        value = _get(doc, path)
+        value = get_path(doc, path)
         if isinstance(value, str) and value:
             observables.append({"name": path, "type_id": type_id, "type": _OBSERVABLE[type_id], "value": value})
     doc["observables"] = observables

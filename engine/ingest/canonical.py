@@ -63,7 +63,7 @@ def parse_time_us(value: int | float | str) -> int:
         raise InputError("time: expected epoch seconds or an RFC 3339 string, got a boolean")
     if isinstance(value, int):
         if abs(value) > 10**13:
-            raise InputError(f"time: {value} is not epoch seconds (too large; milliseconds are not accepted)")
+            raise InputError(f"time: {value} is too large for epoch seconds{_unit_hint(value)}")
         return value * 1_000_000
     if isinstance(value, float):
         if not math.isfinite(value) or abs(value) > 1e13:
@@ -81,6 +81,21 @@ def parse_time_us(value: int | float | str) -> int:
     if parsed.tzinfo is None:
         raise InputError(f"time: {value!r} has no UTC offset (add Z or +hh:mm)")
     return (parsed - _EPOCH) // _US
+
+
+_UNITS = (("milliseconds", 1_000), ("microseconds", 1_000_000), ("nanoseconds", 1_000_000_000))
+
+
+def _unit_hint(value: object, rules: ParseRules | None = None, now_ms: int | None = None) -> str:
+    """A hint when a numeric time read as epoch seconds is out of range but would be in it read as epoch ms, µs
+    or ns (the usual mistake: a JavaScript ``Date.now()``); empty otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return ""
+    low, high = (rules.min_time_ms, now_ms + rules.max_future_ms) if rules and now_ms is not None else (0, 2**42)
+    for unit, per_second in _UNITS:
+        if low <= value * 1000 / per_second <= high:
+            return f"; it looks like epoch {unit}: give epoch seconds (divide by {per_second:,}) or RFC 3339"
+    return "; give epoch seconds or RFC 3339 (e.g. 2026-11-26T07:00:00.5Z)"
 
 
 def _name(value: str, field: str) -> str:
@@ -110,7 +125,8 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     if time_us < rules.min_time_ms * 1000:
         raise InputError(f"time: {_iso(time_us)} is before the accepted range (ingest.min_time_ms)")
     if time_us > (now_ms + rules.max_future_ms) * 1000:
-        raise InputError(f"time: {_iso(time_us)} is too far in the future (ingest.max_future_ms)")
+        hint = _unit_hint(raw.time, rules, now_ms)
+        raise InputError(f"time: {_iso(time_us)} is too far in the future (ingest.max_future_ms){hint}")
     proto: int | None = None
     src_ip = dst_ip = None
     src_port, dst_port = raw.src_port, raw.dst_port

@@ -18,6 +18,7 @@ import gzip
 import io
 import sys
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -224,9 +225,58 @@ def open_input(path: str) -> BinaryIO:
     return buffered
 
 
-def read_lines(name: str, stream: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
-    for n, line in enumerate(stream, start=1):
-        yield name, n, line.rstrip(b"\r\n")
+_BOM = b"\xef\xbb\xbf"
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+class _Interrupted(Exception):
+    """Raised by :meth:`InputLines.interrupt` into a read that blocks (a pipe with nothing to read yet)."""
+
+
+class InputLines:
+    """The lines of one input as ``(name, line number, bytes without the line end)``, for :meth:`Ingestor.run`.
+
+    A UTF-8 byte order mark before the first line is dropped (editors on Windows write one). A read error — a
+    truncated gzip, an I/O error — ends the lines instead of raising: every complete line read before it is
+    given, ``error`` says what stopped the reading and ``stopped_after`` is the last line given.
+
+    :meth:`interrupt` (from a SIGINT handler) ends the lines before the next one (``interrupted``); a read that
+    is waiting for input (standard input from a pipe) is abandoned at once."""
+
+    def __init__(self, name: str, stream: BinaryIO) -> None:
+        self.name = name
+        self.stream = stream
+        self.error: str | None = None
+        self.interrupted = False
+        self.stopped_after = 0
+        self._reading = False
+
+    def interrupt(self) -> None:
+        """End the lines before the next one. Call it from a signal handler only (it may raise into a read that
+        is under way in the main thread: that is how a blocked read is abandoned)."""
+        self.interrupted = True
+        if self._reading:
+            raise _Interrupted
+
+    def __iter__(self) -> Iterator[tuple[str, int, bytes]]:
+        lines = iter(self.stream)
+        n = 0
+        try:
+            while not self.interrupted:
+                self._reading = True
+                try:
+                    line = next(lines, None)
+                finally:
+                    self._reading = False
+                if line is None:
+                    return
+                n += 1
+                self.stopped_after = n
+                yield self.name, n, (line[3:] if n == 1 and line.startswith(_BOM) else line).rstrip(b"\r\n")
+        except _Interrupted:
+            self.interrupted = True
+        except _READ_ERRORS as exc:
+            self.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def dead_letter_id(file: str, line: int, raw: bytes) -> str:

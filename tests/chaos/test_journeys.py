@@ -118,6 +118,41 @@ def test_a_second_batch_after_a_drain_then_drain(
     t.assert_restart_changes_nothing(truth_b)
 
 
+def test_sigint_during_ingest_then_ingest_again_then_drain(
+    embedded_tenant: TenantFactory, sims: dict[str, tuple[Path, Path]]
+) -> None:
+    """Ctrl-C while ``ingest -`` waits for more input (issue 18): the lines it read are written — all of them,
+    though fewer than a round — the summary says so, the exit code is 130; the whole file ingested again, then a
+    drain: every event in exactly one story."""
+    src, truth = sims["big"]
+    t = embedded_tenant(**JOURNEY)
+    t.run("init")
+    data = src.read_bytes().splitlines(keepends=True)
+    first = 7_500  # a round and a half (ingest.batch_lines is 5,000)
+    proc = subprocess.Popen(
+        t.argv("ingest", "-"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"".join(data[:first]))
+        proc.stdin.flush()
+        time.sleep(3)  # it reads them all, writes the first round and waits for more
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)  # standard input stays open: the read that waits for more must be abandoned
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted: every line read before it was ingested" in err.decode() and b"Traceback" not in err
+    assert parse_ingest_summary("-", out.decode()).accepted == first, out.decode()
+    assert ingest(t, src) == KILL_EVENTS
+    drain(t)
+    t.assert_verify(truth)
+
+
 def test_until_idle_then_drain(embedded_tenant: TenantFactory, sims: dict[str, tuple[Path, Path]]) -> None:
     src, truth = sims["a"]
     t = fresh(embedded_tenant, src)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.ingest.producer import Ingestor, Producer, ProducerSettings, open_input, read_lines
+from engine.ingest.producer import Ingestor, InputLines, Producer, ProducerSettings, open_input
 from engine.store import make_store
 from engine.tools.verify import IngestRun
 from tests.chaos.conftest import Recorder, TenantFactory
@@ -45,7 +45,7 @@ async def ingest_slowly(t: Tenant, files: list[Path], seed: int) -> tuple[list[I
         for f in files:
             ingestor = Ingestor(store, producer)
             with open_input(str(f)) as stream:
-                s = await ingestor.run(read_lines(str(f), stream))
+                s = await ingestor.run(InputLines(str(f), stream))
             runs.append(IngestRun(str(f), s.accepted, s.rejected, s.duplicates))
             rebucketed += s.rebucketed
             await asyncio.sleep(0.3)

@@ -26,7 +26,7 @@ from engine.core.event import Event, encode
 from engine.correlate.body import Endpoint, Figures, Observer, StoryBody, Totals, decode_body
 from engine.correlate.fuse import EVENT_SCHEMA, HEAD_SCHEMA, event_columns, fuse
 from engine.export import ECS_VERSION, OCSF_VERSION, encode_story, read_body, to_ecs, to_ocsf
-from engine.export.families import ROWS, SOURCE_FAMILY, convert, pick, primary
+from engine.export.families import ROWS, SOURCE_FAMILY, convert, get_path, pick, primary
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.network_identity import community_id, flow_identity
 from engine.tools.simulate import Scenario, generate
@@ -139,15 +139,15 @@ def ecs_problems(doc: dict[str, Any]) -> list[str]:
 
     walk(doc, "")
     for name, spec in fields.items():
-        if spec.get("required") and _lookup(doc, name) is None:
+        if spec.get("required") and get_path(doc, name) is None:
             problems.append(f"{name}: required, absent")
-    if _lookup(doc, "ecs.version") != ref["ecs_version"].removesuffix("-dev"):
-        problems.append(f"ecs.version: {_lookup(doc, 'ecs.version')!r} is not the pinned version")
-    kind = _lookup(doc, "event.kind")
+    if get_path(doc, "ecs.version") != ref["ecs_version"].removesuffix("-dev"):
+        problems.append(f"ecs.version: {get_path(doc, 'ecs.version')!r} is not the pinned version")
+    kind = get_path(doc, "event.kind")
     if kind not in fields["event.kind"]["allowed_values"]:
         problems.append(f"event.kind: {kind!r} not allowed")
-    categories = _lookup(doc, "event.category") or []
-    types = _lookup(doc, "event.type") or []
+    categories = get_path(doc, "event.category") or []
+    types = get_path(doc, "event.type") or []
     expected = fields["event.category"]["expected_event_types"]
     for c in categories:
         if c not in fields["event.category"]["allowed_values"]:
@@ -159,15 +159,6 @@ def ecs_problems(doc: dict[str, Any]) -> list[str]:
         if t not in fields["event.type"]["allowed_values"]:
             problems.append(f"event.type: {t!r} not allowed")
     return problems
-
-
-def _lookup(doc: dict[str, Any], path: str) -> Any:
-    node: Any = doc
-    for name in path.split("."):
-        if not isinstance(node, dict) or name not in node:
-            return None
-        node = node[name]
-    return node
 
 
 # -- the OCSF validator ----------------------------------------------------------------------------------------
@@ -207,7 +198,7 @@ def _ocsf_scalar_problem(type_name: str, value: object) -> str | None:
 
 
 def _declared_profiles(doc: dict[str, Any]) -> list[str]:
-    profiles = _lookup(doc, "metadata.profiles")
+    profiles = get_path(doc, "metadata.profiles")
     return list(profiles) if isinstance(profiles, list) else []
 
 
@@ -290,10 +281,10 @@ def ocsf_problems(doc: dict[str, Any]) -> list[str]:
         problems.append("class_uid/category_uid: not Network Activity")
     if doc.get("type_uid") != cls["uid"] * 100 + doc.get("activity_id", -1):
         problems.append(f"type_uid: {doc.get('type_uid')} is not class_uid * 100 + activity_id")
-    if _lookup(doc, "metadata.version") != ref["ocsf_version"]:
+    if get_path(doc, "metadata.version") != ref["ocsf_version"]:
         problems.append("metadata.version: not the pinned version")
     for i, o in enumerate(doc.get("observables", [])):
-        where = _lookup(doc, o.get("name", ""))
+        where = get_path(doc, o.get("name", ""))
         if where is None or str(where) != o.get("value"):
             problems.append(f"observables[{i}]: {o.get('name')} does not hold {o.get('value')!r}")
         attr_type = _ocsf_attr_type(o.get("name", ""))

@@ -1,0 +1,97 @@
+"""``storyline ingest`` as a user meets it: a byte order mark, a truncated gzip, standard input named twice, times
+in the wrong unit (issue 18, Accounting). The embedded store in a temporary directory; the CLI in-process."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.core.errors import InputError
+from engine.ingest.canonical import ParseRules, parse_line
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def conf(tmp_path: Path) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "local.toml"), "--set", f"store.path={tmp_path}/s.db"]
+
+
+def lines(n: int, start: int = 0) -> bytes:
+    now = time.time()
+    return b"".join(
+        json.dumps(
+            {
+                "source": "fw",
+                "time": now - 60 + i / 1000,
+                "proto": "tcp",
+                "src_ip": "10.0.0.1",
+                "src_port": 1024 + i,
+                "dst_ip": "10.0.0.2",
+                "dst_port": 443,
+            }
+        ).encode()
+        + b"\n"
+        for i in range(start, start + n)
+    )
+
+
+def summary(out: str) -> dict[str, int]:
+    m = re.search(r"accepted ([\d,]+), rejected ([\d,]+), duplicates ([\d,]+)", out)
+    assert m, out
+    return dict(zip(("accepted", "rejected", "duplicates"), (int(g.replace(",", "")) for g in m.groups()), strict=True))
+
+
+def test_a_byte_order_mark_before_the_first_line_is_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + lines(3))
+    assert main(["init", *conf(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["ingest", *conf(tmp_path), str(f)]) == 0
+    assert summary(capsys.readouterr().out) == {"accepted": 3, "rejected": 0, "duplicates": 0}
+
+
+def test_a_truncated_gzip_ingests_every_complete_line_and_says_where_it_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole = gzip.compress(lines(30_000))
+    f = tmp_path / "cut.jsonl.gz"
+    f.write_bytes(whole[: len(whole) * 2 // 3])
+    assert main(["init", *conf(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["ingest", *conf(tmp_path), str(f)]) == 1
+    out, err = capsys.readouterr()
+    m = re.search(r"reading \S+ stopped after line ([\d,]+): EOFError", err)
+    assert m, err
+    read = int(m.group(1).replace(",", ""))
+    assert 10_000 < read < 30_000
+    # every line read was complete and valid, and all of them were written: more than one round's worth
+    assert summary(out) == {"accepted": read, "rejected": 0, "duplicates": 0}
+    assert "Traceback" not in err
+
+
+def test_standard_input_named_twice_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ingest", *conf(tmp_path), "-", "-"]) == 2
+    err = capsys.readouterr().err
+    assert "files: - (standard input) can be read only once" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("scale", "unit"), [(1_000, "milliseconds"), (1_000_000, "microseconds"), (1_000_000_000, "nanoseconds")]
+)
+def test_a_time_in_the_wrong_unit_gets_a_hint(scale: int, unit: str) -> None:
+    now_ms = int(time.time() * 1000)
+    line = json.dumps({"source": "fw", "time": now_ms // 1000 * scale}).encode()
+    with pytest.raises(InputError, match=rf"^time: .*looks like epoch {unit}: give epoch seconds"):
+        parse_line(line, ParseRules(), now_ms)
+    # seconds and RFC 3339 stay fine; a time merely far off gets the plain advice
+    assert parse_line(json.dumps({"source": "fw", "time": now_ms // 1000}).encode(), ParseRules(), now_ms)
+    with pytest.raises(InputError, match=r"too far in the future.*give epoch seconds or RFC 3339"):
+        parse_line(json.dumps({"source": "fw", "time": now_ms // 1000 + 10**9}).encode(), ParseRules(), now_ms)
