@@ -1,0 +1,105 @@
+"""``python -m bench.ab --base REV [--head REV] [--rounds N] [--events N]``: the story path's CPU of two commits,
+on the same input, runs alternated — how body v2's cost was measured (docs/BENCHMARKS.md, issue 17).
+
+Each commit's ``engine``, ``bench`` and ``configs`` are extracted (``git archive``) into a temporary directory and
+imported from there; the input is written once by the head's simulator (so both engines read the same lines);
+each run is ``bench.pipeline._one(parsed, 2, "stories")`` in a process of its own (the CQL node of
+configs/bench.toml must be up: ``make db-up``). Rounds alternate base/head, the second half in reverse order.
+Prints every run and the medians of the settled engine CPU per event and of the cost ledger, head / base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_GEN = """
+import sys, time
+from engine.tools.simulate import Scenario, generate
+sim, _ = generate(Scenario(events=int(sys.argv[1]), seed=1, start_s=time.time() - 3600, span_s=600))
+with open(sys.argv[2], "wb") as f:
+    f.writelines(e.line + b"\\n" for e in sim)
+"""
+
+_RUN = """
+import json, sys, time
+import bench.pipeline as bp
+from engine.core.config import load
+from engine.ingest.canonical import ParseRules, parse_line
+rules = ParseRules.from_config(load(bp.CONFIG))
+now_ms = int(time.time() * 1000)
+parsed = [parse_line(line.rstrip(b"\\n"), rules, now_ms) for line in open(sys.argv[1], "rb")]
+print(json.dumps(bp._one(parsed, 2, "stories")))
+"""
+
+
+def extract(rev: str, into: Path) -> Path:
+    into.mkdir(parents=True)
+    git, tar = shutil.which("git"), shutil.which("tar")
+    if git is None or tar is None:
+        raise SystemExit("bench.ab: needs git and tar")
+    archive = subprocess.run(  # noqa: S603 - git with a revision the user named
+        [git, "archive", rev, "engine", "bench", "configs"], cwd=ROOT, capture_output=True, check=True
+    )
+    subprocess.run([tar, "-x", "-C", str(into)], input=archive.stdout, check=True)  # noqa: S603 - fixed arguments
+    return into
+
+
+def python(tree: Path, code: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(tree), "POLARS_MAX_THREADS": "1"}
+    res = subprocess.run(  # noqa: S603 - this module's own code
+        [sys.executable, "-c", code, *args], cwd=tree, env=env, capture_output=True, text=True, check=False
+    )
+    if res.returncode:
+        raise SystemExit(f"bench.ab: a run in {tree} failed:\n{res.stderr[-2000:]}")
+    return res.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
+    ap.add_argument("--base", required=True, help="the commit to compare against")
+    ap.add_argument("--head", default="HEAD")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per commit (default 3)")
+    ap.add_argument("--events", type=int, default=400_000)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="storyline-ab-") as tmp:
+        trees = {"base": extract(args.base, Path(tmp) / "base"), "head": extract(args.head, Path(tmp) / "head")}
+        data = Path(tmp) / "input.jsonl"
+        python(trees["head"], _GEN, str(args.events), str(data))
+        order = [("base", "head") if r < (args.rounds + 1) // 2 else ("head", "base") for r in range(args.rounds)]
+        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
+        for pair in order:
+            for which in pair:
+                started = time.strftime("%H:%M:%S")
+                result = json.loads(python(trees[which], _RUN, str(data)).strip().splitlines()[-1])
+                runs[which].append(result)
+                engine = result["cpu_us_per_event"]["engine"]
+                print(f"{started} {which}: engine {engine:.2f} µs/event, ledger {result['cost_ledger_us_per_event']}")
+    med = {
+        which: {
+            "engine": statistics.median(r["cpu_us_per_event"]["engine"] for r in rs),
+            **{
+                k: statistics.median(r["cost_ledger_us_per_event"][k] for r in rs)
+                for k in rs[0]["cost_ledger_us_per_event"]
+            },
+        }
+        for which, rs in runs.items()
+    }
+    print(json.dumps({"base": args.base, "head": args.head, "rounds": args.rounds, "median": med}, indent=1))
+    print(f"head / base, engine µs/event: {med['head']['engine'] / med['base']['engine']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
