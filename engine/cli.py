@@ -23,6 +23,7 @@ from engine import __version__
 from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
 from engine.core.errors import ConfigError, StorylineError, mask
+from engine.core.records import DEAD_LETTER_RAW_MAX
 from engine.ingest.producer import (
     Ingestor,
     IngestSummary,
@@ -442,8 +443,13 @@ async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
     store = await _with_store(cfg)
     try:
         if do_redrive:
-            accepted, still = await redrive(store, Producer(store, ProducerSettings.from_config(cfg)))
-            print(f"dead-letter: redrive accepted {accepted:,} now, {still:,} still rejected")
+            r = await redrive(store, Producer(store, ProducerSettings.from_config(cfg)))
+            print(f"dead-letter: redrive accepted {r.accepted:,} now, {r.still:,} still rejected")
+            if r.cut:
+                print(
+                    f"dead-letter: {r.cut:,} {'line was' if r.cut == 1 else 'lines were'} kept only in part (longer"
+                    f" than {DEAD_LETTER_RAW_MAX:,} bytes) and cannot be redriven: ingest the source file again"
+                )
             return EXIT_OK
         total = pending = shown = 0
         async for page in store.scan_dead_letters():
@@ -453,6 +459,8 @@ async def cmd_dead_letter(cfg: Config, do_redrive: bool, limit: int) -> int:
                 if limit == 0 or shown < limit:
                     shown += 1
                     state = "" if d.redriven_ms is None else " [redriven]"
+                    if d.raw_bytes is not None:
+                        state += f" [line of {d.raw_bytes:,} bytes, first {len(d.raw):,} kept: not redrivable]"
                     print(f"{d.file}:{d.line}: {d.reason}{state}")
         print(
             f"dead-letter: {total:,} rejected lines, {pending:,} not redriven"

@@ -135,11 +135,22 @@ class DeadLetter(msgspec.Struct, frozen=True):
     file: str
     line: int
     reason: str
-    raw: bytes
+    raw: bytes  # the rejected line; at most DEAD_LETTER_RAW_MAX bytes of it (``raw_bytes`` then says how long it was)
     redriven_ms: int | None = None
+    raw_bytes: int | None = None  # set when ``raw`` was cut: the line's length; such a line cannot be redriven
+
+    @property
+    def cut(self) -> bool:
+        return self.raw_bytes is not None
+
+
+DEAD_LETTER_RAW_MAX = 64 * 1024
+"""A dead letter keeps at most this much of its line: a 20 MB rejected line is evidence, not data to store whole
+(``DeadLetter.raw_bytes`` keeps its length)."""
 
 
 __all__ = [
+    "DEAD_LETTER_RAW_MAX",
     "HOUR_MS",
     "AppendResult",
     "BucketHint",

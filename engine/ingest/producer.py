@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import msgspec
 import xxhash
@@ -31,6 +31,7 @@ from engine.core.config import Config
 from engine.core.errors import ClockSkewError as ClockSkewError  # noqa: PLC0414 - re-exported: its old home
 from engine.core.errors import InputError, StoreError, WriteTooLateError
 from engine.core.event import Event, encode
+from engine.core.records import DEAD_LETTER_RAW_MAX
 from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.store import DeadLetter, EventRecord, Store
 
@@ -344,7 +345,11 @@ class Ingestor:
                 good.append(parse_line(raw, self._rules, now))
             except InputError as exc:
                 reason = str(exc)
-                bad.append(DeadLetter(dead_letter_id(file, n, raw), now, file, n, reason, raw))
+                dl_id = dead_letter_id(file, n, raw)
+                if len(raw) > DEAD_LETTER_RAW_MAX:  # keep the head as evidence, and the length
+                    bad.append(DeadLetter(dl_id, now, file, n, reason, raw[:DEAD_LETTER_RAW_MAX], raw_bytes=len(raw)))
+                else:
+                    bad.append(DeadLetter(dl_id, now, file, n, reason, raw))
                 key = reason.split(":", 1)[0]
                 s.reasons[key] = s.reasons.get(key, 0) + 1
         return good, bad
@@ -361,13 +366,23 @@ class Ingestor:
             s.rebucketed += report.rebucketed
 
 
-async def redrive(store: Store, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> tuple[int, int]:
+class RedriveReport(NamedTuple):
+    accepted: int  # valid now, written and marked
+    still: int  # rejected again
+    cut: int  # kept only in part (longer than DEAD_LETTER_RAW_MAX): cannot be redriven; ingest the source again
+
+
+async def redrive(store: Store, producer: Producer, clock: Clock = SYSTEM_CLOCK) -> RedriveReport:
     """Validate every dead letter not yet redriven again (with the producer's rules); write the ones that pass
-    now and mark them. Returns (accepted now, still rejected)."""
-    accepted = still = 0
+    now and mark them. A line kept only in part is not validated (its head is not the event): counted as cut."""
+    accepted = still = cut = 0
     pending: list[DeadLetter] = []
     async for page in store.scan_dead_letters():
-        pending.extend(d for d in page if d.redriven_ms is None)
+        for d in page:
+            if d.redriven_ms is None and d.cut:
+                cut += 1
+            elif d.redriven_ms is None:
+                pending.append(d)
     now = clock.now_ms()
     rules, step = producer.settings.rules, producer.settings.batch_lines
     for i in range(0, len(pending), step):
@@ -384,4 +399,4 @@ async def redrive(store: Store, producer: Producer, clock: Clock = SYSTEM_CLOCK)
             await producer.write(good)
             await store.put_dead_letters(done)  # marked only once their events are durable
             accepted += len(done)
-    return accepted, still
+    return RedriveReport(accepted, still, cut)

@@ -193,7 +193,7 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
         ),
         "dead_letter": (
             f"CREATE TABLE IF NOT EXISTS {ks}.dead_letter (dl_id text PRIMARY KEY, received_ms bigint, "
-            f"file text, line bigint, reason text, raw blob, redriven_ms bigint)"
+            f"file text, line bigint, reason text, raw blob, redriven_ms bigint, raw_bytes bigint)"
         ),
     }
 
@@ -489,6 +489,8 @@ class CqlStore:
             )
         if 0 < old < 4:
             did.append(await self._backfill_story_periods())
+        if 0 < old < 5:
+            did.extend(await self._add_dead_letter_raw_bytes())
         if old != SCHEMA_VERSION:
             await self._exec(
                 "write meta",
@@ -500,6 +502,28 @@ class CqlStore:
         else:
             did.append(f"schema version {SCHEMA_VERSION}")
         return did
+
+    async def _add_dead_letter_raw_bytes(self) -> list[str]:
+        """Upgrading to schema 5: dead_letter.raw_bytes. Idempotent: an init that runs at the same time may have
+        added it first (then the ALTER fails and the column is there)."""
+
+        async def has_it() -> bool:
+            rows = await self._exec(
+                "read schema",
+                "dl_columns",
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?",
+                [self.ks, "dead_letter"],
+            )
+            return any(r["column_name"] == "raw_bytes" for r in rows)
+
+        if await has_it():
+            return []
+        try:
+            await self._ddl(f"ALTER TABLE {self.ks}.dead_letter ADD raw_bytes bigint")
+        except StoreError:
+            if not await has_it():
+                raise
+        return [f"added column raw_bytes to {self.ks}.dead_letter"]
 
     async def _backfill_story_periods(self) -> str:
         """Upgrading to schema 4: the stories partitions written before it, into story_periods (a scan of the
@@ -1090,27 +1114,36 @@ class CqlStore:
     # -- dead letters --------------------------------------------------------------------------------------
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         cql = (
-            f"INSERT INTO {self.ks}.dead_letter (dl_id, received_ms, file, line, reason, raw, redriven_ms) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?)"
+            f"INSERT INTO {self.ks}.dead_letter (dl_id, received_ms, file, line, reason, raw, redriven_ms, raw_bytes) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         )
         await run_all(
             self._exec(
                 "write dead letter",
                 "dl_insert",
                 cql,
-                [d.dl_id, d.received_ms, d.file, d.line, d.reason, d.raw, _opt(d.redriven_ms)],
+                [d.dl_id, d.received_ms, d.file, d.line, d.reason, d.raw, _opt(d.redriven_ms), _opt(d.raw_bytes)],
             )
             for d in letters
         )
 
     async def scan_dead_letters(self) -> AsyncIterator[list[DeadLetter]]:
         cql = (
-            f"SELECT token(dl_id) AS t, dl_id, received_ms, file, line, reason, raw, redriven_ms "
+            f"SELECT token(dl_id) AS t, dl_id, received_ms, file, line, reason, raw, redriven_ms, raw_bytes "
             f"FROM {self.ks}.dead_letter WHERE token(dl_id) >= ? LIMIT ?"
         )
         async for rows in self._token_scan("scan dead letters", "dl_scan", cql, 500, lambda r: r["dl_id"]):
             yield [
-                DeadLetter(r["dl_id"], r["received_ms"], r["file"], r["line"], r["reason"], r["raw"], r["redriven_ms"])
+                DeadLetter(
+                    r["dl_id"],
+                    r["received_ms"],
+                    r["file"],
+                    r["line"],
+                    r["reason"],
+                    r["raw"],
+                    r["redriven_ms"],
+                    r["raw_bytes"],
+                )
                 for r in rows
             ]
 

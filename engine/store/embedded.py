@@ -90,7 +90,7 @@ def _ddl(p: str) -> dict[str, str]:
         "dead_letter": (
             f'CREATE TABLE IF NOT EXISTS "{p}__dead_letter" (dl_id TEXT PRIMARY KEY, received_ms INTEGER NOT NULL, '
             f"file TEXT NOT NULL, line INTEGER NOT NULL, reason TEXT NOT NULL, raw BLOB NOT NULL, "
-            f"redriven_ms INTEGER)"
+            f"redriven_ms INTEGER, raw_bytes INTEGER)"
         ),
     }
 
@@ -280,6 +280,10 @@ class EmbeddedStore:
 
         def write_meta(c: sqlite3.Connection) -> list[str]:
             out = []
+            dead_letter_columns = {r[1] for r in c.execute(f"PRAGMA table_info({self.t('dead_letter')})")}
+            if "raw_bytes" not in dead_letter_columns:  # schema 5
+                c.execute(f"ALTER TABLE {self.t('dead_letter')} ADD COLUMN raw_bytes INTEGER")
+                out.append(f"added column raw_bytes to {self.p}__dead_letter")
             if 0 < old < 4:  # the stories partitions written before schema 4, for the story feed
                 n = c.execute(
                     f"INSERT OR IGNORE INTO {self.t('story_periods')} (period, shard, expires_ms) "
@@ -615,15 +619,20 @@ class EmbeddedStore:
         if not letters:
             return
         sql = (
-            f"INSERT INTO {self.t('dead_letter')} (dl_id, received_ms, file, line, reason, raw, redriven_ms) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dl_id) DO UPDATE SET received_ms = excluded.received_ms, "
-            f"file = excluded.file, line = excluded.line, reason = excluded.reason, raw = excluded.raw, "
+            f"INSERT INTO {self.t('dead_letter')} (dl_id, received_ms, file, line, reason, raw, redriven_ms, "
+            f"raw_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (dl_id) DO UPDATE SET "
+            f"received_ms = excluded.received_ms, file = excluded.file, line = excluded.line, "
+            f"reason = excluded.reason, raw = excluded.raw, raw_bytes = excluded.raw_bytes, "
             f"redriven_ms = COALESCE(excluded.redriven_ms, redriven_ms)"
         )
         await self._run(
             "write dead letters",
             lambda c: c.executemany(
-                sql, [(d.dl_id, d.received_ms, d.file, d.line, d.reason, d.raw, d.redriven_ms) for d in letters]
+                sql,
+                [
+                    (d.dl_id, d.received_ms, d.file, d.line, d.reason, d.raw, d.redriven_ms, d.raw_bytes)
+                    for d in letters
+                ],
             ),
             write=True,
         )
@@ -633,7 +642,8 @@ class EmbeddedStore:
         last = ""
         while True:
             q = (
-                f"SELECT dl_id, received_ms, file, line, reason, raw, redriven_ms FROM {self.t('dead_letter')} "
+                f"SELECT dl_id, received_ms, file, line, reason, raw, redriven_ms, raw_bytes "
+                f"FROM {self.t('dead_letter')} "
                 f"WHERE dl_id > ? ORDER BY dl_id LIMIT ?"
             )
             rows = await self._run("scan dead letters", _fetch(q, (last, limit)))

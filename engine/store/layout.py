@@ -6,9 +6,9 @@ from __future__ import annotations
 from engine.core.errors import SchemaError
 from engine.store.settings import StoreSettings
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story); 4: story_periods and
-# feed_readers (the story feed)
+# feed_readers (the story feed); 5: dead_letter.raw_bytes (a rejected line's length when only its head is kept)
 
 
 # Settings that fix how data is laid out: changing them on an existing tenant would misplace events.

@@ -17,6 +17,7 @@ from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
 from engine.core.errors import StoreError, TransientStoreError
 from engine.core.event import Event, decode
+from engine.core.records import DEAD_LETTER_RAW_MAX
 from engine.ingest.canonical import ParseRules, parse_line, shard_of
 from engine.ingest.producer import ClockSkewError, Ingestor, Producer, ProducerError, ProducerSettings, redrive
 from engine.store import AppendResult, EventRecord, Store, make_store
@@ -258,6 +259,29 @@ def test_transient_failures_are_retried_and_permanent_ones_name_the_events(make_
     arun(body())
 
 
+def test_a_long_rejected_line_is_kept_in_part_with_its_length_and_is_not_redriven(make_config: ConfigFactory) -> None:
+    """Issue 18: a 20 MB rejected line used to be stored whole in the dead-letter table. Now its first 64 KiB and
+    its length are kept, the listing says so, and a redrive counts it apart (its head is not the event)."""
+    cfg = make_config()
+    long_line = b'{"source": "fw", "time": "' + b"9" * 300_000 + b'"}'
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            ing = Ingestor(store, Producer(store, ProducerSettings.from_config(cfg)))
+            s = await ing.run([("big.jsonl", 1, long_line), ("big.jsonl", 2, b"{broken")])
+            assert (s.accepted, s.rejected) == (0, 2)
+            got = {d.line: d for page in [p async for p in store.scan_dead_letters()] for d in page}
+            assert got[1].raw == long_line[:DEAD_LETTER_RAW_MAX] and got[1].raw_bytes == len(long_line)
+            assert got[1].reason.startswith("time:")
+            assert got[2].raw == b"{broken" and got[2].raw_bytes is None
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(cfg))) == (0, 1, 1)
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_redrive_after_a_config_change(make_config: ConfigFactory) -> None:
     strict = make_config(ingest={"min_time_ms": 1_700_000_000_000})
     old = (
@@ -272,12 +296,12 @@ def test_redrive_after_a_config_change(make_config: ConfigFactory) -> None:
             ing = Ingestor(store, Producer(store, ProducerSettings.from_config(strict)))
             s = await ing.run([("f.jsonl", 1, old), ("f.jsonl", 2, junk)])
             assert (s.accepted, s.rejected) == (0, 2)
-            assert await redrive(store, Producer(store, ProducerSettings.from_config(strict))) == (0, 2)
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(strict))) == (0, 2, 0)
             lenient = make_config(tenant=strict.tenant, ingest={"min_time_ms": 946_684_800_000})
-            assert await redrive(store, Producer(store, ProducerSettings.from_config(lenient))) == (1, 1)
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(lenient))) == (1, 1, 0)
             letters = [d for page in [p async for p in store.scan_dead_letters()] for d in page]
             assert sorted((d.line, d.redriven_ms is not None) for d in letters) == [(1, True), (2, False)]
-            assert await redrive(store, Producer(store, ProducerSettings.from_config(lenient))) == (0, 1)
+            assert await redrive(store, Producer(store, ProducerSettings.from_config(lenient))) == (0, 1, 0)
         finally:
             await store.close()
 

@@ -577,7 +577,7 @@ def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
                 [old.story_id, old.revision, old.shard, old.period],
             )
             did = await store.init_schema()
-            assert f"created table {ks}.story_index" in did and "schema version 2 -> 4" in did, did
+            assert f"created table {ks}.story_index" in did and f"schema version 2 -> {SCHEMA_VERSION}" in did, did
             assert f"created table {ks}.story_periods" in did and f"created table {ks}.feed_readers" in did, did
             assert f"recorded 1 existing stories partitions in {ks}.story_periods" in did, did
             await store.put_stories([new])
@@ -628,7 +628,8 @@ def test_an_upgrade_to_schema_4_records_the_stories_partitions_written_before(
 
                 await store._run("t", downgrade, write=True)
             did = await store.init_schema()
-            assert "schema version 3 -> 4" in did and any("recorded 4 existing stories partitions" in d for d in did)
+            assert f"schema version 3 -> {SCHEMA_VERSION}" in did
+            assert any("recorded 4 existing stories partitions" in d for d in did), did
             got = await store.story_periods(p - 200, p)
             assert [(x.period, x.shard, x.sealed) for x in got] == [
                 (p - 9, 0, False),
@@ -678,12 +679,55 @@ def test_stage_marks_by_consumer_shard_and_bucket_range(make_config: ConfigFacto
     arun(body())
 
 
+def test_an_upgrade_to_schema_5_adds_the_dead_letters_raw_length(make_config: ConfigFactory, backend: str) -> None:
+    """Schema 5 adds dead_letter.raw_bytes (the length of a line kept only in part); ``storyline init`` on an older
+    tenant adds the column, keeps the letters there, and a second init changes nothing."""
+    cfg = make_config()
+    old = DeadLetter("dl-old", NOW, "in.jsonl", 1, "json: bad", b"{bad")
+    cut = DeadLetter("dl-cut", NOW, "in.jsonl", 2, "time: bad", b"x" * 10, raw_bytes=70_000)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            await store.put_dead_letters([old])
+            if backend == "cql":
+                from engine.store.cql import CqlStore
+
+                assert isinstance(store, CqlStore)
+                await store._ddl(f"ALTER TABLE {cfg.keyspace}.dead_letter DROP raw_bytes")
+                await store._exec(
+                    "t", "v4", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '4')", []
+                )
+            else:
+                from engine.store.embedded import EmbeddedStore
+
+                assert isinstance(store, EmbeddedStore)
+
+                def downgrade(c: Any) -> None:
+                    c.execute(f"ALTER TABLE {store.t('dead_letter')} DROP COLUMN raw_bytes")
+                    c.execute(f"UPDATE {store.t('meta')} SET value = '4' WHERE key = 'schema_version'")
+
+                await store._run("t", downgrade, write=True)
+            did = await store.init_schema()
+            assert f"schema version 4 -> {SCHEMA_VERSION}" in did and any("added column raw_bytes" in d for d in did)
+            await store.put_dead_letters([cut])
+            got = {d.dl_id: d for page in await collect(store.scan_dead_letters()) for d in page}
+            assert got == {"dl-old": old, "dl-cut": cut} and got["dl-cut"].cut and not got["dl-old"].cut
+            again = await store.init_schema()
+            assert not any("added column" in d for d in again), again
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_dead_letters_roundtrip(make_config: ConfigFactory) -> None:
     cfg = make_config()
     letters = [
         DeadLetter(f"dl-{i:05d}", NOW + i, "input.jsonl", i + 1, "time: missing", f"{{bad {i}".encode())
         for i in range(1_234)
     ]
+    letters[9] = DeadLetter("dl-00009", NOW, "input.jsonl", 10, "line: too long", b"{" * 100, raw_bytes=9_000_000)
 
     async def body() -> None:
         store = await opened(cfg)

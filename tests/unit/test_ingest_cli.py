@@ -95,3 +95,20 @@ def test_a_time_in_the_wrong_unit_gets_a_hint(scale: int, unit: str) -> None:
     assert parse_line(json.dumps({"source": "fw", "time": now_ms // 1000}).encode(), ParseRules(), now_ms)
     with pytest.raises(InputError, match=r"too far in the future.*give epoch seconds or RFC 3339"):
         parse_line(json.dumps({"source": "fw", "time": now_ms // 1000 + 10**9}).encode(), ParseRules(), now_ms)
+
+
+def test_a_rejected_line_over_64_kib_is_listed_as_cut_and_not_redriven(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "long.jsonl"
+    f.write_bytes(b'{"source": "fw", "time": "' + b"7" * 100_000 + b'"}\n' + lines(1))
+    assert main(["init", *conf(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["ingest", *conf(tmp_path), str(f)]) == 0
+    assert summary(capsys.readouterr().out) == {"accepted": 1, "rejected": 1, "duplicates": 0}
+    assert main(["dead-letter", *conf(tmp_path)]) == 0
+    assert "long.jsonl:1: time:" in (out := capsys.readouterr().out)
+    assert "[line of 100,028 bytes, first 65,536 kept: not redrivable]" in out
+    assert main(["dead-letter", *conf(tmp_path), "--redrive"]) == 0
+    out = capsys.readouterr().out
+    assert "redrive accepted 0 now, 0 still rejected" in out and "1 line was kept only in part" in out
