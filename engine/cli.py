@@ -387,9 +387,11 @@ async def cmd_ingest(cfg: Config, files: list[str]) -> int:
         producer = Producer(store, ProducerSettings.from_config(cfg))
         skew = await producer.check_clock()
         ingestor = Ingestor(store, producer)
+        per_file: list[tuple[str, IngestSummary]] = []
         for name in files:
             if interrupted:
                 break
+            before = ingestor.summary.copy()
             try:
                 stream = open_input(name)
             except OSError as exc:
@@ -407,6 +409,7 @@ async def cmd_ingest(cfg: Config, files: list[str]) -> int:
                         file=sys.stderr,
                     )
                     return EXIT_FAIL
+            per_file.append((name, ingestor.summary.since(before)))
             if lines.error is not None:
                 print(
                     f"storyline: reading {name} stopped after line {lines.stopped_after:,}: {lines.error}; every"
@@ -417,6 +420,14 @@ async def cmd_ingest(cfg: Config, files: list[str]) -> int:
             if lines.interrupted:
                 break
         _ingest_report(ingestor.summary, skew, tty)
+        if len(per_file) > 1:
+            for name, s in per_file:
+                reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(s.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+                print(
+                    f"ingest: file {name}: accepted {s.accepted:,}, rejected {s.rejected:,}"
+                    + (f" ({reasons})" if reasons else "")
+                    + f", duplicates {s.duplicates:,}, empty lines {s.empty:,}, {s.lines:,} lines"
+                )
         if interrupted:
             where = f"; {lines.name} stopped after line {lines.stopped_after:,}" if lines is not None else ""
             print(
@@ -435,7 +446,7 @@ def _ingest_report(s: IngestSummary, skew: int, tty: bool) -> None:
         sys.stderr.write("\n")
     print(f"ingest: {s.line()}; database clock {skew:+d} ms")
     if s.reasons:
-        top = ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: -kv[1]))
+        top = ", ".join(f"{k} {v}" for k, v in sorted(s.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
         print(f"ingest: rejections by field: {top} (see `storyline dead-letter`)")
 
 

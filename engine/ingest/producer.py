@@ -14,6 +14,7 @@ could not be written. It never writes into a bucket a consumer may have read:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import io
 import sys
@@ -208,6 +209,18 @@ class IngestSummary:
     rebucketed: int = 0
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
+
+    def since(self, before: IngestSummary) -> IngestSummary:
+        """What was counted after ``before`` (a copy of this summary taken earlier): one file's share of a run."""
+        out = IngestSummary(
+            **{k: getattr(self, k) - getattr(before, k) for k in vars(self) if k not in ("reasons", "seconds")}
+        )
+        out.seconds = self.seconds - before.seconds
+        out.reasons = {k: n - before.reasons.get(k, 0) for k, n in self.reasons.items() if n > before.reasons.get(k, 0)}
+        return out
+
+    def copy(self) -> IngestSummary:
+        return dataclasses.replace(self, reasons=dict(self.reasons))
 
     def line(self) -> str:
         return (

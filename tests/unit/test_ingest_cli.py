@@ -112,3 +112,18 @@ def test_a_rejected_line_over_64_kib_is_listed_as_cut_and_not_redriven(
     assert main(["dead-letter", *conf(tmp_path), "--redrive"]) == 0
     out = capsys.readouterr().out
     assert "redrive accepted 0 now, 0 still rejected" in out and "1 line was kept only in part" in out
+
+
+def test_several_files_get_a_summary_each_after_the_run_total(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    a.write_bytes(lines(4) + b"\n" + b'{"source": "fw", "time": "soon"}\n')
+    b.write_bytes(gzip.compress(lines(2, start=100) + b"{broken\n" + b'{"source": "fw"}\n'))
+    assert main(["init", *conf(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["ingest", *conf(tmp_path), str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert summary(out) == {"accepted": 6, "rejected": 3, "duplicates": 0}  # the run's total comes first
+    assert f"ingest: file {a}: accepted 4, rejected 1 (time 1), duplicates 0, empty lines 1, 6 lines" in out
+    assert f"ingest: file {b}: accepted 2, rejected 2 (json 1, time 1), duplicates 0, empty lines 0, 4 lines" in out
