@@ -24,6 +24,8 @@ from engine.core.clock import SYSTEM_CLOCK, database_offset
 from engine.core.config import Config, load
 from engine.core.errors import ConfigError, StorylineError, mask
 from engine.core.records import DEAD_LETTER_RAW_MAX
+from engine.ingest.canonical import MAX_NAME
+from engine.ingest.formats import FORMATS, Format, LineParser
 from engine.ingest.producer import (
     Ingestor,
     IngestSummary,
@@ -149,9 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=2_000, help="events to write (default 2000)")
     p = sub.add_parser("config", help="print the effective config as TOML-like lines (secrets hidden)")
     _common(p)
-    p = sub.add_parser("ingest", help="validate JSONL events (plain or gzip) and write them durably")
+    p = sub.add_parser("ingest", help="validate events (plain or gzip) and write them durably")
     _common(p)
-    p.add_argument("files", nargs="*", default=["-"], help="JSONL files, plain or gzip; - for stdin (default)")
+    p.add_argument("files", nargs="*", default=["-"], help="input files, plain or gzip; - for stdin (default)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="auto (default: decided per file from its first line), canonical (Storyline JSONL, docs/events.md), or"
+        " zeek (TSV or JSON logs)",
+    )
+    p.add_argument(
+        "--sensor",
+        help="the sensor name of a sensor format's records (default: from the records — Zeek's _node — else the"
+        " format's name); canonical lines name their own",
+    )
     p = sub.add_parser(
         "run",
         help="run the engine: a supervisor and worker processes over a shard range",
@@ -351,9 +365,11 @@ async def cmd_selftest(cfg: Config, n: int) -> int:
     return EXIT_OK
 
 
-async def cmd_ingest(cfg: Config, files: list[str]) -> int:
+async def cmd_ingest(cfg: Config, files: list[str], *, fmt: Format = "auto", sensor: str | None = None) -> int:
     if files.count("-") > 1:
         raise ConfigError("files", "- (standard input) can be read only once")
+    if sensor is not None and (not sensor or len(sensor) > MAX_NAME or not sensor.isprintable()):
+        raise ConfigError("--sensor", f"must be 1..{MAX_NAME} printable characters")
     tty = sys.stderr.isatty()
     if files == ["-"] and sys.stdin.isatty():
         print("ingest: reading JSONL events from standard input (end with Ctrl-D; or name files)", file=sys.stderr)
@@ -399,7 +415,7 @@ async def cmd_ingest(cfg: Config, files: list[str]) -> int:
             lines = InputLines(name, stream)
             with stream:
                 try:
-                    await ingestor.run(lines, progress)
+                    await ingestor.run(lines, progress, LineParser(fmt, sensor))
                 except StorylineError as exc:
                     _ingest_report(ingestor.summary, skew, tty)
                     print(
@@ -1002,7 +1018,7 @@ def main(argv: Sequence[str] | None = None, *, stage_factory: StageFactory | Non
         if args.command == "status":
             return asyncio.run(cmd_status(cfg, args.shards, args.json))
         if args.command == "ingest":
-            return asyncio.run(cmd_ingest(cfg, args.files))
+            return asyncio.run(cmd_ingest(cfg, args.files, fmt=args.format, sensor=args.sensor))
         if args.command == "dead-letter":
             return asyncio.run(cmd_dead_letter(cfg, args.redrive, args.limit))
     except ConfigError as exc:

@@ -166,14 +166,19 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     return Event(event_id, time_us, source, sensor, flow, rev, proto, src_ip, src_port, dst_ip, dst_port, attrs)
 
 
-def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
-    """One JSONL line → Event, or :class:`InputError` with the reason."""
+def check_line(line: bytes, rules: ParseRules) -> None:
+    """What every input line must be, whatever its format: within ``max_event_bytes``, valid UTF-8."""
     if len(line) > rules.max_event_bytes:
         raise InputError(f"line: {len(line)} bytes exceeds max_event_bytes ({rules.max_event_bytes})")
     try:
         line.decode("utf-8")  # msgspec does not validate UTF-8 inside strings
     except UnicodeDecodeError as u:
         raise InputError(f"json: invalid UTF-8 at byte {u.start}") from None
+
+
+def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
+    """One JSONL line → Event, or :class:`InputError` with the reason."""
+    check_line(line, rules)
     try:
         raw = _json_decoder.decode(line)
     except msgspec.ValidationError as exc:
@@ -182,8 +187,14 @@ def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
         raise InputError(f"json: {exc}") from None
     except RecursionError:  # only attrs holds untyped values that can nest
         raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
-    if raw.attrs and line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and _too_deep(raw.attrs):
+    if raw.attrs and line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and too_deep(raw.attrs):
         raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels")
+    return accept(raw, rules, now_ms)
+
+
+def accept(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
+    """A decoded input event (from a JSONL line or a sensor format's reader) → the stored :class:`Event`:
+    :func:`normalize`, then the check that its stored form exists and fits ``max_event_bytes``."""
     event = normalize(raw, rules, now_ms)
     # The stored form must exist and fit: msgpack holds no integer outside int64/uint64 (only attrs can carry
     # one), and it can be larger than the JSON (a 4-byte `1e5,` becomes a 9-byte float64).
@@ -196,7 +207,7 @@ def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
     return event
 
 
-def _too_deep(attrs: dict[str, Any]) -> bool:
+def too_deep(attrs: dict[str, Any]) -> bool:
     """Whether arrays/objects nest in attrs deeper than MAX_ATTRS_DEPTH (iterative: no recursion limit)."""
     stack: list[tuple[object, int]] = [(attrs, 1)]
     while stack:

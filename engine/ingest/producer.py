@@ -34,6 +34,7 @@ from engine.core.errors import InputError, StoreError, WriteTooLateError
 from engine.core.event import Event, encode
 from engine.core.records import DEAD_LETTER_RAW_MAX
 from engine.ingest.canonical import ParseRules, parse_line, shard_of
+from engine.ingest.formats import LineParser
 from engine.store import DeadLetter, EventRecord, Store
 
 # One append call carries at most this many events / bytes, so a retry or a re-bucketing redoes little.
@@ -204,6 +205,7 @@ class IngestSummary:
     rejected: int = 0
     duplicates: int = 0
     empty: int = 0
+    skipped: int = 0  # lines that carry no event (a Zeek log's header lines)
     lines: int = 0
     bytes: int = 0
     rebucketed: int = 0
@@ -225,7 +227,9 @@ class IngestSummary:
     def line(self) -> str:
         return (
             f"accepted {self.accepted:,}, rejected {self.rejected:,}, duplicates {self.duplicates:,}, "
-            f"empty lines {self.empty:,}, {self.bytes / 1e6:,.1f} MB in {self.seconds:,.2f} s "
+            f"empty lines {self.empty:,}, "
+            + (f"header lines {self.skipped:,}, " if self.skipped else "")
+            + f"{self.bytes / 1e6:,.1f} MB in {self.seconds:,.2f} s "
             f"({self.accepted / max(self.seconds, 1e-9):,.0f} events/s), re-bucketed writes {self.rebucketed:,}"
         )
 
@@ -308,11 +312,17 @@ class Ingestor:
         self.summary = IngestSummary()
         self._rules = producer.settings.rules
         self._batch_lines = producer.settings.batch_lines
+        self._parser: LineParser | None = None
 
     async def run(
-        self, lines: Iterable[tuple[str, int, bytes]], progress: Callable[[IngestSummary], None] | None = None
+        self,
+        lines: Iterable[tuple[str, int, bytes]],
+        progress: Callable[[IngestSummary], None] | None = None,
+        parser: LineParser | None = None,
     ) -> IngestSummary:
-        """Validate round N+1 while round N is being written (one round in flight: bounded memory)."""
+        """Validate round N+1 while round N is being written (one round in flight: bounded memory). ``parser``
+        reads the lines' format (default: canonical JSONL); give one per input."""
+        self._parser = parser
         t0 = time.perf_counter()
         pending: asyncio.Task[None] | None = None
         batch: list[tuple[str, int, bytes]] = []
@@ -348,6 +358,7 @@ class Ingestor:
         now = self.clock.now_ms()
         good: list[Event] = []
         bad: list[DeadLetter] = []
+        parser = self._parser
         for file, n, raw in batch:
             s.lines += 1
             s.bytes += len(raw) + 1
@@ -355,7 +366,11 @@ class Ingestor:
                 s.empty += 1
                 continue
             try:
-                good.append(parse_line(raw, self._rules, now))
+                event = parse_line(raw, self._rules, now) if parser is None else parser(raw, self._rules, now)
+                if event is None:
+                    s.skipped += 1
+                else:
+                    good.append(event)
             except InputError as exc:
                 reason = str(exc)
                 dl_id = dead_letter_id(file, n, raw)

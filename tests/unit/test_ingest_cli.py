@@ -127,3 +127,24 @@ def test_several_files_get_a_summary_each_after_the_run_total(
     assert summary(out) == {"accepted": 6, "rejected": 3, "duplicates": 0}  # the run's total comes first
     assert f"ingest: file {a}: accepted 4, rejected 1 (time 1), duplicates 0, empty lines 1, 6 lines" in out
     assert f"ingest: file {b}: accepted 2, rejected 2 (json 1, time 1), duplicates 0, empty lines 0, 4 lines" in out
+
+
+def test_a_zeek_tsv_log_is_ingested_by_auto_with_its_headers_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ts = time.time() - 600
+    f = tmp_path / "conn.log.gz"
+    header = (
+        "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n"
+        "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\torig_ip_bytes\n"
+        "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\tcount\n"
+    )
+    rows = "".join(f"{ts + i:.6f}\tC{i}\t10.0.0.{i}\t4000{i}\t10.0.1.1\t443\ttcp\t{100 * i}\n" for i in range(1, 6))
+    f.write_bytes(gzip.compress((header + rows + "1.0\tbroken\n").encode()))
+    assert main(["init", *conf(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["ingest", *conf(tmp_path), "--sensor", "zeek-edge", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert summary(out) == {"accepted": 5, "rejected": 1, "duplicates": 0} and "header lines 7" in out
+    assert main(["ingest", *conf(tmp_path), "--sensor", "bad\x01name", str(f)]) == 2
+    assert "--sensor: must be" in capsys.readouterr().err

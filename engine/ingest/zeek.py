@@ -1,0 +1,251 @@
+"""Zeek logs → canonical input events (docs/events.md, "Zeek"; research notes: docs/notes/input-formats.md §1).
+
+Both of Zeek's log writers are read:
+
+* **TSV** (the ASCII writer's default): ``#separator``, ``#set_separator``, ``#empty_field``, ``#unset_field``,
+  ``#path``, ``#fields`` and ``#types`` header lines set how the data lines that follow are read (any field
+  order; the header may repeat mid-file, as when logs are concatenated). Values: the unset token (``-``) leaves
+  the field out; the empty token (``(empty)``) is an empty string or container; ``\\xHH`` escapes (and ``\\\\``)
+  are decoded; sets and vectors are split on the set separator; each value is typed by its ``#types`` entry
+  (``count``/``int``/``port`` → int, ``time``/``interval``/``double`` → float seconds, ``bool`` → true/false).
+* **JSON** (``LogAscii::use_json``): one object per line with dotted keys (``"id.orig_h"``); ``ts`` as epoch
+  seconds, ISO 8601, or integer milliseconds (``JSON::TS_MILLIS``); ``_path`` names the log when present (the
+  json-streaming-logs package), else the log is told by its fields; ``_node`` or ``_system_name`` name the sensor.
+
+The canonical event: ``source`` = ``zeek.<path>``; ``sensor`` = the caller's ``--sensor``, else ``_node`` /
+``_system_name``, else ``zeek`` (never the file name: ids must not change when a file is renamed); ``time`` =
+``ts``; the flow = ``id.orig_h``/``id.orig_p`` → src, ``id.resp_h``/``id.resp_p`` → dst, with the transport from
+``ip_proto`` (Zeek ≥ 7.1), else ``proto``, else the log's (``http``, ``ssl``, ``ssh``, ``smtp``… are TCP); ICMP's
+type and code stay in the ports, as Zeek writes them. Zeek's originator opened the session: every flow record
+says ``initiator: "src"``. conn.log's IP-level counters become the figures fusion reads (``orig_ip_bytes`` →
+``src_bytes``, ``resp_ip_bytes`` → ``dst_bytes``, ``orig_pkts`` → ``src_packets``, ``resp_pkts`` →
+``dst_packets``: comparable with flow logs and firewalls, which count IP bytes); every other field stays in
+``attrs`` under its Zeek name. A record without a usable flow (dhcp.log, a transport Zeek does not know) is a
+flowless event with its addresses in ``attrs``.
+
+Pure; no I/O. A value that does not fit its declared type raises :class:`InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import msgspec
+
+from engine.core.errors import InputError
+
+from .canonical import MAX_ATTRS_DEPTH, InputEvent, too_deep
+
+__all__ = ["ZeekReader", "looks_like_zeek"]
+
+_TRANSPORTS: Final = {"tcp": 6, "udp": 17, "icmp": 1}
+# Logs of TCP-only protocols: their records name no transport.
+_TCP_LOGS: Final = frozenset(
+    {"http", "ssl", "ssh", "smtp", "ftp", "rdp", "smb_files", "smb_mapping", "mysql", "irc", "socks", "pop3", "imap",
+     "ldap", "rfb", "modbus", "dnp3", "ntlm", "dce_rpc", "x509", "websocket", "quic"}
+)  # fmt: skip
+_FIGURES: Final = {"orig_ip_bytes": "src_bytes", "resp_ip_bytes": "dst_bytes", "orig_pkts": "src_packets",
+                   "resp_pkts": "dst_packets"}  # fmt: skip
+_META: Final = frozenset({"_path", "_write_ts", "_node", "_system_name"})
+# Fields that tell a log apart when a JSON record has no _path (first match wins).
+_SIGNATURES: Final = (
+    ("conn", ("conn_state", "orig_ip_bytes", "history")),
+    ("dns", ("qtype_name", "rcode_name", "trans_id")),
+    ("http", ("status_code", "request_body_len", "trans_depth")),
+    ("ssl", ("server_name", "cipher", "ssl_history", "established")),
+    ("files", ("fuid", "seen_bytes", "mime_type")),
+    ("notice", ("note",)),
+    ("weird", ("addl", "peer")),
+    ("ssh", ("auth_success", "host_key", "auth_attempts")),
+    ("smtp", ("mailfrom", "rcptto", "helo")),
+    ("dhcp", ("msg_types", "assigned_addr", "lease_time")),
+)
+_ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|\\)")
+_json = msgspec.json.Decoder(dict[str, Any])
+
+
+def looks_like_zeek(first: bytes) -> bool:
+    """Whether an input's first line is Zeek's: a TSV ``#separator`` header, or a JSON object with ``_path``, or
+    with ``uid`` and ``id.orig_h`` (conn, dns, http… records)."""
+    if first.startswith(b"#separator"):
+        return True
+    if not first.lstrip().startswith(b"{"):
+        return False
+    try:
+        obj = _json.decode(first)
+    except msgspec.DecodeError:
+        return False
+    return "_path" in obj or ("uid" in obj and "id.orig_h" in obj) or ("uids" in obj and "ts" in obj)
+
+
+def _unescape(value: bytes) -> str:
+    if b"\\" in value:
+        value = _ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]), value)
+    return value.decode("utf-8", "backslashreplace")
+
+
+def _scalar(kind: str, text: str, field: str) -> Any:
+    try:
+        if kind in ("count", "int", "port"):
+            return int(text)
+        if kind in ("time", "interval", "double"):
+            return float(text)
+    except ValueError:
+        raise InputError(f"{field}: {text[:40]!r} is not a Zeek {kind}") from None
+    if kind == "bool":
+        if text in ("T", "F"):
+            return text == "T"
+        raise InputError(f"{field}: {text[:40]!r} is not a Zeek bool (T or F)")
+    return text
+
+
+class ZeekReader:
+    """Reads one Zeek log input, line by line: :meth:`record` gives the canonical input event of a data line and
+    ``None`` for a header line. The TSV header state is this input's; make one reader per file."""
+
+    def __init__(self, sensor: str | None = None) -> None:
+        self.sensor = sensor
+        self.path: str | None = None
+        self._sep = b"\t"
+        self._set_sep = b","
+        self._empty = b"(empty)"
+        self._unset = b"-"
+        self._fields: list[str] = []
+        self._types: list[str] = []
+
+    def record(self, line: bytes) -> InputEvent | None:
+        if line.startswith(b"#"):
+            self._header(line)
+            return None
+        if line.lstrip().startswith(b"{"):
+            try:
+                rec = _json.decode(line)
+            except msgspec.ValidationError:
+                raise InputError("json: a Zeek JSON line must be an object") from None
+            except msgspec.DecodeError as exc:
+                raise InputError(f"json: {exc}") from None
+            except RecursionError:
+                raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
+            if line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and too_deep(rec):
+                raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels")
+            path = rec.get("_path") if isinstance(rec.get("_path"), str) else None
+        else:
+            rec = self._tsv(line)
+            path = self.path
+        return self._event(rec, path)
+
+    # -- TSV -----------------------------------------------------------------------------------------------
+    def _header(self, line: bytes) -> None:
+        if line.startswith(b"#separator "):
+            sep = _unescape(line[len(b"#separator ") :].strip()).encode()
+            if len(sep) != 1:
+                raise InputError(f"zeek: #separator must be one byte, got {sep!r}")
+            self._sep = sep
+            return
+        key, _, rest = line.partition(self._sep)
+        values = rest.split(self._sep)
+        if key == b"#set_separator":
+            self._set_sep = _unescape(rest).encode()
+        elif key == b"#empty_field":
+            self._empty = _unescape(rest).encode()
+        elif key == b"#unset_field":
+            self._unset = _unescape(rest).encode()
+        elif key == b"#path":
+            self.path = _unescape(rest)
+        elif key == b"#fields":
+            self._fields = [_unescape(v) for v in values]
+            self._types = []
+        elif key == b"#types":
+            self._types = [_unescape(v) for v in values]
+        # #open, #close and comments carry nothing an event needs
+
+    def _tsv(self, line: bytes) -> dict[str, Any]:
+        if not self._fields:
+            raise InputError("zeek: a data line before any #fields header (not a Zeek log, or its header is missing)")
+        values = line.split(self._sep)
+        if len(values) != len(self._fields):
+            raise InputError(f"zeek: {len(values)} values for {len(self._fields)} #fields")
+        types = self._types if len(self._types) == len(self._fields) else ["string"] * len(self._fields)
+        rec: dict[str, Any] = {}
+        for field, kind, raw in zip(self._fields, types, values, strict=True):
+            if raw == self._unset:
+                continue
+            container = kind.endswith("]") and "[" in kind
+            if raw == self._empty:
+                rec[field] = [] if container else ""
+            elif container:
+                inner = kind[kind.index("[") + 1 : -1]
+                rec[field] = [_scalar(inner, _unescape(v), field) for v in raw.split(self._set_sep)]
+            else:
+                rec[field] = _scalar(kind, _unescape(raw), field)
+        return rec
+
+    # -- the canonical event -------------------------------------------------------------------------------
+    def _event(self, rec: dict[str, Any], path: str | None) -> InputEvent:
+        if path is None:
+            path = next((p for p, keys in _SIGNATURES if any(k in rec for k in keys)), "log")
+        ts = rec.pop("ts", None)
+        if ts is None:
+            raise InputError(f"ts: required (zeek {path})")
+        if isinstance(ts, bool) or not isinstance(ts, int | float | str):
+            raise InputError(f"ts: expected epoch seconds or ISO 8601, got {type(ts).__name__}")
+        if isinstance(ts, int) and abs(ts) >= 10**11:  # JSON::TS_MILLIS
+            ts = ts / 1000
+        sensor = self.sensor
+        if sensor is None:
+            named = rec.get("_node", rec.get("_system_name"))
+            sensor = named if isinstance(named, str) and named else "zeek"
+        for key in _META:
+            rec.pop(key, None)
+        orig_h, resp_h = rec.pop("id.orig_h", None), rec.pop("id.resp_h", None)
+        orig_p, resp_p = rec.pop("id.orig_p", None), rec.pop("id.resp_p", None)
+        proto = self._proto(rec, path, orig_h, resp_h)
+        if proto is None or not isinstance(orig_h, str) or not isinstance(resp_h, str):
+            # flowless: the addresses stay as attributes
+            for key, value in (
+                ("id.orig_h", orig_h),
+                ("id.orig_p", orig_p),
+                ("id.resp_h", resp_h),
+                ("id.resp_p", resp_p),
+            ):
+                if value is not None:
+                    rec[key] = value
+            return InputEvent(source=f"zeek.{path}", time=ts, sensor=sensor, attrs=rec)
+        for zeek_name, figure in _FIGURES.items():
+            if zeek_name in rec:
+                rec[figure] = rec.pop(zeek_name)
+        rec["initiator"] = "src"
+        ports = proto in (1, 6, 17, 58, 132)
+        return InputEvent(
+            source=f"zeek.{path}",
+            time=ts,
+            sensor=sensor,
+            proto=proto,
+            src_ip=orig_h,
+            src_port=_port(orig_p, "id.orig_p") if ports else None,
+            dst_ip=resp_h,
+            dst_port=_port(resp_p, "id.resp_p") if ports else None,
+            attrs=rec,
+        )
+
+    @staticmethod
+    def _proto(rec: dict[str, Any], path: str, orig_h: object, resp_h: object) -> int | None:
+        number = rec.get("ip_proto")
+        if isinstance(number, int) and not isinstance(number, bool) and 0 <= number <= 255:
+            return number
+        name = rec.get("proto")
+        if isinstance(name, str):
+            proto = _TRANSPORTS.get(name.lower())
+            if proto == 1 and ":" in f"{orig_h}{resp_h}":
+                return 58  # Zeek's transport enum calls ICMPv6 "icmp" too
+            return proto  # unknown_transport: no flow
+        return 6 if path in _TCP_LOGS else None
+
+
+def _port(value: object, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{field}: expected a port number, got {value!r}"[:120])
+    return value

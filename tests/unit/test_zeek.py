@@ -1,0 +1,286 @@
+"""Zeek logs in (issue 18): TSV and JSON records written by the team from Zeek's documented formats (no copied log
+files), the canonical events they become, and the malformed variants that must be rejected naming the field."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from engine.core.errors import ConfigError, InputError
+from engine.core.event import Event
+from engine.ingest.canonical import ParseRules
+from engine.ingest.formats import LineParser
+from engine.ingest.zeek import ZeekReader, looks_like_zeek
+
+NOW_MS = int(time.time() * 1000)
+TS = NOW_MS / 1000 - 3600  # an hour ago, as Zeek writes it: epoch seconds with 6 decimals
+RULES = ParseRules()
+
+CONN_HEADER = [
+    "#separator \\x09",
+    "#set_separator\t,",
+    "#empty_field\t(empty)",
+    "#unset_field\t-",
+    "#path\tconn",
+    "#open\t2026-12-05-10-00-00",
+    "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\tservice\tduration\torig_bytes\tresp_bytes"
+    "\tconn_state\tlocal_orig\thistory\torig_pkts\torig_ip_bytes\tresp_pkts\tresp_ip_bytes\ttunnel_parents",
+    "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\tstring\tinterval\tcount\tcount\tstring\tbool\tstring\tcount"
+    "\tcount\tcount\tcount\tset[string]",
+]
+
+
+def record(**fields: object) -> str:
+    """A Zeek JSON line (dotted keys are passed with ``**{...}``)."""
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def conn_line(*values: object) -> str:
+    return "\t".join(str(v) for v in values)
+
+
+def parse_all(lines: list[str], sensor: str | None = None) -> list[Event | None]:
+    parser = LineParser("auto", sensor)
+    return [parser(line.encode(), RULES, NOW_MS) for line in lines]
+
+
+def test_a_conn_log_in_tsv_becomes_flow_events_with_the_originator_as_source() -> None:
+    lines = [
+        *CONN_HEADER,
+        conn_line(
+            f"{TS:.6f}",
+            "CAbc1",
+            "10.0.0.5",
+            52100,
+            "93.184.216.34",
+            443,
+            "tcp",
+            "ssl",
+            "2.500000",
+            700,
+            5200,
+            "SF",
+            "T",
+            "ShADadFf",
+            12,
+            1400,
+            10,
+            5800,
+            "(empty)",
+        ),
+        conn_line(
+            f"{TS + 1:.6f}",
+            "CDns2",
+            "10.0.0.5",
+            40000,
+            "10.0.0.53",
+            53,
+            "udp",
+            "dns",
+            "0.010000",
+            40,
+            120,
+            "SF",
+            "-",
+            "Dd",
+            1,
+            68,
+            1,
+            148,
+            "CAbc1,CXyz9",
+        ),
+        conn_line(
+            f"{TS + 2:.6f}",
+            "CIcmp3",
+            "10.0.0.5",
+            8,
+            "10.0.0.1",
+            0,
+            "icmp",
+            "-",
+            "0.001000",
+            56,
+            56,
+            "OTH",
+            "-",
+            "-",
+            1,
+            84,
+            1,
+            84,
+            "-",
+        ),
+        "#close\t2026-12-05-11-00-00",
+    ]
+    out = parse_all(lines)
+    assert out[: len(CONN_HEADER)] == [None] * len(CONN_HEADER) and out[-1] is None
+    tcp, udp, icmp = (e for e in out if e is not None)
+    assert (tcp.source, tcp.sensor, tcp.proto, tcp.src_ip, tcp.src_port, tcp.dst_ip, tcp.dst_port) == (
+        "zeek.conn",
+        "zeek",
+        6,
+        "10.0.0.5",
+        52100,
+        "93.184.216.34",
+        443,
+    )
+    assert tcp.time_us == round(float(f"{TS:.6f}") * 1_000_000)
+    # IP-level counters become the figures fusion reads; the payload counters stay as Zeek names them
+    assert tcp.attrs["src_bytes"] == 1400 and tcp.attrs["dst_bytes"] == 5800
+    assert tcp.attrs["src_packets"] == 12 and tcp.attrs["dst_packets"] == 10
+    assert tcp.attrs["orig_bytes"] == 700 and "orig_ip_bytes" not in tcp.attrs
+    assert tcp.attrs["initiator"] == "src" and tcp.attrs["uid"] == "CAbc1" and tcp.attrs["duration"] == 2.5
+    assert tcp.attrs["local_orig"] is True and tcp.attrs["tunnel_parents"] == []
+    assert "local_orig" not in udp.attrs  # unset: left out
+    assert udp.proto == 17 and udp.attrs["tunnel_parents"] == ["CAbc1", "CXyz9"]
+    assert (icmp.proto, icmp.src_port, icmp.dst_port) == (1, 8, 0)  # ICMP type and code in the ports
+
+
+def test_tsv_escapes_a_custom_header_and_a_repeated_header() -> None:
+    lines = [
+        "#separator \\x7c",  # '|'
+        "#set_separator|;",
+        "#empty_field|EMPTY",
+        "#unset_field|NONE",
+        "#path|http",
+        "#fields|ts|uid|id.orig_h|id.orig_p|id.resp_h|id.resp_p|method|uri|user_agent|tags|status_code",
+        "#types|time|string|addr|port|addr|port|string|string|string|set[enum]|count",
+        f"{TS:.6f}|CH1|10.1.1.1|50000|10.2.2.2|80|GET|/a\\x7cb\\x09c|\\x2d|EMPTY|NONE",
+        "#fields|ts|uid|id.orig_h|id.orig_p|id.resp_h|id.resp_p|status_code|method|uri|user_agent|tags",
+        "#types|time|string|addr|port|addr|port|count|string|string|string|set[enum]",
+        f"{TS:.6f}|CH2|10.1.1.1|50001|10.2.2.2|80|404|POST|/x|curl\\\\8|A;B",
+    ]
+    first, second = (e for e in parse_all(lines) if e is not None)
+    assert first.source == "zeek.http" and first.proto == 6  # http.log names no transport: TCP
+    assert first.attrs["uri"] == "/a|b\tc" and first.attrs["user_agent"] == "-"  # an escaped unset token is a value
+    assert first.attrs["tags"] == [] and "status_code" not in first.attrs
+    assert second.attrs["status_code"] == 404 and second.attrs["user_agent"] == "curl\\8"
+    assert second.attrs["tags"] == ["A", "B"]
+
+
+def test_zeek_json_records_with_and_without_path_and_three_timestamp_forms() -> None:
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(TS)) + ".250000Z"
+    flow = {"id.orig_h": "10.0.0.5", "id.orig_p": 5000, "id.resp_h": "10.0.0.9", "id.resp_p": 22}
+    lines = [
+        record(
+            _path="conn",
+            _write_ts="x",
+            _node="worker-02",
+            ts=TS,
+            uid="C1",
+            **flow,
+            proto="tcp",
+            orig_ip_bytes=99,
+            ip_proto=6,
+        ),
+        record(
+            ts=iso,
+            uid="C2",
+            **{**flow, "id.orig_p": 5353, "id.resp_h": "10.0.0.53", "id.resp_p": 53},
+            proto="udp",
+            trans_id=7,
+            query="example.org",
+            qtype_name="A",
+            rcode_name="NOERROR",
+            answers=["1.2.3.4"],
+        ),
+        record(
+            ts=int(TS * 1000),
+            uid="C3",
+            **{"id.orig_h": "2001:db8::1", "id.orig_p": 128, "id.resp_h": "2001:db8::2", "id.resp_p": 0},
+            proto="icmp",
+            conn_state="OTH",
+        ),
+        record(
+            ts=TS,
+            uid="C4",
+            **{**flow, "id.orig_p": 0, "id.resp_h": "224.0.0.5", "id.resp_p": 0},
+            proto="unknown_transport",
+            ip_proto=89,
+            conn_state="OTH",
+        ),
+        record(ts=TS, uids=["C5", "C6"], mac="aa:bb:cc:dd:ee:ff", assigned_addr="10.0.0.77", msg_types=["ACK"]),
+    ]
+    assert looks_like_zeek(lines[0].encode()) and looks_like_zeek(lines[4].encode())
+    conn, dns, icmp6, ospf, dhcp = (e for e in parse_all(lines) if e is not None)
+    assert (conn.source, conn.sensor, conn.attrs["src_bytes"]) == ("zeek.conn", "worker-02", 99)
+    assert "_write_ts" not in conn.attrs and "_node" not in conn.attrs
+    assert dns.source == "zeek.dns" and dns.sensor == "zeek" and dns.proto == 17  # told by its fields
+    assert dns.time_us % 1_000_000 == 250_000
+    assert icmp6.proto == 58 and icmp6.time_us == int(TS * 1000) * 1000  # integer ms (JSON::TS_MILLIS); ICMPv6
+    assert ospf.proto == 89 and ospf.src_port is None and ospf.dst_port is None
+    assert dhcp.source == "zeek.dhcp" and dhcp.flow is None and dhcp.attrs["uids"] == ["C5", "C6"]
+
+
+def test_the_sensor_option_names_the_sensor_and_the_file_name_never_does() -> None:
+    line = record(
+        _path="conn",
+        ts=TS,
+        uid="C1",
+        **{"id.orig_h": "10.0.0.5", "id.orig_p": 5000, "id.resp_h": "10.0.0.9", "id.resp_p": 22},
+        proto="tcp",
+    )
+    (named,) = parse_all([line], sensor="zeek-dmz")
+    (default,) = parse_all([line])
+    assert named is not None and default is not None
+    assert named.sensor == "zeek-dmz" and default.sensor == "zeek" and named.id != default.id
+    assert parse_all([line])[0] == default  # the same record, the same id
+
+
+@pytest.mark.parametrize(
+    ("lines", "reason"),
+    [
+        ([*CONN_HEADER, "1.0\tC1\t10.0.0.1"], r"^zeek: 3 values for 19 #fields$"),
+        (
+            [*CONN_HEADER, conn_line(TS, "C", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", "-", "-", "many", *["-"] * 9)],
+            r"^orig_bytes: 'many' is not a Zeek count$",
+        ),
+        (
+            [
+                *CONN_HEADER,
+                conn_line(TS, "C", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", "-", "-", "-", "-", "-", "yes", *["-"] * 6),
+            ],
+            r"^local_orig: 'yes' is not a Zeek bool",
+        ),
+        ([*CONN_HEADER, conn_line("-", "C", "10.0.0.1", 1, "10.0.0.2", 2, "tcp", *["-"] * 12)], r"^ts: required"),
+        ([*CONN_HEADER, conn_line(TS, "C", "10.0.0.1", 99999, "10.0.0.2", 2, "tcp", *["-"] * 12)], r"^src_port:"),
+        (["#separator \\x09", "#path\tconn", "1.0\tC1"], r"^zeek: a data line before any #fields header"),
+        (['{"_path":"conn","uid":"C1","id.orig_h":"10.0.0.1","id.resp_h":"10.0.0.2","proto":"tcp"}'], r"^ts: required"),
+        (['{"_path":"conn","ts":true,"uid":"C1"}'], r"^ts: expected epoch seconds"),
+        (
+            [
+                record(
+                    _path="conn",
+                    ts=TS,
+                    uid="C1",
+                    **{"id.orig_h": "10.0.0.1", "id.orig_p": "x", "id.resp_h": "10.0.0.2"},
+                    proto="tcp",
+                )
+            ],
+            r"^id.orig_p: expected a port number",
+        ),
+        (
+            [record(_path="conn", ts=TS, uid="C1", **{"id.orig_h": "nope", "id.resp_h": "10.0.0.2"}, proto="tcp")],
+            r"^src_ip:",
+        ),
+    ],
+)
+def test_malformed_zeek_records_are_rejected_naming_the_field(lines: list[str], reason: str) -> None:
+    parser = LineParser("zeek")
+    with pytest.raises(InputError, match=reason):
+        for line in lines:
+            parser(line.encode(), RULES, NOW_MS)
+
+
+def test_auto_tells_zeek_from_canonical_per_input_and_an_unknown_format_is_a_usage_error() -> None:
+    canonical = b'{"source": "fw", "time": %.3f}' % TS
+    assert not looks_like_zeek(canonical) and not looks_like_zeek(b"not json")
+    event = LineParser("auto")(canonical, RULES, NOW_MS)
+    assert event is not None and event.source == "fw"
+    with pytest.raises(InputError, match="unknown field"):  # a Zeek record read as canonical
+        LineParser("canonical")(b'{"_path":"conn","ts":1.0,"uid":"C1"}', RULES, NOW_MS)
+    with pytest.raises(ConfigError, match="--format"):
+        LineParser("pcap")  # type: ignore[arg-type]
+    assert ZeekReader().record(b"#close\t2026-12-05-11-00-00") is None
