@@ -442,7 +442,8 @@ async def cmd_ingest(cfg: Config, files: list[str], *, fmt: Format = "auto", sen
                 print(
                     f"ingest: file {name}: accepted {s.accepted:,}, rejected {s.rejected:,}"
                     + (f" ({reasons})" if reasons else "")
-                    + f", duplicates {s.duplicates:,}, empty lines {s.empty:,}, {s.lines:,} lines"
+                    + f", duplicates {s.duplicates:,}, empty lines {s.empty:,}, {s.lines:,}"
+                    + (" line" if s.lines == 1 else " lines")
                 )
         if interrupted:
             where = f"; {lines.name} stopped after line {lines.stopped_after:,}" if lines is not None else ""
