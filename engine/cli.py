@@ -158,13 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=FORMATS,
         default="auto",
-        help="auto (default: decided per file from its first line), canonical (Storyline JSONL, docs/events.md), or"
-        " zeek (TSV or JSON logs)",
+        help="auto (default: decided per file from its first line), canonical (Storyline JSONL, docs/events.md),"
+        " zeek (TSV or JSON logs) or eve (Suricata EVE JSON)",
     )
     p.add_argument(
         "--sensor",
-        help="the sensor name of a sensor format's records (default: from the records — Zeek's _node — else the"
-        " format's name); canonical lines name their own",
+        help="the sensor name of a sensor format's records (default: from the records — Zeek's _node, EVE's host —"
+        " else the format's name); canonical lines name their own",
     )
     p = sub.add_parser(
         "run",
@@ -413,9 +413,10 @@ async def cmd_ingest(cfg: Config, files: list[str], *, fmt: Format = "auto", sen
             except OSError as exc:
                 raise ConfigError("files", f"cannot open {name}: {exc.strerror or exc}") from None
             lines = InputLines(name, stream)
+            parser = LineParser(fmt, sensor, cfg.ingest.community_id_seed)
             with stream:
                 try:
-                    await ingestor.run(lines, progress, LineParser(fmt, sensor))
+                    await ingestor.run(lines, progress, parser)
                 except StorylineError as exc:
                     _ingest_report(ingestor.summary, skew, tty)
                     print(
@@ -426,6 +427,13 @@ async def cmd_ingest(cfg: Config, files: list[str], *, fmt: Format = "auto", sen
                     )
                     return EXIT_FAIL
             per_file.append((name, ingestor.summary.since(before)))
+            if parser.eve.community_id_mismatches:
+                print(
+                    f"storyline: {name}: {parser.eve.community_id_mismatches:,} EVE records name a community_id that"
+                    f" differs from Storyline's (first: {parser.eve.first_mismatch}); check ingest.community_id_seed"
+                    " against Suricata's community-id-seed",
+                    file=sys.stderr,
+                )
             if lines.error is not None:
                 print(
                     f"storyline: reading {name} stopped after line {lines.stopped_after:,}: {lines.error}; every"

@@ -1,8 +1,9 @@
 """Input formats: which reader turns an input's lines into events (``storyline ingest --format``).
 
 ``canonical`` is Storyline's JSONL (docs/events.md); ``zeek`` reads Zeek's TSV and JSON logs
-(:mod:`engine.ingest.zeek`); ``auto`` (the default) decides per input from its first line that is not empty: a
-Zeek header or Zeek JSON record, else canonical. A :class:`LineParser` serves one input (a Zeek TSV header's
+(:mod:`engine.ingest.zeek`); ``eve`` Suricata's EVE JSON (:mod:`engine.ingest.eve`); ``auto`` (the default)
+decides per input from its first line that is not empty: a Zeek header or Zeek JSON record, an EVE record
+(``event_type`` and ``timestamp``), else canonical. A :class:`LineParser` serves one input (a Zeek TSV header's
 state is that file's). Pure; no I/O.
 """
 
@@ -14,30 +15,33 @@ from engine.core.errors import ConfigError
 from engine.core.event import Event
 
 from .canonical import ParseRules, accept, check_line, parse_line
+from .eve import EveReader, looks_like_eve
 from .zeek import ZeekReader, looks_like_zeek
 
 __all__ = ["FORMATS", "Format", "LineParser"]
 
-Format = Literal["auto", "canonical", "zeek"]
-FORMATS: Final[tuple[Format, ...]] = ("auto", "canonical", "zeek")
+Format = Literal["auto", "canonical", "zeek", "eve"]
+FORMATS: Final[tuple[Format, ...]] = ("auto", "canonical", "zeek", "eve")
 
 
 class LineParser:
     """One input's lines → events: ``parser(line, rules, now_ms)`` gives the :class:`Event` of a line, ``None``
     for a line that carries none (a Zeek header), or raises :class:`~engine.core.errors.InputError` naming the
-    field. ``sensor`` names the sensor of a sensor format's records (canonical lines name their own)."""
+    field. ``sensor`` names the sensor of a sensor format's records (canonical lines name their own);
+    ``community_id_seed`` is the deployment's (``ingest.community_id_seed``), to check EVE's own Community IDs."""
 
-    def __init__(self, fmt: Format = "auto", sensor: str | None = None) -> None:
+    def __init__(self, fmt: Format = "auto", sensor: str | None = None, community_id_seed: int = 0) -> None:
         if fmt not in FORMATS:
             raise ConfigError("--format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
         self.format: Format | None = None if fmt == "auto" else fmt
-        self._zeek = ZeekReader(sensor)
+        self.zeek = ZeekReader(sensor)
+        self.eve = EveReader(sensor, community_id_seed)
 
     def __call__(self, line: bytes, rules: ParseRules, now_ms: int) -> Event | None:
         if self.format is None:
-            self.format = "zeek" if looks_like_zeek(line) else "canonical"
+            self.format = "zeek" if looks_like_zeek(line) else "eve" if looks_like_eve(line) else "canonical"
         if self.format == "canonical":
             return parse_line(line, rules, now_ms)
         check_line(line, rules)
-        record = self._zeek.record(line)
+        record = self.zeek.record(line) if self.format == "zeek" else self.eve.record(line)
         return None if record is None else accept(record, rules, now_ms)
