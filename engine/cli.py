@@ -159,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         default="auto",
         help="auto (default: decided per file from its first line), canonical (Storyline JSONL, docs/events.md),"
-        " zeek (TSV or JSON logs) or eve (Suricata EVE JSON)",
+        " zeek (TSV or JSON logs), eve (Suricata EVE JSON) or vpcflow (AWS VPC Flow Logs, text)",
     )
     p.add_argument(
         "--sensor",
-        help="the sensor name of a sensor format's records (default: from the records — Zeek's _node, EVE's host —"
-        " else the format's name); canonical lines name their own",
+        help="the sensor name of a sensor format's records (default: from the records — Zeek's _node, EVE's host,"
+        " vpcflow-<account id> — else the format's name); canonical lines name their own",
     )
     p = sub.add_parser(
         "run",
@@ -427,6 +427,11 @@ async def cmd_ingest(cfg: Config, files: list[str], *, fmt: Format = "auto", sen
                     )
                     return EXIT_FAIL
             per_file.append((name, ingestor.summary.since(before)))
+            if parser.vpcflow.nodata or parser.vpcflow.skipdata:
+                print(
+                    f"ingest: file {name}: {parser.vpcflow.nodata:,} NODATA and {parser.vpcflow.skipdata:,} SKIPDATA"
+                    " VPC records (no flow; counted as skipped lines)"
+                )
             if parser.eve.community_id_mismatches:
                 print(
                     f"storyline: {name}: {parser.eve.community_id_mismatches:,} EVE records name a community_id that"

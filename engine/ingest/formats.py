@@ -1,9 +1,10 @@
 """Input formats: which reader turns an input's lines into events (``storyline ingest --format``).
 
 ``canonical`` is Storyline's JSONL (docs/events.md); ``zeek`` reads Zeek's TSV and JSON logs
-(:mod:`engine.ingest.zeek`); ``eve`` Suricata's EVE JSON (:mod:`engine.ingest.eve`); ``auto`` (the default)
-decides per input from its first line that is not empty: a Zeek header or Zeek JSON record, an EVE record
-(``event_type`` and ``timestamp``), else canonical. A :class:`LineParser` serves one input (a Zeek TSV header's
+(:mod:`engine.ingest.zeek`); ``eve`` Suricata's EVE JSON (:mod:`engine.ingest.eve`); ``vpcflow`` AWS VPC Flow
+Logs in text (:mod:`engine.ingest.vpcflow`); ``auto`` (the default) decides per input from its first line that is
+not empty: a Zeek header or Zeek JSON record, an EVE record (``event_type`` and ``timestamp``), a VPC header or
+default-layout record, else canonical. A :class:`LineParser` serves one input (a Zeek TSV header's
 state is that file's). Pure; no I/O.
 """
 
@@ -16,12 +17,13 @@ from engine.core.event import Event
 
 from .canonical import ParseRules, accept, check_line, parse_line
 from .eve import EveReader, looks_like_eve
+from .vpcflow import VpcFlowReader, looks_like_vpcflow
 from .zeek import ZeekReader, looks_like_zeek
 
 __all__ = ["FORMATS", "Format", "LineParser"]
 
-Format = Literal["auto", "canonical", "zeek", "eve"]
-FORMATS: Final[tuple[Format, ...]] = ("auto", "canonical", "zeek", "eve")
+Format = Literal["auto", "canonical", "zeek", "eve", "vpcflow"]
+FORMATS: Final[tuple[Format, ...]] = ("auto", "canonical", "zeek", "eve", "vpcflow")
 
 
 class LineParser:
@@ -36,12 +38,22 @@ class LineParser:
         self.format: Format | None = None if fmt == "auto" else fmt
         self.zeek = ZeekReader(sensor)
         self.eve = EveReader(sensor, community_id_seed)
+        self.vpcflow = VpcFlowReader(sensor)
 
     def __call__(self, line: bytes, rules: ParseRules, now_ms: int) -> Event | None:
         if self.format is None:
-            self.format = "zeek" if looks_like_zeek(line) else "eve" if looks_like_eve(line) else "canonical"
+            self.format = (
+                "zeek"
+                if looks_like_zeek(line)
+                else "eve"
+                if looks_like_eve(line)
+                else "vpcflow"
+                if looks_like_vpcflow(line)
+                else "canonical"
+            )
         if self.format == "canonical":
             return parse_line(line, rules, now_ms)
         check_line(line, rules)
-        record = self.zeek.record(line) if self.format == "zeek" else self.eve.record(line)
+        reader = self.zeek if self.format == "zeek" else self.eve if self.format == "eve" else self.vpcflow
+        record = reader.record(line)
         return None if record is None else accept(record, rules, now_ms)

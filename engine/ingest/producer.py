@@ -205,7 +205,7 @@ class IngestSummary:
     rejected: int = 0
     duplicates: int = 0
     empty: int = 0
-    skipped: int = 0  # lines that carry no event (a Zeek log's header lines, EVE stats records)
+    skipped: int = 0  # lines that carry no event (header lines, EVE stats records, VPC NODATA/SKIPDATA records)
     lines: int = 0
     bytes: int = 0
     rebucketed: int = 0
@@ -228,7 +228,7 @@ class IngestSummary:
         return (
             f"accepted {self.accepted:,}, rejected {self.rejected:,}, duplicates {self.duplicates:,}, "
             f"empty lines {self.empty:,}, "
-            + (f"skipped lines {self.skipped:,} (headers, stats), " if self.skipped else "")
+            + (f"skipped lines {self.skipped:,} (headers, stats, no data), " if self.skipped else "")
             + f"{self.bytes / 1e6:,.1f} MB in {self.seconds:,.2f} s "
             f"({self.accepted / max(self.seconds, 1e-9):,.0f} events/s), re-bucketed writes {self.rebucketed:,}"
         )

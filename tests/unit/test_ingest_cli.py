@@ -145,6 +145,9 @@ def test_a_zeek_tsv_log_is_ingested_by_auto_with_its_headers_counted(
     capsys.readouterr()
     assert main(["ingest", *conf(tmp_path), "--sensor", "zeek-edge", str(f)]) == 0
     out = capsys.readouterr().out
-    assert summary(out) == {"accepted": 5, "rejected": 1, "duplicates": 0} and "skipped lines 7 (headers, stats)" in out
+    assert (
+        summary(out) == {"accepted": 5, "rejected": 1, "duplicates": 0}
+        and "skipped lines 7 (headers, stats, no data)" in out
+    )
     assert main(["ingest", *conf(tmp_path), "--sensor", "bad\x01name", str(f)]) == 2
     assert "--sensor: must be" in capsys.readouterr().err
