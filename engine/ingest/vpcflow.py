@@ -11,10 +11,11 @@ The canonical event: ``source`` = ``vpcflow``; ``sensor`` = the caller's ``--sen
 id>`` (never the interface: observers and clock offsets are per sensor); ``time`` = ``start`` (epoch seconds);
 the flow from ``protocol``, ``srcaddr``/``srcport``, ``dstaddr``/``dstport``. VPC logs ICMP with ports 0 0, which
 say nothing of the type and code; they are kept as logged (ICMP's ports are its type and code, so such a record
-reads as an echo reply, which Community ID pairs with echo requests) and ``icmp_type_unknown`` says so. ``bytes``/``packets`` are what the record's
-source sent (``src_bytes``/``src_packets``); ``tcp-flags`` (version 3+) tell who opened a TCP session: SYN
-without ACK (2) from src → ``initiator: "src"``, SYN-ACK (18) → ``"dst"``. Every other field stays in ``attrs``
-under its name (``end``, ``action``, ``interface-id``, ``pkt-srcaddr``…), numbers as integers.
+reads as an echo reply, which Community ID pairs with echo requests) and ``icmp_type_unknown`` says so.
+``bytes``/``packets`` are what the record's source sent (``src_bytes``/``src_packets``); ``tcp-flags`` (version
+3+) tell who opened a TCP session: SYN without ACK (2) from src → ``initiator: "src"``, SYN-ACK (18) →
+``"dst"``. Every other field stays in ``attrs`` under its name (``end``, ``action``, ``interface-id``,
+``pkt-srcaddr``…), numbers as integers.
 
 ``NODATA`` and ``SKIPDATA`` records (no traffic in the window; records AWS skipped) carry no flow: they are
 counted (:attr:`VpcFlowReader.nodata`, :attr:`VpcFlowReader.skipdata`), not rejected.
