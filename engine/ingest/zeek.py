@@ -29,6 +29,7 @@ Pure; no I/O. A value that does not fit its declared type raises :class:`InputEr
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -85,19 +86,21 @@ def _unescape(value: bytes) -> str:
     return value.decode("utf-8", "backslashreplace")
 
 
-def _scalar(kind: str, text: str, field: str) -> Any:
-    try:
-        if kind in ("count", "int", "port"):
-            return int(text)
-        if kind in ("time", "interval", "double"):
-            return float(text)
-    except ValueError:
-        raise InputError(f"{field}: {text[:40]!r} is not a Zeek {kind}") from None
-    if kind == "bool":
-        if text in ("T", "F"):
-            return text == "T"
-        raise InputError(f"{field}: {text[:40]!r} is not a Zeek bool (T or F)")
-    return text
+def _text(raw: bytes) -> str:
+    return _unescape(raw) if b"\\" in raw else raw.decode("utf-8", "backslashreplace")
+
+
+def _bool(raw: bytes) -> bool:
+    if raw == b"T":
+        return True
+    if raw == b"F":
+        return False
+    raise ValueError(raw)
+
+
+_CONVERTERS: Final[dict[str, Callable[[bytes], Any]]] = {
+    "count": int, "int": int, "port": int, "time": float, "interval": float, "double": float, "bool": _bool,
+}  # fmt: skip
 
 
 class ZeekReader:
@@ -113,6 +116,7 @@ class ZeekReader:
         self._unset = b"-"
         self._fields: list[str] = []
         self._types: list[str] = []
+        self._conv: list[tuple[str, Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]] | None = None
 
     def record(self, line: bytes) -> InputEvent | None:
         if line.startswith(b"#"):
@@ -156,9 +160,23 @@ class ZeekReader:
         elif key == b"#fields":
             self._fields = [_unescape(v) for v in values]
             self._types = []
+            self._conv = None
         elif key == b"#types":
             self._types = [_unescape(v) for v in values]
+            self._conv = None
         # #open, #close and comments carry nothing an event needs
+
+    def _columns(self) -> list[tuple[str, Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]]:
+        """Per column of the current #fields/#types: (name, converter of a scalar, converter of a container's
+        elements — None for a scalar column). Built once per header, not per line."""
+        types = self._types if len(self._types) == len(self._fields) else ["string"] * len(self._fields)
+        out: list[tuple[str, Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]] = []
+        for field, kind in zip(self._fields, types, strict=True):
+            if kind.endswith("]") and "[" in kind:
+                out.append((field, None, _CONVERTERS.get(kind[kind.index("[") + 1 : -1], _text)))
+            else:
+                out.append((field, _CONVERTERS.get(kind, _text), None))
+        return out
 
     def _tsv(self, line: bytes) -> dict[str, Any]:
         if not self._fields:
@@ -166,19 +184,25 @@ class ZeekReader:
         values = line.split(self._sep)
         if len(values) != len(self._fields):
             raise InputError(f"zeek: {len(values)} values for {len(self._fields)} #fields")
-        types = self._types if len(self._types) == len(self._fields) else ["string"] * len(self._fields)
+        if self._conv is None:
+            self._conv = self._columns()
+        unset, empty, set_sep = self._unset, self._empty, self._set_sep
         rec: dict[str, Any] = {}
-        for field, kind, raw in zip(self._fields, types, values, strict=True):
-            if raw == self._unset:
-                continue
-            container = kind.endswith("]") and "[" in kind
-            if raw == self._empty:
-                rec[field] = [] if container else ""
-            elif container:
-                inner = kind[kind.index("[") + 1 : -1]
-                rec[field] = [_scalar(inner, _unescape(v), field) for v in raw.split(self._set_sep)]
-            else:
-                rec[field] = _scalar(kind, _unescape(raw), field)
+        field = ""
+        try:
+            for (field, scalar, element), raw in zip(self._conv, values, strict=True):
+                if raw == unset:
+                    continue
+                if element is not None:
+                    rec[field] = [] if raw == empty else [element(v) for v in raw.split(set_sep)]
+                elif raw == empty:
+                    rec[field] = ""
+                else:
+                    rec[field] = scalar(raw)  # type: ignore[misc]
+        except ValueError:
+            kind = self._types[self._fields.index(field)] if len(self._types) == len(self._fields) else "string"
+            text = _unescape(raw)
+            raise InputError(f"{field}: {text[:40]!r} is not a Zeek {kind}") from None
         return rec
 
     # -- the canonical event -------------------------------------------------------------------------------
