@@ -223,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             results["growth_postgres_rise"] = results["growth"].get("postgres_rise")
             progress("growth, 0 and N events stored (~15 min)", 1, 1)
 
+    from bench import normalize
+
+    progress("sensor formats to canonical events, one core (~10 s)", 0, 1)
+    results["normalize"] = normalize.run()
+    for key, part in (("zeek_conn", "zeek_conn_tsv"), ("eve", "eve_mix"), ("vpcflow", "vpcflow_v2")):
+        results[f"normalize_{key}_events_per_s"] = results["normalize"][part]["events_per_s"]
+    progress("sensor formats to canonical events, one core (~10 s)", 1, 1)
     from bench import feed
 
     progress("story feed, read and follow (~1 min)", 0, 1)
