@@ -198,6 +198,11 @@ def full_events(df: pl.DataFrame, seed: int = 7) -> pl.DataFrame:
             .replace_strict({"src": 1, "dst": -1}, default=None, return_dtype=pl.Int8)
             .alias("init"),
         )
+        .pipe(
+            lambda df: df.with_columns(  # stored fields these events do not have (session, end time): null
+                *(pl.lit(None, dtype).alias(name) for name, dtype in EVENT_SCHEMA.items() if name not in df.columns)
+            )
+        )
         .select(list(EVENT_SCHEMA))
     )
 
@@ -273,9 +278,10 @@ def fuse_run(df: pl.DataFrame, labels: pl.Series) -> dict[str, float]:
     bodies of a sample of stories must be equal once decoded)."""
     full = full_events(df)
     t_fused, fused = _best_of(3, lambda: link_and_fuse(full))
+    columns = ("id", "t", "source", "sensor", "flow", "reversed", "proto", "src_ip", "src_port", "dst_ip", "dst_port")
     evs = [
-        Event(r[0], r[1], r[5], r[6], r[2], r[7], r[8], r[9], r[10], r[11], r[12], msgspec.json.decode(r[13]))
-        for r in full.select(list(EVENT_SCHEMA)).iter_rows()
+        Event(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], msgspec.json.decode(r[11]))
+        for r in full.select(*columns, "attrs").iter_rows()
     ]
     flows, times = full["flow"].to_list(), full["t"].to_list()
     t_base, base = _best_of(2, lambda: fuse_baseline(evs, link_baseline([(flows, WINDOW_US)], times)))

@@ -47,7 +47,8 @@ class EventView(msgspec.Struct, frozen=True, array_like=True, gc=False):
 
 class Event(EventView, frozen=True, array_like=True, gc=False):
     """The canonical stored event (msgpack, array-like: fields by position; never reorder, only append — with a
-    default)."""
+    default). :func:`encode` leaves out trailing fields that are None, so an event that has none of the later
+    fields is stored exactly as the first version stored it."""
 
     proto: int | None
     src_ip: str | None
@@ -56,6 +57,8 @@ class Event(EventView, frozen=True, array_like=True, gc=False):
     dst_port: int | None
     attrs: dict[str, Any]
     # New fields: here, at the end, each with a default (see the module docstring).
+    session: str | None = None  # the sensor's own session id (Zeek uid, Suricata flow_id), when it has one
+    end_time_us: int | None = None  # the end of the span a record describes (a flow record), µs UTC
 
 
 V1_FIELDS: Final = 12  # the fields of the first wire version: frozen, no defaults needed
@@ -125,8 +128,27 @@ _payload_encoder = msgspec.msgpack.Encoder()
 _payload_decoder = msgspec.msgpack.Decoder(Event)
 _view_decoder = msgspec.msgpack.Decoder(EventView)
 
-encode = _payload_encoder.encode
-"""An :class:`Event` → its stored bytes."""
+_FULL = len(msgspec.structs.fields(Event))
+_OPTIONAL_TAIL = tuple(f.name for f in msgspec.structs.fields(Event)[V1_FIELDS:])
+if _FULL > 15:
+    raise TypeError("Event: encode() patches a msgpack fixarray header, which holds at most 15 fields")
+
+
+def encode(event: Event) -> bytes:
+    """An :class:`Event` → its stored bytes. Trailing fields added after the first version are left out while
+    they are None (msgspec writes every field of an array-like struct): the array is cut to its last set field,
+    so events without them keep the first version's bytes, and ids and sizes do not change."""
+    data = _payload_encoder.encode(event)
+    cut = 0
+    for name in reversed(_OPTIONAL_TAIL):
+        if getattr(event, name) is not None:
+            break
+        cut += 1
+    if not cut:
+        return data
+    return bytes([0x90 | (_FULL - cut)]) + data[1:-cut]  # each None is the one byte 0xc0, last in the array
+
+
 decode = _payload_decoder.decode
 """Stored bytes → the :class:`Event`."""
 decode_view = _view_decoder.decode

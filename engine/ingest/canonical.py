@@ -36,6 +36,8 @@ class InputEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     id: str | None = None
     sensor: str | None = None
     attrs: dict[str, Any] | None = None
+    session: str | None = None
+    end_time: int | float | str | None = None
 
 
 # What a derived id hashes: the normalized event without its id and what derives from the 5-tuple (msgspec JSON,
@@ -147,6 +149,15 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     elif src_port is not None or dst_port is not None:
         raise InputError("proto: ports given without the flow fields (proto, src_ip, dst_ip)")
     attrs = raw.attrs if raw.attrs is not None else {}
+    session = _name(raw.session, "session") if raw.session is not None else None
+    end_us: int | None = None
+    if raw.end_time is not None:
+        try:
+            end_us = parse_time_us(raw.end_time)
+        except InputError as exc:
+            raise InputError(f"end_time{str(exc).removeprefix('time')}") from None
+        if end_us < time_us:
+            raise InputError(f"end_time: {_iso(end_us)} is before time ({_iso(time_us)})")
     event_id = raw.id
     if event_id is not None:
         _name(event_id, "id")
@@ -162,8 +173,13 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
             dst_port=dst_port,
             attrs=attrs,
         )
-        event_id = xxhash.xxh3_128_hexdigest(_id_encoder.encode(ident))
-    return Event(event_id, time_us, source, sensor, flow, rev, proto, src_ip, src_port, dst_ip, dst_port, attrs)
+        hashed = _id_encoder.encode(ident)
+        if session is not None or end_us is not None:  # without them, the id is what it always was
+            hashed += b"\x00" + _id_encoder.encode((session, end_us))
+        event_id = xxhash.xxh3_128_hexdigest(hashed)
+    return Event(
+        event_id, time_us, source, sensor, flow, rev, proto, src_ip, src_port, dst_ip, dst_port, attrs, session, end_us
+    )
 
 
 def check_line(line: bytes, rules: ParseRules) -> None:

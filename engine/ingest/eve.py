@@ -103,11 +103,16 @@ class EveReader:
         src_ip, dst_ip = rec.get("src_ip"), rec.get("dest_ip")
         proto_value = rec.get("proto")
         attrs = {k: v for k, v in rec.items() if k not in _MOVED}
+        flow_id = attrs.pop("flow_id", None)
+        session = str(flow_id) if isinstance(flow_id, int) and not isinstance(flow_id, bool) else None
+        end = body.get("end") if kind in ("flow", "netflow") and isinstance(body.get("end"), str) else None
         if not isinstance(src_ip, str) or not isinstance(dst_ip, str) or not isinstance(proto_value, str | int):
             for key in ("proto", "src_ip", "src_port", "dest_ip", "dest_port"):  # flowless: kept as reported
                 if rec.get(key) is not None:
                     attrs[key] = rec[key]
-            return InputEvent(source=f"suricata.{kind}", time=time, sensor=sensor, attrs=attrs)
+            return InputEvent(
+                source=f"suricata.{kind}", time=time, sensor=sensor, attrs=attrs, session=session, end_time=end
+            )
         proto = parse_proto(proto_value)
         src_port, dst_port = _int(rec, "src_port"), _int(rec, "dest_port")
         if proto in _ICMP:
@@ -139,7 +144,7 @@ class EveReader:
             if ours is not None and ours != theirs:
                 self.community_id_mismatches += 1
                 if self.first_mismatch is None:
-                    self.first_mismatch = f"EVE {theirs}, Storyline {ours} (flow_id {rec.get('flow_id')})"
+                    self.first_mismatch = f"EVE {theirs}, Storyline {ours} (flow_id {flow_id})"
         return InputEvent(
             source=f"suricata.{kind}",
             time=time,
@@ -150,6 +155,8 @@ class EveReader:
             dst_ip=dst_ip,
             dst_port=dst_port,
             attrs=attrs,
+            session=session,
+            end_time=end,
         )
 
     @staticmethod

@@ -142,4 +142,5 @@ class VpcFlowReader:
             dst_ip=dst_ip,
             dst_port=dst_port,
             attrs=rec,
+            end_time=rec.pop("end", None),
         )

@@ -222,6 +222,13 @@ class ZeekReader:
             sensor = named if isinstance(named, str) and named else "zeek"
         for key in _META:
             rec.pop(key, None)
+        uid = rec.pop("uid", None)
+        session = uid if isinstance(uid, str) and uid else None
+        duration = rec.get("duration")
+        end: float | None = None
+        if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0:
+            start = ts if isinstance(ts, int | float) else None
+            end = start + duration if start is not None else None
         orig_h, resp_h = rec.pop("id.orig_h", None), rec.pop("id.resp_h", None)
         orig_p, resp_p = rec.pop("id.orig_p", None), rec.pop("id.resp_p", None)
         proto = self._proto(rec, path, orig_h, resp_h)
@@ -235,7 +242,7 @@ class ZeekReader:
             ):
                 if value is not None:
                     rec[key] = value
-            return InputEvent(source=f"zeek.{path}", time=ts, sensor=sensor, attrs=rec)
+            return InputEvent(source=f"zeek.{path}", time=ts, sensor=sensor, attrs=rec, session=session, end_time=end)
         for zeek_name, figure in _FIGURES.items():
             if zeek_name in rec:
                 rec[figure] = rec.pop(zeek_name)
@@ -251,6 +258,8 @@ class ZeekReader:
             dst_ip=resp_h,
             dst_port=_port(resp_p, "id.resp_p") if ports else None,
             attrs=rec,
+            session=session,
+            end_time=end,
         )
 
     @staticmethod

@@ -115,7 +115,8 @@ def test_flow_alert_and_app_layer_records_become_flow_events() -> None:
     assert f.time_us == utc_us(start)  # the flow's start, not when the record was written; the offset applied
     assert f.attrs["initiator"] == "src" and f.attrs["src_bytes"] == 2400 and f.attrs["dst_bytes"] == 48000
     assert f.attrs["src_packets"] == 20 and f.attrs["dst_packets"] == 18
-    assert f.attrs["flow_id"] == 1234567890123 and f.attrs["flow"]["state"] == "closed"
+    assert f.session == "1234567890123" and "flow_id" not in f.attrs and f.attrs["flow"]["state"] == "closed"
+    assert f.end_time_us == utc_us(end)
     assert parser.eve.community_id_mismatches == 0
     assert a.source == "suricata.alert" and a.attrs["initiator"] == "dst"  # the packet came from the server
     assert a.attrs["alert"]["signature_id"] == 2013028 and a.flow == f.flow  # one flow, whichever direction

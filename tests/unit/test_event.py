@@ -252,8 +252,44 @@ def test_a_field_added_without_a_default_is_refused() -> None:
     old = encode(decode(GOLDEN_EVENT))
     assert msgspec.msgpack.decode(old, type=Grown).vlan is None  # events stored before it still decode
 
-    class Bad(Event, frozen=True, array_like=True, gc=False):
+    # msgspec itself refuses a required field after the defaulted ones; kw_only gets past it, check_evolution not
+    with pytest.raises(TypeError, match="cannot follow optional fields"):
+
+        class Plain(Event, frozen=True, array_like=True, gc=False):
+            vlan: int  # type: ignore[misc]
+
+    class Bad(Event, frozen=True, array_like=True, gc=False, kw_only=True):
         vlan: int
 
     with pytest.raises(TypeError, match=r"Bad\.vlan: a field added to the stored event needs a default"):
         check_evolution(Bad)
+
+
+def test_session_and_end_time_are_stored_only_when_set_and_join_the_id_only_then() -> None:
+    """Issue 18: the event grew ``session`` and ``end_time_us`` at the end. An event without them keeps the first
+    version's bytes and id; with them, the array holds up to its last set field."""
+    import msgspec
+
+    from engine.ingest.canonical import ParseRules, parse_line
+
+    base = decode(GOLDEN_EVENT)
+    both = msgspec.structs.replace(base, session="CAbc1", end_time_us=base.time_us + 5)
+    only = msgspec.structs.replace(base, session="CAbc1")
+    assert encode(both)[0] == 0x9E and decode(encode(both)) == both
+    assert encode(only)[0] == 0x9D and decode(encode(only)) == only
+    assert encode(msgspec.structs.replace(base, end_time_us=7))[0] == 0x9E  # a None before a set field stays
+    now = 1_764_900_000_000
+    plain = (
+        b'{"source":"zeek.conn","time":1764800000.5,"proto":"tcp","src_ip":"10.0.0.1","src_port":1,'
+        b'"dst_ip":"10.0.0.2","dst_port":2}'
+    )
+    with_session = plain[:-1] + b',"session":"CAbc1","end_time":1764800002.5}'
+    a, b = parse_line(plain, ParseRules(), now), parse_line(with_session, ParseRules(), now)
+    assert a.session is None and (b.session, b.end_time_us) == ("CAbc1", 1_764_800_002_500_000)
+    assert a.id != b.id and a.flow == b.flow
+    with pytest.raises(InputError, match=r"^end_time: .* is before time"):
+        parse_line(plain[:-1] + b',"end_time":1764799999}', ParseRules(), now)
+    with pytest.raises(InputError, match=r"^end_time: 'soon' is not RFC 3339"):
+        parse_line(plain[:-1] + b',"end_time":"soon"}', ParseRules(), now)
+    with pytest.raises(InputError, match=r"^session: must be 1\.\.256 printable"):
+        parse_line(plain[:-1] + b',"session":""}', ParseRules(), now)

@@ -42,7 +42,8 @@ def test_default_layout_records_one_direction_each_and_nodata_skipdata_counted()
         "172.31.16.139",
         20641,
     )
-    assert request.time_us == T0 * 1_000_000 and request.attrs["end"] == T0 + 60
+    assert request.time_us == T0 * 1_000_000 and request.end_time_us == (T0 + 60) * 1_000_000
+    assert "end" not in request.attrs and request.session is None
     assert request.attrs["src_bytes"] == 4249 and request.attrs["src_packets"] == 20
     assert request.attrs["action"] == "ACCEPT" and request.attrs["interface-id"] == "eni-1235b8ca123456789"
     assert "initiator" not in request.attrs  # version 2 has no tcp-flags

@@ -131,7 +131,8 @@ def test_a_conn_log_in_tsv_becomes_flow_events_with_the_originator_as_source() -
     assert tcp.attrs["src_bytes"] == 1400 and tcp.attrs["dst_bytes"] == 5800
     assert tcp.attrs["src_packets"] == 12 and tcp.attrs["dst_packets"] == 10
     assert tcp.attrs["orig_bytes"] == 700 and "orig_ip_bytes" not in tcp.attrs
-    assert tcp.attrs["initiator"] == "src" and tcp.attrs["uid"] == "CAbc1" and tcp.attrs["duration"] == 2.5
+    assert tcp.attrs["initiator"] == "src" and tcp.session == "CAbc1" and "uid" not in tcp.attrs
+    assert tcp.attrs["duration"] == 2.5 and tcp.end_time_us == tcp.time_us + 2_500_000  # ts + duration
     assert tcp.attrs["local_orig"] is True and tcp.attrs["tunnel_parents"] == []
     assert "local_orig" not in udp.attrs  # unset: left out
     assert udp.proto == 17 and udp.attrs["tunnel_parents"] == ["CAbc1", "CXyz9"]
