@@ -742,12 +742,7 @@ def _fuse_rows(
                 )
             )
         if flow:
-            reconciled: dict[str, Figures] = {}
-            for kind, (c2s_max, s2c_max, tot_max) in story_max.items():
-                both = None if c2s_max is None and s2c_max is None else (c2s_max or 0) + (s2c_max or 0)
-                total = _max([tot_max, both])
-                if total is not None:
-                    reconciled[kind] = Figures(c2s_max, s2c_max, total)
+            reconciled = {kind: f for kind, maxima in story_max.items() if (f := _reconciled(*maxima)) is not None}
             if reconciled:
                 flow["totals"] = Totals(**reconciled)
         start_us, end_us = evs[0][_T], evs[-1][_T]
@@ -788,6 +783,14 @@ def _sum(values: list[int | None]) -> int | None:
 def _max(values: list[int | None]) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
+
+
+def _reconciled(c2s_max: int | None, s2c_max: int | None, tot_max: int | None) -> Figures | None:
+    """A story's figures of one kind from the observers' largest per direction and total (docs/stories.md): the
+    directions as they are, the total the larger of the largest total and the directions added up."""
+    both = None if c2s_max is None and s2c_max is None else (c2s_max or 0) + (s2c_max or 0)
+    total = _max([tot_max, both])
+    return None if total is None else Figures(c2s_max, s2c_max, total)
 
 
 @lru_cache(maxsize=1024)
@@ -915,11 +918,9 @@ def fuse_python(
     if flow:
         reconciled: dict[str, Figures] = {}
         for kind in kinds:
-            c2s_max, s2c_max, tot_max = (_max(v) for v in story_figs[kind])
-            both = None if c2s_max is None and s2c_max is None else (c2s_max or 0) + (s2c_max or 0)
-            total = _max([tot_max, both])
-            if total is not None:
-                reconciled[kind] = Figures(c2s_max, s2c_max, total)
+            figures = _reconciled(*(_max(v) for v in story_figs[kind]))
+            if figures is not None:
+                reconciled[kind] = figures
         if reconciled:
             flow["totals"] = Totals(**reconciled)
     return StoryBody(

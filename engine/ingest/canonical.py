@@ -182,6 +182,25 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     )
 
 
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def decode_object(line: bytes, what: str) -> dict[str, Any]:
+    """A sensor format's JSON line → its object, or :class:`InputError` (``what`` names the format: "an EVE
+    line must be an object"); arrays and objects nested deeper than :data:`MAX_ATTRS_DEPTH` are refused."""
+    try:
+        obj = _object_decoder.decode(line)
+    except msgspec.ValidationError:
+        raise InputError(f"json: {what} must be an object") from None
+    except msgspec.DecodeError as exc:
+        raise InputError(f"json: {exc}") from None
+    except RecursionError:
+        raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
+    if line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and too_deep(obj):
+        raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels")
+    return obj
+
+
 def check_line(line: bytes, rules: ParseRules) -> None:
     """What every input line must be, whatever its format: within ``max_event_bytes``, valid UTF-8."""
     if len(line) > rules.max_event_bytes:

@@ -32,7 +32,7 @@ import msgspec
 from engine.core.errors import InputError
 from engine.ingest.network_identity import PORT_PROTOCOLS, community_id, parse_proto
 
-from .canonical import MAX_ATTRS_DEPTH, InputEvent, too_deep
+from .canonical import InputEvent, decode_object
 
 __all__ = ["EveReader", "looks_like_eve"]
 
@@ -74,16 +74,7 @@ class EveReader:
         self.first_mismatch: str | None = None
 
     def record(self, line: bytes) -> InputEvent | None:
-        try:
-            rec = _json.decode(line)
-        except msgspec.ValidationError:
-            raise InputError("json: an EVE line must be an object") from None
-        except msgspec.DecodeError as exc:
-            raise InputError(f"json: {exc}") from None
-        except RecursionError:
-            raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
-        if line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and too_deep(rec):
-            raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels")
+        rec = decode_object(line, "an EVE line")
         kind = rec.get("event_type")
         if not isinstance(kind, str) or not kind:
             raise InputError("event_type: required (a Suricata EVE record)")

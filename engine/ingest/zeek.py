@@ -36,7 +36,7 @@ import msgspec
 
 from engine.core.errors import InputError
 
-from .canonical import MAX_ATTRS_DEPTH, InputEvent, too_deep
+from .canonical import InputEvent, decode_object
 
 __all__ = ["ZeekReader", "looks_like_zeek"]
 
@@ -123,16 +123,7 @@ class ZeekReader:
             self._header(line)
             return None
         if line.lstrip().startswith(b"{"):
-            try:
-                rec = _json.decode(line)
-            except msgspec.ValidationError:
-                raise InputError("json: a Zeek JSON line must be an object") from None
-            except msgspec.DecodeError as exc:
-                raise InputError(f"json: {exc}") from None
-            except RecursionError:
-                raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
-            if line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and too_deep(rec):
-                raise InputError(f"json: nested deeper than {MAX_ATTRS_DEPTH} levels")
+            rec = decode_object(line, "a Zeek JSON line")
             path = rec.get("_path") if isinstance(rec.get("_path"), str) else None
         else:
             rec = self._tsv(line)
