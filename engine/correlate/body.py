@@ -26,6 +26,7 @@ __all__ = [
     "Endpoint",
     "Figures",
     "Observer",
+    "SessionRef",
     "StoryBody",
     "Totals",
     "decode_body",
@@ -84,6 +85,14 @@ class Totals(msgspec.Struct, frozen=True, omit_defaults=True):
     packets: Figures | None = None
 
 
+class SessionRef(msgspec.Struct, frozen=True):
+    """A sensor's own session id among the story's events (Zeek's ``uid``, Suricata's ``flow_id``): where an
+    analyst finds the sensor's raw records of the story."""
+
+    sensor: str
+    session: str
+
+
 class Observer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What one sensor reported of the story: never merged with another sensor's report."""
 
@@ -129,6 +138,7 @@ class StoryBody(
     event_ids: list[str] | None = None  # in (corrected time, id) order
     truncated: bool = False  # the story hit correlate.max_story_events; its flow continues in another story
     predecessor: str | None = None  # the truncated story this one continues
+    sessions: list[SessionRef] | None = None  # the sensors' own session ids, by (sensor, session); absent: none
 
 
 decode_body = msgspec.json.Decoder(StoryBody).decode

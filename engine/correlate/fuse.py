@@ -41,7 +41,7 @@ import polars as pl
 from engine.core.event import Event, polars_columns, row_struct
 from engine.ingest.network_identity import community_id
 
-from .body import Endpoint, Figures, Observer, StoryBody, Totals, transport_name
+from .body import Endpoint, Figures, Observer, SessionRef, StoryBody, Totals, transport_name
 
 __all__ = [
     "EVENT_SCHEMA",
@@ -361,6 +361,28 @@ def _fuse_frame(
         ),
     )
     per_story = per_story.with_columns(pl.col("ids_json").list.join(","))
+    # The sensors' own session ids, by (sensor name, session), one JSON list per story that has any.
+    with_session = ev.filter(pl.col("session").is_not_null())
+    if with_session.height:
+        pairs = with_session.select("story", "nc", "session").unique().sort("story", "nc", "session")
+        ref = pl.concat_str(
+            [
+                pl.lit('{"sensor":'),
+                pl.lit(q_sensor).gather(pl.col("nc")),
+                pl.lit(',"session":'),
+                pl.lit(json_strings(pairs["session"])),
+                pl.lit("}"),
+            ]
+        )
+        sessions = (
+            pairs.select("story", ref.alias("r"))
+            .group_by("story", maintain_order=True)
+            .agg(pl.col("r"))
+            .select("story", pl.col("r").list.join(",").alias("sessions_json"))
+        )
+        per_story = per_story.join(sessions, on="story", how="left", maintain_order="left")
+    else:
+        per_story = per_story.with_columns(pl.lit(None, pl.String).alias("sessions_json"))
     rev = pl.col("f_reversed")
     a_port = pl.when(rev).then(pl.col("f_dst_port")).otherwise(pl.col("f_src_port"))
     b_port = pl.when(rev).then(pl.col("f_src_port")).otherwise(pl.col("f_dst_port"))
@@ -577,6 +599,7 @@ def _fuse_frame(
             pl.when(pl.col("q_predecessor") != "null")
             .then(pl.concat_str([pl.lit(',"predecessor":'), pl.col("q_predecessor")]))
             .otherwise(pl.lit("")),
+            pl.concat_str([pl.lit(',"sessions":['), pl.col("sessions_json"), pl.lit("]")]).fill_null(""),
             pl.lit("}"),
         ]
     )
@@ -612,9 +635,11 @@ _ROW_FIELDS = (
     "akeys",
     "init",
     *FIGURE_ATTRS,
+    "session",
 )
 # positions in a row of _ROW_FIELDS
 _T, _ID, _SENSOR, _SOURCE, _FLOW, _REV, _PROTO, _SIP, _SPORT, _DIP, _DPORT, _ATTRS, _AKEYS, _INIT = range(1, 15)
+_SESSION = len(_ROW_FIELDS) - 1
 _KINDS = tuple(
     (
         kind,
@@ -764,11 +789,18 @@ def _fuse_rows(
                 event_ids=[e[_ID] for e in evs],
                 truncated=truncated,
                 predecessor=predecessor,
+                sessions=[SessionRef(*p) for p in sorted(pairs)]
+                if (pairs := {(e[_SENSOR], e[_SESSION]) for e in evs if e[_SESSION] is not None})
+                else None,
             )
         )
     if len(slot) != len(heads) or None in out:
         raise ValueError("fuse: events and heads must name the same stories")
     return out  # type: ignore[return-value]
+
+
+def _ref_key(ref: SessionRef) -> tuple[str, str]:
+    return ref.sensor, ref.session
 
 
 def _port_rank(port: int) -> int:
@@ -940,4 +972,6 @@ def fuse_python(
         event_ids=[e.id for e in events],
         truncated=truncated,
         predecessor=predecessor,
+        sessions=sorted({SessionRef(e.sensor, e.session) for e in events if e.session is not None}, key=_ref_key)
+        or None,
     )

@@ -68,12 +68,25 @@ def events(draw: st.DrawFn) -> Event:
     else:
         attrs = draw(ATTRS)
     time_us = 1_790_000_000_000_000 + draw(st.integers(0, 5)) * 1_000_000  # ties in time are common
+    session = draw(st.one_of(st.none(), st.sampled_from(["C1", "C2", "4242", 'q"uote'])))  # a sensor's session id
     if flow is None:
-        return Event(f"e{n}", time_us, source, sensor, None, False, None, None, None, None, None, attrs)
+        return Event(f"e{n}", time_us, source, sensor, None, False, None, None, None, None, None, attrs, session)
     proto, sip, sport, dip, dport = flow
     sip_n, dip_n, key, rev = flow_identity(proto, sip, sport, dip, dport)
     return Event(
-        f"e{n}", time_us, source, sensor, xxhash.xxh64_intdigest(key), rev, proto, sip_n, sport, dip_n, dport, attrs
+        f"e{n}",
+        time_us,
+        source,
+        sensor,
+        xxhash.xxh64_intdigest(key),
+        rev,
+        proto,
+        sip_n,
+        sport,
+        dip_n,
+        dport,
+        attrs,
+        session,
     )
 
 
