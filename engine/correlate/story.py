@@ -54,6 +54,8 @@ KEY = pl.UInt64
 # The state frame: events of every shard; ``seq``: the number of the append that brought the row in (ascending in
 # frame order by construction — ingest times are not: a shard behind the others appends older buckets later).
 STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32, "seq": pl.Int64}
+SESSION_WINDOW_US = 2**60
+"""The (sensor, session) link key's window: any time apart (µs; added to event times, so it stays inside int64)."""
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
 """The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
 _KEY_MASK = (1 << 64) - 1  # a due entry is one int, ms << 64 | story key: compared in C, not as a tuple
@@ -593,7 +595,19 @@ class StoryMachine:
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
-        return union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
+        if new["session"].null_count() == new.height:
+            return union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
+        # A sensor's own session id is a second key, without a time window: its records of one session are one
+        # story however far apart (a long connection's conn record and its late request). The state's records
+        # of these flows are in the context already; a session's records share its flow.
+        session_key = (
+            pl.when(pl.col("session").is_not_null())
+            .then(pl.concat_str([pl.col("sensor"), pl.lit("\x1f"), pl.col("session")]).hash())
+            .alias("session_key")
+        )
+        keyed = union.with_columns(session_key)
+        comp = link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)])
+        return union.with_columns(comp.alias("comp"))
 
     def _assign(self, sts: Mapping[int, ShardState], bucket: int, now: int, union: pl.DataFrame) -> pl.DataFrame:
         """Per component with new events: a new story, or the story it touches, or the merge of the several it

@@ -176,6 +176,34 @@ def test_window_splits_and_late_evidence_amends(tmp_path: Path) -> None:
     arun(body())
 
 
+def test_a_sensors_session_id_links_its_records_beyond_the_window(tmp_path: Path) -> None:
+    """Issue 18: Zeek's conn record of a long connection and its late http record carry the same uid. The
+    (sensor, session) pair links them even 45 s apart (the window is 30 s); another session on the same flow, or
+    the same id from another sensor, does not; and the story lists the sessions."""
+
+    def with_session(e: Event, session: str) -> Event:
+        return msgspec.structs.replace(e, session=session)
+
+    async def body() -> None:
+        r = Run(tmp_path)
+        await r.start()
+        await r.feed(
+            100,
+            with_session(ev("conn", 0.0, sensor="zeek-1", source="zeek.conn"), "CAbc1"),
+            with_session(ev("http", 45.0, sensor="zeek-1", source="zeek.http"), "CAbc1"),
+            with_session(ev("other", 100.0, sensor="zeek-1", source="zeek.conn"), "CXyz2"),
+            with_session(ev("ids", 145.0, sensor="ids-1", source="suricata.flow"), "CAbc1"),
+        )
+        await r.tick(101, 112)
+        stories = sorted((await r.latest()).values(), key=lambda s: s["start_us"])
+        assert [s["event_ids"] for s in stories] == [["conn", "http"], ["other"], ["ids"]]
+        assert stories[0]["sessions"] == [{"sensor": "zeek-1", "session": "CAbc1"}]
+        assert stories[2]["sessions"] == [{"sensor": "ids-1", "session": "CAbc1"}]
+        await r.store.close()
+
+    arun(body())
+
+
 def test_a_bridging_event_merges_two_emitted_stories(tmp_path: Path) -> None:
     async def body() -> None:
         r = Run(tmp_path)
