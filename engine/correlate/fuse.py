@@ -277,11 +277,15 @@ def fuse_bodies(
     """
     rules = dict(rules or {})
     cache = cid_cache if cid_cache is not None else {}
-    if not (events.height >= ROWS_PATH_MAX if vectorized is None else vectorized):
+    if _story_by_story(events, vectorized):
         return _fuse_rows(events, heads, rules, seed, cache, tenant)
     frame = pl.DataFrame(heads, schema=HEAD_SCHEMA, orient="row")
     bodies: list[bytes] = _fuse_frame(events, frame, rules, seed, cache, tenant)["body"].cast(pl.Binary).to_list()
     return bodies
+
+
+def _story_by_story(events: pl.DataFrame, vectorized: bool | None) -> bool:
+    return events.height < ROWS_PATH_MAX if vectorized is None else not vectorized
 
 
 def fuse(
@@ -298,7 +302,7 @@ def fuse(
     text)."""
     rules = dict(rules or {})
     cache = cid_cache if cid_cache is not None else {}
-    if not (events.height >= ROWS_PATH_MAX if vectorized is None else vectorized):
+    if _story_by_story(events, vectorized):
         bodies = _fuse_rows(events, heads.select(*HEAD_SCHEMA).rows(), rules, seed, cache, tenant)
         return heads.select(*HEAD_SCHEMA).with_columns(pl.Series("body", bodies, pl.Binary).cast(pl.String))
     return _fuse_frame(events, heads, rules, seed, cache, tenant)

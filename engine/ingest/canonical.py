@@ -185,6 +185,16 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
+def json_object(line: bytes) -> dict[str, Any] | None:
+    """A line's JSON object, or None when it is not one (for telling formats apart by a first line)."""
+    if not line.lstrip().startswith(b"{"):
+        return None
+    try:
+        return _object_decoder.decode(line)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 def decode_object(line: bytes, what: str) -> dict[str, Any]:
     """A sensor format's JSON line → its object, or :class:`InputError` (``what`` names the format: "an EVE
     line must be an object"); arrays and objects nested deeper than :data:`MAX_ATTRS_DEPTH` are refused."""

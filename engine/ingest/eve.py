@@ -27,12 +27,10 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import msgspec
-
 from engine.core.errors import InputError
 from engine.ingest.network_identity import PORT_PROTOCOLS, community_id, parse_proto
 
-from .canonical import InputEvent, decode_object
+from .canonical import InputEvent, decode_object, json_object
 
 __all__ = ["EveReader", "looks_like_eve"]
 
@@ -40,18 +38,12 @@ _SKIPPED: Final = frozenset({"stats"})
 _CLIENT_IS_SRC: Final = frozenset({"flow", "http", "tls", "ssh", "smtp", "fileinfo", "ftp", "rdp", "smb", "krb5"})
 _ICMP: Final = frozenset({1, 58})
 _MOVED: Final = ("timestamp", "event_type", "host", "proto", "src_ip", "src_port", "dest_ip", "dest_port")
-_json = msgspec.json.Decoder(dict[str, Any])
 
 
 def looks_like_eve(first: bytes) -> bool:
     """Whether an input's first line is an EVE record: a JSON object with ``event_type`` and ``timestamp``."""
-    if not first.lstrip().startswith(b"{"):
-        return False
-    try:
-        obj = _json.decode(first)
-    except msgspec.DecodeError:
-        return False
-    return isinstance(obj.get("event_type"), str) and "timestamp" in obj
+    obj = json_object(first)
+    return obj is not None and isinstance(obj.get("event_type"), str) and "timestamp" in obj
 
 
 def _int(rec: dict[str, Any], key: str) -> int | None:

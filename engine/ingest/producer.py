@@ -312,7 +312,6 @@ class Ingestor:
         self.summary = IngestSummary()
         self._rules = producer.settings.rules
         self._batch_lines = producer.settings.batch_lines
-        self._parser: LineParser | None = None
 
     async def run(
         self,
@@ -322,14 +321,13 @@ class Ingestor:
     ) -> IngestSummary:
         """Validate round N+1 while round N is being written (one round in flight: bounded memory). ``parser``
         reads the lines' format (default: canonical JSONL); give one per input."""
-        self._parser = parser
         t0 = time.perf_counter()
         pending: asyncio.Task[None] | None = None
         batch: list[tuple[str, int, bytes]] = []
 
         async def flush(batch: list[tuple[str, int, bytes]]) -> None:
             nonlocal pending
-            parsed = self._parse(batch)
+            parsed = self._parse(batch, parser)
             if pending is not None:
                 await pending
             pending = asyncio.create_task(self._write(*parsed))
@@ -353,12 +351,13 @@ class Ingestor:
         self.summary.seconds = time.perf_counter() - t0
         return self.summary
 
-    def _parse(self, batch: list[tuple[str, int, bytes]]) -> tuple[list[Event], list[DeadLetter]]:
+    def _parse(
+        self, batch: list[tuple[str, int, bytes]], parser: LineParser | None
+    ) -> tuple[list[Event], list[DeadLetter]]:
         s = self.summary
         now = self.clock.now_ms()
         good: list[Event] = []
         bad: list[DeadLetter] = []
-        parser = self._parser
         for file, n, raw in batch:
             s.lines += 1
             s.bytes += len(raw) + 1

@@ -46,9 +46,8 @@ _ICMP: Final = frozenset({1, 58})
 _SYN, _SYN_ACK = 2, 18
 
 
-def _header_fields(line: bytes) -> list[str] | None:
-    """The field names of a header line (all tokens are names, one of them ``version`` or ``srcaddr``)."""
-    tokens = line.split()
+def _header_fields(tokens: list[bytes]) -> list[str] | None:
+    """The field names of a header line's tokens (all are names, one of them ``version`` or ``srcaddr``)."""
     if not tokens or not all(_FIELD_NAME.match(t) for t in tokens):
         return None
     names = [t.decode() for t in tokens]
@@ -58,9 +57,9 @@ def _header_fields(line: bytes) -> list[str] | None:
 def looks_like_vpcflow(first: bytes) -> bool:
     """Whether an input's first line is a VPC flow log's: a header of field names, or a default-layout record
     (14 fields, a version number first, a log status last)."""
-    if _header_fields(first) is not None:
-        return True
     tokens = first.split()
+    if _header_fields(tokens) is not None:
+        return True
     return len(tokens) == len(DEFAULT_LAYOUT) and tokens[0].isdigit() and tokens[-1] in (b"OK", b"NODATA", b"SKIPDATA")
 
 
@@ -75,11 +74,12 @@ class VpcFlowReader:
         self.skipdata = 0
 
     def record(self, line: bytes) -> InputEvent | None:
-        header = _header_fields(line)
+        raw_tokens = line.split()
+        header = _header_fields(raw_tokens)
         if header is not None:
             self.layout = tuple(header)
             return None
-        tokens = line.decode("utf-8").split()
+        tokens = [t.decode("utf-8") for t in raw_tokens]
         layout = self.layout
         if layout is None:
             if len(tokens) != len(DEFAULT_LAYOUT):

@@ -32,11 +32,9 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
-import msgspec
-
 from engine.core.errors import InputError
 
-from .canonical import InputEvent, decode_object
+from .canonical import InputEvent, decode_object, json_object
 
 __all__ = ["ZeekReader", "looks_like_zeek"]
 
@@ -63,7 +61,6 @@ _SIGNATURES: Final = (
     ("dhcp", ("msg_types", "assigned_addr", "lease_time")),
 )
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|\\)")
-_json = msgspec.json.Decoder(dict[str, Any])
 
 
 def looks_like_zeek(first: bytes) -> bool:
@@ -71,11 +68,8 @@ def looks_like_zeek(first: bytes) -> bool:
     with ``uid`` and ``id.orig_h`` (conn, dns, http… records)."""
     if first.startswith(b"#separator"):
         return True
-    if not first.lstrip().startswith(b"{"):
-        return False
-    try:
-        obj = _json.decode(first)
-    except msgspec.DecodeError:
+    obj = json_object(first)
+    if obj is None:
         return False
     return "_path" in obj or ("uid" in obj and "id.orig_h" in obj) or ("uids" in obj and "ts" in obj)
 
