@@ -8,7 +8,9 @@ beyond the documented normalization (time to int µs UTC, protocol to its number
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
+import re
 from typing import Any
 
 import msgspec
@@ -21,6 +23,7 @@ from engine.ingest.network_identity import PORT_PROTOCOLS, flow_identity, parse_
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = dt.timedelta(microseconds=1)
+_SECOND = dt.timedelta(seconds=1)
 
 
 class InputEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -61,6 +64,8 @@ _PROTO_FAST = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "TCP": 6, "UDP": 17,
 
 def parse_time_us(value: int | float | str) -> int:
     """Event time as int µs UTC: epoch seconds (int or float) or RFC 3339 with an offset."""
+    if value.__class__ is float and -1e13 <= value <= 1e13:  # the usual case, first
+        return round(value * 1_000_000)
     if isinstance(value, bool):
         raise InputError("time: expected epoch seconds or an RFC 3339 string, got a boolean")
     if isinstance(value, int):
@@ -71,6 +76,32 @@ def parse_time_us(value: int | float | str) -> int:
         if not math.isfinite(value) or abs(value) > 1e13:
             raise InputError(f"time: {value!r} is not a finite epoch-seconds value")
         return round(value * 1_000_000)
+    quick = _RFC3339.match(value)
+    if quick is not None:
+        try:
+            seconds = _epoch_seconds(quick[1], quick[3])
+        except ValueError:
+            pass  # the general path below names the problem
+        else:
+            fraction = quick[2]
+            return seconds * 1_000_000 + (int(fraction[:6].ljust(6, "0")) if fraction else 0)
+    return _rfc3339_us(value)
+
+
+# The usual RFC 3339 forms, read without datetime for all but the whole seconds (cached: events of one second
+# share them); the result is _rfc3339_us's (a test holds the two to it). Fractions past µs are cut, as there.
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2})(?:[.,]([0-9]{1,9}))?(Z|[+-][0-9]{2}:?[0-9]{2})\Z"
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch_seconds(whole: str, offset: str) -> int:
+    parsed = dt.datetime.fromisoformat(whole + offset)
+    return (parsed - _EPOCH) // _SECOND
+
+
+def _rfc3339_us(value: str) -> int:
     text = value.strip()
     if text[-1:] == "z":  # RFC 3339 allows a lower-case Z; fromisoformat does not
         text = text[:-1] + "Z"
@@ -101,9 +132,16 @@ def _unit_hint(value: object, rules: ParseRules | None = None, now_ms: int | Non
 
 
 def _name(value: str, field: str) -> str:
+    if value in _NAMES_SEEN:
+        return value
     if not value or len(value) > MAX_NAME or not value.isprintable():
         raise InputError(f"{field}: must be 1..{MAX_NAME} printable characters")
+    if len(_NAMES_SEEN) < 4096:  # sources and sensors repeat on every line: check each once
+        _NAMES_SEEN.add(value)
     return value
+
+
+_NAMES_SEEN: set[str] = set()
 
 
 class ParseRules(msgspec.Struct, frozen=True):
@@ -121,8 +159,12 @@ class ParseRules(msgspec.Struct, frozen=True):
 
 def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     """Validate and normalize one decoded input event; raise :class:`InputError` naming the field."""
-    source = _name(raw.source, "source")
-    sensor = _name(raw.sensor, "sensor") if raw.sensor is not None else source
+    source = raw.source if raw.source in _NAMES_SEEN else _name(raw.source, "source")
+    sensor = raw.sensor
+    if sensor is None:
+        sensor = source
+    elif sensor not in _NAMES_SEEN:
+        _name(sensor, "sensor")
     time_us = parse_time_us(raw.time)
     if time_us < rules.min_time_ms * 1000:
         raise InputError(f"time: {_iso(time_us)} is before the accepted range (ingest.min_time_ms)")
@@ -136,7 +178,7 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     rev = False
     p, sip, dip = raw.proto, raw.src_ip, raw.dst_ip
     if p is not None and sip is not None and dip is not None:
-        proto = _PROTO_FAST.get(p) if type(p) is str else None
+        proto = _PROTO_FAST.get(p) if p.__class__ is str else p if p.__class__ is int and 0 <= p <= 255 else None
         if proto is None:
             proto = parse_proto(p)
         if proto not in PORT_PROTOCOLS and (src_port is not None or dst_port is not None):
@@ -149,7 +191,9 @@ def normalize(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
     elif src_port is not None or dst_port is not None:
         raise InputError("proto: ports given without the flow fields (proto, src_ip, dst_ip)")
     attrs = raw.attrs if raw.attrs is not None else {}
-    session = _name(raw.session, "session") if raw.session is not None else None
+    session = raw.session
+    if session is not None and (not session or len(session) > MAX_NAME or not session.isprintable()):
+        raise InputError(f"session: must be 1..{MAX_NAME} printable characters")
     end_us: int | None = None
     if raw.end_time is not None:
         try:

@@ -37,6 +37,7 @@ __all__ = ["EveReader", "looks_like_eve"]
 _SKIPPED: Final = frozenset({"stats"})
 _CLIENT_IS_SRC: Final = frozenset({"flow", "http", "tls", "ssh", "smtp", "fileinfo", "ftp", "rdp", "smb", "krb5"})
 _ICMP: Final = frozenset({1, 58})
+_PROTOS: Final = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132}  # as Suricata writes them
 _MOVED: Final = ("timestamp", "event_type", "host", "proto", "src_ip", "src_port", "dest_ip", "dest_port")
 
 
@@ -96,7 +97,9 @@ class EveReader:
             return InputEvent(
                 source=f"suricata.{kind}", time=time, sensor=sensor, attrs=attrs, session=session, end_time=end
             )
-        proto = parse_proto(proto_value)
+        proto = _PROTOS.get(proto_value) if proto_value.__class__ is str else None
+        if proto is None:
+            proto = parse_proto(proto_value)
         src_port, dst_port = _int(rec, "src_port"), _int(rec, "dest_port")
         if proto in _ICMP:
             src_port, dst_port = _int(rec, "icmp_type"), _int(rec, "icmp_code")

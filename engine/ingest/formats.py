@@ -10,12 +10,13 @@ state is that file's). Pure; no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final, Literal
 
-from engine.core.errors import ConfigError
+from engine.core.errors import ConfigError, InputError
 from engine.core.event import Event
 
-from .canonical import ParseRules, accept, check_line, parse_line
+from .canonical import InputEvent, ParseRules, accept, check_line, parse_line
 from .eve import EveReader, looks_like_eve
 from .vpcflow import VpcFlowReader, looks_like_vpcflow
 from .zeek import ZeekReader, looks_like_zeek
@@ -42,18 +43,54 @@ class LineParser:
 
     def __call__(self, line: bytes, rules: ParseRules, now_ms: int) -> Event | None:
         if self.format is None:
-            self.format = (
-                "zeek"
-                if looks_like_zeek(line)
-                else "eve"
-                if looks_like_eve(line)
-                else "vpcflow"
-                if looks_like_vpcflow(line)
-                else "canonical"
-            )
+            self._decide(line)
         if self.format == "canonical":
             return parse_line(line, rules, now_ms)
         check_line(line, rules)
         reader = self.zeek if self.format == "zeek" else self.eve if self.format == "eve" else self.vpcflow
         record = reader.record(line)
         return None if record is None else accept(record, rules, now_ms)
+
+    def many(self, lines: Sequence[bytes], rules: ParseRules, now_ms: int) -> list[Event | InputError | None]:
+        """Lines that are not empty, in input order → per line what calling the parser gives (the error instead
+        of raising it). Zeek TSV is read column by column here; the other formats line by line."""
+        if self.format is None and lines:
+            self._decide(lines[0])
+        if self.format != "zeek":
+            out: list[Event | InputError | None] = []
+            for line in lines:
+                try:
+                    out.append(self(line, rules, now_ms))
+                except InputError as exc:
+                    out.append(exc)
+            return out
+        results: list[Event | InputError | None] = []
+        valid: list[int] = []  # positions of the lines that pass the checks every line must pass
+        for line in lines:
+            try:
+                check_line(line, rules)
+            except InputError as exc:
+                results.append(exc)
+            else:
+                valid.append(len(results))
+                results.append(None)
+        for i, record in zip(valid, self.zeek.records([lines[i] for i in valid]), strict=True):
+            if isinstance(record, InputEvent):
+                try:
+                    results[i] = accept(record, rules, now_ms)
+                except InputError as exc:
+                    results[i] = exc
+            else:
+                results[i] = record
+        return results
+
+    def _decide(self, line: bytes) -> None:
+        self.format = (
+            "zeek"
+            if looks_like_zeek(line)
+            else "eve"
+            if looks_like_eve(line)
+            else "vpcflow"
+            if looks_like_vpcflow(line)
+            else "canonical"
+        )

@@ -165,6 +165,37 @@ def test_flow_identity_is_symmetric_and_matches_the_flow_key(
     assert (s1, d1) == (s2, d2)[::-1]
 
 
+odd_ips4 = st.one_of(
+    ips4,
+    st.sampled_from(["01.2.3.4", "1.2.3", "1.2.3.4 ", " 1.2.3.4", "1.2.3.256", "1.2.3.4.5", "0x1.2.3.4", "1.2.3.٤"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    proto=st.one_of(st.sampled_from([6, 17, 132, 1, 47, "tcp"]), st.integers(0, 255)),
+    a=odd_ips4,
+    b=st.one_of(odd_ips4, st.sampled_from(["::1", "2001:db8::1"])),
+    sport=st.one_of(ports, st.sampled_from([None, -1, 65536, True])),
+    dport=st.one_of(ports, st.sampled_from([None, -1, 65536, False])),
+)
+def test_flow_identitys_ipv4_short_path_equals_the_general_path(
+    proto: int | str, a: str, b: str, sport: int | None, dport: int | None
+) -> None:
+    from engine.core.errors import InputError
+    from engine.ingest.network_identity import _flow_identity
+
+    try:
+        expected: object = _flow_identity(proto, a, sport, b, dport)
+    except InputError as exc:
+        expected = str(exc)
+    try:
+        got: object = flow_identity(proto, a, sport, b, dport)
+    except InputError as exc:
+        got = str(exc)
+    assert got == expected
+
+
 def flow_bytes(proto: int, a: str, sport: int, b: str, dport: int) -> bytes:
     return flow_key_bytes(flow_key(proto, a, sport, b, dport)[0])
 

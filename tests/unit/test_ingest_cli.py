@@ -151,3 +151,29 @@ def test_a_zeek_tsv_log_is_ingested_by_auto_with_its_headers_counted(
     )
     assert main(["ingest", *conf(tmp_path), "--sensor", "bad\x01name", str(f)]) == 2
     assert "--sensor: must be" in capsys.readouterr().err
+
+
+def test_records_with_a_session_but_no_flow_are_counted_and_a_long_zeek_log_is_read_column_by_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ts = time.time() - 600
+    conn = tmp_path / "conn.log"
+    header = (
+        "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n"
+        "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\tduration\torig_ip_bytes\n"
+        "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\tinterval\tcount\n"
+    )
+    rows = "".join(f"{ts + i / 10:.6f}\tC{i}\t10.0.0.{i % 200 + 1}\t{40000 + i}\t10.0.1.1\t443\ttcp\t0.5\t{i}\n"
+                   for i in range(300))  # fmt: skip
+    conn.write_text(header + rows)
+    eve = tmp_path / "eve.json"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000+0000", time.gmtime(ts))
+    anomaly = {"timestamp": stamp, "flow_id": 77, "event_type": "anomaly", "anomaly": {"type": "decode"}}
+    eve.write_text(json.dumps(anomaly) + "\n")
+    assert main(["init", *conf(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["ingest", *conf(tmp_path), str(conn), str(eve)]) == 0
+    out = capsys.readouterr().out
+    assert summary(out) == {"accepted": 301, "rejected": 0, "duplicates": 0}
+    assert "with a session id but no flow 1 (stored without a flow)" in out
+    assert f"ingest: file {conn}: accepted 300," in out

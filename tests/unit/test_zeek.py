@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.core.errors import ConfigError, InputError
-from engine.core.event import Event
-from engine.ingest.canonical import ParseRules
+from engine.core.event import Event, encode
+from engine.ingest import zeek
+from engine.ingest.canonical import InputEvent, ParseRules
 from engine.ingest.formats import LineParser
-from engine.ingest.zeek import ZeekReader, looks_like_zeek
+from engine.ingest.zeek import COLUMNAR_MIN, ZeekReader, looks_like_zeek
 
 NOW_MS = int(time.time() * 1000)
 TS = NOW_MS / 1000 - 3600  # an hour ago, as Zeek writes it: epoch seconds with 6 decimals
@@ -285,3 +289,90 @@ def test_auto_tells_zeek_from_canonical_per_input_and_an_unknown_format_is_a_usa
     with pytest.raises(ConfigError, match="--format"):
         LineParser("pcap")  # type: ignore[arg-type]
     assert ZeekReader().record(b"#close\t2026-12-05-11-00-00") is None
+
+
+# -- the column-wise TSV path gives what the line-wise one gives -------------------------------------------------
+_KINDS = ["time", "string", "addr", "port", "count", "int", "interval", "double", "bool", "enum", "set[string]",
+          "vector[count]", "vector[interval]"]  # fmt: skip
+_ODD = ["-", "(empty)", "", "+5", "1_0", "1e3", " 7", "nan", "inf", "T", "F", "x", "a\\x09b", "0.12345678901234567",
+        "-0", "007", "99999999999999999999", "1,2", "1,x", "3.", ".5", "é", "-1.5"]  # fmt: skip
+
+
+def _value(kind: str, draw: st.DrawFn) -> str:
+    odd = draw(st.integers(0, 19))
+    if odd < 2:  # the tokens, which both paths must read alike
+        return ("-", "(empty)")[odd]
+    if odd == 2:
+        return draw(st.sampled_from(_ODD))
+    if kind in ("time", "interval", "double"):
+        return f"{draw(st.floats(0, 2e9, allow_nan=False)):.{draw(st.integers(0, 9))}f}"
+    if kind in ("port", "count", "int"):
+        return str(draw(st.integers(-5 if kind == "int" else 0, 2**40)))
+    if kind == "bool":
+        return draw(st.sampled_from(["T", "F"]))
+    if kind.startswith(("set", "vector")):
+        inner = "count" if "count" in kind else "interval" if "interval" in kind else "string"
+        return ",".join(_value(inner, draw) for _ in range(draw(st.integers(1, 3))))
+    return draw(st.text(st.characters(codec="utf-8", exclude_characters="\t\n\r\\"), min_size=1, max_size=6))
+
+
+@st.composite
+def _zeek_log(draw: st.DrawFn) -> list[str]:
+    kinds = draw(st.lists(st.sampled_from(_KINDS), min_size=1, max_size=6))
+    fields = [f"f{i}" for i in range(len(kinds))]
+    fixed = ["ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "duration"]
+    fixed_kinds = ["time", "string", "addr", "port", "addr", "port", "enum", "interval"]
+    lines = [*CONN_HEADER[:6], "\t".join(["#fields", *fixed, *fields]), "\t".join(["#types", *fixed_kinds, *kinds])]
+    for i in range(draw(st.integers(4, 30))):
+        orig, resp = draw(st.sampled_from([(f"10.0.{i % 3}.1", "192.0.2.9"), ("2001:db8::1", "2001:db8::9")]))
+        row = [f"{TS + i / 7:.6f}", draw(st.sampled_from([f"C{i}", f"C{i}", "", "-"])), orig, str(1000 + i), resp,
+               "443", draw(st.sampled_from(["tcp", "udp", "icmp", "ICMP", "gre"])),
+               draw(st.sampled_from(["-", "-1.5", "nan", "0.000001", _value("interval", draw)]))]  # fmt: skip
+        if draw(st.integers(0, 19)) == 0:
+            row[draw(st.integers(0, len(row) - 1))] = draw(st.sampled_from(_ODD))
+        row += [_value(k, draw) for k in kinds]
+        if draw(st.integers(0, 30)) == 0:
+            row.append("extra")
+        lines.append("\t".join(row))
+    return lines
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lines=_zeek_log())
+def test_zeek_tsv_read_column_by_column_equals_line_by_line(lines: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zeek, "COLUMNAR_MIN", 3)  # short runs too, so that most examples take the column-wise path
+        _same_both_ways([line.encode() for line in lines])
+
+
+def _same_both_ways(raw: list[bytes]) -> None:
+    one = LineParser("auto")
+    expected: list[object] = []
+    for line in raw:
+        try:
+            expected.append(one(line, RULES, NOW_MS))
+        except InputError as exc:
+            expected.append(str(exc))
+    got = [str(r) if isinstance(r, InputError) else r for r in LineParser("auto").many(raw, RULES, NOW_MS)]
+
+    def seen(results: Sequence[object]) -> list[object]:  # NaN != NaN: compare the stored bytes and the repr
+        return [(encode(r), repr(r)) if isinstance(r, Event) else r for r in results]
+
+    assert seen(got) == seen(expected)
+
+
+def test_the_column_wise_parser_takes_plain_lines_and_leaves_odd_ones_to_the_line_wise_one() -> None:
+    reader = ZeekReader()
+    for line in CONN_HEADER:
+        reader.record(line.encode())
+    row = [f"{TS:.6f}", "C1", "10.0.0.5", "52100", "192.0.2.7", "443", "tcp", "ssl", "1.25", "100", "200", "SF", "T",
+           "ShADadFf", "5", "400", "4", "900", "(empty)"]  # fmt: skip
+    lines = [conn_line(*row).encode() for _ in range(COLUMNAR_MIN + 3)]
+    lines[1] = lines[1].replace(b"\t100\t", b"\t1e2\t")  # a form Python reads and this parser leaves alone
+    lines[2] = lines[2].replace(b"ShADadFf", b"Sh\\x09A")  # an escape
+    recs = reader._tsv_columns(lines)
+    assert [i for i, rec in enumerate(recs) if rec is None] == [1, 2]
+    assert recs[0] == reader._event(reader._tsv(lines[0]), "conn")
+    assert isinstance(recs[0], InputEvent) and recs[0].attrs is not None
+    assert recs[0].attrs["tunnel_parents"] == [] and recs[0].attrs["local_orig"] is True
+    assert recs[0].attrs["src_bytes"] == 400 and recs[0].end_time == float(f"{TS:.6f}") + 1.25
