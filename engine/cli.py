@@ -267,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         "offsets (compressed --speed times) instead of writing --out",
     )
     p.add_argument("--speed", type=float, default=1.0)
+    p.add_argument(
+        "--format",
+        choices=("canonical", "zeek", "eve", "vpcflow"),
+        default="canonical",
+        help="write what one kind of sensor sees of the scenario, in its own format, with the truth restricted to it:"
+        " zeek (conn, dns, http, ssl; JSON logs), eve (flow, dns, http, tls), vpcflow (cloud flows); not with --live",
+    )
+    p.add_argument(
+        "--alert-fraction",
+        type=float,
+        default=0.0,
+        help="with --format eve: the share of flow records followed by an alert record of the same flow",
+    )
     p = sub.add_parser("dead-letter", help="list rejected input lines, or --redrive them through validation")
     _common(p)
     p.add_argument("--redrive", action="store_true", help="validate every pending dead letter again")
@@ -871,10 +884,14 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int, un
 
 async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     from engine.ingest.canonical import ParseRules, parse_line
-    from engine.tools.simulate import Scenario, generate, write
+    from engine.tools.simulate import Scenario, generate, write, write_lines
 
     if args.events < 1 or args.speed <= 0 or args.span_s <= 0 or args.skew_s < 0:
         raise ConfigError("--events/--speed/--span-s/--skew-s", "must be positive (skew >= 0)")
+    if args.format != "canonical" and args.live:
+        raise ConfigError("--format", "a sensor format is written to --out, not sent --live")
+    if not 0.0 <= args.alert_fraction <= 1.0 or (args.alert_fraction and args.format != "eve"):
+        raise ConfigError("--alert-fraction", "is a share within [0, 1], for --format eve")
     start = time.time() - args.span_s
     if not args.live:
         if not args.out or not args.truth:
@@ -882,6 +899,18 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
         events, truth = generate(
             Scenario(events=args.events, seed=args.seed, start_s=start, span_s=args.span_s, skew_s=args.skew_s)
         )
+        if args.format != "canonical":
+            from engine.tools.sensor_views import sensor_view
+
+            view = sensor_view(
+                events, truth, args.format, alert_fraction=args.alert_fraction, now_ms=int(time.time() * 1000)
+            )
+            write_lines(view.lines, view.truth, args.out, args.truth)
+            print(
+                f"simulate: {len(view.truth.stories):,} {args.format} records of {len(events):,} simulated events,"
+                f" {len(set(view.truth.stories.values())):,} stories -> {args.out}, {args.truth}"
+            )
+            return EXIT_OK
         write(events, truth, args.out, args.truth)
         print(
             f"simulate: {len(events):,} events, {len(set(truth.stories.values())):,} stories -> {args.out}, "

@@ -4,12 +4,14 @@ simulated sensors → producer → store → worker (story builder, drained) →
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
 from engine.core.clock import ManualClock
 from engine.core.config import Config
+from engine.core.event import Event
 from engine.correlate.story import StoryMachine
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.producer import Producer, ProducerSettings
@@ -23,7 +25,28 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
     """Simulated sensors → producer → store → worker (story builder, drained) → the stories' latest revisions.
     Returns (predicted story per event id, true story per event id)."""
     events, truth = generate(scenario)
-    start_ms = int(scenario.start_s * 1000)
+    rules = ParseRules.from_config(cfg)
+    predicted = run_lines(
+        cfg,
+        scenario.start_s,
+        [e.line for e in events],
+        [e.arrival_s for e in events],
+        lambda line, now: parse_line(line, rules, now),
+    )
+    return predicted, dict(truth.stories)
+
+
+def run_lines(
+    cfg: Config,
+    start_s: float,
+    lines: Sequence[bytes],
+    arrivals: Sequence[float],
+    parse: Callable[[bytes, int], Event | None],
+) -> dict[str, str]:
+    """Lines (any input format: ``parse`` turns one into its event, or None for a header) delivered in order, each
+    at its arrival (seconds after ``start_s``) on a virtual clock → producer → store → worker (story builder,
+    drained) → the story of each event id in the stories' latest revisions."""
+    start_ms = int(start_s * 1000)
     clock = ManualClock(start_ms)
 
     async def body() -> dict[str, str]:
@@ -34,13 +57,15 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
             producer = Producer(store, ProducerSettings.from_config(cfg), clock)
             producer.clock_checked = True  # simulated time
             batch: list[Any] = []
-            for ev in events:  # delivered in arrival order, each at its arrival time
-                arrival = start_ms + int(ev.arrival_s * 1000)
+            for line, arrival_s in zip(lines, arrivals, strict=True):  # in order, each at its arrival time
+                arrival = start_ms + int(arrival_s * 1000)
                 if batch and arrival // cfg.bucket_ms != clock.now_ms() // cfg.bucket_ms:
                     await producer.write(batch)
                     batch = []
                 clock.set(max(clock.now_ms(), arrival))
-                batch.append(parse_line(ev.line, ParseRules.from_config(cfg), clock.now_ms()))
+                event = parse(line, clock.now_ms())
+                if event is not None:
+                    batch.append(event)
             if batch:
                 await producer.write(batch)
             end = clock.now_ms()
@@ -73,4 +98,4 @@ def run_pipeline(cfg: Config, scenario: Scenario) -> tuple[dict[str, str], dict[
         finally:
             await store.close()
 
-    return asyncio.run(body()), dict(truth.stories)
+    return asyncio.run(body())

@@ -589,7 +589,12 @@ def generate(s: Scenario | None = None) -> tuple[list[SimEvent], Truth]:
 def write(events: list[SimEvent], truth: Truth, out_path: str | Path, truth_path: str | Path) -> None:
     """Write the JSONL (in the list's order, i.e. arrival order; gzip when ``out_path`` ends with ``.gz``) and the
     truth JSON."""
-    data = b"".join(e.line + b"\n" for e in events)
+    write_lines([e.line for e in events], truth, out_path, truth_path)
+
+
+def write_lines(lines: list[bytes], truth: Truth, out_path: str | Path, truth_path: str | Path) -> None:
+    """Write lines of any input format (gzip when ``out_path`` ends with ``.gz``) and the truth JSON."""
+    data = b"".join(line + b"\n" for line in lines)
     out = Path(out_path)
     if out.suffix == ".gz":
         out.write_bytes(gzip.compress(data, mtime=0))

@@ -215,9 +215,11 @@ def restart_backoffs(directory: Path) -> list[float]:
 
 
 # -- input ---------------------------------------------------------------------------------------------------
-def simulate(directory: Path, events: int, seed: int) -> tuple[Path, Path]:
-    """``storyline simulate``: events in arrival order and their ground truth."""
-    out, truth = directory / f"sim-{seed}.jsonl", directory / f"sim-{seed}.truth.json"
+def simulate(directory: Path, events: int, seed: int, *options: str) -> tuple[Path, Path]:
+    """``storyline simulate``: events in arrival order and their ground truth (``options``: e.g. ``--format
+    zeek``, which writes that sensor's view)."""
+    tag = "-".join([str(seed), *(o.lstrip("-") for o in options)])
+    out, truth = directory / f"sim-{tag}.log", directory / f"sim-{tag}.truth.json"
     res = subprocess.run(
         storyline_argv(
             "simulate",
@@ -231,6 +233,7 @@ def simulate(directory: Path, events: int, seed: int) -> tuple[Path, Path]:
             str(events),
             "--seed",
             str(seed),
+            *options,
         ),
         capture_output=True,
         text=True,
