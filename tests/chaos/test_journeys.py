@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 
 from engine.core.config import Config
 from engine.store import Store, make_store
+from engine.tools.accuracy import score_stories
 from engine.tools.verify import parse_ingest_summary
 from tests.chaos.conftest import TenantFactory
 from tests.chaos.harness import ROOT, Supervisor, Tenant, simulate, story_rows
@@ -290,6 +292,31 @@ def test_a_feed_reader_after_each_drain_gets_every_revision_once(
     t.assert_verify(truth_b)
     t.assert_restart_changes_nothing(truth_b)
     assert feed_keys(t, out) == both, "the restarts after the final drain made the feed deliver something"
+
+
+@pytest.mark.parametrize(
+    "options", [("--format", "zeek"), ("--format", "eve", "--alert-fraction", "0.2"), ("--format", "vpcflow")]
+)
+def test_a_sensors_own_logs_ingested_by_auto_then_drain_then_drain_again(
+    embedded_tenant: TenantFactory, tmp_path: Path, options: tuple[str, ...]
+) -> None:
+    """Issue 18: what a Zeek, Suricata or VPC sensor writes of a simulated scenario (gzip), ingested as a user
+    would — no --format, auto tells — then a drain: every record in exactly one story, the true story (the
+    accuracy tool on `stories`), each story lists its events' native session ids; a second drain changes nothing."""
+    src, truth = simulate(tmp_path, EVENTS, 7, *options)
+    gz = src.with_name(src.name + ".gz")
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    t = fresh(embedded_tenant, gz)
+    drain(t)
+    t.assert_verify(truth)
+    stories = t.dir / "stories.jsonl"
+    stories.write_text(t.run("stories", "--format", "jsonl").stdout)
+    scores = score_stories(str(stories), str(truth))
+    assert scores["exact"] >= 0.99 and scores["client_server_right"] >= 0.99, scores
+    bodies = [json.loads(line) for line in stories.read_text().splitlines() if line.strip()]
+    with_sessions = sum(1 for b in bodies if b.get("sessions"))
+    assert with_sessions == (0 if options[1] == "vpcflow" else len(bodies)), with_sessions
+    t.assert_restart_changes_nothing(truth)
 
 
 def make_run() -> subprocess.CompletedProcess[str]:
