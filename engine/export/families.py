@@ -34,6 +34,7 @@ from engine.correlate.body import Observer, StoryBody
 __all__ = [
     "APP_PROTOCOL",
     "FAMILIES",
+    "FORMAT_FAMILIES",
     "ROWS",
     "SOURCE_FAMILY",
     "Kind",
@@ -63,8 +64,40 @@ SOURCE_FAMILY: Final[Mapping[str, str]] = {
     "http": "http",  # a proxy's access log: method, host, path, status, user_agent
     "tls": "tls",  # a TLS sensor (a Zeek ssl.log, an inspecting proxy): sni, version, cipher, ja3, ja3s
 }
-"""``source`` → family. Sources not listed belong to no family: their attributes are only in
-``storyline.observers``."""
+"""``source`` → family. Sources not listed belong to no family (unless a sensor format's, below): their
+attributes are only in ``storyline.observers``."""
+
+Paths = tuple[str, ...]
+"""Where an attribute is in a sensor format's record: dotted paths into the observer's attrs, the first that holds
+a value wins (``*`` maps over a list, a number indexes one)."""
+
+FORMAT_FAMILIES: Final[Mapping[str, Mapping[str, tuple[Paths, Mapping[str, Paths]]]]] = {
+    "zeek": {  # one Zeek node is one observer: its conn, dns, http and ssl records' attributes merged
+        "flow": (("conn_state", "history"), {}),
+        "dns": (("query", "qtype_name", "rcode_name"), {"query": ("query",), "answer": ("answers",),
+                                                        "rcode": ("rcode_name",)}),
+        "http": (("status_code", "uri", "trans_depth"), {"method": ("method",), "host": ("host",), "path": ("uri",),
+                                                         "status": ("status_code",), "user_agent": ("user_agent",)}),
+        "tls": (("server_name", "cipher", "ssl_history", "established"), {
+            "sni": ("server_name",), "version": ("version",), "cipher": ("cipher",), "ja3": ("ja3",),
+            "ja3s": ("ja3s",)}),
+    },
+    "suricata": {  # EVE: each record kind's fields under its own key
+        "flow": (("flow", "netflow"), {}),
+        "dns": (("dns",), {"query": ("dns.queries.0.rrname", "dns.rrname"),
+                           "answer": ("dns.answers.*.rdata", "dns.rdata"), "rcode": ("dns.rcode",)}),
+        "http": (("http",), {"method": ("http.http_method",), "host": ("http.hostname",), "path": ("http.url",),
+                             "status": ("http.status",), "user_agent": ("http.http_user_agent",)}),
+        "tls": (("tls",), {"sni": ("tls.sni",), "version": ("tls.version",), "ja3": ("tls.ja3.hash",),
+                           "ja3s": ("tls.ja3s.hash",)}),
+    },
+    "vpcflow": {"flow": (("action",), {"action": ("action",), "vpc": ("vpc-id",), "account": ("account-id",)})},
+}  # fmt: skip
+"""Sensor formats (docs/events.md): the ``source`` prefix (``zeek`` of ``zeek.http``; ``vpcflow``) → family →
+(marker fields: the observer belongs to the family when it reports one of them; attribute → its paths). One
+observer of a Zeek node or a Suricata sensor can belong to several families: its sensor writes one log per
+protocol and the body merges them per sensor. Attributes the table does not name stay in
+``storyline.observers`` only."""
 
 APP_PROTOCOL: Final[Mapping[str, str]] = {"dns": "dns", "http": "http", "tls": "tls"}
 """The application protocol a family's presence tells (ECS ``network.protocol``, event type ``protocol``)."""
@@ -143,9 +176,31 @@ _INT32: Final = 2**31
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+_FORMAT_SOURCE_FAMILY: Final = {"zeek.conn": "flow", "zeek.dns": "dns", "zeek.http": "http", "zeek.ssl": "tls",
+                                 "suricata.flow": "flow", "suricata.netflow": "flow", "suricata.dns": "dns",
+                                 "suricata.http": "http", "suricata.tls": "tls", "vpcflow": "flow"}  # fmt: skip
+
+
 def family_of(source: str) -> str | None:
-    """The family of a ``source`` (None: none)."""
-    return SOURCE_FAMILY.get(source)
+    """The family of a ``source`` (None: none) — a sensor format's source by its log (``zeek.ssl`` → tls)."""
+    return SOURCE_FAMILY.get(source) or _FORMAT_SOURCE_FAMILY.get(source)
+
+
+def _views(o: Observer) -> list[tuple[str, Mapping[str, Paths] | None]]:
+    """The families an observer belongs to, each with where its attributes are (None: under the rows' own
+    names)."""
+    family = SOURCE_FAMILY.get(o.source)
+    if family is not None:
+        return [(family, None)]
+    table = FORMAT_FAMILIES.get(o.source.partition(".")[0])
+    if table is None:
+        return []
+    own = _FORMAT_SOURCE_FAMILY.get(o.source)
+    return [
+        (f, paths)
+        for f, (markers, paths) in table.items()
+        if f == own or any(get_path(o.attrs, m) is not None for m in markers)
+    ]
 
 
 def action_verdict(value: object) -> Literal["allowed", "denied"] | None:
@@ -218,15 +273,17 @@ def pick(observers: list[Observer] | None) -> list[Picked]:
     """Per row of :data:`ROWS` (in table order), the value the story's observers give it: the first observer of
     the row's family in sensor-name order that reports the attribute (not null). Rows no observer reports are
     left out."""
-    by_family: dict[str, list[Observer]] = {}
+    by_family: dict[str, list[tuple[Observer, Mapping[str, Paths] | None]]] = {}
     for o in sorted(observers or (), key=lambda o: o.sensor):
-        family = family_of(o.source)
-        if family is not None:
-            by_family.setdefault(family, []).append(o)
+        for family, paths in _views(o):
+            by_family.setdefault(family, []).append((o, paths))
     picked: list[Picked] = []
     for row in ROWS:
-        for o in by_family.get(row.family, ()):
-            value = o.attrs.get(row.attr)
+        for o, paths in by_family.get(row.family, ()):
+            if paths is None:
+                value = o.attrs.get(row.attr)
+            else:
+                value = next((v for p in paths.get(row.attr, ()) if (v := get_path(o.attrs, p)) is not None), None)
             if value is not None:
                 picked.append(Picked(row, value, o.sensor))
                 break
@@ -240,7 +297,7 @@ def primary(observers: list[Observer] | None) -> Observer | None:
 
 def families_present(observers: list[Observer] | None) -> list[str]:
     """The families of a story's observers, in :data:`FAMILIES` order."""
-    present = {family_of(o.source) for o in observers or ()}
+    present = {family for o in observers or () for family, _ in _views(o)}
     return [f for f in FAMILIES if f in present]
 
 
@@ -279,9 +336,21 @@ def storyline_namespace(body: StoryBody) -> dict[str, Any]:
 
 
 def get_path(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path of a nested document (``"connection_info.direction_id"``); None when absent."""
+    """The value at a dotted path of a nested document (``"connection_info.direction_id"``); None when absent. In
+    a list, a number picks an element (``dns.queries.0.rrname``) and ``*`` maps the rest of the path over every
+    element (``dns.answers.*.rdata``: the values found, None when there are none)."""
     node: Any = doc
-    for name in path.split("."):
+    names = path.split(".")
+    for i, name in enumerate(names):
+        if isinstance(node, list):
+            if name == "*":
+                rest = ".".join(names[i + 1 :])
+                found = [v for v in (get_path({"v": e}, f"v.{rest}" if rest else "v") for e in node) if v is not None]
+                return found or None
+            if name.isdigit() and int(name) < len(node):
+                node = node[int(name)]
+                continue
+            return None
         if not isinstance(node, Mapping) or name not in node:
             return None
         node = node[name]

@@ -26,7 +26,7 @@ from engine.core.event import Event, encode
 from engine.correlate.body import Endpoint, Figures, Observer, StoryBody, Totals, decode_body
 from engine.correlate.fuse import EVENT_SCHEMA, HEAD_SCHEMA, event_columns, fuse
 from engine.export import ECS_VERSION, OCSF_VERSION, encode_story, read_body, to_ecs, to_ocsf
-from engine.export.families import ROWS, SOURCE_FAMILY, convert, get_path, pick, primary
+from engine.export.families import FORMAT_FAMILIES, ROWS, SOURCE_FAMILY, convert, get_path, pick, primary
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.ingest.network_identity import community_id, flow_identity
 from engine.tools.simulate import Scenario, generate
@@ -846,6 +846,13 @@ def test_the_docs_family_table_matches_the_code() -> None:
         assert (not row.ecs) == (ecs_cell.strip() == "—") and (not row.ocsf) == (ocsf_cell.strip() == "—"), row
     for source, family in SOURCE_FAMILY.items():
         assert any(f"`{source}`" in ln and f"| `{family}` |" in ln for ln in doc.splitlines()), source
+    for fmt, families in FORMAT_FAMILIES.items():
+        for family, (markers, paths) in families.items():
+            line = lines.get(f"`{fmt}` `{family}`")
+            assert line is not None, f"docs/stories.md has no row for the {fmt} {family} family"
+            assert all(f"`{m}`" in line.split("|")[3] for m in markers), (fmt, family)
+            for attr, found in paths.items():
+                assert f"`{attr}` ← " + " or ".join(f"`{p}`" for p in found) in line, (fmt, family, attr)
 
 
 def test_the_docs_example_is_what_the_mappers_write() -> None:
@@ -885,3 +892,36 @@ def test_the_export_package_is_pure() -> None:
     source = "\n".join(p.read_text() for p in (ROOT / "engine" / "export").glob("*.py"))
     for call in (".now(", ".today(", "time.time", "getenv", "environ[", "environ.get", "open("):
         assert call not in source, call
+
+
+def test_sensor_formats_attributes_map_by_their_own_names_and_a_zeek_node_is_in_every_family_it_logged() -> None:
+    """Issue 18: a Zeek node's observer merges its conn and http records; a Suricata sensor's holds EVE's nested
+    objects; a VPC flow log names its fields as AWS does. Their attributes land where the canonical ones do."""
+    zeek = Observer(sensor="zeek-1", source="zeek.conn", first_us=1, last_us=2, events=2,
+                    attrs={"conn_state": "SF", "history": "ShADadFf", "method": "GET", "host": "example.com",
+                           "uri": "/login", "status_code": 302, "user_agent": "curl/8", "trans_depth": 1})  # fmt: skip
+    eve = Observer(sensor="ids-1", source="suricata.flow", first_us=1, last_us=2, events=3,
+                   attrs={"flow": {"state": "closed"}, "tls": {"sni": "example.com", "version": "TLS 1.3",
+                          "ja3": {"hash": "e7d705a3286e19ea42f587b344ee6865"}},
+                          "dns": {"version": 3, "queries": [{"rrname": "example.com", "rrtype": "A"}],
+                                  "answers": [{"rdata": "93.184.216.34"}, {"rdata": "93.184.216.35"}],
+                                  "rcode": "NOERROR"}})  # fmt: skip
+    vpc = Observer(sensor="vpcflow-123456789012", source="vpcflow", first_us=1, last_us=2, events=1,
+                   attrs={"action": "REJECT", "account-id": "123456789012", "interface-id": "eni-1"})  # fmt: skip
+    body = msgspec.structs.replace(_story(reversed_first=False), observers=[zeek, eve, vpc])
+    ecs, ocsf = assert_valid(body)
+    assert ocsf is not None
+    assert ecs["url"] == {"domain": "example.com", "path": "/login"}
+    assert ecs["http"] == {"request": {"method": "GET"}, "response": {"status_code": 302}}
+    assert ecs["tls"]["client"] == {"server_name": "example.com", "ja3": "e7d705a3286e19ea42f587b344ee6865"}
+    assert ecs["dns"]["question"]["name"] == "example.com" and ecs["dns"]["response_code"] == "NOERROR"
+    assert ecs["dns"]["resolved_ip"] == ["93.184.216.34", "93.184.216.35"]
+    assert ecs["network"]["protocol"] == "dns"  # the first of dns, http, tls present
+    assert ecs["event"]["type"] == ["connection", "end", "protocol", "denied"]  # the flow log's REJECT
+    assert ocsf["tls"]["sni"] == "example.com" and ocsf["url"]["path"] == "/login"
+    families = {o["sensor"]: o.get("family") for o in ecs["storyline"]["observers"]}
+    assert families == {"ids-1": "flow", "vpcflow-123456789012": "flow", "zeek-1": "flow"}
+    # A Zeek node that logged only connections is in the flow family alone: no protocol is claimed for it.
+    only_conn = msgspec.structs.replace(zeek, attrs={"conn_state": "S0"})
+    ecs2, _ = assert_valid(msgspec.structs.replace(body, observers=[only_conn]))
+    assert "protocol" not in ecs2["network"] and "url" not in ecs2
