@@ -8,9 +8,7 @@ beyond the documented normalization (time to int µs UTC, protocol to its number
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import math
-import re
 from typing import Any
 
 import msgspec
@@ -23,7 +21,6 @@ from engine.ingest.network_identity import PORT_PROTOCOLS, flow_identity, parse_
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _US = dt.timedelta(microseconds=1)
-_SECOND = dt.timedelta(seconds=1)
 
 
 class InputEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -76,29 +73,7 @@ def parse_time_us(value: int | float | str) -> int:
         if not math.isfinite(value) or abs(value) > 1e13:
             raise InputError(f"time: {value!r} is not a finite epoch-seconds value")
         return round(value * 1_000_000)
-    quick = _RFC3339.match(value)
-    if quick is not None:
-        try:
-            seconds = _epoch_seconds(quick[1], quick[3])
-        except ValueError:
-            pass  # the general path below names the problem
-        else:
-            fraction = quick[2]
-            return seconds * 1_000_000 + (int(fraction[:6].ljust(6, "0")) if fraction else 0)
     return _rfc3339_us(value)
-
-
-# The usual RFC 3339 forms, read without datetime for all but the whole seconds (cached: events of one second
-# share them); the result is _rfc3339_us's (a test holds the two to it). Fractions past µs are cut, as there.
-_RFC3339 = re.compile(
-    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2})(?:[.,]([0-9]{1,9}))?(Z|[+-][0-9]{2}:?[0-9]{2})\Z"
-)
-
-
-@functools.lru_cache(maxsize=4096)
-def _epoch_seconds(whole: str, offset: str) -> int:
-    parsed = dt.datetime.fromisoformat(whole + offset)
-    return (parsed - _EPOCH) // _SECOND
 
 
 def _rfc3339_us(value: str) -> int:

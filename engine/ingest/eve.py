@@ -38,7 +38,6 @@ _SKIPPED: Final = frozenset({"stats"})
 _CLIENT_IS_SRC: Final = frozenset({"flow", "http", "tls", "ssh", "smtp", "fileinfo", "ftp", "rdp", "smb", "krb5"})
 _ICMP: Final = frozenset({1, 58})
 _PROTOS: Final = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132}  # as Suricata writes them
-_MOVED: Final = ("timestamp", "event_type", "host", "proto", "src_ip", "src_port", "dest_ip", "dest_port")
 
 
 def looks_like_eve(first: bytes) -> bool:
@@ -48,7 +47,10 @@ def looks_like_eve(first: bytes) -> bool:
 
 
 def _int(rec: dict[str, Any], key: str) -> int | None:
-    value = rec.get(key)
+    return _int_of(rec.get(key), key)
+
+
+def _int_of(value: object, key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -84,23 +86,26 @@ class EveReader:
         if sensor is None:
             host = rec.get("host")
             sensor = host if isinstance(host, str) and host else "suricata"
-        src_ip, dst_ip = rec.get("src_ip"), rec.get("dest_ip")
-        proto_value = rec.get("proto")
-        attrs = {k: v for k, v in rec.items() if k not in _MOVED}
-        flow_id = attrs.pop("flow_id", None)
+        # The record itself becomes the attributes: what the canonical event carries elsewhere is taken out.
+        pop = rec.pop
+        pop("timestamp", None), pop("event_type", None), pop("host", None)
+        proto_value, src_ip, src_port_value = pop("proto", None), pop("src_ip", None), pop("src_port", None)
+        dst_ip, dst_port_value, flow_id = pop("dest_ip", None), pop("dest_port", None), pop("flow_id", None)
+        attrs = rec
         session = str(flow_id) if isinstance(flow_id, int) and not isinstance(flow_id, bool) else None
         end = body.get("end") if kind in ("flow", "netflow") and isinstance(body.get("end"), str) else None
         if not isinstance(src_ip, str) or not isinstance(dst_ip, str) or not isinstance(proto_value, str | int):
-            for key in ("proto", "src_ip", "src_port", "dest_ip", "dest_port"):  # flowless: kept as reported
-                if rec.get(key) is not None:
-                    attrs[key] = rec[key]
+            for key, value in (("proto", proto_value), ("src_ip", src_ip), ("src_port", src_port_value),
+                               ("dest_ip", dst_ip), ("dest_port", dst_port_value)):  # fmt: skip
+                if value is not None:  # flowless: kept as reported
+                    attrs[key] = value
             return InputEvent(
                 source=f"suricata.{kind}", time=time, sensor=sensor, attrs=attrs, session=session, end_time=end
             )
         proto = _PROTOS.get(proto_value) if proto_value.__class__ is str else None
         if proto is None:
             proto = parse_proto(proto_value)
-        src_port, dst_port = _int(rec, "src_port"), _int(rec, "dest_port")
+        src_port, dst_port = _int_of(src_port_value, "src_port"), _int_of(dst_port_value, "dest_port")
         if proto in _ICMP:
             src_port, dst_port = _int(rec, "icmp_type"), _int(rec, "icmp_code")
         elif proto not in PORT_PROTOCOLS:

@@ -1037,31 +1037,3 @@ def test_cli_ingest_accounts_for_every_line(lines: list[bytes], gz: bool) -> Non
         listed[int(num)] = reason
     assert listed == rejected  # every rejected line is in the dead-letter store, with its reason
     assert listing[-1].startswith(f"dead-letter: {len(rejected)} rejected lines")
-
-
-@FUZZ
-@given(
-    rfc3339(lo=dt.date(1, 1, 2), hi=dt.date(9999, 12, 30))
-    | rfc3339()
-    | st.sampled_from(
-        [
-            "2026-02-30T00:00:00Z",
-            "2026-12-05T24:00:00Z",
-            "2026-12-05T10:00:60Z",
-            "2026-12-05T10:00:00+2400",
-            "2026-12-05T10:00:00.1234567891+01:00",
-            "2026-12-05 10:00:00,5-0030",
-            "2026-12-05T10:00:00",
-        ]
-    ).map(lambda t: (t, 0, 0))
-)
-def test_rfc3339_short_path_equals_the_general_one(case: tuple[str, int, int]) -> None:
-    from engine.ingest.canonical import _rfc3339_us, parse_time_us
-
-    def outcome(parse: Callable[[str], int]) -> object:
-        try:
-            return parse(case[0])
-        except InputError as exc:
-            return str(exc)
-
-    assert outcome(parse_time_us) == outcome(_rfc3339_us)
