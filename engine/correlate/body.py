@@ -106,6 +106,9 @@ class Observer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     bytes: Figures | None = None
     packets: Figures | None = None
     attrs: dict[str, Any]  # its events' attributes merged key by key (correlate.merge rules; default: latest)
+    # The sources of its events by name, when there are several (a Zeek node's zeek.conn and zeek.http records);
+    # ``source`` is its first event's.
+    sources: list[str] | None = None
 
 
 class StoryBody(

@@ -451,6 +451,7 @@ def _fuse_frame(
             (pl.col("akeys").min() == pl.col("akeys").max()).alias("same_keys"),
             pl.col("attrs").last().alias("merged"),
             pl.col("sc").first(),
+            (pl.col("sc").min() != pl.col("sc").max()).alias("several_sources"),
             pl.col("t").min().alias("first_us"),
             pl.col("t").max().alias("last_us"),
             pl.col("sic").min().alias("sic_min"),
@@ -487,6 +488,15 @@ def _fuse_frame(
         .otherwise(pl.lit(""))
     )
 
+    # An observer whose events are of several sources (a Zeek node's conn and http records) lists them; that is
+    # rare, so the list is built only for those observers.
+    sources_json: pl.Expr = pl.lit("")
+    several = by_sensor.filter(pl.col("several_sources"))["nkey"]
+    if several.len():
+        quoted = q_source.to_list()
+        codes = ev.filter(pl.col("nkey").is_in(several.implode())).group_by("nkey").agg(pl.col("sc").unique().sort())
+        listed = {nkey: ',"sources":[' + ",".join(quoted[c] for c in sc) + "]" for nkey, sc in codes.iter_rows()}
+        sources_json = pl.col("nkey").replace_strict(list(listed), list(listed.values()), default="")
     observer_json = pl.concat_str(
         [
             pl.lit('{"sensor":'),
@@ -504,6 +514,7 @@ def _fuse_frame(
             _figures("packets", pl.col("c2s_packets"), pl.col("s2c_packets"), pl.col("tot_packets")),
             pl.lit(',"attrs":'),
             pl.col("merged"),
+            sources_json,
             pl.lit("}"),
         ]
     )
@@ -759,6 +770,7 @@ def _fuse_rows(
                 attrs: Any = merge_attrs(rules, [_json_any.decode(e[_ATTRS]) for e in g])
             else:
                 attrs = msgspec.Raw(g[-1][_ATTRS].encode())
+            sources = sorted({e[_SOURCE] for e in g})
             observers.append(
                 Observer(
                     sensor=sensor,
@@ -768,6 +780,7 @@ def _fuse_rows(
                     events=len(g),
                     attrs=attrs,
                     **extra,
+                    sources=sources if len(sources) > 1 else None,
                 )
             )
         if flow:
@@ -940,6 +953,7 @@ def fuse_python(
                     story_figs[kind][i].append(v)
                 if any(v is not None for v in fig):
                     extra[kind] = Figures(*fig)
+        sources = sorted({e.source for e, _ in group})
         observers.append(
             Observer(
                 sensor=sensor,
@@ -949,6 +963,7 @@ def fuse_python(
                 events=len(group),
                 attrs=merge_attrs(dict(rules or {}), [e.attrs for e, _ in group]),
                 **extra,
+                sources=sources if len(sources) > 1 else None,
             )
         )
     if flow:

@@ -189,17 +189,18 @@ def family_of(source: str) -> str | None:
 def _views(o: Observer) -> list[tuple[str, Mapping[str, Paths] | None]]:
     """The families an observer belongs to, each with where its attributes are (None: under the rows' own
     names)."""
-    family = SOURCE_FAMILY.get(o.source)
-    if family is not None:
-        return [(family, None)]
+    sources = o.sources or [o.source]
+    canonical = {SOURCE_FAMILY[s] for s in sources if s in SOURCE_FAMILY}
+    if canonical:
+        return [(family, None) for family in FAMILIES if family in canonical]
     table = FORMAT_FAMILIES.get(o.source.partition(".")[0])
     if table is None:
         return []
-    own = _FORMAT_SOURCE_FAMILY.get(o.source)
+    own = {_FORMAT_SOURCE_FAMILY.get(s) for s in sources}
     return [
         (f, paths)
         for f, (markers, paths) in table.items()
-        if f == own or any(get_path(o.attrs, m) is not None for m in markers)
+        if f in own or any(get_path(o.attrs, m) is not None for m in markers)
     ]
 
 

@@ -925,3 +925,17 @@ def test_sensor_formats_attributes_map_by_their_own_names_and_a_zeek_node_is_in_
     only_conn = msgspec.structs.replace(zeek, attrs={"conn_state": "S0"})
     ecs2, _ = assert_valid(msgspec.structs.replace(body, observers=[only_conn]))
     assert "protocol" not in ecs2["network"] and "url" not in ecs2
+
+
+def test_an_observer_with_several_sources_is_in_each_of_their_families() -> None:
+    """A Zeek node's conn and ssl records are one observer; its body lists both sources, and it is in the tls
+    family by them even when no marker field of ssl.log made it into the merged attributes."""
+    zeek = Observer(sensor="zeek-1", source="zeek.conn", first_us=1, last_us=2, events=2,
+                    attrs={"conn_state": "SF", "version": "TLSv13"}, sources=["zeek.conn", "zeek.ssl"])  # fmt: skip
+    ecs, ocsf = assert_valid(msgspec.structs.replace(_story(reversed_first=False), observers=[zeek]))
+    assert ocsf is not None
+    assert ecs["tls"]["version"] == "TLSv13" and ecs["network"]["protocol"] == "tls"
+    assert ecs["storyline"]["observers"][0]["sources"] == ["zeek.conn", "zeek.ssl"]
+    alone = msgspec.structs.replace(zeek, sources=None)
+    ecs2, _ = assert_valid(msgspec.structs.replace(_story(reversed_first=False), observers=[alone]))
+    assert "tls" not in ecs2  # without the ssl source and without a marker: a Zeek node that logged connections
