@@ -375,15 +375,8 @@ class Ingestor:
                 lines.append(item)
             else:
                 s.empty += 1
-        if parser is None:
-            results: list[Event | InputError | None] = []
-            for _, _, raw in lines:
-                try:
-                    results.append(parse_line(raw, self._rules, now))
-                except InputError as exc:
-                    results.append(exc)
-        else:
-            results = parser.many([raw for _, _, raw in lines], self._rules, now)
+        reader = parser if parser is not None else LineParser("canonical")
+        results = reader.many([raw for _, _, raw in lines], self._rules, now)
         for (file, n, raw), result in zip(lines, results, strict=True):
             if result is None:
                 s.skipped += 1

@@ -41,6 +41,19 @@ def lines(n: int, start: int = 0) -> bytes:
     )
 
 
+def conn_header(*extra: tuple[str, str]) -> str:
+    """A Zeek conn.log TSV header: the flow fields, then ``extra`` (name, type) columns."""
+    fields = [("ts", "time"), ("uid", "string"), ("id.orig_h", "addr"), ("id.orig_p", "port"),
+              ("id.resp_h", "addr"), ("id.resp_p", "port"), ("proto", "enum"), *extra]  # fmt: skip
+    return (
+        "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n"
+        + "\t".join(["#fields", *(f for f, _ in fields)])
+        + "\n"
+        + "\t".join(["#types", *(t for _, t in fields)])
+        + "\n"
+    )
+
+
 def summary(out: str) -> dict[str, int]:
     m = re.search(r"accepted ([\d,]+), rejected ([\d,]+), duplicates ([\d,]+)", out)
     assert m, out
@@ -134,11 +147,7 @@ def test_a_zeek_tsv_log_is_ingested_by_auto_with_its_headers_counted(
 ) -> None:
     ts = time.time() - 600
     f = tmp_path / "conn.log.gz"
-    header = (
-        "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n"
-        "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\torig_ip_bytes\n"
-        "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\tcount\n"
-    )
+    header = conn_header(("orig_ip_bytes", "count"))
     rows = "".join(f"{ts + i:.6f}\tC{i}\t10.0.0.{i}\t4000{i}\t10.0.1.1\t443\ttcp\t{100 * i}\n" for i in range(1, 6))
     f.write_bytes(gzip.compress((header + rows + "1.0\tbroken\n").encode()))
     assert main(["init", *conf(tmp_path)]) == 0
@@ -158,11 +167,7 @@ def test_records_with_a_session_but_no_flow_are_counted_and_a_long_zeek_log_is_r
 ) -> None:
     ts = time.time() - 600
     conn = tmp_path / "conn.log"
-    header = (
-        "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n"
-        "#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\tduration\torig_ip_bytes\n"
-        "#types\ttime\tstring\taddr\tport\taddr\tport\tenum\tinterval\tcount\n"
-    )
+    header = conn_header(("duration", "interval"), ("orig_ip_bytes", "count"))
     rows = "".join(f"{ts + i / 10:.6f}\tC{i}\t10.0.0.{i % 200 + 1}\t{40000 + i}\t10.0.1.1\t443\ttcp\t0.5\t{i}\n"
                    for i in range(300))  # fmt: skip
     conn.write_text(header + rows)
