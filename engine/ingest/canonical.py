@@ -76,7 +76,38 @@ def parse_time_us(value: int | float | str) -> int:
     return _rfc3339_us(value)
 
 
+_SECONDS: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM:SS" + UTC offset → µs: the times of one input share seconds
+_SECONDS_MAX = 1 << 16
+_OFFSET_FORMS = frozenset({1, 5, 6})  # "Z", "+hhmm", "+hh:mm"
+
+
 def _rfc3339_us(value: str) -> int:
+    """An RFC 3339 time → µs. The usual form — six fraction digits, then Z or a ±hh[:]mm offset — costs a dict
+    look-up per value: its second and offset are converted once (by :func:`_rfc3339_slow`, which checks them),
+    the fraction is added. Any other form, and any error, is :func:`_rfc3339_slow`'s."""
+    if (
+        len(value) >= 27
+        and value[19] == "."
+        and len(value) - 26 in _OFFSET_FORMS
+        and value[26] in "Z+-"
+        and (frac := value[20:26]).isdigit()
+        and frac.isascii()
+    ):
+        key = value[:19] + value[26:]
+        base = _SECONDS.get(key)
+        if base is None:
+            try:
+                base = _rfc3339_slow(key)
+            except InputError:
+                return _rfc3339_slow(value)  # its error names the value as given
+            if len(_SECONDS) >= _SECONDS_MAX:
+                _SECONDS.clear()
+            _SECONDS[key] = base
+        return base + int(frac)
+    return _rfc3339_slow(value)
+
+
+def _rfc3339_slow(value: str) -> int:
     text = value.strip()
     if text[-1:] == "z":  # RFC 3339 allows a lower-case Z; fromisoformat does not
         text = text[:-1] + "Z"

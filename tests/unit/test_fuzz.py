@@ -35,6 +35,7 @@ from engine.cli import main
 from engine.core.config import Config, from_mapping, load, parse_override
 from engine.core.errors import ConfigError, InputError
 from engine.core.event import Event, decode, decode_view, encode
+from engine.ingest import canonical
 from engine.ingest.canonical import MAX_ATTRS_DEPTH, ParseRules, parse_line, shard_of
 from engine.ingest.network_identity import parse_proto
 
@@ -624,6 +625,39 @@ def test_rfc3339_times_are_converted_exactly(case: tuple[str, int, int]) -> None
     elif high < MIN_US or low > MAX_US:
         with pytest.raises(InputError, match=r"^time: "):
             parse_line(raw, ParseRules.from_config(CFG), NOW_MS)
+
+
+def _edited_time(draw: st.DrawFn) -> str:
+    text = draw(rfc3339(lo=dt.date(1, 1, 2), hi=dt.date(9999, 12, 30)))[0]
+    for _ in range(draw(st.integers(0, 2))):  # one or two characters changed, inserted or removed
+        at = draw(st.integers(0, len(text)))
+        char = draw(st.sampled_from("0123456789:.+-Zz T\u0660\u00b2_ "))
+        cut = draw(st.integers(0, 1))
+        text = text[:at] + char + text[at + cut :]
+    return text
+
+
+@FUZZ
+@given(st.composite(_edited_time)(), st.booleans())
+@example("2026-09-21T11:26:40.123456.5Z", True)  # a tail that is not an offset
+@example("2026-09-21T11:26:40.12345\u0660Z", True)  # a non-ASCII digit in the fraction
+@example("2026-09-21T11:26:40.123456+01:0z", True)
+@example("2026-02-30T11:26:40.123456Z", True)  # no such day: the error names the value as given
+def test_the_usual_rfc3339_form_takes_the_short_path_to_the_same_result(text: str, clear: bool) -> None:
+    """The per-second cache of :func:`canonical._rfc3339_us` gives what the full parser gives — the value or
+    the error, word for word — for the usual form and for anything near it."""
+    if clear:
+        canonical._SECONDS.clear()
+    for _ in range(2):  # a miss, then a hit
+        try:
+            want: int | str = canonical._rfc3339_slow(text)
+        except InputError as exc:
+            want = str(exc)
+        try:
+            got: int | str = canonical._rfc3339_us(text)
+        except InputError as exc:
+            got = str(exc)
+        assert got == want, text
 
 
 @FUZZ
