@@ -287,10 +287,13 @@ def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
     return accept(raw, rules, now_ms)
 
 
-def accept(raw: InputEvent, rules: ParseRules, now_ms: int) -> Event:
+def accept(raw: InputEvent, rules: ParseRules, now_ms: int, *, fits: bool = False) -> Event:
     """A decoded input event (from a JSONL line or a sensor format's reader) → the stored :class:`Event`:
-    :func:`normalize`, then the check that its stored form exists and fits ``max_event_bytes``."""
+    :func:`normalize`, then the check that its stored form exists and fits ``max_event_bytes`` — unless the
+    caller has shown that already (``fits``: a bound from the line, e.g. :meth:`ZeekReader.fits`)."""
     event = normalize(raw, rules, now_ms)
+    if fits:
+        return event
     # The stored form must exist and fit: msgpack holds no integer outside int64/uint64 (only attrs can carry
     # one), and it can be larger than the JSON (a 4-byte `1e5,` becomes a 9-byte float64).
     try:

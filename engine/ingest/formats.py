@@ -74,10 +74,11 @@ class LineParser:
             else:
                 valid.append(len(results))
                 results.append(None)
-        for i, record in zip(valid, self.zeek.records([lines[i] for i in valid]), strict=True):
+        zeek, limit = self.zeek, rules.max_event_bytes
+        for i, record in zip(valid, zeek.records([lines[i] for i in valid]), strict=True):
             if isinstance(record, InputEvent):
                 try:
-                    results[i] = accept(record, rules, now_ms)
+                    results[i] = accept(record, rules, now_ms, fits=zeek.fits(lines[i], limit))
                 except InputError as exc:
                     results[i] = exc
             else:

@@ -376,3 +376,57 @@ def test_the_column_wise_parser_takes_plain_lines_and_leaves_odd_ones_to_the_lin
     assert isinstance(recs[0], InputEvent) and recs[0].attrs is not None
     assert recs[0].attrs["tunnel_parents"] == [] and recs[0].attrs["local_orig"] is True
     assert recs[0].attrs["src_bytes"] == 400 and recs[0].end_time == float(f"{TS:.6f}") + 1.25
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lines=_zeek_log(), sensor=st.sampled_from([None, "s" * 256, "\U0001f600" * 256]))
+def test_a_tsv_event_is_stored_within_the_bound_that_lets_ingest_skip_encoding_it(
+    lines: list[str], sensor: str | None
+) -> None:
+    """``ZeekReader.fits`` lets ``accept`` skip the size check: the stored form must be within its bound."""
+    parser = LineParser("auto", sensor)
+    raw = [line.encode() for line in lines]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zeek, "COLUMNAR_MIN", 3)
+        results = parser.many(raw, RULES, NOW_MS)
+    for line, result in zip(raw, results, strict=True):
+        if isinstance(result, Event):
+            assert len(encode(result)) <= 9 * len(line) + parser.zeek._bound, line
+
+
+def test_the_bound_holds_for_the_widest_forms_and_for_lines_read_before_a_later_header() -> None:
+    """The forms that grow most when stored — one-digit intervals, in a set and in many columns (9 bytes from
+    2) — stay within the bound, and are over half of it: a bound of 4 bytes per byte of the line would not hold."""
+    fixed = "ts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto"
+    fixed_types = "time\tstring\taddr\tport\taddr\tport\tenum"
+    start = f"{TS:.6f}\tC1\t10.0.0.1\t1000\t192.0.2.9\t443\ttcp"
+    wide = [f"#fields\t{fixed}\t" + "\t".join(f"a_long_field_name_of_an_interval_{i:05d}" for i in range(3000)),
+            f"#types\t{fixed_types}\t" + "\t".join(["interval"] * 3000),
+            f"{start}\t" + "\t".join(["1"] * 3000)]  # fmt: skip
+    one_set = [f"#fields\t{fixed}\tv", f"#types\t{fixed_types}\tvector[interval]",
+               f"{start}\t" + ",".join(["1"] * 9000)]  # fmt: skip
+    narrow = [f"#fields\t{fixed}", f"#types\t{fixed_types}"]
+    for log in (wide, one_set):
+        parser = LineParser("zeek")
+        raw = [line.encode() for line in [*CONN_HEADER[:5], *log, *narrow]]  # a narrower header after the line
+        results = parser.many(raw, RULES, NOW_MS)
+        event, line = results[len(CONN_HEADER[:5]) + 2], raw[len(CONN_HEADER[:5]) + 2]
+        assert isinstance(event, Event)
+        size, bound = len(encode(event)), 9 * len(line) + parser.zeek._bound
+        assert size <= bound
+        if log is one_set:
+            assert 4 * len(line) + parser.zeek._bound < size
+        assert parser.zeek.fits(line, bound) and not parser.zeek.fits(line, bound - 1)
+        assert not parser.zeek.fits(b'{"ts": 1}', 1 << 30)  # a JSON line: its integers are not bounded
+
+
+def test_a_count_wider_than_64_bits_is_not_a_zeek_count() -> None:
+    reader = ZeekReader()
+    for line in CONN_HEADER:
+        reader.record(line.encode())
+    row = [f"{TS:.6f}", "C1", "10.0.0.5", "52100", "192.0.2.7", "443", "tcp", "ssl", "1.25", "18446744073709551616",
+           "200", "SF", "T", "ShADadFf", "5", "400", "4", "900", "(empty)"]  # fmt: skip
+    with pytest.raises(InputError, match=r"^orig_bytes: '18446744073709551616' is not a Zeek count$"):
+        reader.record(conn_line(*row).encode())
+    row[9] = "18446744073709551615"  # the largest count
+    assert reader.record(conn_line(*row).encode()).attrs["orig_bytes"] == 2**64 - 1  # type: ignore[union-attr,index]
