@@ -28,6 +28,7 @@ Pure; no I/O. A value that does not fit its declared type raises :class:`InputEr
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -285,22 +286,36 @@ class ZeekReader:
         if len(set(fields)) != len(fields):
             return [None] * len(lines)
         width = len(fields) - 1
+        names = [f"c{i}" for i in range(len(fields))]
+        text = b"\n".join(lines) + b"\n"
+        if text.count(sep) == width * len(lines) and b"\\" not in text and b"\r" not in text:
+            # The usual round: every line plain. As many separators as the lines should have in all, and polars
+            # refusing a line with more values than fields, mean every line has its count; else line by line.
+            with contextlib.suppress(pl.exceptions.PolarsError):
+                recs = self._typed_columns(text, len(lines), names, types)
+                if recs is not None:
+                    return recs
         plain = [line.count(sep) == width and b"\\" not in line and b"\r" not in line for line in lines]
         picked = [line for line, ok in zip(lines, plain, strict=True) if ok]
         if len(picked) < COLUMNAR_MIN:
             return [None] * len(lines)
-        names = [f"c{i}" for i in range(len(fields))]
         try:
-            return self._typed_columns(lines, plain, picked, names, types)
+            recs = self._typed_columns(b"\n".join(picked) + b"\n", len(picked), names, types)
         except pl.exceptions.PolarsError:  # whatever polars makes of an odd line, the line-wise path decides
             return [None] * len(lines)
+        if recs is None:
+            return [None] * len(lines)
+        it = iter(recs)
+        return [next(it) if ok else None for ok in plain]
 
     def _typed_columns(
-        self, lines: list[bytes], plain: list[bool], picked: list[bytes], names: list[str], types: list[str]
-    ) -> list[InputEvent | dict[str, Any] | None]:
+        self, text: bytes, count: int, names: list[str], types: list[str]
+    ) -> list[InputEvent | dict[str, Any] | None] | None:
+        """Per line of ``text`` (``count`` plain lines) what :meth:`_tsv_columns` gives; None when polars reads
+        another number of rows."""
         fields = self._fields
         frame = pl.read_csv(
-            b"\n".join(picked) + b"\n",
+            text,
             has_header=False,
             separator=self._sep.decode("latin-1"),
             quote_char=None,
@@ -309,8 +324,8 @@ class ZeekReader:
             empty_string_is_null=False,
             raise_if_empty=False,
         )
-        if frame.height != len(picked):
-            return [None] * len(lines)
+        if frame.height != count:
+            return None
         unset, empty = self._unset.decode("utf-8", "replace"), self._empty.decode("utf-8", "replace")
         set_sep = self._set_sep.decode("utf-8", "replace")
         values: list[pl.Expr] = []
@@ -342,8 +357,7 @@ class ZeekReader:
         recs: list[InputEvent | dict[str, Any] | None] = []
         if plan is not None:
             self._flow_events(plan, columns, fine, recs)
-            it = iter(recs)
-            return [next(it) if ok else None for ok in plain]
+            return recs
         for row, good in zip(zip(*columns, strict=True), fine, strict=True):
             if not good:
                 recs.append(None)
@@ -357,8 +371,7 @@ class ZeekReader:
                 recs.append(None)
                 continue
             recs.append(rec)
-        it = iter(recs)
-        return [next(it) if ok else None for ok in plain]
+        return recs
 
     def _flow_plan(self, types: list[str]) -> tuple[list[int], list[str], int, int | None, int | None] | None:
         """For a header whose records :meth:`_flow_events` can turn into events straight from the columns — the

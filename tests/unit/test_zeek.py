@@ -378,6 +378,25 @@ def test_the_column_wise_parser_takes_plain_lines_and_leaves_odd_ones_to_the_lin
     assert recs[0].attrs["src_bytes"] == 400 and recs[0].end_time == float(f"{TS:.6f}") + 1.25
 
 
+@pytest.mark.parametrize("extra_at", [0, 40, 199])
+def test_a_round_whose_separators_add_up_but_whose_lines_do_not_is_read_line_by_line(extra_at: int) -> None:
+    """One line with a value too many and another with one too few: the round has as many separators as it
+    should, so only polars refusing the long line keeps the short one from being read with a value missing."""
+    reader = ZeekReader()
+    for line in CONN_HEADER:
+        reader.record(line.encode())
+    row = [f"{TS:.6f}", "C1", "10.0.0.5", "52100", "192.0.2.7", "443", "tcp", "ssl", "1.25", "100", "200", "SF", "T",
+           "ShADadFf", "5", "400", "4", "900", "(empty)"]  # fmt: skip
+    lines = [conn_line(*row).encode() for _ in range(200)]
+    lines[extra_at] += b"\textra"
+    lines[100] = lines[100].rsplit(b"\t", 1)[0]
+    recs = reader._tsv_columns(lines)
+    assert [i for i, rec in enumerate(recs) if rec is None] == sorted([extra_at, 100])
+    out = reader.records(lines)
+    assert [i for i, rec in enumerate(out) if isinstance(rec, InputError)] == sorted([extra_at, 100])
+    assert "values for 19 #fields" in str(out[100])
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lines=_zeek_log(), sensor=st.sampled_from([None, "s" * 256, "\U0001f600" * 256]))
 def test_a_tsv_event_is_stored_within_the_bound_that_lets_ingest_skip_encoding_it(
