@@ -29,6 +29,7 @@ Pure; no I/O. A value that does not fit its declared type raises :class:`InputEr
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -417,21 +418,24 @@ class ZeekReader:
         uid_col = columns[uid_at] if uid_at is not None else [None] * n
         source, sensor = f"zeek.{self.path}", self.sensor if self.sensor is not None else "zeek"
         default = 6 if self.path in _TCP_LOGS else None
-        attr_cols = [columns[i] for i in order]
-        for i, good in enumerate(fine):
+        rows = zip(*(columns[i] for i in order), strict=True) if order else itertools.repeat((), n)
+        for i, (good, row, ts, orig_h, orig_p, resp_h, resp_p, name, duration, uid) in enumerate(
+            zip(fine, rows, ts_col, oh_col, op_col, rh_col, rp_col, proto_col, duration_col, uid_col, strict=True)
+        ):
             if not good:
                 out.append(None)
                 continue
-            ts, orig_h, resp_h, name = ts_col[i], oh_col[i], rh_col[i], proto_col[i]
             proto = default if name is None else _TRANSPORTS.get(name.lower())
             if ts is None or orig_h is None or resp_h is None or proto is None:
                 out.append({f: col[i] for f, col in zip(fields, columns, strict=True) if col[i] is not None})
                 continue
             if proto == 1 and (":" in orig_h or ":" in resp_h):
                 proto = 58
-            attrs = {k: col[i] for k, col in zip(names, attr_cols, strict=True) if col[i] is not None}
+            if None in row:  # an unset value: no attribute
+                attrs = {k: v for k, v in zip(names, row, strict=True) if v is not None}
+            else:
+                attrs = dict(zip(names, row, strict=True))
             attrs["initiator"] = "src"
-            duration, uid = duration_col[i], uid_col[i]
             out.append(
                 InputEvent(
                     source=source,
@@ -439,9 +443,9 @@ class ZeekReader:
                     sensor=sensor,
                     proto=proto,
                     src_ip=orig_h,
-                    src_port=op_col[i],
+                    src_port=orig_p,
                     dst_ip=resp_h,
-                    dst_port=rp_col[i],
+                    dst_port=resp_p,
                     attrs=attrs,
                     session=uid or None,
                     end_time=ts + duration if duration is not None and duration >= 0 else None,

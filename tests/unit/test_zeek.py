@@ -3,6 +3,7 @@ files), the canonical events they become, and the malformed variants that must b
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Sequence
@@ -449,3 +450,27 @@ def test_a_count_wider_than_64_bits_is_not_a_zeek_count() -> None:
         reader.record(conn_line(*row).encode())
     row[9] = "18446744073709551615"  # the largest count
     assert reader.record(conn_line(*row).encode()).attrs["orig_bytes"] == 2**64 - 1  # type: ignore[union-attr,index]
+
+
+def test_a_round_pauses_the_garbage_collector_only_while_it_runs() -> None:
+    parser, seen = LineParser("zeek"), []
+    parse = parser._many
+
+    def spy(lines: Sequence[bytes], rules: ParseRules, now_ms: int) -> list[Event | InputError | None]:
+        seen.append(gc.isenabled())
+        if not lines:
+            raise RuntimeError("boom")
+        return parse(lines, rules, now_ms)
+
+    parser._many = spy  # type: ignore[method-assign]
+    assert gc.isenabled()
+    assert parser.many([line.encode() for line in CONN_HEADER], RULES, NOW_MS) == [None] * len(CONN_HEADER)
+    with pytest.raises(RuntimeError):
+        parser.many([], RULES, NOW_MS)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        parser.many([b"#path\tconn"], RULES, NOW_MS)
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
