@@ -61,8 +61,10 @@ _PROTO_FAST = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132, "TCP": 6, "UDP": 17,
 
 def parse_time_us(value: int | float | str) -> int:
     """Event time as int µs UTC: epoch seconds (int or float) or RFC 3339 with an offset."""
-    if value.__class__ is float and -1e13 <= value <= 1e13:  # the usual case, first
+    if value.__class__ is float and -1e13 <= value <= 1e13:  # the usual cases, first
         return round(value * 1_000_000)
+    if value.__class__ is str:
+        return _rfc3339_us(value)  # type: ignore[arg-type]
     if isinstance(value, bool):
         raise InputError("time: expected epoch seconds or an RFC 3339 string, got a boolean")
     if isinstance(value, int):

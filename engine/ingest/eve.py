@@ -38,6 +38,12 @@ _SKIPPED: Final = frozenset({"stats"})
 _CLIENT_IS_SRC: Final = frozenset({"flow", "http", "tls", "ssh", "smtp", "fileinfo", "ftp", "rdp", "smb", "krb5"})
 _ICMP: Final = frozenset({1, 58})
 _PROTOS: Final = {"TCP": 6, "UDP": 17, "ICMP": 1, "IPv6-ICMP": 58, "SCTP": 132}  # as Suricata writes them
+_FIGURES: Final = {
+    "flow": (("bytes_toserver", "src_bytes"), ("bytes_toclient", "dst_bytes"), ("pkts_toserver", "src_packets"),
+             ("pkts_toclient", "dst_packets")),
+    "netflow": (("bytes", "src_bytes"), ("pkts", "src_packets")),
+}  # fmt: skip
+_SOURCES: dict[str, str] = {}  # event_type → "suricata.<event_type>", for the kinds met (at most 256)
 
 
 def looks_like_eve(first: bytes) -> bool:
@@ -46,13 +52,22 @@ def looks_like_eve(first: bytes) -> bool:
     return obj is not None and isinstance(obj.get("event_type"), str) and "timestamp" in obj
 
 
+def _source(kind: str) -> str:
+    source = _SOURCES.get(kind)
+    if source is None:
+        source = f"suricata.{kind}"
+        if len(_SOURCES) < 256:
+            _SOURCES[kind] = source
+    return source
+
+
 def _int(rec: dict[str, Any], key: str) -> int | None:
     return _int_of(rec.get(key), key)
 
 
 def _int_of(value: object, key: str) -> int | None:
-    if value is None:
-        return None
+    if value.__class__ is int or value is None:
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{key}: expected an integer, got {value!r}"[:120])
     return value
@@ -100,7 +115,7 @@ class EveReader:
                 if value is not None:  # flowless: kept as reported
                     attrs[key] = value
             return InputEvent(
-                source=f"suricata.{kind}", time=time, sensor=sensor, attrs=attrs, session=session, end_time=end
+                source=_source(kind), time=time, sensor=sensor, attrs=attrs, session=session, end_time=end
             )
         proto = _PROTOS.get(proto_value) if proto_value.__class__ is str else None
         if proto is None:
@@ -113,19 +128,13 @@ class EveReader:
         initiator = self._initiator(kind, rec)
         if initiator is not None:
             attrs["initiator"] = initiator
-        if kind == "flow":
-            for eve_name, figure in (
-                ("bytes_toserver", "src_bytes"),
-                ("bytes_toclient", "dst_bytes"),
-                ("pkts_toserver", "src_packets"),
-                ("pkts_toclient", "dst_packets"),
-            ):
-                if isinstance(body.get(eve_name), int):
-                    attrs[figure] = body[eve_name]
-        elif kind == "netflow":
-            for eve_name, figure in (("bytes", "src_bytes"), ("pkts", "src_packets")):
-                if isinstance(body.get(eve_name), int):
-                    attrs[figure] = body[eve_name]
+        figures = _FIGURES.get(kind)
+        if figures is not None:
+            get = body.get
+            for eve_name, figure in figures:
+                value = get(eve_name)
+                if value.__class__ is int:  # a count (not a boolean)
+                    attrs[figure] = value
         theirs = rec.get("community_id")
         if isinstance(theirs, str):
             try:
@@ -137,7 +146,7 @@ class EveReader:
                 if self.first_mismatch is None:
                     self.first_mismatch = f"EVE {theirs}, Storyline {ours} (flow_id {flow_id})"
         return InputEvent(
-            source=f"suricata.{kind}",
+            source=_source(kind),
             time=time,
             sensor=sensor,
             proto=proto,

@@ -118,6 +118,11 @@ def test_flow_alert_and_app_layer_records_become_flow_events() -> None:
     assert f.session == "1234567890123" and "flow_id" not in f.attrs and f.attrs["flow"]["state"] == "closed"
     assert f.end_time_us == utc_us(end)
     assert parser.eve.community_id_mismatches == 0
+    odd = json.loads(json.dumps(flow))
+    odd["flow"].update(bytes_toserver=True, pkts_toserver="20")  # not counts: left in the flow object only
+    (g,), _ = parse(odd)
+    assert g is not None and "src_bytes" not in g.attrs and "src_packets" not in g.attrs
+    assert g.attrs["dst_bytes"] == 48000 and g.attrs["flow"]["bytes_toserver"] is True
     assert a.source == "suricata.alert" and a.attrs["initiator"] == "dst"  # the packet came from the server
     assert a.attrs["alert"]["signature_id"] == 2013028 and a.flow == f.flow  # one flow, whichever direction
     assert t.attrs["initiator"] == "src" and t.sensor == "suricata" and t.attrs["tls"]["sni"] == "example.org"
