@@ -64,7 +64,7 @@ def parse_time_us(value: int | float | str) -> int:
     if value.__class__ is float and -1e13 <= value <= 1e13:  # the usual cases, first
         return round(value * 1_000_000)
     if value.__class__ is str:
-        return _rfc3339_us(value)  # type: ignore[arg-type]
+        return _rfc3339_us(value)
     if isinstance(value, bool):
         raise InputError("time: expected epoch seconds or an RFC 3339 string, got a boolean")
     if isinstance(value, int):

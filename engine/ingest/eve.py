@@ -67,7 +67,7 @@ def _int(rec: dict[str, Any], key: str) -> int | None:
 
 def _int_of(value: object, key: str) -> int | None:
     if value.__class__ is int or value is None:
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{key}: expected an integer, got {value!r}"[:120])
     return value
