@@ -357,7 +357,10 @@ class ZeekReader:
         plan = self._flow_plan(types) if not converters else None
         recs: list[InputEvent | dict[str, Any] | None] = []
         if plan is not None:
-            self._flow_events(plan, columns, fine, recs)
+            attr_names = [names[i] for i in plan[0]]
+            unset_any = pl.any_horizontal(pl.col(attr_names).is_null()) if attr_names else pl.lit(False)
+            gaps = typed.select(unset_any).to_series().to_list()
+            self._flow_events(plan, columns, fine, gaps, recs)
             return recs
         for row, good in zip(zip(*columns, strict=True), fine, strict=True):
             if not good:
@@ -403,10 +406,12 @@ class ZeekReader:
         plan: tuple[list[int], list[str], int, int | None, int | None],
         columns: list[list[Any]],
         fine: list[bool],
+        gaps: list[bool],
         out: list[InputEvent | dict[str, Any] | None],
     ) -> None:
         """What :meth:`_event` makes of these rows' records, built from the columns (a test holds the two to the
-        same events); a row that is not a plain flow record is given to :meth:`_event` as its record."""
+        same events); a row that is not a plain flow record is given to :meth:`_event` as its record. ``gaps``:
+        per row, whether an attribute column is unset in it."""
         order, names, proto_at, duration_at, uid_at = plan
         fields = self._fields
         at = {f: i for i, f in enumerate(fields)}
@@ -419,8 +424,8 @@ class ZeekReader:
         source, sensor = f"zeek.{self.path}", self.sensor if self.sensor is not None else "zeek"
         default = 6 if self.path in _TCP_LOGS else None
         rows = zip(*(columns[i] for i in order), strict=True) if order else itertools.repeat((), n)
-        for i, (good, row, ts, orig_h, orig_p, resp_h, resp_p, name, duration, uid) in enumerate(
-            zip(fine, rows, ts_col, oh_col, op_col, rh_col, rp_col, proto_col, duration_col, uid_col, strict=True)
+        for i, (good, gap, row, ts, orig_h, orig_p, resp_h, resp_p, name, duration, uid) in enumerate(
+            zip(fine, gaps, rows, ts_col, oh_col, op_col, rh_col, rp_col, proto_col, duration_col, uid_col, strict=True)
         ):
             if not good:
                 out.append(None)
@@ -431,7 +436,7 @@ class ZeekReader:
                 continue
             if proto == 1 and (":" in orig_h or ":" in resp_h):
                 proto = 58
-            if None in row:  # an unset value: no attribute
+            if gap:  # an unset value: no attribute
                 attrs = {k: v for k, v in zip(names, row, strict=True) if v is not None}
             else:
                 attrs = dict(zip(names, row, strict=True))
