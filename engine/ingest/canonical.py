@@ -273,6 +273,24 @@ def check_line(line: bytes, rules: ParseRules) -> None:
         raise InputError(f"json: invalid UTF-8 at byte {u.start}") from None
 
 
+_DIGITS = bytes(1 if 0x30 <= b <= 0x39 else 0 for b in range(256))  # a digit → 1, any other byte → 0
+_WIDE_INTEGER = b"\x01" * 19  # an integer outside -2**63..2**64-1 is written with at least 19 digits
+_FIXED_BYTES = 2048  # what the stored form holds that a JSON line does not bound (see json_fits)
+
+
+def json_fits(line: bytes, max_bytes: int) -> bool:
+    """Whether the event of this JSON line (canonical, EVE or Zeek JSON) certainly has a stored form within
+    ``max_bytes`` — so that :func:`accept` need not encode it to know (``fits=True``).
+
+    The bound: each JSON value is stored in at most 9 bytes per byte of its text (a number in 9 from at least
+    one digit; a string in its text + 3, escapes only shrinking; true, false, null, [] and {} in fewer than
+    their text), so what comes from the line takes at most 9·L; the rest — a derived id, the time, the flow
+    hash, addresses in canonical text, a sensor of 256 characters of up to 4 bytes, a reader's figures and
+    initiator — under 2048. And no integer is wider than 64 bits (which msgpack cannot hold): those take 19
+    digits in a row, which the line does not have. A test holds random events to the bound."""
+    return 9 * len(line) + _FIXED_BYTES <= max_bytes and line.translate(_DIGITS).find(_WIDE_INTEGER) < 0
+
+
 def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
     """One JSONL line → Event, or :class:`InputError` with the reason."""
     check_line(line, rules)
@@ -286,7 +304,7 @@ def parse_line(line: bytes, rules: ParseRules, now_ms: int) -> Event:
         raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels") from None
     if raw.attrs and line.count(b"[") + line.count(b"{") > MAX_ATTRS_DEPTH and too_deep(raw.attrs):
         raise InputError(f"attrs: nested deeper than {MAX_ATTRS_DEPTH} levels")
-    return accept(raw, rules, now_ms)
+    return accept(raw, rules, now_ms, fits=json_fits(line, rules.max_event_bytes))
 
 
 def accept(raw: InputEvent, rules: ParseRules, now_ms: int, *, fits: bool = False) -> Event:

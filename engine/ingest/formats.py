@@ -17,7 +17,7 @@ from typing import Final, Literal
 from engine.core.errors import ConfigError, InputError
 from engine.core.event import Event
 
-from .canonical import InputEvent, ParseRules, accept, check_line, parse_line
+from .canonical import InputEvent, ParseRules, accept, check_line, json_fits, parse_line
 from .eve import EveReader, looks_like_eve
 from .vpcflow import VpcFlowReader, looks_like_vpcflow
 from .zeek import ZeekReader, looks_like_zeek
@@ -50,7 +50,10 @@ class LineParser:
         check_line(line, rules)
         reader = self.zeek if self.format == "zeek" else self.eve if self.format == "eve" else self.vpcflow
         record = reader.record(line)
-        return None if record is None else accept(record, rules, now_ms)
+        if record is None:
+            return None
+        fits = self.format == "eve" and json_fits(line, rules.max_event_bytes)
+        return accept(record, rules, now_ms, fits=fits)
 
     def many(self, lines: Sequence[bytes], rules: ParseRules, now_ms: int) -> list[Event | InputError | None]:
         """Lines that are not empty, in input order → per line what calling the parser gives (the error instead
@@ -91,7 +94,9 @@ class LineParser:
         for i, record in zip(valid, zeek.records([lines[i] for i in valid]), strict=True):
             if isinstance(record, InputEvent):
                 try:
-                    results[i] = accept(record, rules, now_ms, fits=zeek.fits(lines[i], limit))
+                    line = lines[i]
+                    fits = zeek.fits(line, limit) or (line.lstrip()[:1] == b"{" and json_fits(line, limit))
+                    results[i] = accept(record, rules, now_ms, fits=fits)
                 except InputError as exc:
                     results[i] = exc
             else:

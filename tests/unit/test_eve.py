@@ -8,10 +8,13 @@ import time
 from collections.abc import Mapping
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.core.errors import InputError
-from engine.core.event import Event
-from engine.ingest.canonical import ParseRules
+from engine.core.event import Event, encode
+from engine.ingest import canonical
+from engine.ingest.canonical import ParseRules, json_fits
 from engine.ingest.eve import looks_like_eve
 from engine.ingest.formats import LineParser
 from engine.ingest.network_identity import community_id
@@ -39,8 +42,12 @@ TUPLE = {"src_ip": "10.0.0.5", "src_port": 52100, "dest_ip": "93.184.216.34", "d
 def parse(
     *records: Mapping[str, object], sensor: str | None = None, seed: int = 0
 ) -> tuple[list[Event | None], LineParser]:
+    return parse_lines([json.dumps(r).encode() for r in records], sensor, seed)
+
+
+def parse_lines(lines: list[bytes], sensor: str | None = None, seed: int = 0) -> tuple[list[Event | None], LineParser]:
     parser = LineParser("auto", sensor, seed)
-    return [parser(json.dumps(r).encode(), RULES, NOW_MS) for r in records], parser
+    return [parser(line, RULES, NOW_MS) for line in lines], parser
 
 
 def test_flow_alert_and_app_layer_records_become_flow_events() -> None:
@@ -212,3 +219,40 @@ def test_auto_detects_eve_by_its_fields() -> None:
     assert not looks_like_eve(b'{"source": "fw", "time": 1}') and not looks_like_eve(b"#separator \\x09")
     with pytest.raises(InputError, match="must be an object"):
         LineParser("eve")(b"[1, 2]", RULES, NOW_MS)
+
+
+_SCALARS = st.one_of(
+    st.integers(-(2**63), 2**64 - 1),
+    st.integers(0, 9),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=3),
+)
+_BODIES = st.dictionaries(st.text(min_size=1, max_size=2), _SCALARS | st.lists(_SCALARS, max_size=3), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(["flow", "netflow", "alert", "dns", "http", "anomaly"]),
+    body=_BODIES,
+    figures=st.dictionaries(
+        st.sampled_from(["bytes_toserver", "bytes_toclient", "pkts_toserver", "pkts_toclient", "bytes", "pkts"]),
+        st.integers(0, 9),
+    ),
+    flowless=st.booleans(),
+    sensor=st.sampled_from([None, "\U0001f600" * 256]),
+)
+def test_an_eve_event_is_stored_within_the_bound_that_lets_ingest_skip_encoding_it(
+    kind: str, body: dict[str, object], figures: dict[str, int], flowless: bool, sensor: str | None
+) -> None:
+    """What EVE adds to a record — figures copied out of the flow object, the initiator, the session — stays
+    within ``json_fits``' bound (one-digit figures are the widest: 9 bytes stored for each)."""
+    record: dict[str, object] = {"timestamp": stamp(0), "event_type": kind, "flow_id": 7, kind: {**body, **figures}}
+    if not flowless:
+        record |= {**TUPLE, "direction": "to_server"}
+    line = json.dumps(record, separators=(",", ":")).encode()
+    (event,), _ = parse_lines([line], sensor)
+    assert isinstance(event, Event)
+    assert json_fits(line, 1 << 30) is not (b"\x01" * 19 in line.translate(canonical._DIGITS))
+    assert len(encode(event)) <= 9 * len(line) + canonical._FIXED_BYTES

@@ -334,6 +334,7 @@ def check_line(raw: bytes, obj: dict[str, Any] | None = None) -> Event | None:
     assert len(raw) <= CFG.max_event_bytes
     payload = encode(ev)
     assert len(payload) <= CFG.max_event_bytes
+    assert len(payload) <= 9 * len(raw) + canonical._FIXED_BYTES  # the bound json_fits relies on
     assert decode(payload) == ev
     view = decode_view(payload)
     prefix = (ev.id, ev.time_us, ev.source, ev.sensor, ev.flow, ev.reversed)
