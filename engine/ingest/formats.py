@@ -20,7 +20,7 @@ from engine.core.event import Event
 from .canonical import InputEvent, ParseRules, accept, check_line, json_fits, parse_line
 from .eve import EveReader, looks_like_eve
 from .vpcflow import VpcFlowReader, looks_like_vpcflow
-from .zeek import ZeekReader, looks_like_zeek
+from .zeek import ZeekReader, is_json, looks_like_zeek
 
 __all__ = ["FORMATS", "Format", "LineParser"]
 
@@ -95,7 +95,7 @@ class LineParser:
             if isinstance(record, InputEvent):
                 try:
                     line = lines[i]
-                    fits = zeek.fits(line, limit) or (line.lstrip()[:1] == b"{" and json_fits(line, limit))
+                    fits = zeek.fits(line, limit) or (is_json(line) and json_fits(line, limit))
                     results[i] = accept(record, rules, now_ms, fits=fits)
                 except InputError as exc:
                     results[i] = exc

@@ -40,7 +40,7 @@ from engine.core.errors import InputError
 
 from .canonical import InputEvent, decode_object, json_object
 
-__all__ = ["COLUMNAR_MIN", "ZeekReader", "looks_like_zeek"]
+__all__ = ["COLUMNAR_MIN", "ZeekReader", "is_json", "looks_like_zeek"]
 
 COLUMNAR_MIN: Final = 64
 """Runs of at least this many TSV data lines under one header are parsed column by column (polars); shorter
@@ -80,6 +80,13 @@ def looks_like_zeek(first: bytes) -> bool:
     if obj is None:
         return False
     return "_path" in obj or ("uid" in obj and "id.orig_h" in obj) or ("uids" in obj and "ts" in obj)
+
+
+def is_json(line: bytes) -> bool:
+    """Whether a Zeek line is a JSON record (its first byte that is not white space is ``{``); a TSV data line
+    starts with its first value, so the usual answer costs no copy of the line."""
+    first = line[:1]
+    return first == b"{" or (first.isspace() and line.lstrip()[:1] == b"{")
 
 
 def _unescape(value: bytes) -> str:
@@ -154,7 +161,7 @@ class ZeekReader:
 
         The header part is the largest of every header this reader has read, so the bound holds for a line
         read before a later header too (ingest asks after reading a whole round of lines)."""
-        if not self._fields or line.lstrip()[:1] == b"{":
+        if not self._fields or is_json(line):
             return False
         return 9 * len(line) + self._bound <= max_bytes
 
@@ -169,7 +176,7 @@ class ZeekReader:
         out: list[InputEvent | InputError | None] = []
         run: list[bytes] = []
         for line in lines:
-            if line[:1] == b"#" or line.lstrip()[:1] == b"{":
+            if line[:1] == b"#" or is_json(line):
                 if run:
                     out.extend(self._run(run))
                     run = []
@@ -201,7 +208,7 @@ class ZeekReader:
         if line.startswith(b"#"):
             self._header(line)
             return None
-        if line.lstrip().startswith(b"{"):
+        if is_json(line):
             rec = decode_object(line, "a Zeek JSON line")
             path = rec.get("_path") if isinstance(rec.get("_path"), str) else None
         else:
