@@ -48,6 +48,10 @@ class LineParser:
         if self.format == "canonical":
             return parse_line(line, rules, now_ms)
         check_line(line, rules)
+        return self._checked(line, rules, now_ms)
+
+    def _checked(self, line: bytes, rules: ParseRules, now_ms: int) -> Event | None:
+        """A sensor format's line that passed :func:`check_line` → its event."""
         reader = self.zeek if self.format == "zeek" else self.eve if self.format == "eve" else self.vpcflow
         record = reader.record(line)
         if record is None:
@@ -72,26 +76,30 @@ class LineParser:
     def _many(self, lines: Sequence[bytes], rules: ParseRules, now_ms: int) -> list[Event | InputError | None]:
         if self.format is None and lines:
             self._decide(lines[0])
+        checked = _all_pass_check_line(lines, rules)
         if self.format != "zeek":
+            one = self._checked if checked and self.format != "canonical" else self
             out: list[Event | InputError | None] = []
             for line in lines:
                 try:
-                    out.append(self(line, rules, now_ms))
+                    out.append(one(line, rules, now_ms))
                 except InputError as exc:
                     out.append(exc)
             return out
-        results: list[Event | InputError | None] = []
-        valid: list[int] = []  # positions of the lines that pass the checks every line must pass
-        for line in lines:
-            try:
-                check_line(line, rules)
-            except InputError as exc:
-                results.append(exc)
-            else:
-                valid.append(len(results))
-                results.append(None)
+        results: list[Event | InputError | None] = [None] * len(lines)
+        valid: Sequence[int] = range(len(lines))  # positions of the lines that pass the checks every line must pass
+        if not checked:
+            valid = []
+            for i, line in enumerate(lines):
+                try:
+                    check_line(line, rules)
+                except InputError as exc:
+                    results[i] = exc
+                else:
+                    valid.append(i)
         zeek, limit = self.zeek, rules.max_event_bytes
-        for i, record in zip(valid, zeek.records([lines[i] for i in valid]), strict=True):
+        picked = lines if checked else [lines[i] for i in valid]
+        for i, record in zip(valid, zeek.records(picked), strict=True):
             if isinstance(record, InputEvent):
                 try:
                     line = lines[i]
@@ -113,3 +121,18 @@ class LineParser:
             if looks_like_vpcflow(line)
             else "canonical"
         )
+
+
+def _all_pass_check_line(lines: Sequence[bytes], rules: ParseRules) -> bool:
+    """Whether every line passes :func:`check_line`, known at once for a whole round: none longer than
+    ``max_event_bytes``, and the round valid UTF-8 joined by newlines (a newline is no part of any multi-byte
+    sequence, so no sequence can span two lines: the round is valid exactly when each line is)."""
+    if not lines:
+        return True
+    if max(map(len, lines)) > rules.max_event_bytes:
+        return False
+    try:
+        b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -16,7 +16,7 @@ from engine.core.errors import ConfigError, InputError
 from engine.core.event import Event, encode
 from engine.ingest import zeek
 from engine.ingest.canonical import InputEvent, ParseRules
-from engine.ingest.formats import LineParser
+from engine.ingest.formats import Format, LineParser
 from engine.ingest.zeek import COLUMNAR_MIN, ZeekReader, looks_like_zeek
 
 NOW_MS = int(time.time() * 1000)
@@ -474,3 +474,38 @@ def test_a_round_pauses_the_garbage_collector_only_while_it_runs() -> None:
         assert not gc.isenabled()  # left as the caller had it
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("fmt", ["zeek", "eve", "canonical"])
+def test_a_round_checked_at_once_rejects_the_lines_each_check_would(fmt: Format) -> None:
+    """A round is checked as a whole (length, UTF-8) when it can be; a line that fails — invalid UTF-8, a
+    multi-byte character cut across two lines, too long — gets the reason the line-by-line check gives."""
+    header = [line.encode() for line in CONN_HEADER]
+    row = conn_line(f"{TS:.6f}", "C1", "10.0.0.5", "52100", "192.0.2.7", "443", "tcp", "ssl", "1.25", "100", "200",
+                    "SF", "T", "ShADadFf", "5", "400", "4", "900", "(empty)").encode()  # fmt: skip
+    if fmt == "eve":
+        flow = {"src_ip": "10.0.0.5", "src_port": 53000, "dest_ip": "192.0.2.7", "dest_port": 53, "proto": "UDP"}
+        row = json.dumps({"timestamp": "2026-12-05T10:00:00.000000+0000", "event_type": "dns", **flow}).encode()
+        header = []
+    elif fmt == "canonical":
+        row, header = json.dumps({"source": "fw", "time": TS}).encode(), []
+    rules = ParseRules(max_event_bytes=2048)
+    cut = {
+        -2: row + b"\xc3",
+        -1: b"\xa9" + row,
+    }  # a character cut: its first byte ends a line, the rest starts the next
+    for bad in ({-1: row + b" " * 2048}, cut, {-1: row + b"\xff"}):  # one round each
+        lines = [*header, *[row] * 80]
+        for at, line in bad.items():
+            lines[at] = line
+        expected: list[object] = []
+        one = LineParser(fmt)
+        for line in lines:
+            try:
+                expected.append(one(line, rules, NOW_MS))
+            except InputError as exc:
+                expected.append(str(exc))
+        got = [str(r) if isinstance(r, InputError) else r for r in LineParser(fmt).many(lines, rules, NOW_MS)]
+        assert got == expected
+        assert all(isinstance(r, str) for r in got[-len(bad) :]), got[-len(bad) :]
+        assert all(isinstance(r, Event) for r in got[len(header) : -len(bad)])
