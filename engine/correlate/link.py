@@ -18,6 +18,15 @@ Times
     The time column is an integer (µs in the event schema) or a temporal type; it is compared through its
     physical integer value (``cast(Int64)``), so ``window`` is in the same unit.
 
+Intervals (``end``)
+    An event may describe a span — a flow record from its start (its time) to its end (``end``; null for an
+    event at one instant). A span bounds its session, both ways: in (key, time) order an event joins the story
+    of the events before it when its time is within ``window`` of the story's *reach*, which is the latest end
+    of the story's spans when it has any — its instants then extend nothing (a firewall's end-of-session line
+    a few seconds after the flow's end does not carry the session on to a new connection that reuses the
+    5-tuple) — and the latest time of its instants otherwise (the rule without spans). A long connection's
+    span thus also holds events far from its start. An end before its own time counts as the time.
+
 Everything here is a pure function of its arguments: no I/O, no clock, no Python loop over rows. Loops run over
 keys and over the rounds of :func:`components` (a handful; logarithmic in the size of a story). Only eager
 polars operations are used (the in-memory engine, which keeps row order); every order that matters is made by an
@@ -41,34 +50,83 @@ def _check_window(key: str, window: int) -> None:
         raise ValueError(f"window: must be >= 0 for key {key!r}, got {window}")
 
 
-def _keyed(df: pl.DataFrame, key: str, time: str) -> pl.DataFrame:
-    """Columns ``idx``, ``k``, ``t`` of the rows whose key and time are not null, sorted by (key, time)."""
+def _keyed(df: pl.DataFrame, key: str, time: str, end: str | None = None) -> pl.DataFrame:
+    """Columns ``idx``, ``k``, ``t`` (and ``e``, the end, with ``end``) of the rows whose key and time are not
+    null, sorted by (key, time)."""
     # Two stable single-column sorts (time, then key) give the (key, time) order; on one core that is about
     # twice as fast as a two-column sort, and the time sort is free when the frame is known to be time-sorted.
-    return (
-        df.select(pl.col("idx"), pl.col(key).alias("k"), pl.col(time).cast(pl.Int64).alias("t"))
-        .drop_nulls(["k", "t"])
-        .sort("t", maintain_order=True)
-        .sort("k", maintain_order=True)
-    )
+    cols = [pl.col("idx"), pl.col(key).alias("k"), pl.col(time).cast(pl.Int64).alias("t")]
+    if end is not None:
+        cols.append(pl.col(end).cast(pl.Int64).alias("e"))
+    return df.select(cols).drop_nulls(["k", "t"]).sort("t", maintain_order=True).sort("k", maintain_order=True)
 
 
-def window_edges(df: pl.DataFrame, key: str, time: str, window: int) -> pl.DataFrame:
+def _joins_previous(window: int, spans: tuple[int, int] | None) -> pl.Expr:
+    """Over rows in (``k``, ``t``) order: whether a row joins the story of the row before it (same key, and
+    within ``window`` of the story's reach — see Intervals in the module's text). ``spans``: None when no row
+    has an end; else the least time or end of the rows and the width of their range (:func:`_span_range`).
+
+    With spans the story's reach is found without a loop: in (key, time) order, the latest end among all the
+    rows of the key before a row (``m``) is its story's latest end when the story has a span — ends of earlier
+    stories lie more than ``window`` before the story's first time, so before any later end. The row before is
+    *covered* when it lies within ``window`` of ``m``: then its story has a span (a story without one began
+    after every earlier end + window, and the row before is in it) and the reach is ``m``; otherwise the
+    story has none and the reach is the row before's time.
+
+    The running maximum per key is one running maximum over the whole frame: each key's ends are lifted above
+    every earlier key's (``+ key number * width``; the caller checks that this stays inside int64), so the
+    maximum so far is always the current key's."""
+    same_key = pl.col("k") == pl.col("k").shift(1)
+    prev_t = pl.col("t").shift(1)
+    if spans is None:
+        return (same_key & ((pl.col("t") - prev_t) <= window)).fill_null(False)
+    low, width = spans
+    first = (~same_key).fill_null(True)
+    segment = first.cum_sum().cast(pl.Int64)
+    # 1 + (end - low) for a span (an end before its time counts as the time), 0 for an instant: above no end
+    level = pl.when(pl.col("e").is_not_null()).then(pl.max_horizontal("e", "t") - low + 1).otherwise(0)
+    if width:
+        lift = segment * width
+        latest = ((level + lift).cum_max() - lift).shift(1)  # of the rows before, in this key (masked below)
+    else:  # too wide a range to lift: a running maximum per key (slower: a window over every key)
+        latest = level.cum_max().over(segment).shift(1)
+    latest = pl.when(first | (latest <= 0)).then(None).otherwise(latest + low - 1)
+    covered = (latest + window >= prev_t).fill_null(False)
+    reach = pl.when(covered).then(latest).otherwise(prev_t)
+    return (same_key & (pl.col("t") - reach <= window)).fill_null(False)
+
+
+def _span_range(frame: pl.DataFrame, end: str | None) -> tuple[int, int] | None:
+    """For :func:`_joins_previous`: None when no row of ``frame`` has an end (column ``end``) and time (``t``);
+    else the least of their times and ends, and the width of the range (+ 2) — 0 when lifting each key's ends by
+    a multiple of it could leave int64."""
+    if end is None or frame[end].null_count() == frame.height:
+        return None
+    bounds = frame.select(
+        pl.min_horizontal(pl.col("t").min(), pl.col(end).min()).alias("lo"),
+        pl.max_horizontal(pl.col("t").max(), pl.col(end).max()).alias("hi"),
+    ).row(0)
+    low, high = int(bounds[0]), int(bounds[1])
+    width = high - low + 2
+    return low, width if width * (frame.height + 1) < 2**62 else 0
+
+
+def window_edges(df: pl.DataFrame, key: str, time: str, window: int, end: str | None = None) -> pl.DataFrame:
     """Edges ``src``, ``dst`` (row indices from ``df["idx"]``, in its dtype) between the events that link by ``key``.
 
-    The rows are sorted by (``key``, ``time``) and an edge joins each event to the next one of the same key
-    when their time gap is at most ``window``. Consecutive edges suffice: the components are the same as with
-    an edge between every pair within the window. Rows with a null key or a null time produce no edges.
+    The rows are sorted by (``key``, ``time``) and an edge joins each event to the previous one of the same key
+    when their time gap is at most ``window`` (with ``end``: when the event is within ``window`` of its story's
+    reach, see Intervals above). Consecutive edges suffice: the components are the same as with an edge between
+    every pair within the window. Rows with a null key or a null time produce no edges.
     """
     _check_window(key, window)
-    s = _keyed(df, key, time)
-    same_key = pl.col("k") == pl.col("k").shift(-1)
-    close = (pl.col("t").shift(-1) - pl.col("t")) <= window
+    s = _keyed(df, key, time, end)
+    spans = _span_range(s, "e" if end is not None else None)
     return (
         s.select(
-            pl.col("idx").alias("src"),
-            pl.col("idx").shift(-1).alias("dst"),
-            (same_key & close).alias("ok"),
+            pl.col("idx").shift(1).alias("src"),
+            pl.col("idx").alias("dst"),
+            _joins_previous(window, spans).alias("ok"),
         )
         .filter(pl.col("ok"))
         .select("src", "dst")
@@ -140,9 +198,10 @@ def components(n: int, edges: pl.DataFrame) -> pl.Series:
     return label.alias(LABEL)
 
 
-def _single_key(frame: pl.DataFrame, key: str, window: int) -> pl.Series:
-    """Fast path for one key: in (key, time) order a story is a run without a key change or a gap > window."""
-    starts = ((pl.col("k") != pl.col("k").shift(1)) | ((pl.col("t") - pl.col("t").shift(1)) > window)).fill_null(True)
+def _single_key(frame: pl.DataFrame, key: str, window: int, end: str | None = None) -> pl.Series:
+    """Fast path for one key: in (key, time) order a story is a run of rows that each join the one before."""
+    spans = _span_range(frame.select(pl.col("t").cast(pl.Int64), pl.col(end).cast(pl.Int64)), end) if end else None
+    starts = ~_joins_previous(window, spans)
     t = frame["t"]
     if t.null_count() == 0 and t.is_sorted():
         # Rows already in time order (the usual case: events in arrival order): the stable sorts keep each key's
@@ -150,19 +209,27 @@ def _single_key(frame: pl.DataFrame, key: str, window: int) -> pl.Series:
         first = pl.when(starts).then(pl.col("idx")).forward_fill()
     else:
         first = pl.col("idx").min().over(starts.cum_sum().set_sorted())  # a cumulative sum of booleans: ascending
-    runs = _keyed(frame, key, "t").select(pl.col("idx"), first.alias("first"))
+    runs = _keyed(frame, key, "t", end).select(pl.col("idx"), first.alias("first"))
     label = pl.int_range(0, frame.height, dtype=pl.get_index_type(), eager=True).alias(LABEL)
     label.scatter(runs["idx"], runs["first"])
     return label
 
 
-def link(df: pl.DataFrame, keys: Sequence[tuple[str, int]], time: str = "t", *, fast_path: bool = True) -> pl.Series:
+def link(
+    df: pl.DataFrame,
+    keys: Sequence[tuple[str, int]],
+    time: str = "t",
+    *,
+    end: str | None = None,
+    fast_path: bool = True,
+) -> pl.Series:
     """Story label of every row of ``df``, in ``df``'s row order (``df`` itself is not changed).
 
-    ``keys`` lists ``(column, window)`` pairs; ``time`` names the event-time column. The label is the smallest
-    row position (0-based, in ``df``'s order) of the row's story; rows that link to nothing get their own
-    position. With one key and ``fast_path`` (the default) the stories are runs of a single sort; otherwise
-    the edges of every key (:func:`window_edges`) go through :func:`components`. Both give the same labels.
+    ``keys`` lists ``(column, window)`` pairs; ``time`` names the event-time column and ``end`` the column of
+    span ends, if any (null: an instant; see Intervals above). The label is the smallest row position (0-based,
+    in ``df``'s order) of the row's story; rows that link to nothing get their own position. With one key and
+    ``fast_path`` (the default) the stories are runs of a single sort; otherwise the edges of every key
+    (:func:`window_edges`) go through :func:`components`. Both give the same labels.
     """
     for key, window in keys:
         _check_window(key, window)
@@ -170,10 +237,12 @@ def link(df: pl.DataFrame, keys: Sequence[tuple[str, int]], time: str = "t", *, 
         pl.int_range(pl.len(), dtype=pl.get_index_type()).alias("idx"),
         pl.col(time).alias("t"),
         *(pl.col(key).alias(f"k{i}") for i, (key, _) in enumerate(keys)),
+        *([pl.col(end).alias("end")] if end is not None else []),
     )
+    ends = "end" if end is not None else None
     if fast_path and len(keys) == 1:
-        return _single_key(frame, "k0", keys[0][1])
-    edges = [window_edges(frame, f"k{i}", "t", window) for i, (_, window) in enumerate(keys)]
+        return _single_key(frame, "k0", keys[0][1], ends)
+    edges = [window_edges(frame, f"k{i}", "t", window, ends) for i, (_, window) in enumerate(keys)]
     if not edges:
         idx_t = pl.get_index_type()
         return components(frame.height, pl.DataFrame(schema={"src": idx_t, "dst": idx_t}))

@@ -21,11 +21,18 @@ from typing import cast
 __all__ = ["link_baseline"]
 
 
-def link_baseline(keys: Sequence[tuple[Sequence[Hashable | None], int]], times: Sequence[int | None]) -> list[int]:
+def link_baseline(
+    keys: Sequence[tuple[Sequence[Hashable | None], int]],
+    times: Sequence[int | None],
+    ends: Sequence[int | None] | None = None,
+) -> list[int]:
     """Story label (smallest row index of the story) of every row.
 
     ``keys`` lists ``(values, window)`` pairs, ``values`` holding one key value per row (``None`` = no key);
-    ``times`` holds one event time per row (``None`` = never links).
+    ``times`` holds one event time per row (``None`` = never links); ``ends`` the end of the span an event
+    describes (``None``: an instant). With spans, a group's events are walked in time order keeping the story's
+    state as the rule states it: an event joins the story when within the window of its reach — the latest end
+    of its spans when it has any, else its latest time — or starts the next story.
     """
     n = len(times)
     ts = cast("Sequence[int]", times)  # only rows with a time enter a group below
@@ -60,13 +67,26 @@ def link_baseline(keys: Sequence[tuple[Sequence[Hashable | None], int]], times: 
             g.sort(key=ts.__getitem__)
             prev = g[0]
             t_prev = ts[prev]
+            span_end = _end(ends, prev, t_prev)  # the latest end of the story's spans; None: it has none
             for i in g[1:]:
                 t_i = ts[i]
-                if t_i - t_prev <= window:
+                reach = t_prev if span_end is None else span_end
+                if t_i - reach <= window:
                     a, b = find(prev), find(i)
                     if a < b:
                         parent[b] = a
                     elif b < a:
                         parent[a] = b
+                else:
+                    span_end = None  # a new story: no span yet
+                end_i = _end(ends, i, t_i)
+                if end_i is not None:
+                    span_end = end_i if span_end is None else max(span_end, end_i)
                 prev, t_prev = i, t_i
     return [find(i) for i in range(n)]
+
+
+def _end(ends: Sequence[int | None] | None, i: int, t: int) -> int | None:
+    if ends is None or ends[i] is None:
+        return None
+    return max(cast("int", ends[i]), t)  # an end before its own time counts as the time

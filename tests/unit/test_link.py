@@ -266,3 +266,43 @@ def test_benchmark_smoke() -> None:
     assert events > 4_000
     assert stories > 800
     assert "baseline" in proc.stdout
+
+
+# --- spans (session intervals) --------------------------------------------------------------------------------
+
+
+@st.composite
+def events_with_spans(draw: st.DrawFn) -> tuple[pl.DataFrame, list[tuple[str, int]]]:
+    df, keys = draw(events())
+    ends = [
+        None if t is None or draw(st.integers(0, 2)) == 0 else t + draw(st.integers(-3, 30)) for t in df["t"].to_list()
+    ]
+    df = df.with_columns(pl.Series("end", ends, dtype=pl.Int64))
+    if draw(st.booleans()):  # a row far in the future: the range is too wide to lift, a window per key runs
+        far = {"t": [2**61], **{k: [99] for k, _ in keys}, "end": [2**61 + 5]}
+        df = pl.concat([df, pl.DataFrame(far, schema=df.schema)])
+    return df, keys
+
+
+@settings(max_examples=400, deadline=None)
+@given(events_with_spans())
+def test_link_with_spans_equals_the_baseline(case: tuple[pl.DataFrame, list[tuple[str, int]]]) -> None:
+    """The vectorized reach (the latest end before a row, 'covered' rows) against the baseline's walk that keeps
+    each story's state as the rule states it."""
+    df, keys = case
+    expected = link_baseline([(df[k].to_list(), w) for k, w in keys], df["t"].to_list(), df["end"].to_list())
+    fast = link(df, keys, end="end").to_list()
+    general = link(df, keys, end="end", fast_path=False).to_list()
+    assert fast == general == expected
+
+
+@BOTH_PATHS
+def test_a_span_bounds_its_session_and_holds_events_far_from_its_start(fast: bool) -> None:
+    # A flow record from 0 to 30, then: a report at 25 (inside), a firewall's end-of-session line at 33 (within
+    # the window of the end), a new connection reusing the 5-tuple at 41 — within the window of 33, but 11 after
+    # the span's end — and its own report at 43.
+    df = frame([1, 1, 1, 1, 1], [0, 25, 33, 41, 43]).with_columns(
+        pl.Series("end", [30, None, None, None, None], dtype=pl.Int64)
+    )
+    assert groups(link(df, [("flow", W)], end="end", fast_path=fast).to_list()) == [[0, 1, 2], [3, 4]]
+    assert groups(labels_of(df, [("flow", W)], fast)) == [[0], [1, 2, 3, 4]]  # without spans: by gaps only
