@@ -539,11 +539,12 @@ class StoryMachine:
         time_us = pl.Series("time_us", cols.pop("time_us"), pl.Int64)
         offsets = self.c.sensor_offsets_ms
         spread = pl.Series(range(len(shards)), dtype=pl.UInt32).repeat_by(pl.Series(sizes, dtype=pl.UInt32)).explode()
-        offset_us = pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
         new = pl.DataFrame(cols, schema={k: v for k, v in EVENT_SCHEMA.items() if k in cols}).with_columns(
-            (time_us - offset_us if offsets else time_us).alias("t"),
-            # a span's end, corrected like its start (the link step bounds sessions by it)
-            *([pl.col("end_time_us") - offset_us] if offsets else []),
+            (
+                time_us - pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
+                if offsets
+                else time_us
+            ).alias("t"),
             pl.lit(None, KEY).alias("story"),
             pl.Series("ingest", ingest, pl.Int64).gather(spread),
             pl.Series("shard", shards, pl.Int32).gather(spread),
@@ -594,9 +595,8 @@ class StoryMachine:
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
-        ends = "end_time_us" if union["end_time_us"].null_count() < union.height else None  # spans bound sessions
         if new["session"].null_count() == new.height:
-            return union.with_columns(link(union, [("flow", self.window_us)], end=ends).alias("comp"))
+            return union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
         # A sensor's own session id is a second key, without a time window: its records of one session are one
         # story however far apart (a long connection's conn record and its late request). The state's records
         # of these flows are in the context already; a session's records share its flow.
@@ -606,7 +606,7 @@ class StoryMachine:
             .alias("session_key")
         )
         keyed = union.with_columns(session_key)
-        comp = link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)], end=ends)
+        comp = link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)])
         return union.with_columns(comp.alias("comp"))
 
     def _assign(self, sts: Mapping[int, ShardState], bucket: int, now: int, union: pl.DataFrame) -> pl.DataFrame:

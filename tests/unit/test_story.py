@@ -342,34 +342,6 @@ def test_the_community_id_cache_stays_bounded_and_changes_no_body(tmp_path: Path
     arun(body())
 
 
-def test_a_flow_records_span_bounds_its_session_and_holds_its_late_events(tmp_path: Path) -> None:
-    """Issue 19: a conn record from 0 to 20 s (its end corrected by its sensor's offset like its start), a
-    firewall's end-of-session line at 40 s (within the 30 s window of the end), then a new connection on the same
-    5-tuple at 55 s — within 30 s of the line but 35 s after the span: a story of its own. A second connection's
-    span from 200 to 400 s holds an endpoint event at 350 s, 150 s after its start (without spans: two stories)."""
-
-    def span(e: Event, end_s: float) -> Event:
-        return msgspec.structs.replace(e, end_time_us=T0 + int(end_s * 1e6))
-
-    async def body() -> None:
-        r = Run(tmp_path, sensor_offsets_ms={"zeek-1": 60_000})  # zeek-1's clock runs a minute ahead
-        await r.start()
-        await r.feed(
-            100,
-            span(ev("conn", 60.0, sensor="zeek-1", source="zeek.conn"), 80.0),  # 0 to 20 s, corrected
-            ev("fw-end", 40.0),
-            ev("reuse", 55.0, sensor="ep-1", source="endpoint"),
-            span(ev("long", 260.0, sport=41000, sensor="zeek-1", source="zeek.conn"), 460.0),  # 200 to 400 s
-            ev("late", 350.0, sport=41000, sensor="ep-1", source="endpoint"),
-        )
-        await r.tick(101, 112)
-        stories = sorted((await r.latest()).values(), key=lambda s: s["start_us"])
-        assert [s["event_ids"] for s in stories] == [["conn", "fw-end"], ["reuse"], ["long", "late"]]
-        await r.store.close()
-
-    arun(body())
-
-
 def test_sensor_clock_offsets_are_corrected(tmp_path: Path) -> None:
     async def body() -> None:
         skewed = Run(tmp_path / "a", sensor_offsets_ms={"ep-9": 45_000})  # ep-9's clock runs 45 s ahead
