@@ -25,7 +25,10 @@ Intervals (``end``)
     of the story's spans when it has any — its instants then extend nothing (a firewall's end-of-session line
     a few seconds after the flow's end does not carry the session on to a new connection that reuses the
     5-tuple) — and the latest time of its instants otherwise (the rule without spans). A long connection's
-    span thus also holds events far from its start. An end before its own time counts as the time.
+    span thus also holds events far from its start. An end before its own time counts as the time. Unlike the
+    rule without spans this one is not monotone: a span joining a story of instants lowers its reach from its
+    latest time to the span's end, so adding an event can separate events that linked without it (why the story
+    builder does not pass spans yet: docs/correlation.md, Not yet).
 
 Everything here is a pure function of its arguments: no I/O, no clock, no Python loop over rows. Loops run over
 keys and over the rounds of :func:`components` (a handful; logarithmic in the size of a story). Only eager
