@@ -64,7 +64,8 @@ TOTAL_LIMIT = 2**43
 ``correlate.max_story_events`` (≤ 1,000,000) events a story's sum stays inside int64."""
 
 _STORED = dict(polars_columns())  # the stored fields' polars dtypes, derived from the one declaration
-# The event frame: the stored fields (``time_us`` corrected into ``t``, maps as JSON text) and the frame's own
+# The event frame: the stored fields (``time_us`` corrected into ``t`` — a span's ``end_time_us`` corrected by the
+# same offset — maps as JSON text) and the frame's own
 # columns. Every stored scalar field is a column, so a field added to the event reaches the frame by itself.
 EVENT_SCHEMA: dict[str, Any] = {
     "id": pl.String,

@@ -122,7 +122,7 @@ class ShardState:
     # time range, bucket they left in) — their events are skipped, not rebuilt — and the cuts that set
     # predecessors, applied as the replay passes the bucket they happened in.
     ghosts: pl.DataFrame | None = None
-    ghost_ids: dict[str, int] = field(default_factory=dict)  # flowless events of stories that left → bucket
+    ghost_ids: dict[str, int] = field(default_factory=dict)  # events named by id (see Marks.ids) → bucket left
     pending_cuts: list[tuple[int, int, str]] = field(default_factory=list)  # (bucket, flow, story id), ascending
     replay_through: int = -1  # buckets up to here were processed before the crash: their marks are stored
     forced_at: dict[int, list[int]] = field(default_factory=dict)  # replay: bucket → story keys forced out then
@@ -162,7 +162,7 @@ class Marks(msgspec.Struct, array_like=True, frozen=True):
     flows: list[int]  # per (story, flow) that left: the flow hash …
     lo: list[int]  # … and the corrected event-time range of the story's events of that flow (µs)
     hi: list[int]
-    ids: list[str]  # events without a flow in stories that left (each its own story)
+    ids: list[str]  # events named one by one: without a flow (each its own story), or of a story with spans
     cuts: list[tuple[int, str]]  # (flow, truncated story id) cut at this bucket
     forced: list[int] = msgspec.field(default_factory=list)  # story keys the open-story limit forced out
     drained: bool = False  # a drain finalized every open story of the shard after this bucket
@@ -271,10 +271,11 @@ class StoryMachine:
     def prepare_replay(self, shard: int, first: int, last: int, marks: Sequence[tuple[int, bytes]]) -> None:
         """Take the marks of a replay of ``[first, last]``: the stories that left the state in ``[first, last]``
         (and the cuts of the ``max_wait`` before ``first``, which still name predecessors), the stories forced out
-        by the open-story limit and the drains. A story that left at bucket L had all its events, and no other
-        story's, among the events of its flow within ``match_window`` of its time range arriving up to L (its
-        events are a connected component, and any other event there would have linked to it while both were in
-        the state): the replay drops exactly those."""
+        by the open-story limit and the drains. A story without spans that left at bucket L had all its events,
+        and no other story's, among the events of its flow within ``match_window`` of its time range arriving up
+        to L (its events are a connected component, and any other event there would have linked to it while both
+        were in the state): the replay drops exactly those. A story with spans is named by its events' ids (the
+        span rule is not monotone: no range holds exactly its events), as events without a flow are."""
         st = self.shards.setdefault(shard, ShardState())
         st.replay_through = max(st.replay_through, last)
         flows: list[int] = []
@@ -539,12 +540,11 @@ class StoryMachine:
         time_us = pl.Series("time_us", cols.pop("time_us"), pl.Int64)
         offsets = self.c.sensor_offsets_ms
         spread = pl.Series(range(len(shards)), dtype=pl.UInt32).repeat_by(pl.Series(sizes, dtype=pl.UInt32)).explode()
+        offset_us = pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
         new = pl.DataFrame(cols, schema={k: v for k, v in EVENT_SCHEMA.items() if k in cols}).with_columns(
-            (
-                time_us - pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
-                if offsets
-                else time_us
-            ).alias("t"),
+            (time_us - offset_us if offsets else time_us).alias("t"),
+            # a span's end, corrected like its start (the link step bounds sessions by it)
+            *([pl.col("end_time_us") - offset_us] if offsets else []),
             pl.lit(None, KEY).alias("story"),
             pl.Series("ingest", ingest, pl.Int64).gather(spread),
             pl.Series("shard", shards, pl.Int32).gather(spread),
@@ -595,8 +595,9 @@ class StoryMachine:
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
+        ends = "end_time_us" if union["end_time_us"].null_count() < union.height else None  # spans bound sessions
         if new["session"].null_count() == new.height:
-            return union.with_columns(link(union, [("flow", self.window_us)]).alias("comp"))
+            return union.with_columns(link(union, [("flow", self.window_us)], end=ends).alias("comp"))
         # A sensor's own session id is a second key, without a time window: its records of one session are one
         # story however far apart (a long connection's conn record and its late request). The state's records
         # of these flows are in the context already; a session's records share its flow.
@@ -606,7 +607,7 @@ class StoryMachine:
             .alias("session_key")
         )
         keyed = union.with_columns(session_key)
-        comp = link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)])
+        comp = link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)], end=ends)
         return union.with_columns(comp.alias("comp"))
 
     def _assign(self, sts: Mapping[int, ShardState], bucket: int, now: int, union: pl.DataFrame) -> pl.DataFrame:
@@ -791,10 +792,10 @@ class StoryMachine:
                         .filter((t >= pl.col("lo")) & (t <= pl.col("hi")))["id"]
                         .to_list()
                     )
-            if st.ghost_ids:
+            if st.ghost_ids:  # events named one by one: without a flow, or of a story with spans
                 gid = st.ghost_ids
-                flowless = new.filter(pl.col("flow").is_null() & (pl.col("shard") == shard))["id"].to_list()
-                hit += [i for i in flowless if gid.get(i, -1) >= bucket]
+                named = new.filter(pl.col("shard") == shard)["id"].to_list()
+                hit += [i for i in named if gid.get(i, -1) >= bucket]
         return new.filter(~pl.col("id").is_in(hit)) if hit else new
 
     def _apply_cuts(self, st: ShardState, bucket: int) -> None:
@@ -939,14 +940,18 @@ class StoryMachine:
     ) -> dict[int, list[bytes]]:
         """The stored form (:class:`Marks`) per shard, in parts of MARKS_PER_PART. ``rows``: the leaving stories'
         rows; ``forced``: the keys of the stories forced out per shard."""
+        # A story with spans is named event by event: the span rule is not monotone (engine.correlate.link), so no
+        # time range holds exactly its events. Without spans the range widened by the window does.
+        spanned = rows.group_by("story").agg(pl.col("end_time_us").is_not_null().any().alias("spans"))
+        rows = rows.join(spanned, on="story", how="left")
         ranges = (
-            rows.filter(pl.col("flow").is_not_null())
+            rows.filter(pl.col("flow").is_not_null() & ~pl.col("spans"))
             .group_by("shard", "story", "flow")
             .agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
             .sort("shard", "story", "flow")
             .partition_by("shard", as_dict=True)
         )
-        flowless = rows.filter(pl.col("flow").is_null()).group_by("shard").agg(pl.col("id").sort())
+        flowless = rows.filter(pl.col("flow").is_null() | pl.col("spans")).group_by("shard").agg(pl.col("id").sort())
         ids_of = dict(zip(flowless["shard"].to_list(), flowless["id"].to_list(), strict=True))
         out: dict[int, list[bytes]] = {}
         k = MARKS_PER_PART

@@ -342,6 +342,34 @@ def test_the_community_id_cache_stays_bounded_and_changes_no_body(tmp_path: Path
     arun(body())
 
 
+def test_a_flow_records_span_bounds_its_session_and_holds_its_late_events(tmp_path: Path) -> None:
+    """Issue 19: a conn record from 0 to 20 s (its end corrected by its sensor's offset like its start), a
+    firewall's end-of-session line at 40 s (within the 30 s window of the end), then a new connection on the same
+    5-tuple at 55 s — within 30 s of the line but 35 s after the span: a story of its own. A second connection's
+    span from 200 to 400 s holds an endpoint event at 350 s, 150 s after its start (without spans: two stories)."""
+
+    def span(e: Event, end_s: float) -> Event:
+        return msgspec.structs.replace(e, end_time_us=T0 + int(end_s * 1e6))
+
+    async def body() -> None:
+        r = Run(tmp_path, sensor_offsets_ms={"zeek-1": 60_000})  # zeek-1's clock runs a minute ahead
+        await r.start()
+        await r.feed(
+            100,
+            span(ev("conn", 60.0, sensor="zeek-1", source="zeek.conn"), 80.0),  # 0 to 20 s, corrected
+            ev("fw-end", 40.0),
+            ev("reuse", 55.0, sensor="ep-1", source="endpoint"),
+            span(ev("long", 260.0, sport=41000, sensor="zeek-1", source="zeek.conn"), 460.0),  # 200 to 400 s
+            ev("late", 350.0, sport=41000, sensor="ep-1", source="endpoint"),
+        )
+        await r.tick(101, 112)
+        stories = sorted((await r.latest()).values(), key=lambda s: s["start_us"])
+        assert [s["event_ids"] for s in stories] == [["conn", "fw-end"], ["reuse"], ["long", "late"]]
+        await r.store.close()
+
+    arun(body())
+
+
 def test_sensor_clock_offsets_are_corrected(tmp_path: Path) -> None:
     async def body() -> None:
         skewed = Run(tmp_path / "a", sensor_offsets_ms={"ep-9": 45_000})  # ep-9's clock runs 45 s ahead
@@ -545,9 +573,61 @@ def test_a_replay_starts_after_stories_that_left_and_skips_their_events(tmp_path
     arun(body())
 
 
+def test_a_replay_keeps_a_reused_flows_story_that_lay_within_the_window_of_a_span_story_that_left(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: X is a conn record from 0 to 20 s and a firewall's end-of-session line at 40 s; R reuses the
+    5-tuple from 55 s on (35 s after X's span: its own story) and stays open past the crash. Y's span (100 to
+    300 s) holds a report at 250 s. X and Y leave; the replay starts at R's first bucket. R's first events lie
+    within the window of X's time range (0 to 40 s): marks by time range would drop them as X's, and R would be
+    rebuilt without them. Stories with spans are named by their events' ids instead."""
+
+    def span(e: Event, end_s: float) -> Event:
+        return msgspec.structs.replace(e, end_time_us=T0 + int(end_s * 1e6))
+
+    script: dict[int, list[Event]] = {
+        100: [span(ev("x-conn", 0.0, sensor="zeek-1", source="zeek.conn"), 20.0)],
+        103: [ev("x-end", 40.0)],
+        110: [span(ev("y-conn", 100.0, sport=41000, sensor="zeek-1", source="zeek.conn"), 300.0)],
+        120: [ev("y-late", 250.0, sport=41000, sensor="ep-1", source="endpoint")],
+    }
+    for k, b in enumerate(range(106, 250, 7)):
+        script.setdefault(b, []).append(ev(f"r{k:02d}", 55.0 + 7.0 * k, sensor="ep-1", source="endpoint"))
+
+    async def feed(r: Run, start: int, end: int, replay_to: int = -1) -> None:
+        for b in range(start, end + 1):
+            await r.feed(b, *script.get(b, []), replay=b <= replay_to)
+
+    async def body() -> None:
+        whole = Run(tmp_path / "whole")
+        await whole.start()
+        await feed(whole, 100, 260)
+        stories = sorted((await whole.latest()).values(), key=lambda s: s["start_us"])
+        assert [s["event_ids"][:3] for s in stories] == [
+            ["x-conn", "x-end"],
+            ["r00", "r01", "r02"],
+            ["y-conn", "y-late"],
+        ]
+        crashed = Run(tmp_path / "crashed")
+        await crashed.start()
+        await feed(crashed, 100, 195)
+        assert crashed.stage.counters.evicted == 2  # X and Y left the state
+        start = crashed.stage.replay_bucket(0, 195)
+        assert start == 106  # R's first bucket
+        await crashed.restart({0: start}, 195)
+        await feed(crashed, start, 260, replay_to=195)
+        assert crashed.stage.counters.replay_skipped == 2  # Y's two events, none of R's
+        assert await records(crashed) == await records(whole)
+        for r in (whole, crashed):
+            await r.store.close()
+
+    arun(body())
+
+
 def random_script(seed: int, first: int, last: int) -> dict[int, list[Event]]:
-    """Steady traffic: overlapping sessions on a few ports (reused: several stories per flow), floods that get
-    truncated, flowless events, re-ingested duplicates (some after their story left), a late-arriving event."""
+    """Steady traffic: overlapping sessions on a few ports (reused: several stories per flow), flow records with
+    spans, floods that get truncated, flowless events, re-ingested duplicates (some after their story left), a
+    late-arriving event."""
     import random
 
     rnd = random.Random(seed)
@@ -560,6 +640,8 @@ def random_script(seed: int, first: int, last: int) -> dict[int, list[Event]]:
             if rnd.random() < 0.2:
                 t -= rnd.uniform(30.0, 90.0)  # late evidence
             e = ev(f"e{n:05d}", t, sport=rnd.randrange(6), rev=rnd.random() < 0.3, sensor=rnd.choice(("a", "b")))
+            if rnd.random() < 0.25:  # a flow record: a span (spans bound sessions; the replay must agree)
+                e = msgspec.structs.replace(e, end_time_us=e.time_us + int(rnd.uniform(0.0, 90.0) * 1e6))
             if rnd.random() < 0.05:
                 e = Event(e.id, e.time_us, "dns", "d", None, False, None, None, None, None, None, {"q": n})
             script.setdefault(b, []).append(e)
