@@ -395,6 +395,29 @@ SCRIPT: list[tuple[int, list[Event]]] = [
 ]
 
 
+async def feed_script(r: Run, script: dict[int, list[Event]], start: int, end: int, replay_to: int = -1) -> None:
+    """Buckets ``start``..``end`` with the script's events, the first ones through ``replay_to`` as a replay."""
+    for b in range(start, end + 1):
+        await r.feed(b, *script.get(b, []), replay=b <= replay_to)
+
+
+async def whole_and_replayed(
+    tmp: Path, script: dict[int, list[Event]], first: int, crash: int, last: int
+) -> tuple[Run, Run, int, int]:
+    """The script through ``last`` uninterrupted, and again with a crash after ``crash`` and a replay from where
+    the stage says (shard 0): both runs (open), how many stories had left at the crash, the replay's first bucket."""
+    whole, crashed = Run(tmp / "whole"), Run(tmp / "crashed")
+    for r in (whole, crashed):
+        await r.start()
+    await feed_script(whole, script, first, last)
+    await feed_script(crashed, script, first, crash)
+    evicted = crashed.stage.counters.evicted
+    start = crashed.stage.replay_bucket(0, crash)
+    await crashed.restart({0: start}, crash)
+    await feed_script(crashed, script, start, last, replay_to=crash)
+    return whole, crashed, evicted, start
+
+
 async def play(r: Run, until: int, start: int = 100, replay_to: int = -1) -> None:
     by = dict(SCRIPT)
     for b in range(start, until + 1):
@@ -549,22 +572,10 @@ def test_a_replay_starts_after_stories_that_left_and_skips_their_events(tmp_path
     for k, b in enumerate(range(105, 250, 7)):
         script.setdefault(b, []).append(ev(f"z{k:02d}", 5.0 + 7.0 * k, sport=7))
 
-    async def feed(r: Run, start: int, end: int, replay_to: int = -1) -> None:
-        for b in range(start, end + 1):
-            await r.feed(b, *script.get(b, []), replay=b <= replay_to)
-
     async def body() -> None:
-        whole = Run(tmp_path / "whole")
-        await whole.start()
-        await feed(whole, 100, 260)
-        crashed = Run(tmp_path / "crashed")
-        await crashed.start()
-        await feed(crashed, 100, 190)
-        assert crashed.stage.counters.evicted == 1  # X left the state
-        start = crashed.stage.replay_bucket(0, 190)
+        whole, crashed, evicted, start = await whole_and_replayed(tmp_path, script, 100, 190, 260)
+        assert evicted == 1  # X left the state
         assert start == 105  # Z's first bucket: the replay does not reach back to X
-        await crashed.restart({0: start}, 190)
-        await feed(crashed, start, 260, replay_to=190)
         assert crashed.stage.counters.replay_skipped == 1  # x2
         assert await records(crashed) == await records(whole)
         for r in (whole, crashed):
@@ -594,28 +605,16 @@ def test_a_replay_keeps_a_reused_flows_story_that_lay_within_the_window_of_a_spa
     for k, b in enumerate(range(106, 250, 7)):
         script.setdefault(b, []).append(ev(f"r{k:02d}", 55.0 + 7.0 * k, sensor="ep-1", source="endpoint"))
 
-    async def feed(r: Run, start: int, end: int, replay_to: int = -1) -> None:
-        for b in range(start, end + 1):
-            await r.feed(b, *script.get(b, []), replay=b <= replay_to)
-
     async def body() -> None:
-        whole = Run(tmp_path / "whole")
-        await whole.start()
-        await feed(whole, 100, 260)
+        whole, crashed, evicted, start = await whole_and_replayed(tmp_path, script, 100, 195, 260)
         stories = sorted((await whole.latest()).values(), key=lambda s: s["start_us"])
         assert [s["event_ids"][:3] for s in stories] == [
             ["x-conn", "x-end"],
             ["r00", "r01", "r02"],
             ["y-conn", "y-late"],
         ]
-        crashed = Run(tmp_path / "crashed")
-        await crashed.start()
-        await feed(crashed, 100, 195)
-        assert crashed.stage.counters.evicted == 2  # X and Y left the state
-        start = crashed.stage.replay_bucket(0, 195)
+        assert evicted == 2  # X and Y left the state
         assert start == 106  # R's first bucket
-        await crashed.restart({0: start}, 195)
-        await feed(crashed, start, 260, replay_to=195)
         assert crashed.stage.counters.replay_skipped == 2  # Y's two events, none of R's
         assert await records(crashed) == await records(whole)
         for r in (whole, crashed):
