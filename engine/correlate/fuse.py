@@ -25,7 +25,6 @@ Pure functions, no I/O.
 from __future__ import annotations
 
 import base64
-import gc
 import hashlib
 import socket
 import struct
@@ -39,6 +38,7 @@ import msgspec
 import polars as pl
 
 from engine.core.event import Event, polars_columns, row_struct
+from engine.core.gcpause import collector_paused
 from engine.ingest.network_identity import community_id
 
 from .body import Endpoint, Figures, Observer, SessionRef, StoryBody, Totals, transport_name
@@ -143,9 +143,7 @@ def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
     The cyclic garbage collector is paused meanwhile (msgspec's perf tips): the attribute maps are many small
     container objects, and collections triggered by their allocation would rescan everything alive — on a large
     batch that costs more than the decoding itself."""
-    paused = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_paused():
         rows = _rows.decode(_array_header(len(payloads)) + b"".join(payloads))
         maps = [_any.decode(r.attrs) for r in rows]
         return {
@@ -155,9 +153,6 @@ def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
             **{name: [_total(m.get(name)) for m in maps] for name in FIGURE_ATTRS},
             "init": [_initiator(m.get("initiator")) for m in maps],
         }
-    finally:
-        if paused:
-            gc.enable()
 
 
 # -- Community ID ---------------------------------------------------------------------------------------------

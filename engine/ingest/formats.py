@@ -10,12 +10,12 @@ state is that file's). Pure; no I/O.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from typing import Final, Literal
 
 from engine.core.errors import ConfigError, InputError
 from engine.core.event import Event
+from engine.core.gcpause import collector_paused
 
 from .canonical import InputEvent, ParseRules, accept, check_line, json_fits, parse_line
 from .eve import EveReader, looks_like_eve
@@ -65,13 +65,8 @@ class LineParser:
 
         The cyclic garbage collector pauses meanwhile: a round allocates some tens of containers per line, none
         in a cycle, and the collections they would set off cost ~5 % of ingest (measured: docs/BENCHMARKS.md)."""
-        if not gc.isenabled():
+        with collector_paused():
             return self._many(lines, rules, now_ms)
-        gc.disable()
-        try:
-            return self._many(lines, rules, now_ms)
-        finally:
-            gc.enable()
 
     def _many(self, lines: Sequence[bytes], rules: ParseRules, now_ms: int) -> list[Event | InputError | None]:
         if self.format is None and lines:
