@@ -39,6 +39,7 @@ from engine.store import EventRecord, Store, make_store
 
 if TYPE_CHECKING:
     from engine.runtime.settings import StageFactory
+    from engine.tools.simulate import Scenario
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -260,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--skew-s", type=float, default=5.0, help="per-sensor clock skew bound (default ±5 s)")
     p.add_argument("--span-s", type=float, default=600.0)
+    p.add_argument(
+        "--spans",
+        action="store_true",
+        help="sessions last (seconds to minutes); firewall and flow-log records carry end_time, written after it",
+    )
+    p.add_argument(
+        "--reuse-gap-s",
+        type=float,
+        default=600.0,
+        help="a reused 5-tuple's new session starts this long (up to 1.25 times) after the old one's end",
+    )
+    p.add_argument("--port-reuse-fraction", type=float, default=0.02, help="the share of sessions that reuse a 5-tuple")
     p.add_argument(
         "--live",
         action="store_true",
@@ -882,12 +895,31 @@ async def cmd_stories(cfg: Config, fmt: str, since: float | None, limit: int, un
     return EXIT_OK
 
 
+def _scenario(args: argparse.Namespace, start_s: float) -> Scenario:
+    from engine.tools.simulate import Scenario
+
+    return Scenario(
+        events=args.events,
+        seed=args.seed,
+        start_s=start_s,
+        span_s=args.span_s,
+        skew_s=args.skew_s,
+        spans=args.spans,
+        reuse_gap_s=args.reuse_gap_s,
+        port_reuse_fraction=args.port_reuse_fraction,
+    )
+
+
 async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     from engine.ingest.canonical import ParseRules, parse_line
-    from engine.tools.simulate import Scenario, generate, write, write_lines
+    from engine.tools.simulate import generate, write, write_lines
 
     if args.events < 1 or args.speed <= 0 or args.span_s <= 0 or args.skew_s < 0:
         raise ConfigError("--events/--speed/--span-s/--skew-s", "must be positive (skew >= 0)")
+    if args.reuse_gap_s < 0:
+        raise ConfigError("--reuse-gap-s", f"{args.reuse_gap_s:g} must be >= 0")
+    if not 0.0 <= args.port_reuse_fraction <= 1.0:
+        raise ConfigError("--port-reuse-fraction", f"{args.port_reuse_fraction:g} is not a share within [0, 1]")
     if args.format != "canonical" and args.live:
         raise ConfigError("--format", "a sensor format is written to --out, not sent --live")
     if not 0.0 <= args.alert_fraction <= 1.0 or (args.alert_fraction and args.format != "eve"):
@@ -896,9 +928,7 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
     if not args.live:
         if not args.out or not args.truth:
             raise ConfigError("--out/--truth", "both are needed (or use --live)")
-        events, truth = generate(
-            Scenario(events=args.events, seed=args.seed, start_s=start, span_s=args.span_s, skew_s=args.skew_s)
-        )
+        events, truth = generate(_scenario(args, start))
         if args.format != "canonical":
             from engine.tools.sensor_views import sensor_view
 
@@ -918,9 +948,7 @@ async def cmd_simulate(cfg: Config, args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     # Live: the scenario starts now; each event is sent at its arrival offset / speed.
-    events, truth = generate(
-        Scenario(events=args.events, seed=args.seed, start_s=time.time(), span_s=args.span_s, skew_s=args.skew_s)
-    )
+    events, truth = generate(_scenario(args, time.time()))
     if args.truth:
         await asyncio.to_thread(Path(args.truth).write_bytes, truth.to_json())
     store = await _with_store(cfg)

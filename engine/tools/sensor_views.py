@@ -15,6 +15,10 @@ written in its own format — so the readers of :mod:`engine.ingest` are tested 
   after the default header; the account id stands for the simulated sensor (``vpcflow-1`` → ``123456789001``), so
   the sensor ingest names is ``vpcflow-123456789001``; ``start`` is the report's time cut to the second.
 
+A flow record of a scenario with spans (``Scenario.spans``: an ``end_time``) keeps its span: Zeek ``duration``,
+EVE ``flow.end``, VPC ``end`` (rounded up to the second); without one, EVE's end is half a second after the start
+and VPC's a minute (a capture window), and Zeek writes no duration.
+
 Session ids (Zeek ``uid``, EVE ``flow_id``) are one per simulated sensor and story, as a real sensor's would be.
 The truth is keyed by the ids ingest gives these lines (each line is parsed here with the format's reader), its
 skews by the names ingest gives the sensors. :attr:`View.subset` is the scenario's own events that the view
@@ -118,6 +122,10 @@ def _us(doc: dict[str, Any]) -> int:
     return parse_time_us(doc["time"])
 
 
+def _end_us(doc: dict[str, Any]) -> int:
+    return parse_time_us(doc["end_time"])
+
+
 def _iso(us: int) -> str:
     """EVE's timestamp form: local time with a numeric offset (UTC here), microseconds."""
     return (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)).strftime(
@@ -148,6 +156,8 @@ def _zeek(ev: SimEvent, doc: dict[str, Any]) -> tuple[bytes, str]:
         rec = {"_path": "conn", **rec, "proto": doc["proto"], "conn_state": "REJ" if blocked else "SF",
                "orig_pkts": attrs[f"{near}_packets"], "orig_ip_bytes": attrs[f"{near}_bytes"],
                "resp_pkts": attrs[f"{far}_packets"], "resp_ip_bytes": attrs[f"{far}_bytes"]}  # fmt: skip
+        if "end_time" in doc:  # a span (Scenario.spans): Zeek gives it as a duration
+            rec["duration"] = round((_end_us(doc) - _us(doc)) / 1e6, 6)
     elif ev.source == "dns":
         answers = [a for a in attrs["answer"] if isinstance(a, str)]
         rec = {"_path": "dns", **rec, "proto": "udp", "trans_id": _session_id(node, ev.story) & 0xFFFF,
@@ -172,10 +182,11 @@ def _eve(ev: SimEvent, doc: dict[str, Any]) -> tuple[bytes, str]:
                  "proto": doc["proto"].upper()}  # fmt: skip
     if ev.source == "firewall":
         near, far = ("dst", "src") if ev.reversed else ("src", "dst")
+        end = _end_us(doc) if "end_time" in doc else us + 500_000
         rec |= {"event_type": "flow", **endpoints, "host": host, "flow": {
             "pkts_toserver": attrs[f"{near}_packets"], "pkts_toclient": attrs[f"{far}_packets"],
             "bytes_toserver": attrs[f"{near}_bytes"], "bytes_toclient": attrs[f"{far}_bytes"],
-            "start": _iso(us), "end": _iso(us + 500_000), "age": 0, "state": "closed", "reason": "timeout",
+            "start": _iso(us), "end": _iso(end), "age": 0, "state": "closed", "reason": "timeout",
             "alerted": False}}  # fmt: skip
     elif ev.source == "dns":  # in the report's direction: a response from the server when reversed
         endpoints = {"src_ip": doc["src_ip"], "src_port": doc["src_port"], "dest_ip": doc["dst_ip"],
@@ -211,8 +222,9 @@ def _vpc(ev: SimEvent, doc: dict[str, Any]) -> tuple[bytes, str]:
     attrs = doc["attrs"]
     account = 123_456_789_000 + int(ev.sensor.rsplit("-", 1)[1])
     start = _us(doc) // 1_000_000
+    end = -(-_end_us(doc) // 1_000_000) if "end_time" in doc else start + 60
     eni = f"eni-{xxhash.xxh64_hexdigest(str(attrs['vpc']).encode())[:17]}"
     fields = ["2", str(account), eni, doc["src_ip"], doc["dst_ip"], str(doc["src_port"]), str(doc["dst_port"]),
               str(_PROTO_NUMBER[doc["proto"]]), str(attrs["src_packets"]), str(attrs["src_bytes"]), str(start),
-              str(start + 60), attrs["action"], "OK"]  # fmt: skip
+              str(end), attrs["action"], "OK"]  # fmt: skip
     return " ".join(fields).encode(), f"vpcflow-{account}"

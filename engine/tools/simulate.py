@@ -44,6 +44,14 @@ building has to get right known by construction:
   last report. It is a different story. Reuse sessions can therefore lie after ``start_s + span_s`` (starting
   up to ``span_s + spread_s + 5 + 1.25 * reuse_gap_s`` after ``start_s``). Every other flow is unique to its
   session.
+* **Spans** (``spans``, off by default). Every session lasts a drawn duration (lognormal: DNS tens of
+  milliseconds, HTTP seconds with some connections kept for minutes, other services about half a minute with a
+  long tail; at most ``max_session_s``). Firewall and flow-log records then report the session as a span:
+  ``time`` within half a second after its start, ``end_time`` within half a second of its end (in the sensor's
+  clock), and they are written, so arrive, after that end; a split flow-log direction becomes two capture windows,
+  the first ending where the second starts. An HTTP report falls anywhere in its connection; endpoint and DNS
+  reports stay at its start. The port-reuse gap counts from the session's end (or its last report, if later),
+  so a small ``reuse_gap_s`` gives fast reuse.
 
 :func:`generate` returns exactly ``events`` :class:`SimEvent` (sorted by arrival): a session's sensors are
 chosen first, and when the budget left is smaller than what they would write, flow-log sensors drop splits,
@@ -93,6 +101,10 @@ _SPLIT_LATER_S = (0.5, 5.0)  # the second part's time after the first's
 _DELAY_FAST = (0.80, 1.0)
 _DELAY_SLOW = (0.17, 20.0)
 _TAIL_FROM_S = 60.0
+# With Scenario.spans: a session's duration (s), lognormal (mu, sigma) per service, capped by max_session_s —
+# DNS exchanges of tens of milliseconds, HTTP connections of seconds (some kept alive for minutes), other
+# services (SSH, SMB, RDP, databases) of about half a minute with a long tail.
+_DURATION = {"dns": (-3.5, 0.8), "http": (1.4, 1.5), "other": (3.4, 1.6)}
 
 Kind = Literal["session", "reuse", "noise"]
 _encoder = msgspec.json.Encoder()
@@ -114,13 +126,15 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     reuse_gap_s: float = 600.0
     spread_s: float = 3.0
     sensors_per_source: int = 2
+    spans: bool = False
+    max_session_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.events < 0:
             raise ValueError(f"events: {self.events} must be >= 0")
         if self.sensors_per_source < 1:
             raise ValueError(f"sensors_per_source: {self.sensors_per_source} must be >= 1")
-        for name in ("span_s", "skew_s", "max_arrival_delay_s", "reuse_gap_s", "spread_s"):
+        for name in ("span_s", "skew_s", "max_arrival_delay_s", "reuse_gap_s", "spread_s", "max_session_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 0")
         for name in ("reverse_fraction", "noise_fraction", "port_reuse_fraction"):
@@ -136,7 +150,8 @@ class SimEvent(msgspec.Struct, frozen=True, gc=False):
     ``line`` is the JSONL line (no newline), valid per docs/events.md, with ``id`` set explicitly. ``story`` is
     the ground-truth story key; ``arrival_s`` the delivery time in seconds after ``Scenario.start_s``.
     ``true_time_s`` is the event time without sensor skew (the reported time is ``true_time_s + skew``);
-    ``reversed`` says the line reports the flow server → client; ``kind`` tells session / reuse / noise.
+    ``reversed`` says the line reports the flow server → client; ``kind`` tells session / reuse / noise;
+    ``true_end_s`` the end of the span a flow record reports (``Scenario.spans``), else None.
     """
 
     line: bytes
@@ -148,6 +163,7 @@ class SimEvent(msgspec.Struct, frozen=True, gc=False):
     true_time_s: float
     reversed: bool
     kind: Kind
+    true_end_s: float | None = None
 
 
 class FlowTruth(msgspec.Struct, frozen=True, kw_only=True):
@@ -212,7 +228,8 @@ class _Session:
     facts: dict[str, Any] = field(default_factory=dict)
     c2s: tuple[int, int] = (0, 0)  # true (bytes, packets) client → server
     s2c: tuple[int, int] = (0, 0)  # and server → client
-    last_s: float = 0.0  # true time of the latest report so far (at least t0 + spread_s)
+    last_s: float = 0.0  # true time of the latest report or span end so far (at least t0 + spread_s)
+    end_s: float = 0.0  # with Scenario.spans: the true end of the session
 
     def flow_truth(self) -> FlowTruth:
         return FlowTruth(
@@ -243,6 +260,8 @@ class _Pending:
     reversed: bool
     flow: tuple[str, str, int, str, int] | None  # proto, src_ip, src_port, dst_ip, dst_port as reported
     attrs: dict[str, Any]
+    true_end_s: float | None = None
+    reported_end_us: int | None = None
 
 
 def sensor_names(sensors_per_source: int) -> dict[str, list[str]]:
@@ -384,6 +403,15 @@ class _Generator:
             ses.c2s = (b_c2s, max(1, b_c2s // rnd.randrange(200, 1400)))
             ses.s2c = (b_s2c, max(1, b_s2c // rnd.randrange(200, 1400)))
         ses.last_s = ses.t0 + self.s.spread_s
+        if self.s.spans:
+            ses.end_s = ses.t0 + min(self.s.max_session_s, rnd.lognormvariate(*_DURATION[ses.service]))
+            ses.last_s = max(ses.last_s, ses.end_s)
+
+    def _span(self, ses: _Session) -> tuple[float, float]:
+        """A flow record's (start, end): the session's bounds as one sensor measures them (start within half a
+        second after the first packet, end within half a second of the last)."""
+        t = round(ses.t0 + self.rnd.uniform(0.0, min(self.s.spread_s, 0.5)), 6)
+        return t, round(max(t, ses.end_s + self.rnd.uniform(-0.5, 0.5)), 6)
 
     def reuse(self, story: str, orig: _Session) -> _Session:
         """A later session of ``orig``'s exact 5-tuple, at least ``reuse_gap_s`` after its last report."""
@@ -452,7 +480,10 @@ class _Generator:
         t: float,
         rev: bool,
         attrs: dict[str, Any],
+        end: float | None = None,
     ) -> None:
+        """Queue one report at true time ``t``; ``end``: the true end of the span a flow record reports (it is
+        written, and so arrives, after that end)."""
         s = self.s
         flow: tuple[str, str, int, str, int] | None = None
         if ses is not None:
@@ -461,12 +492,15 @@ class _Generator:
             else:
                 flow = (ses.proto, ses.client_ip, ses.client_port, ses.server_ip, ses.server_port)
         if ses is not None:
-            ses.last_s = max(ses.last_s, t)
+            ses.last_s = max(ses.last_s, t if end is None else max(t, end))
         reported_us = round((t + self.skews[sensor]) * 1_000_000)
-        arrival = round(t - s.start_s + _delay(self.rnd, s.max_arrival_delay_s), 6)
-        self.pending.append(
-            _Pending(self.order, arrival, t, reported_us, source, sensor, story, kind, rev, flow, attrs)
-        )
+        written = t if end is None else end
+        arrival = round(written - s.start_s + _delay(self.rnd, s.max_arrival_delay_s), 6)
+        pending = _Pending(self.order, arrival, t, reported_us, source, sensor, story, kind, rev, flow, attrs)
+        if end is not None:
+            pending.true_end_s = end
+            pending.reported_end_us = round((end + self.skews[sensor]) * 1_000_000)
+        self.pending.append(pending)
         self.order += 1
 
     def emit_session(self, ses: _Session, k: int, extra: int) -> None:
@@ -476,9 +510,17 @@ class _Generator:
             if source == "cloud":
                 extra -= self._emit_flow_log(ses, sensor, extra)
                 continue
-            t = round(ses.t0 + rnd.uniform(0.0, self.s.spread_s), 6)
+            end: float | None = None
+            if not self.s.spans:
+                t = round(ses.t0 + rnd.uniform(0.0, self.s.spread_s), 6)
+            elif source == "firewall":
+                t, end = self._span(ses)
+            elif source == "http":  # a request anywhere in the connection
+                t = round(ses.t0 + rnd.uniform(0.0, max(self.s.spread_s, ses.end_s - ses.t0)), 6)
+            else:
+                t = round(ses.t0 + rnd.uniform(0.0, self.s.spread_s), 6)
             rev = rnd.random() < self.s.reverse_fraction
-            self._add(source, sensor, ses, ses.story, ses.kind, t, rev, self._attrs(source, ses, rev))
+            self._add(source, sensor, ses, ses.story, ses.kind, t, rev, self._attrs(source, ses, rev), end)
 
     def _emit_flow_log(self, ses: _Session, sensor: str, extra: int) -> int:
         """One flow-log sensor's records of ``ses``: one per direction it sees, a direction possibly split in
@@ -488,9 +530,14 @@ class _Generator:
         first_s2c = rnd.random() < 0.5
         directions = [first_s2c] if rnd.random() < _CLOUD_ONE_DIRECTION else [first_s2c, not first_s2c]
         plan: list[tuple[bool, float, int, int, bool]] = []  # s2c, time, jittered bytes, packets, split
+        ends: list[float] = []  # with spans: each direction's end
         for s2c in directions:
             b, p = ses.s2c if s2c else ses.c2s
-            t = round(ses.t0 + rnd.uniform(0.0, s.spread_s), 6)
+            if s.spans:
+                t, end = self._span(ses)
+                ends.append(end)
+            else:
+                t = round(ses.t0 + rnd.uniform(0.0, s.spread_s), 6)
             jb = int(b * self._jitter())
             split = rnd.random() < _CLOUD_SPLIT and p >= 2 and jb >= 2
             plan.append((s2c, t, jb, p, split))
@@ -502,14 +549,19 @@ class _Generator:
         if more > extra:
             del plan[1:]
             more = 0
-        for s2c, t, jb, p, split in plan:
-            parts = [(t, jb, p)]
+        for i, (s2c, t, jb, p, split) in enumerate(plan):
+            span_end = ends[i] if s.spans else None
+            parts: list[tuple[float, int, int, float | None]] = [(t, jb, p, span_end)]
             if split:
                 p1 = rnd.randint(1, p - 1)
                 b1 = min(jb - 1, max(1, round(jb * p1 / p)))
-                t2 = round(t + rnd.uniform(*_SPLIT_LATER_S), 6)  # t <= t0 + spread_s
-                parts = [(t, b1, p1), (t2, jb - b1, p - p1)]
-            for tp, bp, pp in parts:
+                if span_end is None:
+                    t2 = round(t + rnd.uniform(*_SPLIT_LATER_S), 6)  # t <= t0 + spread_s
+                    parts = [(t, b1, p1, None), (t2, jb - b1, p - p1, None)]
+                else:  # two capture windows: the first ends where the second starts
+                    cut = round(t + rnd.uniform(0.2, 0.8) * (span_end - t), 6)
+                    parts = [(t, b1, p1, cut), (cut, jb - b1, p - p1, span_end)]
+            for tp, bp, pp, ep in parts:
                 attrs = {
                     "vpc": ses.facts["vpc"],
                     "account": ses.facts["account"],
@@ -517,7 +569,7 @@ class _Generator:
                     "src_packets": pp,
                     "action": "REJECT" if ses.blocked else "ACCEPT",
                 }
-                self._add("cloud", sensor, ses, ses.story, ses.kind, tp, s2c, attrs)
+                self._add("cloud", sensor, ses, ses.story, ses.kind, tp, s2c, attrs, ep)
         return more
 
     def emit_noise(self, story: str) -> None:
@@ -568,13 +620,26 @@ class _Generator:
             event_id = f"sim{s.seed}-{i:0{width}d}"
             doc: dict[str, Any] = {"source": p.source, "sensor": p.sensor, "id": event_id}
             doc["time"] = p.reported_us / 1_000_000 if p.source in _EPOCH_TIME_SOURCES else _rfc3339(p.reported_us)
+            if p.reported_end_us is not None:  # flow records only, which give epoch seconds
+                doc["end_time"] = p.reported_end_us / 1_000_000
             if p.flow is not None:
                 proto, sip, sport, dip, dport = p.flow
                 doc.update(proto=proto, src_ip=sip, src_port=sport, dst_ip=dip, dst_port=dport)
             doc["attrs"] = p.attrs
             line = _encoder.encode(doc)
             out.append(
-                SimEvent(line, event_id, p.story, p.arrival_s, p.source, p.sensor, p.true_time_s, p.reversed, p.kind)
+                SimEvent(
+                    line,
+                    event_id,
+                    p.story,
+                    p.arrival_s,
+                    p.source,
+                    p.sensor,
+                    p.true_time_s,
+                    p.reversed,
+                    p.kind,
+                    p.true_end_s,
+                )
             )
             stories[event_id] = p.story
         arrivals = {e.id: e.arrival_s for e in out}

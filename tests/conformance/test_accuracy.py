@@ -118,3 +118,55 @@ def test_a_sensor_formats_view_scores_as_the_canonical_run_on_the_same_events(
     )
     assert got["items"] == canonical["items"]
     assert canonical["exact"] < 1.0 or fmt == "vpcflow", f"the scenario should not be trivial: {canonical}"
+
+
+def test_spans_bound_sessions_through_the_whole_path(make_config: ConfigFactory) -> None:
+    """Issue 19 item 2 on the simulator: long sessions whose 5-tuple is reused 35 to 44 s after they end, sensor
+    clocks exact. With the flow records' ends every story is found; with the ends removed (every event an instant,
+    the rule before) requests late in a long connection split from it."""
+    import msgspec
+
+    cfg = make_config(
+        shards=4,
+        correlate={"match_window_ms": 30_000, "max_wait_ms": 600_000, "amend_horizon_ms": 3_600_000},
+    )
+    scenario = Scenario(
+        events=2_500,
+        seed=11,
+        start_s=time.time() - 7_200,
+        span_s=900,
+        skew_s=0.0,
+        spans=True,
+        port_reuse_fraction=0.2,
+        reuse_gap_s=35.0,
+    )
+    events, truth = generate(scenario)
+    rules = ParseRules.from_config(cfg)
+    arrivals = [e.arrival_s for e in events]
+
+    def without_end(line: bytes) -> bytes:
+        doc = msgspec.json.decode(line)
+        doc.pop("end_time", None)
+        return msgspec.json.encode(doc)
+
+    lines = [e.line for e in events]
+    assert sum(b'"end_time"' in line for line in lines) >= 500
+    spans = score(
+        run_lines(cfg, scenario.start_s, lines, arrivals, lambda ln, now: parse_line(ln, rules, now)), truth.stories
+    )
+    assert spans["exact"] >= 0.995 and spans["precision"] >= 0.999, spans
+    cfg2 = make_config(
+        shards=4,
+        correlate={"match_window_ms": 30_000, "max_wait_ms": 600_000, "amend_horizon_ms": 3_600_000},
+    )
+    instants = score(
+        run_lines(
+            cfg2,
+            scenario.start_s,
+            [without_end(x) for x in lines],
+            arrivals,
+            lambda ln, now: parse_line(ln, rules, now),
+        ),
+        truth.stories,
+    )
+    assert instants["recall"] < spans["recall"] and instants["exact"] < spans["exact"] - 0.005, (instants, spans)

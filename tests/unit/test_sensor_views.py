@@ -96,3 +96,22 @@ def test_simulate_format_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--alert-fraction" in capsys.readouterr().err
     assert main([*common, "--format", "vpcflow", "--live"]) == 2
     assert "--format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["zeek", "eve", "vpcflow"])
+def test_a_flow_record_keeps_its_span_in_every_format(fmt: str) -> None:
+    """With ``Scenario.spans`` the flow records' ends reach ingest as ``end_time_us`` (the sensor's clock); the other
+    records stay instants."""
+    scenario = Scenario(events=600, seed=5, start_s=time.time() - 1_800, span_s=300, spans=True)
+    events, truth = generate(scenario)
+    view = sensor_view(events, truth, fmt, now_ms=NOW_MS)  # type: ignore[arg-type]
+    parsed_events = [e for e in parsed(fmt, view.lines) if e is not None]
+    spans = 0
+    for e, sim in zip(parsed_events, view.subset, strict=True):
+        if sim.true_end_s is None:
+            assert e.end_time_us is None, (e, sim)
+            continue
+        spans += 1
+        expected = sim.true_end_s + view.truth.skews[e.sensor]
+        assert e.end_time_us is not None and abs(e.end_time_us / 1e6 - expected) < (1.0 if fmt == "vpcflow" else 1e-5)
+    assert spans >= 100

@@ -214,6 +214,86 @@ def test_port_reuse_is_a_different_story(default: tuple[list[SimEvent], Truth]) 
             assert len({e.story for e in members}) == 1
 
 
+def test_without_spans_no_line_has_an_end(default: tuple[list[SimEvent], Truth]) -> None:
+    events, _ = default
+    assert not any(b'"end_time"' in e.line or e.true_end_s is not None for e in events)
+
+
+@pytest.fixture(scope="module")
+def spanned() -> tuple[list[SimEvent], Truth]:
+    return generate(Scenario(events=4_000, seed=6, spans=True, port_reuse_fraction=0.2, reuse_gap_s=35.0))
+
+
+def test_spans_flow_records_carry_their_session_and_arrive_after_its_end(
+    spanned: tuple[list[SimEvent], Truth],
+) -> None:
+    events, truth = spanned
+    s = truth.scenario
+    rules = ParseRules.from_config(CFG)
+    by_story: defaultdict[str, list[SimEvent]] = defaultdict(list)
+    long_http = 0
+    for e in events:
+        by_story[e.story].append(e)
+        doc = json.loads(e.line)
+        if e.source in ("firewall", "cloud") or e.true_end_s is not None:
+            assert e.source in ("firewall", "cloud") and e.true_end_s is not None, e
+            assert e.true_time_s <= e.true_end_s <= e.true_time_s + s.max_session_s + 0.5
+            skew = truth.skews[e.sensor]
+            assert doc["end_time"] == pytest.approx(e.true_end_s + skew, abs=1e-6)
+            parsed = parse_line(e.line, rules, NOW_MS)
+            assert parsed is not None and parsed.end_time_us == round((e.true_end_s + skew) * 1e6)
+            written = e.true_end_s - s.start_s  # a flow record is written when its span ends
+        else:
+            assert "end_time" not in doc
+            written = e.true_time_s - s.start_s
+        assert written - 1e-5 <= e.arrival_s <= written + s.max_arrival_delay_s + 1e-5
+    long_sessions = 0
+    for members in by_story.values():
+        per_sensor: dict[str, tuple[float, float]] = {}  # a flow log's split records together: its whole span
+        for e in members:
+            if e.true_end_s is not None:
+                lo, hi = per_sensor.get(e.sensor, (e.true_time_s, e.true_end_s))
+                per_sensor[e.sensor] = (min(lo, e.true_time_s), max(hi, e.true_end_s))
+        if not per_sensor:
+            continue
+        starts, ends = [lo for lo, _ in per_sensor.values()], [hi for _, hi in per_sensor.values()]
+        # every sensor measures the same session to within half a second at either end
+        assert max(starts) - min(starts) <= 0.5 + 1e-6 and max(ends) - min(ends) <= 1.0 + 1e-6
+        long_sessions += min(ends) - max(starts) > 30.0
+        for e in members:
+            if e.source == "http":  # a request anywhere in the connection
+                assert min(starts) - 0.5 <= e.true_time_s <= max(ends) + s.spread_s
+                long_http += e.true_time_s - min(starts) > 30.0
+    assert long_http >= 5, "some HTTP requests lie beyond a match window from their connection's start"
+    assert long_sessions >= 0.1 * len(by_story), "a tenth of the sessions outlast a match window"
+
+
+def test_spans_port_reuse_starts_the_gap_after_the_whole_session(spanned: tuple[list[SimEvent], Truth]) -> None:
+    events, _ = spanned
+    by_tuple: defaultdict[tuple[object, ...], list[SimEvent]] = defaultdict(list)
+    for ev in events:
+        key = five_tuple(ev)
+        if key is not None:
+            by_tuple[key].append(ev)
+    gaps = []
+    for members in by_tuple.values():
+        if not any(e.kind == "reuse" for e in members):
+            continue
+        stories: defaultdict[str, list[SimEvent]] = defaultdict(list)
+        for e in members:
+            stories[e.story].append(e)
+        assert len(stories) == 2
+        a, b = sorted(stories.values(), key=lambda m: min(e.true_time_s for e in m))
+        a_last = max(max(e.true_time_s, e.true_end_s or 0.0) for e in a)
+        assert min(e.true_time_s for e in b) - a_last >= 35.0 - 0.5  # a span's end: within 0.5 s of the true end
+        if any(e.true_end_s is not None for e in a) and any(e.true_end_s is not None for e in b):
+            # from a record of the first session's end to one of the reuse's start (each within 0.5 s of the truth;
+            # the gap runs from the first session's last report, up to spread_s after a short session's end)
+            gaps.append(min(e.true_time_s for e in b if e.true_end_s) - max(e.true_end_s or 0.0 for e in a))
+    assert len(gaps) >= 50
+    assert min(gaps) >= 35.0 - 0.5 and max(gaps) <= 1.25 * 35.0 + 1.0 + 3.0
+
+
 def test_noise_is_singletons(default: tuple[list[SimEvent], Truth]) -> None:
     events, _ = default
     noise = [e for e in events if e.kind == "noise"]
