@@ -596,6 +596,7 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
         offsets = {o.shard: o for o in await store.read_offsets(cfg.consumer, list(owned))}
         meta = await store.read_meta()
         now = await store.server_time_ms()
+        clocks = await _sensor_clocks(cfg, store, now)
     finally:
         await store.close()
     bms, lag = cfg.bucket_ms, cfg.lag_ms
@@ -639,7 +640,7 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
         "created_ms": int(meta.get("created_ms", "0") or 0),
     }
     if as_json:
-        print(json.dumps({"summary": summary, "shards": rows, "warnings": warnings}))
+        print(json.dumps({"summary": summary, "shards": rows, "sensor_clocks": clocks, "warnings": warnings}))
     else:
         print(f"{'shard':>5} {'read_bucket':>14} {'behind_s':>9} {'replay_bucket':>14}  owner")
         for r in rows:
@@ -652,9 +653,43 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
             f"status: {state}: {len(rows)} shards, max behind {summary['max_behind_s']} s "
             f"(threshold {2 * lag / 1000:.0f} s), {summary['shards_without_offset']} never consumed"
         )
+        if clocks["sensors"]:
+            print(
+                f"sensor clocks (epoch {clocks['epoch']}, against {clocks['reference'] or '-'}; "
+                f"offset = the sensor's clock minus the reference's):"
+            )
+            print(f"  {'sensor':<32} {'offset_s':>12} {'samples':>8} {'spread_s':>9}  source")
+            for name, c in clocks["sensors"].items():
+                samples = "-" if c["samples"] is None else c["samples"]
+                spread = "-" if c["spread_s"] is None else c["spread_s"]
+                print(f"  {name:<32} {c['offset_s']:>12.3f} {samples:>8} {spread:>9}  {c['source']}")
         for w in warnings:
             print(f"warning: {w}")
     return EXIT_OK if healthy else EXIT_FAIL
+
+
+async def _sensor_clocks(cfg: Config, store: Store, now_ms: int) -> dict[str, Any]:
+    """The sensor clock offsets in use now: the latest learned table (when estimated) and the configured ones."""
+    from engine.runtime.offsets import decode_table
+
+    out: dict[str, Any] = {"epoch": None, "reference": cfg.correlate.reference_sensor, "sensors": {}}
+    sensors: dict[str, dict[str, Any]] = {}
+    if cfg.correlate.offsets.estimate:
+        found = await store.latest_offset_table(cfg.consumer, now_ms // cfg.correlate.offsets.epoch_ms + 1)
+        if found is not None:
+            table = decode_table(found[1])
+            out["epoch"], out["reference"] = table.epoch, table.reference
+            for name in sorted(table.offsets_us):
+                sensors[name] = {
+                    "offset_s": table.offsets_us[name] / 1e6,
+                    "samples": table.samples.get(name),
+                    "spread_s": round(table.spread_us.get(name, 0) / 1e6, 3),
+                    "source": "reference" if name == table.reference else "learned",
+                }
+    for name, ms in sorted(cfg.correlate.sensor_offsets_ms.items()):
+        sensors[name] = {"offset_s": ms / 1000, "samples": None, "spread_s": None, "source": "configured"}
+    out["sensors"] = dict(sorted(sensors.items()))
+    return out
 
 
 async def cmd_story(cfg: Config, story_id: str, fmt: str) -> int:

@@ -132,6 +132,17 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self._shown()
 
 
+class OffsetsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # Sensor clock offsets learned from events that link without doubt (docs/correlation.md, Learned offsets):
+    # one table per epoch_ms (a multiple of bucket_ms), built from the evidence of the epochs before it, up to
+    # delay_epochs before the last (evidence stored later is taken by a later table); a pair of sensors counts
+    # once it has min_samples differences.
+    estimate: bool = True
+    epoch_ms: Annotated[int, msgspec.Meta(ge=1_000, le=3_600_000)] = 60_000
+    min_samples: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10
+    delay_epochs: Annotated[int, msgspec.Meta(ge=0, le=60)] = 0
+
+
 class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     match_window_ms: PositiveMs = 30_000
     max_wait_ms: PositiveMs = 600_000
@@ -147,6 +158,12 @@ class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # How a story merges each attribute over its events of one source (in event-time order): first, last, sum,
     # min, max or set. Attributes not named here take `last`; `bytes` and `packets` are also summed into totals.
     merge: dict[str, Literal["first", "last", "sum", "min", "max", "set"]] = msgspec.field(default_factory=dict)
+    # Learned offsets: two sensors' events of one flow count as evidence when their times are at most
+    # max_offset_ms apart; offsets are given against reference_sensor (unset: the best supported sensor, kept).
+    # A sensor in sensor_offsets_ms keeps its configured offset.
+    max_offset_ms: PositiveMs = 7_200_000
+    reference_sensor: str | None = None
+    offsets: OffsetsConfig = msgspec.field(default_factory=OffsetsConfig)
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -225,6 +242,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"{self.drain_timeout_ms} must be > lag_ms ({self.lag_ms}) and > commit_interval_ms"
                 f" ({self.commit_interval_ms}), or a drain could give up on a healthy worker that has not committed"
                 f" yet",
+            )
+        if c.offsets.epoch_ms % self.bucket_ms:
+            raise ConfigError(
+                "correlate.offsets.epoch_ms", f"{c.offsets.epoch_ms} must be a multiple of bucket_ms ({self.bucket_ms})"
             )
         if self.ttl_ms % 1000:
             raise ConfigError("ttl_ms", f"{self.ttl_ms} must be whole seconds (CQL TTLs are in seconds)")

@@ -163,3 +163,12 @@ __all__ = [
     "story_id",
     "story_id_shard",
 ]
+
+
+class EvidenceRecord(NamedTuple):
+    """One shard's evidence of sensor clock offsets in one epoch (``Store.put_offset_evidence``): ``body`` is the
+    encoded :class:`engine.correlate.offsets.EvidenceRow`. A later record of the same (epoch, shard) replaces it."""
+
+    epoch: int
+    shard: int
+    body: bytes

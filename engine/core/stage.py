@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import msgspec
 
 from engine.core.event import Event, EventView, decode, decode_view
-from engine.core.records import EventRecord, StoryRecord
+from engine.core.records import EventRecord, EvidenceRecord, StoryRecord
 
 
 class Batch:
@@ -86,21 +86,24 @@ class MarkRecord(NamedTuple):
 class Emission:
     """What a stage call produced, for the worker to persist: story revisions (``(story_id, revision)`` is unique
     and its content fixed: a rewrite is an idempotent upsert of the same bytes), marks, and the replay point per
-    shard of the call (the oldest bucket a rebuild of its state needs; committed with the offsets)."""
+    shard of the call (the oldest bucket a rebuild of its state needs; committed with the offsets), and the
+    evidence of sensor clock offsets of the epochs that closed (an upsert per (epoch, shard))."""
 
     stories: list[StoryRecord] = field(default_factory=list)
     marks: list[MarkRecord] = field(default_factory=list)
     replay: dict[int, int] = field(default_factory=dict)
+    evidence: list[EvidenceRecord] = field(default_factory=list)
 
     def add(self, other: Emission) -> None:
         """Append a later emission (its replay points replace this one's)."""
         self.stories += other.stories
         self.marks += other.marks
         self.replay.update(other.replay)
+        self.evidence += other.evidence
 
     @property
     def writes(self) -> int:
-        return len(self.stories) + len(self.marks)
+        return len(self.stories) + len(self.marks) + len(self.evidence)
 
 
 def each_partition(buckets: Buckets, fn: Callable[..., None], *, replay: bool) -> Emission:
@@ -112,6 +115,19 @@ def each_partition(buckets: Buckets, fn: Callable[..., None], *, replay: bool) -
             fn(shard, bucket, batch, replay=replay)
             out.replay[shard] = bucket + 1
     return out
+
+
+@runtime_checkable
+class LearnsOffsets(Protocol):
+    """A stage that applies learned sensor clock offsets (the story builder): before each call the runtime hands
+    over the table of every epoch the call's buckets fall in that the stage lacks (``table``: an
+    :class:`engine.correlate.offsets.OffsetTable`)."""
+
+    def use_offset_tables(self) -> None: ...
+
+    def offset_epochs(self, buckets: Buckets) -> list[int]: ...
+
+    def set_offset_table(self, table: Any) -> None: ...
 
 
 class Stage(Protocol):

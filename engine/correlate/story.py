@@ -42,18 +42,22 @@ import polars as pl
 import xxhash
 
 from engine.core.config import Config, CorrelateConfig
-from engine.core.records import StoryRecord, story_id
+from engine.core.records import EvidenceRecord, StoryRecord, story_id
 from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 
 from .body import StoryBody
 from .fuse import EVENT_SCHEMA, event_columns, fuse_bodies
 from .link import link
+from .offsets import EvidenceRow, OffsetTable, Pair, Sketch, evidence, pair_key
 
 _json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
 KEY = pl.UInt64
 # The state frame: events of every shard; ``seq``: the number of the append that brought the row in (ascending in
 # frame order by construction — ingest times are not: a shard behind the others appends older buckets later).
-STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32, "seq": pl.Int64}
+# ``raw``: the event time as its sensor reported it (µs; ``t`` less the offset applied), the evidence of learned
+# offsets.
+STATE_SCHEMA: dict[str, Any] = {**EVENT_SCHEMA, "shard": pl.Int32, "seq": pl.Int64, "raw": pl.Int64}
 SESSION_WINDOW_US = 2**60
 """The (sensor, session) link key's window: any time apart (µs; added to event times, so it stays inside int64)."""
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
@@ -249,6 +253,15 @@ class StoryMachine:
         self._out = Emission()
         self._pending = _Pending()  # revisions of this call waiting for its one fusion pass
         self._writing = True  # False while replaying: what the call emits is durable already
+        # Learned sensor clock offsets (engine.correlate.offsets; docs/correlation.md, Learned offsets). The
+        # runtime hands over each epoch's table before the buckets of the epoch (offset_epochs / set_offset_table;
+        # ``tables`` None: no runtime does — only the configured offsets apply); the evidence of each epoch is
+        # gathered per shard and emitted when the epoch closes for the shard (or at a drain).
+        self.learn = settings.offsets.estimate
+        self.epoch_buckets = max(1, settings.offsets.epoch_ms // bucket_ms)
+        self.tables: dict[int, OffsetTable] | None = None
+        self._offsets_cache: dict[int, dict[str, int]] = {}
+        self._evidence: dict[tuple[int, int], dict[Pair, dict[int, int]]] = {}  # (epoch, shard) → pair → bin counts
 
     @classmethod
     def for_config(cls, cfg: Config) -> StoryMachine:
@@ -315,9 +328,53 @@ class StoryMachine:
         gone = [s for s in shards if s in self.shards]
         for s in gone:
             del self.shards[s]
+        dropped = set(shards)
+        for key in [k for k in self._evidence if k[1] in dropped]:
+            del self._evidence[key]
         if gone:
             self.frame = self.frame.filter(~pl.col("shard").is_in(gone))
             self._compact()
+
+    def use_offset_tables(self) -> None:
+        """Called by the runtime that stores the offset tables: from now on every bucket's epoch needs its table
+        (:meth:`offset_epochs`, :meth:`set_offset_table`) — a missing one is an error, never a silent zero."""
+        if self.tables is None:
+            self.tables = {}
+
+    def offset_epochs(self, buckets: Buckets) -> list[int]:
+        """The epochs of ``buckets`` whose offset table the machine still needs (none without estimation)."""
+        if not self.learn or self.tables is None:
+            return []
+        return sorted({b // self.epoch_buckets for b, _ in buckets} - set(self.tables))
+
+    def set_offset_table(self, table: OffsetTable) -> None:
+        """The offsets to apply during ``table.epoch`` (kept with the 16 epochs before the newest given)."""
+        if self.tables is None:
+            self.tables = {}
+        self.tables[table.epoch] = table
+        self._offsets_cache.pop(table.epoch, None)
+        newest = max(self.tables)
+        for e in [e for e in self.tables if e < newest - 16]:
+            del self.tables[e]
+            self._offsets_cache.pop(e, None)
+
+    def offsets_us(self, epoch: int) -> dict[str, int]:
+        """Sensor → the offset subtracted from its times during ``epoch`` (µs): the learned one, unless
+        ``sensor_offsets_ms`` configures the sensor."""
+        got = self._offsets_cache.get(epoch)
+        if got is not None:
+            return got
+        learned: dict[str, int] = {}
+        if self.learn and self.tables is not None:
+            table = self.tables.get(epoch)
+            if table is None:
+                raise RuntimeError(f"no offset table for epoch {epoch}: the runtime must hand it over first")
+            learned = table.offsets_us
+        got = {**learned, **{k: v * 1000 for k, v in self.c.sensor_offsets_ms.items()}}
+        self._offsets_cache[epoch] = got
+        if len(self._offsets_cache) > 64:
+            self._offsets_cache.pop(min(self._offsets_cache))
+        return got
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -339,10 +396,15 @@ class StoryMachine:
         try:
             decoded = self._decode_call(buckets)
             self.cpu["decode"] += self._cpu_clock() - t0
+            first_seq = self.appends
             for bucket, batches in buckets:
                 self._bucket(bucket, batches, replay=replay, decoded=decoded.get(bucket))
                 for s in batches:
                     out.replay[s] = self.replay_bucket(s, bucket)
+            if self.learn and self.appends > first_seq:
+                t1 = self._cpu_clock()
+                self._gather_evidence(first_seq)
+                self.cpu["link"] += self._cpu_clock() - t1
             self._fuse_pending()
         finally:
             self.cpu["state"] += self._cpu_clock() - t0 - (sum(self.cpu.values()) - before)
@@ -364,6 +426,7 @@ class StoryMachine:
                 if self._drain_shard(s, bucket):
                     out.marks.append(MarkRecord(s, bucket, DRAIN_PART, DRAIN_MARK))
                 out.replay[s] = self.replay_bucket(s, bucket)
+            self._emit_evidence(set(shards), None)
             self._fuse_pending()
         finally:
             self.cpu["state"] += self._cpu_clock() - t0 - (sum(self.cpu.values()) - before)
@@ -394,6 +457,8 @@ class StoryMachine:
         decoded: tuple[pl.DataFrame, int] | None = None,
     ) -> None:
         sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
+        if self._evidence:
+            self._emit_evidence(set(batches), bucket // self.epoch_buckets)
         if not replay:
             for st in sts.values():
                 if st.replaying:
@@ -514,6 +579,38 @@ class StoryMachine:
             self.pending_chunks = 0
         self.frame = frame
 
+    def _gather_evidence(self, first_seq: int) -> None:
+        """Add the differences that the call's new events (the frame's appends from ``first_seq`` on) give with the
+        events of their flows in the frame to the evidence of their epochs, per shard — once per call, not per
+        bucket (its fixed cost is a few polars operations)."""
+        frame = self.frame
+        new = frame.filter(pl.col("seq") >= first_seq)
+        if new.is_empty():
+            return
+        found = evidence(
+            new.with_columns(((pl.col("ingest") // self.bucket_ms - 1) // self.epoch_buckets).alias("epoch")),
+            frame,
+            max_offset_us=self.c.max_offset_ms * 1000,
+            max_wait_ms=self.c.max_wait_ms,
+            epoch_column="epoch",
+        )
+        for (epoch, shard), pairs in found.items():
+            acc = self._evidence.setdefault((epoch, shard), {})
+            for pair, counts in pairs.items():
+                into = acc.setdefault(pair, {})
+                for b, n in counts.items():
+                    into[b] = into.get(b, 0) + n
+
+    def _emit_evidence(self, shards: set[int], before_epoch: int | None) -> None:
+        """Emit the gathered evidence of these shards for the epochs before ``before_epoch`` (None: every epoch,
+        a drain) and forget it."""
+        due = [k for k in self._evidence if k[1] in shards and (before_epoch is None or k[0] < before_epoch)]
+        for key in sorted(due):
+            pairs = self._evidence.pop(key)
+            body = {pair_key(a, b): Sketch.of(counts) for (a, b), counts in sorted(pairs.items())}
+            row = EvidenceRow(key[0], key[1], body)
+            self._out.evidence.append(EvidenceRecord(key[0], key[1], _msgpack.encode(row)))
+
     def _decode_call(self, buckets: Buckets) -> dict[int, tuple[pl.DataFrame, int]]:
         """Every partition of the call decoded at once (see :meth:`_decode`), when there are several buckets."""
         full = {b: {s: x for s, x in batches.items() if len(x)} for b, batches in buckets}
@@ -538,15 +635,16 @@ class StoryMachine:
             totals[b] = sum(len(x) for x in batches.values())
         cols = event_columns(payloads)
         time_us = pl.Series("time_us", cols.pop("time_us"), pl.Int64)
-        offsets = self.c.sensor_offsets_ms
         spread = pl.Series(range(len(shards)), dtype=pl.UInt32).repeat_by(pl.Series(sizes, dtype=pl.UInt32)).explode()
-        offset_us = pl.col("sensor").replace_strict(offsets, default=0, return_dtype=pl.Int64) * 1000
+        ingest_col = pl.Series("ingest", ingest, pl.Int64).gather(spread)
+        offset_us = self._offset_expr(sorted(buckets), ingest_col)
         new = pl.DataFrame(cols, schema={k: v for k, v in EVENT_SCHEMA.items() if k in cols}).with_columns(
-            (time_us - offset_us if offsets else time_us).alias("t"),
+            (time_us - offset_us if offset_us is not None else time_us).alias("t"),
             # a span's end, corrected like its start (the link step bounds sessions by it)
-            *([pl.col("end_time_us") - offset_us] if offsets else []),
+            *([pl.col("end_time_us") - offset_us] if offset_us is not None else []),
+            time_us.alias("raw"),
             pl.lit(None, KEY).alias("story"),
-            pl.Series("ingest", ingest, pl.Int64).gather(spread),
+            ingest_col,
             pl.Series("shard", shards, pl.Int32).gather(spread),
             pl.lit(0, pl.Int64).alias("seq"),  # set when the rows join the state (_assign)
         )
@@ -561,6 +659,24 @@ class StoryMachine:
             out[b] = (new.slice(at, n), totals[b])
             at += n
         return out
+
+    def _offset_expr(self, buckets: list[int], ingest: pl.Series) -> pl.Expr | None:
+        """The offset (µs) to subtract from each row's times: by its sensor, from the table of its bucket's epoch
+        (``ingest``: the rows' bucket ends); None when no sensor has one in these epochs."""
+        per_epoch = {e: self.offsets_us(e) for e in sorted({b // self.epoch_buckets for b in buckets})}
+        if not any(per_epoch.values()):
+            return None
+        exprs = {
+            e: pl.col("sensor").replace_strict(m, default=0, return_dtype=pl.Int64) if m else pl.lit(0, pl.Int64)
+            for e, m in per_epoch.items()
+        }
+        if len(exprs) == 1:
+            return next(iter(exprs.values()))
+        epoch = (pl.lit(ingest) // self.bucket_ms - 1) // self.epoch_buckets
+        expr: pl.Expr = pl.lit(0, pl.Int64)
+        for e, by_sensor in exprs.items():
+            expr = pl.when(epoch == e).then(by_sensor).otherwise(expr)
+        return expr
 
     def _dedupe(self, sts: Mapping[int, ShardState], bucket: int, new: pl.DataFrame) -> tuple[pl.DataFrame, int]:
         """Drop the events already in their shard's state (re-deliveries) and, in a replay, those of stories that

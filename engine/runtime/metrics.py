@@ -81,6 +81,14 @@ METRICS: tuple[Metric, ...] = (
         "shard",
     ),
     Metric("storyline_lost_shards", "gauge", "shards", "Shards lost to another owner (their commits were refused)."),
+    Metric(
+        "storyline_sensor_offset_seconds",
+        "gauge",
+        "seconds",
+        "Learned clock offset of a sensor (its clock minus the reference sensor's), subtracted from its event times; "
+        "the latest epoch's table any worker applied (configured offsets are not shown).",
+        "sensor",
+    ),
     Metric("storyline_worker_up", "gauge", "1", "1 while the worker's process runs, else 0.", "worker"),
     Metric("storyline_worker_cpu_seconds_total", "counter", "seconds", "CPU (user + system) of the worker.", "worker"),
     Metric("storyline_worker_rss_bytes", "gauge", "bytes", "Resident memory of the worker's process.", "worker"),
@@ -131,6 +139,7 @@ class Snapshot(msgspec.Struct):
     lost_count: int = 0
     stage_calls: int = 0
     step_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # the cost ledger (CPU_STEPS + other)
+    sensor_offsets_s: dict[str, float] = msgspec.field(default_factory=dict)  # learned, the newest epoch reported
 
 
 class WorkerMetrics:
@@ -147,6 +156,8 @@ class WorkerMetrics:
         self.cpu_pid: int | None = None
         self.cpu_percent = 0.0
         self.rss_bytes = 0
+        self.offsets_epoch = -1  # the newest learned offsets the slot reported
+        self.offsets_s: dict[str, float] = {}
 
     def report(self, owner: str, snapshot: Mapping[str, object]) -> None:
         """A snapshot from the slot's process ``owner`` (a new owner: the previous process is over)."""
@@ -159,6 +170,12 @@ class WorkerMetrics:
             value = snapshot.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
                 self.live[key] = max(self.live[key], value)
+        offsets = snapshot.get("sensor_offsets")
+        if isinstance(offsets, dict) and isinstance(offsets.get("epoch"), int):
+            seconds = offsets.get("seconds")
+            if offsets["epoch"] >= self.offsets_epoch and isinstance(seconds, dict):
+                self.offsets_epoch = offsets["epoch"]
+                self.offsets_s = {str(k): float(v) for k, v in seconds.items()}
         shards = snapshot.get("shards")
         if isinstance(shards, dict):
             self.shards = {int(k): float(v["lag_s"]) for k, v in shards.items() if isinstance(v, dict)}
@@ -229,6 +246,7 @@ class Aggregator:
         # exported as a counter, it keeps its highest value so far.
         rest = sum(w.cpu_seconds for w in self.workers) - sum(steps.values())
         self.other_cpu_s = steps["other"] = max(self.other_cpu_s, rest)
+        newest = max(self.workers, key=lambda w: w.offsets_epoch, default=None)
         return Snapshot(
             t=round(now, 3),
             events=totals["events"],
@@ -261,7 +279,13 @@ class Aggregator:
             lost_shards=lost_shards,
             lost_count=lost_count,
             step_cpu_s={k: round(v, 3) for k, v in steps.items()},
+            sensor_offsets_s=dict(sorted(newest.offsets_s.items())) if newest is not None else {},
         )
+
+
+def _label(value: str) -> str:
+    """A label value escaped for the text format (backslash, double quote, line feed)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def prometheus(snap: Snapshot) -> str:
@@ -292,6 +316,8 @@ def prometheus(snap: Snapshot) -> str:
             lines.append(f"{m.name} {single[m.name]}")
         elif m.name == "storyline_step_cpu_seconds_total":
             lines += [f'{m.name}{{step="{k}"}} {v:.3f}' for k, v in snap.step_cpu_s.items()]
+        elif m.name == "storyline_sensor_offset_seconds":
+            lines += [f'{m.name}{{sensor="{_label(k)}"}} {v:.6f}' for k, v in snap.sensor_offsets_s.items()]
         elif m.name == "storyline_shard_lag_seconds":
             lines += [f'{m.name}{{shard="{s}"}} {v:.3f}' for s, v in sorted(snap.lag_s.items())]
         else:

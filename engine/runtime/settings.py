@@ -13,6 +13,7 @@ import msgspec
 from engine.core.clock import Clock
 from engine.core.config import Config
 from engine.core.stage import Stage
+from engine.runtime.offsets import OffsetSettings
 from engine.store import Store, StoreSettings, store_for
 
 
@@ -29,6 +30,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     commit_interval_ms: int
     read_ahead: int
     start_from_ms: int | None = None
+    offsets: OffsetSettings | None = None  # learned sensor clock offsets (None: not estimated)
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -43,6 +45,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             commit_interval_ms=cfg.commit_interval_ms,
             read_ahead=cfg.read_ahead,
             start_from_ms=cfg.start_from_ms,
+            offsets=OffsetSettings.from_config(cfg) if cfg.correlate.offsets.estimate else None,
         )
 
 

@@ -22,8 +22,9 @@ from typing import Any, Self, cast
 from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
 from engine.core.errors import SchemaError, StorylineError
-from engine.core.stage import EMPTY, Batch, Emission, MarkRecord, Stage
+from engine.core.stage import EMPTY, Batch, Buckets, Emission, LearnsOffsets, MarkRecord, Stage
 from engine.runtime.assign import format_ranges
+from engine.runtime.offsets import OffsetKeeper
 from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, run_all
 
@@ -122,6 +123,8 @@ class Worker:
         self._drained = False
         self._last_commit_ms = 0  # when commit() last ran (a checkpoint, whether or not an offset moved)
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
+        # Learned sensor clock offsets: the tables a stage that applies them needs (engine/runtime/offsets.py)
+        self.offsets = OffsetKeeper(self.store, settings.offsets) if settings.offsets is not None else None
 
     @classmethod
     def from_config(
@@ -272,6 +275,8 @@ class Worker:
         # stage's output does not depend on how buckets are grouped into calls (each keeps its own ingest time).
         group: list[tuple[int, dict[int, Batch]]] = []
         size = [0, 0]  # events, bytes of the group
+        learning = self.offsets is not None and isinstance(self.stage, LearnsOffsets)
+        epoch_buckets = self.offsets.epoch_buckets if learning and self.offsets is not None else 0
 
         async def hand_over() -> None:
             if not group:
@@ -279,6 +284,7 @@ class Worker:
             calls = list(group)
             group.clear()
             size[0] = size[1] = 0
+            await self._hand_offset_tables(calls)
             try:
                 emission = self.stage.on_buckets(calls, replay=replay)
             except BaseException:
@@ -319,6 +325,10 @@ class Worker:
                         size[0] += len(batches[s])
                         size[1] += batches[s].bytes
                         fill()
+                if group and epoch_buckets and b // epoch_buckets != group[-1][0] // epoch_buckets:
+                    # learned offsets: an epoch's table is built from the evidence of the epochs before it, which
+                    # the calls before emit (a call never holds two epochs)
+                    await hand_over()
                 group.append((b, batches))
                 if size[0] >= CALL_EVENTS or size[1] >= CALL_BYTES or len(group) >= CALL_BUCKETS:
                     await hand_over()
@@ -330,6 +340,14 @@ class Worker:
                 elif not fut.cancelled():
                     fut.exception()  # retrieved: a failed read-ahead is redone by the next step
         return done
+
+    async def _hand_offset_tables(self, calls: Buckets) -> None:
+        """Give a stage that applies learned offsets the table of every epoch of ``calls`` it lacks."""
+        if self.offsets is None or not isinstance(self.stage, LearnsOffsets):
+            return
+        self.stage.use_offset_tables()
+        for epoch in self.stage.offset_epochs(calls):
+            self.stage.set_offset_table(await self.offsets.table(epoch, pending=self._pending.evidence))
 
     # -- reading -------------------------------------------------------------------------------------------
     async def _read(self, shard: int, hint: BucketHint) -> Batch:
@@ -580,16 +598,25 @@ class Worker:
                 }
                 for st in self.state.values()
             },
+            "sensor_offsets": self._sensor_offsets(),
             **stage,
             **self._cpu_steps(stage),
         }
 
+    def _sensor_offsets(self) -> dict[str, object]:
+        """The learned offsets of the latest epoch this worker applied: epoch and sensor → seconds."""
+        table = self.offsets.current if self.offsets is not None else None
+        if table is None:
+            return {}
+        return {"epoch": table.epoch, "seconds": {k: v / 1e6 for k, v in table.offsets_us.items()}}
+
 
 async def persist(store: Store, consumer: str, emission: Emission) -> None:
     """Write an emission: its marks first (a drain's record must be durable before the revisions it made, so that
-    no later start emits them again elsewhere), then its story revisions. Both are idempotent upserts of fixed
-    content, so a retry, or a replay that emits the same again, rewrites identical bytes. The marks of different
-    (shard, bucket)s are written concurrently (the store bounds the requests in flight)."""
+    no later start emits them again elsewhere) with its offset evidence, then its story revisions. All are
+    idempotent upserts of fixed content, so a retry, or a replay that emits the same again, rewrites identical
+    bytes (evidence: a row of the same epoch and shard). The marks of different (shard, bucket)s are written
+    concurrently (the store bounds the requests in flight)."""
     runs: dict[tuple[int, int], list[MarkRecord]] = {}
     for m in emission.marks:
         runs.setdefault((m.shard, m.bucket), []).append(m)
@@ -602,6 +629,8 @@ async def persist(store: Store, consumer: str, emission: Emission) -> None:
                 run = marks[start:i]
                 writes.append(store.put_marks(consumer, shard, bucket, [m.body for m in run], first_part=run[0].part))
                 start = i
+    if emission.evidence:
+        writes.append(store.put_offset_evidence(consumer, emission.evidence))
     await run_all(writes)
     if emission.stories:
         await store.put_stories(emission.stories)

@@ -31,6 +31,7 @@ from engine.core.records import (
     Commit,
     DeadLetter,
     EventRecord,
+    EvidenceRecord,
     FeedPosition,
     Offset,
     PartitionPage,
@@ -41,6 +42,7 @@ from engine.core.records import (
 from engine.store.chunks import ROW_OVERHEAD, check_event_sizes, group_rows, hints, max_size_class, size_class
 from engine.store.classify import match_message
 from engine.store.layout import (
+    OFFSET_TABLE_SLOT,
     SCHEMA_VERSION,
     check_fixed,
     index_group,
@@ -191,6 +193,17 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
             f"part int, body blob, PRIMARY KEY ((consumer, shard, slot), bucket, part)) "
             f"WITH CLUSTERING ORDER BY (bucket ASC, part ASC) AND {twcs}"
         ),
+        # Learned sensor clock offsets: each shard's evidence per epoch (a row replaced as the epoch's evidence
+        # grows), and the table every worker applies during an epoch (written once: IF NOT EXISTS), newest first
+        # in partitions of OFFSET_TABLE_SLOT epochs.
+        "offset_evidence": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.offset_evidence (consumer text, epoch bigint, shard int, body blob, "
+            f"PRIMARY KEY ((consumer, epoch), shard)) WITH CLUSTERING ORDER BY (shard ASC) AND {twcs}"
+        ),
+        "offset_tables": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.offset_tables (consumer text, slot bigint, epoch bigint, body blob, "
+            f"PRIMARY KEY ((consumer, slot), epoch)) WITH CLUSTERING ORDER BY (epoch DESC) AND {twcs}"
+        ),
         "dead_letter": (
             f"CREATE TABLE IF NOT EXISTS {ks}.dead_letter (dl_id text PRIMARY KEY, received_ms bigint, "
             f"file text, line bigint, reason text, raw blob, redriven_ms bigint, raw_bytes bigint)"
@@ -198,7 +211,16 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
     }
 
 
-_TTL_TABLES = ("events", "bucket_index", "stories", "story_index", "story_periods", "stage_marks")
+_TTL_TABLES = (
+    "events",
+    "bucket_index",
+    "stories",
+    "story_index",
+    "story_periods",
+    "stage_marks",
+    "offset_evidence",
+    "offset_tables",
+)
 _POINTERS_PER_BATCH = 500  # story_index rows per batch (about 60 bytes each: ~30 KB)
 _LOOKUP_SLOTS_AT_ONCE = 16  # story_index slots a lookup reads concurrently, newest first
 
@@ -1188,6 +1210,73 @@ class CqlStore:
                 after = [BigInt(rows[-1]["bucket"]), rows[-1]["part"], BigInt(last), 2**31 - 1, limit]
                 rows = await self._exec("read stage marks", "marks_after", q_after, [*base, *after])
         return out
+
+    # -- learned offsets -----------------------------------------------------------------------------------
+    async def put_offset_evidence(self, consumer: str, rows: Sequence[EvidenceRecord]) -> None:
+        if not rows:
+            return
+        cql = f"INSERT INTO {self.ks}.offset_evidence (consumer, epoch, shard, body) VALUES (?, ?, ?, ?)"
+        prepared = await self._prep("evidence_insert", cql)
+        by_epoch: dict[int, list[list[Any]]] = {}
+        for r in rows:
+            by_epoch.setdefault(r.epoch, []).append([consumer, BigInt(r.epoch), r.shard, r.body])
+        await run_all(
+            self._write_rows(f"write offset evidence (epoch {e})", prepared, params) for e, params in by_epoch.items()
+        )
+
+    async def read_offset_evidence(self, consumer: str, epochs: Sequence[int]) -> list[EvidenceRecord]:
+        q = f"SELECT shard, body FROM {self.ks}.offset_evidence WHERE consumer = ? AND epoch = ?"
+        out: list[EvidenceRecord] = []
+
+        async def one(epoch: int) -> None:
+            rows = await self._exec("read offset evidence", "evidence_read", q, [consumer, BigInt(epoch)])
+            out.extend(EvidenceRecord(epoch, r["shard"], r["body"]) for r in rows)
+
+        await run_all(one(e) for e in sorted(set(epochs)))
+        return out
+
+    async def create_offset_table(self, consumer: str, epoch: int, body: bytes) -> bytes:
+        slot = BigInt(epoch // OFFSET_TABLE_SLOT)
+        rows = await self._exec(
+            f"write offset table (epoch {epoch})",
+            "offset_table_create",
+            f"INSERT INTO {self.ks}.offset_tables (consumer, slot, epoch, body) VALUES (?, ?, ?, ?) IF NOT EXISTS",
+            [consumer, slot, BigInt(epoch), body],
+        )
+        if rows and rows[0].get("[applied]"):
+            return body
+        # Not applied: another worker's table is there (or our own earlier attempt, retried): read it back with a
+        # serial read, which sees every committed lightweight transaction.
+        got = await self._exec(
+            f"read offset table (epoch {epoch})",
+            "offset_table_serial",
+            f"SELECT body FROM {self.ks}.offset_tables WHERE consumer = ? AND slot = ? AND epoch = ?",
+            [consumer, slot, BigInt(epoch)],
+            serial_read=True,
+        )
+        if not got:
+            raise StoreError(f"write offset table (epoch {epoch}): not applied, yet no table is stored", retriable=True)
+        return bytes(got[0]["body"])
+
+    async def read_offset_table(self, consumer: str, epoch: int) -> bytes | None:
+        rows = await self._exec(
+            f"read offset table (epoch {epoch})",
+            "offset_table_read",
+            f"SELECT body FROM {self.ks}.offset_tables WHERE consumer = ? AND slot = ? AND epoch = ?",
+            [consumer, BigInt(epoch // OFFSET_TABLE_SLOT), BigInt(epoch)],
+        )
+        return bytes(rows[0]["body"]) if rows else None
+
+    async def latest_offset_table(self, consumer: str, before: int) -> tuple[int, bytes] | None:
+        q = f"SELECT epoch, body FROM {self.ks}.offset_tables WHERE consumer = ? AND slot = ? AND epoch < ? LIMIT 1"
+        top = (before - 1) // OFFSET_TABLE_SLOT
+        for slot in (top, top - 1):
+            rows = await self._exec(
+                "read offset table", "offset_table_latest", q, [consumer, BigInt(slot), BigInt(before)]
+            )
+            if rows:
+                return rows[0]["epoch"], bytes(rows[0]["body"])
+        return None
 
     async def purge_expired(self) -> int:
         return 0  # the database expires rows by default_time_to_live

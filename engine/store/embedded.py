@@ -29,6 +29,7 @@ from engine.core.records import (
     Commit,
     DeadLetter,
     EventRecord,
+    EvidenceRecord,
     FeedPosition,
     Offset,
     PartitionPage,
@@ -38,7 +39,15 @@ from engine.core.records import (
 )
 from engine.store.chunks import ROW_OVERHEAD, check_event_sizes, group_rows, hints, max_size_class, size_class
 from engine.store.classify import sqlite_outcome
-from engine.store.layout import SCHEMA_VERSION, check_fixed, index_group, index_slot, initial_meta, story_lookup_periods
+from engine.store.layout import (
+    OFFSET_TABLE_SLOT,
+    SCHEMA_VERSION,
+    check_fixed,
+    index_group,
+    index_slot,
+    initial_meta,
+    story_lookup_periods,
+)
 from engine.store.paging import PageSizer, partition_pages
 from engine.store.protocol import raise_fenced
 from engine.store.retry import RetryStats, retrying
@@ -86,6 +95,15 @@ def _ddl(p: str) -> dict[str, str]:
             f'CREATE TABLE IF NOT EXISTS "{p}__stage_marks" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
             f"bucket INTEGER NOT NULL, part INTEGER NOT NULL, body BLOB NOT NULL, expires_ms INTEGER NOT NULL, "
             f"PRIMARY KEY (consumer, shard, bucket, part)) WITHOUT ROWID"
+        ),
+        "offset_evidence": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__offset_evidence" (consumer TEXT NOT NULL, epoch INTEGER NOT NULL, '
+            f"shard INTEGER NOT NULL, body BLOB NOT NULL, expires_ms INTEGER NOT NULL, "
+            f"PRIMARY KEY (consumer, epoch, shard)) WITHOUT ROWID"
+        ),
+        "offset_tables": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__offset_tables" (consumer TEXT NOT NULL, epoch INTEGER NOT NULL, '
+            f"body BLOB NOT NULL, expires_ms INTEGER NOT NULL, PRIMARY KEY (consumer, epoch)) WITHOUT ROWID"
         ),
         "dead_letter": (
             f'CREATE TABLE IF NOT EXISTS "{p}__dead_letter" (dl_id TEXT PRIMARY KEY, received_ms INTEGER NOT NULL, '
@@ -614,6 +632,60 @@ class EmbeddedStore:
         rows = await self._run("read stage marks", _fetch(q, (consumer, shard, first, last, self.clock.now_ms())))
         return [(r[0], r[1]) for r in rows]
 
+    # -- learned offsets -----------------------------------------------------------------------------------
+    async def put_offset_evidence(self, consumer: str, rows: Sequence[EvidenceRecord]) -> None:
+        if not rows:
+            return
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('offset_evidence')} (consumer, epoch, shard, body, expires_ms) "
+            f"VALUES (?, ?, ?, ?, ?)"
+        )
+
+        def do(c: sqlite3.Connection) -> None:
+            exp = self.clock.now_ms() + self.settings.ttl_ms
+            c.executemany(sql, [(consumer, r.epoch, r.shard, r.body, exp) for r in rows])
+
+        await self._run("write offset evidence", do, write=True)
+
+    async def read_offset_evidence(self, consumer: str, epochs: Sequence[int]) -> list[EvidenceRecord]:
+        if not epochs:
+            return []
+        marks = ", ".join("?" * len(epochs))
+        q = (
+            f"SELECT epoch, shard, body FROM {self.t('offset_evidence')} WHERE consumer = ? AND epoch IN ({marks}) "
+            f"AND expires_ms > ?"
+        )
+        rows = await self._run("read offset evidence", _fetch(q, (consumer, *epochs, self.clock.now_ms())))
+        return [EvidenceRecord(r[0], r[1], r[2]) for r in rows]
+
+    async def create_offset_table(self, consumer: str, epoch: int, body: bytes) -> bytes:
+        table = self.t("offset_tables")
+
+        def do(c: sqlite3.Connection) -> bytes:
+            exp = self.clock.now_ms() + self.settings.ttl_ms
+            c.execute(
+                f"INSERT OR IGNORE INTO {table} (consumer, epoch, body, expires_ms) VALUES (?, ?, ?, ?)",
+                (consumer, epoch, body, exp),
+            )
+            row = c.execute(f"SELECT body FROM {table} WHERE consumer = ? AND epoch = ?", (consumer, epoch)).fetchone()
+            return bytes(row[0])
+
+        return await self._run("write offset table", do, write=True)
+
+    async def read_offset_table(self, consumer: str, epoch: int) -> bytes | None:
+        q = f"SELECT body FROM {self.t('offset_tables')} WHERE consumer = ? AND epoch = ? AND expires_ms > ?"
+        rows = await self._run("read offset table", _fetch(q, (consumer, epoch, self.clock.now_ms())))
+        return bytes(rows[0][0]) if rows else None
+
+    async def latest_offset_table(self, consumer: str, before: int) -> tuple[int, bytes] | None:
+        low = (((before - 1) // OFFSET_TABLE_SLOT) - 1) * OFFSET_TABLE_SLOT  # the two slots the CQL store reads
+        q = (
+            f"SELECT epoch, body FROM {self.t('offset_tables')} WHERE consumer = ? AND epoch < ? AND epoch >= ? "
+            f"AND expires_ms > ? ORDER BY epoch DESC LIMIT 1"
+        )
+        rows = await self._run("read offset table", _fetch(q, (consumer, before, low, self.clock.now_ms())))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
+
     # -- dead letters --------------------------------------------------------------------------------------
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
@@ -684,6 +756,8 @@ class EmbeddedStore:
             n += c.execute(f"DELETE FROM {self.t('stories')} WHERE expires_ms <= ?", (now,)).rowcount
             n += c.execute(f"DELETE FROM {self.t('story_periods')} WHERE expires_ms <= ?", (now,)).rowcount
             n += c.execute(f"DELETE FROM {self.t('stage_marks')} WHERE expires_ms <= ?", (now,)).rowcount
+            n += c.execute(f"DELETE FROM {self.t('offset_evidence')} WHERE expires_ms <= ?", (now,)).rowcount
+            n += c.execute(f"DELETE FROM {self.t('offset_tables')} WHERE expires_ms <= ?", (now,)).rowcount
             return n
 
         return await self._run("purge expired rows", do, write=True)

@@ -37,6 +37,7 @@ from engine.core.records import (
     Commit,
     DeadLetter,
     EventRecord,
+    EvidenceRecord,
     FeedPosition,
     Offset,
     PartitionPage,
@@ -161,6 +162,23 @@ class Store(Protocol):
 
     async def read_marks(self, consumer: str, shard: int, first: int, last: int) -> list[tuple[int, bytes]]:
         """The marks of buckets ``[first, last]``, ascending by ``(bucket, part)``."""
+
+    async def put_offset_evidence(self, consumer: str, rows: Sequence[EvidenceRecord]) -> None:
+        """Write shards' evidence of sensor clock offsets, one row per (epoch, shard) (a later write replaces it),
+        kept for ttl_ms."""
+
+    async def read_offset_evidence(self, consumer: str, epochs: Sequence[int]) -> list[EvidenceRecord]:
+        """Every shard's evidence row of these epochs (in no particular order)."""
+
+    async def create_offset_table(self, consumer: str, epoch: int, body: bytes) -> bytes:
+        """Store the offset table of ``epoch`` unless one is stored already (first writer wins: a lightweight
+        transaction on CQL); returns the stored body — ours or the earlier one. Kept for ttl_ms."""
+
+    async def read_offset_table(self, consumer: str, epoch: int) -> bytes | None: ...
+
+    async def latest_offset_table(self, consumer: str, before: int) -> tuple[int, bytes] | None:
+        """The newest stored table of an epoch before ``before`` — looked for in the partitions of ``before - 1``
+        and the one before it (up to 2 x OFFSET_TABLE_SLOT epochs back); None: none there."""
 
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
 

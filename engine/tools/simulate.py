@@ -29,8 +29,9 @@ building has to get right known by construction:
   (when it has at least two packets): two records whose bytes and packets add up exactly to that direction's
   jittered figure, the second 0.5 to 5 s after the first (so within ``spread_s + 5`` s of the session start).
   All other sources write one report per sensor.
-* **Clock skew.** Every sensor has its own clock offset, uniform in ``±skew_s``: the reported time is the true
-  time plus the sensor's skew. Firewall and cloud sensors report epoch seconds, the others RFC 3339 (``Z``).
+* **Clock skew.** Every sensor has its own clock offset, uniform in ``±skew_s`` (or as ``skew_overrides`` sets
+  it: a sensor on local time, an hour off): the reported time is the true time plus the sensor's skew. Firewall
+  and cloud sensors report epoch seconds, the others RFC 3339 (``Z``).
 * **Direction.** Each firewall, endpoint, dns and http report independently gives the flow in the reverse
   direction (server → client) with probability ``reverse_fraction``; a flow-log record's direction is its
   traffic's.
@@ -128,6 +129,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sensors_per_source: int = 2
     spans: bool = False
     max_session_s: float = 300.0
+    skew_overrides: dict[str, float] = msgspec.field(default_factory=dict)  # sensor → its clock offset (s)
 
     def __post_init__(self) -> None:
         if self.events < 0:
@@ -303,6 +305,10 @@ class _Generator:
         self.skews: dict[str, float] = {
             name: round(rnd.uniform(-s.skew_s, s.skew_s), 6) for src in SOURCES for name in self.sensors[src]
         }
+        unknown = set(s.skew_overrides) - set(self.skews)
+        if unknown:
+            raise ValueError(f"skew_overrides: no sensor {sorted(unknown)[0]!r} in the scenario")
+        self.skews.update(s.skew_overrides)
         n_clients = max(16, s.events // 20)
         self.clients = [
             _Client(

@@ -645,6 +645,52 @@ def test_an_upgrade_to_schema_4_records_the_stories_partitions_written_before(
     arun(body())
 
 
+def test_offset_evidence_and_tables(make_config: ConfigFactory) -> None:
+    """Learned offsets' rows: evidence per (consumer, epoch, shard), a later write replacing it; a table per epoch
+    written once (the first body stays, and every writer gets it back); the latest table before an epoch, looked for
+    in its slot and the one before."""
+    from engine.core.records import EvidenceRecord
+    from engine.store.layout import OFFSET_TABLE_SLOT
+
+    cfg = make_config()
+    base = 1_790_000_000 // 60 // OFFSET_TABLE_SLOT * OFFSET_TABLE_SLOT  # 1-minute epochs, at a slot's start
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            rows = [EvidenceRecord(base + e, s, f"{e}/{s}".encode() * 50) for e in range(3) for s in range(4)]
+            await store.put_offset_evidence("workers", rows)
+            await store.put_offset_evidence("other", [EvidenceRecord(base, 0, b"other consumer")])
+            await store.put_offset_evidence("workers", [EvidenceRecord(base + 1, 2, b"replaced")])
+            got = sorted(await store.read_offset_evidence("workers", [base + 1, base + 2, base + 9]))
+            want = sorted([r for r in rows if r.epoch in (base + 1, base + 2) and (r.epoch, r.shard) != (base + 1, 2)])
+            assert got == sorted([*want, EvidenceRecord(base + 1, 2, b"replaced")])
+            assert await store.read_offset_evidence("other", [base]) == [EvidenceRecord(base, 0, b"other consumer")]
+            assert await store.read_offset_evidence("workers", []) == []
+
+            assert await store.read_offset_table("workers", base) is None
+            assert await store.latest_offset_table("workers", base + 5) is None
+            assert await store.create_offset_table("workers", base, b"first") == b"first"
+            assert await store.create_offset_table("workers", base, b"second") == b"first"  # the first stays
+            assert await store.read_offset_table("workers", base) == b"first"
+            assert await store.read_offset_table("other", base) is None
+            await store.create_offset_table("workers", base + 3, b"three")
+            await store.create_offset_table("workers", base - 2, b"minus two")  # the slot before
+            assert await store.latest_offset_table("workers", base + 3) == (base, b"first")
+            assert await store.latest_offset_table("workers", base + 100) == (base + 3, b"three")
+            assert await store.latest_offset_table("workers", base) == (base - 2, b"minus two")
+            # two slots back at most
+            far = base + 3 * OFFSET_TABLE_SLOT
+            assert await store.latest_offset_table("workers", far) is None
+            big = bytes(range(256)) * 400  # a table of 100 KB
+            assert await store.create_offset_table("workers", far, big) == big
+            assert await store.latest_offset_table("workers", far + OFFSET_TABLE_SLOT + 1) == (far, big)
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_stage_marks_by_consumer_shard_and_bucket_range(make_config: ConfigFactory) -> None:
     cfg = make_config(bucket_ms=1000)
     slot = 900  # buckets per 15-minute slot at 1 s buckets: ranges below cross slot boundaries

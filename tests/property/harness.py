@@ -34,6 +34,7 @@ import xxhash
 from engine.core.config import Config, from_mapping
 from engine.core.errors import StorylineError, TransientStoreError
 from engine.core.event import Event, encode
+from engine.core.records import EvidenceRecord
 from engine.core.stage import Stage
 from engine.ingest.canonical import shard_of
 from engine.ingest.network_identity import flow_identity
@@ -153,7 +154,9 @@ assert hasattr(Worker, "_sleep_until_next_bucket"), "the worker's idle wait was 
 
 # -- faults --------------------------------------------------------------------------------------------------
 FaultKind = Literal["kill", "term", "fail", "outage"]
-Target = Literal["any", "put_stories", "put_marks", "commit_many", "seal_periods"]
+Target = Literal[
+    "any", "put_stories", "put_marks", "commit_many", "seal_periods", "put_offset_evidence", "create_offset_table"
+]
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,16 @@ class Killed(BaseException):
     """kill -9 of the engine process: not an ``Exception``, so nothing in the worker handles it."""
 
 
-COUNTED = frozenset({"put_stories", "put_marks", "commit_many", "seal_periods"})
-"""The writes a run makes after its claim: the emissions, the checkpoint and a drain's seal of the periods it
-wrote (for the story feed); every one is a kill point."""
+COUNTED = frozenset(
+    {"put_stories", "put_marks", "commit_many", "seal_periods", "put_offset_evidence", "create_offset_table"}
+)
+"""The writes a run makes after its claim: the emissions (stories, marks, offset evidence), the checkpoint, a
+drain's seal of the periods it wrote (for the story feed) and the offset table of a new epoch; every one is a kill
+point."""
 PASSED = frozenset(
     {"open", "read_meta", "server_time_ms", "claim_many", "read_offsets", "scan_index", "nonempty_buckets"}
     | {"read_partition", "read_marks", "read_stories", "get_story", "scan_stories", "cfg", "clock", "stats"}
+    | {"read_offset_evidence", "read_offset_table", "latest_offset_table"}
 )
 """Store members a run may use without being counted (refused after a kill all the same)."""
 
@@ -271,6 +278,18 @@ class FaultyStore:
 
     async def seal_periods(self, periods: Sequence[tuple[int, int]]) -> None:
         await self._write("seal_periods", periods, self.store.seal_periods)
+
+    async def put_offset_evidence(self, consumer: str, rows: Sequence[EvidenceRecord]) -> None:
+        async def do(part: Sequence[EvidenceRecord]) -> None:
+            await self.store.put_offset_evidence(consumer, part)
+
+        await self._write("put_offset_evidence", rows, do)
+
+    async def create_offset_table(self, consumer: str, epoch: int, body: bytes) -> bytes:
+        async def do(part: Sequence[bytes]) -> bytes:  # a fault strikes before (keep 0) or after (keep 1) it
+            return await self.store.create_offset_table(consumer, epoch, part[0])
+
+        return await self._write("create_offset_table", [body], do)
 
 
 # -- the stream ----------------------------------------------------------------------------------------------

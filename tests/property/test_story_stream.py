@@ -47,7 +47,7 @@ faults = (
         at=st.integers(1, 2),
         keep=st.integers(0, 3),
         span=st.integers(0, 6),
-        on=st.sampled_from(["put_stories", "put_marks"]),
+        on=st.sampled_from(["put_stories", "put_marks", "put_offset_evidence", "create_offset_table"]),
     )
 )
 
