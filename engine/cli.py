@@ -653,6 +653,12 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
             f"status: {state}: {len(rows)} shards, max behind {summary['max_behind_s']} s "
             f"(threshold {2 * lag / 1000:.0f} s), {summary['shards_without_offset']} never consumed"
         )
+        if cfg.correlate.offsets.estimate and not any(c["source"] != "configured" for c in clocks["sensors"].values()):
+            print(
+                "sensor clocks: none learned yet — a table is built per epoch (correlate.offsets.epoch_ms ="
+                f" {cfg.correlate.offsets.epoch_ms}) from the evidence of the epochs before it"
+                + (f"; latest table: epoch {clocks['epoch']}" if clocks["epoch"] is not None else "")
+            )
         if clocks["sensors"]:
             print(
                 f"sensor clocks (epoch {clocks['epoch']}, against {clocks['reference'] or '-'}; "

@@ -172,7 +172,7 @@ def test_spans_bound_sessions_through_the_whole_path(make_config: ConfigFactory)
     assert instants["recall"] < spans["recall"] and instants["exact"] < spans["exact"] - 0.005, (instants, spans)
 
 
-def test_learned_offsets_through_the_whole_path(make_config: ConfigFactory) -> None:
+def test_learned_offsets_through_the_whole_path(make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 19 item 1: sensors off by up to ±5 min, nothing configured. The workers learn the offsets from the
     events (an offset table per 10 s epoch, stored once); stories whose events all arrive once the offsets are
     known are found exactly, and the stored tables give every sensor its true offset against the reference."""
@@ -223,6 +223,17 @@ def test_learned_offsets_through_the_whole_path(make_config: ConfigFactory) -> N
     late = [s for s, ids in members.items() if min(arrival[i] for i in ids) > learned_at + 60]
     exact_late = sum(found[predicted[next(iter(members[s]))]] == members[s] for s in late) / len(late)
     assert len(late) >= 0.5 * len(members) and exact_late >= 0.99, (learned_at, len(late), exact_late)
+    # what `storyline status --json` shows of it: every sensor, learned against the reference
+    import json
+
+    from engine.cli import cmd_status
+
+    capsys.readouterr()
+    arun(cmd_status(cfg, None, True))
+    clocks = json.loads(capsys.readouterr().out)["sensor_clocks"]
+    assert clocks["reference"] == ref and set(clocks["sensors"]) == set(truth.skews)
+    assert clocks["sensors"][ref]["source"] == "reference"
+    assert all(c["source"] == "learned" and c["samples"] >= 10 for k, c in clocks["sensors"].items() if k != ref)
     # the same run without estimation: the window cannot bridge minutes of skew
     without, _ = run(False)
     assert score(without, truth.stories)["recall"] < score(predicted, truth.stories)["recall"] - 0.1
