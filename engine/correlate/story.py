@@ -48,7 +48,7 @@ from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 from .body import StoryBody
 from .fuse import EVENT_SCHEMA, event_columns, fuse_bodies
 from .link import link
-from .offsets import EvidenceRow, OffsetTable, Pair, Sketch, evidence, pair_key
+from .offsets import LOOKBACK_EPOCHS, EvidenceRow, OffsetTable, Pair, Sketch, evidence, pair_key
 
 _json = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
@@ -135,6 +135,14 @@ class ShardState:
     firsts: dict[int, int] = field(default_factory=dict)
     firsts_heap: list[int] = field(default_factory=list)
     drains: set[int] = field(default_factory=set)  # replay: the buckets at which a drain finalized the shard
+    # Learned offsets (StoryMachine._recorrect): the epoch whose table the shard's rows were last corrected to (at
+    # an epoch's first bucket) or absorbed in; the epoch of the last bucket that brought the shard events; and the
+    # flows whose rows a re-correction moved (→ that bucket): a story of such a flow leaves named by its events,
+    # its time range no longer tells a replay which events were its (pruned once every story in the state at
+    # that bucket has left).
+    epoch: int | None = None
+    data_epoch: int | None = None
+    moved: dict[int, int] = field(default_factory=dict)
 
     def track(self, first_bucket: int, n: int) -> None:
         """A story starting at ``first_bucket`` joins (``n = 1``) or leaves (``n = -1``) the state."""
@@ -208,6 +216,7 @@ class StoryCounters:
     forced: int = 0
     truncated: int = 0
     drained: int = 0  # revisions emitted by drains
+    recorrected: int = 0  # state rows moved because their sensor's learned offset changed (StoryMachine._recorrect)
     replay_skipped: int = 0  # replayed events of stories that had left the state before the crash
 
 
@@ -259,6 +268,11 @@ class StoryMachine:
         # gathered per shard and emitted when the epoch closes for the shard (or at a drain).
         self.learn = settings.offsets.estimate
         self.epoch_buckets = max(1, settings.offsets.epoch_ms // bucket_ms)
+        # the smallest move a re-correction makes (µs): a tenth of the match window, at least 100 ms
+        self.recorrect_min_us = max(100_000, self.window_us // 10)
+        # a shard's rows are re-corrected at each epoch's first bucket up to this many epochs after the last one
+        # that brought it events (max_wait: later, its stories are emitted and no new event will join them)
+        self.relink_epochs = -(-settings.max_wait_ms // settings.offsets.epoch_ms) + 1
         self.tables: dict[int, OffsetTable] | None = None
         self._offsets_cache: dict[int, dict[str, int]] = {}
         self._evidence: dict[tuple[int, int], dict[Pair, dict[int, int]]] = {}  # (epoch, shard) → pair → bin counts
@@ -342,19 +356,33 @@ class StoryMachine:
             self.tables = {}
 
     def offset_epochs(self, buckets: Buckets) -> list[int]:
-        """The epochs of ``buckets`` whose offset table the machine still needs (none without estimation)."""
-        if not self.learn or self.tables is None:
+        """The epochs whose offset table the machine still needs for ``buckets`` (none without estimation): every
+        epoch from the call's first to its last, and the epochs a shard with stories crosses before the call's
+        first (its rows are re-corrected at each epoch's first bucket, :meth:`_recorrect`)."""
+        if not self.learn or self.tables is None or not buckets:
             return []
-        return sorted({b // self.epoch_buckets for b, _ in buckets} - set(self.tables))
+        eb = self.epoch_buckets
+        first, last = buckets[0][0] // eb, buckets[-1][0] // eb
+        need = set(range(first, last + 1))
+        for s in {s for _, batches in buckets for s in batches}:
+            st = self.shards.get(s)
+            if st is not None and st.stories and st.epoch is not None and st.data_epoch is not None:
+                need.update(range(st.epoch + 1, min(first, st.data_epoch + self.relink_epochs) + 1))
+        return sorted(need - set(self.tables))
 
     def set_offset_table(self, table: OffsetTable) -> None:
-        """The offsets to apply during ``table.epoch`` (kept with the 16 epochs before the newest given)."""
+        """The offsets to apply during ``table.epoch`` (tables more than LOOKBACK_EPOCHS before the newest are
+        dropped after each call; a shard behind needs its tables handed again)."""
         if self.tables is None:
             self.tables = {}
         self.tables[table.epoch] = table
         self._offsets_cache.pop(table.epoch, None)
+
+    def _prune_tables(self) -> None:
+        if not self.tables:
+            return
         newest = max(self.tables)
-        for e in [e for e in self.tables if e < newest - 16]:
+        for e in [e for e in self.tables if e < newest - LOOKBACK_EPOCHS]:
             del self.tables[e]
             self._offsets_cache.pop(e, None)
 
@@ -406,6 +434,7 @@ class StoryMachine:
                 self._gather_evidence(first_seq)
                 self.cpu["link"] += self._cpu_clock() - t1
             self._fuse_pending()
+            self._prune_tables()
         finally:
             self.cpu["state"] += self._cpu_clock() - t0 - (sum(self.cpu.values()) - before)
             self._writing = True
@@ -469,10 +498,18 @@ class StoryMachine:
         else:
             self._replay_drains(sts, bucket - 1)
         self._catch_up(sts, bucket - 1)
+        crossing = {s: st for s, st in sts.items() if self._next_boundary(st) == bucket}
+        if crossing:
+            self._recorrect(bucket, crossing)
         now = (bucket + 1) * self.bucket_ms
         full = {s: b for s, b in batches.items() if len(b)}
         if full:
             self._absorb(bucket, full, now, decoded)
+        epoch = bucket // self.epoch_buckets
+        for s, st in sts.items():
+            st.epoch = epoch
+            if s in full:
+                st.data_epoch = epoch
         self._timeouts(bucket, sts, now)
         if replay:
             self._replay_drains(sts, bucket)
@@ -538,15 +575,154 @@ class StoryMachine:
 
     def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
         """Emissions and evictions that fell due in buckets up to ``until``, each at its own bucket, in order;
-        the shards due at the same bucket together."""
+        the shards due at the same bucket together. With learned offsets, the re-corrections at the first bucket
+        of each epoch crossed too (:meth:`_recorrect`), before that bucket's emissions."""
         last = -(2**62)
         while True:
             due = {s: self._next_bucket(st) for s, st in sts.items()}
-            b = min(due.values(), default=until + 1)
+            bounds = {s: b for s, st in sts.items() if (b := self._next_boundary(st)) is not None}
+            b = min([*due.values(), *bounds.values()], default=until + 1)
             if b > until or b <= last:
                 return
             last = b
-            self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b}, (b + 1) * self.bucket_ms)
+            crossing = {s: sts[s] for s, x in bounds.items() if x == b}
+            if crossing:
+                self._recorrect(b, crossing)
+            now = (b + 1) * self.bucket_ms
+            self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b or s in crossing}, now)
+
+    def _next_boundary(self, st: ShardState) -> int | None:
+        """The first bucket of the next epoch at which the shard's rows are re-corrected: while the runtime hands
+        over tables, the shard has stories, and it is within ``relink_epochs`` of its last events."""
+        if self.tables is None or not self.learn or not st.stories or st.epoch is None or st.data_epoch is None:
+            return None
+        e = st.epoch + 1
+        return e * self.epoch_buckets if e <= st.data_epoch + self.relink_epochs else None
+
+    def _recorrect(self, bucket: int, sts: Mapping[int, ShardState]) -> None:
+        """The first bucket of an epoch: the rows of these shards' open stories (events not yet emitted final)
+        take the epoch's offsets (``t`` = ``raw`` less the offset; a span's end moves with it), and the open
+        stories whose rows now link merge (the smallest key survives; an emitted one among the others gets a last
+        revision marked ``merged_into``). So the events that came before a sensor's offset was learned, or before
+        it changed, link like those after while their stories are open (``max_wait`` after their last event).
+        Stories emitted final keep their times and links — only new events amend them — so a drain's output
+        stays final. Stories never split: rows that no longer link stay in their story.
+
+        Deterministic: the table is the stored one of the epoch, and this happens at the epoch's first bucket
+        whether or not the caller reported that bucket (:meth:`_catch_up`)."""
+        epoch = bucket // self.epoch_buckets
+        for st in sts.values():
+            st.epoch = epoch
+        opened = [m for st in sts.values() for m in st.stories.values() if m.dirty]
+        if not opened:
+            return
+        open_keys = [m.key for m in opened]
+        offs = self.offsets_us(epoch)
+        # the open stories' rows lie from the first append holding any on (seq ascends in frame order)
+        at = int(self.frame["seq"].search_sorted(min(m.first_seq for m in opened), side="left"))
+        frame = self.frame.slice(at)
+        mine = pl.col("story").is_in(pl.Series(open_keys, dtype=KEY).implode())
+        off = pl.col("sensor").replace_strict(offs, default=0, return_dtype=pl.Int64) if offs else pl.lit(0, pl.Int64)
+        d = pl.col("raw") - off - pl.col("t")
+        # a move smaller than the threshold is not made: it would not change what links (the estimate wanders
+        # by a bin or two between epochs), and a moved row's story leaves named by its events
+        big = mine & (d.abs() >= self.recorrect_min_us)
+        delta = frame.select(pl.when(big).then(d).otherwise(0).alias("d"))["d"]
+        if not (delta != 0).any():
+            return
+        frame = frame.with_columns(
+            (pl.col("t") + delta).alias("t"), (pl.col("end_time_us") + delta).alias("end_time_us")
+        )
+        moved = frame.filter(delta != 0)
+        self.frame = pl.concat([self.frame.slice(0, at), frame], how="vertical", rechunk=False) if at else frame
+        self.counters.recorrected += moved.height
+        for shard, flows in (
+            moved.filter(pl.col("flow").is_not_null()).group_by("shard").agg(pl.col("flow").unique()).iter_rows()
+        ):
+            st = sts[shard]
+            self._prune_moved(st)
+            st.moved.update(dict.fromkeys(flows, bucket))
+        now = (bucket + 1) * self.bucket_ms
+        touched = set(moved["story"].unique().to_list())
+        renames = self._relink(sts, moved["flow"].drop_nulls().unique(), open_keys)
+        if renames:
+            self.frame = self._merge(sts, self.frame, renames)
+            for sid, shard in set(renames.values()):
+                self._reopen(sts[shard], sts[shard].stories[sid], bucket, now)
+                touched.add(sid)
+            touched -= set(renames)
+        rows = self._rows_of([m for st in sts.values() for k in touched if (m := st.stories.get(k)) is not None])
+        spans = rows.group_by("story").agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
+        for key, shard_lo, shard_hi in spans.iter_rows():
+            for st in sts.values():
+                m = st.stories.get(key)
+                if m is not None:
+                    m.t_min, m.t_max = shard_lo, shard_hi
+
+    @staticmethod
+    def _prune_moved(st: ShardState) -> None:
+        """Forget the moves older than every story in the state: the rows they moved have left with their
+        stories (a row moved at bucket b was in a story that started at or before b)."""
+        oldest = st.oldest_first_bucket()
+        if oldest is None:
+            st.moved.clear()
+        elif min(st.moved.values(), default=oldest) < oldest:
+            st.moved = {f: b for f, b in st.moved.items() if b >= oldest}
+
+    def _relink(
+        self, sts: Mapping[int, ShardState], flows: pl.Series, open_keys: list[int]
+    ) -> dict[int, tuple[int, int]]:
+        """The stories ``open_keys`` (of these shards) whose rows of ``flows`` now link: old key → (survivor,
+        shard)."""
+        if flows.is_empty():
+            return {}
+        ctx = self.frame.filter(
+            pl.col("story").is_in(pl.Series(open_keys, dtype=KEY).implode()) & pl.col("flow").is_in(flows.implode())
+        )
+        groups = (
+            ctx.with_columns(self._components(ctx).alias("comp"))
+            .group_by("comp")
+            .agg(pl.col("story").unique().sort(), pl.col("shard").first())
+            .filter(pl.col("story").list.len() > 1)
+        )
+        if groups.is_empty():
+            return {}
+        parent: dict[int, int] = {}
+
+        def root(k: int) -> int:
+            while parent.get(k, k) != k:
+                k = parent[k]
+            return k
+
+        shard_of: dict[int, int] = {}
+        for keys, shard in zip(groups["story"].to_list(), groups["shard"].to_list(), strict=True):
+            for k in keys:
+                shard_of[k] = shard
+                a, b = root(keys[0]), root(k)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+        renames: dict[int, tuple[int, int]] = {}
+        for k in sorted(shard_of):
+            r = root(k)
+            if r != k:
+                renames[k] = (r, shard_of[k])
+                sts[shard_of[k]].merged_now[k] = r  # written as merged_into stubs by _timeouts
+        return renames
+
+    def _reopen(self, st: ShardState, meta: StoryMeta, bucket: int, now: int) -> None:
+        """Events joined the story (or stories merged into it) at ``now``: it is due again ``max_wait`` later,
+        and an emitted one gets a new revision then."""
+        meta.last_ingest_ms = now
+        meta.last_bucket = bucket
+        if not meta.dirty:
+            if meta.revision:
+                self.counters.amended += 1
+            meta.dirty = True
+            st.open += 1
+            # due earlier than its entry (the end of the horizon): a new entry. While dirty, its due time only
+            # moves later, and the entry it has (a lower bound) is moved when popped (_pop_due).
+            heapq.heappush(st.due, (now + self.c.max_wait_ms) << 64 | meta.key)
+        st.changed.add(meta.key)
 
     # -- linking ------------------------------------------------------------------------------------------
     def _absorb(
@@ -711,9 +887,14 @@ class StoryMachine:
         union = pl.concat(
             [ctx.with_columns(pl.lit(False).alias("is_new")), new.with_columns(pl.lit(True).alias("is_new"))]
         )
-        ends = "end_time_us" if union["end_time_us"].null_count() < union.height else None  # spans bound sessions
-        if new["session"].null_count() == new.height:
-            return union.with_columns(link(union, [("flow", self.window_us)], end=ends).alias("comp"))
+        return union.with_columns(self._components(union, sessions=new["session"].null_count() < new.height))
+
+    def _components(self, rows: pl.DataFrame, *, sessions: bool = True) -> pl.Series:
+        """The component (``comp``) of each row: rows linked directly or through others, by flow within the
+        match window (spans bound sessions) and by the sensor's own session id."""
+        ends = "end_time_us" if rows["end_time_us"].null_count() < rows.height else None  # spans bound sessions
+        if not sessions or rows["session"].null_count() == rows.height:
+            return link(rows, [("flow", self.window_us)], end=ends).alias("comp")
         # A sensor's own session id is a second key, without a time window: its records of one session are one
         # story however far apart (a long connection's conn record and its late request). The state's records
         # of these flows are in the context already; a session's records share its flow.
@@ -722,9 +903,8 @@ class StoryMachine:
             .then(pl.concat_str([pl.col("sensor"), pl.lit("\x1f"), pl.col("session")]).hash())
             .alias("session_key")
         )
-        keyed = union.with_columns(session_key)
-        comp = link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)], end=ends)
-        return union.with_columns(comp.alias("comp"))
+        keyed = rows.with_columns(session_key)
+        return link(keyed, [("flow", self.window_us), ("session_key", SESSION_WINDOW_US)], end=ends).alias("comp")
 
     def _assign(self, sts: Mapping[int, ShardState], bucket: int, now: int, union: pl.DataFrame) -> pl.DataFrame:
         """Per component with new events: a new story, or the story it touches, or the merge of the several it
@@ -850,21 +1030,11 @@ class StoryMachine:
                     renames[other] = (sid, shard)
                     st.merged_now[other] = sid  # written as merged_into stubs by _timeouts
             meta = st.stories[sid]
-            meta.last_ingest_ms = now
-            meta.last_bucket = bucket
             meta.last_seq = self.appends
             meta.events += int(n_new)
             meta.t_min = min(meta.t_min, t_min)
             meta.t_max = max(meta.t_max, t_max)
-            if not meta.dirty:
-                if meta.revision:
-                    self.counters.amended += 1
-                meta.dirty = True
-                st.open += 1
-                # due earlier than its entry (the end of the horizon): a new entry. While dirty, its due time only
-                # moves later, and the entry it has (a lower bound) is moved when popped (_pop_due).
-                heapq.heappush(st.due, (now + self.c.max_wait_ms) << 64 | sid)
-            st.changed.add(sid)
+            self._reopen(st, meta, bucket, now)
             comps.append(comp)
             sids.append(sid)
         return renames
@@ -1005,7 +1175,14 @@ class StoryMachine:
             rows = self._rows_of([active[s][0].stories[k] for s, ks in leaving.items() for k in ks])
             big_all = [m for _, big, _, _ in active.values() for m in big]
             cuts = self._seal(rows, big_all, now) if big_all else {}
-            marks = self._marks(rows, [*leaving, *(s for s in forced_keys if s not in leaving)], cuts, forced_keys)
+            moved: dict[int, set[int]] = {}
+            if any(active[s][0].moved for s in leaving):
+                for s, flows in rows.group_by("shard").agg(pl.col("flow").drop_nulls().unique()).iter_rows():
+                    hit = self.shards[s].moved.keys() & set(flows)
+                    if hit:
+                        moved[s] = hit
+            shards = [*leaving, *(s for s in forced_keys if s not in leaving)]
+            marks = self._marks(rows, shards, cuts, forced_keys, moved)
             if leaving:
                 for shard, ids in rows.group_by("shard").agg(pl.col("id")).iter_rows():
                     self.shards[shard].ids.difference_update(ids)
@@ -1021,6 +1198,8 @@ class StoryMachine:
                 if bucket > active[shard][0].replay_through:  # a replayed bucket's marks are stored (and complete)
                     self._out.marks += [MarkRecord(shard, bucket, i, body) for i, body in enumerate(parts)]
         for st, _, _, _ in active.values():
+            if st.moved and leaving:
+                self._prune_moved(st)
             if len(st.sealed_flows) > 64:
                 st.sealed_flows = {f: cut for f, cut in st.sealed_flows.items() if now - cut[1] <= c.max_wait_ms}
 
@@ -1053,12 +1232,28 @@ class StoryMachine:
         shards: Sequence[int],
         cuts: Mapping[int, list[tuple[int, str]]],
         forced: Mapping[int, list[int]],
+        moved: Mapping[int, set[int]] | None = None,
     ) -> dict[int, list[bytes]]:
         """The stored form (:class:`Marks`) per shard, in parts of MARKS_PER_PART. ``rows``: the leaving stories'
-        rows; ``forced``: the keys of the stories forced out per shard."""
+        rows; ``forced``: the keys of the stories forced out per shard; ``moved``: the flows per shard whose rows
+        a re-correction moved while stories now leaving could meet them."""
         # A story with spans is named event by event: the span rule is not monotone (engine.correlate.link), so no
-        # time range holds exactly its events. Without spans the range widened by the window does.
-        spanned = rows.group_by("story").agg(pl.col("end_time_us").is_not_null().any().alias("spans"))
+        # time range holds exactly its events. Without spans the range widened by the window does — unless rows
+        # of its flow were moved by a re-correction (StoryMachine._recorrect): a replay compares the times events
+        # arrive with, and a moved row may have linked, or not, by its time after the move.
+        named = pl.col("end_time_us").is_not_null()
+        if moved:
+            pairs = [(s, f) for s, flows in moved.items() for f in flows]
+            hit = pl.DataFrame(
+                {
+                    "shard": pl.Series([p[0] for p in pairs], dtype=pl.Int32),
+                    "flow": pl.Series([p[1] for p in pairs], dtype=pl.UInt64),
+                    "_moved": pl.Series([True] * len(pairs), dtype=pl.Boolean),
+                }
+            )
+            rows = rows.join(hit, on=["shard", "flow"], how="left")
+            named = named | pl.col("_moved").fill_null(False)
+        spanned = rows.group_by("story").agg(named.any().alias("spans"))
         rows = rows.join(spanned, on="story", how="left")
         ranges = (
             rows.filter(pl.col("flow").is_not_null() & ~pl.col("spans"))

@@ -424,6 +424,7 @@ class Worker:
             if not st.fenced:
                 by_bucket.setdefault(st.read, []).append(st.shard)
         for bucket, shards in sorted(by_bucket.items()):
+            await self._hand_offset_tables([(bucket, dict.fromkeys(shards, EMPTY))])
             emission = self.stage.drain(shards, bucket)
             self._pending.add(emission)
             self._replay_at.update(emission.replay)
