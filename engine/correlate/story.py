@@ -652,12 +652,10 @@ class StoryMachine:
                 touched.add(sid)
             touched -= set(renames)
         rows = self._rows_of([m for st in sts.values() for k in touched if (m := st.stories.get(k)) is not None])
-        spans = rows.group_by("story").agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
-        for key, shard_lo, shard_hi in spans.iter_rows():
-            for st in sts.values():
-                m = st.stories.get(key)
-                if m is not None:
-                    m.t_min, m.t_max = shard_lo, shard_hi
+        ranges = rows.group_by("shard", "story").agg(pl.col("t").min(), pl.col("t").max().alias("t_max"))
+        for shard, key, t_min, t_max in ranges.iter_rows():
+            m = sts[shard].stories[key]
+            m.t_min, m.t_max = t_min, t_max
 
     @staticmethod
     def _prune_moved(st: ShardState) -> None:

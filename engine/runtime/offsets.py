@@ -84,8 +84,11 @@ class OffsetKeeper:
 
     async def _build(self, epoch: int, pending: Sequence[EvidenceRecord]) -> bytes:
         s = self.s
-        found = await self.store.latest_offset_table(s.consumer, epoch)
-        prev = decode_table(found[1]) if found is not None else None
+        if self.current is not None and self.current.epoch == epoch - 1:
+            prev: OffsetTable | None = self.current  # the stored table of the epoch before: no read
+        else:
+            found = await self.store.latest_offset_table(s.consumer, epoch)
+            prev = decode_table(found[1]) if found is not None else None
         upto = epoch - 1 - s.delay_epochs  # the evidence of the look-back that advance() may merge
         rows = await self.store.read_offset_evidence(s.consumer, list(range(epoch - LOOKBACK_EPOCHS, upto + 1)))
         newest = {(r.epoch, r.shard): r for r in [*rows, *pending]}  # a pending row is newer than its stored one
