@@ -57,6 +57,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "one sensor +1 h": {"skew_overrides": {"edr-1": 3_600.0}},
     # reused 10 to 12.5 s after the end: within the match window of the end, so no rule here can separate them
     "port reuse 10 s": {"spans": True, "port_reuse_fraction": 0.2, "reuse_gap_s": 10.0},
+    # connections to addresses their client looked up (names sharing CDN addresses, TTLs 60 s to 1 h): ``names``
+    # scores the DNS names stories carry
+    "DNS lookups": {"lookups": True},
+    "DNS lookups, no offset": {"lookups": True, "skew_s": 0.0},
 }
 RULES = ("instants", "spans", "learned", "learned 10 s")
 
@@ -98,7 +102,8 @@ def run(name: str, rule: str, *, events: int, seed: int) -> dict[str, Any]:
         rules = ParseRules.from_config(cfg)
         parse: Callable[[bytes, int], Any] = lambda line, now: parse_line(line, rules, now)  # noqa: E731
         t0 = time.perf_counter()
-        predicted = run_lines(cfg, scenario.start_s, lines, [e.arrival_s for e in evs], parse)
+        bodies: dict[str, Any] = {}
+        predicted = run_lines(cfg, scenario.start_s, lines, [e.arrival_s for e in evs], parse, bodies=bodies)
         seconds = time.perf_counter() - t0
         learned_after = None
         if rule.startswith("learned"):
@@ -115,6 +120,7 @@ def run(name: str, rule: str, *, events: int, seed: int) -> dict[str, Any]:
         "scenario": name,
         "rule": rule,
         **{k: round(v, 4) for k, v in s.items() if k in ("precision", "recall", "f1", "exact")},
+        **score_names(truth.names, truth.stories, predicted, bodies),
         "after10": {k: round(v, 4) for k, v in late.items() if k in ("precision", "recall", "f1", "exact")},
         "learned_after": learned_after,
         "events": len(evs),
@@ -149,6 +155,28 @@ async def _learned_after(cfg: Any, scenario: Scenario, evs: Sequence[Any], skews
         return None
     finally:
         await store.close()
+
+
+def score_names(
+    names: dict[str, str], truth: dict[str, str], predicted: dict[str, str], bodies: dict[str, Any]
+) -> dict[str, Any]:
+    """Of the connections that follow a lookup (``names``: true story → its right name), the share whose story
+    carries exactly that name (``names_right``; the story of the connection's first event), the share with a wrong
+    one and the share with none; {} without such connections."""
+    if not names:
+        return {}
+    first: dict[str, str] = {}
+    for eid in sorted(truth):
+        first.setdefault(truth[eid], eid)
+    right = wrong = 0
+    for story, expected in names.items():
+        got = bodies.get(predicted.get(first.get(story, ""), ""), {}).get("dns_names")
+        if got == [expected]:
+            right += 1
+        elif got:
+            wrong += 1
+    n = len(names)
+    return {"names": n, "names_right": round(right / n, 4), "names_wrong": round(wrong / n, 4)}
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

@@ -9,6 +9,12 @@ call, then drained — once with ``correlate.offsets.estimate`` off and once on,
 the machine emitted (as the worker's keeper builds it from the stored rows) and handed over before the epoch, so
 the run applies learned offsets and re-corrects its open stories at epoch boundaries; the evidence and the
 re-correction steps are also timed on their own. Prints every run and the medians.
+
+``--dns``: the same for DNS names on connections (``correlate.dns_names`` off, then on; estimation off in both):
+the simulator's ``lookups`` scenario (connections to the addresses of names their client looked up), the tables
+carrying the answers built and handed as above; the steps timed on their own are taking the answers from the
+DNS events, looking names up (one call per emitted revision of a story with a flow) and the amendments at epoch
+boundaries. :func:`dns_cost` is what ``make bench`` runs.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ SHARDS = 16
 _row_decoder = msgspec.msgpack.Decoder(EvidenceRow)
 
 
-def _config(estimate: bool) -> Config:
+def _config(estimate: bool, dns: bool = False) -> Config:
     return from_mapping(
         {
             "tenant": "bench_offsets",
@@ -46,14 +52,15 @@ def _config(estimate: bool) -> Config:
                 "max_wait_ms": 60_000,
                 "amend_horizon_ms": 600_000,
                 "offsets": {"estimate": estimate},
+                "dns_names": dns,
             },
         }
     )
 
 
-def _partitions(n: int) -> dict[int, dict[int, list[EventRecord]]]:
+def _partitions(n: int, lookups: bool = False) -> dict[int, dict[int, list[EventRecord]]]:
     start = time.time() - 7_200
-    events, _ = generate(Scenario(events=n, seed=2, start_s=start, span_s=1_200))
+    events, _ = generate(Scenario(events=n, seed=2, start_s=start, span_s=1_200, lookups=lookups))
     rules = ParseRules.from_config(_config(True))
     now = int(time.time() * 1000)
     out: dict[int, dict[int, list[EventRecord]]] = {}
@@ -95,24 +102,28 @@ class _Tables:
         return got
 
 
-def _run(parts: dict[int, dict[int, list[EventRecord]]], n: int, estimate: bool) -> dict[str, float]:
-    cfg = _config(estimate)
+def _run(parts: dict[int, dict[int, list[EventRecord]]], n: int, estimate: bool, dns: bool = False) -> dict[str, float]:
+    cfg = _config(estimate, dns)
     machine = StoryMachine.for_config(cfg)
     tables = _Tables(cfg)
-    if estimate:
+    if estimate or dns:
         machine.use_offset_tables()
-    spent = {"evidence": 0.0, "recorrect": 0.0}
+    spent = dict.fromkeys(("evidence", "recorrect", "dns_gather", "dns_lookup", "dns_amend"), 0.0)
 
-    def timed(name: str, fn: Callable[..., None]) -> Callable[..., None]:
-        def run(*args: Any) -> None:
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
             t = time.process_time()
-            fn(*args)
+            out = fn(*args)
             spent[name] += time.process_time() - t
+            return out
 
         return run
 
     machine._gather_evidence = timed("evidence", machine._gather_evidence)  # type: ignore[method-assign]
     machine._recorrect = timed("recorrect", machine._recorrect)  # type: ignore[method-assign]
+    machine._gather_dns = timed("dns_gather", machine._gather_dns)  # type: ignore[method-assign]
+    machine._dns_amend = timed("dns_amend", machine._dns_amend)  # type: ignore[method-assign]
+    machine.dns_view.lookup = timed("dns_lookup", machine.dns_view.lookup)  # type: ignore[method-assign]
     order = sorted(parts)
     t0 = time.process_time()
     for i in range(0, len(order), 10):
@@ -123,25 +134,58 @@ def _run(parts: dict[int, dict[int, list[EventRecord]]], n: int, estimate: bool)
             for e in machine.offset_epochs(part):
                 machine.set_offset_table(tables.table(e))
             tables.take(machine.on_buckets(part))
-    for e in machine.offset_epochs([(order[-1], dict.fromkeys(range(SHARDS), Batch([])))]):
+    tables.take(machine.close_epochs(list(range(SHARDS))))
+    for e in machine.offset_epochs([(order[-1], dict.fromkeys(range(SHARDS), Batch([])))], drain=True):
         machine.set_offset_table(tables.table(e))
     machine.drain(list(range(SHARDS)), order[-1])
     total = time.process_time() - t0
     return {
         "estimate": float(estimate),
+        "dns": float(dns),
         "us_per_event": total / n * 1e6,
-        "evidence_us_per_event": spent["evidence"] / n * 1e6,
-        "recorrect_us_per_event": spent["recorrect"] / n * 1e6,
+        **{f"{k}_us_per_event": v / n * 1e6 for k, v in spent.items()},
         "rows_recorrected": float(machine.counters.recorrected),
         "merged": float(machine.counters.merged),
+        "dns_answers": float(machine.counters.dns_answers),
+        "dns_named": float(machine.counters.dns_named),
+        "dns_amended": float(machine.counters.dns_amended),
     }
+
+
+def dns_cost(events: int = 30_000, rounds: int = 2) -> dict[str, Any]:
+    """DNS names off and on (alternated, ``rounds`` each) on the ``lookups`` scenario: median µs per event, the
+    ratio, and the DNS steps' µs per event and share of the 'on' figure."""
+    parts = _partitions(events, lookups=True)
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for r in range(rounds):
+        for dns in (False, True) if r < rounds / 2 else (True, False):
+            runs[dns].append(_run(parts, events, False, dns))
+    off = statistics.median(r["us_per_event"] for r in runs[False])
+    on = statistics.median(r["us_per_event"] for r in runs[True])
+    out: dict[str, Any] = {
+        "events": events,
+        "median_us_per_event_off": round(off, 2),
+        "median_us_per_event_on": round(on, 2),
+        "ratio_on_off": round(on / off, 3),
+    }
+    for step in ("dns_gather", "dns_lookup", "dns_amend"):
+        v = statistics.median(r[f"{step}_us_per_event"] for r in runs[True])
+        out[f"median_{step}_us_per_event"] = round(v, 2)
+        out[f"{step}_share_of_on"] = round(v / on, 4)
+    last = runs[True][-1]
+    out.update(answers=int(last["dns_answers"]), named=int(last["dns_named"]), amended=int(last["dns_amended"]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.offsets_cost", description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--dns", action="store_true", help="DNS names off / on instead of estimation off / on")
     args = ap.parse_args(argv)
+    if args.dns:
+        print(json.dumps(dns_cost(args.events, args.rounds)))
+        return
     parts = _partitions(args.events)
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for r in range(args.rounds):

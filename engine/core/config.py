@@ -164,6 +164,11 @@ class CorrelateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_offset_ms: PositiveMs = 7_200_000
     reference_sensor: str | None = None
     offsets: OffsetsConfig = msgspec.field(default_factory=OffsetsConfig)
+    # DNS names on connections (docs/correlation.md, DNS names): a DNS answer names the connections of its client
+    # to an answered address for its TTL, at most dns_max_ttl_ms (also the TTL of an answer that gives none). The
+    # answers travel in the epoch tables of correlate.offsets (epoch_ms, delay_epochs), also when estimate is off.
+    dns_names: bool = True
+    dns_max_ttl_ms: Annotated[int, msgspec.Meta(ge=1_000, le=86_400_000)] = 3_600_000
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -235,6 +240,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"{self.ttl_ms} must be >= lag_ms + correlate.max_story_ms + correlate.max_wait_ms"
                 f" + correlate.amend_horizon_ms + downtime_allowance_ms = {need_ttl}, or events a replay needs"
                 f" could expire",
+            )
+        if c.dns_names and self.ttl_ms < c.dns_max_ttl_ms + c.max_wait_ms + self.lag_ms:
+            raise ConfigError(
+                "correlate.dns_max_ttl_ms",
+                f"{c.dns_max_ttl_ms} + correlate.max_wait_ms + lag_ms must be <= ttl_ms ({self.ttl_ms}): the epoch"
+                f" tables that carry DNS answers are kept for ttl_ms",
             )
         if self.drain_timeout_ms <= max(self.lag_ms, self.commit_interval_ms):
             raise ConfigError(

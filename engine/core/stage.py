@@ -119,13 +119,16 @@ def each_partition(buckets: Buckets, fn: Callable[..., None], *, replay: bool) -
 
 @runtime_checkable
 class LearnsOffsets(Protocol):
-    """A stage that applies learned sensor clock offsets (the story builder): before each call the runtime hands
-    over the table of every epoch the call's buckets fall in that the stage lacks (``table``: an
-    :class:`engine.correlate.offsets.OffsetTable`)."""
+    """A stage that applies epoch tables — learned sensor clock offsets, DNS answers — (the story builder): before
+    each call (and a drain: ``drain``) the runtime hands over the table of every epoch the stage asks for that it
+    lacks (``table``: an :class:`engine.correlate.offsets.OffsetTable`)."""
 
     def use_offset_tables(self) -> None: ...
 
-    def offset_epochs(self, buckets: Buckets) -> list[int]: ...
+    def offset_epochs(self, buckets: Buckets, *, drain: bool = False) -> list[int]: ...
+
+    def close_epochs(self, shards: Sequence[int]) -> Emission:
+        """Before a drain: what the stage gathered for the epoch tables of these shards, emitted now."""
 
     def set_offset_table(self, table: Any) -> None: ...
 

@@ -142,6 +142,10 @@ class StoryBody(
     truncated: bool = False  # the story hit correlate.max_story_events; its flow continues in another story
     predecessor: str | None = None  # the truncated story this one continues
     sessions: list[SessionRef] | None = None  # the sensors' own session ids, by (sensor, session); absent: none
+    # The DNS name its client looked up for its server (the latest answer before it started: docs/correlation.md,
+    # DNS names) and the id of the DNS story that answered; absent: no answer names it.
+    dns_names: list[str] | None = None
+    related_stories: list[str] | None = None
 
 
 decode_body = msgspec.json.Decoder(StoryBody).decode

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import msgspec
 import polars as pl
 
+from .dns import DnsAnswer
+
 __all__ = [
     "BIN_US",
     "EPHEMERAL_MIN",
@@ -344,6 +346,9 @@ class OffsetTable(msgspec.Struct, frozen=True, kw_only=True):
     pairs: dict[str, PairState] = msgspec.field(default_factory=dict)
     merged: dict[int, list[int]] = msgspec.field(default_factory=dict)
     jumps: list[str] = msgspec.field(default_factory=list)
+    # The DNS answers of the rows this table merged (only those: a story builder keeps the answers of the tables
+    # of the last epochs, engine.correlate.dns.DnsView), in order.
+    dns: list[DnsAnswer] = msgspec.field(default_factory=list)
 
 
 class EvidenceRow(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -352,6 +357,9 @@ class EvidenceRow(msgspec.Struct, frozen=True, array_like=True, gc=False):
     epoch: int
     shard: int
     pairs: dict[str, Sketch]
+    dns: list[DnsAnswer] = msgspec.field(
+        default_factory=list
+    )  # the shard's DNS answers of the epoch (engine.correlate.dns)
 
 
 def advance(
@@ -381,10 +389,12 @@ def advance(
             fresh.setdefault(row.epoch, []).append(row)
     pairs = dict(prev.pairs) if prev else {}
     jumps: list[str] = []
+    answers: set[DnsAnswer] = set()
     for ev_epoch in sorted(fresh):
         by_pair: dict[str, list[Sketch]] = {}
         for row in sorted(fresh[ev_epoch], key=lambda r: r.shard):
             merged.setdefault(ev_epoch, set()).add(row.shard)
+            answers.update(row.dns)
             for key, sk in row.pairs.items():
                 by_pair.setdefault(key, []).append(sk)
         for key in sorted(by_pair):
@@ -411,4 +421,5 @@ def advance(
         pairs=dict(sorted(pairs.items())),
         merged={e: sorted(s) for e, s in sorted(merged.items())},
         jumps=jumps,
+        dns=sorted(answers),
     )

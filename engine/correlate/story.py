@@ -46,6 +46,7 @@ from engine.core.records import EvidenceRecord, StoryRecord, story_id
 from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 
 from .body import StoryBody
+from .dns import DnsAnswer, DnsView, answers_of, is_dns_source
 from .fuse import EVENT_SCHEMA, event_columns, fuse_bodies
 from .link import link
 from .offsets import LOOKBACK_EPOCHS, EvidenceRow, OffsetTable, Pair, Sketch, evidence, pair_key
@@ -105,6 +106,9 @@ class StoryMeta:
     last_bucket: int = -1  # the last bucket an event joined in
     first_seq: int = 0  # the state frame's appends holding the story's rows: from this one …
     last_seq: int = 0  # … to this one
+    ends: tuple[str, str] | None = None  # the flow's two addresses, ordered (None: a story without a flow)
+    dns: tuple[str, str] | None = None  # the DNS name it was last emitted with and the DNS story that gave it
+    drained: bool = False  # a drain emitted it final (DNS answers that come later do not amend it)
 
 
 @dataclass
@@ -199,6 +203,7 @@ class _Pending:
     heads: list[tuple[int, str, int, bool, bool, str | None, int]] = field(default_factory=list)
     slots: list[tuple[int, int, int, int]] = field(default_factory=list)
     rows: list[pl.DataFrame] = field(default_factory=list)
+    dns: list[tuple[str, str] | None] = field(default_factory=list)  # per head: (DNS name, DNS story id)
 
 
 _PLACEHOLDER = StoryRecord(-1, -1, "", 0, False, None, 0, b"")  # replaced by _fuse_pending before the call returns
@@ -217,6 +222,9 @@ class StoryCounters:
     truncated: int = 0
     drained: int = 0  # revisions emitted by drains
     recorrected: int = 0  # state rows moved because their sensor's learned offset changed (StoryMachine._recorrect)
+    dns_answers: int = 0  # DNS answers taken from the shards' events (sent to the other workers in the epoch rows)
+    dns_named: int = 0  # revisions emitted with a DNS name
+    dns_amended: int = 0  # emitted stories given a new revision because a DNS answer came later
     replay_skipped: int = 0  # replayed events of stories that had left the state before the crash
 
 
@@ -276,6 +284,21 @@ class StoryMachine:
         self.tables: dict[int, OffsetTable] | None = None
         self._offsets_cache: dict[int, dict[str, int]] = {}
         self._evidence: dict[tuple[int, int], dict[Pair, dict[int, int]]] = {}  # (epoch, shard) → pair → bin counts
+        # DNS names on connections (engine.correlate.dns; docs/correlation.md, DNS names): the shards' answers go
+        # out in their epoch rows, and the answers of the epoch tables of the last ``dns_keep`` epochs are looked
+        # up when a story with a flow is emitted.
+        self.dns_on = settings.dns_names
+        self.epochs_on = self.learn or self.dns_on  # the runtime hands epoch tables
+        self.dns_max_ttl_us = settings.dns_max_ttl_ms * 1000
+        self.dns_keep = -(-(settings.dns_max_ttl_ms + settings.max_wait_ms) // settings.offsets.epoch_ms) + 1
+        self.dns_view = DnsView()
+        self._dns: dict[tuple[int, int], list[DnsAnswer]] = {}  # (epoch, shard) → its answers so far
+        self._dns_ahead = 0  # 1 while a drain emits: its lookups take the next epoch's table too
+        # Epoch boundaries (re-correction, DNS amendments) are handled up to this many epochs after a shard's last
+        # events: while a story could still gain events (max_wait), and with DNS names while an emitted one stays
+        # in the state (the amend horizon after its emission) and a late answer may still name it.
+        wait_ms = settings.max_wait_ms + (settings.amend_horizon_ms if self.dns_on else 0)
+        self.boundary_epochs = -(-wait_ms // settings.offsets.epoch_ms) + 1
 
     @classmethod
     def for_config(cls, cfg: Config) -> StoryMachine:
@@ -345,6 +368,8 @@ class StoryMachine:
         dropped = set(shards)
         for key in [k for k in self._evidence if k[1] in dropped]:
             del self._evidence[key]
+        for key in [k for k in self._dns if k[1] in dropped]:
+            del self._dns[key]
         if gone:
             self.frame = self.frame.filter(~pl.col("shard").is_in(gone))
             self._compact()
@@ -355,20 +380,33 @@ class StoryMachine:
         if self.tables is None:
             self.tables = {}
 
-    def offset_epochs(self, buckets: Buckets) -> list[int]:
-        """The epochs whose offset table the machine still needs for ``buckets`` (none without estimation): every
-        epoch from the call's first to its last, and the epochs a shard with stories crosses before the call's
-        first (its rows are re-corrected at each epoch's first bucket, :meth:`_recorrect`)."""
-        if not self.learn or self.tables is None or not buckets:
+    def offset_epochs(self, buckets: Buckets, *, drain: bool = False) -> list[int]:
+        """The epochs whose table the machine still needs for ``buckets`` (none without estimation and DNS names):
+        every epoch from the call's first to its last, and the epochs a shard with stories crosses before the
+        call's first (its rows are re-corrected at each epoch's first bucket, :meth:`_recorrect`); with DNS names
+        also the ``dns_keep`` epochs before the call's first whose answers it does not hold, and the epoch after a
+        drain's bucket (``drain``, or a drain a replay repeats: a drain looks up the next epoch's table too)."""
+        if not self.epochs_on or self.tables is None or not buckets:
             return []
         eb = self.epoch_buckets
         first, last = buckets[0][0] // eb, buckets[-1][0] // eb
         need = set(range(first, last + 1))
-        for s in {s for _, batches in buckets for s in batches}:
+        shards = {s for _, batches in buckets for s in batches}
+        for s in shards:
             st = self.shards.get(s)
             if st is not None and st.stories and st.epoch is not None and st.data_epoch is not None:
-                need.update(range(st.epoch + 1, min(first, st.data_epoch + self.relink_epochs) + 1))
-        return sorted(need - set(self.tables))
+                need.update(range(st.epoch + 1, min(first, st.data_epoch + self.boundary_epochs) + 1))
+        need -= set(self.tables)
+        if self.dns_on:
+            dns = set(range(first - self.dns_keep + 1, last + 1))
+            if drain:
+                dns.add(last + 1)
+            for s in shards:
+                st = self.shards.get(s)
+                if st is not None and st.drains:
+                    dns.update(d // eb + 1 for d in st.drains)
+            need |= dns - self.dns_view.epochs
+        return sorted(need)
 
     def set_offset_table(self, table: OffsetTable) -> None:
         """The offsets to apply during ``table.epoch`` (tables more than LOOKBACK_EPOCHS before the newest are
@@ -377,6 +415,8 @@ class StoryMachine:
             self.tables = {}
         self.tables[table.epoch] = table
         self._offsets_cache.pop(table.epoch, None)
+        if self.dns_on:
+            self.dns_view.add(table.epoch, table.dns)
 
     def _prune_tables(self) -> None:
         if not self.tables:
@@ -385,6 +425,7 @@ class StoryMachine:
         for e in [e for e in self.tables if e < newest - LOOKBACK_EPOCHS]:
             del self.tables[e]
             self._offsets_cache.pop(e, None)
+        self.dns_view.prune(newest - self.dns_keep)
 
     def offsets_us(self, epoch: int) -> dict[str, int]:
         """Sensor → the offset subtracted from its times during ``epoch`` (µs): the learned one, unless
@@ -433,6 +474,10 @@ class StoryMachine:
                 t1 = self._cpu_clock()
                 self._gather_evidence(first_seq)
                 self.cpu["link"] += self._cpu_clock() - t1
+            if self.dns_on and self.appends > first_seq:
+                t1 = self._cpu_clock()
+                self._gather_dns(first_seq)
+                self.cpu["link"] += self._cpu_clock() - t1
             self._fuse_pending()
             self._prune_tables()
         finally:
@@ -463,17 +508,38 @@ class StoryMachine:
             self._pending = _Pending()
         return out
 
+    def close_epochs(self, shards: Sequence[int]) -> Emission:
+        """Emit the gathered evidence and DNS answers of these shards now (a drain follows: the next epoch's table,
+        which its lookups take, is built with them)."""
+        self._out = out = Emission()
+        try:
+            self._emit_evidence(set(shards), None)
+        finally:
+            self._out = Emission()
+        return out
+
     def _drain_shard(self, shard: int, bucket: int) -> bool:
         """Emit the shard's open stories at ``bucket``; whether there were any."""
         st = self.shards.get(shard)
         if st is None:
             return False
         self._catch_up({shard: st}, bucket)
-        due = sorted((m for m in st.stories.values() if m.dirty), key=lambda m: m.key)
-        if not due:
-            return False
-        self.counters.drained += len(due)
-        self._emit(bucket, due, (bucket + 1) * self.bucket_ms)
+        # A drain finalizes the shard as of the end of its bucket's epoch: its lookups take the next epoch's DNS
+        # table too (the answers of the epoch being drained, as far as they are stored), and the stories it emitted
+        # before are amended by those answers now, not after the drain.
+        self._dns_ahead = 1 if self.dns_on and self.tables is not None else 0
+        try:
+            amended = self._dns_amend(bucket, {shard: st}, bucket // self.epoch_buckets + self._dns_ahead)
+            due = sorted((m for m in st.stories.values() if m.dirty), key=lambda m: m.key)
+            self.counters.drained += len(due)
+            if due:
+                self._emit(bucket, due, (bucket + 1) * self.bucket_ms)
+        finally:
+            self._dns_ahead = 0
+        if not due and not amended:
+            return False  # nothing recorded: a replay does not repeat it, so nothing here may change the state
+        for m in st.stories.values():
+            m.drained = True
         return True
 
     # -- one bucket ---------------------------------------------------------------------------------------
@@ -486,7 +552,7 @@ class StoryMachine:
         decoded: tuple[pl.DataFrame, int] | None = None,
     ) -> None:
         sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
-        if self._evidence:
+        if self._evidence or self._dns:
             self._emit_evidence(set(batches), bucket // self.epoch_buckets)
         if not replay:
             for st in sts.values():
@@ -500,7 +566,7 @@ class StoryMachine:
         self._catch_up(sts, bucket - 1)
         crossing = {s: st for s, st in sts.items() if self._next_boundary(st) == bucket}
         if crossing:
-            self._recorrect(bucket, crossing)
+            self._boundary(bucket, crossing)
         now = (bucket + 1) * self.bucket_ms
         full = {s: b for s, b in batches.items() if len(b)}
         if full:
@@ -587,17 +653,56 @@ class StoryMachine:
             last = b
             crossing = {s: sts[s] for s, x in bounds.items() if x == b}
             if crossing:
-                self._recorrect(b, crossing)
+                self._boundary(b, crossing)
             now = (b + 1) * self.bucket_ms
             self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b or s in crossing}, now)
 
     def _next_boundary(self, st: ShardState) -> int | None:
         """The first bucket of the next epoch at which the shard's rows are re-corrected: while the runtime hands
         over tables, the shard has stories, and it is within ``relink_epochs`` of its last events."""
-        if self.tables is None or not self.learn or not st.stories or st.epoch is None or st.data_epoch is None:
+        if self.tables is None or not self.epochs_on or not st.stories or st.epoch is None or st.data_epoch is None:
             return None
         e = st.epoch + 1
-        return e * self.epoch_buckets if e <= st.data_epoch + self.relink_epochs else None
+        return e * self.epoch_buckets if e <= st.data_epoch + self.boundary_epochs else None
+
+    def _boundary(self, bucket: int, sts: Mapping[int, ShardState]) -> None:
+        """The first bucket of an epoch for these shards: their open stories' rows take the epoch's offsets
+        (:meth:`_recorrect`), then their emitted stories take the DNS answers the epoch's table brought
+        (:meth:`_dns_amend`)."""
+        epoch = bucket // self.epoch_buckets
+        if self.learn:
+            self._recorrect(bucket, sts)
+        else:
+            for st in sts.values():
+                st.epoch = epoch
+        if self.dns_on:
+            self._dns_amend(bucket, sts, epoch)
+
+    def _dns_amend(self, bucket: int, sts: Mapping[int, ShardState], epoch: int) -> bool:
+        """The emitted stories of these shards (not drained, not open: an open story looks its name up when it is
+        emitted) whose flow the table of ``epoch`` brought answers for, and whose name those answers change, get a
+        new revision now. Returns whether any did."""
+        pairs = self.dns_view.pairs(epoch)
+        if not pairs:
+            return False
+        lo = epoch - self.dns_keep + 1
+        amend: dict[int, list[StoryMeta]] = {}
+        for s, st in sts.items():
+            for m in st.stories.values():
+                if m.dirty or m.drained or not m.revision or m.ends is None:
+                    continue
+                a, b = m.ends
+                if (a, b) not in pairs and (b, a) not in pairs:
+                    continue
+                found = self.dns_view.lookup(a, b, m.t_min, epoch, lo)
+                if found is not None and found != m.dns:
+                    amend.setdefault(s, []).append(m)
+        if not amend:
+            return False
+        metas = [m for s in sorted(amend) for m in sorted(amend[s], key=lambda m: m.key)]
+        self.counters.dns_amended += len(metas)
+        self._emit(bucket, metas, (bucket + 1) * self.bucket_ms)
+        return True
 
     def _recorrect(self, bucket: int, sts: Mapping[int, ShardState]) -> None:
         """The first bucket of an epoch: the rows of these shards' open stories (events not yet emitted final)
@@ -712,6 +817,7 @@ class StoryMachine:
         and an emitted one gets a new revision then."""
         meta.last_ingest_ms = now
         meta.last_bucket = bucket
+        meta.drained = False
         if not meta.dirty:
             if meta.revision:
                 self.counters.amended += 1
@@ -775,14 +881,43 @@ class StoryMachine:
                 for b, n in counts.items():
                     into[b] = into.get(b, 0) + n
 
+    def _gather_dns(self, first_seq: int) -> None:
+        """The DNS answers of the call's new events (the frame's appends from ``first_seq`` on), per epoch of their
+        ingest and shard, with the id of the story each event is in now."""
+        frame = self.frame
+        new = frame.slice(int(frame["seq"].search_sorted(first_seq, side="left")))
+        sources = [s for s in new["source"].unique().to_list() if s is not None and is_dns_source(s)]
+        if not sources:
+            return
+        rows = new.filter(pl.col("source").is_in(sources)).select(
+            "source",
+            "src_ip",
+            "src_port",
+            "dst_ip",
+            "dst_port",
+            "attrs",
+            "t",
+            "story",
+            "shard",
+            ((pl.col("ingest") // self.bucket_ms - 1) // self.epoch_buckets).alias("epoch"),
+        )
+        for (epoch, shard), part in rows.group_by("epoch", "shard"):
+            ids = [story_id(int(shard), k) for k in part["story"].to_list()]
+            cols = (part[c].to_list() for c in ("source", "src_ip", "src_port", "dst_ip", "dst_port", "attrs", "t"))
+            found = answers_of(zip(*cols, ids, strict=True), max_ttl_us=self.dns_max_ttl_us)
+            if found:
+                self._dns.setdefault((int(epoch), int(shard)), []).extend(found)
+                self.counters.dns_answers += len(found)
+
     def _emit_evidence(self, shards: set[int], before_epoch: int | None) -> None:
-        """Emit the gathered evidence of these shards for the epochs before ``before_epoch`` (None: every epoch,
-        a drain) and forget it."""
-        due = [k for k in self._evidence if k[1] in shards and (before_epoch is None or k[0] < before_epoch)]
+        """Emit the gathered evidence and DNS answers of these shards for the epochs before ``before_epoch`` (None:
+        every epoch, a drain) and forget them."""
+        keys = self._evidence.keys() | self._dns.keys()
+        due = [k for k in keys if k[1] in shards and (before_epoch is None or k[0] < before_epoch)]
         for key in sorted(due):
-            pairs = self._evidence.pop(key)
+            pairs = self._evidence.pop(key, {})
             body = {pair_key(a, b): Sketch.of(counts) for (a, b), counts in sorted(pairs.items())}
-            row = EvidenceRow(key[0], key[1], body)
+            row = EvidenceRow(key[0], key[1], body, sorted(set(self._dns.pop(key, []))))
             self._out.evidence.append(EvidenceRecord(key[0], key[1], _msgpack.encode(row)))
 
     def _decode_call(self, buckets: Buckets) -> dict[int, tuple[pl.DataFrame, int]]:
@@ -919,6 +1054,8 @@ class StoryMachine:
                 pl.col("t").max().alias("t_max"),
                 pl.col("flow").first().alias("flow"),
                 pl.col("shard").first().alias("shard"),
+                pl.col("src_ip").first().alias("src_ip"),
+                pl.col("dst_ip").first().alias("dst_ip"),
             )
             .filter(pl.col("n_new") > 0)
             .sort("first_new")
@@ -959,9 +1096,9 @@ class StoryMachine:
         with the bucket the story starts in (:func:`story_key`): an event delivered again after its story left
         the state starts a story with another id (never a second revision 1 of the old one)."""
         wait = self.c.max_wait_ms
-        for comp, first_new, n_new, t_min, t_max, flow, shard in zip(
-            *(fresh[c].to_list() for c in ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard")),
-            strict=True,
+        cols = ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard", "src_ip", "dst_ip")
+        for comp, first_new, n_new, t_min, t_max, flow, shard, src_ip, dst_ip in zip(
+            *(fresh[c].to_list() for c in cols), strict=True
         ):
             st = sts[shard]
             sid = story_key(first_new, bucket, shard)
@@ -991,6 +1128,9 @@ class StoryMachine:
                 last_bucket=bucket,
                 first_seq=self.appends,
                 last_seq=self.appends,
+                ends=None
+                if flow is None or src_ip is None or dst_ip is None
+                else (min(src_ip, dst_ip), max(src_ip, dst_ip)),
             )
             comps.append(comp)
             sids.append(sid)
@@ -1321,7 +1461,18 @@ class StoryMachine:
         if due:
             heads = []
             shard_of: dict[int, int] = {}
+            names: list[tuple[str, str] | None] = []
+            epoch = bucket // self.epoch_buckets + self._dns_ahead
+            lo = bucket // self.epoch_buckets - self.dns_keep + 1
+            view = self.dns_view if self.dns_on and self.dns_view.size else None
             for meta in due:
+                if view is not None and meta.ends is not None:
+                    found = view.lookup(meta.ends[0], meta.ends[1], meta.t_min, epoch, lo)
+                    if found is not None:
+                        meta.dns = found  # kept when a later revision finds none (its answer left the view)
+                if meta.dns is not None:
+                    self.counters.dns_named += 1
+                names.append(meta.dns)
                 meta.revision += 1
                 final = meta.key not in temp
                 if final:  # a provisional revision neither closes the story nor starts its amend horizon
@@ -1340,7 +1491,7 @@ class StoryMachine:
         if due:
             # Fused once per call (_fuse_pending): here only this bucket's rows of these stories are taken (they
             # may gain events, or be renamed by a merge, later in the same call).
-            self._defer(bucket, now, heads, shard_of, min(m.first_seq for m in due))
+            self._defer(bucket, now, heads, shard_of, min(m.first_seq for m in due), names)
 
     def _defer(
         self,
@@ -1349,6 +1500,7 @@ class StoryMachine:
         heads: list[tuple[int, str, int, bool, bool, str | None]],
         shard_of: Mapping[int, int],
         first_seq: int,
+        names: Sequence[tuple[str, str] | None],
     ) -> None:
         """Queue revisions for the call's one fusion pass: each gets a sequence number that stands for the story
         in the snapshot of its rows taken now (a story emitted twice in a call has two snapshots).
@@ -1369,6 +1521,7 @@ class StoryMachine:
             .drop("shard", "seq")
             .with_columns(pl.col("story").replace_strict(keys, seqs, return_dtype=KEY))
         )
+        p.dns.extend(names)
         for seq, (key, sid, revision, final, truncated, predecessor) in zip(seqs, heads, strict=True):
             p.heads.append((seq, sid, revision, final, truncated, predecessor, now))
             p.slots.append((shard_of[key], bucket, now, len(self._out.stories)))
@@ -1390,9 +1543,16 @@ class StoryMachine:
         t1 = self._cpu_clock()
         self.cpu["fuse"] += t1 - t0
         stories = self._out.stories
-        for (shard, bucket, now, at), (_, sid, revision, final, _, _, _), body in zip(
-            p.slots, p.heads, bodies, strict=True
+        for (shard, bucket, now, at), (_, sid, revision, final, _, _, _), fused, named in zip(
+            p.slots, p.heads, bodies, p.dns, strict=True
         ):
+            body = fused
+            if named is not None:  # the body's last fields (StoryBody): appended to the fused JSON object
+                body = b'%s,"dns_names":%s,"related_stories":%s}' % (
+                    fused[:-1],
+                    _json.encode([named[0]]),
+                    _json.encode([named[1]]),
+                )
             stories[at] = StoryRecord(shard, bucket, sid, revision, final, None, now, body)
         self.cpu["encode"] += self._cpu_clock() - t1
 

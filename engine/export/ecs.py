@@ -28,6 +28,7 @@ from .families import (
     APP_PROTOCOL,
     convert,
     families_present,
+    get_path,
     pick,
     primary,
     rfc3339_ms,
@@ -174,5 +175,14 @@ def to_ecs(body: StoryBody) -> dict[str, Any]:
             placed = True
         if not placed:
             namespace.setdefault(chosen.row.family, {})[chosen.row.attr] = chosen.value
+    if body.dns_names and "destination" in doc:
+        # the name the client looked up for the server (docs/correlation.md, DNS names); a DNS story's own query
+        # (its observers' dns.question.name) is not replaced
+        name = body.dns_names[0]
+        doc["destination"]["domain"] = name
+        doc["server"]["domain"] = name
+        if get_path(doc, "dns.question.name") is None:
+            _put(doc, "dns.question.name", name)
+        _put(doc, "related.hosts", [name])
     doc[NAMESPACE] = namespace
     return doc

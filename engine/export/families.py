@@ -320,6 +320,8 @@ def storyline_namespace(body: StoryBody) -> dict[str, Any]:
         "initiator_rule": body.initiator_rule,
         "truncated": body.truncated or None,
         "predecessor": body.predecessor,
+        "dns_names": body.dns_names,
+        "related_stories": body.related_stories,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     if body.observers is not None:

@@ -77,6 +77,7 @@ _PROFILE_OF: Final = {
 _OBSERVED: Final[tuple[tuple[str, int], ...]] = (
     ("src_endpoint.ip", 2),
     ("dst_endpoint.ip", 2),
+    ("dst_endpoint.hostname", 1),
     ("device.hostname", 1),
     ("url.hostname", 1),
     ("tls.sni", 1),
@@ -196,6 +197,8 @@ def to_ocsf(body: StoryBody, *, product_version: str) -> dict[str, Any]:
     doc["metadata"] = metadata
     doc["src_endpoint"] = _endpoint(client, ports)
     doc["dst_endpoint"] = _endpoint(server, ports)
+    if body.dns_names:  # the name the client looked up for the server (docs/correlation.md, DNS names)
+        doc["dst_endpoint"]["hostname"] = body.dns_names[0]
     version = ipaddress.ip_address(client.ip).version
     connection: dict[str, Any] = {}
     if body.community_id is not None:

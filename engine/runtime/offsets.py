@@ -70,10 +70,16 @@ class OffsetKeeper:
         self.current: OffsetTable | None = None
         self.built = 0  # tables this keeper built and stored first
         self.epoch_buckets = max(1, settings.epoch_ms // settings.bucket_ms)
+        # Tables of epochs up to this one merge no rows (no event of the tenant is ingested before it): they are
+        # empty for everyone, given without reading or storing anything (a story builder asks for the tables of the
+        # last hour and more when it starts, for DNS answers). None: unknown, every table is read or built.
+        self.empty_through: int | None = None
 
     async def table(self, epoch: int, *, pending: Sequence[EvidenceRecord] = ()) -> OffsetTable:
         """The table of ``epoch``; ``pending``: evidence rows emitted but not written yet (a worker catching up
         builds the next epoch's table right after the call that emitted them), taken with the stored ones."""
+        if self.empty_through is not None and epoch <= self.empty_through:
+            return OffsetTable(epoch=epoch)
         body = await self.store.read_offset_table(self.s.consumer, epoch)
         if body is None:
             body = await self._build(epoch, pending)

@@ -30,7 +30,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     commit_interval_ms: int
     read_ahead: int
     start_from_ms: int | None = None
-    offsets: OffsetSettings | None = None  # learned sensor clock offsets (None: not estimated)
+    offsets: OffsetSettings | None = None  # the epoch tables: learned offsets, DNS answers (None: neither is on)
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -45,7 +45,9 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             commit_interval_ms=cfg.commit_interval_ms,
             read_ahead=cfg.read_ahead,
             start_from_ms=cfg.start_from_ms,
-            offsets=OffsetSettings.from_config(cfg) if cfg.correlate.offsets.estimate else None,
+            offsets=OffsetSettings.from_config(cfg)
+            if cfg.correlate.offsets.estimate or cfg.correlate.dns_names
+            else None,
         )
 
 

@@ -172,6 +172,9 @@ class Worker:
                 f"tenant {cfg.tenant} has schema version {version}, this Storyline needs {SCHEMA_VERSION}: "
                 f"run `storyline init` to migrate it"
             )
+        if self.offsets is not None:  # no event is ingested before the tenant's first bucket: no rows of earlier epochs
+            first_ingest = (created - cfg.max_write_age_ms - cfg.max_clock_skew_ms) // cfg.bucket_ms
+            self.offsets.empty_through = first_ingest // self.offsets.epoch_buckets
         start_ms = max(created - cfg.max_write_age_ms - cfg.max_clock_skew_ms, self.clock.now_ms() - cfg.ttl_ms)
         if cfg.start_from_ms is not None:
             start_ms = max(start_ms, cfg.start_from_ms)
@@ -341,12 +344,13 @@ class Worker:
                     fut.exception()  # retrieved: a failed read-ahead is redone by the next step
         return done
 
-    async def _hand_offset_tables(self, calls: Buckets) -> None:
-        """Give a stage that applies learned offsets the table of every epoch of ``calls`` it lacks."""
+    async def _hand_offset_tables(self, calls: Buckets, *, drain: bool = False) -> None:
+        """Give a stage that applies epoch tables the table of every epoch it asks for (for ``calls``, or a drain
+        at their bucket) that it lacks."""
         if self.offsets is None or not isinstance(self.stage, LearnsOffsets):
             return
         self.stage.use_offset_tables()
-        for epoch in self.stage.offset_epochs(calls):
+        for epoch in self.stage.offset_epochs(calls, drain=drain):
             self.stage.set_offset_table(await self.offsets.table(epoch, pending=self._pending.evidence))
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -424,7 +428,9 @@ class Worker:
             if not st.fenced:
                 by_bucket.setdefault(st.read, []).append(st.shard)
         for bucket, shards in sorted(by_bucket.items()):
-            await self._hand_offset_tables([(bucket, dict.fromkeys(shards, EMPTY))])
+            if self.offsets is not None and isinstance(self.stage, LearnsOffsets):
+                self._pending.add(self.stage.close_epochs(shards))  # in the next epoch's table the drain looks up
+            await self._hand_offset_tables([(bucket, dict.fromkeys(shards, EMPTY))], drain=True)
             emission = self.stage.drain(shards, bucket)
             self._pending.add(emission)
             self._replay_at.update(emission.replay)

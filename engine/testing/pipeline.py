@@ -42,10 +42,13 @@ def run_lines(
     lines: Sequence[bytes],
     arrivals: Sequence[float],
     parse: Callable[[bytes, int], Event | None],
+    *,
+    bodies: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Lines (any input format: ``parse`` turns one into its event, or None for a header) delivered in order, each
     at its arrival (seconds after ``start_s``) on a virtual clock → producer → store → worker (story builder,
-    drained) → the story of each event id in the stories' latest revisions."""
+    drained) → the story of each event id in the stories' latest revisions (``bodies``, when given, receives each
+    story's latest body, decoded, by story id)."""
     start_ms = int(start_s * 1000)
     clock = ManualClock(start_ms)
 
@@ -91,7 +94,10 @@ def run_lines(
             for rec in latest.values():
                 if rec.merged_into is not None:
                     continue
-                for eid in msgspec.json.decode(rec.body)["event_ids"]:
+                doc = msgspec.json.decode(rec.body)
+                if bodies is not None:
+                    bodies[rec.story_id] = doc
+                for eid in doc["event_ids"]:
                     assert eid not in predicted, f"{eid} in two stories' latest revisions"
                     predicted[eid] = rec.story_id
             return predicted

@@ -130,6 +130,7 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     spans: bool = False
     max_session_s: float = 300.0
     skew_overrides: dict[str, float] = msgspec.field(default_factory=dict)  # sensor → its clock offset (s)
+    lookups: bool = False  # HTTP and other connections go to the addresses of names their client looked up
 
     def __post_init__(self) -> None:
         if self.events < 0:
@@ -195,6 +196,9 @@ class Truth(msgspec.Struct, frozen=True, kw_only=True):
     scenario: Scenario = msgspec.field(default_factory=Scenario)
     arrivals: dict[str, float] = msgspec.field(default_factory=dict)
     flows: dict[str, FlowTruth] = msgspec.field(default_factory=dict)
+    # With Scenario.lookups: connection story key → the name of the latest lookup of its client, before it
+    # started and within that answer's TTL, that answered its server's address (the connections that follow one)
+    names: dict[str, str] = msgspec.field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -322,6 +326,21 @@ class _Generator:
         ]
         self.domains = [f"{w}{i}.example.{tld}" for i, (w, tld) in enumerate(self._words(max(8, s.events // 50)))]
         self.vpcs = [(f"vpc-{rnd.getrandbits(32):08x}", str(rnd.randrange(10**11, 10**12))) for _ in range(4)]
+        # Scenario.lookups: each name answers 1 to 4 addresses of a shared pool (a CDN's: several names share an
+        # address), with a TTL of 60 s to 1 h; a client's lookups (true time, name, addresses, TTL) by its address.
+        self.answers: dict[str, tuple[list[str], list[str], int]] = {}
+        self.looked: dict[str, list[tuple[float, str, list[str], int]]] = {}
+        self.cache: dict[tuple[str, str], float] = {}  # (client address, name) → when its answer expires
+        self.lookup_of: dict[str, tuple[str, str, float]] = {}  # connection story → (client address, server, t0)
+        if s.lookups:
+            pool4 = [
+                f"198.18.{rnd.randrange(256)}.{rnd.randrange(1, 255)}" for _ in range(max(8, len(self.domains) // 3))
+            ]
+            pool6 = [str(ipaddress.IPv6Address((0x20010DB8 << 96) | (0xCD << 32) | rnd.getrandbits(16))) for _ in pool4]
+            for name in self.domains:
+                k = rnd.randint(1, 4)
+                ttl = rnd.choice((60, 120, 300, 600, 1_800, 3_600))
+                self.answers[name] = (rnd.sample(pool4, k), rnd.sample(pool6, k), ttl)
         self.used_flows: set[tuple[str, tuple[str, int], tuple[str, int]]] = set()
         self.pending: list[_Pending] = []
         self.flows: dict[str, FlowTruth] = {}
@@ -362,9 +381,9 @@ class _Generator:
         elif service == "http":
             proto = "tcp"
             server_port = 443 if rnd.random() < 0.7 else 80
-            server_ip = self._server_ip(v6)
+            server_ip = self._server_ip(v6) if not self.s.lookups else self._looked_up(facts, v6)
             facts["method"] = _pick(rnd, (("GET", 0.75), ("POST", 0.2), ("PUT", 0.03), ("DELETE", 0.02)))
-            facts["host"] = rnd.choice(self.domains)
+            facts["host"] = facts.get("name") or rnd.choice(self.domains)
             facts["path"] = rnd.choice(("/", "/index.html", "/api/v1/items", "/login", "/static/app.js", "/health"))
             facts["status"] = _pick(rnd, ((200, 0.8), (304, 0.07), (404, 0.06), (302, 0.04), (500, 0.03)))
             facts["user_agent"] = rnd.choice(
@@ -372,7 +391,7 @@ class _Generator:
             )
         else:
             proto, server_port = rnd.choice(_OTHER_SERVICES)
-            server_ip = self._server_ip(v6)
+            server_ip = self._server_ip(v6) if not self.s.lookups else self._looked_up(facts, v6)
         process = {
             "dns": ("svchost.exe", "systemd-resolved", "chrome.exe"),
             "http": ("chrome.exe", "firefox", "curl", "python3"),
@@ -395,6 +414,59 @@ class _Generator:
         )
         self._figures(ses)
         return ses
+
+    def _looked_up(self, facts: dict[str, Any], v6: bool) -> str:
+        """Scenario.lookups: a connection's server, one address of a name (kept in ``facts["name"]``)."""
+        name = self.rnd.choice(self.domains)
+        facts["name"] = name
+        addrs4, addrs6, _ = self.answers[name]
+        return self.rnd.choice(addrs6 if v6 else addrs4)
+
+    def lookup(self, story: str, ses: _Session) -> _Session | None:
+        """Scenario.lookups: the lookup that precedes connection ``ses`` (5 to 500 ms before it), or None when the
+        client still holds an unexpired answer for the name and uses it (half the time)."""
+        rnd = self.rnd
+        name = ses.facts["name"]
+        v6 = ":" in ses.client_ip
+        key = (ses.client_ip, name)
+        self.lookup_of[ses.story] = (ses.client_ip, ses.server_ip, ses.t0)
+        if self.cache.get(key, 0.0) > ses.t0 + 1.0 and rnd.random() < 0.5:
+            return None
+        addrs4, addrs6, ttl = self.answers[name]
+        dns = self.new_session(story, "session")
+        dns.service, dns.proto, dns.server_port = "dns", "udp", 53
+        dns.client, dns.client_ip = ses.client, ses.client_ip
+        dns.server_ip = (
+            ("fd00::53" if rnd.random() < 0.5 else "fd00::1:53") if v6 else rnd.choice(("10.0.0.53", "10.0.1.53"))
+        )
+        while self._flow_key("udp", dns.client_ip, dns.client_port, dns.server_ip, 53) in self.used_flows:
+            dns.client_port = rnd.randrange(32_768, 61_000)
+        self.used_flows.add(self._flow_key("udp", dns.client_ip, dns.client_port, dns.server_ip, 53))
+        dns.t0 = round(ses.t0 - rnd.uniform(0.005, 0.5), 6)
+        answer = list(addrs6 if v6 else addrs4)
+        dns.facts.update(query=name, rcode="NOERROR", answer=answer, ttl=ttl)
+        dns.facts.pop("name", None)
+        self._figures(dns)
+        return dns
+
+    def record_lookup(self, dns: _Session) -> None:
+        """The lookup ``dns`` was written (its resolver's log among its reports): the client holds its answer."""
+        f = dns.facts
+        self.cache[(dns.client_ip, f["query"])] = dns.t0 + f["ttl"]
+        self.looked.setdefault(dns.client_ip, []).append((dns.t0, f["query"], f["answer"], f["ttl"]))
+
+    def expected_names(self) -> dict[str, str]:
+        """Scenario.lookups: each connection's right name — the latest lookup of its client before it started whose
+        answer holds its server's address and has not expired (another name that shares the address may be it)."""
+        out: dict[str, str] = {}
+        for story, (client, server, t0) in self.lookup_of.items():
+            best: tuple[float, str] | None = None
+            for t, name, addrs, ttl in self.looked.get(client, []):
+                if t <= t0 <= t + ttl and server in addrs and (best is None or (t, name) > best):
+                    best = (t, name)
+            if best is not None:
+                out[story] = best[1]
+        return out
 
     def _figures(self, ses: _Session) -> None:
         """Draw the session's true bytes and packets per direction (for its service) and reset ``last_s``."""
@@ -463,13 +535,18 @@ class _Generator:
                 "initiator": "dst" if rev else "src",
             }
         if source == "dns":
+            if "ttl" in f:
+                return {"query": f["query"], "answer": list(f["answer"]), "rcode": f["rcode"], "ttl": f["ttl"]}
             return {"query": f["query"], "answer": list(f["answer"]), "rcode": f["rcode"]}
         return {k: f[k] for k in ("method", "host", "path", "status", "user_agent")}
 
-    def _choose_sensors(self, service: str, k: int) -> list[tuple[str, str]]:
+    def _choose_sensors(self, service: str, k: int, *, resolver: bool = False) -> list[tuple[str, str]]:
+        """``k`` sensors of a session of ``service``; ``resolver``: a DNS sensor among them (a lookup's)."""
         rnd = self.rnd
         eligible = _ELIGIBLE[service]
         sources = rnd.sample(eligible, min(k, len(eligible)))
+        if resolver and "dns" not in sources:
+            sources[0] = "dns"
         chosen = [(src, rnd.choice(self.sensors[src])) for src in sources]
         spare = [(src, name) for src in sources for name in self.sensors[src] if (src, name) not in chosen]
         while len(chosen) < k and spare:
@@ -512,7 +589,7 @@ class _Generator:
     def emit_session(self, ses: _Session, k: int, extra: int) -> None:
         """Reports of ``k`` sensors of ``ses``; flow-log sensors may write up to ``extra`` records more in all."""
         rnd = self.rnd
-        for source, sensor in self._choose_sensors(ses.service, k):
+        for source, sensor in self._choose_sensors(ses.service, k, resolver="ttl" in ses.facts):
             if source == "cloud":
                 extra -= self._emit_flow_log(ses, sensor, extra)
                 continue
@@ -525,6 +602,8 @@ class _Generator:
                 t = round(ses.t0 + rnd.uniform(0.0, max(self.s.spread_s, ses.end_s - ses.t0)), 6)
             else:
                 t = round(ses.t0 + rnd.uniform(0.0, self.s.spread_s), 6)
+            if source == "dns" and "ttl" in ses.facts:  # a lookup's resolver log: the time it answered
+                t = round(ses.t0 + rnd.uniform(0.0, 0.01), 6)
             rev = rnd.random() < self.s.reverse_fraction
             self._add(source, sensor, ses, ses.story, ses.kind, t, rev, self._attrs(source, ses, rev), end)
 
@@ -612,6 +691,15 @@ class _Generator:
                 ses = self.new_session(story, "session")
                 reusable.append(ses)
             self.flows[story] = ses.flow_truth()
+            if s.lookups and ses.kind == "session" and "name" in ses.facts:
+                dns = self.lookup(f"dq{s.seed}-{n_story:06d}", ses)
+                if dns is not None and remaining > 1:
+                    self.flows[dns.story] = dns.flow_truth()
+                    k = min(remaining - 1, _pick(rnd, _SENSOR_COUNT_WEIGHTS))
+                    before = len(self.pending)
+                    self.emit_session(dns, k, 0)
+                    self.record_lookup(dns)
+                    remaining -= len(self.pending) - before
             k = min(remaining, _pick(rnd, _SENSOR_COUNT_WEIGHTS))
             before = len(self.pending)
             self.emit_session(ses, k, remaining - k)
@@ -649,7 +737,11 @@ class _Generator:
             )
             stories[event_id] = p.story
         arrivals = {e.id: e.arrival_s for e in out}
-        return out, Truth(stories=stories, skews=dict(self.skews), scenario=s, arrivals=arrivals, flows=self.flows)
+        written = {p.story for p in self.pending}
+        names = {k: v for k, v in self.expected_names().items() if k in written}
+        return out, Truth(
+            stories=stories, skews=dict(self.skews), scenario=s, arrivals=arrivals, flows=self.flows, names=names
+        )
 
 
 def generate(s: Scenario | None = None) -> tuple[list[SimEvent], Truth]:

@@ -620,6 +620,28 @@ def test_the_client_is_the_source_and_bytes_follow_client_to_server() -> None:
     assert ecs["related"]["ip"] == ["10.0.0.1", "192.0.2.10"]
 
 
+def test_a_dns_name_names_the_server_and_the_related_story_is_kept() -> None:
+    body = msgspec.structs.replace(
+        _story(reversed_first=False), dns_names=["cdn7.example.net"], related_stories=["s0001-00000000000000cd"]
+    )
+    ecs, ocsf = assert_valid(body)
+    assert ocsf is not None
+    assert ecs["destination"]["domain"] == ecs["server"]["domain"] == "cdn7.example.net"
+    assert "domain" not in ecs["source"]
+    assert ecs["dns"]["question"]["name"] == "cdn7.example.net"
+    assert "cdn7.example.net" in ecs["related"]["hosts"]
+    assert ecs["storyline"]["related_stories"] == ["s0001-00000000000000cd"]
+    assert ecs["storyline"]["dns_names"] == ["cdn7.example.net"]
+    assert ocsf["dst_endpoint"]["hostname"] == "cdn7.example.net"
+    assert {"name": "dst_endpoint.hostname", "type_id": 1, "type": "Hostname", "value": "cdn7.example.net"} in ocsf[
+        "observables"
+    ]
+    assert ocsf["unmapped"]["storyline"]["related_stories"] == ["s0001-00000000000000cd"]
+    plain, plain_ocsf = assert_valid(_story(reversed_first=False))
+    assert "domain" not in plain["destination"] and "dns" not in plain
+    assert plain_ocsf is not None and "hostname" not in plain_ocsf["dst_endpoint"]
+
+
 def test_community_id_times_and_durations() -> None:
     body = _story(reversed_first=False)
     ecs, ocsf = assert_valid(body)

@@ -325,7 +325,7 @@ def test_the_story_builder_gathers_evidence_per_epoch_and_applies_the_epochs_tab
     """Two sensors of one flow, the endpoint's clock 300 s ahead: no story joins them until the epoch's table says
     so. The evidence of an epoch is emitted when the epoch closes for the shard, one row per (epoch, shard); a
     configured offset wins over the learned one; a runtime that hands over tables must hand over every epoch's."""
-    cfg = config(tmp_path, offsets={"epoch_ms": 10_000})  # 10 buckets of 1 s per epoch
+    cfg = config(tmp_path, offsets={"epoch_ms": 10_000}, dns_names=False)  # 10 buckets of 1 s per epoch
     m = StoryMachine.for_config(cfg)
     m.use_offset_tables()
     m.set_offset_table(off.OffsetTable(epoch=0))
@@ -365,7 +365,9 @@ def test_the_story_builder_gathers_evidence_per_epoch_and_applies_the_epochs_tab
     assert m.counters.recorrected == 12 and m.counters.merged == 12
     assert [r.epoch for r in drained.evidence] == [1]  # a drain emits the open epoch's evidence
     # a configured offset wins over the learned one
-    m2 = StoryMachine.for_config(config(tmp_path, offsets={"epoch_ms": 10_000}, sensor_offsets_ms={"edr-1": 5_000}))
+    m2 = StoryMachine.for_config(
+        config(tmp_path, offsets={"epoch_ms": 10_000}, sensor_offsets_ms={"edr-1": 5_000}, dns_names=False)
+    )
     m2.set_offset_table(learned)
     assert m2.offsets_us(1) == {"fw-1": 0, "edr-1": 5_000_000}
 
