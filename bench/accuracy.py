@@ -11,7 +11,9 @@ A *rule* is a way of running the same scenario:
   with its defaults: 60 s epochs; the two rules before run without it);
 * ``learned 10 s``: the same with 10 s epochs (``correlate.offsets.epoch_ms``: the offsets are known sooner).
 
-Besides the scores over all events, ``after10`` gives them over the stories whose events all arrive after the
+With the ``lookups`` scenarios, ``names_right`` is the share of the connections that follow a lookup whose story
+carries the right DNS name (``names_wrong``: another name). Besides the scores over all events, ``after10`` gives
+them over the stories whose events all arrive after the
 first tenth of the events, and ``learned_after`` how many events had arrived when the offset table first placed
 every sensor of the scenario within 2 s of its true offset against the reference (learned rules only).
 
@@ -181,15 +183,17 @@ def score_names(
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     out = [
-        "| scenario | rule | B³ precision | B³ recall | B³ F1 | exact match | after 10 %: F1 | exact | learned after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | rule | B³ precision | B³ recall | B³ F1 | exact match | after 10 %: F1 | exact | learned after "
+        "| names right |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         a = r["after10"]
         learned = "-" if r["learned_after"] is None else f"{r['learned_after']:,} events"
+        names = f"{r['names_right']:.4f} of {r['names']:,}" if "names" in r else "-"
         out.append(
             f"| {r['scenario']} | {r['rule']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} "
-            f"| {r['exact']:.4f} | {a['f1']:.4f} | {a['exact']:.4f} | {learned} |"
+            f"| {r['exact']:.4f} | {a['f1']:.4f} | {a['exact']:.4f} | {learned} | {names} |"
         )
     return "\n".join(out)
 

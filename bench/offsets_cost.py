@@ -134,7 +134,7 @@ def _run(parts: dict[int, dict[int, list[EventRecord]]], n: int, estimate: bool,
             for e in machine.offset_epochs(part):
                 machine.set_offset_table(tables.table(e))
             tables.take(machine.on_buckets(part))
-    tables.take(machine.close_epochs(list(range(SHARDS))))
+    tables.take(machine.close_epochs(list(range(SHARDS)), order[-1] // machine.epoch_buckets))
     for e in machine.offset_epochs([(order[-1], dict.fromkeys(range(SHARDS), Batch([])))], drain=True):
         machine.set_offset_table(tables.table(e))
     machine.drain(list(range(SHARDS)), order[-1])

@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port-reuse-fraction", type=float, default=0.02, help="the share of sessions that reuse a 5-tuple")
     p.add_argument(
+        "--lookups",
+        action="store_true",
+        help="connections go to addresses of names their client looked up (DNS answers; the truth gives each name)",
+    )
+    p.add_argument(
         "--live",
         action="store_true",
         help="send the events through the producer at their arrival "
@@ -948,6 +953,7 @@ def _scenario(args: argparse.Namespace, start_s: float) -> Scenario:
         spans=args.spans,
         reuse_gap_s=args.reuse_gap_s,
         port_reuse_fraction=args.port_reuse_fraction,
+        lookups=args.lookups,
     )
 
 

@@ -127,8 +127,9 @@ class LearnsOffsets(Protocol):
 
     def offset_epochs(self, buckets: Buckets, *, drain: bool = False) -> list[int]: ...
 
-    def close_epochs(self, shards: Sequence[int]) -> Emission:
-        """Before a drain: what the stage gathered for the epoch tables of these shards, emitted now."""
+    def close_epochs(self, shards: Sequence[int], epoch: int) -> Emission:
+        """Before a drain at a bucket of ``epoch``: what the stage gathered for the epoch tables of these shards,
+        emitted now, with a row of ``epoch`` for every one of them."""
 
     def set_offset_table(self, table: Any) -> None: ...
 

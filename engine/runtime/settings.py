@@ -30,6 +30,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     commit_interval_ms: int
     read_ahead: int
     start_from_ms: int | None = None
+    shards: int | None = None  # the tenant's shard count (a drain waits for every shard's row of its epoch)
     offsets: OffsetSettings | None = None  # the epoch tables: learned offsets, DNS answers (None: neither is on)
 
     @classmethod
@@ -45,6 +46,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             commit_interval_ms=cfg.commit_interval_ms,
             read_ahead=cfg.read_ahead,
             start_from_ms=cfg.start_from_ms,
+            shards=cfg.shards,
             offsets=OffsetSettings.from_config(cfg)
             if cfg.correlate.offsets.estimate or cfg.correlate.dns_names
             else None,

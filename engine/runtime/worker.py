@@ -39,6 +39,7 @@ CALL_BYTES = 32 * 1024 * 1024
 CALL_MIN_EVENTS = 5_000  # below this, wait for the next partition's read rather than make a small call
 CATCHUP_STEP_SLOTS = 1  # buckets looked up per index scan while catching up: one 15-minute slot
 MAX_BACKOFF_S = 10.0
+CLOSING_WAIT_S = 10.0  # a drain waits at most this long for the other draining workers' rows of its epoch
 
 
 class CorrectedClock:
@@ -429,7 +430,13 @@ class Worker:
                 by_bucket.setdefault(st.read, []).append(st.shard)
         for bucket, shards in sorted(by_bucket.items()):
             if self.offsets is not None and isinstance(self.stage, LearnsOffsets):
-                self._pending.add(self.stage.close_epochs(shards))  # in the next epoch's table the drain looks up
+                # The drain looks up the next epoch's table too (DNS answers of the drained epoch): the shards' rows
+                # of this epoch go in first — this worker's written now, the other workers' (draining too) waited
+                # for, a bounded time.
+                epoch = bucket // self.offsets.epoch_buckets
+                self._pending.add(self.stage.close_epochs(shards, epoch))
+                await self.flush()
+                await self._await_closing_rows(epoch)
             await self._hand_offset_tables([(bucket, dict.fromkeys(shards, EMPTY))], drain=True)
             emission = self.stage.drain(shards, bucket)
             self._pending.add(emission)
@@ -440,6 +447,30 @@ class Worker:
         # never before they are all written.
         await self.store.seal_periods([(bucket, shard) for bucket, shards in by_bucket.items() for shard in shards])
         self._drained = True
+
+    async def _await_closing_rows(self, epoch: int) -> None:
+        """Before a drain builds the next epoch's table: wait until every shard of the tenant has its row of
+        ``epoch`` (the workers draining with this one write theirs before their drain), at most
+        :data:`CLOSING_WAIT_S`; shards nobody drains (a static split with instances that keep running) are not
+        waited for longer. The table is stored once, so whatever it holds, every replay applies the same."""
+        if self.offsets is None or self.settings.shards is None:
+            return
+        deadline = time.monotonic() + CLOSING_WAIT_S
+        want = set(range(self.settings.shards))
+        while True:
+            rows = await self.store.read_offset_evidence(self.settings.consumer, [epoch])
+            missing = want - {r.shard for r in rows}
+            if not missing or time.monotonic() >= deadline or self.stop.is_set():
+                if missing:
+                    log.info(
+                        "drain: %d shards wrote no row of epoch %d in %.0f s (not drained now?): going on without",
+                        len(missing),
+                        epoch,
+                        CLOSING_WAIT_S,
+                    )
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.2)
 
     async def step(self) -> bool:
         """One round over every shard that is behind. Returns whether any shard was behind."""

@@ -26,6 +26,7 @@ import pytest
 from engine.core.config import Config
 from engine.store import Store, make_store
 from engine.tools.accuracy import score_stories
+from engine.tools.simulate import Truth
 from engine.tools.verify import parse_ingest_summary
 from tests.chaos.conftest import TenantFactory
 from tests.chaos.harness import ROOT, Supervisor, Tenant, simulate, story_rows
@@ -317,6 +318,34 @@ def test_a_sensors_own_logs_ingested_by_auto_then_drain_then_drain_again(
     with_sessions = sum(1 for b in bodies if b.get("sessions"))
     assert with_sessions == (0 if options[1] == "vpcflow" else len(bodies)), with_sessions
     t.assert_restart_changes_nothing(truth)
+
+
+def test_dns_lookups_then_drain_name_the_connections_across_workers(
+    embedded_tenant: TenantFactory, tmp_path: Path
+) -> None:
+    """Issue 19: connections to addresses their client looked up (the simulator's lookups, clocks exact), ingested
+    and drained at once by two workers: the answers of the drained epoch reach the other worker's shards (each
+    drain waits for the other's rows of the epoch), so the connections carry the right name and the DNS story;
+    a second drain changes nothing."""
+    src, truth_path = simulate(tmp_path, EVENTS, 9, "--lookups", "--skew-s", "0")
+    truth = Truth.from_json(truth_path.read_bytes())
+    assert len(truth.names) > 300
+    t = fresh(embedded_tenant, src)
+    drain(t)
+    t.assert_verify(truth_path)
+    stories = t.dir / "stories.jsonl"
+    stories.write_text(t.run("stories", "--format", "jsonl").stdout)
+    bodies = [json.loads(line) for line in stories.read_text().splitlines() if line.strip()]
+    story_of = {eid: b for b in bodies if not b.get("merged_into") for eid in b["event_ids"]}
+    ids = {b["story_id"] for b in bodies}
+    first: dict[str, str] = {}
+    for eid, key in sorted(truth.stories.items()):
+        first.setdefault(key, eid)
+    right = sum(1 for key, name in truth.names.items() if story_of[first[key]].get("dns_names") == [name])
+    assert right / len(truth.names) >= 0.99, (right, len(truth.names))
+    related = [r for b in bodies for r in b.get("related_stories", [])]
+    assert related and set(related) <= ids, "every related story is a story of the tenant"
+    t.assert_restart_changes_nothing(truth_path)
 
 
 def make_run() -> subprocess.CompletedProcess[str]:

@@ -154,7 +154,7 @@ def step(m: StoryMachine, tables: Tables, ledger: Ledger, b: int, events: list[E
 
 
 def drain(m: StoryMachine, tables: Tables, ledger: Ledger, b: int) -> None:
-    closing = m.close_epochs(list(range(SHARDS)))
+    closing = m.close_epochs(list(range(SHARDS)), b // m.epoch_buckets)
     tables.absorb(closing)
     ledger.apply(closing)
     for e in m.offset_epochs([(b, dict.fromkeys(range(SHARDS), batch()))], drain=True):
