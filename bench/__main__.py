@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         results["stage"]["per-shard"]["stage_seconds"] / results["stage"]["grouped"]["stage_seconds"]
     )
     progress("stage at 100 ms buckets (~2 min)", 1, 1)
+    from bench import offsets_cost
+
+    progress("DNS names on connections, off and on (~1 min)", 0, 1)
+    results["dns_names"] = offsets_cost.dns_cost()
+    progress("DNS names on connections, off and on (~1 min)", 1, 1)
     if not args.skip_cql:
         from bench import latency, pipeline
 
@@ -341,6 +346,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{pi['storyline_events_per_s']:,.0f} events/s incl. the {pi['includes_lag_s']:g} s lag, "
                 f"{pi['storyline_sustained_events_per_s']:,.0f} without it"
             )
+    dn = results.get("dns_names")
+    if dn:
+        print(
+            f"DNS names (story builder in-process, {dn['events']:,} events of the lookups scenario): "
+            f"{dn['median_us_per_event_off']:.1f} -> {dn['median_us_per_event_on']:.1f} us/event "
+            f"(ratio {dn['ratio_on_off']:.3f}); answers {dn['median_dns_gather_us_per_event']:.2f}, lookups "
+            f"{dn['median_dns_lookup_us_per_event']:.2f}, amendments {dn['median_dns_amend_us_per_event']:.2f} us/event"
+        )
     if "story_cost_ledger" in results:
         led = results["story_cost_ledger"]
         print(

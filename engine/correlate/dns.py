@@ -24,6 +24,7 @@ Lookup
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -116,8 +117,10 @@ def dns_fields(source: str, attrs: Mapping[str, Any]) -> tuple[str, list[tuple[s
     return name.rstrip(".").lower(), [(a, t) for a, t in pairs if isinstance(a, str)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _address(text: str) -> str | None:
-    """The canonical text of an address answer; None for anything else (a CNAME target, a TXT record)."""
+    """The canonical text of an address answer; None for anything else (a CNAME target, a TXT record). Cached:
+    answers repeat (the addresses of popular names), and parsing one costs more than the rest of its answer."""
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:

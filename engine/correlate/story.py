@@ -894,7 +894,7 @@ class StoryMachine:
         sources = [s for s in new["source"].unique().to_list() if s is not None and is_dns_source(s)]
         if not sources:
             return
-        rows = new.filter(pl.col("source").is_in(sources)).select(
+        rows = new.filter(pl.col("source").is_in(sources) & pl.col("src_ip").is_not_null()).select(
             "source",
             "src_ip",
             "src_port",
@@ -906,12 +906,15 @@ class StoryMachine:
             "shard",
             ((pl.col("ingest") // self.bucket_ms - 1) // self.epoch_buckets).alias("epoch"),
         )
-        for (epoch, shard), part in rows.group_by("epoch", "shard"):
-            ids = [story_id(int(shard), k) for k in part["story"].to_list()]
-            cols = (part[c].to_list() for c in ("source", "src_ip", "src_port", "dst_ip", "dst_port", "attrs", "t"))
-            found = answers_of(zip(*cols, ids, strict=True), max_ttl_us=self.dns_max_ttl_us)
+        cols = [rows[c].to_list() for c in rows.columns]
+        by_key: dict[tuple[int, int], list[tuple[Any, ...]]] = {}
+        for source, sip, sport, dip, dport, attrs, t, key, shard, epoch in zip(*cols, strict=True):
+            row = (source, sip, sport, dip, dport, attrs, t, story_id(shard, key))
+            by_key.setdefault((epoch, shard), []).append(row)
+        for k, part in by_key.items():
+            found = answers_of(part, max_ttl_us=self.dns_max_ttl_us)
             if found:
-                self._dns.setdefault((int(epoch), int(shard)), []).extend(found)
+                self._dns.setdefault(k, []).extend(found)
                 self.counters.dns_answers += len(found)
 
     def _emit_evidence(self, shards: set[int], before_epoch: int | None) -> None:
