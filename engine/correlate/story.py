@@ -690,7 +690,7 @@ class StoryMachine:
         pairs = self.dns_view.pairs(epoch)
         if not pairs:
             return False
-        lo = epoch - self.dns_keep + 1
+        lo = bucket // self.epoch_buckets - self.dns_keep + 1  # the window _emit looks up in (a drain: one ahead)
         amend: dict[int, list[StoryMeta]] = {}
         for s, st in sts.items():
             for m in st.stories.values():
