@@ -297,8 +297,8 @@ class StoryMachine:
         self._dns_ahead = 0  # 1 while a drain emits: its lookups take the next epoch's table too
         # Epoch boundaries (re-correction, DNS amendments) are handled up to this many epochs after a shard's last
         # events: while a story could still gain events (max_wait), and with DNS names while an emitted one stays
-        # in the state (the amend horizon after its emission) and a late answer may still name it.
-        wait_ms = settings.max_wait_ms + (settings.amend_horizon_ms if self.dns_on else 0)
+        # in the state (the amend horizon after its emission), at most dns_max_ttl more: a late answer amends then.
+        wait_ms = settings.max_wait_ms + (min(settings.amend_horizon_ms, settings.dns_max_ttl_ms) if self.dns_on else 0)
         self.boundary_epochs = -(-wait_ms // settings.offsets.epoch_ms) + 1
 
     @classmethod
@@ -675,11 +675,14 @@ class StoryMachine:
         (:meth:`_recorrect`), then their emitted stories take the DNS answers the epoch's table brought
         (:meth:`_dns_amend`)."""
         epoch = bucket // self.epoch_buckets
-        if self.learn:
-            self._recorrect(bucket, sts)
-        else:
-            for st in sts.values():
-                st.epoch = epoch
+        # re-correction only while a story of the shard may still be open (relink_epochs after its last events)
+        fresh = {
+            s: st for s, st in sts.items() if st.data_epoch is not None and epoch <= st.data_epoch + self.relink_epochs
+        }
+        if self.learn and fresh:
+            self._recorrect(bucket, fresh)
+        for st in sts.values():
+            st.epoch = epoch
         if self.dns_on:
             self._dns_amend(bucket, sts, epoch)
 

@@ -428,15 +428,18 @@ class Worker:
         for st in self.state.values():
             if not st.fenced:
                 by_bucket.setdefault(st.read, []).append(st.shard)
+        if self.offsets is not None and isinstance(self.stage, LearnsOffsets):
+            # A drain looks up the next epoch's table too (DNS answers of the drained epoch): the shards' rows of
+            # their epoch go in first — this worker's written now, the other workers' (draining too) waited for, a
+            # bounded time.
+            epoch_of = {b: b // self.offsets.epoch_buckets for b in by_bucket}
+            for bucket, shards in sorted(by_bucket.items()):
+                self._pending.add(self.stage.close_epochs(shards, epoch_of[bucket]))
+            await self.flush()
+            for epoch in sorted(set(epoch_of.values())):
+                elsewhere = {s for b, shards in by_bucket.items() if epoch_of[b] != epoch for s in shards}
+                await self._await_closing_rows(epoch, skip=elsewhere)
         for bucket, shards in sorted(by_bucket.items()):
-            if self.offsets is not None and isinstance(self.stage, LearnsOffsets):
-                # The drain looks up the next epoch's table too (DNS answers of the drained epoch): the shards' rows
-                # of this epoch go in first — this worker's written now, the other workers' (draining too) waited
-                # for, a bounded time.
-                epoch = bucket // self.offsets.epoch_buckets
-                self._pending.add(self.stage.close_epochs(shards, epoch))
-                await self.flush()
-                await self._await_closing_rows(epoch)
             await self._hand_offset_tables([(bucket, dict.fromkeys(shards, EMPTY))], drain=True)
             emission = self.stage.drain(shards, bucket)
             self._pending.add(emission)
@@ -448,15 +451,16 @@ class Worker:
         await self.store.seal_periods([(bucket, shard) for bucket, shards in by_bucket.items() for shard in shards])
         self._drained = True
 
-    async def _await_closing_rows(self, epoch: int) -> None:
-        """Before a drain builds the next epoch's table: wait until every shard of the tenant has its row of
-        ``epoch`` (the workers draining with this one write theirs before their drain), at most
-        :data:`CLOSING_WAIT_S`; shards nobody drains (a static split with instances that keep running) are not
-        waited for longer. The table is stored once, so whatever it holds, every replay applies the same."""
+    async def _await_closing_rows(self, epoch: int, *, skip: set[int]) -> None:
+        """Before a drain builds the next epoch's table: wait until every shard of the tenant but ``skip`` (this
+        worker's shards drained in another epoch) has its row of ``epoch`` (the workers draining with this one
+        write theirs before their drain), at most :data:`CLOSING_WAIT_S`; shards nobody drains (a static split with
+        instances that keep running) are not waited for longer. The table is stored once, so whatever it holds,
+        every replay applies the same."""
         if self.offsets is None or self.settings.shards is None:
             return
         deadline = time.monotonic() + CLOSING_WAIT_S
-        want = set(range(self.settings.shards))
+        want = set(range(self.settings.shards)) - skip
         while True:
             rows = await self.store.read_offset_evidence(self.settings.consumer, [epoch])
             missing = want - {r.shard for r in rows}

@@ -73,6 +73,10 @@ STREAM: dict[str, Any] = {
         # (SKEW_S), so tables change within a run and the state is re-corrected at epoch boundaries, under
         # every fault too
         "offsets": {"epoch_ms": 1_000, "min_samples": 2},
+        # DNS names: the resolver's events on the DNS flow answer the address of the first flows' server, so
+        # their connections are named (and amended when an answer comes late) under every fault too; a short TTL
+        # keeps the tables a restart reads few
+        "dns_max_ttl_ms": 5_000,
     },
 }
 TICK_MS = 50  # the virtual clock moves this much at every reading
@@ -92,6 +96,7 @@ FLOWS: tuple[tuple[int, tuple[str, int], tuple[str, int]], ...] = (
     (6, ("10.0.0.3", 40004), ("198.51.100.9", 22)),
 )
 """The 5-tuples events report: few, so flows are reused across batches (later sessions of the same tuple)."""
+DNS_FLOW = 2  # the resolver's events on it carry an answer: 192.0.2.7, the server of the first two flows
 
 SENSORS = (("firewall", "fw-1"), ("endpoint", "edr-1"), ("dns", "dns-1"), ("cloud", "vpcflow-1"))
 SKEW_S = {"edr-1": 15}
@@ -114,6 +119,8 @@ def make_event(eid: str, spec: EventSpec, now_ms: int) -> Event:
     time_us = (now_ms - spec.age_s * 1000 + SKEW_S.get(sensor, 0) * 1000) * 1000
     attrs: dict[str, Any] = {"bytes": 100 + spec.age_s, "action": "allow"} if sensor[:2] in ("fw", "vp") else {}
     attrs["seq"] = eid
+    if source == "dns" and spec.flow == DNS_FLOW:
+        attrs.update(query="web.example", answer=["192.0.2.7"], ttl=60)
     if spec.flow >= len(FLOWS):
         return Event(eid, time_us, source, sensor, None, False, None, None, None, None, None, attrs)
     proto, a, b = FLOWS[spec.flow]
