@@ -734,6 +734,9 @@ RULES: dict[str, set[str]] = {
     "store.password_file": {"store.username", "store.password", "store.password_file"},
     "store.retry_max_ms": {"store.retry_max_ms", "store.retry_base_ms"},
     "store.replication.datacenters": {"store.replication.strategy", "store.replication.datacenters"},
+    "correlate.offsets.epoch_ms": {"correlate.offsets.epoch_ms", "bucket_ms"},
+    "correlate.dns_max_ttl_ms": {"correlate.dns_max_ttl_ms", "correlate.dns_names", "correlate.max_wait_ms"}
+    | {"lag_ms", "ttl_ms"},
 }
 LITERALS = ["embedded", "cql", "ONE", "QUORUM", "LOCAL_QUORUM", "SERIAL", "LOCAL_SERIAL", "SimpleStrategy"]
 LITERALS += ["NetworkTopologyStrategy", "final", "updates", "first", "sum", "set", "127.0.0.1:9042", "h:\u00b2"]
@@ -812,6 +815,8 @@ def check_config(cfg: Config) -> None:
     assert cfg.drain_timeout_ms > cfg.lag_ms and cfg.drain_timeout_ms > cfg.commit_interval_ms
     assert cfg.store.page_bytes <= cfg.store.page_bytes_max and cfg.store.page_bytes_max >= 2 * cfg.chunk_bytes
     assert cfg.chunk_bytes <= cfg.max_event_bytes
+    assert cfg.correlate.offsets.epoch_ms % cfg.bucket_ms == 0
+    assert not c.dns_names or cfg.ttl_ms >= c.dns_max_ttl_ms + c.max_wait_ms + cfg.lag_ms
     assert re.fullmatch(r"[a-z][a-z0-9_]{0,47}", cfg.tenant)
     for cp in cfg.store.contact_points:
         host, _, port = cp.rpartition(":")
