@@ -27,11 +27,13 @@ import bisect
 import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
-__all__ = ["SLACK_US", "DnsAnswer", "DnsView", "answers_of", "dns_fields", "is_dns_source"]
+from .paths import get_path
+
+__all__ = ["DNS_PATHS", "SLACK_US", "DnsAnswer", "DnsView", "answers_of", "dns_fields", "is_dns_source"]
 
 SLACK_US = 2_000_000
 """How far after a connection's start an answer may be timed and still name it (µs): the resolver's log and the
@@ -59,12 +61,24 @@ def is_dns_source(source: str) -> bool:
     return source == "dns" or source.endswith(".dns")
 
 
-def _get(doc: Any, path: Sequence[str]) -> Any:
-    for name in path:
-        if not isinstance(doc, Mapping):
-            return None
-        doc = doc.get(name)
-    return doc
+DNS_PATHS: Final[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
+    "": {"query": ("query",), "answer": ("answer",), "ttl": ("ttl",)},  # a resolver's log (source ``dns``)
+    "zeek": {"query": ("query",), "answer": ("answers",), "ttl": ("TTLs",)},  # dns.log
+    "suricata": {  # EVE dns: v2/v3 ``answers`` objects, a v1 answer record's own ``rdata``, or the grouped form
+        "query": ("dns.queries.0.rrname", "dns.rrname"),
+        "answer": ("dns.answers.*.rdata", "dns.rdata", "dns.grouped.A", "dns.grouped.AAAA"),
+        "ttl": ("dns.answers.*.ttl", "dns.ttl"),
+    },
+}
+"""Where a DNS record holds its query name, its answers and their TTLs, by sensor format (the ``source``'s
+prefix; ``""``: the resolver log's own attributes): paths as read by :func:`engine.correlate.paths.get_path`, the
+first that holds a value wins. The one declaration: the exporters' ``dns`` family (``dns.question.name``,
+``dns.answers``) takes its paths from here. A grouped EVE record gives its A answers, else its AAAA ones (one
+query asks for one type)."""
+
+
+def _first(attrs: Mapping[str, Any], paths: tuple[str, ...]) -> Any:
+    return next((v for p in paths if (v := get_path(attrs, p)) is not None), None)
 
 
 def _as_list(v: Any) -> list[Any]:
@@ -83,38 +97,21 @@ def _ttl_s(v: Any) -> float | None:
 
 
 def dns_fields(source: str, attrs: Mapping[str, Any]) -> tuple[str, list[tuple[str, float | None]]] | None:
-    """(query name, [(answer, TTL in seconds or None)]) of a DNS event's attributes, by its format: the resolver
-    log's ``query``/``answer``/``ttl`` (``ttl`` one value or one per answer), Zeek's ``query``/``answers``/``TTLs``,
-    Suricata's ``dns`` object (``queries[0].rrname`` or ``rrname``; ``answers[].rdata`` with ``ttl``, or ``rdata``
-    and ``ttl``, or the grouped ``A``/``AAAA`` lists). None: no query name or no answers."""
-    if source.startswith("suricata."):
-        dns = attrs.get("dns")
-        if not isinstance(dns, Mapping):
-            return None
-        query = _get(dns, ("queries",))
-        name = query[0].get("rrname") if isinstance(query, list) and query and isinstance(query[0], Mapping) else None
-        name = name if name is not None else dns.get("rrname")
-        pairs: list[tuple[Any, float | None]] = []
-        answers = dns.get("answers")
-        if isinstance(answers, list):
-            pairs = [(a.get("rdata"), _ttl_s(a.get("ttl"))) for a in answers if isinstance(a, Mapping)]
-        elif dns.get("rdata") is not None:
-            pairs = [(dns.get("rdata"), _ttl_s(dns.get("ttl")))]
-        grouped = dns.get("grouped")
-        if not pairs and isinstance(grouped, Mapping):
-            pairs = [(a, None) for kind in ("A", "AAAA") for a in _as_list(grouped.get(kind))]
-    else:
-        name = attrs.get("query")
-        answers_v = attrs.get("answers") if source.startswith("zeek.") else attrs.get("answer")
-        ttls_v = attrs.get("TTLs") if source.startswith("zeek.") else attrs.get("ttl")
-        answers_l = _as_list(answers_v)
-        ttls = _as_list(ttls_v)
-        if len(ttls) == 1 and len(answers_l) > 1:
-            ttls = ttls * len(answers_l)
-        pairs = [(a, _ttl_s(ttls[i]) if i < len(ttls) else None) for i, a in enumerate(answers_l)]
-    if not isinstance(name, str) or not name or not pairs:
+    """(query name, [(answer, TTL in seconds or None)]) of a DNS event's attributes, read at the paths of
+    :data:`DNS_PATHS` for its format. TTLs pair with answers by position; one TTL serves every answer; TTLs that do
+    not pair (another count) are dropped, so the cap applies. None: no query name or no answers."""
+    fmt = source.split(".", 1)[0] if "." in source else ""
+    paths = DNS_PATHS.get(fmt, DNS_PATHS[""])  # another resolver's ``x.dns`` log: the resolver log's names
+    name = _first(attrs, paths["query"])
+    answers = _as_list(_first(attrs, paths["answer"]))
+    ttls = _as_list(_first(attrs, paths["ttl"]))
+    if len(ttls) == 1:
+        ttls = ttls * len(answers)
+    elif len(ttls) != len(answers):
+        ttls = [None] * len(answers)
+    if not isinstance(name, str) or not name or not answers:
         return None
-    return name.rstrip(".").lower(), [(a, t) for a, t in pairs if isinstance(a, str)]
+    return name.rstrip(".").lower(), [(a, _ttl_s(t)) for a, t in zip(answers, ttls, strict=True) if isinstance(a, str)]
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -30,6 +30,8 @@ from typing import Any, Final, Literal, NamedTuple
 import msgspec
 
 from engine.correlate.body import Observer, StoryBody
+from engine.correlate.dns import DNS_PATHS
+from engine.correlate.paths import get_path
 
 __all__ = [
     "APP_PROTOCOL",
@@ -74,7 +76,8 @@ a value wins (``*`` maps over a list, a number indexes one)."""
 FORMAT_FAMILIES: Final[Mapping[str, Mapping[str, tuple[Paths, Mapping[str, Paths]]]]] = {
     "zeek": {  # one Zeek node is one observer: its conn, dns, http and ssl records' attributes merged
         "flow": (("conn_state", "history"), {}),
-        "dns": (("query", "qtype_name", "rcode_name"), {"query": ("query",), "answer": ("answers",),
+        "dns": (("query", "qtype_name", "rcode_name"), {"query": DNS_PATHS["zeek"]["query"],
+                                                        "answer": DNS_PATHS["zeek"]["answer"],
                                                         "rcode": ("rcode_name",)}),
         "http": (("status_code", "uri", "trans_depth"), {"method": ("method",), "host": ("host",), "path": ("uri",),
                                                          "status": ("status_code",), "user_agent": ("user_agent",)}),
@@ -84,8 +87,8 @@ FORMAT_FAMILIES: Final[Mapping[str, Mapping[str, tuple[Paths, Mapping[str, Paths
     },
     "suricata": {  # EVE: each record kind's fields under its own key
         "flow": (("flow", "netflow"), {}),
-        "dns": (("dns",), {"query": ("dns.queries.0.rrname", "dns.rrname"),
-                           "answer": ("dns.answers.*.rdata", "dns.rdata"), "rcode": ("dns.rcode",)}),
+        "dns": (("dns",), {"query": DNS_PATHS["suricata"]["query"], "answer": DNS_PATHS["suricata"]["answer"],
+                           "rcode": ("dns.rcode",)}),
         "http": (("http",), {"method": ("http.http_method",), "host": ("http.hostname",), "path": ("http.url",),
                              "status": ("http.status",), "user_agent": ("http.http_user_agent",)}),
         "tls": (("tls",), {"sni": ("tls.sni",), "version": ("tls.version",), "ja3": ("tls.ja3.hash",),
@@ -336,28 +339,6 @@ def storyline_namespace(body: StoryBody) -> dict[str, Any]:
     if body.event_ids is not None:
         out["event_ids"] = list(body.event_ids)
     return out
-
-
-def get_path(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path of a nested document (``"connection_info.direction_id"``); None when absent. In
-    a list, a number picks an element (``dns.queries.0.rrname``) and ``*`` maps the rest of the path over every
-    element (``dns.answers.*.rdata``: the values found, None when there are none)."""
-    node: Any = doc
-    names = path.split(".")
-    for i, name in enumerate(names):
-        if isinstance(node, list):
-            if name == "*":
-                rest = ".".join(names[i + 1 :])
-                found = [v for v in (get_path({"v": e}, f"v.{rest}" if rest else "v") for e in node) if v is not None]
-                return found or None
-            if name.isdigit() and int(name) < len(node):
-                node = node[int(name)]
-                continue
-            return None
-        if not isinstance(node, Mapping) or name not in node:
-            return None
-        node = node[name]
-    return node
 
 
 def rfc3339_ms(ms: int) -> str:

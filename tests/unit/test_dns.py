@@ -42,6 +42,14 @@ def test_the_query_and_answers_of_each_format() -> None:
     assert dns_fields("suricata.dns", eve) == ("y.net", [("198.51.100.4", 300.0)])
     eve2 = {"dns": {"type": "answer", "rrname": "z.net", "grouped": {"A": ["203.0.113.5"], "CNAME": ["w.net"]}}}
     assert dns_fields("suricata.dns", eve2) == ("z.net", [("203.0.113.5", None)])
+    eve3 = {"dns": {"type": "answer", "rrname": "v6.net", "grouped": {"AAAA": ["2001:db8::5"]}}}
+    assert dns_fields("suricata.dns", eve3) == ("v6.net", [("2001:db8::5", None)])
+    # TTLs that do not pair with the answers are dropped (the cap applies), never shifted onto the wrong answer
+    assert dns_fields("zeek.dns", {"query": "m.org", "answers": ["192.0.2.1", "192.0.2.2"], "TTLs": [1, 2, 3]}) == (
+        "m.org",
+        [("192.0.2.1", None), ("192.0.2.2", None)],
+    )
+    assert dns_fields("bind.dns", {"query": "q.org", "answer": "192.0.2.1"}) == ("q.org", [("192.0.2.1", None)])
     assert dns_fields("dns", {"query": "nx.example", "answer": [], "rcode": "NXDOMAIN"}) is None
     assert dns_fields("dns", {"answer": ["192.0.2.1"]}) is None
 
