@@ -31,7 +31,7 @@ import msgspec
 from engine.core.config import Config, from_mapping
 from engine.core.event import encode
 from engine.core.stage import Batch, Emission
-from engine.correlate.offsets import LOOKBACK_EPOCHS, EvidenceRow, OffsetTable, advance
+from engine.correlate.offsets import EvidenceRow, TableBook
 from engine.correlate.story import StoryMachine
 from engine.ingest.canonical import ParseRules, parse_line
 from engine.store import EventRecord
@@ -77,33 +77,21 @@ def _partitions(n: int, lookups: bool = False) -> dict[int, dict[int, list[Event
     return out
 
 
-class _Tables:
+def _rows(emission: Emission) -> list[EvidenceRow]:
+    return [_row_decoder.decode(r.body) for r in emission.evidence]
+
+
+def _tables(cfg: Config) -> TableBook:
     """The runtime's part, in-process: each epoch's table built once from the evidence the machine emitted (as
     engine.runtime.offsets.OffsetKeeper does from the stored rows), so the run applies learned tables and
     re-corrects its state as a worker does."""
-
-    def __init__(self, cfg: Config) -> None:
-        o = cfg.correlate.offsets
-        self.kw: dict[str, Any] = {
-            "reference": cfg.correlate.reference_sensor,
-            "min_samples": o.min_samples,
-            "delay_epochs": o.delay_epochs,
-            "expire_epochs": max(1, cfg.ttl_ms // o.epoch_ms),
-        }
-        self.rows: dict[tuple[int, int], EvidenceRow] = {}
-        self.tables: dict[int, OffsetTable] = {}
-
-    def take(self, emission: Emission) -> None:
-        for r in emission.evidence:
-            self.rows[(r.epoch, r.shard)] = _row_decoder.decode(r.body)
-
-    def table(self, epoch: int) -> OffsetTable:
-        got = self.tables.get(epoch)
-        if got is None:
-            prev = self.tables[max(self.tables)] if self.tables else None
-            rows = [r for (e, _), r in sorted(self.rows.items()) if epoch - LOOKBACK_EPOCHS <= e < epoch]
-            got = self.tables[epoch] = advance(prev, epoch, rows, **self.kw)
-        return got
+    o = cfg.correlate.offsets
+    return TableBook(
+        reference=cfg.correlate.reference_sensor,
+        min_samples=o.min_samples,
+        delay_epochs=o.delay_epochs,
+        expire_epochs=max(1, cfg.ttl_ms // o.epoch_ms),
+    )
 
 
 def _run(
@@ -111,7 +99,7 @@ def _run(
 ) -> dict[str, float]:
     cfg = _config(estimate, dns, long_waits)
     machine = StoryMachine.for_config(cfg)
-    tables = _Tables(cfg)
+    tables = _tables(cfg)
     if estimate or dns:
         machine.use_offset_tables()
     spent = dict.fromkeys(("evidence", "recorrect", "dns_gather", "dns_lookup", "dns_amend"), 0.0)
@@ -139,8 +127,8 @@ def _run(
             part = [(b, x) for b, x in call if b // machine.epoch_buckets == group]
             for e in machine.offset_epochs(part):
                 machine.set_offset_table(tables.table(e))
-            tables.take(machine.on_buckets(part))
-    tables.take(machine.close_epochs(list(range(SHARDS)), order[-1] // machine.epoch_buckets))
+            tables.add(_rows(machine.on_buckets(part)))
+    tables.add(_rows(machine.close_epochs(list(range(SHARDS)), order[-1] // machine.epoch_buckets)))
     for e in machine.offset_epochs([(order[-1], dict.fromkeys(range(SHARDS), Batch([])))], drain=True):
         machine.set_offset_table(tables.table(e))
     machine.drain(list(range(SHARDS)), order[-1])

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import polars as pl
@@ -52,8 +53,10 @@ __all__ = [
     "Estimate",
     "PairEstimate",
     "Sketch",
+    "TableBook",
     "estimate_pair",
     "evidence",
+    "evidence_epochs",
     "jumped",
     "merge",
     "solve",
@@ -423,3 +426,41 @@ def advance(
         jumps=jumps,
         dns=sorted(answers),
     )
+
+
+def evidence_epochs(epoch: int, delay_epochs: int) -> range:
+    """The evidence epochs whose rows :func:`advance` may merge into ``epoch``'s table: the look-back up to
+    ``epoch - 1 - delay_epochs`` (what a keeper reads before it builds the table)."""
+    return range(epoch - LOOKBACK_EPOCHS, epoch - delay_epochs)
+
+
+class TableBook:
+    """Epoch tables in memory, built as a worker's keeper (engine.runtime.offsets) builds the stored ones: an
+    epoch's table once, the first time it is asked for, from the latest table built before it and the rows of
+    :func:`evidence_epochs` given so far; the same table afterwards (first writer wins). For runs without a
+    store: tests and benches that drive a story builder in-process. Pure."""
+
+    def __init__(self, *, reference: str | None, min_samples: int, delay_epochs: int, expire_epochs: int) -> None:
+        self._kw: dict[str, Any] = {
+            "reference": reference,
+            "min_samples": min_samples,
+            "delay_epochs": delay_epochs,
+            "expire_epochs": expire_epochs,
+        }
+        self._delay = delay_epochs
+        self.rows: dict[tuple[int, int], EvidenceRow] = {}  # (epoch, shard) → the newest row given
+        self.tables: dict[int, OffsetTable] = {}
+
+    def add(self, rows: Iterable[EvidenceRow]) -> None:
+        """Evidence rows as they are written (a later row of the same epoch and shard replaces the earlier)."""
+        for row in rows:
+            self.rows[(row.epoch, row.shard)] = row
+
+    def table(self, epoch: int) -> OffsetTable:
+        got = self.tables.get(epoch)
+        if got is None:
+            prev = max((e for e in self.tables if e < epoch), default=None)
+            span = evidence_epochs(epoch, self._delay)
+            rows = [r for (e, _), r in sorted(self.rows.items()) if e in span]
+            got = self.tables[epoch] = advance(self.tables[prev] if prev is not None else None, epoch, rows, **self._kw)
+        return got

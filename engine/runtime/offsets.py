@@ -17,7 +17,7 @@ import msgspec
 
 from engine.core.config import Config
 from engine.core.records import EvidenceRecord
-from engine.correlate.offsets import LOOKBACK_EPOCHS, EvidenceRow, OffsetTable, advance
+from engine.correlate.offsets import EvidenceRow, OffsetTable, advance, evidence_epochs
 from engine.store import Store
 
 log = logging.getLogger("storyline.offsets")
@@ -95,8 +95,7 @@ class OffsetKeeper:
         else:
             found = await self.store.latest_offset_table(s.consumer, epoch)
             prev = decode_table(found[1]) if found is not None else None
-        upto = epoch - 1 - s.delay_epochs  # the evidence of the look-back that advance() may merge
-        rows = await self.store.read_offset_evidence(s.consumer, list(range(epoch - LOOKBACK_EPOCHS, upto + 1)))
+        rows = await self.store.read_offset_evidence(s.consumer, list(evidence_epochs(epoch, s.delay_epochs)))
         newest = {(r.epoch, r.shard): r for r in [*rows, *pending]}  # a pending row is newer than its stored one
         table = advance(
             prev,

@@ -15,7 +15,7 @@ from engine.core.event import Event
 from engine.core.stage import Batch, Emission
 from engine.correlate.body import decode_body
 from engine.correlate.dns import SLACK_US, DnsAnswer, DnsView, answers_of, dns_fields
-from engine.correlate.offsets import EvidenceRow, OffsetTable, advance
+from engine.correlate.offsets import EvidenceRow, TableBook
 from engine.correlate.story import StoryMachine
 from engine.ingest.canonical import shard_of
 from engine.ingest.network_identity import flow_identity
@@ -121,25 +121,15 @@ def lookup(i: str, t_s: float, name: str, addrs: list[str], sport: int, ttl: int
                  53, attrs)  # fmt: skip
 
 
-class Tables:
-    """The epoch tables as the worker's keeper gives them: built from the evidence rows stored so far the first
-    time an epoch is asked for, then the same for everyone (first writer wins)."""
+class Tables(TableBook):
+    """The epoch tables as a worker's keeper gives them (engine.correlate.offsets.TableBook), from the evidence rows
+    of the story builder's emissions."""
 
     def __init__(self) -> None:
-        self.rows: dict[tuple[int, int], EvidenceRow] = {}
-        self.built: dict[int, OffsetTable] = {}
+        super().__init__(reference=None, min_samples=10, delay_epochs=0, expire_epochs=1_000)
 
     def absorb(self, em: Emission) -> None:
-        for r in em.evidence:
-            self.rows[(r.epoch, r.shard)] = msgspec.msgpack.decode(r.body, type=EvidenceRow)
-
-    def table(self, epoch: int) -> OffsetTable:
-        if epoch not in self.built:
-            prev = max((t for e, t in self.built.items() if e < epoch), key=lambda t: t.epoch, default=None)
-            rows = [r for r in self.rows.values() if r.epoch < epoch]
-            self.built[epoch] = advance(prev, epoch, rows, reference=None, min_samples=10, delay_epochs=0,
-                                        expire_epochs=1_000)  # fmt: skip
-        return self.built[epoch]
+        self.add(msgspec.msgpack.decode(r.body, type=EvidenceRow) for r in em.evidence)
 
 
 SHARDS = 4
@@ -249,7 +239,7 @@ def test_a_replay_names_and_amends_like_the_uninterrupted_run(tmp_path: Path, cr
     drain(m, wt, whole, 260)
 
     ledger, tables = Ledger(), Tables()
-    tables.built = wt.built  # the stored tables: what the restarted worker reads
+    tables.tables = wt.tables  # the stored tables: what the restarted worker reads
     first = machine(tmp_path)
     replay_from: dict[int, int] = {}
     s = script()
