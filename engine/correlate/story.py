@@ -147,6 +147,20 @@ class ShardState:
     epoch: int | None = None
     data_epoch: int | None = None
     moved: dict[int, int] = field(default_factory=dict)
+    # DNS names: the flow's two addresses (StoryMeta.ends) → the keys of its stories in the state, so an epoch
+    # table's answers find the stories they may amend without a scan
+    by_ends: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+
+    def drop(self, key: int) -> StoryMeta:
+        """The story leaves the state (evicted, or merged into another)."""
+        meta = self.stories.pop(key)
+        self.track(meta.first_bucket, -1)
+        if meta.ends is not None:
+            keys = self.by_ends[meta.ends]
+            keys.discard(key)
+            if not keys:
+                del self.by_ends[meta.ends]
+        return meta
 
     def track(self, first_bucket: int, n: int) -> None:
         """A story starting at ``first_bucket`` joins (``n = 1``) or leaves (``n = -1``) the state."""
@@ -501,6 +515,8 @@ class StoryMachine:
                 if self._drain_shard(s, bucket):
                     out.marks.append(MarkRecord(s, bucket, DRAIN_PART, DRAIN_MARK))
                 out.replay[s] = self.replay_bucket(s, bucket)
+            # The worker emitted the shards' rows with close_epochs before the drain; a caller that did not gets
+            # them here (evidence and answers are never left behind in a drained shard).
             self._emit_evidence(set(shards), None)
             self._fuse_pending()
         finally:
@@ -663,8 +679,10 @@ class StoryMachine:
             self._timeouts(b, {s: sts[s] for s, d in due.items() if d == b or s in crossing}, now)
 
     def _next_boundary(self, st: ShardState) -> int | None:
-        """The first bucket of the next epoch at which the shard's rows are re-corrected: while the runtime hands
-        over tables, the shard has stories, and it is within ``relink_epochs`` of its last events."""
+        """The first bucket of the next epoch, at which the shard's open stories are re-corrected and its emitted
+        ones amended by DNS answers (:meth:`_boundary`): while the runtime hands over tables, the shard has stories,
+        and the epoch is within ``boundary_epochs`` of its last events (``relink_epochs`` bounds re-correction
+        inside that, in :meth:`_boundary`)."""
         if self.tables is None or not self.epochs_on or not st.stories or st.epoch is None or st.data_epoch is None:
             return None
         e = st.epoch + 1
@@ -696,11 +714,12 @@ class StoryMachine:
         lo = bucket // self.epoch_buckets - self.dns_keep + 1  # the window _emit looks up in (a drain: one ahead)
         amend: dict[int, list[StoryMeta]] = {}
         for s, st in sts.items():
-            for m in st.stories.values():
-                if m.dirty or m.drained or not m.revision or m.ends is None:
-                    continue
-                a, b = m.ends
-                if (a, b) not in pairs and (b, a) not in pairs:
+            if len(pairs) < len(st.by_ends):  # the answers' flows among the shard's, or the shard's among them
+                ends = [e for x, y in pairs if (e := (min(x, y), max(x, y))) in st.by_ends]
+            else:
+                ends = [e for e in st.by_ends if e in pairs or (e[1], e[0]) in pairs]
+            for (a, b), m in ((e, st.stories[k]) for e in set(ends) for k in st.by_ends[e]):
+                if m.dirty or m.drained or not m.revision:
                     continue
                 found = self.dns_view.lookup(a, b, m.t_min, epoch, lo)
                 if found is not None and found != m.dns:
@@ -1131,7 +1150,7 @@ class StoryMachine:
             st.changed.add(sid)
             heapq.heappush(st.due, (now + wait) << 64 | sid)
             st.track(bucket, 1)
-            st.stories[sid] = StoryMeta(
+            st.stories[sid] = meta = StoryMeta(
                 sid,
                 shard,
                 story_id(shard, sid),
@@ -1148,6 +1167,8 @@ class StoryMachine:
                 if flow is None or src_ip is None or dst_ip is None
                 else (min(src_ip, dst_ip), max(src_ip, dst_ip)),
             )
+            if meta.ends is not None:
+                st.by_ends.setdefault(meta.ends, set()).add(sid)
             comps.append(comp)
             sids.append(sid)
         self.counters.stories += fresh.height
@@ -1280,8 +1301,7 @@ class StoryMachine:
                 continue  # nothing changed and nothing falls due yet
             renames, st.merged_now = st.merged_now, {}
             for old, sid in renames.items():
-                om = st.stories.pop(old)
-                st.track(om.first_bucket, -1)
+                om = st.drop(old)
                 if om.dirty:
                     st.open -= 1
                 if om.revision:  # it was visible downstream: tell consumers where it went
@@ -1347,7 +1367,7 @@ class StoryMachine:
             for shard, keys in leaving.items():
                 st = active[shard][0]
                 for key in keys:
-                    st.track(st.stories.pop(key).first_bucket, -1)
+                    st.drop(key)
             for shard, parts in marks.items():
                 if bucket > active[shard][0].replay_through:  # a replayed bucket's marks are stored (and complete)
                     self._out.marks += [MarkRecord(shard, bucket, i, body) for i, body in enumerate(parts)]

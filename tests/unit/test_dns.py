@@ -200,12 +200,24 @@ def run(m: StoryMachine, tables: Tables, ledger: Ledger, lo: int, hi: int, *, re
         step(m, tables, ledger, b, s.get(b, []), replay=replay)
 
 
+def assert_flow_index(m: StoryMachine) -> None:
+    """The amendments' index (ShardState.by_ends) holds exactly the stories in the state, by their flow's ends."""
+    for st in m.shards.values():
+        want: dict[tuple[str, str], set[int]] = {}
+        for key, meta in st.stories.items():
+            if meta.ends is not None:
+                want.setdefault(meta.ends, set()).add(key)
+        assert st.by_ends == want
+
+
 def test_connections_in_other_shards_carry_the_name_and_the_dns_story(tmp_path: Path) -> None:
     shard = {e.id: shard_of(e, SHARDS) for evs in script().values() for e in evs}
     assert all(shard[d] != shard[c] for d, c in (("d1", "c1"), ("d2", "c2"), ("d3", "c3"))), "answers cross shards"
     m, tables, ledger = machine(tmp_path), Tables(), Ledger()
     run(m, tables, ledger, 100, 260)
+    assert_flow_index(m)
     drain(m, tables, ledger, 260)
+    assert_flow_index(m)
     got = latest(ledger)
     dns_story = {ids: doc["story_id"] for ids, doc in got.items() if ids.startswith("d")}
     assert got["c1,c1b"]["dns_names"] == ["one.example"] and got["c1,c1b"]["related_stories"] == [dns_story["d1"]]
