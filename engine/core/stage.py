@@ -129,7 +129,7 @@ class LearnsOffsets(Protocol):
 
     def close_epochs(self, shards: Sequence[int], epoch: int) -> Emission:
         """Before a drain at a bucket of ``epoch``: what the stage gathered for the epoch tables of these shards,
-        emitted now, with a row of ``epoch`` for every one of them."""
+        emitted now (the runtime adds an empty row of ``epoch`` for each shard the store then has none of)."""
 
     def set_offset_table(self, table: Any) -> None: ...
 

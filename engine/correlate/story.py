@@ -307,7 +307,6 @@ class StoryMachine:
         self.dns_keep = -(-(settings.dns_max_ttl_ms + settings.max_wait_ms) // settings.offsets.epoch_ms) + 1
         self.dns_view = DnsView()
         self._dns: dict[tuple[int, int], list[DnsAnswer]] = {}  # (epoch, shard) → its answers so far
-        self._rows_out: set[tuple[int, int]] = set()  # (epoch, shard) rows emitted (the last LOOKBACK_EPOCHS)
         self._dns_ahead = 0  # 1 while a drain emits: its lookups take the next epoch's table too
         # Epoch boundaries (re-correction, DNS amendments) are handled up to this many epochs after a shard's last
         # events: while a story could still gain events (max_wait), and with DNS names while an emitted one stays
@@ -526,14 +525,14 @@ class StoryMachine:
         return out
 
     def close_epochs(self, shards: Sequence[int], epoch: int) -> Emission:
-        """Emit the gathered evidence and DNS answers of these shards now, and an empty row of ``epoch`` for each
-        shard that has none (a drain at a bucket of ``epoch`` follows: the next epoch's table, which its lookups
-        take, is built with them, and the runtime knows from the rows when every shard's are in)."""
+        """Emit the gathered evidence and DNS answers of these shards now: a drain at a bucket of ``epoch``
+        follows, and the next epoch's table, which its lookups take, is built with them. A shard with nothing
+        gathered gets no row: the runtime writes an empty one where the store has none (it knows what is stored;
+        the stage does not know which of its emissions a failed write lost, nor what a rebuilt state's earlier
+        life wrote)."""
+        del epoch  # every epoch gathered so far is emitted
         self._out = out = Emission()
         try:
-            for s in shards:
-                if (epoch, s) not in self._rows_out:  # never an empty row over one emitted before (a retried drain)
-                    self._evidence.setdefault((epoch, s), {})
             self._emit_evidence(set(shards), None)
         finally:
             self._out = Emission()
@@ -944,11 +943,6 @@ class StoryMachine:
         every epoch, a drain) and forget them."""
         keys = self._evidence.keys() | self._dns.keys()
         due = [k for k in keys if k[1] in shards and (before_epoch is None or k[0] < before_epoch)]
-        if due:
-            self._rows_out.update(due)
-            if len(self._rows_out) > 4 * len(due) + 1024:
-                newest = max(e for e, _ in self._rows_out)
-                self._rows_out = {k for k in self._rows_out if k[0] >= newest - LOOKBACK_EPOCHS}
         for key in sorted(due):
             pairs = self._evidence.pop(key, {})
             body = {pair_key(a, b): Sketch.of(counts) for (a, b), counts in sorted(pairs.items())}

@@ -60,6 +60,12 @@ def decode_row(body: bytes) -> EvidenceRow:
     return _row_decoder.decode(body)
 
 
+def empty_row(epoch: int, shard: int) -> EvidenceRecord:
+    """A shard's row of ``epoch`` without evidence or answers: the mark that the shard closed the epoch (a drain
+    writes it for a drained shard whose row is not stored, so the other draining workers need not wait for it)."""
+    return EvidenceRecord(epoch, shard, _encoder.encode(EvidenceRow(epoch, shard, {})))
+
+
 class OffsetKeeper:
     """Reads or builds the offset table of an epoch (see the module's text); remembers the latest it handed out
     (:attr:`current`, for metrics and status)."""

@@ -24,7 +24,7 @@ from engine.core.config import Config
 from engine.core.errors import SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Buckets, Emission, LearnsOffsets, MarkRecord, Stage
 from engine.runtime.assign import format_ranges
-from engine.runtime.offsets import OffsetKeeper
+from engine.runtime.offsets import OffsetKeeper, empty_row
 from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, run_all
 
@@ -437,8 +437,9 @@ class Worker:
                 self._pending.add(self.stage.close_epochs(shards, epoch_of[bucket]))
             await self.flush()
             for epoch in sorted(set(epoch_of.values())):
+                mine = {s for b, shards in by_bucket.items() if epoch_of[b] == epoch for s in shards}
                 elsewhere = {s for b, shards in by_bucket.items() if epoch_of[b] != epoch for s in shards}
-                await self._await_closing_rows(epoch, skip=elsewhere)
+                await self._await_closing_rows(epoch, mine=mine, skip=elsewhere)
         for bucket, shards in sorted(by_bucket.items()):
             await self._hand_offset_tables([(bucket, dict.fromkeys(shards, EMPTY))], drain=True)
             emission = self.stage.drain(shards, bucket)
@@ -451,18 +452,25 @@ class Worker:
         await self.store.seal_periods([(bucket, shard) for bucket, shards in by_bucket.items() for shard in shards])
         self._drained = True
 
-    async def _await_closing_rows(self, epoch: int, *, skip: set[int]) -> None:
-        """Before a drain builds the next epoch's table: wait until every shard of the tenant but ``skip`` (this
-        worker's shards drained in another epoch) has its row of ``epoch`` (the workers draining with this one
-        write theirs before their drain), at most :data:`CLOSING_WAIT_S`; shards nobody drains (a static split with
-        instances that keep running) are not waited for longer. The table is stored once, so whatever it holds,
-        every replay applies the same."""
-        if self.offsets is None or self.settings.shards is None:
+    async def _await_closing_rows(self, epoch: int, *, mine: set[int], skip: set[int]) -> None:
+        """Before a drain builds the next epoch's table: ``mine`` (this worker's shards drained at ``epoch``, their
+        gathered rows written) each get an empty row of ``epoch`` where the store has none; then wait until every
+        shard of the tenant but ``skip`` (this worker's shards drained in another epoch) has its row (the workers
+        draining with this one write theirs before their drain), at most :data:`CLOSING_WAIT_S`; shards nobody
+        drains (a static split with instances that keep running) are not waited for longer. The table is stored
+        once, so whatever it holds, every replay applies the same. A stored row is never replaced by an empty one
+        (a retried drain, a state rebuilt after a failed write)."""
+        if self.offsets is None:
+            return
+        rows = await self.store.read_offset_evidence(self.settings.consumer, [epoch])
+        absent = sorted(mine - {r.shard for r in rows})
+        if absent:
+            await self.store.put_offset_evidence(self.settings.consumer, [empty_row(epoch, s) for s in absent])
+        if self.settings.shards is None:
             return
         deadline = time.monotonic() + CLOSING_WAIT_S
-        want = set(range(self.settings.shards)) - skip
+        want = set(range(self.settings.shards)) - skip - mine
         while True:
-            rows = await self.store.read_offset_evidence(self.settings.consumer, [epoch])
             missing = want - {r.shard for r in rows}
             if not missing or time.monotonic() >= deadline or self.stop.is_set():
                 if missing:
@@ -475,6 +483,7 @@ class Worker:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 0.2)
+            rows = await self.store.read_offset_evidence(self.settings.consumer, [epoch])
 
     async def step(self) -> bool:
         """One round over every shard that is behind. Returns whether any shard was behind."""

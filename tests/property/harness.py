@@ -351,6 +351,7 @@ class StoryStream:
         self.rows: dict[tuple[str, int], Row] = {}  # every (story_id, revision) seen, as first seen
         self.runs: list[RunResult] = []
         self.broken = False  # a check failed: the test is over, skip the final drain
+        self.until = 0  # the last run's until bucket
 
     def _fail(self, message: str) -> None:
         self.broken = True
@@ -420,7 +421,7 @@ class StoryStream:
 
     async def _run(self, drain: bool, fault: Fault | None) -> RunResult:
         cfg = self.cfg
-        until = self.clock.now_ms() // cfg.bucket_ms
+        until = self.until = self.clock.now_ms() // cfg.bucket_ms
         store = FaultyStore(self._store(), fault)
         worker = VirtualTimeWorker.from_config(
             cfg,
@@ -514,7 +515,27 @@ class StoryStream:
         self.check_rows()
         if result.outcome == "done":
             self.check_verify()
+            if self.cfg.correlate.dns_names or self.cfg.correlate.offsets.estimate:  # the stage uses epoch tables
+                self.check_closing_rows()
         return result
+
+    def check_closing_rows(self) -> None:
+        """After a drain: every shard has its row of the drained epoch (the drain wrote the gathered ones, or an
+        empty one where none was stored), whatever a fault lost of an earlier attempt's writes — a missing row
+        leaves the next epoch's table without that shard's answers and makes other draining workers wait."""
+
+        async def go() -> set[int]:
+            store = self._store()
+            await store.open()
+            try:
+                epoch = self.until * self.cfg.bucket_ms // self.cfg.correlate.offsets.epoch_ms
+                return {r.shard for r in await store.read_offset_evidence(self.cfg.consumer, [epoch])}
+            finally:
+                await store.close()
+
+        have = asyncio.run(go())
+        if have != set(range(self.cfg.shards)):
+            self._fail(f"after a drain, shards {sorted(set(range(self.cfg.shards)) - have)} have no row of its epoch")
 
     def final(self) -> None:
         """A clean final drain, the promise, and a restart after it: another drain writes no row at all."""
