@@ -212,6 +212,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     commit_interval_ms: PositiveMs = 5_000
     drain_timeout_ms: PositiveMs = 120_000
     read_ahead: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    # Groups (`storyline run --group`, docs/operations.md): each shard is held by a lease of lease_ms that its
+    # worker renews every renew_ms; a member looks at the group's members every group_poll_ms. A worker stops
+    # touching a shard whose lease it could not renew before the lease ends, so lease_ms must exceed renew_ms +
+    # request_timeout_ms (a renewal that hangs) + max_clock_skew_ms (the claimer's clock may run ahead).
+    lease_ms: PositiveMs = 10_000
+    renew_ms: PositiveMs = 2_000
+    group_poll_ms: PositiveMs = 1_000
     # A first start reads from the tenant's creation (bounded by the TTL); start_from_ms narrows that on purpose.
     start_from_ms: NonNegMs | None = None
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
@@ -253,6 +260,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"{self.drain_timeout_ms} must be > lag_ms ({self.lag_ms}) and > commit_interval_ms"
                 f" ({self.commit_interval_ms}), or a drain could give up on a healthy worker that has not committed"
                 f" yet",
+            )
+        need_lease = self.renew_ms + self.request_timeout_ms + self.max_clock_skew_ms
+        if self.lease_ms <= need_lease:
+            raise ConfigError(
+                "lease_ms",
+                f"{self.lease_ms} must be > renew_ms + request_timeout_ms + max_clock_skew_ms = {need_lease}, or a"
+                f" lease could end while its holder still believes it holds it",
             )
         if c.offsets.epoch_ms % self.bucket_ms:
             raise ConfigError(

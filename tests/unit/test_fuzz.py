@@ -735,6 +735,7 @@ RULES: dict[str, set[str]] = {
     "store.retry_max_ms": {"store.retry_max_ms", "store.retry_base_ms"},
     "store.replication.datacenters": {"store.replication.strategy", "store.replication.datacenters"},
     "correlate.offsets.epoch_ms": {"correlate.offsets.epoch_ms", "bucket_ms"},
+    "lease_ms": {"lease_ms", "renew_ms", "request_timeout_ms", "max_clock_skew_ms"},
     "correlate.dns_max_ttl_ms": {"correlate.dns_max_ttl_ms", "correlate.dns_names", "correlate.max_wait_ms"}
     | {"lag_ms", "ttl_ms"},
 }
@@ -816,6 +817,7 @@ def check_config(cfg: Config) -> None:
     assert cfg.store.page_bytes <= cfg.store.page_bytes_max and cfg.store.page_bytes_max >= 2 * cfg.chunk_bytes
     assert cfg.chunk_bytes <= cfg.max_event_bytes
     assert cfg.correlate.offsets.epoch_ms % cfg.bucket_ms == 0
+    assert cfg.lease_ms > cfg.renew_ms + cfg.request_timeout_ms + cfg.max_clock_skew_ms
     assert not c.dns_names or cfg.ttl_ms >= c.dns_max_ttl_ms + c.max_wait_ms + cfg.lag_ms
     assert re.fullmatch(r"[a-z][a-z0-9_]{0,47}", cfg.tenant)
     for cp in cfg.store.contact_points:
