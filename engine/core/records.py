@@ -91,6 +91,9 @@ class Offset(msgspec.Struct, frozen=True):
     ``read_bucket``: every bucket <= it is consumed and everything derived from it is durable.
     ``replay_bucket``: the oldest bucket still needed to rebuild in-memory state after a crash.
     ``owner`` / ``epoch``: the current owner and its fencing token; each claim increments the epoch.
+    ``lease_expires_ms``: when the owner's lease on the shard ends unless renewed (its clock, ms since the epoch);
+    0: released; None: never leased (a shard claimed before leases existed). A group member takes over only a
+    shard whose lease has ended.
     """
 
     consumer: str
@@ -100,6 +103,19 @@ class Offset(msgspec.Struct, frozen=True):
     owner: str
     epoch: int
     updated_ms: int
+    lease_expires_ms: int | None = None
+
+
+class Member(msgspec.Struct, frozen=True):
+    """A running instance of a group (``storyline run --group``): ``member`` its id (unique per start), where it
+    runs, how many worker slots it offers, when it started and last said it is alive (its clock, ms)."""
+
+    member: str
+    host: str
+    pid: int
+    workers: int
+    started_ms: int
+    heartbeat_ms: int
 
 
 class StoryPeriod(NamedTuple):
@@ -157,6 +173,7 @@ __all__ = [
     "Commit",
     "DeadLetter",
     "EventRecord",
+    "Member",
     "Offset",
     "PartitionPage",
     "StoryRecord",

@@ -33,6 +33,7 @@ from engine.core.records import (
     EventRecord,
     EvidenceRecord,
     FeedPosition,
+    Member,
     Offset,
     PartitionPage,
     StoryPeriod,
@@ -52,7 +53,7 @@ from engine.store.layout import (
     twcs_options,
 )
 from engine.store.paging import PageSizer, partition_pages
-from engine.store.protocol import raise_fenced
+from engine.store.protocol import lease_ended, raise_fenced
 from engine.store.retry import RetryStats, retrying, run_all
 from engine.store.settings import StoreSettings
 
@@ -157,7 +158,12 @@ def _table_ddl(cfg: StoreSettings) -> dict[str, str]:
         "read_offsets": (
             f"CREATE TABLE IF NOT EXISTS {ks}.read_offsets (consumer text, shard_group int, shard int, "
             f"read_bucket bigint, replay_bucket bigint, owner text, epoch bigint, updated_ms bigint, "
-            f"PRIMARY KEY ((consumer, shard_group), shard))"
+            f"lease_expires_ms bigint, PRIMARY KEY ((consumer, shard_group), shard))"
+        ),
+        # Groups: one row per running member, written with a TTL at every heartbeat (a member that dies leaves).
+        "group_members": (
+            f"CREATE TABLE IF NOT EXISTS {ks}.group_members (consumer text, member text, host text, pid int, "
+            f"workers int, started_ms bigint, heartbeat_ms bigint, PRIMARY KEY (consumer, member))"
         ),
         "stories": (
             f"CREATE TABLE IF NOT EXISTS {ks}.stories (shard int, period bigint, story_id text, revision int, "
@@ -513,6 +519,8 @@ class CqlStore:
             did.append(await self._backfill_story_periods())
         if 0 < old < 5:
             did.extend(await self._add_dead_letter_raw_bytes())
+        if 0 < old < 7:
+            did.extend(await self._add_column("read_offsets", "lease_expires_ms", "bigint"))
         if old != SCHEMA_VERSION:
             await self._exec(
                 "write meta",
@@ -524,6 +532,28 @@ class CqlStore:
         else:
             did.append(f"schema version {SCHEMA_VERSION}")
         return did
+
+    async def _add_column(self, table: str, column: str, kind: str) -> list[str]:
+        """Upgrading: a new column of an existing table. Idempotent: an init that runs at the same time may have
+        added it first (then the ALTER fails and the column is there)."""
+
+        async def has_it() -> bool:
+            rows = await self._exec(
+                "read schema",
+                "columns",
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?",
+                [self.ks, table],
+            )
+            return any(r["column_name"] == column for r in rows)
+
+        if await has_it():
+            return []
+        try:
+            await self._ddl(f"ALTER TABLE {self.ks}.{table} ADD {column} {kind}")
+        except StoreError:
+            if not await has_it():
+                raise
+        return [f"added column {column} to {self.ks}.{table}"]
 
     async def _add_dead_letter_raw_bytes(self) -> list[str]:
         """Upgrading to schema 5: dead_letter.raw_bytes. Idempotent: an init that runs at the same time may have
@@ -672,18 +702,33 @@ class CqlStore:
         rows = await self._exec(
             "read offset",
             "offset_serial",
-            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
-            f"WHERE consumer = ? AND shard_group = ? AND shard = ?",
+            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms, lease_expires_ms "
+            f"FROM {self.ks}.read_offsets WHERE consumer = ? AND shard_group = ? AND shard = ?",
             [consumer, index_group(shard), shard],
             serial_read=True,
         )
         return _offset(consumer, shard, rows[0]) if rows else None
 
-    async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
+    async def claim(
+        self, consumer: str, shard: int, owner: str, initial_bucket: int, *, lease_until_ms: int | None = None
+    ) -> Offset:
+        got = await self._claim_one(consumer, shard, owner, initial_bucket, lease_until_ms, None)
+        assert got is not None  # without free_at_ms every round takes the shard or retries
+        return got
+
+    async def _claim_one(
+        self,
+        consumer: str,
+        shard: int,
+        owner: str,
+        initial_bucket: int,
+        lease_until_ms: int | None,
+        free_at_ms: int | None,
+    ) -> Offset | None:
         ks = self.ks
         what = f"claim shard {shard}"
         group = index_group(shard)
-        for _ in range(32):  # bounded: each round loses only to a concurrent claimer
+        for _ in range(32):  # bounded: each round loses only to a concurrent claimer or renewal
             cur = await self._read_offset_serial(consumer, shard)
             now = self.clock.now_ms()
             if cur is None:
@@ -691,98 +736,123 @@ class CqlStore:
                     what,
                     "offset_create",
                     f"INSERT INTO {ks}.read_offsets (consumer, shard_group, shard, read_bucket, replay_bucket, owner, "
-                    f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
-                    [consumer, group, shard, initial_bucket, initial_bucket + 1, owner, 1, now],
+                    f"epoch, updated_ms, lease_expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+                    [consumer, group, shard, initial_bucket, initial_bucket + 1, owner, 1, now, lease_until_ms],
                 )
+            elif free_at_ms is not None and not lease_ended(cur, free_at_ms):
+                return None
             else:
+                lease = cur.lease_expires_ms if lease_until_ms is None else lease_until_ms
                 rows = await self._exec(
                     what,
                     "offset_claim",
                     # The positions are part of the condition: the Offset returned must be the one we took
-                    # over, even if the previous owner committed between our read and this write.
-                    f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ? "
+                    # over, even if the previous owner committed between our read and this write; the lease is
+                    # too: a lease renewed since the read is not taken over.
+                    f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ?, lease_expires_ms = ? "
                     f"WHERE consumer = ? AND shard_group = ? AND shard = ? "
-                    f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
-                    [owner, cur.epoch + 1, now, consumer, group, shard, cur.epoch, cur.read_bucket, cur.replay_bucket],
-                )
+                    f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ? AND lease_expires_ms = ?",
+                    [owner, cur.epoch + 1, now, lease, consumer, group, shard, cur.epoch, cur.read_bucket,
+                     cur.replay_bucket, cur.lease_expires_ms],
+                )  # fmt: skip
             if rows and rows[0].get("[applied]"):
                 if cur is None:
-                    return Offset(consumer, shard, initial_bucket, initial_bucket + 1, owner, 1, now)
-                return Offset(consumer, shard, cur.read_bucket, cur.replay_bucket, owner, cur.epoch + 1, now)
+                    return Offset(consumer, shard, initial_bucket, initial_bucket + 1, owner, 1, now, lease_until_ms)
+                return Offset(consumer, shard, cur.read_bucket, cur.replay_bucket, owner, cur.epoch + 1, now, lease)
             # Not applied: someone else moved it, or our own earlier attempt (retried after a timeout) did.
             got = await self._read_offset_serial(consumer, shard)
             if got is not None and got.owner == owner and (cur is None or got.epoch == cur.epoch + 1):
                 return got
         raise StoreError(f"{what}: too much contention from other claimers", retriable=True)
 
-    async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
+    async def claim_many(
+        self,
+        consumer: str,
+        shards: Sequence[int],
+        owner: str,
+        initial_bucket: int,
+        *,
+        lease_until_ms: int | None = None,
+        free_at_ms: int | None = None,
+    ) -> list[Offset]:
         by_group: dict[int, list[int]] = {}
         for sh in shards:
             by_group.setdefault(index_group(sh), []).append(sh)
         out: list[Offset] = []
 
         async def one(group: int, todo: list[int]) -> None:
-            got = await self._claim_group(consumer, group, todo, owner, initial_bucket)
+            got = await self._claim_group(consumer, group, todo, owner, initial_bucket, lease_until_ms, free_at_ms)
             if got is None:  # lost a race with another claimer: shard by shard (each bounded)
-                got = [await self.claim(consumer, sh, owner, initial_bucket) for sh in todo]
+                each = [
+                    await self._claim_one(consumer, sh, owner, initial_bucket, lease_until_ms, free_at_ms)
+                    for sh in todo
+                ]
+                got = [o for o in each if o is not None]
             out.extend(got)
 
         await run_all(one(g, t) for g, t in by_group.items())
         return sorted(out, key=lambda o: o.shard)
 
     async def _claim_group(
-        self, consumer: str, group: int, shards: list[int], owner: str, initial_bucket: int
+        self,
+        consumer: str,
+        group: int,
+        shards: list[int],
+        owner: str,
+        initial_bucket: int,
+        lease_until_ms: int | None,
+        free_at_ms: int | None,
     ) -> list[Offset] | None:
-        """All of one offsets partition's shards in one conditional batch (a single Paxos round instead of one
-        per shard contending on the same partition). None when the batch was refused."""
+        """One offsets partition's shards in one conditional batch (a single Paxos round instead of one per
+        shard contending on the same partition); with ``free_at_ms`` only those whose lease has ended. None when
+        the batch was refused."""
         ks = self.ks
         rows = await self._exec(
             "read offsets",
             "offset_group_serial",
-            f"SELECT shard, read_bucket, replay_bucket, owner, epoch, updated_ms FROM {ks}.read_offsets "
-            f"WHERE consumer = ? AND shard_group = ?",
+            f"SELECT shard, read_bucket, replay_bucket, owner, epoch, updated_ms, lease_expires_ms "
+            f"FROM {ks}.read_offsets WHERE consumer = ? AND shard_group = ?",
             [consumer, group],
             serial_read=True,
         )
         cur = {r["shard"]: _offset(consumer, r["shard"], r) for r in rows}
+        if free_at_ms is not None:
+            shards = [sh for sh in shards if sh not in cur or lease_ended(cur[sh], free_at_ms)]
+            if not shards:
+                return []
         now = self.clock.now_ms()
         create = await self._prep(
             "offset_create",
             f"INSERT INTO {ks}.read_offsets (consumer, shard_group, shard, read_bucket, replay_bucket, owner, "
-            f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
+            f"epoch, updated_ms, lease_expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS",
         )
         take = await self._prep(
             "offset_claim",
-            f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ? "
+            f"UPDATE {ks}.read_offsets SET owner = ?, epoch = ?, updated_ms = ?, lease_expires_ms = ? "
             f"WHERE consumer = ? AND shard_group = ? AND shard = ? "
-            f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ?",
+            f"IF epoch = ? AND read_bucket = ? AND replay_bucket = ? AND lease_expires_ms = ?",
         )
         batch = self._conditional_batch()
         params: list[list[Any]] = []
         result: list[Offset] = []
         b = BigInt
+
+        def big(v: int | None) -> BigInt | None:
+            return None if v is None else BigInt(v)
+
         for sh in shards:
             c = cur.get(sh)
             if c is None:
                 batch.add_query(create)
-                params.append([consumer, group, sh, b(initial_bucket), b(initial_bucket + 1), owner, b(1), b(now)])
-                result.append(Offset(consumer, sh, initial_bucket, initial_bucket + 1, owner, 1, now))
+                params.append([consumer, group, sh, b(initial_bucket), b(initial_bucket + 1), owner, b(1), b(now),
+                               big(lease_until_ms)])  # fmt: skip
+                result.append(Offset(consumer, sh, initial_bucket, initial_bucket + 1, owner, 1, now, lease_until_ms))
             else:
+                lease = c.lease_expires_ms if lease_until_ms is None else lease_until_ms
                 batch.add_query(take)
-                params.append(
-                    [
-                        owner,
-                        b(c.epoch + 1),
-                        b(now),
-                        consumer,
-                        group,
-                        sh,
-                        b(c.epoch),
-                        b(c.read_bucket),
-                        b(c.replay_bucket),
-                    ]
-                )
-                result.append(Offset(consumer, sh, c.read_bucket, c.replay_bucket, owner, c.epoch + 1, now))
+                params.append([owner, b(c.epoch + 1), b(now), big(lease), consumer, group, sh, b(c.epoch),
+                               b(c.read_bucket), b(c.replay_bucket), big(c.lease_expires_ms)])  # fmt: skip
+                result.append(Offset(consumer, sh, c.read_bucket, c.replay_bucket, owner, c.epoch + 1, now, lease))
         what = f"claim shard group {group}"
         res = await self._retry(what, lambda: self._call(what, lambda: self.db.batch(batch, params)))
         try:
@@ -792,6 +862,107 @@ class CqlStore:
         if applied and applied[0].get("[applied]"):
             return result
         return None
+
+    async def renew_leases(
+        self, consumer: str, owner: str, leases: Sequence[tuple[int, int]], until_ms: int
+    ) -> list[int]:
+        cql = (
+            f"UPDATE {self.ks}.read_offsets SET lease_expires_ms = ? "
+            f"WHERE consumer = ? AND shard_group = ? AND shard = ? IF owner = ? AND epoch = ?"
+        )
+        return await self._lease_batches("renew leases", "lease_renew", cql, consumer, owner, leases, until_ms)
+
+    async def release_leases(self, consumer: str, owner: str, leases: Sequence[tuple[int, int]]) -> None:
+        cql = (
+            f"UPDATE {self.ks}.read_offsets SET lease_expires_ms = ? "
+            f"WHERE consumer = ? AND shard_group = ? AND shard = ? IF owner = ? AND epoch = ?"
+        )
+        await self._lease_batches("release leases", "lease_release", cql, consumer, owner, leases, 0)
+
+    async def _lease_batches(
+        self,
+        what: str,
+        name: str,
+        cql: str,
+        consumer: str,
+        owner: str,
+        leases: Sequence[tuple[int, int]],
+        until_ms: int,
+    ) -> list[int]:
+        """One conditional batch per offsets partition setting ``lease_expires_ms`` where owner and epoch still
+        match; on refusal the shards another claim took are found and the rest applied again (bounded: each
+        round removes at least one). Returns the refused shards."""
+        prepared = await self._prep(name, cql)
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for shard, epoch in leases:
+            by_group.setdefault(index_group(shard), []).append((shard, epoch))
+        refused: list[int] = []
+
+        async def batch_of(group: int, todo: list[tuple[int, int]]) -> bool:
+            params = [[BigInt(until_ms), consumer, group, sh, owner, BigInt(ep)] for sh, ep in todo]
+
+            async def once() -> bool:
+                batch = self._conditional_batch()
+                for _ in todo:
+                    batch.add_query(prepared)
+                res = await self._call(what, lambda: self.db.batch(batch, params))
+                try:
+                    rows = res.all()
+                except ScyllaPyMappingError:
+                    return True
+                return bool(rows and rows[0].get("[applied]"))
+
+            return await self._retry(what, once)
+
+        async def one(group: int, todo: list[tuple[int, int]]) -> None:
+            while todo:
+                if await batch_of(group, todo):
+                    return
+                still = []
+                for sh, ep in todo:
+                    cur = await self._read_offset_serial(consumer, sh)
+                    if cur is None or cur.owner != owner or cur.epoch != ep:
+                        refused.append(sh)
+                    else:
+                        still.append((sh, ep))
+                if len(still) == len(todo):
+                    raise StoreError(f"{what}: batch refused for shards {[sh for sh, _ in todo]}", retriable=True)
+                todo = still
+
+        await run_all(one(g, t) for g, t in by_group.items())
+        return sorted(refused)
+
+    # -- group members -------------------------------------------------------------------------------------
+    async def heartbeat(self, consumer: str, member: Member, ttl_ms: int) -> None:
+        m = member
+        await self._exec(
+            "heartbeat",
+            "member_put",
+            f"INSERT INTO {self.ks}.group_members (consumer, member, host, pid, workers, started_ms, heartbeat_ms) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?) USING TTL ?",
+            [consumer, m.member, m.host, m.pid, m.workers, m.started_ms, m.heartbeat_ms, max(1, -(-ttl_ms // 1000))],
+        )
+
+    async def leave(self, consumer: str, member: str) -> None:
+        await self._exec(
+            "leave group",
+            "member_delete",
+            f"DELETE FROM {self.ks}.group_members WHERE consumer = ? AND member = ?",
+            [consumer, member],
+        )
+
+    async def read_members(self, consumer: str) -> list[Member]:
+        rows = await self._exec(
+            "read members",
+            "member_read",
+            f"SELECT member, host, pid, workers, started_ms, heartbeat_ms FROM {self.ks}.group_members "
+            f"WHERE consumer = ?",
+            [consumer],
+        )
+        return sorted(
+            (Member(r["member"], r["host"], r["pid"], r["workers"], r["started_ms"], r["heartbeat_ms"]) for r in rows),
+            key=lambda m: m.member,
+        )
 
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
@@ -865,8 +1036,8 @@ class CqlStore:
 
     async def read_offsets(self, consumer: str, shards: Sequence[int]) -> list[Offset]:
         cql = (
-            f"SELECT shard, read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.ks}.read_offsets "
-            f"WHERE consumer = ? AND shard_group = ?"
+            f"SELECT shard, read_bucket, replay_bucket, owner, epoch, updated_ms, lease_expires_ms "
+            f"FROM {self.ks}.read_offsets WHERE consumer = ? AND shard_group = ?"
         )
         wanted = set(shards)
         found: list[Offset] = []
@@ -1283,7 +1454,16 @@ class CqlStore:
 
 
 def _offset(consumer: str, shard: int, r: dict[str, Any]) -> Offset:
-    return Offset(consumer, shard, r["read_bucket"], r["replay_bucket"], r["owner"], r["epoch"], r["updated_ms"])
+    return Offset(
+        consumer,
+        shard,
+        r["read_bucket"],
+        r["replay_bucket"],
+        r["owner"],
+        r["epoch"],
+        r["updated_ms"],
+        r.get("lease_expires_ms"),
+    )
 
 
 def _replication_map(cfg: StoreSettings) -> dict[str, str]:

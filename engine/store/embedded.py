@@ -31,6 +31,7 @@ from engine.core.records import (
     EventRecord,
     EvidenceRecord,
     FeedPosition,
+    Member,
     Offset,
     PartitionPage,
     StoryPeriod,
@@ -49,7 +50,7 @@ from engine.store.layout import (
     story_lookup_periods,
 )
 from engine.store.paging import PageSizer, partition_pages
-from engine.store.protocol import raise_fenced
+from engine.store.protocol import lease_ended, raise_fenced
 from engine.store.retry import RetryStats, retrying
 from engine.store.settings import StoreSettings
 
@@ -74,7 +75,13 @@ def _ddl(p: str) -> dict[str, str]:
         "read_offsets": (
             f'CREATE TABLE IF NOT EXISTS "{p}__read_offsets" (consumer TEXT NOT NULL, shard INTEGER NOT NULL, '
             f"read_bucket INTEGER NOT NULL, replay_bucket INTEGER NOT NULL, owner TEXT NOT NULL, "
-            f"epoch INTEGER NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (consumer, shard)) WITHOUT ROWID"
+            f"epoch INTEGER NOT NULL, updated_ms INTEGER NOT NULL, lease_expires_ms INTEGER, "
+            f"PRIMARY KEY (consumer, shard)) WITHOUT ROWID"
+        ),
+        "group_members": (
+            f'CREATE TABLE IF NOT EXISTS "{p}__group_members" (consumer TEXT NOT NULL, member TEXT NOT NULL, '
+            f"host TEXT NOT NULL, pid INTEGER NOT NULL, workers INTEGER NOT NULL, started_ms INTEGER NOT NULL, "
+            f"heartbeat_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL, PRIMARY KEY (consumer, member)) WITHOUT ROWID"
         ),
         "stories": (
             f'CREATE TABLE IF NOT EXISTS "{p}__stories" (shard INTEGER NOT NULL, period INTEGER NOT NULL, '
@@ -298,6 +305,10 @@ class EmbeddedStore:
 
         def write_meta(c: sqlite3.Connection) -> list[str]:
             out = []
+            offsets_columns = {r[1] for r in c.execute(f"PRAGMA table_info({self.t('read_offsets')})")}
+            if "lease_expires_ms" not in offsets_columns:  # schema 7
+                c.execute(f"ALTER TABLE {self.t('read_offsets')} ADD COLUMN lease_expires_ms INTEGER")
+                out.append(f"added column lease_expires_ms to {self.p}__read_offsets")
             dead_letter_columns = {r[1] for r in c.execute(f"PRAGMA table_info({self.t('dead_letter')})")}
             if "raw_bytes" not in dead_letter_columns:  # schema 5
                 c.execute(f"ALTER TABLE {self.t('dead_letter')} ADD COLUMN raw_bytes INTEGER")
@@ -428,36 +439,112 @@ class EmbeddedStore:
     # -- offsets -------------------------------------------------------------------------------------------
     def _get_offset(self, c: sqlite3.Connection, consumer: str, shard: int) -> Offset | None:
         r = c.execute(
-            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms FROM {self.t('read_offsets')} "
-            f"WHERE consumer = ? AND shard = ?",
+            f"SELECT read_bucket, replay_bucket, owner, epoch, updated_ms, lease_expires_ms "
+            f"FROM {self.t('read_offsets')} WHERE consumer = ? AND shard = ?",
             (consumer, shard),
         ).fetchone()
-        return None if r is None else Offset(consumer, shard, r[0], r[1], r[2], r[3], r[4])
+        return None if r is None else Offset(consumer, shard, r[0], r[1], r[2], r[3], r[4], r[5])
 
-    async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
+    def _take(
+        self,
+        c: sqlite3.Connection,
+        consumer: str,
+        shard: int,
+        owner: str,
+        initial_bucket: int,
+        lease_until_ms: int | None,
+        free_at_ms: int | None,
+    ) -> Offset | None:
+        cur = self._get_offset(c, consumer, shard)
+        now = self.clock.now_ms()
+        if cur is None:
+            c.execute(
+                f"INSERT INTO {self.t('read_offsets')} (consumer, shard, read_bucket, replay_bucket, owner, "
+                f"epoch, updated_ms, lease_expires_ms) VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
+                (consumer, shard, initial_bucket, initial_bucket + 1, owner, now, lease_until_ms),
+            )
+        elif free_at_ms is not None and not lease_ended(cur, free_at_ms):
+            return None
+        else:
+            c.execute(
+                f"UPDATE {self.t('read_offsets')} SET owner = ?, epoch = epoch + 1, updated_ms = ?, "
+                f"lease_expires_ms = coalesce(?, lease_expires_ms) WHERE consumer = ? AND shard = ?",
+                (owner, now, lease_until_ms, consumer, shard),
+            )
+        return self._get_offset(c, consumer, shard)
+
+    async def claim(
+        self, consumer: str, shard: int, owner: str, initial_bucket: int, *, lease_until_ms: int | None = None
+    ) -> Offset:
         def do(c: sqlite3.Connection) -> Offset:
-            cur = self._get_offset(c, consumer, shard)
-            now = self.clock.now_ms()
-            if cur is None:
-                c.execute(
-                    f"INSERT INTO {self.t('read_offsets')} (consumer, shard, read_bucket, replay_bucket, owner, "
-                    f"epoch, updated_ms) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                    (consumer, shard, initial_bucket, initial_bucket + 1, owner, now),
-                )
-            else:
-                c.execute(
-                    f"UPDATE {self.t('read_offsets')} SET owner = ?, epoch = epoch + 1, updated_ms = ? "
-                    f"WHERE consumer = ? AND shard = ?",
-                    (owner, now, consumer, shard),
-                )
-            got = self._get_offset(c, consumer, shard)
+            got = self._take(c, consumer, shard, owner, initial_bucket, lease_until_ms, None)
             assert got is not None
             return got
 
         return await self._run(f"claim shard {shard}", do, write=True)
 
-    async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
-        return [await self.claim(consumer, sh, owner, initial_bucket) for sh in sorted(shards)]
+    async def claim_many(
+        self,
+        consumer: str,
+        shards: Sequence[int],
+        owner: str,
+        initial_bucket: int,
+        *,
+        lease_until_ms: int | None = None,
+        free_at_ms: int | None = None,
+    ) -> list[Offset]:
+        def do(c: sqlite3.Connection) -> list[Offset]:
+            got = [self._take(c, consumer, sh, owner, initial_bucket, lease_until_ms, free_at_ms) for sh in shards]
+            return sorted((o for o in got if o is not None), key=lambda o: o.shard)
+
+        return await self._run("claim shards", do, write=True)
+
+    async def renew_leases(
+        self, consumer: str, owner: str, leases: Sequence[tuple[int, int]], until_ms: int
+    ) -> list[int]:
+        sql = (
+            f"UPDATE {self.t('read_offsets')} SET lease_expires_ms = ? "
+            f"WHERE consumer = ? AND shard = ? AND owner = ? AND epoch = ?"
+        )
+
+        def do(c: sqlite3.Connection) -> list[int]:
+            return sorted(s for s, e in leases if c.execute(sql, (until_ms, consumer, s, owner, e)).rowcount != 1)
+
+        return await self._run("renew leases", do, write=True)
+
+    async def release_leases(self, consumer: str, owner: str, leases: Sequence[tuple[int, int]]) -> None:
+        sql = (
+            f"UPDATE {self.t('read_offsets')} SET lease_expires_ms = 0 "
+            f"WHERE consumer = ? AND shard = ? AND owner = ? AND epoch = ?"
+        )
+
+        def do(c: sqlite3.Connection) -> None:
+            for s, e in leases:
+                c.execute(sql, (consumer, s, owner, e))
+
+        await self._run("release leases", do, write=True)
+
+    # -- group members -------------------------------------------------------------------------------------
+    async def heartbeat(self, consumer: str, member: Member, ttl_ms: int) -> None:
+        m = member
+        row = (consumer, m.member, m.host, m.pid, m.workers, m.started_ms, m.heartbeat_ms, self.clock.now_ms() + ttl_ms)
+        sql = (
+            f"INSERT OR REPLACE INTO {self.t('group_members')} (consumer, member, host, pid, workers, started_ms, "
+            f"heartbeat_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        await self._run("heartbeat", lambda c: c.execute(sql, row), write=True)
+
+    async def leave(self, consumer: str, member: str) -> None:
+        sql = f"DELETE FROM {self.t('group_members')} WHERE consumer = ? AND member = ?"
+        await self._run("leave group", lambda c: c.execute(sql, (consumer, member)), write=True)
+
+    async def read_members(self, consumer: str) -> list[Member]:
+        sql = (
+            f"SELECT member, host, pid, workers, started_ms, heartbeat_ms FROM {self.t('group_members')} "
+            f"WHERE consumer = ? AND expires_ms > ? ORDER BY member"
+        )
+        rows = await self._run("read members", lambda c: c.execute(sql, (consumer, self.clock.now_ms())).fetchall())
+        return [Member(*r) for r in rows]
 
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int

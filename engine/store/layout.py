@@ -6,10 +6,11 @@ from __future__ import annotations
 from engine.core.errors import SchemaError
 from engine.store.settings import StoreSettings
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # 2: stage_marks; 3: story_index (per shard and slot) instead of story_ids (per story); 4: story_periods and
 # feed_readers (the story feed); 5: dead_letter.raw_bytes (a rejected line's length when only its head is kept);
-# 6: offset_evidence and offset_tables (learned sensor clock offsets)
+# 6: offset_evidence and offset_tables (learned sensor clock offsets); 7: read_offsets.lease_expires_ms and
+# group_members (groups of instances: shard leases)
 OFFSET_TABLE_SLOT = 1024
 """Epochs per partition of offset_tables (the latest table before an epoch is found in its slot or the one before)."""
 

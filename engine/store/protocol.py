@@ -39,6 +39,7 @@ from engine.core.records import (
     EventRecord,
     EvidenceRecord,
     FeedPosition,
+    Member,
     Offset,
     PartitionPage,
     StoryPeriod,
@@ -99,14 +100,51 @@ class Store(Protocol):
         nothing in the range are absent from the result."""
 
     # -- offsets -------------------------------------------------------------------------------------------
-    async def claim(self, consumer: str, shard: int, owner: str, initial_bucket: int) -> Offset:
-        """Take ownership of a shard: the epoch increments, fencing out the previous owner. A shard never
-        claimed before starts with ``read_bucket = initial_bucket`` and nothing to replay
-        (``replay_bucket = initial_bucket + 1``)."""
+    async def claim(
+        self, consumer: str, shard: int, owner: str, initial_bucket: int, *, lease_until_ms: int | None = None
+    ) -> Offset:
+        """Take ownership of a shard: the epoch increments, fencing out the previous owner (whatever its lease:
+        a static ``--shards`` start takes its shards). A shard never claimed before starts with ``read_bucket =
+        initial_bucket`` and nothing to replay (``replay_bucket = initial_bucket + 1``). ``lease_until_ms``: the
+        new owner's lease ends then (None: the row's lease is left as it is)."""
 
-    async def claim_many(self, consumer: str, shards: Sequence[int], owner: str, initial_bucket: int) -> list[Offset]:
+    async def claim_many(
+        self,
+        consumer: str,
+        shards: Sequence[int],
+        owner: str,
+        initial_bucket: int,
+        *,
+        lease_until_ms: int | None = None,
+        free_at_ms: int | None = None,
+    ) -> list[Offset]:
         """:meth:`claim` for several shards (one conditional batch per 16-shard offsets partition on CQL), by
-        shard."""
+        shard. ``free_at_ms`` (a group member's takeover): only the shards whose lease has ended by then (never
+        leased, released, or ``lease_expires_ms <= free_at_ms``) are taken — atomically with that check, so a
+        lease renewed meanwhile is never taken over; the others are left out of the result."""
+
+    async def renew_leases(
+        self, consumer: str, owner: str, leases: Sequence[tuple[int, int]], until_ms: int
+    ) -> list[int]:
+        """Extend this owner's leases, ``(shard, epoch)`` each, to ``until_ms`` (conditional on owner and epoch:
+        one batch per offsets partition on CQL). Returns the shards refused: another claim took them. Repeating a
+        renewal that was applied is harmless."""
+
+    async def release_leases(self, consumer: str, owner: str, leases: Sequence[tuple[int, int]]) -> None:
+        """End this owner's leases now (``lease_expires_ms = 0``; owner and epoch stay, so the next claim fences
+        it): a graceful leave hands its shards over without waiting for the lease to run out. Leases another
+        claim took already are left alone."""
+
+    # -- group members -------------------------------------------------------------------------------------
+    async def heartbeat(self, consumer: str, member: Member, ttl_ms: int) -> None:
+        """Record (or refresh) a member of the group ``consumer``; the row disappears ``ttl_ms`` after its last
+        heartbeat if the member stops sending them."""
+
+    async def leave(self, consumer: str, member: str) -> None:
+        """Remove a member's row now (a graceful stop)."""
+
+    async def read_members(self, consumer: str) -> list[Member]:
+        """The group's members whose rows have not expired, by member id."""
 
     async def commit(
         self, consumer: str, shard: int, owner: str, epoch: int, read_bucket: int, replay_bucket: int
@@ -187,6 +225,11 @@ class Store(Protocol):
 
     async def purge_expired(self) -> int:
         """Remove rows past their TTL where the backend does not do it itself; return how many."""
+
+
+def lease_ended(cur: Offset, at_ms: int) -> bool:
+    """Whether a shard's lease has ended by ``at_ms``: never leased, released (0), or run out."""
+    return cur.lease_expires_ms is None or cur.lease_expires_ms <= at_ms
 
 
 def raise_fenced(shard: int, owner: str, epoch: int, read_bucket: int, cur: Offset | None) -> None:

@@ -21,6 +21,7 @@ from engine.store import (
     Commit,
     DeadLetter,
     EventRecord,
+    Member,
     Offset,
     PartitionPage,
     Store,
@@ -404,6 +405,106 @@ def test_claim_many_takes_over_and_creates(make_config: ConfigFactory) -> None:
     arun(body())
 
 
+def test_leases_are_taken_over_only_once_ended_and_renewals_are_fenced(make_config: ConfigFactory) -> None:
+    """Issue 20: a group member takes a shard only when its lease has ended (run out, released, or never
+    leased), atomically with that check; the old owner's renewals and commits are refused from then on; a static
+    claim takes a shard whatever its lease."""
+    cfg = make_config(shards=40)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            mine = await store.claim_many("main", [1, 3, 17], "a", 5, lease_until_ms=NOW + 10_000)
+            assert [(o.shard, o.epoch, o.lease_expires_ms) for o in mine] == [(s, 1, NOW + 10_000) for s in (1, 3, 17)]
+            # at NOW + 5 s every lease of a is live: b gets only the shard nobody held
+            got = await store.claim_many("main", [1, 3, 17, 20], "b", 5, lease_until_ms=NOW + 15_000,
+                                         free_at_ms=NOW + 5_000)  # fmt: skip
+            assert [(o.shard, o.owner, o.epoch) for o in got] == [(20, "b", 1)]
+            assert await store.renew_leases("main", "a", [(1, 1), (3, 1)], NOW + 20_000) == []
+            # at NOW + 15 s: 17's lease (not renewed) has ended, 1 and 3 run to NOW + 20 s
+            got = await store.claim_many("main", [1, 3, 17], "b", 5, lease_until_ms=NOW + 25_000,
+                                         free_at_ms=NOW + 15_000)  # fmt: skip
+            assert [(o.shard, o.owner, o.epoch, o.lease_expires_ms) for o in got] == [(17, "b", 2, NOW + 25_000)]
+            assert await store.renew_leases("main", "a", [(1, 1), (17, 1)], NOW + 30_000) == [17]
+            with pytest.raises(FencedError):
+                await store.commit("main", 17, "a", 1, 9, 9)
+            # a graceful leave: a releases 1 (and 17, which is no longer its own: b's lease stays)
+            await store.release_leases("main", "a", [(1, 1), (17, 1)])
+            offs = {o.shard: o for o in await store.read_offsets("main", [1, 3, 17])}
+            assert offs[1].lease_expires_ms == 0 and offs[1].owner == "a"
+            assert (offs[17].owner, offs[17].lease_expires_ms) == ("b", NOW + 25_000)
+            got = await store.claim_many("main", [1], "b", 5, lease_until_ms=NOW + 12_000, free_at_ms=NOW + 1)
+            assert [(o.shard, o.epoch) for o in got] == [(1, 2)]
+            # a static claim takes 3 under a's live lease, and keeps the lease value when it sets none
+            static = await store.claim("main", 3, "static", 5)
+            assert (static.epoch, static.lease_expires_ms) == (2, NOW + 20_000)
+            assert await store.renew_leases("main", "a", [(3, 1)], NOW + 40_000) == [3]
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_a_renewal_racing_a_takeover_lets_exactly_one_win(make_config: ConfigFactory) -> None:
+    cfg = make_config(shards=40)
+
+    async def body() -> None:
+        import asyncio
+
+        a, b = await opened(cfg), await opened(cfg)
+        try:
+            for round_ in range(6):
+                shard = 2 + round_
+                off = (await a.claim_many("main", [shard], "a", 0, lease_until_ms=NOW + 1_000))[0]
+                refused, taken = await asyncio.gather(
+                    a.renew_leases("main", "a", [(shard, off.epoch)], NOW + 30_000),
+                    b.claim_many("main", [shard], "b", 0, lease_until_ms=NOW + 30_000, free_at_ms=NOW + 2_000),
+                )
+                final = (await a.read_offsets("main", [shard]))[0]
+                if taken:  # the takeover won: the renewal was refused, b holds the next epoch
+                    assert refused == [shard] and (final.owner, final.epoch) == ("b", off.epoch + 1)
+                else:  # the renewal won: nothing was taken over
+                    assert refused == [] and (final.owner, final.epoch) == ("a", off.epoch)
+                assert final.lease_expires_ms == NOW + 30_000
+        finally:
+            await a.close()
+            await b.close()
+
+    arun(body())
+
+
+def test_group_members_heartbeat_leave_and_expire(make_config: ConfigFactory, backend: str) -> None:
+    cfg = make_config()
+    clock = ManualClock(NOW)
+
+    async def body() -> None:
+        import asyncio
+
+        store = await opened(cfg, clock)
+        try:
+            one = Member("h1:100:aa", "h1", 100, 2, NOW, NOW)
+            two = Member("h2:200:bb", "h2", 200, 1, NOW, NOW)
+            await store.heartbeat("main", one, 60_000)
+            await store.heartbeat("main", two, 60_000)
+            await store.heartbeat("other", two, 60_000)  # another consumer's group
+            assert await store.read_members("main") == [one, two]
+            later = Member("h1:100:aa", "h1", 100, 2, NOW, NOW + 2_000)
+            await store.heartbeat("main", later, 60_000)
+            await store.leave("main", two.member)
+            assert await store.read_members("main") == [later]
+            assert await store.read_members("other") == [two]
+            await store.heartbeat("main", two, 1_000)  # stops sending heartbeats: gone after 1 s
+            if backend == "cql":
+                await asyncio.sleep(2.5)  # CQL TTLs run on the database's clock, in seconds
+            else:
+                clock.advance(1_001)
+            assert await store.read_members("main") == [later]
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_concurrent_claims_get_distinct_epochs(make_config: ConfigFactory) -> None:
     cfg = make_config()
 
@@ -719,6 +820,49 @@ def test_stage_marks_by_consumer_shard_and_bucket_range(make_config: ConfigFacto
             await store.put_marks("workers", 3, base, [b"other shard"])  # idempotent
             assert await store.read_marks("workers", 3, base - slot, base + slot) == [(base, b"other shard")]
             assert await store.read_marks("workers", 2, base + 5 * slot, base + 6 * slot) == []
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_an_upgrade_to_schema_7_adds_leases_and_keeps_the_offsets(make_config: ConfigFactory, backend: str) -> None:
+    """Schema 7 adds read_offsets.lease_expires_ms and group_members; ``storyline init`` on a schema-6 tenant adds
+    the column, keeps every offset (never leased: a group member may take them), and a second init changes
+    nothing."""
+    cfg = make_config(shards=20)
+
+    async def body() -> None:
+        store = await opened(cfg)
+        try:
+            before = await store.claim("main", 4, "old", 10)
+            await store.commit("main", 4, "old", before.epoch, 30, 25)
+            if backend == "cql":
+                from engine.store.cql import CqlStore
+
+                assert isinstance(store, CqlStore)
+                await store._ddl(f"ALTER TABLE {cfg.keyspace}.read_offsets DROP lease_expires_ms")
+                await store._exec(
+                    "t", "v6", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '6')", []
+                )
+            else:
+                from engine.store.embedded import EmbeddedStore
+
+                assert isinstance(store, EmbeddedStore)
+
+                def downgrade(c: Any) -> None:
+                    c.execute(f"ALTER TABLE {store.t('read_offsets')} DROP COLUMN lease_expires_ms")
+                    c.execute(f"UPDATE {store.t('meta')} SET value = '6' WHERE key = 'schema_version'")
+
+                await store._run("t", downgrade, write=True)
+            did = await store.init_schema()
+            assert f"schema version 6 -> {SCHEMA_VERSION}" in did and any("lease_expires_ms" in d for d in did), did
+            (kept,) = await store.read_offsets("main", [4])
+            assert (kept.read_bucket, kept.replay_bucket, kept.owner, kept.lease_expires_ms) == (30, 25, "old", None)
+            taken = await store.claim_many("main", [4], "member", 0, lease_until_ms=NOW, free_at_ms=NOW)
+            assert [(o.read_bucket, o.epoch, o.lease_expires_ms) for o in taken] == [(30, before.epoch + 1, NOW)]
+            again = await store.init_schema()
+            assert not any("added column" in d for d in again), again
         finally:
             await store.close()
 
