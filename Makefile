@@ -10,10 +10,10 @@ EVENTS ?= 20000
 DEMO ?= --set store.path=.data/demo.db
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test unit lint bench db-up db-down db-status clean
+.PHONY: help install run test unit lint bench db-up db-down db-status db-cluster-up db-cluster-down clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install Storyline with its dev tools
 
@@ -68,6 +68,12 @@ db-down: ## stop the local CQL node started by db-up
 
 db-status: ## exit 0 when the local CQL node answers
 	db/cql-node status
+
+db-cluster-up: ## start the local three-node CQL cluster (127.0.0.1-3:9042) and wait until all see each other UP
+	db/cql-node cluster-up
+
+db-cluster-down: ## stop the nodes of the local CQL cluster started by db-cluster-up
+	db/cql-node cluster-down
 
 clean: ## remove the venv, the local node's data and the embedded database
 	-db/cql-node down
