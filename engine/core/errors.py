@@ -59,6 +59,13 @@ class WriteTooLateError(StoreError):
         super().__init__(message, retriable=True)
 
 
+class LeaseLapsedError(StorylineError):
+    """A worker could not renew its lease on some shards in time: it writes nothing for them until a renewal
+    succeeds (then it rebuilds its state from the committed offsets and goes on) or another owner takes them."""
+
+    retriable = True
+
+
 class ClockSkewError(StorylineError):
     """This host's clock differs from the database's by more than ``max_clock_skew_ms``."""
 

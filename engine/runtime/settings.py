@@ -32,6 +32,8 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     start_from_ms: int | None = None
     shards: int | None = None  # the tenant's shard count (a drain waits for every shard's row of its epoch)
     offsets: OffsetSettings | None = None  # the epoch tables: learned offsets, DNS answers (None: neither is on)
+    lease_ms: int = 10_000  # a worker's lease on each of its shards (Config.lease_ms)
+    renew_ms: int = 2_000  # how often it renews them
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -50,6 +52,8 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             offsets=OffsetSettings.from_config(cfg)
             if cfg.correlate.offsets.estimate or cfg.correlate.dns_names
             else None,
+            lease_ms=cfg.lease_ms,
+            renew_ms=cfg.renew_ms,
         )
 
 

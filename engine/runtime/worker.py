@@ -21,7 +21,7 @@ from typing import Any, Self, cast
 
 from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
-from engine.core.errors import SchemaError, StorylineError
+from engine.core.errors import LeaseLapsedError, SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Buckets, Emission, LearnsOffsets, MarkRecord, Stage
 from engine.runtime.assign import format_ranges
 from engine.runtime.offsets import OffsetKeeper, empty_row
@@ -62,6 +62,10 @@ class ShardState:
     committed_replay: int  # the replay_bucket committed with committed_read
     last_commit_ms: int = 0
     fenced: bool = False
+    # Until when (time.monotonic) this worker may write for the shard: the send time of its last applied lease
+    # claim or renewal + lease_ms - max_clock_skew_ms (a claimer whose clock runs ahead sees the lease end that
+    # much earlier). Past it the worker writes nothing for the shard until a renewal succeeds.
+    lease_deadline: float = float("inf")
 
 
 @dataclass
@@ -80,6 +84,8 @@ class WorkerStats:
     # meanwhile), commit (likewise while offsets are committed). The stage reports its own steps.
     cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "write", "commit"), 0.0))
     rebuilds: int = 0  # stage state rebuilt (replayed) in-process after an error mid-bucket
+    leases_lost: int = 0  # shards whose lease renewal was refused: another owner took them
+    lease_lapses: int = 0  # times the worker paused because a renewal did not succeed in time
     undecodable: int = 0  # payloads that are not canonical events: skipped and counted
     started: float = field(default_factory=time.time)
     last_error: str = ""
@@ -195,9 +201,19 @@ class Worker:
             log.error("stopping before claiming: %s", "supervisor is gone" if self.orphaned() else "asked to stop")
             self.stop.set()
             return
-        for off in await self.store.claim_many(self.settings.consumer, self.shards, self.owner, first):
+        sent = time.monotonic()
+        until = self.clock.now_ms() + self.settings.lease_ms
+        consumer = self.settings.consumer
+        offsets = await self.store.claim_many(consumer, self.shards, self.owner, first, lease_until_ms=until)
+        for off in offsets:
             self.state[off.shard] = ShardState(
-                off.shard, off, off.read_bucket, off.read_bucket, off.replay_bucket, self.clock.now_ms()
+                off.shard,
+                off,
+                off.read_bucket,
+                off.read_bucket,
+                off.replay_bucket,
+                self.clock.now_ms(),
+                lease_deadline=sent + self._lease_margin_s(),
             )
             log.info(
                 "claimed shard %d epoch %d at bucket %d (replay from %d)",
@@ -375,6 +391,7 @@ class Worker:
         stopping worker may instead flush the same emission again: its content is fixed)."""
         if not self._pending.writes:
             return
+        self._check_leases()
         try:
             t0 = time.process_time()
             await persist(self.store, self.settings.consumer, self._pending)
@@ -392,6 +409,7 @@ class Worker:
         offsets regenerates exactly what was written. A refused shard was claimed by another owner: give it
         up."""
         await self.flush()
+        self._check_leases()
         now = self.clock.now_ms()
         self._last_commit_ms = now
         due = [
@@ -416,6 +434,62 @@ class Worker:
                 st.committed_replay = c.replay_bucket
                 st.last_commit_ms = now
                 self.stats.commits += 1
+
+    def _lease_margin_s(self) -> float:
+        return (self.settings.lease_ms - self.settings.max_clock_skew_ms) / 1000
+
+    def _check_leases(self) -> None:
+        """Before a write: every live shard's lease must still be ours by our own reckoning (see
+        ``ShardState.lease_deadline``), or nothing is written — another member may take a lapsed lease any moment.
+        The stage's state is rebuilt from the committed offsets once a renewal succeeds (the emission is dropped
+        and emitted again: its content is a function of the buckets)."""
+        now = time.monotonic()
+        lapsed = [st.shard for st in self.state.values() if not st.fenced and st.lease_deadline <= now]
+        if lapsed:
+            self._stage_suspect = True
+            self.stats.lease_lapses += 1
+            raise LeaseLapsedError(
+                f"lease on shards {format_ranges(lapsed)} not renewed in time: writing nothing for them until a"
+                f" renewal succeeds"
+            )
+
+    async def renew_leases(self) -> None:
+        """Renew the leases of every live shard (one conditional batch per 16 shards). A refused shard was taken
+        by another owner: given up (fenced) at once. A failed renewal leaves the deadlines as they were."""
+        live = [st for st in self.state.values() if not st.fenced]
+        if not live:
+            return
+        sent = time.monotonic()
+        until = self.clock.now_ms() + self.settings.lease_ms
+        refused = set(
+            await self.store.renew_leases(
+                self.settings.consumer, self.owner, [(st.shard, st.offset.epoch) for st in live], until
+            )
+        )
+        for st in live:
+            if st.shard in refused:
+                st.fenced = True
+                self.stats.leases_lost += 1
+                log.error("shard %d: lease renewal refused (another owner holds a newer epoch); giving it up", st.shard)
+            else:
+                st.lease_deadline = sent + self._lease_margin_s()
+
+    async def _renew_forever(self) -> None:
+        """Every ``renew_ms``, beside the processing (a long step must not starve the renewals)."""
+        while True:
+            await asyncio.sleep(self.settings.renew_ms / 1000)
+            try:
+                await self.renew_leases()
+            except StorylineError as exc:  # the deadlines stay: past them the worker pauses its writes
+                level = logging.WARNING if exc.retriable else logging.ERROR
+                log.log(level, "lease renewal failed, trying again in %.1f s: %s", self.settings.renew_ms / 1000, exc)
+
+    async def release_leases(self) -> None:
+        """A graceful stop, after the final checkpoint: end this worker's leases now, so whoever is assigned the
+        shards next takes them without waiting for the leases to run out."""
+        live = [(st.shard, st.offset.epoch) for st in self.state.values() if not st.fenced]
+        if live:
+            await self.store.release_leases(self.settings.consumer, self.owner, live)
 
     async def drain_all(self) -> None:
         """``run --drain``, once every live shard has read through ``until_bucket``: commit everything (the
@@ -566,12 +640,14 @@ class Worker:
     async def run(self) -> int:
         """Returns 0 on a normal stop or when idle (``until``), 3 when every shard was lost to other owners."""
         watchdog = asyncio.create_task(self._watch_parent()) if self.parent_alive is not None else None
+        renewer: asyncio.Task[None] | None = None
         try:
             # Start-up waits out a database that is down (a worker restarted during an outage) instead of
             # exiting and being restarted with a growing backoff.
             await self._with_backoff(self._open)
             await self._with_backoff(self.measure_skew)
             await self._with_backoff(self.claim_all)
+            renewer = asyncio.create_task(self._renew_forever())
             await self._with_backoff(self.replay)
             backoff = 0.5
             while not self.stop.is_set():
@@ -602,6 +678,9 @@ class Worker:
                     await self._sleep_until_next_bucket()
             if not self._stage_suspect:
                 await self.commit(list(self.state.values()), force=True)
+                if renewer is not None:
+                    renewer.cancel()
+                await self.release_leases()
             lost = sorted(st.shard for st in self.state.values() if st.fenced)
             if lost:
                 log.error("lost shards %s to another owner (their commits were refused)", format_ranges(lost))
@@ -610,6 +689,8 @@ class Worker:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if renewer is not None:
+                renewer.cancel()
             await self.store.close()
 
     def _cpu_steps(self, stage_metrics: dict[str, float]) -> dict[str, int]:

@@ -20,7 +20,7 @@ import pytest
 
 from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
-from engine.core.errors import ClockSkewError, SchemaError, TransientStoreError
+from engine.core.errors import ClockSkewError, LeaseLapsedError, SchemaError, TransientStoreError
 from engine.core.event import Event, encode
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
@@ -190,6 +190,70 @@ def test_worker_resumes_after_its_offset_and_a_stale_owner_is_fenced(make_config
             assert all(o.owner == "c" and o.read_bucket == b0 + 4 for o in offs.values())
             await zombie.store.close()
             await c.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_a_worker_holds_leases_pauses_when_they_lapse_and_releases_them_at_a_clean_stop(
+    make_config: ConfigFactory,
+) -> None:
+    """Issue 20: claiming sets the shards' leases; past a lease's deadline (no renewal in time) the worker writes
+    nothing — no story, no commit — until a renewal succeeds; a renewal refused because another owner took the
+    shard gives the shard up; a clean stop releases the leases (``lease_expires_ms = 0``)."""
+    cfg = make_config(shards=2, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        try:
+            await put(store, 1, b0 + 1, [ev(1), ev(2)])
+            w = Worker.from_config(
+                cfg, [0, 1], CountingStage(), owner="w", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
+            await w.store.open()
+            await w.claim_all()
+            offs = {o.shard: o for o in await store.read_offsets(cfg.consumer, [0, 1])}
+            assert all(o.owner == "w" and o.lease_expires_ms == clock.now_ms() + cfg.lease_ms for o in offs.values())
+            clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
+            w.state[1].lease_deadline = time.monotonic() - 1  # the renewals did not get through in time
+            with pytest.raises(LeaseLapsedError, match="shards 1"):
+                await w.step()
+                await w.commit(list(w.state.values()), force=True)
+            assert w.stats.lease_lapses == 1 and w._stage_suspect
+            assert {o.shard: o.read_bucket for o in await store.read_offsets(cfg.consumer, [0, 1])} == {
+                s: offs[s].read_bucket for s in (0, 1)
+            }, "nothing committed while a lease had lapsed"
+            clock.advance(1_000)
+            await w.renew_leases()  # it gets through: the worker goes on (after rebuilding its state)
+            assert w.state[1].lease_deadline > time.monotonic()
+            (renewed,) = await store.read_offsets(cfg.consumer, [1])
+            assert renewed.lease_expires_ms == clock.now_ms() + cfg.lease_ms
+            await w.replay()
+            await w.step()
+            await w.commit(list(w.state.values()), force=True)
+            moved = {o.shard: o.read_bucket for o in await store.read_offsets(cfg.consumer, [0, 1])}
+            assert all(moved[s] > offs[s].read_bucket for s in (0, 1)), (moved, offs)
+            # another owner takes shard 0 (a static claim): the next renewal gives it up
+            await store.claim(cfg.consumer, 0, "other", 0)
+            await w.renew_leases()
+            assert w.state[0].fenced and not w.state[1].fenced and w.stats.leases_lost == 1
+            await w.release_leases()
+            final = {o.shard: o for o in await store.read_offsets(cfg.consumer, [0, 1])}
+            assert (final[1].owner, final[1].lease_expires_ms) == ("w", 0)
+            assert final[0].owner == "other" and final[0].lease_expires_ms != 0, "not released: not w's any more"
+            await w.store.close()
+            # a whole run ends with its leases released
+            clock.advance(10 * cfg.bucket_ms)
+            r = Worker.from_config(
+                cfg, [1], CountingStage(), owner="r", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
+            r.until_bucket = (clock.now_ms() - cfg.lag_ms) // cfg.bucket_ms - 1
+            assert await r.run() == 0
+            (done,) = await store.read_offsets(cfg.consumer, [1])
+            assert (done.owner, done.lease_expires_ms) == ("r", 0)
         finally:
             await store.close()
 

@@ -204,7 +204,7 @@ point."""
 PASSED = frozenset(
     {"open", "read_meta", "server_time_ms", "claim_many", "read_offsets", "scan_index", "nonempty_buckets"}
     | {"read_partition", "read_marks", "read_stories", "get_story", "scan_stories", "cfg", "clock", "stats"}
-    | {"read_offset_evidence", "read_offset_table", "latest_offset_table"}
+    | {"read_offset_evidence", "read_offset_table", "latest_offset_table", "renew_leases", "release_leases"}
 )
 """Store members a run may use without being counted (refused after a kill all the same)."""
 
