@@ -37,6 +37,9 @@ COUNTERS = (
     "errors",
     "rebuilds",
     "undecodable",
+    "rebalances",
+    "takeovers",
+    "leases_lost",
     "stage_calls",
     *(f"cpu_us_{step}" for step in CPU_STEPS),
 )
@@ -81,6 +84,24 @@ METRICS: tuple[Metric, ...] = (
         "shard",
     ),
     Metric("storyline_lost_shards", "gauge", "shards", "Shards lost to another owner (their commits were refused)."),
+    Metric(
+        "storyline_rebalances_total",
+        "counter",
+        "rebalances",
+        "Times a group's assignment to one of this instance's workers changed (run --group).",
+    ),
+    Metric(
+        "storyline_shard_takeovers_total",
+        "counter",
+        "shards",
+        "Shards this instance's workers took from a previous owner (a handover, or a failover after a lease ran out).",
+    ),
+    Metric(
+        "storyline_leases_lost_total",
+        "counter",
+        "shards",
+        "Shard leases whose renewal was refused: another owner had taken the shard.",
+    ),
     Metric(
         "storyline_sensor_offset_seconds",
         "gauge",
@@ -139,6 +160,9 @@ class Snapshot(msgspec.Struct):
     lost_count: int = 0
     stage_calls: int = 0
     step_cpu_s: dict[str, float] = msgspec.field(default_factory=dict)  # the cost ledger (CPU_STEPS + other)
+    rebalances: int = 0
+    takeovers: int = 0
+    leases_lost: int = 0
     sensor_offsets_s: dict[str, float] = msgspec.field(default_factory=dict)  # learned, the newest epoch reported
 
 
@@ -256,6 +280,9 @@ class Aggregator:
             commits=totals["commits"],
             undecodable=totals["undecodable"],
             stage_calls=totals["stage_calls"],
+            rebalances=totals["rebalances"],
+            takeovers=totals["takeovers"],
+            leases_lost=totals["leases_lost"],
             events_per_s=eps,
             buckets_per_s=bps,
             workers=[
@@ -308,6 +335,9 @@ def prometheus(snap: Snapshot) -> str:
         "storyline_stage_calls_total": str(snap.stage_calls),
         "storyline_events_per_second": f"{snap.events_per_s:.3f}",
         "storyline_lost_shards": str(snap.lost_count),
+        "storyline_rebalances_total": str(snap.rebalances),
+        "storyline_shard_takeovers_total": str(snap.takeovers),
+        "storyline_leases_lost_total": str(snap.leases_lost),
     }
     lines: list[str] = []
     for m in METRICS:

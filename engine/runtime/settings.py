@@ -34,6 +34,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     offsets: OffsetSettings | None = None  # the epoch tables: learned offsets, DNS answers (None: neither is on)
     lease_ms: int = 10_000  # a worker's lease on each of its shards (Config.lease_ms)
     renew_ms: int = 2_000  # how often it renews them
+    group_poll_ms: int = 1_000  # how often a group's worker reads the members (Config.group_poll_ms)
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -54,6 +55,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             else None,
             lease_ms=cfg.lease_ms,
             renew_ms=cfg.renew_ms,
+            group_poll_ms=cfg.group_poll_ms,
         )
 
 

@@ -23,7 +23,7 @@ from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
 from engine.core.errors import LeaseLapsedError, SchemaError, StorylineError
 from engine.core.stage import EMPTY, Batch, Buckets, Emission, LearnsOffsets, MarkRecord, Stage
-from engine.runtime.assign import format_ranges
+from engine.runtime.assign import format_ranges, group_assignment
 from engine.runtime.offsets import OffsetKeeper, empty_row
 from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
 from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, run_all
@@ -85,6 +85,8 @@ class WorkerStats:
     cpu: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "write", "commit"), 0.0))
     rebuilds: int = 0  # stage state rebuilt (replayed) in-process after an error mid-bucket
     leases_lost: int = 0  # shards whose lease renewal was refused: another owner took them
+    rebalances: int = 0  # times the group's assignment to this worker changed
+    takeovers: int = 0  # shards this worker took from a previous owner (a group's handover or failover)
     lease_lapses: int = 0  # times the worker paused because a renewal did not succeed in time
     undecodable: int = 0  # payloads that are not canonical events: skipped and counted
     started: float = field(default_factory=time.time)
@@ -105,6 +107,7 @@ class Worker:
         drain: bool = False,
         parent_alive: Callable[[], bool] | None = None,
         check_skew: bool = True,
+        group: tuple[str, int] | None = None,
     ) -> None:
         """``store``: the store, or the factory that builds it on this worker's clock (corrected to the
         database's)."""
@@ -130,6 +133,11 @@ class Worker:
         self._drained = False
         self._last_commit_ms = 0  # when commit() last ran (a checkpoint, whether or not an offset moved)
         self.check_skew = check_skew  # False only with an injected clock that is not meant to match the database
+        # A group's worker slot (member id, worker index): its shards are the group's assignment to it, followed
+        # every group_poll_ms (:meth:`follow_group`), not ``shards``. None: a static range.
+        self.group = group
+        self._target: set[int] | None = None  # the group's last assignment to this slot
+        self._polled = 0.0  # when the group was last read (time.monotonic)
         # Learned sensor clock offsets: the tables a stage that applies them needs (engine/runtime/offsets.py)
         self.offsets = OffsetKeeper(self.store, settings.offsets) if settings.offsets is not None else None
 
@@ -200,6 +208,9 @@ class Worker:
         if self.stop.is_set() or self.orphaned():
             log.error("stopping before claiming: %s", "supervisor is gone" if self.orphaned() else "asked to stop")
             self.stop.set()
+            return
+        if self.group is not None:
+            await self.follow_group()
             return
         sent = time.monotonic()
         until = self.clock.now_ms() + self.settings.lease_ms
@@ -491,6 +502,81 @@ class Worker:
         if live:
             await self.store.release_leases(self.settings.consumer, self.owner, live)
 
+    async def follow_group(self) -> None:
+        """A group's worker: read the members, compute the group's assignment (:func:`group_assignment`, the same
+        on every host) and follow this slot's part of it. Shards assigned elsewhere now are handed over — the
+        emissions so far written, their offsets committed, their leases released, their state dropped — so
+        their new owner takes them at once; shards assigned here are claimed when their lease has ended
+        (released, or run out: a dead or cut-off owner), else tried again at the next poll; the state is then
+        rebuilt from the committed offsets with the new shards in it. Shards another owner took (a refused
+        commit or renewal) are dropped: the group's assignment decides whether they come back. While this
+        member's own row is missing (its heartbeats did not get through), its slot is assigned nothing."""
+        assert self.group is not None
+        member, slot = self.group
+        s = self.settings
+        self._polled = time.monotonic()
+        members = await self.store.read_members(s.consumer)
+        if any(m.member == member for m in members) and s.shards is not None:
+            weights = {m.member: m.workers for m in members}
+            target = set(group_assignment(s.shards, weights).get((member, slot), []))
+        else:
+            target = set()
+        if target != self._target:
+            if self._target is not None:
+                self.stats.rebalances += 1
+                log.info("group assignment changed: this worker now has %d shards (%s)", len(target),
+                         format_ranges(target) or "none")  # fmt: skip
+            self._target = target
+        lost = [st.shard for st in self.state.values() if st.fenced]
+        if lost:
+            self._forget(lost)
+        leaving = sorted(set(self.state) - target)
+        if leaving:
+            await self._hand_over(leaving)
+        missing = sorted(target - set(self.state))
+        if not missing or self.stop.is_set() or self.orphaned():
+            return
+        first = await self.first_bucket()
+        sent = time.monotonic()
+        now = self.clock.now_ms()
+        taken = await self.store.claim_many(
+            s.consumer, missing, self.owner, first, lease_until_ms=now + s.lease_ms, free_at_ms=now
+        )
+        for off in taken:
+            self.state[off.shard] = ShardState(
+                off.shard,
+                off,
+                off.read_bucket,
+                off.read_bucket,
+                off.replay_bucket,
+                now,
+                lease_deadline=sent + self._lease_margin_s(),
+            )
+            if off.epoch > 1:
+                self.stats.takeovers += 1
+            log.info("took shard %d epoch %d at bucket %d (replay from %d)", off.shard, off.epoch, off.read_bucket,
+                     off.replay_bucket)  # fmt: skip
+        if taken:
+            self._stage_suspect = True  # rebuild with the new shards (a replay of every shard this worker holds)
+
+    async def _hand_over(self, shards: Sequence[int]) -> None:
+        """Give these shards up cleanly: write what was emitted, commit their offsets (unless the state is
+        suspect: then their new owner replays from the last commit), release their leases, forget them."""
+        states = [self.state[sh] for sh in shards if not self.state[sh].fenced]
+        if not self._stage_suspect:
+            await self.commit(states, force=True)
+        live = [(st.shard, st.offset.epoch) for st in states if not st.fenced]
+        if live:
+            await self.store.release_leases(self.settings.consumer, self.owner, live)
+        self._forget(shards)
+        log.info("handed over shards %s", format_ranges(shards))
+
+    def _forget(self, shards: Sequence[int]) -> None:
+        self.stage.reset(list(shards))
+        for sh in shards:
+            self.state.pop(sh, None)
+            self._replay_at.pop(sh, None)
+
     async def drain_all(self) -> None:
         """``run --drain``, once every live shard has read through ``until_bucket``: commit everything (the
         checkpoint), then let the stage finalize every open story at each shard's last bucket and write that
@@ -661,6 +747,10 @@ class Worker:
                         await self.replay()
                     if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
                         await self.measure_skew()
+                    if self.group is not None and time.monotonic() - self._polled >= self.settings.group_poll_ms / 1000:
+                        await self.follow_group()
+                        if self._stage_suspect:
+                            continue  # rebuild (the new shards' replay) before the next step
                     progressed = await self.step()
                     if self.drain and not self._drained and self.done():
                         await self.drain_all()
@@ -670,7 +760,7 @@ class Worker:
                         raise
                     backoff = await self._back_off(exc, backoff, "")
                     continue
-                if all(st.fenced for st in self.state.values()):
+                if self.group is None and all(st.fenced for st in self.state.values()):
                     break
                 if self.done():
                     break
@@ -682,7 +772,7 @@ class Worker:
                     renewer.cancel()
                 await self.release_leases()
             lost = sorted(st.shard for st in self.state.values() if st.fenced)
-            if lost:
+            if lost and self.group is None:  # a group's worker gives up lost shards and goes on (it rejoins)
                 log.error("lost shards %s to another owner (their commits were refused)", format_ranges(lost))
                 return 3
             return 0
@@ -718,6 +808,10 @@ class Worker:
             "stage_calls": self.stats.stage_calls,
             "errors": self.stats.errors,
             "rebuilds": self.stats.rebuilds,
+            "rebalances": self.stats.rebalances,
+            "takeovers": self.stats.takeovers,
+            "leases_lost": self.stats.leases_lost,
+            "lease_lapses": self.stats.lease_lapses,
             "incomplete": self.stats.incomplete,
             "undecodable": self.stats.undecodable,
             "last_error": self.stats.last_error,

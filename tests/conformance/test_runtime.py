@@ -22,9 +22,10 @@ from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
 from engine.core.errors import ClockSkewError, LeaseLapsedError, SchemaError, TransientStoreError
 from engine.core.event import Event, encode
+from engine.runtime.assign import group_assignment
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
-from engine.store import EventRecord, Store, make_store
+from engine.store import EventRecord, Member, Store, make_store
 from engine.testing.recording import read_records
 from tests import cli
 from tests.cli import FAST, spawn, store_args
@@ -255,6 +256,73 @@ def test_a_worker_holds_leases_pauses_when_they_lapse_and_releases_them_at_a_cle
             (done,) = await store.read_offsets(cfg.consumer, [1])
             assert (done.owner, done.lease_expires_ms) == ("r", 0)
         finally:
+            await store.close()
+
+    arun(body())
+
+
+def test_workers_of_a_group_follow_its_assignment_hand_over_and_fail_over(make_config: ConfigFactory) -> None:
+    """Issue 20, in-process: a group's workers hold exactly their slots' part of the group's assignment. A join
+    moves the joiner's part only once its holder handed it over (written, committed, released: taken at once);
+    a member that vanishes without releasing (killed, cut off) loses its shards to the others once its leases
+    have run out, not before; its renewals are then refused and it drops them (it rejoins, it does not exit)."""
+    cfg = make_config(shards=8, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    def worker(owner: str, member: str) -> Worker:
+        return Worker.from_config(
+            cfg, [], CountingStage(), owner=owner, clock=clock, store=make_store(cfg, clock), check_skew=False,
+            group=(member, 0),
+        )  # fmt: skip
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        a, b = worker("a", "m1"), worker("b", "m2")
+        try:
+            for sh in range(8):
+                await put(store, sh, b0 + 1, [ev(sh * 10 + 1, sh)])
+            now = clock.now_ms()
+            await store.heartbeat(cfg.consumer, Member("m1", "h1", 1, 1, now, now), 60_000)
+            await a.store.open()
+            await a.claim_all()
+            assert sorted(a.state) == list(range(8)) and a.stats.takeovers == 0  # new shards: nobody's before
+            await store.heartbeat(cfg.consumer, Member("m2", "h2", 2, 1, now, now), 60_000)
+            await b.store.open()
+            await b.claim_all()
+            assert b.state == {}, "a's leases are live: nothing taken yet"
+            want = group_assignment(8, {"m1": 1, "m2": 1})
+            mine, theirs = want[("m1", 0)], want[("m2", 0)]
+            assert mine and theirs
+            clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
+            await a.replay()
+            await a.step()  # a consumed every shard before the handover: its offsets go with them
+            await a.follow_group()
+            assert sorted(a.state) == mine and a.stats.rebalances == 1
+            released = {o.shard: o for o in await store.read_offsets(cfg.consumer, theirs)}
+            assert all(o.lease_expires_ms == 0 and o.read_bucket >= b0 + 1 for o in released.values())
+            await b.follow_group()
+            assert sorted(b.state) == theirs and b.stats.takeovers == len(theirs)
+            assert all(b.state[sh].committed_read == released[sh].read_bucket for sh in theirs), "resumed, not reread"
+            owners = {o.shard: o.owner for o in await store.read_offsets(cfg.consumer, list(range(8)))}
+            assert owners == {sh: "a" if sh in mine else "b" for sh in range(8)}
+            # m2 disappears without releasing anything (its row expires; for the others that is a leave)
+            await store.leave(cfg.consumer, "m2")
+            await a.follow_group()
+            assert sorted(a.state) == mine, "b's leases are still live"
+            clock.advance(cfg.lease_ms + 1)
+            await a.follow_group()
+            assert sorted(a.state) == list(range(8)) and a.stats.takeovers == len(theirs)
+            # b wakes up: every renewal is refused, it gives the shards up and holds nothing (not a member now)
+            await b.renew_leases()
+            assert all(st.fenced for st in b.state.values()) and b.stats.leases_lost == len(theirs)
+            await b.follow_group()
+            assert b.state == {}
+            final = {o.shard: o for o in await store.read_offsets(cfg.consumer, list(range(8)))}
+            assert all(o.owner == "a" and o.read_bucket >= b0 + 1 for o in final.values()), "no offset moved back"
+        finally:
+            await a.store.close()
+            await b.store.close()
             await store.close()
 
     arun(body())
