@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--shards", help="inclusive shard range A-B of this instance (default: all)")
+    p.add_argument(
+        "--group",
+        action="store_true",
+        help="join the group named by the config's `consumer`: the shards are shared among its running instances"
+        " by leases in the database, rebalanced when one joins or leaves, taken over when one dies",
+    )
     p.add_argument("--workers", type=int, help="worker processes (default: config `workers`)")
     p.add_argument(
         "--until-idle",
@@ -556,6 +562,11 @@ def cmd_run(cfg: Config, args: argparse.Namespace, stage_factory: StageFactory |
     if not isinstance(level, int):
         raise ConfigError("--log-level", f"{args.log_level!r} is not a log level")
     logging.basicConfig(level=level, format="%(asctime)s supervisor %(levelname)s %(message)s")
+    group = bool(getattr(args, "group", False))
+    if group and args.shards is not None:
+        raise ConfigError("--group", "a group shares all the shards among its members: give --group or --shards")
+    if group and (args.until_idle or args.drain):
+        raise ConfigError("--group", "a group member runs until stopped: --until-idle and --drain take --shards")
     owned = parse_range(args.shards, cfg.shards)
     workers = args.workers if args.workers is not None else cfg.workers
     if workers < 1:
@@ -573,6 +584,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace, stage_factory: StageFactory |
         drain=args.drain,
         log_level=level,
         clock_offset_ms=offset_ms,
+        group=group,
     )
     return sup.run()
 
@@ -599,6 +611,7 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
     store = await _with_store(cfg)
     try:
         offsets = {o.shard: o for o in await store.read_offsets(cfg.consumer, list(owned))}
+        members = await store.read_members(cfg.consumer)
         meta = await store.read_meta()
         now = await store.server_time_ms()
         clocks = await _sensor_clocks(cfg, store, now)
@@ -631,6 +644,7 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
                 "replay_bucket": o.replay_bucket,
                 "owner": o.owner,
                 "epoch": o.epoch,
+                "lease_expires_ms": o.lease_expires_ms,
             }
         )
     known = [r["behind_s"] for r in rows if r["behind_s"] is not None]
@@ -645,14 +659,41 @@ async def cmd_status(cfg: Config, shards_arg: str | None, as_json: bool) -> int:
         "created_ms": int(meta.get("created_ms", "0") or 0),
     }
     if as_json:
-        print(json.dumps({"summary": summary, "shards": rows, "sensor_clocks": clocks, "warnings": warnings}))
+        group = [
+            {"member": m.member, "host": m.host, "pid": m.pid, "workers": m.workers, "started_ms": m.started_ms,
+             "heartbeat_ms": m.heartbeat_ms}
+            for m in members
+        ]  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "summary": summary,
+                    "members": group,
+                    "shards": rows,
+                    "sensor_clocks": clocks,
+                    "warnings": warnings,
+                }
+            )
+        )
     else:
-        print(f"{'shard':>5} {'read_bucket':>14} {'behind_s':>9} {'replay_bucket':>14}  owner")
+        if members:
+            print(f"group {cfg.consumer}: {len(members)} members")
+            print(f"  {'member':<40} {'host':<20} {'pid':>7} {'workers':>7} {'shards':>6} {'heartbeat_s_ago':>15}")
+            for m in members:
+                held = sum(1 for r in rows if r["owner"] and r["owner"].startswith(m.member + ":"))
+                ago = max(0.0, (now - m.heartbeat_ms) / 1000)
+                print(f"  {m.member:<40} {m.host:<20} {m.pid:>7} {m.workers:>7} {held:>6} {ago:>15.1f}")
+        print(
+            f"{'shard':>5} {'read_bucket':>14} {'behind_s':>9} {'replay_bucket':>14} {'epoch':>6} {'lease_s':>8}  owner"
+        )
         for r in rows:
             rb = "-" if r["read_bucket"] is None else r["read_bucket"]
             bs = "-" if r["behind_s"] is None else r["behind_s"]
             rp = "-" if r["replay_bucket"] is None else r["replay_bucket"]
-            print(f"{r['shard']:>5} {rb:>14} {bs:>9} {rp:>14}  {r['owner'] or '-'}")
+            ep = r.get("epoch") or "-"
+            lease = r.get("lease_expires_ms")
+            ls = "-" if not lease else f"{(lease - now) / 1000:.1f}"  # none, or released (0)
+            print(f"{r['shard']:>5} {rb:>14} {bs:>9} {rp:>14} {ep:>6} {ls:>8}  {r['owner'] or '-'}")
         state = "healthy" if healthy else "UNHEALTHY"
         print(
             f"status: {state}: {len(rows)} shards, max behind {summary['max_behind_s']} s "

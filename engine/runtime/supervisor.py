@@ -85,6 +85,7 @@ def worker_process(
     metrics_q: Any,
     parent_pid: int,
     log_level: int,
+    group: tuple[str, int] | None = None,
 ) -> None:
     """Entry point of a worker process (spawned: everything arrives pickled; the factories build the rest)."""
     import asyncio
@@ -105,6 +106,7 @@ def worker_process(
             until_bucket=until_bucket,
             drain=drain,
             parent_alive=lambda: os.getppid() == parent_pid,
+            group=group,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -153,6 +155,7 @@ class Supervisor:
         err: TextIO | None = None,
         log_level: int = logging.INFO,
         clock_offset_ms: int = 0,
+        group: bool = False,
     ) -> None:
         """``store`` and ``stage``: the factories each worker process builds its store and its stage from.
         ``out`` takes the status lines (a TTY) or JSON lines, ``err`` the messages about lost shards and a
@@ -169,7 +172,13 @@ class Supervisor:
         self.clock_offset_ms = clock_offset_ms
         self.log_level = log_level
         self.ctx = mp.get_context("spawn")
-        self.slots = [Slot(i, list(r)) for i, r in enumerate(split(owned, workers))]
+        # A group member (run --group): every worker slot follows the group's assignment to it; the supervisor
+        # keeps the member's row alive (:class:`GroupHeartbeat`).
+        self.group = group
+        if group:
+            self.slots = [Slot(i, []) for i in range(workers)]
+        else:
+            self.slots = [Slot(i, list(r)) for i, r in enumerate(split(owned, workers))]
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = time.time()
@@ -192,6 +201,7 @@ class Supervisor:
         self._prom = ""
         self._http: MetricsServer | None = None
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.heartbeat: GroupHeartbeat | None = None
 
     # -- processes -----------------------------------------------------------------------------------------
     def _start(self, slot: Slot) -> None:
@@ -212,6 +222,7 @@ class Supervisor:
                 slot.queue,
                 os.getpid(),
                 self.log_level,
+                (self.instance, slot.index) if self.group else None,
             ),
             name=f"storyline-worker-{slot.index}",
         )
@@ -222,7 +233,8 @@ class Supervisor:
         if slot.ps is not None:
             with contextlib.suppress(psutil.Error):
                 slot.ps.cpu_percent(None)
-        log.info("worker %d started (pid %s, shards %d-%d)", slot.index, proc.pid, slot.shards[0], slot.shards[-1])
+        what = "the group's assignment" if self.group else f"shards {format_ranges(slot.shards)}"
+        log.info("worker %d started (pid %s, %s)", slot.index, proc.pid, what)
 
     def _check(self, slot: Slot) -> None:
         proc = slot.proc
@@ -439,6 +451,9 @@ class Supervisor:
         old_int = signal.signal(signal.SIGINT, self.request_stop)
         old_term = signal.signal(signal.SIGTERM, self.request_stop)
         self._serve_metrics()
+        if self.group:
+            self.heartbeat = GroupHeartbeat(self.store, self.settings, self.instance, len(self.slots))
+            self.heartbeat.start()
         try:
             for slot in self.slots:
                 self._start(slot)
@@ -486,6 +501,8 @@ class Supervisor:
             self._report_end()
             return self.exit_code()
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()  # after the workers released their leases: the member leaves
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             if self._http is not None:
@@ -493,3 +510,68 @@ class Supervisor:
             for slot in self.slots:
                 if slot.proc is not None and slot.proc.is_alive():
                     slot.proc.kill()
+
+
+class GroupHeartbeat:
+    """The member's row of a group, kept alive from a thread of the supervisor: written before the workers start
+    (they find their member in the group at once), refreshed every ``renew_ms`` with a TTL of ``lease_ms`` (a
+    member whose supervisor died or was cut off leaves the group within ``lease_ms``), deleted at a clean stop,
+    after the workers released their leases. A failed heartbeat is logged and tried again at the next tick."""
+
+    def __init__(self, store: StoreFactory, settings: SupervisorSettings, member: str, workers: int) -> None:
+        self.store_factory = store
+        self.consumer = settings.worker.consumer
+        self.renew_s = settings.worker.renew_ms / 1000
+        self.ttl_ms = settings.worker.lease_ms
+        self.member = member
+        self.workers = workers
+        self.started_ms = int(time.time() * 1000)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="group-heartbeat", daemon=True)
+        self.beats = 0
+        self.failures = 0
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start beating; returns after the first heartbeat was written (or ``timeout_s``)."""
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            log.warning("group: the first heartbeat did not get through in %.0f s; going on", timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import asyncio
+
+        from engine.core.clock import SYSTEM_CLOCK
+        from engine.core.records import Member
+
+        async def main() -> None:
+            store = self.store_factory.build(SYSTEM_CLOCK)
+            opened = False
+            try:
+                while not self._stop.is_set():
+                    try:
+                        if not opened:
+                            await store.open()
+                            opened = True
+                        now = int(time.time() * 1000)
+                        row = Member(self.member, socket.gethostname(), os.getpid(), self.workers, self.started_ms, now)
+                        await store.heartbeat(self.consumer, row, self.ttl_ms)
+                        self.beats += 1
+                        self._ready.set()
+                    except Exception as exc:  # any failure: a heartbeat must never end the member
+                        self.failures += 1
+                        log.warning("group: heartbeat failed (%s); trying again in %.1f s", exc, self.renew_s)
+                    await asyncio.get_running_loop().run_in_executor(None, self._stop.wait, self.renew_s)
+                if opened:
+                    with contextlib.suppress(Exception):
+                        await store.leave(self.consumer, self.member)
+            finally:
+                self._ready.set()
+                with contextlib.suppress(Exception):
+                    await store.close()
+
+        asyncio.run(main())

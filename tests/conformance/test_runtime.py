@@ -3,6 +3,7 @@ worker processes through the CLI (kill -9, SIGTERM, two instances, status)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -586,6 +587,83 @@ def test_two_instances_with_disjoint_ranges_share_one_database(make_config: Conf
     owners = {r["shard"]: r["owner"].rsplit(":", 3)[0] for r in report["shards"]}
     assert len({owners[s] for s in range(4)}) == 1 and len({owners[s] for s in range(4, 8)}) == 1
     assert owners[0] != owners[4]
+
+
+def group_status(args: list[str]) -> tuple[list[str], dict[int, str]]:
+    """``status --json`` of a group: its member ids, and each owned shard's owner member (its worker ids start
+    with the member id) whose lease is live (a released or lapsed lease is nobody's)."""
+    report = json.loads(storyline("status", *args, "--json").stdout)
+    members = [m["member"] for m in report["members"]]
+    now = time.time() * 1000
+    owners = {}
+    for r in report["shards"]:
+        if r["owner"] and r.get("lease_expires_ms") and r["lease_expires_ms"] > now:
+            owners[r["shard"]] = next((m for m in members if r["owner"].startswith(m + ":")), r["owner"])
+    return members, owners
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.25)
+    return time.monotonic() - t0
+
+
+def kill_instance(proc: subprocess.Popen[str]) -> None:
+    """kill -9 of a whole instance: its supervisor and its workers at once."""
+    victims = [proc.pid, *worker_pids(proc)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def test_a_group_shares_the_shards_and_takes_over_a_killed_member(make_config: ConfigFactory, tmp_path: Path) -> None:
+    """Issue 20 through the CLI (default lease settings: lease_ms 10 s, renew_ms 2 s, group_poll_ms 1 s): a first
+    member takes every shard; a second joins and gets its part by handover; kill -9 of the second (supervisor and
+    worker) — its shards are taken over within lease_ms + 2 s; a second batch is consumed; SIGTERM ends the
+    survivor cleanly. Every event written is consumed."""
+    cfg = make_config(shards=8, **FAST)
+    args = cli_args(cfg)
+    assert storyline("init", *args).returncode == 0
+    want = ingest(cfg, tmp_path, 300)
+    a = spawn("run", *args, "--group", "--workers", "1", "--record", str(tmp_path / "a"))
+    b: subprocess.Popen[str] | None = None
+    try:
+        wait_for("the first member holds every shard", lambda: len(set(group_status(args)[1].values())) == 1
+                 and len(group_status(args)[1]) == 8, 60)  # fmt: skip
+        (first,) = group_status(args)[0]
+        b = spawn("run", *args, "--group", "--workers", "1", "--record", str(tmp_path / "b"))
+
+        def split() -> bool:
+            members, owners = group_status(args)
+            return len(members) == 2 and len(owners) == 8 and len(set(owners.values())) == 2
+
+        joined = wait_for("the second member gets its part", split, 60)
+        members, owners = group_status(args)
+        second = next(m for m in members if m != first)
+        moved = sorted(s for s, m in owners.items() if m == second)
+        assert moved == group_assignment(8, {first: 1, second: 1})[(second, 0)]
+        kill_instance(b)
+        took = wait_for("the survivor takes the killed member's shards",
+                        lambda: set(group_status(args)[1].values()) == {first} and len(group_status(args)[1]) == 8,
+                        cfg.lease_ms / 1000 + 10)  # fmt: skip
+        assert took <= cfg.lease_ms / 1000 + 2 + cfg.group_poll_ms / 1000, took
+        more = ingest(cfg, tmp_path, 100, seed=2)
+        wait_for("the second batch is consumed", lambda: (want | more) <= set(recorded(tmp_path / "a"))
+                 | set(recorded(tmp_path / "b")), 60)  # fmt: skip
+        a.send_signal(signal.SIGTERM)
+        _, err = a.communicate(timeout=60)
+        assert a.returncode == 0, err
+        members, owners = group_status(args)
+        assert members == [] and owners == {}, "a clean stop leaves the group and releases every lease"
+        print(f"group: joined in {joined:.1f} s, moved {len(moved)} shards, takeover after kill -9 in {took:.1f} s")
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                kill_instance(p)
 
 
 def scrape(port: int) -> dict[str, float] | None:
