@@ -217,15 +217,7 @@ class Worker:
         consumer = self.settings.consumer
         offsets = await self.store.claim_many(consumer, self.shards, self.owner, first, lease_until_ms=until)
         for off in offsets:
-            self.state[off.shard] = ShardState(
-                off.shard,
-                off,
-                off.read_bucket,
-                off.read_bucket,
-                off.replay_bucket,
-                self.clock.now_ms(),
-                lease_deadline=sent + self._lease_margin_s(),
-            )
+            self._hold(off, sent)
             log.info(
                 "claimed shard %d epoch %d at bucket %d (replay from %d)",
                 off.shard,
@@ -446,6 +438,18 @@ class Worker:
                 st.last_commit_ms = now
                 self.stats.commits += 1
 
+    def _hold(self, off: Offset, sent: float) -> None:
+        """Start holding a shard just claimed (``sent``: when the claim was sent, time.monotonic)."""
+        self.state[off.shard] = ShardState(
+            off.shard,
+            off,
+            off.read_bucket,
+            off.read_bucket,
+            off.replay_bucket,
+            self.clock.now_ms(),
+            lease_deadline=sent + self._lease_margin_s(),
+        )
+
     def _lease_margin_s(self) -> float:
         return (self.settings.lease_ms - self.settings.max_clock_skew_ms) / 1000
 
@@ -543,15 +547,7 @@ class Worker:
             s.consumer, missing, self.owner, first, lease_until_ms=now + s.lease_ms, free_at_ms=now
         )
         for off in taken:
-            self.state[off.shard] = ShardState(
-                off.shard,
-                off,
-                off.read_bucket,
-                off.read_bucket,
-                off.replay_bucket,
-                now,
-                lease_deadline=sent + self._lease_margin_s(),
-            )
+            self._hold(off, sent)
             if off.epoch > 1:
                 self.stats.takeovers += 1
             log.info("took shard %d epoch %d at bucket %d (replay from %d)", off.shard, off.epoch, off.read_bucket,

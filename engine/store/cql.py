@@ -900,19 +900,7 @@ class CqlStore:
 
         async def batch_of(group: int, todo: list[tuple[int, int]]) -> bool:
             params = [[BigInt(until_ms), consumer, group, sh, owner, BigInt(ep)] for sh, ep in todo]
-
-            async def once() -> bool:
-                batch = self._conditional_batch()
-                for _ in todo:
-                    batch.add_query(prepared)
-                res = await self._call(what, lambda: self.db.batch(batch, params))
-                try:
-                    rows = res.all()
-                except ScyllaPyMappingError:
-                    return True
-                return bool(rows and rows[0].get("[applied]"))
-
-            return await self._retry(what, once)
+            return await self._applied_batch(what, prepared, params)
 
         async def one(group: int, todo: list[tuple[int, int]]) -> None:
             while todo:
@@ -1021,9 +1009,15 @@ class CqlStore:
             for c in todo
         ]
 
+        return await self._applied_batch(what, prepared, params)
+
+    async def _applied_batch(self, what: str, prepared: Any, params: list[list[Any]]) -> bool:
+        """One conditional batch of ``prepared`` with each of ``params`` (rows of one partition), retried while
+        transient (each statement is idempotent: applying it twice is harmless). Whether it was applied."""
+
         async def once() -> bool:
             batch = self._conditional_batch()
-            for _ in todo:
+            for _ in params:
                 batch.add_query(prepared)
             res = await self._call(what, lambda: self.db.batch(batch, params))
             try:
