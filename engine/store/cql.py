@@ -868,7 +868,7 @@ class CqlStore:
     ) -> list[int]:
         cql = (
             f"UPDATE {self.ks}.read_offsets SET lease_expires_ms = ? "
-            f"WHERE consumer = ? AND shard_group = ? AND shard = ? IF owner = ? AND epoch = ?"
+            f"WHERE consumer = ? AND shard_group = ? AND shard = ? IF owner = ? AND epoch = ? AND lease_expires_ms > 0"
         )
         return await self._lease_batches("renew leases", "lease_renew", cql, consumer, owner, leases, until_ms)
 
@@ -909,7 +909,8 @@ class CqlStore:
                 still = []
                 for sh, ep in todo:
                     cur = await self._read_offset_serial(consumer, sh)
-                    if cur is None or cur.owner != owner or cur.epoch != ep:
+                    released = until_ms > 0 and not cur_lease(cur)  # a renewal of a released lease
+                    if cur is None or cur.owner != owner or cur.epoch != ep or released:
                         refused.append(sh)
                     else:
                         still.append((sh, ep))
@@ -1445,6 +1446,11 @@ class CqlStore:
 
     async def purge_expired(self) -> int:
         return 0  # the database expires rows by default_time_to_live
+
+
+def cur_lease(cur: Offset | None) -> int:
+    """A stored lease's end, 0 when released or never leased (or no row)."""
+    return 0 if cur is None or cur.lease_expires_ms is None else cur.lease_expires_ms
 
 
 def _offset(consumer: str, shard: int, r: dict[str, Any]) -> Offset:

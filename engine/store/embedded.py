@@ -504,7 +504,7 @@ class EmbeddedStore:
     ) -> list[int]:
         sql = (
             f"UPDATE {self.t('read_offsets')} SET lease_expires_ms = ? "
-            f"WHERE consumer = ? AND shard = ? AND owner = ? AND epoch = ?"
+            f"WHERE consumer = ? AND shard = ? AND owner = ? AND epoch = ? AND lease_expires_ms > 0"
         )
 
         def do(c: sqlite3.Connection) -> list[int]:

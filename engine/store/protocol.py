@@ -126,9 +126,11 @@ class Store(Protocol):
     async def renew_leases(
         self, consumer: str, owner: str, leases: Sequence[tuple[int, int]], until_ms: int
     ) -> list[int]:
-        """Extend this owner's leases, ``(shard, epoch)`` each, to ``until_ms`` (conditional on owner and epoch:
-        one batch per offsets partition on CQL). Returns the shards refused: another claim took them. Repeating a
-        renewal that was applied is harmless."""
+        """Extend this owner's leases, ``(shard, epoch)`` each, to ``until_ms`` (conditional on owner and epoch,
+        and on the lease not being released: one batch per offsets partition on CQL). Returns the shards refused:
+        another claim took them, or their lease was released (a renewal sent before a handover's release and
+        applied after it must not hold the shard back from its next owner). Repeating a renewal that was applied
+        is harmless."""
 
     async def release_leases(self, consumer: str, owner: str, leases: Sequence[tuple[int, int]]) -> None:
         """End this owner's leases now (``lease_expires_ms = 0``; owner and epoch stay, so the next claim fences

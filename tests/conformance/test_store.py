@@ -430,6 +430,8 @@ def test_leases_are_taken_over_only_once_ended_and_renewals_are_fenced(make_conf
                 await store.commit("main", 17, "a", 1, 9, 9)
             # a graceful leave: a releases 1 (and 17, which is no longer its own: b's lease stays)
             await store.release_leases("main", "a", [(1, 1), (17, 1)])
+            # a renewal that lands after the release (sent before it) does not hold the shard back
+            assert await store.renew_leases("main", "a", [(1, 1)], NOW + 50_000) == [1]
             offs = {o.shard: o for o in await store.read_offsets("main", [1, 3, 17])}
             assert offs[1].lease_expires_ms == 0 and offs[1].owner == "a"
             assert (offs[17].owner, offs[17].lease_expires_ms) == ("b", NOW + 25_000)
