@@ -34,7 +34,18 @@ def test_the_truth_is_keyed_by_the_ids_ingest_gives_and_the_view_is_deterministi
     assert [e.id for e in events] == list(view.truth.stories)
     assert [view.truth.stories[e.id] for e in events] == [s.story for s in view.subset]
     seen = {"zeek": {"firewall", "dns", "http"}, "eve": {"firewall", "dns", "http"}, "vpcflow": {"cloud"}}[fmt]
-    assert [s.id for s in view.subset] == [s.id for s in EVENTS if s.source in seen]
+    reports = [s for s in EVENTS if s.source in seen]
+    kept = {s.id for s in view.subset}
+    assert [s.id for s in view.subset] == [s.id for s in reports if s.id in kept]  # in order
+    # Only equal lines become one event (as ingest counts them): a record the view left out writes a line the view
+    # has (two reports of a flow in one second give the same VPC record). How many depends on where the
+    # scenario's start falls in a second: none in most runs.
+    dropped = [s for s in reports if s.id not in kept]
+    assert len(dropped) <= len(reports) // 100
+    written = set(view.lines)
+    for ev in dropped:
+        alone = sensor_view([ev], TRUTH, fmt, now_ms=NOW_MS)  # type: ignore[arg-type]
+        assert alone.lines[-1] in written, ev.id
     assert set(view.truth.flows) == set(view.truth.stories.values()) & set(TRUTH.flows)
     for e in events:  # each sensor keeps its simulated clock: the reported time is the true time plus its skew
         sim = view.subset[list(view.truth.stories).index(e.id)]
