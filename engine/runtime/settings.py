@@ -35,6 +35,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     lease_ms: int = 10_000  # a worker's lease on each of its shards (Config.lease_ms)
     renew_ms: int = 2_000  # how often it renews them
     group_poll_ms: int = 1_000  # how often a group's worker reads the members (Config.group_poll_ms)
+    request_timeout_ms: int = 5_000  # how long one store request may take (a write bound by a lease ends sooner)
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -56,6 +57,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             lease_ms=cfg.lease_ms,
             renew_ms=cfg.renew_ms,
             group_poll_ms=cfg.group_poll_ms,
+            request_timeout_ms=cfg.request_timeout_ms,
         )
 
 

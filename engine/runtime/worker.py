@@ -64,7 +64,9 @@ class ShardState:
     fenced: bool = False
     # Until when (time.monotonic) this worker may write for the shard: the send time of its last applied lease
     # claim or renewal + lease_ms - max_clock_skew_ms (a claimer whose clock runs ahead sees the lease end that
-    # much earlier). Past it the worker writes nothing for the shard until a renewal succeeds.
+    # much earlier). A write must be sent request_timeout_ms before it (so that even a write the database applies
+    # at the end of its timeout lands while the lease holds): later, the worker writes nothing until a renewal
+    # succeeds (:meth:`Worker.flush`).
     lease_deadline: float = float("inf")
 
 
@@ -138,6 +140,7 @@ class Worker:
         self.group = group
         self._target: set[int] | None = None  # the group's last assignment to this slot
         self._polled = 0.0  # when the group was last read (time.monotonic)
+        self._write_bounds: set[asyncio.Timeout] = set()  # flushes under way: each ends when the leases do
         # Learned sensor clock offsets: the tables a stage that applies them needs (engine/runtime/offsets.py)
         self.offsets = OffsetKeeper(self.store, settings.offsets) if settings.offsets is not None else None
 
@@ -391,18 +394,45 @@ class Worker:
     async def flush(self) -> None:
         """Write what the stage emitted since the last flush (:func:`persist`). A failure leaves the stage's
         state ahead of the store: it is rebuilt from the committed offsets before the worker goes on (a
-        stopping worker may instead flush the same emission again: its content is fixed)."""
+        stopping worker may instead flush the same emission again: its content is fixed).
+
+        The writes are bound by the leases: no write (or retry of one) starts later than ``request_timeout_ms``
+        before the earliest lease deadline, so every write the database applies lands while this worker still
+        holds its shards; each renewal that gets through moves the bound on. Past the bound the flush is cut
+        short (:class:`LeaseLapsedError`, retriable: the state is rebuilt once a renewal succeeds)."""
         if not self._pending.writes:
             return
         self._check_leases()
+        bound = asyncio.timeout_at(self._write_bound_at())
+        self._write_bounds.add(bound)
         try:
             t0 = time.process_time()
-            await persist(self.store, self.settings.consumer, self._pending)
+            async with bound:
+                await persist(self.store, self.settings.consumer, self._pending)
             self.stats.cpu["write"] += time.process_time() - t0
+        except TimeoutError:
+            self._stage_suspect = True
+            if not bound.expired():
+                raise
+            self.stats.lease_lapses += 1
+            raise LeaseLapsedError(
+                "writes stopped: the leases were not renewed in time for them to land before the leases end"
+            ) from None
         except BaseException:
             self._stage_suspect = True
             raise
+        finally:
+            self._write_bounds.discard(bound)
         self._pending = Emission()
+
+    def _write_bound_at(self) -> float | None:
+        """The event loop's time after which no write may be sent: the earliest lease deadline of a live shard,
+        less ``request_timeout_ms`` (None: no live shard, no bound)."""
+        live = [st.lease_deadline for st in self.state.values() if not st.fenced]
+        if not live or min(live) == float("inf"):
+            return None
+        budget_s = min(live) - self.settings.request_timeout_ms / 1000 - time.monotonic()
+        return asyncio.get_running_loop().time() + budget_s
 
     async def commit(self, states: Sequence[ShardState], *, force: bool) -> None:
         """The checkpoint, in this order: (1) write every emission of the buckets consumed so far (marks, then
@@ -458,8 +488,8 @@ class Worker:
         ``ShardState.lease_deadline``), or nothing is written — another member may take a lapsed lease any moment.
         The stage's state is rebuilt from the committed offsets once a renewal succeeds (the emission is dropped
         and emitted again: its content is a function of the buckets)."""
-        now = time.monotonic()
-        lapsed = [st.shard for st in self.state.values() if not st.fenced and st.lease_deadline <= now]
+        lands_by = time.monotonic() + self.settings.request_timeout_ms / 1000  # a write sent now, at the latest
+        lapsed = [st.shard for st in self.state.values() if not st.fenced and st.lease_deadline <= lands_by]
         if lapsed:
             self._stage_suspect = True
             self.stats.lease_lapses += 1
@@ -488,6 +518,11 @@ class Worker:
                 log.error("shard %d: lease renewal refused (another owner holds a newer epoch); giving it up", st.shard)
             else:
                 st.lease_deadline = sent + self._lease_margin_s()
+        if self._write_bounds:  # flushes under way may go on until the new deadlines
+            when = self._write_bound_at()
+            for bound in self._write_bounds:
+                if not bound.expired():
+                    bound.reschedule(when)
 
     async def _renew_forever(self) -> None:
         """Every ``renew_ms``, beside the processing (a long step must not starve the renewals)."""

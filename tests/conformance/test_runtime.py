@@ -3,6 +3,7 @@ worker processes through the CLI (kill -9, SIGTERM, two instances, status)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -23,6 +24,7 @@ from engine.core.clock import ManualClock
 from engine.core.config import Config, from_mapping
 from engine.core.errors import ClockSkewError, LeaseLapsedError, SchemaError, TransientStoreError
 from engine.core.event import Event, encode
+from engine.core.stage import Emission, MarkRecord
 from engine.runtime.assign import group_assignment
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
@@ -346,6 +348,70 @@ def test_worker_skips_and_counts_rows_that_are_not_events(make_config: ConfigFac
             assert await w.run() == 0
             assert stage.seen[0] == [(b0 + 1, ["e0-000001", "e0-000003"])]
             assert w.stats.undecodable == 1
+        finally:
+            await store.close()
+
+    arun(body())
+
+
+class SlowMarks:
+    """Around a real store: every ``put_marks`` call waits ``delay_s`` before it is sent (a database that answers
+    slowly); ``sent`` counts the calls that reached the store."""
+
+    def __init__(self, store: Store, delay_s: float) -> None:
+        self.store = store
+        self.delay_s = delay_s
+        self.sent = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def put_marks(
+        self, consumer: str, shard: int, bucket: int, parts: Sequence[bytes], *, first_part: int = 0
+    ) -> None:
+        await asyncio.sleep(self.delay_s)
+        self.sent += 1
+        await self.store.put_marks(consumer, shard, bucket, parts, first_part=first_part)
+
+
+def test_a_flush_sends_no_write_that_could_land_after_the_leases_end(make_config: ConfigFactory) -> None:
+    """Issue 20: a write must land while the worker holds its shards, so none is sent later than
+    ``request_timeout_ms`` before the earliest lease deadline; a flush still under way then is cut short
+    (LeaseLapsedError, nothing more sent). A renewal that gets through meanwhile moves the bound on, so a slow flush
+    of a worker whose renewals succeed is never cut."""
+    cfg = make_config(shards=2, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+    timeout_s = cfg.request_timeout_ms / 1000
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        try:
+            slow = SlowMarks(make_store(cfg, clock), delay_s=0.6)
+            w = Worker.from_config(cfg, [0, 1], CountingStage(), owner="w", clock=clock, store=slow, check_skew=False)
+            await w.store.open()
+            await w.claim_all()
+            b = clock.now_ms() // cfg.bucket_ms
+            marks = [MarkRecord(0, b, 0, b"m0"), MarkRecord(1, b, 0, b"m1")]
+            # the leases end 0.3 s after the last moment a write may be sent: the slow writes would land too late
+            w.state[1].lease_deadline = time.monotonic() + timeout_s + 0.3
+            w._pending = Emission(marks=list(marks))
+            t0 = time.monotonic()
+            with pytest.raises(LeaseLapsedError, match="writes stopped"):
+                await w.flush()
+            assert 0.25 < time.monotonic() - t0 < 0.55, "cut at the bound, not before it and not at the end"
+            assert slow.sent == 0 and w._stage_suspect and w.stats.lease_lapses == 1
+            assert await store.read_marks(cfg.consumer, 1, b, b) == []
+            # the same, but a renewal gets through while the flush waits: it goes on to the end
+            w._stage_suspect = False
+            w.state[1].lease_deadline = time.monotonic() + timeout_s + 0.3
+            w._pending = Emission(marks=list(marks))
+            flush = asyncio.create_task(w.flush())
+            await asyncio.sleep(0.1)
+            await w.renew_leases()
+            await flush
+            assert slow.sent == 2 and not w._stage_suspect
+            assert await store.read_marks(cfg.consumer, 1, b, b) == [(b, b"m1")]
+            await w.store.close()
         finally:
             await store.close()
 
