@@ -53,6 +53,9 @@ MESSAGE_RULES: tuple[MessageRule, ...] = (
     MessageRule("cql", "Unable to allocate stream id", "transient", _CQL_NO_CODE + " (connection saturated)"),
     MessageRule("cql", "Rate limit was exceeded", "transient", _CQL_NO_CODE + " (ScyllaDB per-partition limit)"),
     MessageRule("cql", "is not prepared", "transient", _CQL_NO_CODE + " (node restarted: prepared again on retry)"),
+    MessageRule(
+        "cql", "early eof", "transient", _CQL_NO_CODE + " (connection closed mid-frame: 'Frame error: early eof')"
+    ),
     MessageRule("cql", "No connections in the pool", "transient", _CQL_NO_CODE + " (pool empty while reconnecting)"),
     # Broken or refused connections come as several phrasings ("Connection broken", "connection closed", ...);
     # only ScyllaPyDBError messages are matched (a binding or mapping error never is), which keeps this wide
