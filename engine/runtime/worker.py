@@ -141,6 +141,7 @@ class Worker:
         self._target: set[int] | None = None  # the group's last assignment to this slot
         self._polled = 0.0  # when the group was last read (time.monotonic)
         self._write_bounds: set[asyncio.Timeout] = set()  # flushes under way: each ends when the leases do
+        self._rebuild_for = ""  # why the next rebuild of the stage is planned ("": after an error)
         # Learned sensor clock offsets: the tables a stage that applies them needs (engine/runtime/offsets.py)
         self.offsets = OffsetKeeper(self.store, settings.offsets) if settings.offsets is not None else None
 
@@ -589,6 +590,9 @@ class Worker:
                      off.replay_bucket)  # fmt: skip
         if taken:
             self._stage_suspect = True  # rebuild with the new shards (a replay of every shard this worker holds)
+            self._rebuild_for = (
+                self._rebuild_for or f"with the shards taken ({format_ranges([o.shard for o in taken])})"
+            )
 
     async def _hand_over(self, shards: Sequence[int]) -> None:
         """Give these shards up cleanly: write what was emitted, commit their offsets (unless the state is
@@ -774,7 +778,11 @@ class Worker:
                 try:
                     if self._stage_suspect:
                         self.stats.rebuilds += 1
-                        log.warning("rebuilding the stage's state from the committed offsets after an error")
+                        if self._rebuild_for:  # planned: not after an error
+                            log.info("rebuilding the stage's state from the committed offsets %s", self._rebuild_for)
+                        else:
+                            log.warning("rebuilding the stage's state from the committed offsets after an error")
+                        self._rebuild_for = ""
                         await self.replay()
                     if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
                         await self.measure_skew()
