@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ import psutil
 
 from engine.core.config import Config
 from engine.core.errors import StorylineError
-from engine.store import Offset, StoryRecord, make_store
+from engine.store import Member, Offset, StoryRecord, make_store
 from engine.tools.verify import IngestRun, VerifyReport, parse_ingest_summary, reconcile, verify
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,12 +160,13 @@ def alive(pid: int) -> bool:
 
 
 class Supervisor:
-    """``storyline run --workers N`` (no --until-idle: it runs until stopped or killed)."""
+    """``storyline run --workers N [extra...]`` (no --until-idle: it runs until stopped or killed)."""
 
-    def __init__(self, tenant: Tenant, workers: int = 2) -> None:
+    def __init__(self, tenant: Tenant, workers: int = 2, extra: Sequence[str] = (), name: str = "run") -> None:
         self.tenant = tenant
         self.workers = workers
-        self.proc = tenant.spawn("run", "run", "--workers", str(workers), "--log-level", "WARNING")
+        self.err = tenant.dir / f"{name}-{tenant._n + 1}.err"  # the supervisor's and its workers' stderr
+        self.proc = tenant.spawn(name, "run", "--workers", str(workers), "--log-level", "WARNING", *extra)
 
     @property
     def pid(self) -> int:
@@ -197,6 +199,17 @@ class Supervisor:
     def kill9(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+    def kill9_all(self) -> None:
+        """kill -9 of the whole instance: the supervisor and its workers at once (a host that dies)."""
+        for pid in [self.pid, *self.worker_pids()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        """What the supervisor and its workers wrote to stderr so far."""
+        return self.err.read_text(errors="replace")
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM: workers finish the current bucket, commit and exit."""
@@ -330,11 +343,16 @@ class Feeder(threading.Thread):
 # -- offsets -------------------------------------------------------------------------------------------------
 class OffsetMonitor:
     """Reads every shard's committed offset about five times a second in a thread of its own (its own store
-    connection, reopened after repeated errors so that it never waits on the engine's recovery)."""
+    connection, reopened after repeated errors so that it never waits on the engine's recovery). With
+    ``members``, the group's members too. ``backwards`` collects every read where a shard's ``read_bucket`` was
+    lower than at the read before (an offset that moved back: never allowed)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, members: bool = False) -> None:
         self.cfg = cfg
         self.offsets: dict[int, Offset] = {}
+        self.members: list[Member] = []
+        self.read_members = members
+        self.backwards: list[tuple[int, int, int]] = []  # (shard, read_bucket before, read_bucket after)
         self.at = 0.0
         self.errors = 0
         self.replay_window_max_ms = 0  # the widest read_bucket - replay_bucket seen (what a restart replays)
@@ -353,8 +371,14 @@ class OffsetMonitor:
                 while not self._stop.is_set() and failures < 5:
                     try:
                         offs = await store.read_offsets(self.cfg.consumer, shards)
+                        members = await store.read_members(self.cfg.consumer) if self.read_members else []
                         with self._lock:
+                            for o in offs:
+                                prev = self.offsets.get(o.shard)
+                                if prev is not None and o.read_bucket < prev.read_bucket:
+                                    self.backwards.append((o.shard, prev.read_bucket, o.read_bucket))
                             self.offsets = {o.shard: o for o in offs}
+                            self.members = members
                             self.at = time.time()
                             window = max((o.read_bucket - o.replay_bucket + 1 for o in offs), default=0)
                             self.replay_window_max_ms = max(self.replay_window_max_ms, window * self.cfg.bucket_ms)
@@ -386,6 +410,24 @@ class OffsetMonitor:
             if time.time() > deadline:
                 raise AssertionError(f"no fresh offsets for {timeout} s ({self.errors} read errors)")
             time.sleep(0.05)
+
+    def group(self, fresh_after: float = 0.0) -> tuple[set[str], dict[int, str]]:
+        """The group's members, and each shard's holder: the member whose worker holds a live lease on it (a
+        released or run-out lease is nobody's; a shard without a live lease is left out)."""
+        offs = self.snapshot(fresh_after)
+        with self._lock:
+            members = {m.member for m in self.members}
+        now = time.time() * 1000
+        held: dict[int, str] = {}
+        for s, o in offs.items():
+            if o.lease_expires_ms and o.lease_expires_ms > now:
+                held[s] = o.owner.rsplit(":", 2)[0]  # a worker's owner id: <member>:w<slot>:<restarts>
+        return members, held
+
+    def member_of(self, pid: int) -> str | None:
+        """The member id of the instance whose supervisor has this pid (None: not a member now)."""
+        with self._lock:
+            return next((m.member for m in self.members if m.pid == pid), None)
 
     def behind_ms(self, offs: dict[int, Offset], now_ms: int | None = None) -> int:
         now = int(time.time() * 1000) if now_ms is None else now_ms

@@ -1,7 +1,9 @@
 """A TCP proxy on 127.0.0.1 that a chaos test can cut: the network partition between one engine instance and the
 database (issue 20). The instance is given the proxy's address as its contact point; :meth:`TcpProxy.cut` drops
 every open connection and makes new ones hang (accepted, never answered: what a partition looks like to a
-client, which then runs into its timeouts), :meth:`TcpProxy.restore` lets traffic through again.
+client, which then runs into its timeouts); ``cut(drop=True)`` keeps the open connections but swallows what is
+sent on them either way (a partition the client learns of only by its request timeouts, the harder case);
+:meth:`TcpProxy.restore` lets traffic through again on new connections.
 
 Threads, not asyncio: the test drives processes and sleeps meanwhile. Only loopback addresses."""
 
@@ -27,6 +29,7 @@ class TcpProxy:
         self._cut = False
         self._open: set[socket.socket] = set()
         self._held: list[socket.socket] = []  # accepted while cut: kept open, never answered
+        self._swallowing: set[socket.socket] = set()  # open when cut with drop=True: what they carry is dropped
         self._closed = False
         self.connections = 0  # accepted so far (forwarded or held)
         self._acceptor = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
@@ -40,20 +43,26 @@ class TcpProxy:
     def is_cut(self) -> bool:
         return self._cut
 
-    def cut(self) -> None:
-        """The partition: close every forwarded connection (both sides), hold new ones unanswered."""
+    def cut(self, *, drop: bool = False) -> None:
+        """The partition: close every forwarded connection (both sides), or with ``drop`` keep them open and
+        drop every byte sent on them from now on; hold new connections unanswered."""
         with self._lock:
             self._cut = True
             conns, self._open = self._open, set()
-        for s in conns:
-            _close(s)
+            if drop:
+                self._swallowing |= conns
+        if not drop:
+            for s in conns:
+                _close(s)
 
     def restore(self) -> None:
-        """The link is back: new connections are forwarded again (the held ones are closed, so clients retry)."""
+        """The link is back: new connections are forwarded again. The held ones, and those whose traffic was
+        dropped (their byte streams have holes), are closed, so clients reconnect."""
         with self._lock:
             self._cut = False
             held, self._held = self._held, []
-        for s in held:
+            swallowed, self._swallowing = self._swallowing, set()
+        for s in held + list(swallowed):
             _close(s)
 
     def close(self) -> None:
@@ -101,13 +110,16 @@ class TcpProxy:
                 data = src.recv(CHUNK)
                 if not data:
                     break
+                if src in self._swallowing:
+                    continue  # partitioned: the bytes never arrive
                 dst.sendall(data)
         except OSError:
             pass
         finally:
             with self._lock:
-                self._open.discard(src)
-                self._open.discard(dst)
+                for s in (src, dst):
+                    self._open.discard(s)
+                    self._swallowing.discard(s)
             _close(src)
             _close(dst)
 

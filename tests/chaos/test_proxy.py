@@ -59,6 +59,28 @@ def test_the_proxy_forwards_cuts_and_restores() -> None:
         server.close()
 
 
+def test_a_dropping_cut_keeps_connections_open_and_swallows_their_traffic() -> None:
+    server, port = echo_server()
+    try:
+        with TcpProxy(port) as proxy:
+            conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5)
+            conn.sendall(b"a")
+            assert conn.recv(16) == b"a"
+            proxy.cut(drop=True)
+            conn.sendall(b"lost")  # the connection stays open: the send succeeds, no answer ever comes
+            with pytest.raises(TimeoutError):
+                conn.recv(16)
+            with pytest.raises(TimeoutError):
+                roundtrip(proxy.port, b"new", timeout=0.5)
+            proxy.restore()
+            conn.settimeout(2)
+            assert conn.recv(16) == b"", "a connection whose bytes were dropped is closed at the restore"
+            assert roundtrip(proxy.port, b"again") == b"again"
+            conn.close()
+    finally:
+        server.close()
+
+
 def test_the_proxy_refuses_addresses_off_this_machine() -> None:
     with pytest.raises(ValueError, match="loopback"):
         TcpProxy(9042, target_host="10.0.0.1")
