@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -179,3 +180,76 @@ def chaos_node() -> Iterator[ChaosNode]:
 def chaos_node_tenant(chaos_node: ChaosNode, tmp_path: Path) -> Iterator[TenantFactory]:
     """A fresh tenant on the private CQL node."""
     yield from tenants("cql", tmp_path, chaos_node.addr)
+
+
+# -- the private three-node cluster ------------------------------------------------------------------------------
+CLUSTER_ENV = {"CQL_CLUSTER_NAME": "chaos-cluster", "CQL_PORT": "9442", "CQL_STORAGE_PORT": "7400"}
+CLUSTER_ADDRS = [f"127.0.0.{n}:{CLUSTER_ENV['CQL_PORT']}" for n in (1, 2, 3)]
+
+
+class ChaosCluster:
+    """Three Cassandra nodes (``db/cql-node cluster-*`` as ``CQL_CLUSTER_NAME=chaos-cluster``) on 127.0.0.1, .2 and .3,
+    native port 9442, storage port 7400: beside the shared single node, never touching it. Fresh data folders."""
+
+    addrs = CLUSTER_ADDRS
+
+    def script(self, *action: str, timeout: float = 400, while_running: Callable[[], None] | None = None) -> float:
+        """Run ``db/cql-node <action>``; the seconds it took (it waits until the nodes answer or are gone).
+        ``while_running`` is called about five times a second meanwhile."""
+        t0 = time.time()
+        env = {**os.environ, **CLUSTER_ENV}
+        proc = subprocess.Popen(
+            [str(ROOT / "db" / "cql-node"), *action], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        while proc.poll() is None and time.time() < t0 + timeout:
+            if while_running is not None:
+                while_running()
+            time.sleep(0.2)
+        out = proc.communicate(timeout=max(1.0, t0 + timeout - time.time()))[0]
+        assert proc.returncode == 0, f"db/cql-node {' '.join(action)}:\n{out}"
+        return time.time() - t0
+
+    def folder(self) -> Path:
+        return ROOT / ".cql" / CLUSTER_ENV["CQL_CLUSTER_NAME"]
+
+
+@pytest.fixture(scope="module")
+def chaos_cluster() -> Iterator[ChaosCluster]:
+    if not cql_answers():  # no shared node: no Java here either (CI always has one)
+        msg = "no CQL node on the shared address, so no Java/Maven to start the cluster with"
+        if REQUIRE_CQL:
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    cluster = ChaosCluster()
+    cluster.script("cluster-down")  # a cluster left by an interrupted run
+    shutil.rmtree(cluster.folder(), ignore_errors=True)
+    up_s = cluster.script("cluster-up")
+    print(f"chaos cluster up in {up_s:.1f} s")
+    try:
+        yield cluster
+    finally:
+        cluster.script("cluster-down")
+        shutil.rmtree(cluster.folder(), ignore_errors=True)
+
+
+@pytest.fixture
+def cluster_tenant(chaos_cluster: ChaosCluster, tmp_path: Path) -> Iterator[TenantFactory]:
+    """A fresh tenant on the cluster: all three contact points, SimpleStrategy RF 3, QUORUM and SERIAL (as every
+    CQL test here; with one datacenter the same as production's LOCAL_QUORUM)."""
+    made: list[Tenant] = []
+
+    def make(**overrides: Any) -> Tenant:
+        tree = merge(merge(base_tree("cql", tmp_path, new_tenant()), CHAOS), overrides)
+        tree["store"]["contact_points"] = list(chaos_cluster.addrs)
+        tree["store"]["replication"] = {"strategy": "SimpleStrategy", "replication_factor": 3}
+        t = Tenant(from_mapping(tree), tmp_path / f"tenant{len(made)}")
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        try:
+            arun(drop_tenant(t.cfg))
+        except Exception as exc:
+            print(f"could not drop {t.cfg.tenant}: {exc}")

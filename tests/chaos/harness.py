@@ -36,6 +36,7 @@ import psutil
 
 from engine.core.config import Config
 from engine.core.errors import StorylineError
+from engine.runtime.assign import group_assignment
 from engine.store import Member, Offset, StoryRecord, make_store
 from engine.tools.verify import IngestRun, VerifyReport, parse_ingest_summary, reconcile, verify
 
@@ -469,6 +470,77 @@ def teardown(feeder: Feeder, mon: OffsetMonitor, supervisor: Callable[[], Superv
 
 def owners(offs: dict[int, Offset]) -> dict[int, tuple[str, int]]:
     return {s: (o.owner, o.epoch) for s, o in offs.items()}
+
+
+# -- groups (run --group) ---------------------------------------------------------------------------------------
+def waited(what: str, check: Callable[[], bool], since: float, timeout_s: float) -> float:
+    """Poll ``check`` until it holds; the seconds from ``since`` (a time.time()) to that moment."""
+    deadline = time.time() + timeout_s
+    while not check():
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.1)
+    return time.time() - since
+
+
+class Group:
+    """The instances of the test and what the offset monitor says of them."""
+
+    def __init__(self, mon: OffsetMonitor, shards: int) -> None:
+        self.mon = mon
+        self.shards = shards
+        self.instances: dict[str, Supervisor] = {}  # by the test's name for it: a, b, c, d
+
+    def start(self, name: str, tenant: Tenant) -> Supervisor:
+        sup = Supervisor(tenant, workers=1, extra=["--group"], name=f"run-{name}")
+        self.instances[name] = sup
+        return sup
+
+    def member(self, name: str) -> str | None:
+        return self.mon.member_of(self.instances[name].pid)
+
+    def live(self) -> list[Supervisor]:
+        return [s for s in self.instances.values() if s.proc.poll() is None]
+
+    def holds(self, want: dict[str, list[int]]) -> bool:
+        """Whether the members are exactly the named instances and each holds exactly its shards."""
+        members, held = self.mon.group(time.time() - 0.05)
+        ids = {name: self.member(name) for name in want}
+        if None in ids.values() or members != set(ids.values()):
+            return False
+        return all(sorted(s for s, m in held.items() if m == ids[name]) == sh for name, sh in want.items())
+
+    def settled(self, *names: str) -> bool:
+        """Whether exactly these instances are members and each holds its part of their assignment."""
+        if any(self.member(n) is None for n in names):
+            return False
+        return self.holds(self.assignment(*names))
+
+    def assignment(self, *names: str) -> dict[str, list[int]]:
+        """The group's assignment if exactly these instances are members (their member ids must be known)."""
+        ids = {n: self.member(n) for n in names}
+        assert None not in ids.values(), ids
+        plan = group_assignment(self.shards, {str(m): 1 for m in ids.values()})
+        return {n: plan[(str(ids[n]), 0)] for n in names}
+
+    def held_by(self, name: str) -> list[int]:
+        me = self.member(name)
+        return sorted(s for s, m in self.mon.group(time.time() - 0.05)[1].items() if m == me)
+
+    def epochs(self) -> dict[int, int]:
+        return {s: o.epoch for s, o in self.mon.snapshot(time.time() - 0.05).items()}
+
+
+def assert_nothing_stale(before: dict[RowKey, StoryRecord], what: str, cfg: Config) -> dict[RowKey, StoryRecord]:
+    """Every story row read before the fault is still there with the same bytes; returns the rows now."""
+    now = story_rows(cfg)
+    gone = sorted(before.keys() - now.keys())
+    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
+    assert not gone and not changed, (
+        f"{what}: {len(gone)} story rows gone (e.g. {gone[:3]}), {len(changed)} with other bytes (e.g. "
+        f"{[(k, before[k], now[k]) for k in changed[:1]]})"[:3000]
+    )
+    return now
 
 
 # -- the end of every test ------------------------------------------------------------------------------------

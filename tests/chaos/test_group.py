@@ -25,28 +25,28 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from engine.core.config import Config
-from engine.runtime.assign import group_assignment
 from engine.store import StoryRecord
 from tests.chaos.conftest import Recorder, TenantFactory
 from tests.chaos.harness import (
     Feeder,
+    Group,
     OffsetMonitor,
     RowKey,
     Supervisor,
     Tenant,
+    assert_nothing_stale,
     assert_one_row_per_revision,
     finish,
     split,
     story_rows,
     teardown,
     wait_readable,
+    waited,
 )
 from tests.chaos.proxy import TcpProxy
 
@@ -54,76 +54,6 @@ pytestmark = pytest.mark.chaos
 
 PARTS = 18
 TAKEOVER_SLACK_S = 2.0  # the issue's bound: a dead member's shards are taken within lease_ms + this
-
-
-def waited(what: str, check: Callable[[], bool], since: float, timeout_s: float) -> float:
-    """Poll ``check`` until it holds; the seconds from ``since`` (a time.time()) to that moment."""
-    deadline = time.time() + timeout_s
-    while not check():
-        if time.time() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.1)
-    return time.time() - since
-
-
-class Group:
-    """The instances of the test and what the offset monitor says of them."""
-
-    def __init__(self, mon: OffsetMonitor, shards: int) -> None:
-        self.mon = mon
-        self.shards = shards
-        self.instances: dict[str, Supervisor] = {}  # by the test's name for it: a, b, c, d
-
-    def start(self, name: str, tenant: Tenant) -> Supervisor:
-        sup = Supervisor(tenant, workers=1, extra=["--group"], name=f"run-{name}")
-        self.instances[name] = sup
-        return sup
-
-    def member(self, name: str) -> str | None:
-        return self.mon.member_of(self.instances[name].pid)
-
-    def live(self) -> list[Supervisor]:
-        return [s for s in self.instances.values() if s.proc.poll() is None]
-
-    def holds(self, want: dict[str, list[int]]) -> bool:
-        """Whether the members are exactly the named instances and each holds exactly its shards."""
-        members, held = self.mon.group(time.time() - 0.05)
-        ids = {name: self.member(name) for name in want}
-        if None in ids.values() or members != set(ids.values()):
-            return False
-        return all(sorted(s for s, m in held.items() if m == ids[name]) == sh for name, sh in want.items())
-
-    def settled(self, *names: str) -> bool:
-        """Whether exactly these instances are members and each holds its part of their assignment."""
-        if any(self.member(n) is None for n in names):
-            return False
-        return self.holds(self.assignment(*names))
-
-    def assignment(self, *names: str) -> dict[str, list[int]]:
-        """The group's assignment if exactly these instances are members (their member ids must be known)."""
-        ids = {n: self.member(n) for n in names}
-        assert None not in ids.values(), ids
-        plan = group_assignment(self.shards, {str(m): 1 for m in ids.values()})
-        return {n: plan[(str(ids[n]), 0)] for n in names}
-
-    def held_by(self, name: str) -> list[int]:
-        me = self.member(name)
-        return sorted(s for s, m in self.mon.group(time.time() - 0.05)[1].items() if m == me)
-
-    def epochs(self) -> dict[int, int]:
-        return {s: o.epoch for s, o in self.mon.snapshot(time.time() - 0.05).items()}
-
-
-def assert_nothing_stale(before: dict[RowKey, StoryRecord], what: str, cfg: Config) -> dict[RowKey, StoryRecord]:
-    """Every story row read before the fault is still there with the same bytes; returns the rows now."""
-    now = story_rows(cfg)
-    gone = sorted(before.keys() - now.keys())
-    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
-    assert not gone and not changed, (
-        f"{what}: {len(gone)} story rows gone (e.g. {gone[:3]}), {len(changed)} with other bytes (e.g. "
-        f"{[(k, before[k], now[k]) for k in changed[:1]]})"[:3000]
-    )
-    return now
 
 
 def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
@@ -136,8 +66,8 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
     src, truth = sim_20k
     files = split(src, t.dir, PARTS)
     phases = 5 if backend == "cql" else 4
-    done = [0]  # faults recovered from: file k waits for its share of them, so production spans the whole test
-    feeder = Feeder(t, files, gate=lambda k: done[0] >= k * (phases + 1) // PARTS, pause_s=0.5)
+    begun = [0]  # faults injected so far: file k waits for its share of them, so production goes on during each
+    feeder = Feeder(t, files, gate=lambda k: begun[0] >= k * (phases + 1) // PARTS, pause_s=0.5)
     mon = OffsetMonitor(cfg, members=True)
     group = Group(mon, cfg.shards)
     proxy = TcpProxy(int(cfg.store.contact_points[0].rsplit(":", 1)[1])) if backend == "cql" else None
@@ -164,6 +94,7 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
             rows = story_rows(cfg)
             t0 = time.time()
             ids_before = {n: group.member(n) for n in "ab"}
+            begun[0] += 1
             group.instances["c"].kill9_all()
 
             times["kill9_takeover_s"] = waited(
@@ -172,13 +103,13 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
             assert {n: group.member(n) for n in "ab"} == ids_before
             assert times["kill9_takeover_s"] <= lease_s + TAKEOVER_SLACK_S, times
             rows = assert_nothing_stale(rows, "after the kill -9", cfg)
-            done[0] += 1
 
             # 2. (CQL) partition of instance a: b takes everything; a comes back and gets its part again
             if proxy is not None:
                 a_worker = group.instances["a"].worker_pids()
                 a_id = group.member("a")
                 t0 = time.time()
+                begun[0] += 1
                 proxy.cut(drop=True)
                 times["partition_takeover_s"] = waited(
                     "b takes the cut-off a's shards",
@@ -197,10 +128,10 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
                 )
                 assert group.member("a") == a_id and group.instances["a"].worker_pids() == a_worker
                 rows = assert_nothing_stale(rows, "after the partition healed", cfg)
-                done[0] += 1
 
             # 3. SIGTERM of b: a takes over without waiting for a lease to run out
             t0 = time.time()
+            begun[0] += 1
             group.instances["b"].proc.send_signal(signal.SIGTERM)
             times["sigterm_handover_s"] = waited(
                 "a takes b's shards at once", lambda: group.held_by("a") == list(range(cfg.shards)), t0, 60
@@ -208,23 +139,23 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
             assert group.instances["b"].proc.wait(60) == 0, group.instances["b"].log()[-3000:]
             assert times["sigterm_handover_s"] < lease_s, f"the handover waited for the leases to run out: {times}"
             rows = assert_nothing_stale(rows, "after the SIGTERM", cfg)
-            done[0] += 1
 
             # 4. d joins: exactly its part of the new assignment moves; a's other shards keep their epoch
             before = group.epochs()
             t0 = time.time()
+            begun[0] += 1
             group.start("d", t)
             times["join_s"] = waited("d joins and gets its part", lambda: group.settled("a", "d"), t0, 90)
             after, d_part = group.epochs(), group.assignment("a", "d")["d"]
             moved = sorted(s for s in range(cfg.shards) if after[s] != before[s])
             assert moved == d_part, f"only d's shards move: moved {moved}, d's part {d_part}"
             rows = assert_nothing_stale(rows, "after the join", cfg)
-            done[0] += 1
 
             # 5. SIGSTOP of a for 2 x lease_ms: d takes everything; woken, a is fenced and rejoins
             a = group.instances["a"]
             a_worker, a_id = a.worker_pids(), group.member("a")
             t0 = time.time()
+            begun[0] += 1
             for pid in [a.pid, *a_worker]:
                 os.kill(pid, signal.SIGSTOP)
             times["sigstop_takeover_s"] = waited(
@@ -240,7 +171,6 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
             assert a.worker_pids() == a_worker and group.member("a") == a_id, "a rejoined with the same processes"
             assert "refused" in a.log(), "the woken worker found itself fenced (a refused renewal or commit)"
             rows = assert_nothing_stale(rows, "after the SIGCONT", cfg)
-            done[0] += 1
 
             feeder.finish()
             wait_readable(cfg, feeder.done_at)
