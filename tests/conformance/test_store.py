@@ -638,6 +638,36 @@ def test_story_lookup_by_id_gives_the_latest_revision(make_config: ConfigFactory
     arun(body())
 
 
+async def downgrade(
+    store: Store, cfg: Config, version: int, *, drop_table: str = "", drop_column: tuple[str, str] = ("", "")
+) -> None:
+    """Make a tenant look as schema ``version`` left it (for the upgrade tests): drop the table or the column that
+    a later version added, and set ``meta.schema_version``; on either store."""
+    from engine.store.cql import CqlStore
+    from engine.store.embedded import EmbeddedStore
+
+    table, column = drop_column
+    if isinstance(store, CqlStore):
+        if drop_table:
+            await store._ddl(f"DROP TABLE {cfg.keyspace}.{drop_table}")
+        if column:
+            await store._ddl(f"ALTER TABLE {cfg.keyspace}.{table} DROP {column}")
+        meta = f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '{version}')"
+        await store._exec("downgrade", f"v{version}", meta, [])
+        return
+    assert isinstance(store, EmbeddedStore)
+    embedded = store
+
+    def run(c: Any) -> None:
+        if drop_table:
+            c.execute(f"DROP TABLE {embedded.t(drop_table)}")
+        if column:
+            c.execute(f"ALTER TABLE {embedded.t(table)} DROP COLUMN {column}")
+        c.execute(f"UPDATE {embedded.t('meta')} SET value = '{version}' WHERE key = 'schema_version'")
+
+    await embedded._run("downgrade", run, write=True)
+
+
 def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
     make_config: ConfigFactory, backend: str
 ) -> None:
@@ -698,9 +728,7 @@ def test_an_upgrade_keeps_stories_found_by_id_through_the_schema_2_table(
     arun(body())
 
 
-def test_an_upgrade_to_schema_4_records_the_stories_partitions_written_before(
-    make_config: ConfigFactory, backend: str
-) -> None:
+def test_an_upgrade_to_schema_4_records_the_stories_partitions_written_before(make_config: ConfigFactory) -> None:
     """Schema 4 adds story_periods (the story feed finds stories partitions through it) and feed_readers;
     ``storyline init`` on an older tenant fills story_periods from the stories already stored."""
     cfg = make_config()
@@ -712,24 +740,7 @@ def test_an_upgrade_to_schema_4_records_the_stories_partitions_written_before(
         store = await opened(cfg, clock)
         try:
             await store.put_stories(rows)
-            if backend == "cql":
-                from engine.store.cql import CqlStore
-
-                assert isinstance(store, CqlStore)
-                await store._ddl(f"DROP TABLE {cfg.keyspace}.story_periods")
-                await store._exec(
-                    "t", "v3", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '3')", []
-                )
-            else:
-                from engine.store.embedded import EmbeddedStore
-
-                assert isinstance(store, EmbeddedStore)
-
-                def downgrade(c: Any) -> None:
-                    c.execute(f"DROP TABLE {store.t('story_periods')}")
-                    c.execute(f"UPDATE {store.t('meta')} SET value = '3' WHERE key = 'schema_version'")
-
-                await store._run("t", downgrade, write=True)
+            await downgrade(store, cfg, 3, drop_table="story_periods")
             did = await store.init_schema()
             assert f"schema version 3 -> {SCHEMA_VERSION}" in did
             assert any("recorded 4 existing stories partitions" in d for d in did), did
@@ -828,7 +839,7 @@ def test_stage_marks_by_consumer_shard_and_bucket_range(make_config: ConfigFacto
     arun(body())
 
 
-def test_an_upgrade_to_schema_7_adds_leases_and_keeps_the_offsets(make_config: ConfigFactory, backend: str) -> None:
+def test_an_upgrade_to_schema_7_adds_leases_and_keeps_the_offsets(make_config: ConfigFactory) -> None:
     """Schema 7 adds read_offsets.lease_expires_ms and group_members; ``storyline init`` on a schema-6 tenant adds
     the column, keeps every offset (never leased: a group member may take them), and a second init changes
     nothing."""
@@ -839,24 +850,7 @@ def test_an_upgrade_to_schema_7_adds_leases_and_keeps_the_offsets(make_config: C
         try:
             before = await store.claim("main", 4, "old", 10)
             await store.commit("main", 4, "old", before.epoch, 30, 25)
-            if backend == "cql":
-                from engine.store.cql import CqlStore
-
-                assert isinstance(store, CqlStore)
-                await store._ddl(f"ALTER TABLE {cfg.keyspace}.read_offsets DROP lease_expires_ms")
-                await store._exec(
-                    "t", "v6", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '6')", []
-                )
-            else:
-                from engine.store.embedded import EmbeddedStore
-
-                assert isinstance(store, EmbeddedStore)
-
-                def downgrade(c: Any) -> None:
-                    c.execute(f"ALTER TABLE {store.t('read_offsets')} DROP COLUMN lease_expires_ms")
-                    c.execute(f"UPDATE {store.t('meta')} SET value = '6' WHERE key = 'schema_version'")
-
-                await store._run("t", downgrade, write=True)
+            await downgrade(store, cfg, 6, drop_column=("read_offsets", "lease_expires_ms"))
             did = await store.init_schema()
             assert f"schema version 6 -> {SCHEMA_VERSION}" in did and any("lease_expires_ms" in d for d in did), did
             (kept,) = await store.read_offsets("main", [4])
@@ -871,7 +865,7 @@ def test_an_upgrade_to_schema_7_adds_leases_and_keeps_the_offsets(make_config: C
     arun(body())
 
 
-def test_an_upgrade_to_schema_5_adds_the_dead_letters_raw_length(make_config: ConfigFactory, backend: str) -> None:
+def test_an_upgrade_to_schema_5_adds_the_dead_letters_raw_length(make_config: ConfigFactory) -> None:
     """Schema 5 adds dead_letter.raw_bytes (the length of a line kept only in part); ``storyline init`` on an older
     tenant adds the column, keeps the letters there, and a second init changes nothing."""
     cfg = make_config()
@@ -882,24 +876,7 @@ def test_an_upgrade_to_schema_5_adds_the_dead_letters_raw_length(make_config: Co
         store = await opened(cfg)
         try:
             await store.put_dead_letters([old])
-            if backend == "cql":
-                from engine.store.cql import CqlStore
-
-                assert isinstance(store, CqlStore)
-                await store._ddl(f"ALTER TABLE {cfg.keyspace}.dead_letter DROP raw_bytes")
-                await store._exec(
-                    "t", "v4", f"INSERT INTO {cfg.keyspace}.meta (key, value) VALUES ('schema_version', '4')", []
-                )
-            else:
-                from engine.store.embedded import EmbeddedStore
-
-                assert isinstance(store, EmbeddedStore)
-
-                def downgrade(c: Any) -> None:
-                    c.execute(f"ALTER TABLE {store.t('dead_letter')} DROP COLUMN raw_bytes")
-                    c.execute(f"UPDATE {store.t('meta')} SET value = '4' WHERE key = 'schema_version'")
-
-                await store._run("t", downgrade, write=True)
+            await downgrade(store, cfg, 4, drop_column=("dead_letter", "raw_bytes"))
             did = await store.init_schema()
             assert f"schema version 4 -> {SCHEMA_VERSION}" in did and any("added column raw_bytes" in d for d in did)
             await store.put_dead_letters([cut])
