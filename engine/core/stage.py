@@ -105,6 +105,13 @@ class Emission:
     def writes(self) -> int:
         return len(self.stories) + len(self.marks) + len(self.evidence)
 
+    def drop_shards(self, shards: set[int]) -> None:
+        """Forget what this emission holds for ``shards`` (shards another owner took: never written by us)."""
+        self.stories = [r for r in self.stories if r.shard not in shards]
+        self.marks = [m for m in self.marks if m.shard not in shards]
+        self.evidence = [e for e in self.evidence if e.shard not in shards]
+        self.replay = {s: b for s, b in self.replay.items() if s not in shards}
+
 
 def each_partition(buckets: Buckets, fn: Callable[..., None], *, replay: bool) -> Emission:
     """For a stage that holds no state: ``fn(shard, bucket, batch, replay=replay)`` per partition; it emits

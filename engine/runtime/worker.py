@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self, cast
+from typing import Any, NoReturn, Self, cast
 
 from engine.core.clock import SYSTEM_CLOCK, Clock, measure_skew
 from engine.core.config import Config
@@ -53,6 +53,16 @@ class CorrectedClock:
         return self.base.now_ms() + self.offset_ms
 
 
+def lease_clock() -> float:
+    """Seconds on the clock lease deadlines are kept in: CLOCK_BOOTTIME where there is one (Linux), which goes on
+    counting while the host is suspended — a member woken from a suspended VM must see its leases as run out, as
+    the other members do — else time.monotonic."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
 @dataclass
 class ShardState:
     shard: int
@@ -62,7 +72,7 @@ class ShardState:
     committed_replay: int  # the replay_bucket committed with committed_read
     last_commit_ms: int = 0
     fenced: bool = False
-    # Until when (time.monotonic) this worker may write for the shard: the send time of its last applied lease
+    # Until when (lease_clock) this worker may write for the shard: the send time of its last applied lease
     # claim or renewal + lease_ms - max_clock_skew_ms (a claimer whose clock runs ahead sees the lease end that
     # much earlier). A write must be sent request_timeout_ms before it (so that even a write the database applies
     # at the end of its timeout lands while the lease holds): later, the worker writes nothing until a renewal
@@ -142,6 +152,8 @@ class Worker:
         self._polled = 0.0  # when the group was last read (time.monotonic)
         self._write_bounds: set[asyncio.Timeout] = set()  # flushes under way: each ends when the leases do
         self._rebuild_for = ""  # why the next rebuild of the stage is planned ("": after an error)
+        self._lapsed = False  # writes paused: a lease was not renewed in time (until a renewal gets through)
+        self._renewed = asyncio.Event()  # set by each renewal that gets through
         # Learned sensor clock offsets: the tables a stage that applies them needs (engine/runtime/offsets.py)
         self.offsets = OffsetKeeper(self.store, settings.offsets) if settings.offsets is not None else None
 
@@ -216,7 +228,7 @@ class Worker:
         if self.group is not None:
             await self.follow_group()
             return
-        sent = time.monotonic()
+        sent = lease_clock()
         until = self.clock.now_ms() + self.settings.lease_ms
         consumer = self.settings.consumer
         offsets = await self.store.claim_many(consumer, self.shards, self.owner, first, lease_until_ms=until)
@@ -397,10 +409,15 @@ class Worker:
         state ahead of the store: it is rebuilt from the committed offsets before the worker goes on (a
         stopping worker may instead flush the same emission again: its content is fixed).
 
-        The writes are bound by the leases: no write (or retry of one) starts later than ``request_timeout_ms``
-        before the earliest lease deadline, so every write the database applies lands while this worker still
-        holds its shards; each renewal that gets through moves the bound on. Past the bound the flush is cut
-        short (:class:`LeaseLapsedError`, retriable: the state is rebuilt once a renewal succeeds)."""
+        The writes are bound by the leases. Nothing is written for a shard another owner took (its part of the
+        emission is dropped). No write, nor a retry of one, is sent later than ``request_timeout_ms`` before the
+        earliest lease deadline of the live shards (each renewal that gets through moves the bound on): past it
+        the flush is cut short with :class:`LeaseLapsedError`. That is a pause, not a failure: what was sent is
+        an idempotent upsert of fixed content, and the whole emission is written again once a renewal gets
+        through — which proves that nobody took the shards meanwhile, so the state needs no rebuild."""
+        fenced = {st.shard for st in self.state.values() if st.fenced}
+        if fenced:
+            self._pending.drop_shards(fenced)
         if not self._pending.writes:
             return
         self._check_leases()
@@ -412,13 +429,10 @@ class Worker:
                 await persist(self.store, self.settings.consumer, self._pending)
             self.stats.cpu["write"] += time.process_time() - t0
         except TimeoutError:
-            self._stage_suspect = True
             if not bound.expired():
+                self._stage_suspect = True
                 raise
-            self.stats.lease_lapses += 1
-            raise LeaseLapsedError(
-                "writes stopped: the leases were not renewed in time for them to land before the leases end"
-            ) from None
+            self._lapse("writes paused before their end: a lease was not renewed in time, or was lost")
         except BaseException:
             self._stage_suspect = True
             raise
@@ -432,7 +446,7 @@ class Worker:
         live = [st.lease_deadline for st in self.state.values() if not st.fenced]
         if not live or min(live) == float("inf"):
             return None
-        budget_s = min(live) - self.settings.request_timeout_ms / 1000 - time.monotonic()
+        budget_s = min(live) - self.settings.request_timeout_ms / 1000 - lease_clock()
         return asyncio.get_running_loop().time() + budget_s
 
     async def commit(self, states: Sequence[ShardState], *, force: bool) -> None:
@@ -470,7 +484,7 @@ class Worker:
                 self.stats.commits += 1
 
     def _hold(self, off: Offset, sent: float) -> None:
-        """Start holding a shard just claimed (``sent``: when the claim was sent, time.monotonic)."""
+        """Start holding a shard just claimed (``sent``: when the claim was sent, :func:`lease_clock`)."""
         self.state[off.shard] = ShardState(
             off.shard,
             off,
@@ -485,19 +499,24 @@ class Worker:
         return (self.settings.lease_ms - self.settings.max_clock_skew_ms) / 1000
 
     def _check_leases(self) -> None:
-        """Before a write: every live shard's lease must still be ours by our own reckoning (see
-        ``ShardState.lease_deadline``), or nothing is written — another member may take a lapsed lease any moment.
-        The stage's state is rebuilt from the committed offsets once a renewal succeeds (the emission is dropped
-        and emitted again: its content is a function of the buckets)."""
-        lands_by = time.monotonic() + self.settings.request_timeout_ms / 1000  # a write sent now, at the latest
+        """Before a write (and before reading on): a write sent now must land before every live shard's lease ends
+        by our own reckoning (see ``ShardState.lease_deadline``) — another member may take a lapsed lease any
+        moment — or nothing is written and nothing more is read until a renewal gets through
+        (:class:`LeaseLapsedError`). The state and the emission not yet written stay as they are."""
+        lands_by = lease_clock() + self.settings.request_timeout_ms / 1000  # a write sent now, at the latest
         lapsed = [st.shard for st in self.state.values() if not st.fenced and st.lease_deadline <= lands_by]
-        if lapsed:
-            self._stage_suspect = True
+        if not lapsed:
+            self._lapsed = False  # (a pause that ended with every lapsed shard lost, or given up)
+            return
+        self._lapse(f"leases on shards {format_ranges(lapsed)} not renewed in time")
+
+    def _lapse(self, why: str) -> NoReturn:
+        """Pause the writes until a renewal gets through: counted and logged once per pause."""
+        if not self._lapsed:
+            self._lapsed = True
             self.stats.lease_lapses += 1
-            raise LeaseLapsedError(
-                f"lease on shards {format_ranges(lapsed)} not renewed in time: writing nothing for them until a"
-                f" renewal succeeds"
-            )
+            log.warning("%s: writing and reading nothing until a renewal gets through", why)
+        raise LeaseLapsedError(f"{why}: writing nothing until a renewal gets through")
 
     async def renew_leases(self) -> None:
         """Renew the leases of every live shard (one conditional batch per 16 shards). A refused shard was taken
@@ -505,7 +524,7 @@ class Worker:
         live = [st for st in self.state.values() if not st.fenced]
         if not live:
             return
-        sent = time.monotonic()
+        sent = lease_clock()
         until = self.clock.now_ms() + self.settings.lease_ms
         refused = set(
             await self.store.renew_leases(
@@ -516,11 +535,19 @@ class Worker:
             if st.shard in refused:
                 st.fenced = True
                 self.stats.leases_lost += 1
-                log.error("shard %d: lease renewal refused (another owner holds a newer epoch); giving it up", st.shard)
+                log.log(
+                    logging.WARNING if self.group is not None else logging.ERROR,
+                    "shard %d: lease renewal refused (another owner holds a newer epoch); giving it up",
+                    st.shard,
+                )
             else:
                 st.lease_deadline = sent + self._lease_margin_s()
-        if self._write_bounds:  # flushes under way may go on until the new deadlines
-            when = self._write_bound_at()
+        if self._lapsed and any(not st.fenced for st in live):
+            self._lapsed = False
+            log.info("leases renewed: writing again")
+        self._renewed.set()
+        if self._write_bounds:  # flushes under way go on until the new deadlines, or stop now for a lost shard
+            when = asyncio.get_running_loop().time() if refused else self._write_bound_at()
             for bound in self._write_bounds:
                 if not bound.expired():
                     bound.reschedule(when)
@@ -577,7 +604,7 @@ class Worker:
         if not missing or self.stop.is_set() or self.orphaned():
             return
         first = await self.first_bucket()
-        sent = time.monotonic()
+        sent = lease_clock()
         now = self.clock.now_ms()
         taken = await self.store.claim_many(
             s.consumer, missing, self.owner, first, lease_until_ms=now + s.lease_ms, free_at_ms=now
@@ -644,6 +671,7 @@ class Worker:
         # The drain wrote into periods its checkpoint had already committed: seal them, so a story feed (which
         # takes a committed period only once it is sealed or the shard has read past it) delivers them now, and
         # never before they are all written.
+        self._check_leases()
         await self.store.seal_periods([(bucket, shard) for bucket, shards in by_bucket.items() for shard in shards])
         self._drained = True
 
@@ -660,6 +688,7 @@ class Worker:
         rows = await self.store.read_offset_evidence(self.settings.consumer, [epoch])
         absent = sorted(mine - {r.shard for r in rows})
         if absent:
+            self._check_leases()
             await self.store.put_offset_evidence(self.settings.consumer, [empty_row(epoch, s) for s in absent])
         if self.settings.shards is None:
             return
@@ -790,10 +819,14 @@ class Worker:
                         await self.follow_group()
                         if self._stage_suspect:
                             continue  # rebuild (the new shards' replay) before the next step
+                    self._check_leases()  # paused: read nothing more until a renewal gets through
                     progressed = await self.step()
                     if self.drain and not self._drained and self.done():
                         await self.drain_all()
                     backoff = 0.5
+                except LeaseLapsedError:
+                    await self._await_renewal()
+                    continue
                 except StorylineError as exc:
                     if not exc.retriable:
                         raise
@@ -806,7 +839,10 @@ class Worker:
                 if not progressed:
                     await self._sleep_until_next_bucket()
             if not self._stage_suspect:
-                await self.commit(list(self.state.values()), force=True)
+                try:
+                    await self.commit(list(self.state.values()), force=True)
+                except LeaseLapsedError as exc:  # their next owner replays from the last commit
+                    log.warning("stopping without the final checkpoint: %s", exc)
                 if renewer is not None:
                     renewer.cancel()
                 await self.release_leases()
@@ -821,6 +857,13 @@ class Worker:
             if renewer is not None:
                 renewer.cancel()
             await self.store.close()
+
+    async def _await_renewal(self) -> None:
+        """Writes are paused (a lease was not renewed in time): wait for the next renewal that gets through (at
+        most ``renew_ms``, then look again: the loop also follows the group and notices a stop)."""
+        self._renewed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._renewed.wait(), self.settings.renew_ms / 1000)
 
     def _cpu_steps(self, stage_metrics: dict[str, float]) -> dict[str, int]:
         """The cost ledger's steps measured in this process, µs of CPU (``cpu_us_<step>``): the worker's and the

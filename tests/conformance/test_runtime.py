@@ -27,7 +27,7 @@ from engine.core.event import Event, encode
 from engine.core.stage import Emission, MarkRecord
 from engine.runtime.assign import group_assignment
 from engine.runtime.stages import CountingStage
-from engine.runtime.worker import Worker
+from engine.runtime.worker import Worker, lease_clock
 from engine.store import EventRecord, Member, Store, make_store
 from engine.testing.recording import read_records
 from tests import cli
@@ -204,8 +204,9 @@ def test_a_worker_holds_leases_pauses_when_they_lapse_and_releases_them_at_a_cle
     make_config: ConfigFactory,
 ) -> None:
     """Issue 20: claiming sets the shards' leases; past a lease's deadline (no renewal in time) the worker writes
-    nothing — no story, no commit — until a renewal succeeds; a renewal refused because another owner took the
-    shard gives the shard up; a clean stop releases the leases (``lease_expires_ms = 0``)."""
+    nothing — no story, no commit — until a renewal succeeds, and then goes on where it was (a renewal that gets
+    through proves nobody took the shards: no rebuild); a renewal refused because another owner took the shard
+    gives the shard up; a clean stop releases the leases (``lease_expires_ms = 0``)."""
     cfg = make_config(shards=2, **FAST)
     clock = ManualClock(int(time.time() * 1000))
 
@@ -222,20 +223,22 @@ def test_a_worker_holds_leases_pauses_when_they_lapse_and_releases_them_at_a_cle
             offs = {o.shard: o for o in await store.read_offsets(cfg.consumer, [0, 1])}
             assert all(o.owner == "w" and o.lease_expires_ms == clock.now_ms() + cfg.lease_ms for o in offs.values())
             clock.set((b0 + 2) * cfg.bucket_ms + cfg.lag_ms)
-            w.state[1].lease_deadline = time.monotonic() - 1  # the renewals did not get through in time
+            w.state[1].lease_deadline = lease_clock() - 1  # the renewals did not get through in time
             with pytest.raises(LeaseLapsedError, match="shards 1"):
                 await w.step()
                 await w.commit(list(w.state.values()), force=True)
-            assert w.stats.lease_lapses == 1 and w._stage_suspect
+            assert w.stats.lease_lapses == 1 and not w._stage_suspect and w._pending.writes == 0
+            with pytest.raises(LeaseLapsedError):  # the same pause: counted once
+                await w.commit(list(w.state.values()), force=True)
+            assert w.stats.lease_lapses == 1
             assert {o.shard: o.read_bucket for o in await store.read_offsets(cfg.consumer, [0, 1])} == {
                 s: offs[s].read_bucket for s in (0, 1)
             }, "nothing committed while a lease had lapsed"
             clock.advance(1_000)
             await w.renew_leases()  # it gets through: the worker goes on (after rebuilding its state)
-            assert w.state[1].lease_deadline > time.monotonic()
+            assert w.state[1].lease_deadline > lease_clock()
             (renewed,) = await store.read_offsets(cfg.consumer, [1])
             assert renewed.lease_expires_ms == clock.now_ms() + cfg.lease_ms
-            await w.replay()
             await w.step()
             await w.commit(list(w.state.values()), force=True)
             moved = {o.shard: o.read_bucket for o in await store.read_offsets(cfg.consumer, [0, 1])}
@@ -375,10 +378,11 @@ class SlowMarks:
 
 
 def test_a_flush_sends_no_write_that_could_land_after_the_leases_end(make_config: ConfigFactory) -> None:
-    """Issue 20: a write must land while the worker holds its shards, so none is sent later than
-    ``request_timeout_ms`` before the earliest lease deadline; a flush still under way then is cut short
-    (LeaseLapsedError, nothing more sent). A renewal that gets through meanwhile moves the bound on, so a slow flush
-    of a worker whose renewals succeed is never cut."""
+    """Issue 20: no write is sent later than ``request_timeout_ms`` before the earliest lease deadline (so a write
+    the database applies within the request timeout lands while the worker holds its shards); a flush still under
+    way then is cut short (LeaseLapsedError, nothing more sent, the emission kept for later). A renewal that gets
+    through meanwhile moves the bound on, so a slow flush of a worker whose renewals succeed is never cut; a
+    renewal refused for a shard cuts it at once, and that shard's writes are dropped."""
     cfg = make_config(shards=2, **FAST)
     clock = ManualClock(int(time.time() * 1000))
     timeout_s = cfg.request_timeout_ms / 1000
@@ -393,24 +397,38 @@ def test_a_flush_sends_no_write_that_could_land_after_the_leases_end(make_config
             b = clock.now_ms() // cfg.bucket_ms
             marks = [MarkRecord(0, b, 0, b"m0"), MarkRecord(1, b, 0, b"m1")]
             # the leases end 0.3 s after the last moment a write may be sent: the slow writes would land too late
-            w.state[1].lease_deadline = time.monotonic() + timeout_s + 0.3
+            w.state[1].lease_deadline = lease_clock() + timeout_s + 0.3
             w._pending = Emission(marks=list(marks))
             t0 = time.monotonic()
-            with pytest.raises(LeaseLapsedError, match="writes stopped"):
+            with pytest.raises(LeaseLapsedError, match="writes paused"):
                 await w.flush()
-            assert 0.25 < time.monotonic() - t0 < 0.55, "cut at the bound, not before it and not at the end"
-            assert slow.sent == 0 and w._stage_suspect and w.stats.lease_lapses == 1
+            assert 0.25 < time.monotonic() - t0 < 0.6 + 0.5, "cut at the bound, not at the end of the slow writes"
+            assert slow.sent == 0 and w.stats.lease_lapses == 1 and w._pending.writes == 2, "kept, not dropped"
+            assert not w._stage_suspect, "a pause: the state is still good"
             assert await store.read_marks(cfg.consumer, 1, b, b) == []
             # the same, but a renewal gets through while the flush waits: it goes on to the end
-            w._stage_suspect = False
-            w.state[1].lease_deadline = time.monotonic() + timeout_s + 0.3
-            w._pending = Emission(marks=list(marks))
+            w.state[1].lease_deadline = lease_clock() + timeout_s + 0.3
             flush = asyncio.create_task(w.flush())
             await asyncio.sleep(0.1)
             await w.renew_leases()
             await flush
-            assert slow.sent == 2 and not w._stage_suspect
+            assert slow.sent == 2 and not w._stage_suspect and w._pending.writes == 0
             assert await store.read_marks(cfg.consumer, 1, b, b) == [(b, b"m1")]
+            # a shard taken by another owner meanwhile: the renewal cuts the flush at once, and nothing more is
+            # written for that shard (its part of the emission is dropped); the other shard's is written
+            await store.claim(cfg.consumer, 0, "other", 0)
+            w._pending = Emission(marks=[MarkRecord(0, b + 1, 0, b"x0"), MarkRecord(1, b + 1, 0, b"x1")])
+            flush = asyncio.create_task(w.flush())
+            await asyncio.sleep(0.1)
+            await w.renew_leases()
+            t0 = time.monotonic()
+            with pytest.raises(LeaseLapsedError):
+                await flush
+            assert time.monotonic() - t0 < 0.4 and w.state[0].fenced and slow.sent == 2
+            await w.flush()
+            assert slow.sent == 3 and w._pending.writes == 0
+            assert await store.read_marks(cfg.consumer, 0, b + 1, b + 1) == []
+            assert await store.read_marks(cfg.consumer, 1, b + 1, b + 1) == [(b + 1, b"x1")]
             await w.store.close()
         finally:
             await store.close()
