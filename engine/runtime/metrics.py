@@ -40,6 +40,7 @@ COUNTERS = (
     "rebalances",
     "takeovers",
     "leases_lost",
+    "lease_lapses",
     "stage_calls",
     *(f"cpu_us_{step}" for step in CPU_STEPS),
 )
@@ -103,6 +104,13 @@ METRICS: tuple[Metric, ...] = (
         "Shard leases whose renewal was refused: another owner had taken the shard.",
     ),
     Metric(
+        "storyline_lease_pauses_total",
+        "counter",
+        "pauses",
+        "Times a worker paused its writes because its leases were not renewed in time (it goes on once a renewal "
+        "gets through).",
+    ),
+    Metric(
         "storyline_sensor_offset_seconds",
         "gauge",
         "seconds",
@@ -163,6 +171,7 @@ class Snapshot(msgspec.Struct):
     rebalances: int = 0
     takeovers: int = 0
     leases_lost: int = 0
+    lease_lapses: int = 0
     sensor_offsets_s: dict[str, float] = msgspec.field(default_factory=dict)  # learned, the newest epoch reported
 
 
@@ -282,6 +291,7 @@ class Aggregator:
             stage_calls=totals["stage_calls"],
             rebalances=totals["rebalances"],
             takeovers=totals["takeovers"],
+            lease_lapses=totals["lease_lapses"],
             leases_lost=totals["leases_lost"],
             events_per_s=eps,
             buckets_per_s=bps,
@@ -337,6 +347,7 @@ def prometheus(snap: Snapshot) -> str:
         "storyline_lost_shards": str(snap.lost_count),
         "storyline_rebalances_total": str(snap.rebalances),
         "storyline_shard_takeovers_total": str(snap.takeovers),
+        "storyline_lease_pauses_total": str(snap.lease_lapses),
         "storyline_leases_lost_total": str(snap.leases_lost),
     }
     lines: list[str] = []
