@@ -193,7 +193,6 @@ class Supervisor:
         self.last_error = ""  # the last error a worker reported (which worker: in the text)
         self.last_exit = ""  # the last abnormal worker exit
         self.lost: set[int] = set()  # shards lost to another owner (commits refused)
-        self._taken_away: dict[int, set[int]] = {}  # group mode: by worker slot, its shards another member took
         self.metrics = Aggregator(len(self.slots))
         self.status = StatusOutput(self.out, settings.worker.lag_ms, len(self.slots))
         self._status_rate = Rate(self.started)
@@ -341,14 +340,9 @@ class Supervisor:
                     progressed = True
                 if before is None or committed > before:
                     self._committed[shard] = committed
-        if self.group:  # a group's worker gives such shards up and follows the assignment: nothing is lost
-            now_fenced = set(self._fenced_shards(slot))
-            taken = now_fenced - self._taken_away.get(slot.index, set())
-            self._taken_away[slot.index] = now_fenced  # the worker forgets them at its next look at the group
-            if taken:
-                log.warning("worker %d: shards %s were taken by another member; it follows the group's assignment",
-                            slot.index, format_ranges(taken))  # fmt: skip
-        elif fenced := set(self._fenced_shards(slot)) - self.lost:
+        # A group's worker gives up shards another member took and follows the assignment (it logs which):
+        # nothing is lost, and the supervisor does not count them.
+        if not self.group and (fenced := set(self._fenced_shards(slot)) - self.lost):
             self.lost |= fenced
             log.error("worker %d lost shards %s to another owner (commits refused)", slot.index, format_ranges(fenced))
         error = m.get("last_error")

@@ -26,7 +26,7 @@ from engine.core.stage import EMPTY, Batch, Buckets, Emission, LearnsOffsets, Ma
 from engine.runtime.assign import format_ranges, group_assignment
 from engine.runtime.offsets import OffsetKeeper, empty_row
 from engine.runtime.settings import ConfiguredStore, StoreFactory, WorkerSettings
-from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, run_all
+from engine.store import SCHEMA_VERSION, BucketHint, Commit, EventRecord, Offset, Store, lease_ended, run_all
 
 log = logging.getLogger("storyline.worker")
 
@@ -40,6 +40,7 @@ CALL_MIN_EVENTS = 5_000  # below this, wait for the next partition's read rather
 CATCHUP_STEP_SLOTS = 1  # buckets looked up per index scan while catching up: one 15-minute slot
 MAX_BACKOFF_S = 10.0
 CLOSING_WAIT_S = 10.0  # a drain waits at most this long for the other draining workers' rows of its epoch
+LEASE_END_MARGIN_S = 0.05  # a group's worker waiting for a lease looks again this long after it runs out
 
 
 class CorrectedClock:
@@ -149,7 +150,7 @@ class Worker:
         # every group_poll_ms (:meth:`follow_group`), not ``shards``. None: a static range.
         self.group = group
         self._target: set[int] | None = None  # the group's last assignment to this slot
-        self._polled = 0.0  # when the group was last read (time.monotonic)
+        self._next_poll = 0.0  # when to read the group again (time.monotonic)
         self._write_bounds: set[asyncio.Timeout] = set()  # flushes under way: each ends when the leases do
         self._rebuild_for = ""  # why the next rebuild of the stage is planned ("": after an error)
         self._lapsed = False  # writes paused: a lease was not renewed in time (until a renewal gets through)
@@ -574,14 +575,16 @@ class Worker:
         on every host) and follow this slot's part of it. Shards assigned elsewhere now are handed over — the
         emissions so far written, their offsets committed, their leases released, their state dropped — so
         their new owner takes them at once; shards assigned here are claimed when their lease has ended
-        (released, or run out: a dead or cut-off owner), else tried again at the next poll; the state is then
+        (released, or run out: a dead or cut-off owner) — a plain read of their offsets first, so that the
+        conditional claim is sent only for shards it can take, and the group is read again right when the
+        first lease still held elsewhere runs out (not only every ``group_poll_ms``); the state is then
         rebuilt from the committed offsets with the new shards in it. Shards another owner took (a refused
         commit or renewal) are dropped: the group's assignment decides whether they come back. While this
         member's own row is missing (its heartbeats did not get through), its slot is assigned nothing."""
         assert self.group is not None
         member, slot = self.group
         s = self.settings
-        self._polled = time.monotonic()
+        self._next_poll = time.monotonic() + s.group_poll_ms / 1000
         members = await self.store.read_members(s.consumer)
         if any(m.member == member for m in members) and s.shards is not None:
             weights = {m.member: m.workers for m in members}
@@ -603,6 +606,14 @@ class Worker:
         missing = sorted(target - set(self.state))
         if not missing or self.stop.is_set() or self.orphaned():
             return
+        now = self.clock.now_ms()
+        held = [o for o in await self.store.read_offsets(s.consumer, missing) if not lease_ended(o, now)]
+        if held:  # look again when the first of those leases runs out
+            ends_s = (min(cast(int, o.lease_expires_ms) for o in held) - now) / 1000 + LEASE_END_MARGIN_S
+            self._next_poll = min(self._next_poll, time.monotonic() + ends_s)
+            missing = sorted(set(missing) - {o.shard for o in held})
+            if not missing:
+                return
         first = await self.first_bucket()
         sent = lease_clock()
         now = self.clock.now_ms()
@@ -815,7 +826,7 @@ class Worker:
                         await self.replay()
                     if self.clock.base.now_ms() - self._skew_at > SKEW_REFRESH_MS:
                         await self.measure_skew()
-                    if self.group is not None and time.monotonic() - self._polled >= self.settings.group_poll_ms / 1000:
+                    if self.group is not None and time.monotonic() >= self._next_poll:
                         await self.follow_group()
                         if self._stage_suspect:
                             continue  # rebuild (the new shards' replay) before the next step

@@ -30,7 +30,7 @@ from engine.core.records import (
     story_id_shard,
 )
 from engine.store.layout import INDEX_GROUP_SHARDS, SCHEMA_VERSION, index_group, index_slot
-from engine.store.protocol import Store
+from engine.store.protocol import Store, lease_ended
 from engine.store.retry import run_all
 from engine.store.settings import StoreSettings
 
@@ -50,6 +50,7 @@ __all__ = [
     "StoryRecord",
     "index_group",
     "index_slot",
+    "lease_ended",
     "make_store",
     "run_all",
     "store_for",
