@@ -40,13 +40,14 @@ CHAOS_NODE_ADDR = "127.0.0.1:9342"
 TenantFactory = Callable[..., Tenant]
 
 
-def tenants(backend: str, tmp_path: Path, contact_point: str | None = None) -> Iterator[TenantFactory]:
+def tenants(backend: str, tmp_path: Path, store: dict[str, Any] | None = None) -> Iterator[TenantFactory]:
+    """Tenants with the :data:`CHAOS` windows (``store``: settings laid over the backend's store table); each
+    tenant's keyspace is dropped at the end."""
     made: list[Tenant] = []
 
     def make(**overrides: Any) -> Tenant:
         tree = merge(merge(base_tree(backend, tmp_path, new_tenant()), CHAOS), overrides)
-        if contact_point is not None:
-            tree["store"]["contact_points"] = [contact_point]
+        tree["store"].update(store or {})
         t = Tenant(from_mapping(tree), tmp_path / f"tenant{len(made)}")
         made.append(t)
         return t
@@ -179,7 +180,7 @@ def chaos_node() -> Iterator[ChaosNode]:
 @pytest.fixture
 def chaos_node_tenant(chaos_node: ChaosNode, tmp_path: Path) -> Iterator[TenantFactory]:
     """A fresh tenant on the private CQL node."""
-    yield from tenants("cql", tmp_path, chaos_node.addr)
+    yield from tenants("cql", tmp_path, {"contact_points": [chaos_node.addr]})
 
 
 # -- the private three-node cluster ------------------------------------------------------------------------------
@@ -237,19 +238,5 @@ def chaos_cluster() -> Iterator[ChaosCluster]:
 def cluster_tenant(chaos_cluster: ChaosCluster, tmp_path: Path) -> Iterator[TenantFactory]:
     """A fresh tenant on the cluster: all three contact points, SimpleStrategy RF 3, QUORUM and SERIAL (as every
     CQL test here; with one datacenter the same as production's LOCAL_QUORUM)."""
-    made: list[Tenant] = []
-
-    def make(**overrides: Any) -> Tenant:
-        tree = merge(merge(base_tree("cql", tmp_path, new_tenant()), CHAOS), overrides)
-        tree["store"]["contact_points"] = list(chaos_cluster.addrs)
-        tree["store"]["replication"] = {"strategy": "SimpleStrategy", "replication_factor": 3}
-        t = Tenant(from_mapping(tree), tmp_path / f"tenant{len(made)}")
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        try:
-            arun(drop_tenant(t.cfg))
-        except Exception as exc:
-            print(f"could not drop {t.cfg.tenant}: {exc}")
+    replication = {"strategy": "SimpleStrategy", "replication_factor": 3}
+    yield from tenants("cql", tmp_path, {"contact_points": list(chaos_cluster.addrs), "replication": replication})
