@@ -455,17 +455,21 @@ class OffsetMonitor:
 
 
 @contextmanager
-def teardown(feeder: Feeder, mon: OffsetMonitor, supervisor: Callable[[], Supervisor]) -> Iterator[None]:
-    """The teardown of a chaos run, however its block ends: stop the feeder, close the offset monitor and kill the
-    supervisor if it still runs. ``supervisor`` returns the current one (a test may start a new one mid-run)."""
+def teardown(
+    feeder: Feeder, mon: OffsetMonitor, supervisor: Callable[[], Supervisor | Sequence[Supervisor]]
+) -> Iterator[None]:
+    """The teardown of a chaos run, however its block ends: stop the feeder, close the offset monitor and kill
+    every supervisor that still runs, with its workers. ``supervisor`` returns the current one or ones (a test
+    may start new ones mid-run)."""
     try:
         yield
     finally:
         feeder.stopping.set()
         mon.close()
-        sup = supervisor()
-        if sup.proc.poll() is None:
-            sup.proc.kill()
+        current = supervisor()
+        for sup in [current] if isinstance(current, Supervisor) else current:
+            if sup.proc.poll() is None:
+                sup.kill9_all()
 
 
 def owners(offs: dict[int, Offset]) -> dict[int, tuple[str, int]]:
@@ -498,9 +502,6 @@ class Group:
 
     def member(self, name: str) -> str | None:
         return self.mon.member_of(self.instances[name].pid)
-
-    def live(self) -> list[Supervisor]:
-        return [s for s in self.instances.values() if s.proc.poll() is None]
 
     def holds(self, want: dict[str, list[int]]) -> bool:
         """Whether the members are exactly the named instances and each holds exactly its shards."""

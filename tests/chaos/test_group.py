@@ -38,7 +38,6 @@ from tests.chaos.harness import (
     Group,
     OffsetMonitor,
     RowKey,
-    Supervisor,
     Tenant,
     assert_nothing_stale,
     assert_one_row_per_revision,
@@ -79,12 +78,8 @@ def test_a_group_under_kill_9_partition_sigterm_join_and_sigstop(
     times: dict[str, float] = {}
     rows: dict[RowKey, StoryRecord] = {}
 
-    def everyone() -> Supervisor:
-        live = group.live()
-        return live[0] if live else group.instances["a"]
-
     try:
-        with teardown(feeder, mon, everyone):
+        with teardown(feeder, mon, lambda: list(group.instances.values())):
             for name in "abc":
                 group.start(name, a_tenant if name == "a" else t)
             waited("three members share the shards", lambda: group.settled(*"abc"), time.time(), 90)
