@@ -543,7 +543,9 @@ class Worker:
                 )
             else:
                 st.lease_deadline = sent + self._lease_margin_s()
-        if self._lapsed and any(not st.fenced for st in live):
+        kept = [st for st in live if not st.fenced]
+        lands_by = lease_clock() + self.settings.request_timeout_ms / 1000
+        if self._lapsed and kept and all(st.lease_deadline > lands_by for st in kept):
             self._lapsed = False
             log.info("leases renewed: writing again")
         self._renewed.set()
