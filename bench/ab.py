@@ -6,6 +6,10 @@ imported from there; the input is written once by the head's simulator (so both 
 each run is ``bench.pipeline._one(parsed, 2, "stories")`` in a process of its own (the CQL node of
 configs/bench.toml must be up: ``make db-up``). Rounds alternate base/head, the second half in reverse order.
 Prints every run and the medians of the settled engine CPU per event and of the cost ledger, head / base.
+
+``--inproc``: the story builder alone instead (no store, no node): ``bench/story_cpu.py`` of the head run against
+each commit's ``engine`` (its ``--rounds 2`` in each run), so a change to the builder is measured without the
+node's noise.
 """
 
 from __future__ import annotations
@@ -66,13 +70,49 @@ def python(tree: Path, code: str, *args: str) -> str:
     return res.stdout
 
 
+def inproc(base: str, head: str, rounds: int, events: int) -> int:
+    """``--inproc``: bench.story_cpu against both commits' engines, alternated; medians of the runs' medians."""
+    with tempfile.TemporaryDirectory(prefix="storyline-ab-") as tmp:
+        trees = {"base": extract(base, Path(tmp) / "base"), "head": extract(head, Path(tmp) / "head")}
+        script = f"import runpy; runpy.run_path({str(trees['head'] / 'bench' / 'story_cpu.py')!r}, run_name='__main__')"
+        order = [("base", "head") if r < (rounds + 1) // 2 else ("head", "base") for r in range(rounds)]
+        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
+        for pair in order:
+            for which in pair:
+                started = time.strftime("%H:%M:%S")
+                out = python(trees[which], script, "--events", str(events), "--rounds", "2")
+                result = json.loads(out.strip().splitlines()[-1])
+                runs[which].append(result)
+                print(
+                    f"{started} {which}: {result['median_us_per_event']:.2f} µs/event, "
+                    f"ledger {result['median_ledger_us_per_event']}",
+                    flush=True,
+                )
+    med = {
+        which: {
+            "total": statistics.median(r["median_us_per_event"] for r in rs),
+            **{
+                k: statistics.median(r["median_ledger_us_per_event"][k] for r in rs)
+                for k in rs[0]["median_ledger_us_per_event"]
+            },
+        }
+        for which, rs in runs.items()
+    }
+    print(json.dumps({"base": base, "head": head, "rounds": rounds, "inproc": True, "median": med}, indent=1))
+    print(f"head / base, story builder µs/event: {med['head']['total'] / med['base']['total']:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
     ap.add_argument("--base", required=True, help="the commit to compare against")
     ap.add_argument("--head", default="HEAD")
     ap.add_argument("--rounds", type=int, default=3, help="runs per commit (default 3)")
     ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--inproc", action="store_true", help="the story builder in-process (bench.story_cpu)")
     args = ap.parse_args(argv)
+    if args.inproc:
+        return inproc(args.base, args.head, args.rounds, args.events)
     with tempfile.TemporaryDirectory(prefix="storyline-ab-") as tmp:
         trees = {"base": extract(args.base, Path(tmp) / "base"), "head": extract(args.head, Path(tmp) / "head")}
         data = Path(tmp) / "input.jsonl"
