@@ -32,6 +32,7 @@ before are stored as marks so that a replay from there skips their events.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ COMPACT_ROWS = 50_000
 CID_CACHE_MAX = 100_000
 """Community IDs of flows kept between fusion passes (a re-emitted story's flow is not hashed again); the cache
 starts over past this many entries, so a long run's memory does not grow with every flow it saw (~150 B each)."""
+GATHER_MS = 1000
+"""The events of this much ingest time (whole buckets) are gathered together for the evidence of learned offsets
+and DNS answers (see :meth:`StoryMachine._gather`)."""
 DRAIN_PART = 1 << 20
 """The marks part that records a drain at its bucket (the other parts of a bucket count up from 0)."""
 
@@ -272,6 +276,15 @@ class StoryMachine:
         self.dead_rows = 0
         self.pending_chunks = 0
         self.appends = 0  # the frame's appends so far: the next one's rows get ``seq`` = this
+        # Per append from ``seq_base`` on: the latest ingest time (ms) of the appends up to it (ascending), so the
+        # rows ingested after a given time are a tail of the frame found by bisection (_ingested_since).
+        self._ingest_upto: list[int] = []
+        self._seq_base = 0
+        # Evidence of learned offsets and DNS answers are gathered per period of buckets (_gather): from this
+        # append on, of this period (None: nothing appended since the last gathering).
+        self.gather_buckets = max(1, GATHER_MS // bucket_ms)
+        self._gather_from: int | None = None
+        self._gather_at: tuple[int, int] | None = None
         self.counters = StoryCounters()
         # CPU seconds of this thread per step (the cost ledger; measuring time is not I/O, and nothing decided
         # depends on it): decode, link (dedupe, link, assign, merge), state (due stories, evictions, marks), fuse,
@@ -479,19 +492,12 @@ class StoryMachine:
         try:
             decoded = self._decode_call(buckets)
             self.cpu["decode"] += self._cpu_clock() - t0
-            first_seq = self.appends
             for bucket, batches in buckets:
                 self._bucket(bucket, batches, replay=replay, decoded=decoded.get(bucket))
                 for s in batches:
                     out.replay[s] = self.replay_bucket(s, bucket)
-            if self.learn and self.appends > first_seq:
-                t1 = self._cpu_clock()
-                self._gather_evidence(first_seq)
-                self.cpu["link"] += self._cpu_clock() - t1
-            if self.dns_on and self.appends > first_seq:
-                t1 = self._cpu_clock()
-                self._gather_dns(first_seq)
-                self.cpu["link"] += self._cpu_clock() - t1
+            if buckets and self._gather_key(buckets[-1][0] + 1) != self._gather_at:
+                self._gather()  # the last bucket of a gathering period: it is complete
             self._fuse_pending()
             self._prune_tables()
         finally:
@@ -516,6 +522,7 @@ class StoryMachine:
                 out.replay[s] = self.replay_bucket(s, bucket)
             # The worker emitted the shards' rows with close_epochs before the drain; a caller that did not gets
             # them here (evidence and answers are never left behind in a drained shard).
+            self._gather()
             self._emit_evidence(set(shards), None)
             self._fuse_pending()
         finally:
@@ -533,6 +540,7 @@ class StoryMachine:
         del epoch  # every epoch gathered so far is emitted
         self._out = out = Emission()
         try:
+            self._gather()
             self._emit_evidence(set(shards), None)
         finally:
             self._out = Emission()
@@ -572,6 +580,8 @@ class StoryMachine:
         decoded: tuple[pl.DataFrame, int] | None = None,
     ) -> None:
         sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
+        if self._gather_key(bucket) != self._gather_at:
+            self._gather()  # a new gathering period (and so never two epochs' rows in one gathering)
         if self._evidence or self._dns:
             self._emit_evidence(set(batches), bucket // self.epoch_buckets)
         if not replay:
@@ -878,24 +888,49 @@ class StoryMachine:
         self.counters.events += new.height
         union = self._link(new)
         frame = self._assign(sts, bucket, now, union)
+        if self._gather_from is None:
+            self._gather_from, self._gather_at = self.appends, self._gather_key(bucket)
         self.appends += 1
+        self._ingest_upto.append(max(now, self._ingest_upto[-1]) if self._ingest_upto else now)
         self.pending_chunks += 1
         if self.pending_chunks > 64:
             frame = frame.rechunk()
             self.pending_chunks = 0
         self.frame = frame
 
+    def _gather_key(self, bucket: int) -> tuple[int, int]:
+        """The gathering period of a bucket (see :meth:`_gather`), and its epoch."""
+        return bucket // self.gather_buckets, bucket // self.epoch_buckets
+
+    def _gather(self) -> None:
+        """The evidence of learned offsets and the DNS answers of the events appended since the last gathering,
+        taken once per gathering period (:data:`GATHER_MS` of buckets, never across an epoch's end; and before a
+        drain or an epoch's rows are emitted) rather than per bucket or call: each costs a dozen polars operations
+        whatever the number of events, and the periods are a function of the buckets, not of how the caller
+        grouped them into calls."""
+        first, self._gather_from, self._gather_at = self._gather_from, None, None
+        if first is None or first >= self.appends:
+            return
+        t1 = self._cpu_clock()
+        try:
+            if self.learn:
+                self._gather_evidence(first)
+            if self.dns_on:
+                self._gather_dns(first)
+        finally:
+            self.cpu["link"] += self._cpu_clock() - t1
+
     def _gather_evidence(self, first_seq: int) -> None:
-        """Add the differences that the call's new events (the frame's appends from ``first_seq`` on) give with the
-        events of their flows in the frame to the evidence of their epochs, per shard — once per call, not per
-        bucket (its fixed cost is a few polars operations)."""
+        """Add the differences that the new events (the frame's appends from ``first_seq`` on) give with the
+        events of their flows in the frame to the evidence of their epochs, per shard."""
         frame = self.frame
         new = frame.filter(pl.col("seq") >= first_seq)
         if new.is_empty():
             return
         found = evidence(
             new.with_columns(((pl.col("ingest") // self.bucket_ms - 1) // self.epoch_buckets).alias("epoch")),
-            frame,
+            # a pair's ingest times are at most max_wait apart: only the frame's tail can hold the other events
+            self._ingested_since(int(new["ingest"].min()) - self.c.max_wait_ms),  # type: ignore[arg-type]
             max_offset_us=self.c.max_offset_ms * 1000,
             max_wait_ms=self.c.max_wait_ms,
             epoch_column="epoch",
@@ -908,7 +943,7 @@ class StoryMachine:
                     into[b] = into.get(b, 0) + n
 
     def _gather_dns(self, first_seq: int) -> None:
-        """The DNS answers of the call's new events (the frame's appends from ``first_seq`` on), per epoch of their
+        """The DNS answers of the new events (the frame's appends from ``first_seq`` on), per epoch of their
         ingest and shard, with the id of the story each event is in now."""
         frame = self.frame
         new = frame.slice(int(frame["seq"].search_sorted(first_seq, side="left")))
@@ -1393,6 +1428,21 @@ class StoryMachine:
             self.pending_chunks = 0
         self.dead.clear()
         self.dead_rows = 0
+        # the appends before the frame's oldest row hold nothing any more
+        oldest = int(self.frame["seq"][0]) if self.frame.height else self.appends  # seq ascends in frame order
+        if oldest > self._seq_base:
+            del self._ingest_upto[: oldest - self._seq_base]
+            self._seq_base = oldest
+
+    def _ingested_since(self, ms: int) -> pl.DataFrame:
+        """A tail of the state frame holding every row ingested at ``ms`` or later (and maybe some earlier): from
+        the first append whose latest ingest time so far reaches ``ms`` (rows are in append order; a shard behind
+        the others appends older buckets later, which the running maximum covers)."""
+        i = bisect.bisect_left(self._ingest_upto, ms)
+        if i == 0:
+            return self.frame
+        at = int(self.frame["seq"].search_sorted(self._seq_base + i, side="left"))
+        return self.frame.slice(at)
 
     @staticmethod
     def _marks(

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.core.config import from_mapping
+from engine.core.event import Event
 from engine.core.stage import EMPTY
 from engine.correlate import offsets as off
 from engine.correlate.offsets import BIN_US, Sketch, estimate_pair, evidence, jumped, merge, solve
@@ -379,3 +381,40 @@ def test_a_period_of_scattered_differences_is_not_a_jump() -> None:
     concentrated = sketch_of([-3_570 * S + round(rnd.uniform(-2, 2) * S) for _ in range(40)])
     assert not jumped(long, scattered, min_samples=1)
     assert jumped(long, concentrated, min_samples=30)
+
+
+def test_the_evidence_does_not_depend_on_how_buckets_are_grouped_into_calls() -> None:
+    """The evidence is gathered per period of buckets (a second of ingest time), not per call: a worker that is
+    behind hands several buckets per call, a replay others again, and both must emit the same evidence rows as
+    one call per bucket. Reports of one flow from three sensors arrive in different buckets, inside and across the
+    periods, so the nearest-event rule would pair them differently if the calls decided what was new together."""
+    cfg = from_mapping(
+        {"tenant": "ev", "shards": 4, "bucket_ms": 100, "correlate": {"match_window_ms": 30_000, "max_wait_ms": 3_000}}
+    )
+    rnd = random.Random(5)
+    arrivals: dict[int, list[Event]] = {}
+    for i in range(60):
+        port = 40_000 + i
+        for sensor, skew in (("fw-1", 0.0), ("edr-1", 2.0), ("ndr-1", -1.0)):
+            for k in range(rnd.randint(1, 2)):
+                e = ev(f"{sensor}-{i}-{k}", i * 0.05 + skew + rnd.uniform(0, 0.4), sensor=sensor, sport=port)
+                arrivals.setdefault(rnd.randrange(45), []).append(e)
+    buckets = range(45)
+
+    def rows(groups: list[int]) -> list[tuple[int, int, bytes]]:
+        m = StoryMachine.for_config(cfg)
+        out: list[tuple[int, int, bytes]] = []
+        at = 0
+        for size in groups:
+            call = [(b, {0: batch(*arrivals.get(b, []))}) for b in buckets[at : at + size]]
+            out += [(r.epoch, r.shard, r.body) for r in m.on_buckets(call).evidence]
+            at += size
+        out += [(r.epoch, r.shard, r.body) for r in m.drain([0], buckets[-1]).evidence]
+        return out
+
+    one = rows([1] * 45)
+    samples = sum(sk.total for *_, b in one for sk in msgspec.msgpack.decode(b, type=off.EvidenceRow).pairs.values())
+    assert samples > 60, "too little evidence to tell groupings apart"
+    assert rows([7] * 6 + [3]) == one
+    assert rows([3, 11, 1, 20, 10]) == one
+    assert rows([45]) == one
