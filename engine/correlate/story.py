@@ -208,6 +208,82 @@ MARKS_PER_PART = 2000  # entries per stored part (about 60 KB)
 DRAIN_MARK = _marks_encoder.encode(Marks([], [], [], [], [], drained=True))
 
 
+MARKS_ROWS_PATH_MAX = 20_000
+"""Below this many rows of leaving stories :meth:`StoryMachine._marks` groups them in Python (a bucket's
+evictions, ~1,300 rows in ``bench.story_cpu``: about 0.6 µs per row against a dozen polars operations at
+~0.2 ms each on the bench machine); above it in polars."""
+_Left = dict[int, tuple[list[int], list[int], list[int], list[str]]]
+"""Per shard, what leaves: per (story, flow) without spans its flow and time range (sorted by story key, flow),
+and the ids of the events named one by one (sorted)."""
+
+
+def _leaving_frame(rows: pl.DataFrame, moved: Mapping[int, set[int]] | None) -> _Left:
+    named = pl.col("end_time_us").is_not_null()
+    if moved:
+        pairs = [(s, f) for s, flows in moved.items() for f in flows]
+        hit = pl.DataFrame(
+            {
+                "shard": pl.Series([p[0] for p in pairs], dtype=pl.Int32),
+                "flow": pl.Series([p[1] for p in pairs], dtype=pl.UInt64),
+                "_moved": pl.Series([True] * len(pairs), dtype=pl.Boolean),
+            }
+        )
+        rows = rows.join(hit, on=["shard", "flow"], how="left")
+        named = named | pl.col("_moved").fill_null(False)
+    spanned = rows.group_by("story").agg(named.any().alias("spans"))
+    rows = rows.join(spanned, on="story", how="left")
+    ranges = (
+        rows.filter(pl.col("flow").is_not_null() & ~pl.col("spans"))
+        .group_by("shard", "story", "flow")
+        .agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
+        .sort("shard", "story", "flow")
+        .partition_by("shard", as_dict=True)
+    )
+    flowless = rows.filter(pl.col("flow").is_null() | pl.col("spans")).group_by("shard").agg(pl.col("id").sort())
+    ids_of = dict(zip(flowless["shard"].to_list(), flowless["id"].to_list(), strict=True))
+    out: _Left = {}
+    for shard in {*(s for (s,) in ranges), *ids_of}:
+        r = ranges.get((shard,))
+        flows, lo, hi = (r[c].to_list() for c in ("flow", "lo", "hi")) if r is not None else ([], [], [])
+        out[shard] = (flows, lo, hi, ids_of.get(shard, []))
+    return out
+
+
+def _leaving_rows(rows: pl.DataFrame, moved: Mapping[int, set[int]] | None) -> _Left:
+    cols = [rows.get_column(c).to_list() for c in ("shard", "story", "flow", "t", "id", "end_time_us")]
+    spanned: set[int] = set()
+    for shard, story, flow, _, _, end in zip(*cols, strict=True):
+        if end is not None or (moved and flow is not None and flow in moved.get(shard, ())):
+            spanned.add(story)
+    ranges: dict[tuple[int, int, int], list[int]] = {}
+    ids: dict[int, list[str]] = {}
+    for shard, story, flow, t, id_, _ in zip(*cols, strict=True):
+        if flow is None or story in spanned:
+            ids.setdefault(shard, []).append(id_)
+            continue
+        r = ranges.get((shard, story, flow))
+        if r is None:
+            ranges[(shard, story, flow)] = [t, t]
+        elif t < r[0]:
+            r[0] = t
+        elif t > r[1]:
+            r[1] = t
+    out: _Left = {}
+    for (shard, _, flow), (lo, hi) in sorted(ranges.items()):
+        got = out.get(shard)
+        if got is None:
+            got = out[shard] = ([], [], [], [])
+        got[0].append(flow)
+        got[1].append(lo)
+        got[2].append(hi)
+    for shard, named in ids.items():
+        got = out.get(shard)
+        if got is None:
+            got = out[shard] = ([], [], [], [])
+        got[3].extend(sorted(named))
+    return out
+
+
 def _no_clock() -> float:
     return 0.0
 
@@ -1451,43 +1527,28 @@ class StoryMachine:
         cuts: Mapping[int, list[tuple[int, str]]],
         forced: Mapping[int, list[int]],
         moved: Mapping[int, set[int]] | None = None,
+        *,
+        vectorized: bool | None = None,
     ) -> dict[int, list[bytes]]:
         """The stored form (:class:`Marks`) per shard, in parts of MARKS_PER_PART. ``rows``: the leaving stories'
         rows; ``forced``: the keys of the stories forced out per shard; ``moved``: the flows per shard whose rows
-        a re-correction moved while stories now leaving could meet them."""
-        # A story with spans is named event by event: the span rule is not monotone (engine.correlate.link), so no
-        # time range holds exactly its events. Without spans the range widened by the window does — unless rows
-        # of its flow were moved by a re-correction (StoryMachine._recorrect): a replay compares the times events
-        # arrive with, and a moved row may have linked, or not, by its time after the move.
-        named = pl.col("end_time_us").is_not_null()
-        if moved:
-            pairs = [(s, f) for s, flows in moved.items() for f in flows]
-            hit = pl.DataFrame(
-                {
-                    "shard": pl.Series([p[0] for p in pairs], dtype=pl.Int32),
-                    "flow": pl.Series([p[1] for p in pairs], dtype=pl.UInt64),
-                    "_moved": pl.Series([True] * len(pairs), dtype=pl.Boolean),
-                }
-            )
-            rows = rows.join(hit, on=["shard", "flow"], how="left")
-            named = named | pl.col("_moved").fill_null(False)
-        spanned = rows.group_by("story").agg(named.any().alias("spans"))
-        rows = rows.join(spanned, on="story", how="left")
-        ranges = (
-            rows.filter(pl.col("flow").is_not_null() & ~pl.col("spans"))
-            .group_by("shard", "story", "flow")
-            .agg(pl.col("t").min().alias("lo"), pl.col("t").max().alias("hi"))
-            .sort("shard", "story", "flow")
-            .partition_by("shard", as_dict=True)
-        )
-        flowless = rows.filter(pl.col("flow").is_null() | pl.col("spans")).group_by("shard").agg(pl.col("id").sort())
-        ids_of = dict(zip(flowless["shard"].to_list(), flowless["id"].to_list(), strict=True))
+        a re-correction moved while stories now leaving could meet them.
+
+        A story with spans is named event by event: the span rule is not monotone (engine.correlate.link), so no
+        time range holds exactly its events. Without spans the range widened by the window does — unless rows of
+        its flow were moved by a re-correction (StoryMachine._recorrect): a replay compares the times events
+        arrive with, and a moved row may have linked, or not, by its time after the move.
+
+        Two paths give the same bytes (tests/unit/test_story.py): in Python below :data:`MARKS_ROWS_PATH_MAX`
+        rows (a bucket's evictions: a dozen polars operations cost more than the loop), in polars above
+        (``vectorized`` forces one)."""
+        if vectorized is None:
+            vectorized = rows.height >= MARKS_ROWS_PATH_MAX
+        left = _leaving_frame(rows, moved) if vectorized else _leaving_rows(rows, moved)
         out: dict[int, list[bytes]] = {}
         k = MARKS_PER_PART
         for shard in shards:
-            r = ranges.get((shard,))
-            flows, lo, hi = (r[c].to_list() for c in ("flow", "lo", "hi")) if r is not None else ([], [], [])
-            ids: list[str] = ids_of.get(shard, [])
+            flows, lo, hi, ids = left.get(shard, ([], [], [], []))
             cut = list(cuts.get(shard, []))
             forced_keys = sorted(forced.get(shard, []))
             n = max(len(flows), len(ids), len(cut), len(forced_keys))

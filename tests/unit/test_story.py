@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.core.config import Config, from_mapping
 from engine.core.errors import TransientStoreError
@@ -858,3 +861,51 @@ def test_a_worker_rebuilds_the_stage_after_a_failed_write_and_loses_no_story(tmp
             assert rows == reference, (stories, marks)
 
     arun(body())
+
+
+_leaving_row = st.tuples(
+    st.integers(0, 3),  # shard
+    st.integers(0, 12),  # story key (stories of several shards may not share keys in the machine; any here)
+    st.one_of(st.none(), st.integers(0, 5), st.just(2**64 - 1)),  # flow (None: no flow)
+    st.integers(-(2**40), 2**40),  # t
+    st.text("abcé\U0001f600", min_size=1, max_size=4),  # id
+    st.one_of(st.none(), st.integers(0, 2**40)),  # end_time_us (a span)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(_leaving_row, max_size=60, unique_by=lambda r: (r[0], r[4])),
+    moved=st.dictionaries(st.integers(0, 3), st.sets(st.integers(0, 5), max_size=3), max_size=3),
+    forced=st.dictionaries(st.integers(0, 3), st.lists(st.integers(0, 99), max_size=3), max_size=2),
+)
+def test_the_marks_are_the_same_bytes_from_python_and_from_polars(
+    rows: list[tuple[int, int, int | None, int, str, int | None]],
+    moved: dict[int, set[int]],
+    forced: dict[int, list[int]],
+) -> None:
+    """A bucket's evictions are grouped in Python, large ones in polars (StoryMachine._marks): the stored marks —
+    what a replay skips — must not depend on the path. Stories with spans or on moved flows are named by their
+    events' ids, the others by (flow, time range); events without a flow by id."""
+    cols = list(zip(*rows, strict=True)) if rows else [[]] * 6
+    frame = pl.DataFrame(
+        {
+            "shard": pl.Series(cols[0], dtype=pl.Int32),
+            "story": pl.Series(cols[1], dtype=pl.UInt64),
+            "flow": pl.Series(cols[2], dtype=pl.UInt64),
+            "t": pl.Series(cols[3], dtype=pl.Int64),
+            "id": pl.Series(cols[4], dtype=pl.String),
+            "end_time_us": pl.Series(cols[5], dtype=pl.Int64),
+        }
+    )
+    shards = sorted({r[0] for r in rows} | set(forced))
+    cuts = {s: [(7, f"story-{s}")] for s in shards[:1]}
+    by_polars = StoryMachine._marks(frame, shards, cuts, forced, moved or None, vectorized=True)
+    by_python = StoryMachine._marks(frame, shards, cuts, forced, moved or None, vectorized=False)
+    assert by_python == by_polars
+    for shard, story, flow, t, id_, _ in rows:  # every leaving event is named: by its id, or by a flow's range
+        marks = [msgspec.msgpack.decode(b, type=story_module.Marks) for b in by_python[shard]]
+        by_id = any(id_ in m.ids for m in marks)
+        ranges = [r for m in marks for r in zip(m.flows, m.lo, m.hi, strict=True)]
+        by_range = any(f == flow and lo <= t <= hi for f, lo, hi in ranges)
+        assert by_id != by_range, (shard, story, flow, t, id_)
