@@ -887,7 +887,7 @@ def test_the_marks_are_the_same_bytes_from_python_and_from_polars(
     """A bucket's evictions are grouped in Python, large ones in polars (StoryMachine._marks): the stored marks —
     what a replay skips — must not depend on the path. Stories with spans or on moved flows are named by their
     events' ids, the others by (flow, time range); events without a flow by id."""
-    cols = list(zip(*rows, strict=True)) if rows else [[]] * 6
+    cols: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * 6
     frame = pl.DataFrame(
         {
             "shard": pl.Series(cols[0], dtype=pl.Int32),
