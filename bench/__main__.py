@@ -186,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     progress("stage at 100 ms buckets (~2 min)", 1, 1)
     from bench import offsets_cost
+    from bench import story_cpu as story_inproc
+
+    progress("story builder in-process at the pipeline's rate (~1 min)", 0, 1)
+    results["story_inproc"] = story_inproc.run(rounds=2)
+    results["story_inproc_us_per_event"] = results["story_inproc"]["median_us_per_event"]
+    progress("story builder in-process at the pipeline's rate (~1 min)", 1, 1)
 
     progress("DNS names on connections, off and on (~1 min)", 0, 1)
     results["dns_names"] = offsets_cost.dns_cost()
