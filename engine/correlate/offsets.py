@@ -8,7 +8,7 @@ Evidence
     sensors wrote them (``a < b`` by name): the offset of ``a`` against ``b`` plus how far apart the two saw the
     session (seconds at most, either sign). :func:`evidence` finds, for every new event, the nearest event of each
     other sensor of its flow (so a flow with many events gives at most one difference per new event and sensor, not
-    a quadratic number); of a gathering (the story builder gathers a second of buckets at once) with more than
+    a quadratic number); of a gathering (the story builder gathers 10 s of buckets at once) with more than
     :data:`SAMPLE_EVENTS` new events it takes those of a uniform sample of the flows.
 
 Sketches
@@ -71,8 +71,8 @@ MAX_BINS = 1_024
 MAX_COUNT = 1 << 20
 """Differences a sketch holds at most; past it every count is halved (old evidence fades)."""
 SAMPLE_EVENTS = 4_096
-"""New events one gathering takes evidence from at most (more: those of a sample of the flows): a second of a busy
-worker's buckets holds ten thousand and more, and a few thousand differences per epoch are plenty."""
+"""New events one gathering takes evidence from at most (more: those of a sample of the flows): 10 s of a busy
+worker's buckets hold a hundred thousand and more, and a few thousand differences per epoch are plenty."""
 PEAK_WINDOW_US = 6_000_000
 """The estimate is taken among the differences of the densest window this wide: two sensors that see a session
 start report it seconds apart, while an event in the middle of a long connection (a request minutes into it) is

@@ -85,9 +85,11 @@ COMPACT_ROWS = 50_000
 CID_CACHE_MAX = 100_000
 """Community IDs of flows kept between fusion passes (a re-emitted story's flow is not hashed again); the cache
 starts over past this many entries, so a long run's memory does not grow with every flow it saw (~150 B each)."""
-GATHER_MS = 1000
-"""The events of this much ingest time (whole buckets) are gathered together for the evidence of learned offsets
-and DNS answers (see :meth:`StoryMachine._gather`)."""
+GATHER_MS = 10_000
+"""The events of this much ingest time (whole buckets, never across an epoch's end) are gathered together for the
+evidence of learned offsets and DNS answers (see :meth:`StoryMachine._gather`). Nothing waits for them before the
+epoch's row is emitted, when they are gathered anyway; longer periods cost less (each gathering is a dozen polars
+operations whatever its size) while the frame still holds their rows (``max_wait_ms`` + the amend horizon)."""
 DRAIN_PART = 1 << 20
 """The marks part that records a drain at its bucket (the other parts of a bucket count up from 0)."""
 

@@ -384,12 +384,12 @@ def test_a_period_of_scattered_differences_is_not_a_jump() -> None:
 
 
 def test_the_evidence_does_not_depend_on_how_buckets_are_grouped_into_calls() -> None:
-    """The evidence is gathered per period of buckets (a second of ingest time), not per call: a worker that is
+    """The evidence is gathered per period of buckets (10 s of ingest time), not per call: a worker that is
     behind hands several buckets per call, a replay others again, and both must emit the same evidence rows as
     one call per bucket. Reports of one flow from three sensors arrive in different buckets, inside and across the
     periods, so the nearest-event rule would pair them differently if the calls decided what was new together."""
     cfg = from_mapping(
-        {"tenant": "ev", "shards": 4, "bucket_ms": 100, "correlate": {"match_window_ms": 30_000, "max_wait_ms": 3_000}}
+        {"tenant": "ev", "shards": 4, "bucket_ms": 1000, "correlate": {"match_window_ms": 30_000, "max_wait_ms": 9_000}}
     )
     rnd = random.Random(5)
     arrivals: dict[int, list[Event]] = {}
@@ -397,8 +397,8 @@ def test_the_evidence_does_not_depend_on_how_buckets_are_grouped_into_calls() ->
         port = 40_000 + i
         for sensor, skew in (("fw-1", 0.0), ("edr-1", 2.0), ("ndr-1", -1.0)):
             for k in range(rnd.randint(1, 2)):
-                e = ev(f"{sensor}-{i}-{k}", i * 0.05 + skew + rnd.uniform(0, 0.4), sensor=sensor, sport=port)
-                arrivals.setdefault(rnd.randrange(45), []).append(e)
+                e = ev(f"{sensor}-{i}-{k}", i * 0.6 + skew + rnd.uniform(0, 4), sensor=sensor, sport=port)
+                arrivals.setdefault(int(i * 0.6) + rnd.randrange(6), []).append(e)
     buckets = range(45)
 
     def rows(groups: list[int]) -> list[tuple[int, int, bytes]]:
