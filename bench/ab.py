@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,34 +71,57 @@ def python(tree: Path, code: str, *args: str) -> str:
     return res.stdout
 
 
+def alternated(
+    trees: dict[str, Path], rounds: int, run: Callable[[Path], dict[str, Any]], line: Callable[[dict[str, Any]], str]
+) -> dict[str, list[dict[str, Any]]]:
+    """``run(tree)`` for base and head, ``rounds`` each, alternated (the second half in reverse order), each run
+    printed as ``line(result)``: the results per commit."""
+    order = [("base", "head") if r < (rounds + 1) // 2 else ("head", "base") for r in range(rounds)]
+    runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
+    for pair in order:
+        for which in pair:
+            started = time.strftime("%H:%M:%S")
+            result = run(trees[which])
+            runs[which].append(result)
+            print(f"{started} {which}: {line(result)}", flush=True)
+    return runs
+
+
+def medians(runs: dict[str, list[dict[str, Any]]], name: str, total: str, ledger: str) -> dict[str, dict[str, float]]:
+    """Per commit: the median of the figure at key path ``total`` (``a.b``), as ``name``, and of each step of the
+    ``ledger`` dict."""
+
+    def get(r: dict[str, Any], path: str) -> Any:
+        for k in path.split("."):
+            r = r[k]
+        return r
+
+    return {
+        which: {
+            name: statistics.median(get(r, total) for r in rs),
+            **{k: statistics.median(r[ledger][k] for r in rs) for k in rs[0][ledger]},
+        }
+        for which, rs in runs.items()
+    }
+
+
+def last_json(out: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 def inproc(base: str, head: str, rounds: int, events: int) -> int:
     """``--inproc``: bench.story_cpu against both commits' engines, alternated; medians of the runs' medians."""
     with tempfile.TemporaryDirectory(prefix="storyline-ab-") as tmp:
         trees = {"base": extract(base, Path(tmp) / "base"), "head": extract(head, Path(tmp) / "head")}
         script = f"import runpy; runpy.run_path({str(trees['head'] / 'bench' / 'story_cpu.py')!r}, run_name='__main__')"
-        order = [("base", "head") if r < (rounds + 1) // 2 else ("head", "base") for r in range(rounds)]
-        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
-        for pair in order:
-            for which in pair:
-                started = time.strftime("%H:%M:%S")
-                out = python(trees[which], script, "--events", str(events), "--rounds", "2")
-                result = json.loads(out.strip().splitlines()[-1])
-                runs[which].append(result)
-                print(
-                    f"{started} {which}: {result['median_us_per_event']:.2f} µs/event, "
-                    f"ledger {result['median_ledger_us_per_event']}",
-                    flush=True,
-                )
-    med = {
-        which: {
-            "total": statistics.median(r["median_us_per_event"] for r in rs),
-            **{
-                k: statistics.median(r["median_ledger_us_per_event"][k] for r in rs)
-                for k in rs[0]["median_ledger_us_per_event"]
-            },
-        }
-        for which, rs in runs.items()
-    }
+        runs = alternated(
+            trees,
+            rounds,
+            lambda tree: last_json(python(tree, script, "--events", str(events), "--rounds", "2")),
+            lambda r: f"{r['median_us_per_event']:.2f} µs/event, ledger {r['median_ledger_us_per_event']}",
+        )
+    med = medians(runs, "total", "median_us_per_event", "median_ledger_us_per_event")
     print(json.dumps({"base": base, "head": head, "rounds": rounds, "inproc": True, "median": med}, indent=1))
     print(f"head / base, story builder µs/event: {med['head']['total'] / med['base']['total']:.3f}")
     return 0
@@ -117,25 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         trees = {"base": extract(args.base, Path(tmp) / "base"), "head": extract(args.head, Path(tmp) / "head")}
         data = Path(tmp) / "input.jsonl"
         python(trees["head"], _GEN, str(args.events), str(data))
-        order = [("base", "head") if r < (args.rounds + 1) // 2 else ("head", "base") for r in range(args.rounds)]
-        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
-        for pair in order:
-            for which in pair:
-                started = time.strftime("%H:%M:%S")
-                result = json.loads(python(trees[which], _RUN, str(data)).strip().splitlines()[-1])
-                runs[which].append(result)
-                engine = result["cpu_us_per_event"]["engine"]
-                print(f"{started} {which}: engine {engine:.2f} µs/event, ledger {result['cost_ledger_us_per_event']}")
-    med = {
-        which: {
-            "engine": statistics.median(r["cpu_us_per_event"]["engine"] for r in rs),
-            **{
-                k: statistics.median(r["cost_ledger_us_per_event"][k] for r in rs)
-                for k in rs[0]["cost_ledger_us_per_event"]
-            },
-        }
-        for which, rs in runs.items()
-    }
+        runs = alternated(
+            trees,
+            args.rounds,
+            lambda tree: last_json(python(tree, _RUN, str(data))),
+            lambda r: f"engine {r['cpu_us_per_event']['engine']:.2f} µs/event, ledger {r['cost_ledger_us_per_event']}",
+        )
+    med = medians(runs, "engine", "cpu_us_per_event.engine", "cost_ledger_us_per_event")
     print(json.dumps({"base": args.base, "head": args.head, "rounds": args.rounds, "median": med}, indent=1))
     print(f"head / base, engine µs/event: {med['head']['engine'] / med['base']['engine']:.3f}")
     return 0

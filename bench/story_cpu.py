@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from engine.core.config import load
+from engine.core.config import Config, load
 from engine.core.event import encode
 from engine.core.stage import EMPTY, Batch
 from engine.correlate.offsets import EvidenceRow, TableBook
@@ -47,9 +47,8 @@ _rows = msgspec.msgpack.Decoder(EvidenceRow)
 Parts = dict[int, dict[int, list[EventRecord]]]
 
 
-def partitions(events: int, config: Path = CONFIG) -> tuple[Parts, int]:
+def partitions(events: int, cfg: Config) -> tuple[Parts, int]:
     """The worker's partitions (bucket → shard → records) and how many events they hold."""
-    cfg = load(config, [])
     rules = ParseRules.from_config(cfg)
     sim, _ = generate(Scenario(events=events, seed=1, start_s=time.time() - 3_600, span_s=600))
     now = int(time.time() * 1000)
@@ -67,8 +66,7 @@ def partitions(events: int, config: Path = CONFIG) -> tuple[Parts, int]:
     return parts, n
 
 
-def one_round(parts: Parts, events: int, per_call: int = 1, config: Path = CONFIG) -> dict[str, Any]:
-    cfg = load(config, [])
+def one_round(parts: Parts, events: int, cfg: Config, per_call: int = 1) -> dict[str, Any]:
     c = cfg.correlate
     machine = StoryMachine(
         c,
@@ -115,9 +113,10 @@ def one_round(parts: Parts, events: int, per_call: int = 1, config: Path = CONFI
 
 
 def run(events: int = 200_000, rounds: int = 3, per_call: int = 1) -> dict[str, Any]:
-    parts, n = partitions(events)
-    one_round(parts, n, per_call)  # warm-up: imports, caches, polars' first calls
-    rs = [one_round(parts, n, per_call) for _ in range(rounds)]
+    cfg = load(CONFIG, [])
+    parts, n = partitions(events, cfg)
+    one_round(parts, n, cfg, per_call)  # warm-up: imports, caches, polars' first calls
+    rs = [one_round(parts, n, cfg, per_call) for _ in range(rounds)]
     steps = rs[0]["ledger_us_per_event"]
     return {
         "events": n,
