@@ -33,6 +33,8 @@ FAST = {
     "lag_ms": 3000,
     "commit_interval_ms": 300,
     "shutdown_timeout_ms": 20_000,
+    # each bucket once it is readable (the tests step workers bucket by bucket; test_runtime.py tests the default)
+    "poll_interval_ms": 0,
 }
 
 

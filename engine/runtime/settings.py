@@ -36,6 +36,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     renew_ms: int = 2_000  # how often it renews them
     group_poll_ms: int = 1_000  # how often a group's worker reads the members (Config.group_poll_ms)
     request_timeout_ms: int = 5_000  # how long one store request may take (a write bound by a lease ends sooner)
+    poll_interval_ms: int = 0  # at the head, buckets are handed over once this much of them is readable
 
     @classmethod
     def from_config(cls, cfg: Config) -> WorkerSettings:
@@ -58,6 +59,7 @@ class WorkerSettings(msgspec.Struct, frozen=True):
             renew_ms=cfg.renew_ms,
             group_poll_ms=cfg.group_poll_ms,
             request_timeout_ms=cfg.request_timeout_ms,
+            poll_interval_ms=cfg.poll_interval_ms,
         )
 
 

@@ -55,7 +55,12 @@ CHAOS: dict[str, Any] = {
     "shutdown_timeout_ms": 20_000,
     "correlate": {"match_window_ms": 30_000, "max_wait_ms": 2_000, "amend_horizon_ms": 10_000},
 }
-CAUGHT_UP_SLACK_MS = 1_500  # caught up: every shard's committed offset within lag + this of the clock
+CAUGHT_UP_SLACK_MS = 1_500  # caught up: every shard's committed offset within lag + this of the clock …
+
+
+def caught_up_slack_ms(cfg: Config) -> int:
+    """… and the buckets a worker at the head waits for before it reads them (``poll_interval_ms``)."""
+    return CAUGHT_UP_SLACK_MS + max(0, cfg.poll_interval_ms - cfg.bucket_ms)
 
 
 # -- configs and the CLI -------------------------------------------------------------------------------------
@@ -435,7 +440,7 @@ class OffsetMonitor:
         return max(now - (o.read_bucket + 1) * self.cfg.bucket_ms for o in offs.values())
 
     def caught_up(self, offs: dict[int, Offset]) -> bool:
-        return len(offs) == self.cfg.shards and self.behind_ms(offs) <= self.cfg.lag_ms + CAUGHT_UP_SLACK_MS
+        return len(offs) == self.cfg.shards and self.behind_ms(offs) <= self.cfg.lag_ms + caught_up_slack_ms(self.cfg)
 
     def wait_until(
         self, pred: Callable[[dict[int, Offset]], bool], timeout: float, what: str = "recovery", after: float = 0.0

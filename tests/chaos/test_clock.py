@@ -16,7 +16,7 @@ from engine.correlate.story import StoryMachine
 from engine.runtime.stages import CountingStage
 from engine.runtime.worker import Worker
 from tests.chaos.conftest import Recorder, TenantFactory
-from tests.chaos.harness import CAUGHT_UP_SLACK_MS, Feeder, finish, split
+from tests.chaos.harness import Feeder, caught_up_slack_ms, finish, split
 
 pytestmark = pytest.mark.chaos
 
@@ -81,7 +81,7 @@ def test_a_worker_clock_jumping_backwards(
 
     def caught_up() -> bool:
         target = worker.target()
-        slack = CAUGHT_UP_SLACK_MS // cfg.bucket_ms
+        slack = caught_up_slack_ms(cfg) // cfg.bucket_ms
         return bool(worker.state) and all(st.read >= target - slack for st in worker.state.values())
 
     async def scenario() -> tuple[float, float]:

@@ -97,6 +97,58 @@ def test_worker_reads_every_bucket_up_to_the_lag_and_no_further(make_config: Con
     arun(body())
 
 
+def test_at_the_head_a_worker_waits_for_a_poll_interval_of_buckets_and_hands_them_over_in_one_call(
+    make_config: ConfigFactory,
+) -> None:
+    cfg = make_config(shards=2, **{**FAST, "poll_interval_ms": 500})  # 5 buckets of 100 ms
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        try:
+            stage = CountingStage()
+            calls: list[list[int]] = []
+            on_buckets = stage.on_buckets
+
+            def recording(buckets: Any, *, replay: bool) -> Emission:
+                calls.append([b for b, _ in buckets])
+                return on_buckets(buckets, replay=replay)
+
+            stage.on_buckets = recording  # type: ignore[method-assign]
+            w = Worker.from_config(
+                cfg, [0, 1], stage, owner="w-a", clock=clock, store=make_store(cfg, clock), check_skew=False
+            )
+            await w.store.open()
+            await w.measure_skew()
+            await w.claim_all()
+            start = w.state[0].read
+            for k in range(8):
+                await put(store, 0, start + 1 + k, [ev(10 * k + j) for j in range(2)])
+            # fewer than 5 readable buckets past the position: nothing is read yet
+            clock.set((start + 4) * cfg.bucket_ms + cfg.lag_ms)
+            assert w.target() == start + 4
+            assert not await w.step()
+            assert stage.events == 0 and calls == []
+            # the fifth: the five go to the stage in one call
+            clock.set((start + 5) * cfg.bucket_ms + cfg.lag_ms)
+            assert await w.step()
+            assert calls == [list(range(start + 1, start + 6))]
+            assert stage.events == 2 * 5
+            read = w.state[0].read
+            assert read == start + 5
+            # a run's last bucket is read without waiting for the interval
+            clock.advance(2 * cfg.bucket_ms)
+            assert not await w.step()
+            w.until_bucket = read + 2
+            assert await w.step()
+            assert w.state[0].read == read + 2 and w.done()
+            await w.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_a_worker_refuses_an_old_schema_until_init_migrates_it(make_config: ConfigFactory, backend: str) -> None:
     """A tenant created by schema version 1 (no stage_marks table): workers stop with a clear message, and
     `storyline init` migrates it."""
