@@ -6,7 +6,8 @@ The simulator's default scenario (seed 1, 600 s of sessions, as ``bench.pipeline
 of the pipeline's two workers reads them: configs/bench.toml (16 shards, 100 ms buckets, 30 s window, 5 s wait,
 60 s amend horizon, learned offsets and DNS names as configured), shards 0 to 7, the events arriving at
 ``RATE`` per second in the simulator's order (the producer's pace in the pipeline). One
-:class:`engine.correlate.story.StoryMachine` is fed ``K`` buckets per call, every shard of the worker in each
+:class:`engine.correlate.story.StoryMachine` is fed ``K`` buckets per call (by default the config's
+``poll_interval_ms`` of them, as a worker at the head hands them over), every shard of the worker in each
 (empty ones too), then the idle buckets after the last event (one call per second of them) until every story has
 been emitted and has left the state, as the pipeline's settled figure counts. Each epoch's offset table is built
 in-process from the evidence the machine emitted (as the worker's keeper does from the stored rows).
@@ -112,8 +113,10 @@ def one_round(parts: Parts, events: int, cfg: Config, per_call: int = 1) -> dict
     }
 
 
-def run(events: int = 200_000, rounds: int = 3, per_call: int = 1) -> dict[str, Any]:
+def run(events: int = 200_000, rounds: int = 3, per_call: int | None = None) -> dict[str, Any]:
     cfg = load(CONFIG, [])
+    if per_call is None:
+        per_call = max(1, getattr(cfg, "poll_interval_ms", 0) // cfg.bucket_ms)  # an older engine: 1
     parts, n = partitions(events, cfg)
     one_round(parts, n, cfg, per_call)  # warm-up: imports, caches, polars' first calls
     rs = [one_round(parts, n, cfg, per_call) for _ in range(rounds)]
@@ -132,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.story_cpu", description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000, help="simulated events (the worker gets about half)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--buckets-per-call", type=int, default=1)
+    ap.add_argument(
+        "--buckets-per-call", type=int, default=None, help="default: the config's poll_interval_ms of buckets"
+    )
     args = ap.parse_args(argv)
     print(json.dumps(run(args.events, args.rounds, args.buckets_per_call)))
     return 0

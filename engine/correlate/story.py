@@ -15,7 +15,7 @@ kept per shard. A bucket of many shards is processed as a whole, in named steps:
 1. ``_decode``: the partitions' events (one msgspec call) become a frame;
 2. ``_dedupe``: ids already in their shard's state are dropped (a re-delivered event counts once); during a
    replay, the events of stories that had left the state are dropped too (:meth:`StoryMachine.prepare_replay`);
-3. ``_link``: the state's events of the same flows are taken (a semi-join), and
+3. ``_link``: the state's events of the same flows are taken (by position, from an index flow → rows), and
    :func:`engine.correlate.link.link` finds the components of the union — no per-event Python loop; a flow lives
    in one shard, so shards never link;
 4. ``_assign``: per component (a loop over stories, not events): no known story → a new story whose id derives
@@ -352,6 +352,11 @@ class StoryMachine:
         # many as the live ones (and at least COMPACT_ROWS), so it stays within twice the live state.
         self.dead: set[int] = set()
         self.dead_rows = 0
+        # Flow → the frame's rows of that flow (positions, ascending; dead rows too, until a compaction): the link
+        # step takes the state's rows of a bucket's flows by position instead of a join over the whole frame,
+        # whose cost grows with the state. Positions hold until a compaction (appends go at the end; merges and
+        # re-corrections rewrite columns in place), which rebuilds the index.
+        self._flow_rows: dict[int, list[int]] = {}
         self.pending_chunks = 0
         self.appends = 0  # the frame's appends so far: the next one's rows get ``seq`` = this
         # Per append from ``seq_base`` on: the latest ingest time (ms) of the appends up to it (ascending), so the
@@ -1153,7 +1158,9 @@ class StoryMachine:
         """The new events with the state's events of the same flows (``is_new`` tells them apart), each with its
         component (``comp``): events linked directly or through others."""
         frame = self.frame
-        ctx = frame.join(new.select("flow").drop_nulls().unique(), on="flow", how="semi") if frame.height else frame
+        index = self._flow_rows
+        at = sorted(i for f in new["flow"].drop_nulls().unique().to_list() for i in index.get(f, ()))
+        ctx = frame[pl.Series(at, dtype=pl.UInt32)] if at else frame.clear()
         if self.dead and ctx.height:
             dead = self.dead
             live = [k not in dead for k in ctx["story"].to_list()]
@@ -1214,6 +1221,14 @@ class StoryMachine:
             )
             .select(list(STATE_SCHEMA))
         )
+        index = self._flow_rows
+        for i, f in enumerate(assigned["flow"].to_list(), self.frame.height):
+            if f is not None:
+                got = index.get(f)
+                if got is None:
+                    index[f] = [i]
+                else:
+                    got.append(i)
         frame = pl.concat([self.frame, assigned], how="vertical", rechunk=False)
         if renames:
             frame = self._merge(sts, frame, renames)
@@ -1506,11 +1521,23 @@ class StoryMachine:
             self.pending_chunks = 0
         self.dead.clear()
         self.dead_rows = 0
+        self._index_flows()
         # the appends before the frame's oldest row hold nothing any more
         oldest = int(self.frame["seq"][0]) if self.frame.height else self.appends  # seq ascends in frame order
         if oldest > self._seq_base:
             del self._ingest_upto[: oldest - self._seq_base]
             self._seq_base = oldest
+
+    def _index_flows(self) -> None:
+        """Rebuild the flow → rows index (:attr:`_flow_rows`) from the frame."""
+        rows = (
+            self.frame.select("flow")
+            .with_row_index("at")
+            .filter(pl.col("flow").is_not_null())
+            .group_by("flow")
+            .agg(pl.col("at").sort())
+        )
+        self._flow_rows = dict(zip(rows["flow"].to_list(), rows["at"].to_list(), strict=True))
 
     def _ingested_since(self, ms: int) -> pl.DataFrame:
         """A tail of the state frame holding every row ingested at ``ms`` or later (and maybe some earlier): from
