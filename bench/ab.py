@@ -145,11 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             trees,
             args.rounds,
             lambda tree: last_json(python(tree, _RUN, str(data))),
-            lambda r: f"engine {r['cpu_us_per_event']['engine']:.2f} µs/event, ledger {r['cost_ledger_us_per_event']}",
+            lambda r: (
+                f"engine {r['cpu_us_per_event']['engine']:.2f} µs/event, CQL node "
+                f"{r['cpu_us_per_event']['cql_node'] or 0:.2f}, shard buckets per call "
+                f"{r['shard_buckets_per_stage_call'] or 0:.1f}, ledger {r['cost_ledger_us_per_event']}"
+            ),
         )
     med = medians(runs, "engine", "cpu_us_per_event.engine", "cost_ledger_us_per_event")
+    node = {w: statistics.median(r["cpu_us_per_event"]["cql_node"] or 0 for r in rs) for w, rs in runs.items()}
     print(json.dumps({"base": args.base, "head": args.head, "rounds": args.rounds, "median": med}, indent=1))
     print(f"head / base, engine µs/event: {med['head']['engine'] / med['base']['engine']:.3f}")
+    if node["base"]:
+        print(f"head / base, CQL node µs/event: {node['head'] / node['base']:.3f}")
     return 0
 
 
