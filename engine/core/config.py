@@ -214,7 +214,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # stage in one call, instead of one call per bucket as each becomes readable: a call's fixed costs (a dozen
     # polars operations, an index query, a checkpoint) are shared by more events, at the price of up to
     # poll_interval_ms - bucket_ms more latency. 0 (or any value up to bucket_ms): each bucket once it is readable.
-    poll_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 1_000
+    poll_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 500
     drain_timeout_ms: PositiveMs = 120_000
     read_ahead: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     # Groups (`storyline run --group`, docs/operations.md): each shard is held by a lease of lease_ms that its
