@@ -67,6 +67,8 @@ def test_bad_tenants_are_config_errors(name: str) -> None:
         ({"drain_timeout_ms": 0}, "drain_timeout_ms"),
         ({"lag_ms": 200_000}, "drain_timeout_ms"),
         ({"commit_interval_ms": 120_000}, "drain_timeout_ms"),
+        ({"poll_interval_ms": -1}, "poll_interval_ms"),
+        ({"poll_interval_ms": 60_001}, "poll_interval_ms"),
         ({"twcs_window_ms": 600_000}, "twcs_window_ms"),
         ({"unknown_key": 1}, "unknown_key"),
         ({"store": {"bogus": 1}}, "store.bogus"),
