@@ -335,8 +335,9 @@ class Worker:
             self.stats.stage_calls += 1
             self._pending.add(emission)
             self._replay_at.update(emission.replay)
-            if self._pending.writes >= FLUSH_WRITES:
-                await self.flush()
+            # The stage has consumed these buckets: they count as read before anything below may raise. A flush
+            # cut short by a lapsed lease (LeaseLapsedError) is a pause that keeps the state and the emission; the
+            # step after it must go on after these buckets, never hand them to the stage a second time.
             for b, batches in calls:
                 if not replay:
                     for batch in batches.values():
@@ -347,6 +348,8 @@ class Worker:
                     st = self.state.get(s)
                     if st is not None and not replay:
                         st.read = max(st.read, b)
+            if self._pending.writes >= FLUSH_WRITES:
+                await self.flush()
             if not replay and self.clock.now_ms() - self._last_commit_ms >= self.settings.commit_interval_ms:
                 # A long step (catching up: up to a 15-minute slot of buckets) checkpoints on the way, so
                 # progress is durable and visible (a drain's supervisor waits for committed positions).

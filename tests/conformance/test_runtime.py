@@ -319,6 +319,92 @@ def test_a_worker_holds_leases_pauses_when_they_lapse_and_releases_them_at_a_cle
     arun(body())
 
 
+class MarkingStage(CountingStage):
+    """A counting stage that emits one mark per partition it consumes (so the worker has writes to flush) and
+    records every bucket handed to it, replayed or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: list[tuple[int, int, bool]] = []  # (shard, bucket, replay)
+
+    def on_buckets(self, buckets: Any, *, replay: bool) -> Emission:
+        out = super().on_buckets(buckets, replay=replay)
+        for bucket, batches in buckets:
+            for shard, b in batches.items():
+                self.handed.append((shard, bucket, replay))
+                if len(b):
+                    out.marks.append(MarkRecord(shard, bucket, 0, b"m"))
+        return out
+
+
+def test_a_lease_lapse_during_a_flush_in_a_step_never_hands_the_stage_a_bucket_twice(
+    make_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that flushes on the way (its pending writes reach FLUSH_WRITES) and finds a lease lapsed stops
+    with LeaseLapsedError — a pause, the state kept. The buckets the stage consumed before that flush count as
+    read: after the renewal the worker goes on after them. Handing them over again would feed a stateful stage
+    the same buckets twice, out of order (the story builder then splits and duplicates stories: the chaos tier
+    caught it as events in two stories and events in none)."""
+    import engine.runtime.worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "FLUSH_WRITES", 1)
+    monkeypatch.setattr(worker_mod, "CALL_BUCKETS", 2)
+    cfg = make_config(shards=2, **FAST)
+    clock = ManualClock(int(time.time() * 1000))
+
+    async def body() -> None:
+        store = await started(cfg, clock)
+        b0 = clock.now_ms() // cfg.bucket_ms
+        try:
+            for k in range(6):
+                await put(store, 0, b0 + 1 + k, [ev(10 * k)])
+                await put(store, 1, b0 + 1 + k, [ev(10 * k, 1)])
+            stage = MarkingStage()
+            w = Worker.from_config(cfg, [0, 1], stage, owner="w", clock=clock, store=make_store(cfg, clock),
+                                   check_skew=False)  # fmt: skip
+            await w.store.open()
+            await w.claim_all()
+            await w.replay()
+            clock.set((b0 + 6) * cfg.bucket_ms + cfg.lag_ms)
+            # the first call's flush goes through; the lease lapses before the second call's
+            real_flush = w.flush
+            flushes = [0]
+
+            async def flush() -> None:
+                flushes[0] += bool(w._pending.writes)
+                if flushes[0] == 2:
+                    w.state[1].lease_deadline = lease_clock() - 1
+                await real_flush()
+
+            monkeypatch.setattr(w, "flush", flush)
+            with pytest.raises(LeaseLapsedError):
+                await w.step()
+            assert not w._stage_suspect and w._pending.writes, "a pause: the state and the emission kept"
+            assert {st.shard: st.read for st in w.state.values()} == {0: b0 + 4, 1: b0 + 4}, "read: what was handed"
+            clock.advance(1_000)
+            await w.renew_leases()
+            while await w.step():
+                pass
+            await w.commit(list(w.state.values()), force=True)
+            live = [(s, b) for s, b, replay in stage.handed if not replay]
+            assert len(live) == len(set(live)), f"buckets handed to the stage twice: {live}"
+            for s in (0, 1):
+                mine = [b for sh, b in live if sh == s]
+                assert mine == sorted(mine) and set(range(b0 + 1, b0 + 7)) <= set(mine), (s, mine)
+            assert stage.events == 12
+            assert {o.shard: o.read_bucket for o in await store.read_offsets(cfg.consumer, [0, 1])} == {
+                0: clock.now_ms() // cfg.bucket_ms - cfg.lag_ms // cfg.bucket_ms,
+                1: clock.now_ms() // cfg.bucket_ms - cfg.lag_ms // cfg.bucket_ms,
+            }
+            for s in (0, 1):  # every mark written once the pause ended
+                assert len(await store.read_marks(cfg.consumer, s, b0, b0 + 10)) == 6
+            await w.store.close()
+        finally:
+            await store.close()
+
+    arun(body())
+
+
 def test_workers_of_a_group_follow_its_assignment_hand_over_and_fail_over(make_config: ConfigFactory) -> None:
     """Issue 20, in-process: a group's workers hold exactly their slots' part of the group's assignment. A join
     moves the joiner's part only once its holder handed it over (written, committed, released: taken at once);
