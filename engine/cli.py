@@ -843,6 +843,15 @@ async def cmd_feed(
             await asyncio.sleep(cfg.commit_interval_ms / 1000)
             await commit()
 
+    # Where this start resumes, before any line is delivered: an operator sees it, and a supervisor (or a test)
+    # knows the reader is up and reading.
+    stored = await store.read_feed_position(reader)
+    if stored is None:
+        begin = f"no committed position: starting at {start if isinstance(start, str) else _rfc3339_ms(start)}"
+    else:
+        when = f"period {stored.period} ({_rfc3339_ms(stored.period * cfg.bucket_ms)})"
+        begin = f"resuming after {when}" if stored.shard >= cfg.shards else f"resuming in {when}, shard {stored.shard}"
+    print(f"feed: reader {reader}: {begin}{'; following' if follow else ''}", file=sys.stderr, flush=True)
     task = asyncio.create_task(committer()) if follow else None
     try:
         async for item in feed:

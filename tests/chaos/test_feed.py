@@ -22,6 +22,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -45,6 +46,17 @@ def _lines(path: Path, *, whole: bool = True) -> list[bytes]:
     return data.splitlines()
 
 
+def _await_start(reader: subprocess.Popen[bytes], err: Path) -> None:
+    """Wait until the reader says where it resumes (its first line on stderr): the kill's random moment is counted
+    from there, not from the spawn, whose imports take a second here and several on a loaded machine (a CI run
+    once killed eight readers in a row before they read anything)."""
+    deadline = time.time() + 60
+    while "feed: reader chaos: " not in (err.read_text() if err.exists() else ""):
+        assert reader.poll() is None, f"the following reader exited with {reader.returncode}"
+        assert time.time() < deadline, "the following reader did not start within 60 s"
+        time.sleep(0.02)
+
+
 def test_kill_9_of_a_following_feed_reader_while_the_engine_emits(
     backend: str, chaos_tenant: TenantFactory, chaos_record: Recorder, sim_20k: tuple[Path, Path]
 ) -> None:
@@ -65,13 +77,14 @@ def test_kill_9_of_a_following_feed_reader_while_the_engine_emits(
             feeder.start()
             for _ in range(KILLS):
                 reader = t.spawn("feed", "feed", "--reader", "chaos", "--follow", "--out", str(out))
+                _await_start(reader, t.dir / f"feed-{t._n}.err")
                 if not grown:  # the first kill once stories flow (the first periods complete after lag + wait)
                     deadline = time.time() + 120
                     while not _lines(out, whole=False):
                         assert time.time() < deadline, "the feed delivered nothing within 120 s"
                         assert reader.poll() is None, f"the following reader exited with {reader.returncode}"
                         time.sleep(0.05)
-                time.sleep(rng.uniform(1.0, 2.5))  # started (about a second of imports), reading, committing
+                time.sleep(rng.uniform(0.5, 2.0))  # reading and committing
                 assert reader.poll() is None, f"the following reader exited with {reader.returncode}"
                 os.kill(reader.pid, signal.SIGKILL)
                 reader.wait(10)
