@@ -61,9 +61,16 @@ class WriteTooLateError(StoreError):
 
 class LeaseLapsedError(StorylineError):
     """A worker could not renew its lease on some shards in time: it writes nothing for them until a renewal
-    succeeds (then it rebuilds its state from the committed offsets and goes on) or another owner takes them."""
+    succeeds (then it goes on where it was: a renewal that gets through proves nobody took them) or another owner
+    takes them (then it gives them up)."""
 
     retriable = True
+
+
+class StageOrderError(StorylineError):
+    """A stage was handed a shard's bucket at or before one it already consumed: the caller's bug, caught before
+    the stage's state changed (fed twice, a stateful stage would build some stories twice). Not retriable: the
+    worker exits, and its restart rebuilds the state from the committed offsets."""
 
 
 class ClockSkewError(StorylineError):

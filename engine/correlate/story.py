@@ -43,6 +43,7 @@ import polars as pl
 import xxhash
 
 from engine.core.config import Config, CorrelateConfig
+from engine.core.errors import StageOrderError
 from engine.core.records import EvidenceRecord, StoryRecord, story_id
 from engine.core.stage import Batch, Buckets, Emission, MarkRecord
 
@@ -132,6 +133,7 @@ class ShardState:
     due: list[int] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)  # stories events joined in the call being processed
     open: int = 0  # stories with events not yet emitted final (dirty)
+    through: int = -(2**62)  # the last bucket handed in (each shard's buckets ascend: see on_buckets)
     # Replay (see StoryMachine.prepare_replay): the stories that left the state before the crash, as (flow,
     # time range, bucket they left in) — their events are skipped, not rebuilt — and the cuts that set
     # predecessors, applied as the replay passes the bucket they happened in.
@@ -568,6 +570,7 @@ class StoryMachine:
         falls due in the skipped buckets is settled first, at the bucket it fell due in, so the output does not
         depend on which empty buckets the caller reported, nor on which shards or buckets it grouped into one
         call (live and replay agree)."""
+        self._check_order(buckets)
         self._out = out = Emission()
         self._writing = not replay
         t0 = self._cpu_clock()
@@ -589,6 +592,21 @@ class StoryMachine:
             self._out = Emission()
             self._pending = _Pending()
         return out
+
+    def _check_order(self, buckets: Buckets) -> None:
+        """Each shard's buckets ascend, across calls too (a replay starts from a reset state): a bucket handed in
+        again is refused before anything changes (:class:`StageOrderError`)."""
+        last: dict[int, int] = {}
+        for bucket, batches in buckets:
+            for s in batches:
+                st = self.shards.get(s)
+                prev = last.get(s, st.through if st is not None else -(2**62))
+                if bucket <= prev:
+                    raise StageOrderError(
+                        f"shard {s}: bucket {bucket} handed to the story builder after bucket {prev}: each shard's "
+                        "buckets must ascend (the state is unchanged; rebuild it from the committed offsets)"
+                    )
+                last[s] = bucket
 
     def drain(self, shards: Sequence[int], bucket: int) -> Emission:
         """Emit every open story of these shards as final at ``bucket`` (the last bucket processed), and record
@@ -663,6 +681,8 @@ class StoryMachine:
         decoded: tuple[pl.DataFrame, int] | None = None,
     ) -> None:
         sts = {s: self.shards.setdefault(s, ShardState()) for s in batches}
+        for st in sts.values():
+            st.through = bucket
         if self._gather_key(bucket) != self._gather_at:
             self._gather()  # a new gathering period (and so never two epochs' rows in one gathering)
         if self._evidence or self._dns:

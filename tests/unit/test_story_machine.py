@@ -388,3 +388,28 @@ def test_a_story_of_a_flow_whose_rows_moved_leaves_named_by_its_events(tmp_path:
     named = {i for mk in marks for i in mk.ids}
     assert named == {"a1", "b1"}
     assert [f for mk in marks for f in mk.flows] == [first[2].flow]
+
+
+def test_a_bucket_handed_in_again_is_refused_before_the_state_changes(tmp_path: Path) -> None:
+    """Each shard's buckets must ascend across calls: fed a bucket again (a caller's bug: the worker once did after
+    a lease lapse mid-step), a stateful builder would build some stories twice. It is refused with
+    StageOrderError — within one call too — and the state is untouched: going on gives the uninterrupted output."""
+    from engine.core.errors import StageOrderError
+
+    cfg = config(tmp_path, max_wait_ms=2_000, amend_horizon_ms=10_000)
+    shards = 2
+    script = by_shard(random_script(9, 100, 200), shards)
+    whole, ledger = StoryMachine.for_config(cfg), Ledger()
+    feed(whole, ledger, script, 100, 260)
+    m, out = StoryMachine.for_config(cfg), Ledger()
+    feed(m, out, script, 100, 150)
+    again = {s: batch(*script.get(150, {}).get(s, [])) for s in range(shards)}
+    with pytest.raises(StageOrderError, match="shard 0: bucket 150 handed to the story builder after bucket 150"):
+        m.on_buckets([(150, again)])
+    with pytest.raises(StageOrderError, match=r"shard 1: bucket 149 .* after bucket 150"):
+        m.on_buckets([(151, {0: batch()}), (149, {1: batch()})])  # shard 0's 151 is fine; shard 1 goes back
+    with pytest.raises(StageOrderError, match=r"bucket 152 .* after bucket 152"):
+        m.on_buckets([(152, {0: batch()}), (152, {0: batch()})])
+    assert m.shards[0].through == 150 and m.shards[1].through == 150
+    feed(m, out, script, 151, 260)
+    assert out.rows == ledger.rows and len(ledger.rows) > 20
