@@ -566,6 +566,26 @@ async def _verify(cfg: Config) -> VerifyReport:
         await store.close()
 
 
+# What the engine's logs (the supervisors' and workers' stderr) say about how a chaos run went: shown when it
+# fails, so a CI log tells which faults the engine met (a lease lapse, a rebuild) without the run's directory.
+LOG_EVENTS = {
+    "lease lapse": "not renewed in time",
+    "writes cut at the lease bound": "writes paused before their end",
+    "rebuild after an error": "rebuilding the stage's state from the committed offsets after an error",
+    "transient error": "transient error",
+    "lease lost": "giving it up",
+    "worker exit": "exited with",
+    "StageOrderError": "StageOrderError",
+}
+
+
+def log_events(directory: Path, *more: str) -> dict[str, int]:
+    """How often each of :data:`LOG_EVENTS` appears in ``directory``'s ``*.err`` files and ``more`` texts."""
+    texts = [p.read_text(errors="replace") for p in sorted(directory.glob("*.err"))] + list(more)
+    counts = {name: sum(t.count(needle) for t in texts) for name, needle in LOG_EVENTS.items()}
+    return {name: n for name, n in counts.items() if n}
+
+
 def finish(tenant: Tenant, truth: Path | None, runs: Sequence[IngestRun], *, workers: int = 2) -> VerifyReport:
     """``storyline run --drain`` then ``storyline verify [--truth]``; the same report in-process, reconciled with
     the ingest runs. Asserts that the invariant holds with nothing lost, and returns the report."""
@@ -574,7 +594,9 @@ def finish(tenant: Tenant, truth: Path | None, runs: Sequence[IngestRun], *, wor
     assert final["final"] and all(not w["alive"] for w in final["workers"]), drain.stdout[-2000:]
     args = ["--truth", str(truth)] if truth is not None else []
     cli = tenant.run("verify", *args, check=False)
-    assert cli.returncode == 0, f"storyline verify failed:\n{cli.stdout}\n{cli.stderr}"
+    events = log_events(tenant.dir, drain.stderr)
+    assert cli.returncode == 0, f"storyline verify failed:\n{cli.stdout}\n{cli.stderr}\nthe engine's logs: {events}"
+    assert not events.get("StageOrderError"), f"a worker handed the story builder a bucket twice: {events}"
     report = asyncio.run(_verify(tenant.cfg))
     if truth is not None:
         ids = msgspec.json.decode(truth.read_bytes())["stories"]
