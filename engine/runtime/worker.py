@@ -730,7 +730,7 @@ class Worker:
         target = self.target()
         live = [st for st in self.state.values() if not st.fenced]
         behind = [st for st in live if st.read < target]
-        if not behind or self._lingering(behind, target):
+        if not behind or target < self._runs_at():
             return False
         lo = min(st.read for st in behind) + 1
         per_scan = CATCHUP_STEP_SLOTS * 900_000 // self.settings.bucket_ms
@@ -762,19 +762,17 @@ class Worker:
         """How many readable buckets a worker at the head waits for before it hands them over (at least 1)."""
         return max(1, self.settings.poll_interval_ms // self.settings.bucket_ms)
 
-    def _lingering(self, behind: Sequence[ShardState], target: int) -> bool:
-        """Whether to wait for more buckets (``poll_interval_ms``): fewer than that many are readable past the
-        shards' positions, and the run's last bucket (``until``) is not among them."""
-        k = self._poll_buckets()
-        return k > 1 and target != self.until_bucket and target - min(st.read for st in behind) < k
+    def _runs_at(self) -> int:
+        """The bucket whose readability lets the next step run: the poll interval's last past the live shards'
+        lowest position (``poll_interval_ms`` of buckets; the first past it when that is under a bucket), or the
+        run's last bucket (``until``) if that comes first."""
+        live = [st.read for st in self.state.values() if not st.fenced]
+        at = min(live, default=0) + self._poll_buckets()
+        return at if self.until_bucket is None else min(at, self.until_bucket)
 
     async def _sleep_until_next_bucket(self) -> None:
         cfg = self.settings
-        live = [st.read for st in self.state.values() if not st.fenced]
-        # the bucket whose readability lets the next step run: the next one, or the poll interval's last
-        want = max(self.target() + 1, min(live, default=0) + self._poll_buckets())
-        if self.until_bucket is not None:
-            want = min(want, max(self.until_bucket, self.target() + 1))
+        want = max(self.target() + 1, self._runs_at())
         nxt = (want + 1) * cfg.bucket_ms + cfg.lag_ms
         delay = max(0.005, min((nxt - self.clock.now_ms()) / 1000, 1.0))
         with contextlib.suppress(TimeoutError):
