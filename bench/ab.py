@@ -87,9 +87,9 @@ def alternated(
     return runs
 
 
-def medians(runs: dict[str, list[dict[str, Any]]], name: str, total: str, ledger: str) -> dict[str, dict[str, float]]:
-    """Per commit: the median of the figure at key path ``total`` (``a.b``), as ``name``, and of each step of the
-    ``ledger`` dict."""
+def medians(runs: dict[str, list[dict[str, Any]]], figures: dict[str, str], ledger: str) -> dict[str, dict[str, float]]:
+    """Per commit: the median of each figure (name → key path ``a.b``; a missing value counts 0) and of each step
+    of the ``ledger`` dict."""
 
     def get(r: dict[str, Any], path: str) -> Any:
         for k in path.split("."):
@@ -98,7 +98,7 @@ def medians(runs: dict[str, list[dict[str, Any]]], name: str, total: str, ledger
 
     return {
         which: {
-            name: statistics.median(get(r, total) for r in rs),
+            **{name: statistics.median(get(r, path) or 0 for r in rs) for name, path in figures.items()},
             **{k: statistics.median(r[ledger][k] for r in rs) for k in rs[0][ledger]},
         }
         for which, rs in runs.items()
@@ -121,7 +121,7 @@ def inproc(base: str, head: str, rounds: int, events: int) -> int:
             lambda tree: last_json(python(tree, script, "--events", str(events), "--rounds", "2")),
             lambda r: f"{r['median_us_per_event']:.2f} µs/event, ledger {r['median_ledger_us_per_event']}",
         )
-    med = medians(runs, "total", "median_us_per_event", "median_ledger_us_per_event")
+    med = medians(runs, {"total": "median_us_per_event"}, "median_ledger_us_per_event")
     print(json.dumps({"base": base, "head": head, "rounds": rounds, "inproc": True, "median": med}, indent=1))
     print(f"head / base, story builder µs/event: {med['head']['total'] / med['base']['total']:.3f}")
     return 0
@@ -151,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['shard_buckets_per_stage_call'] or 0:.1f}, ledger {r['cost_ledger_us_per_event']}"
             ),
         )
-    med = medians(runs, "engine", "cpu_us_per_event.engine", "cost_ledger_us_per_event")
-    node = {w: statistics.median(r["cpu_us_per_event"]["cql_node"] or 0 for r in rs) for w, rs in runs.items()}
+    figures = {"engine": "cpu_us_per_event.engine", "cql_node": "cpu_us_per_event.cql_node"}
+    med = medians(runs, figures, "cost_ledger_us_per_event")
     print(json.dumps({"base": args.base, "head": args.head, "rounds": args.rounds, "median": med}, indent=1))
     print(f"head / base, engine µs/event: {med['head']['engine'] / med['base']['engine']:.3f}")
-    if node["base"]:
-        print(f"head / base, CQL node µs/event: {node['head'] / node['base']:.3f}")
+    if med["base"]["cql_node"]:
+        print(f"head / base, CQL node µs/event: {med['head']['cql_node'] / med['base']['cql_node']:.3f}")
     return 0
 
 
