@@ -120,10 +120,11 @@ def test_a_sensor_formats_view_scores_as_the_canonical_run_on_the_same_events(
     assert canonical["exact"] < 1.0 or fmt == "vpcflow", f"the scenario should not be trivial: {canonical}"
 
 
-def test_spans_bound_sessions_through_the_whole_path(make_config: ConfigFactory) -> None:
+def test_spans_bound_sessions_through_the_whole_path(make_config: ConfigFactory, backend: str) -> None:
     """Issue 19 item 2 on the simulator: long sessions whose 5-tuple is reused 35 to 44 s after they end, sensor
     clocks exact. With the flow records' ends every story is found; with the ends removed (every event an instant,
-    the rule before) requests late in a long connection split from it."""
+    the rule before) requests late in a long connection split from it — a property of the correlation, not of the
+    store: checked on the embedded one only (the run with ends, on every store, is what the stores must agree on)."""
     import msgspec
 
     cfg = make_config(
@@ -155,6 +156,8 @@ def test_spans_bound_sessions_through_the_whole_path(make_config: ConfigFactory)
         run_lines(cfg, scenario.start_s, lines, arrivals, lambda ln, now: parse_line(ln, rules, now)), truth.stories
     )
     assert spans["exact"] >= 0.995 and spans["precision"] >= 0.999, spans
+    if backend != "embedded":
+        return
     cfg2 = make_config(
         shards=4,
         correlate={"match_window_ms": 30_000, "max_wait_ms": 600_000, "amend_horizon_ms": 3_600_000},
@@ -172,7 +175,9 @@ def test_spans_bound_sessions_through_the_whole_path(make_config: ConfigFactory)
     assert instants["recall"] < spans["recall"] and instants["exact"] < spans["exact"] - 0.005, (instants, spans)
 
 
-def test_learned_offsets_through_the_whole_path(make_config: ConfigFactory, capsys: pytest.CaptureFixture[str]) -> None:
+def test_learned_offsets_through_the_whole_path(
+    make_config: ConfigFactory, backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Issue 19 item 1: sensors off by up to ±5 min, nothing configured. The workers learn the offsets from the
     events (an offset table per 10 s epoch, stored once); stories whose events all arrive once the offsets are
     known are found exactly, and the stored tables give every sensor its true offset against the reference."""
@@ -234,6 +239,9 @@ def test_learned_offsets_through_the_whole_path(make_config: ConfigFactory, caps
     assert clocks["reference"] == ref and set(clocks["sensors"]) == set(truth.skews)
     assert clocks["sensors"][ref]["source"] == "reference"
     assert all(c["source"] == "learned" and c["samples"] >= 10 for k, c in clocks["sensors"].items() if k != ref)
-    # the same run without estimation: the window cannot bridge minutes of skew
+    # the same run without estimation: the window cannot bridge minutes of skew (the correlation's property, not
+    # the store's: on the embedded store only)
+    if backend != "embedded":
+        return
     without, _ = run(False)
     assert score(without, truth.stories)["recall"] < score(predicted, truth.stories)["recall"] - 0.1
