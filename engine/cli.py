@@ -847,7 +847,8 @@ async def cmd_feed(
     # knows the reader is up and reading.
     stored = await store.read_feed_position(reader)
     if stored is None:
-        begin = f"no committed position: starting at {start if isinstance(start, str) else _rfc3339_ms(start)}"
+        first = {"earliest": "the oldest revision kept", "latest": "the revisions completed from now on"}
+        begin = f"no committed position: starting at {first[start] if isinstance(start, str) else _rfc3339_ms(start)}"
     else:
         when = f"period {stored.period} ({_rfc3339_ms(stored.period * cfg.bucket_ms)})"
         begin = f"resuming after {when}" if stored.shard >= cfg.shards else f"resuming in {when}, shard {stored.shard}"
