@@ -407,10 +407,10 @@ def test_secrets_stay_out_of_every_output_while_a_tenant_role_runs_the_engine_in
     outputs: list[str] = []
     wrong_login: StorylineError | None = None
 
-    def cli(*args: str, config: Path, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    def cli(*args: str, config: Path, expect: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
         res = storyline(*args, "--config", str(config))
         outputs.append(f"$ storyline {' '.join(args)}\n{res.stdout}\n{res.stderr}")
-        assert res.returncode == expect, f"storyline {args[0]}: exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+        assert res.returncode in expect, f"storyline {args[0]}: exit {res.returncode}\n{res.stdout}\n{res.stderr}"
         return res
 
     try:
@@ -424,13 +424,16 @@ def test_secrets_stay_out_of_every_output_while_a_tenant_role_runs_the_engine_in
         time.sleep(FAST["lag_ms"] / 1000 + 0.3)
         run = cli("run", "--until-idle", "--drain", "--workers", "1", "--log-level", "DEBUG", config=conf)
         assert " supervisor DEBUG " in run.stderr and re.search(r" worker \S+ DEBUG ", run.stderr)  # really DEBUG
-        report = json.loads(cli("status", "--json", config=conf).stdout)
-        assert report["summary"]["healthy"] and report["summary"]["shards_without_offset"] == 0
+        # the role reads every shard's offset; whether the drained engine is still within 2 x lag of the clock
+        # (healthy, exit 0) depends on the machine's load, not on access (test_runtime checks health)
+        report = json.loads(cli("status", "--json", config=conf, expect=(0, 1)).stdout)
+        assert report["summary"]["shards_without_offset"] == 0
+        assert all(r["read_bucket"] is not None and r["owner"] for r in report["shards"]), report["shards"]
         stories = [json.loads(line) for line in cli("stories", "--format", "jsonl", config=conf).stdout.splitlines()]
         assert {i for s in stories for i in s["event_ids"]} == want
         cli("verify", config=conf)
         refused = cli(
-            "status", config=toml_config(tmp_path / "wrong.toml", auth_node.addr, mine, (role, wrong)), expect=1
+            "status", config=toml_config(tmp_path / "wrong.toml", auth_node.addr, mine, (role, wrong)), expect=(1,)
         )
         assert "authentication failed" in refused.stderr and "Traceback" not in refused.stderr
 
