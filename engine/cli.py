@@ -845,7 +845,7 @@ async def cmd_feed(
 
     # Where this start resumes, before any line is delivered: an operator sees it, and a supervisor (or a test)
     # knows the reader is up and reading.
-    stored = await store.read_feed_position(reader)
+    stored = await feed.resume_point()
     if stored is None:
         first = {"earliest": "the oldest revision kept", "latest": "the revisions completed from now on"}
         begin = f"no committed position: starting at {first[start] if isinstance(start, str) else _rfc3339_ms(start)}"

@@ -121,6 +121,8 @@ class StoryFeed:
         self.revisions = 0  # handed out by this instance
         self.waiting_for: list[int] = []  # shards without a committed position (nothing is complete without them)
         self._stop = False
+        self._stored: FeedPosition | None = None
+        self._read_stored = False
 
     def stop(self) -> None:
         """End a following iteration at its next wait."""
@@ -164,8 +166,15 @@ class StoryFeed:
         return FeedPosition(self.reader, start // self.s.bucket_ms - 1, self.s.shards, "", -1)
 
     # -- iteration -------------------------------------------------------------------------------------------
+    async def resume_point(self) -> FeedPosition | None:
+        """The reader's committed position, read once (the iteration starts after it; None: a new reader)."""
+        if not self._read_stored:
+            self._stored = await self.store.read_feed_position(self.reader)
+            self._read_stored = True
+        return self._stored
+
     async def __aiter__(self) -> AsyncIterator[FeedItem | FeedGap]:
-        stored = await self.store.read_feed_position(self.reader)
+        stored = await self.resume_point()
         self.committed = stored
         complete = await self.complete()
         pos = stored if stored is not None else await self._initial(complete)
