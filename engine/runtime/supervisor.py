@@ -14,8 +14,10 @@ gracefully and aggregates their metrics.
   so an event acknowledged before our start may sit in any bucket up to that one). A worker reads that bucket only
   once ``lag_ms`` has passed its start, so the run first waits; it says so (a status line on a TTY,
   ``waiting_s`` in the JSON lines). If then no shard's committed position moves for ``drain_timeout_ms``, counted
-  from the moment that bucket became readable or from the last progress, whichever is later, the run stops every
-  worker and exits 1 with the last error a worker reported, instead of restarting failing workers forever.
+  from the moment that bucket became readable, from the last progress, or from the moment the workers first were
+  all started or first held every shard of the run, whichever is latest (workers not all started by
+  ``drain_timeout_ms`` after that bucket became readable count as started then), the run stops every worker and
+  exits 1 with the last error a worker reported, instead of restarting failing workers forever.
 * SIGINT / SIGTERM: the supervisor asks every worker to stop (they finish the current bucket and commit), waits
   up to ``shutdown_timeout_ms``, then kills what is left. Workers whose supervisor died notice it (their parent
   changes) and stop on their own.
@@ -183,9 +185,17 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.started = time.time()
         self.until_bucket: int | None = None
-        # --until-idle / --drain: when until_bucket becomes readable (this host's clock, seconds), and progress.
+        # --until-idle / --drain: when until_bucket becomes readable, and progress (time.monotonic(), seconds).
         self.readable_at = 0.0
         self.progress_at = 0.0
+        # When every worker first reported (it is started: spawned, imported, its stage built) and when every
+        # shard of the run was first reported held (0: not yet): the drain timeout counts from each at the
+        # earliest, so workers slow to start on a loaded host are not taken for workers that make no progress.
+        # Each is set once: a worker that fails and is restarted does not move them.
+        self.started_at = 0.0
+        self.held_at = 0.0
+        self._reported: set[int] = set()
+        self._held: set[int] = set()
         self.timed_out = False
         self._committed: dict[int, int] = {}  # shard → the highest committed read bucket a worker reported
         self._commits: dict[str, int] = {}  # worker owner id → its commits counter
@@ -228,7 +238,7 @@ class Supervisor:
         )
         proc.start()
         slot.proc = proc
-        slot.started_at = time.time()
+        slot.started_at = time.monotonic()
         slot.ps = psutil.Process(proc.pid) if proc.pid else None
         if slot.ps is not None:
             with contextlib.suppress(psutil.Error):
@@ -243,11 +253,11 @@ class Supervisor:
         if proc is None:
             if self.stopping:
                 slot.finished = True  # waiting for its restart: nothing to stop
-            elif time.time() >= slot.restart_at:
+            elif time.monotonic() >= slot.restart_at:
                 self._start(slot)
             return
         if proc.is_alive():
-            if time.time() - slot.started_at > 60:
+            if time.monotonic() - slot.started_at > 60:
                 slot.backoff_s = 1.0
             return
         code = proc.exitcode
@@ -268,7 +278,7 @@ class Supervisor:
             return
         if code == 0 and (self.until_idle or self.stopping):
             slot.finished = True
-            self.progress_at = time.time()  # a worker that read everything it had to is progress
+            self.progress_at = time.monotonic()  # a worker that read everything it had to is progress
             return
         if code != 0:
             self.last_exit = f"worker {slot.index} exited with code {code}"
@@ -276,7 +286,7 @@ class Supervisor:
             slot.finished = True
             return
         slot.restarts += 1
-        slot.restart_at = time.time() + slot.backoff_s
+        slot.restart_at = time.monotonic() + slot.backoff_s
         log.warning("worker %d exited with %s; restart %d in %.0f s", slot.index, code, slot.restarts, slot.backoff_s)
         slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
 
@@ -284,7 +294,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        self.stop_deadline = time.time() + self.settings.shutdown_timeout_ms / 1000
+        self.stop_deadline = time.monotonic() + self.settings.shutdown_timeout_ms / 1000
         for slot in self.slots:
             if slot.proc is not None and slot.proc.is_alive() and slot.proc.pid:
                 with contextlib.suppress(ProcessLookupError):
@@ -324,6 +334,9 @@ class Supervisor:
         owner = str(m.get("owner", ""))
         if not owner:
             return
+        self._reported.add(slot.index)
+        if not self.started_at and len(self._reported) == len(self.slots):
+            self.started_at = time.monotonic()
         progressed = False
         commits = m.get("commits")
         if isinstance(commits, int):
@@ -340,6 +353,9 @@ class Supervisor:
                     progressed = True
                 if before is None or committed > before:
                     self._committed[shard] = committed
+                self._held.add(shard)
+        if not self.held_at and self._held >= {sh for sl in self.slots for sh in sl.shards}:
+            self.held_at = time.monotonic()
         # A group's worker gives up shards another member took and follows the assignment (it logs which):
         # nothing is lost, and the supervisor does not count them.
         if not self.group and (fenced := set(self._fenced_shards(slot)) - self.lost):
@@ -350,7 +366,7 @@ class Supervisor:
             self._errors[owner] = error
             self.last_error = f"worker {slot.index}: {error}"
         if progressed:
-            self.progress_at = time.time()
+            self.progress_at = time.monotonic()
 
     def _waiting_s(self, now: float) -> float:
         """Seconds until the run's last bucket becomes readable (0 when it is, or when the run is open-ended)."""
@@ -358,10 +374,14 @@ class Supervisor:
 
     def _check_drain_timeout(self, now: float) -> None:
         """--until-idle / --drain: no committed position moved for drain_timeout_ms since the run's last bucket
-        became readable (or since the last progress, if later): stop every worker, as SIGTERM does."""
+        became readable (or since the last progress, or since the workers first were all started or first held
+        every shard, if later): stop every worker, as SIGTERM does."""
         if self.until_bucket is None or self.stopping:
             return
-        since = max(self.readable_at, self.progress_at)
+        # Workers not all started yet get drain_timeout_ms after the bucket became readable to start, then
+        # drain_timeout_ms to make progress: a worker that never starts times out after twice the timeout.
+        started = self.started_at or min(now, self.readable_at + self.settings.drain_timeout_ms / 1000)
+        since = max(self.readable_at, self.progress_at, started, self.held_at)
         if now - since <= self.settings.drain_timeout_ms / 1000:
             return
         self.timed_out = True
@@ -384,7 +404,7 @@ class Supervisor:
                 (s.proc.pid if s.proc else None, bool(s.proc and s.proc.is_alive()), s.restarts, s.fenced)
                 for s in self.slots
             ],
-            waiting_s=self._waiting_s(now),
+            waiting_s=self._waiting_s(time.monotonic()),
             until_bucket=self.until_bucket,
             lost_shards=format_ranges(self.lost),
             lost_count=len(self.lost),
@@ -426,7 +446,9 @@ class Supervisor:
         # A worker reads bucket b once (now - lag_ms) // bucket_ms >= b on the database's clock (the lag covers
         # the bucket's own span): b * bucket_ms + lag_ms, here on this host's clock.
         readable_ms = self.until_bucket * cfg.bucket_ms + cfg.lag_ms - self.clock_offset_ms
-        self.readable_at = readable_ms / 1000
+        # kept on the monotonic clock, as every deadline here: a step of the wall clock during the run (NTP, a VM
+        # resumed) moves neither the wait nor the drain timeout
+        self.readable_at = time.monotonic() + (readable_ms - host_ms) / 1000
         log.info(
             "consuming through bucket %d: waiting %.1f s for the events written before this run to become readable"
             " (lag_ms = %d)",
@@ -467,8 +489,8 @@ class Supervisor:
                     self._check(slot)
                 if all(s.finished for s in self.slots):
                     break
-                self._check_drain_timeout(time.time())
-                if self.stopping and time.time() > self.stop_deadline:
+                self._check_drain_timeout(time.monotonic())
+                if self.stopping and time.monotonic() > self.stop_deadline:
                     for slot in self.slots:
                         if slot.proc is not None and slot.proc.is_alive():
                             log.error("worker %d did not stop within shutdown_timeout_ms; killing it", slot.index)
@@ -476,15 +498,15 @@ class Supervisor:
                             slot.proc.join(5)
                         slot.finished = True
                     break
-                if time.time() - last_ps >= 1.0:
+                if time.monotonic() - last_ps >= 1.0:
                     self._sample_processes()
-                    last_ps = time.time()
-                if self._http is not None and time.time() - last_prom >= 1.0:
+                    last_ps = time.monotonic()
+                if self._http is not None and time.monotonic() - last_prom >= 1.0:
                     self._refresh_exposition()
-                    last_prom = time.time()
-                if time.time() - last_emit >= interval:
+                    last_prom = time.monotonic()
+                if time.monotonic() - last_emit >= interval:
                     self.status.emit(self._sample(self._status_rate))
-                    last_emit = time.time()
+                    last_emit = time.monotonic()
                 time.sleep(0.1)
             self._drain_metrics()
             for slot in self.slots:
