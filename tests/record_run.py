@@ -1,7 +1,7 @@
-"""``python -m tests.record_run run ... --record DIR[,MS]``: ``storyline`` with every worker recording the ids it
-consumed in folder DIR (:class:`engine.testing.recording.RecordingStageFactory`; sleeping MS per non-empty bucket)
-instead of building stories. For the tests that run the real supervisor and worker processes: the CLI itself has
-no such flag, and the engine never imports its test support."""
+"""``python -m tests.record_run run ... --record DIR[,MS[,START_MS]]``: ``storyline`` with every worker recording the
+ids it consumed in folder DIR (:class:`engine.testing.recording.RecordingStageFactory`; sleeping MS per non-empty
+bucket, and START_MS once as it starts) instead of building stories. For the tests that run the real supervisor
+and worker processes: the CLI itself has no such flag, and the engine never imports its test support."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from engine.testing.recording import RecordingStageFactory
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     i = args.index("--record")
-    directory, _, delay = args[i + 1].partition(",")
+    directory, _, timing = args[i + 1].partition(",")
+    delay, _, start = timing.partition(",")
     del args[i : i + 2]
-    return storyline(args, stage_factory=RecordingStageFactory(directory, int(delay or 0)))
+    return storyline(args, stage_factory=RecordingStageFactory(directory, int(delay or 0), int(start or 0)))
 
 
 if __name__ == "__main__":

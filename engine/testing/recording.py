@@ -55,12 +55,16 @@ class RecordingStage:
 
 
 class RecordingStageFactory(msgspec.Struct, frozen=True):
-    """A :class:`RecordingStage` per worker process, in ``directory``; ``delay_ms`` per non-empty bucket."""
+    """A :class:`RecordingStage` per worker process, in ``directory``; ``delay_ms`` per non-empty bucket;
+    ``start_ms`` spent in :meth:`build` (a worker process slow to start: a loaded host)."""
 
     directory: str
     delay_ms: int = 0
+    start_ms: int = 0
 
     def build(self, owner: str) -> Stage:
+        if self.start_ms:
+            time.sleep(self.start_ms / 1000)
         return RecordingStage(self.directory, owner, self.delay_ms)
 
 
