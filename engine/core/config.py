@@ -206,8 +206,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # committed at most every commit_interval_ms (and always before stopping); read_ahead partitions are read
     # concurrently per worker while catching up. `run --until-idle` / `--drain` stop with exit 1 (and the last
     # error the workers reported) when no shard's committed position moved for drain_timeout_ms, counted from
-    # the moment the run's last bucket became readable (the initial wait for the lag does not count); it must
-    # exceed lag_ms and commit_interval_ms.
+    # the moment the run's last bucket became readable (the initial wait for the lag does not count) or from the
+    # workers' start, if later; it must exceed lag_ms and commit_interval_ms.
     shutdown_timeout_ms: PositiveMs = 30_000
     commit_interval_ms: PositiveMs = 5_000
     # At the head (caught up), a worker waits until poll_interval_ms of buckets are readable and hands them to the
