@@ -194,8 +194,6 @@ class Supervisor:
         # Each is set once: a worker that fails and is restarted does not move them.
         self.started_at = 0.0
         self.held_at = 0.0
-        self._reported: set[int] = set()
-        self._held: set[int] = set()
         self.timed_out = False
         self._committed: dict[int, int] = {}  # shard → the highest committed read bucket a worker reported
         self._commits: dict[str, int] = {}  # worker owner id → its commits counter
@@ -334,8 +332,7 @@ class Supervisor:
         owner = str(m.get("owner", ""))
         if not owner:
             return
-        self._reported.add(slot.index)
-        if not self.started_at and len(self._reported) == len(self.slots):
+        if not self.started_at and all(s.metrics for s in self.slots):  # a slot's metrics: its worker's reports
             self.started_at = time.monotonic()
         progressed = False
         commits = m.get("commits")
@@ -353,8 +350,7 @@ class Supervisor:
                     progressed = True
                 if before is None or committed > before:
                     self._committed[shard] = committed
-                self._held.add(shard)
-        if not self.held_at and self._held >= {sh for sl in self.slots for sh in sl.shards}:
+        if self.until_bucket is not None and not self.held_at and all(sh in self._committed for sh in self.owned):
             self.held_at = time.monotonic()
         # A group's worker gives up shards another member took and follows the assignment (it logs which):
         # nothing is lost, and the supervisor does not count them.

@@ -72,6 +72,13 @@ def report(sup: Supervisor, index: int, **fields: Any) -> None:
     sup._observe(slot)
 
 
+def all_report(sup: Supervisor, clock: FakeTime, at: float) -> None:
+    """Every worker reports (has started) at ``at``."""
+    clock.mono = at
+    for slot in sup.slots:
+        report(sup, slot.index)
+
+
 def times_out_at(sup: Supervisor, clock: FakeTime, at: float) -> bool:
     clock.mono = at
     sup._check_drain_timeout(clock.monotonic())
@@ -108,9 +115,7 @@ def test_the_timeout_counts_from_when_every_worker_started(tmp_path: Path, clock
 def test_a_worker_restarted_later_does_not_move_the_start(tmp_path: Path, clock: FakeTime) -> None:
     sup = supervisor(tmp_path)
     r = sup.readable_at
-    clock.mono = r + 1
-    report(sup, 0)
-    report(sup, 1)
+    all_report(sup, clock, r + 1)
     clock.mono = r + 3.5
     sup.slots[1].owner = "w1-restarted"
     report(sup, 1)
@@ -121,9 +126,7 @@ def test_a_worker_restarted_later_does_not_move_the_start(tmp_path: Path, clock:
 def test_holding_every_shard_and_progress_restart_the_count(tmp_path: Path, clock: FakeTime) -> None:
     sup = supervisor(tmp_path)
     r = sup.readable_at
-    clock.mono = r + 0.5
-    report(sup, 0)
-    report(sup, 1)
+    all_report(sup, clock, r + 0.5)
     clock.mono = r + 2
     report(sup, 0, shards={"0": {"committed_read": 10}, "1": {"committed_read": 10}})
     assert not sup.held_at, "shards 2 and 3 are not held yet"
@@ -143,9 +146,7 @@ def test_a_step_of_the_wall_clock_moves_no_deadline(tmp_path: Path, clock: FakeT
     reported "no progress for 9.4 s" 3 s into its wait)."""
     sup = supervisor(tmp_path)
     r = sup.readable_at
-    clock.mono = r + 1
-    report(sup, 0)
-    report(sup, 1)
+    all_report(sup, clock, r + 1)
     clock.wall_step = 30.0
     assert not times_out_at(sup, clock, r + 1 + TIMEOUT_S - 0.1)
     clock.wall_step = -30.0
