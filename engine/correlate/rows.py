@@ -1,0 +1,48 @@
+"""Row selection on polars frames without running a query.
+
+In polars 2.x an eager ``DataFrame.filter``, ``Series.is_in``, ``replace_strict`` or ``pl.concat`` is a lazy query
+built and collected; on this project's machine each such call costs 100 to 400 µs of CPU whatever the frame's size
+(docs/BENCHMARKS.md), and the story builder makes dozens per bucket. Gathering rows by position, selecting columns
+by name, stacking frames and the numpy views of integer columns are direct calls (a few µs to tens of µs). The
+helpers here express the builder's per-bucket selections with those only; each gives the rows, in their order,
+that the query it replaces gives (tests/unit/test_rows.py checks them against the query).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+__all__ = ["gather", "member", "remap", "u64"]
+
+
+def u64(s: pl.Series) -> np.ndarray:
+    """The values of an unsigned 64-bit column without nulls as a numpy array (a view where it is one chunk). A
+    null would turn into a float (and lose the key's low bits): refused."""
+    if s.null_count():
+        raise ValueError(f"column {s.name!r}: {s.null_count()} nulls where every row must have a value")
+    return s.to_numpy()
+
+
+def member(values: np.ndarray, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Whether each value is one of ``keys`` (a boolean array, one per value)."""
+    return np.isin(values, np.asarray(keys, dtype=values.dtype))
+
+
+def gather(df: pl.DataFrame, mask: np.ndarray) -> pl.DataFrame:
+    """The rows of ``df`` where ``mask`` is true, in ``df``'s order (``df.filter(mask)``)."""
+    return df.gather(pl.Series(np.flatnonzero(mask), dtype=pl.get_index_type()))
+
+
+def remap(values: np.ndarray, keys: Sequence[int], to: Sequence[int], dtype: type[np.generic]) -> np.ndarray:
+    """Each value replaced by the ``to`` of its key (``replace_strict(keys, to)``), as ``dtype``; every value must
+    be one of ``keys`` (distinct), else ValueError."""
+    k = np.asarray(keys, dtype=values.dtype)
+    order = np.argsort(k, kind="stable")
+    ks = k[order]
+    pos = np.searchsorted(ks, values)
+    if len(values) and (len(ks) == 0 or pos.max() >= len(ks) or not np.array_equal(ks[pos], values)):
+        raise ValueError("remap: a value that is none of the keys")
+    return np.asarray(to, dtype=dtype)[order][pos]
