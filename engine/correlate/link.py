@@ -53,15 +53,16 @@ def _check_window(key: str, window: int) -> None:
         raise ValueError(f"window: must be >= 0 for key {key!r}, got {window}")
 
 
-def _keyed(df: pl.DataFrame, key: str, time: str, end: str | None = None) -> pl.DataFrame:
+def _keyed(df: pl.DataFrame, key: str, time: str, end: str | None = None) -> pl.LazyFrame:
     """Columns ``idx``, ``k``, ``t`` (and ``e``, the end, with ``end``) of the rows whose key and time are not
-    null, sorted by (key, time)."""
+    null, sorted by (key, time): a query, collected by the caller with what it selects from them (each collected
+    query costs a fixed 0.1 to 0.3 ms here, see engine.correlate.rows)."""
     # Two stable single-column sorts (time, then key) give the (key, time) order; on one core that is about
     # twice as fast as a two-column sort, and the time sort is free when the frame is known to be time-sorted.
     cols = [pl.col("idx"), pl.col(key).alias("k"), pl.col(time).cast(pl.Int64).alias("t")]
     if end is not None:
         cols.append(pl.col(end).cast(pl.Int64).alias("e"))
-    return df.select(cols).drop_nulls(["k", "t"]).sort("t", maintain_order=True).sort("k", maintain_order=True)
+    return df.lazy().select(cols).drop_nulls(["k", "t"]).sort("t", maintain_order=True).sort("k", maintain_order=True)
 
 
 def _joins_previous(window: int, spans: tuple[int, int] | None) -> pl.Expr:
@@ -123,7 +124,7 @@ def window_edges(df: pl.DataFrame, key: str, time: str, window: int, end: str | 
     every pair within the window. Rows with a null key or a null time produce no edges.
     """
     _check_window(key, window)
-    s = _keyed(df, key, time, end)
+    s = _keyed(df, key, time, end).collect()
     spans = _span_range(s, "e" if end is not None else None)
     return (
         s.select(
@@ -212,7 +213,7 @@ def _single_key(frame: pl.DataFrame, key: str, window: int, end: str | None = No
         first = pl.when(starts).then(pl.col("idx")).forward_fill()
     else:
         first = pl.col("idx").min().over(starts.cum_sum().set_sorted())  # a cumulative sum of booleans: ascending
-    runs = _keyed(frame, key, "t", end).select(pl.col("idx"), first.alias("first"))
+    runs = _keyed(frame, key, "t", end).select(pl.col("idx"), first.alias("first")).collect()
     label = pl.int_range(0, frame.height, dtype=pl.get_index_type(), eager=True).alias(LABEL)
     label.scatter(runs["idx"], runs["first"])
     return label

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-__all__ = ["gather", "member", "remap", "u64"]
+__all__ = ["MEMBER_NUMPY_MAX", "gather", "member", "remap", "u64"]
 
 
 def u64(s: pl.Series) -> np.ndarray:
@@ -26,9 +26,22 @@ def u64(s: pl.Series) -> np.ndarray:
     return s.to_numpy()
 
 
-def member(values: np.ndarray, keys: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Whether each value is one of ``keys`` (a boolean array, one per value)."""
-    return np.isin(values, np.asarray(keys, dtype=values.dtype))
+MEMBER_NUMPY_MAX = 4_096
+"""Up to this many values :func:`member` searches the sorted keys with numpy (a few µs per thousand values);
+above it polars' hashed ``is_in`` (a query: ~0.2 ms, but linear, where the search grows with the keys)."""
+
+
+def member(values: pl.Series, keys: Sequence[int], *, numpy_max: int = MEMBER_NUMPY_MAX) -> np.ndarray:
+    """Whether each value of an unsigned 64-bit column without nulls is one of ``keys`` (a boolean array, one
+    per value)."""
+    if values.len() > numpy_max:
+        return values.is_in(pl.Series(keys, dtype=values.dtype).implode()).to_numpy()
+    v = u64(values)
+    ks = np.unique(np.asarray(keys, dtype=v.dtype))
+    if not len(ks):
+        return np.zeros(len(v), dtype=bool)
+    pos = np.minimum(np.searchsorted(ks, v), len(ks) - 1)
+    return np.asarray(ks[pos] == v)
 
 
 def gather(df: pl.DataFrame, mask: np.ndarray) -> pl.DataFrame:

@@ -1190,7 +1190,9 @@ class StoryMachine:
         component (``comp``): events linked directly or through others."""
         frame = self.frame
         index = self._flow_rows
-        at = sorted(i for f in new["flow"].drop_nulls().unique().to_list() for i in index.get(f, ()))
+        flows = set(new["flow"].to_list())
+        flows.discard(None)
+        at = sorted(i for f in flows for i in index.get(f, ()))
         ctx = frame[pl.Series(at, dtype=pl.UInt32)] if at else frame.clear()
         if self.dead and ctx.height:
             dead = self.dead
@@ -1547,7 +1549,7 @@ class StoryMachine:
         lo = int(seq.search_sorted(min(m.first_seq for m in stories), side="left"))
         hi = int(seq.search_sorted(max(m.last_seq for m in stories), side="right"))
         rows = self.frame.slice(lo, hi - lo)
-        return gather(rows, member(u64(rows["story"]), [m.key for m in stories]))
+        return gather(rows, member(rows["story"], [m.key for m in stories]))
 
     @property
     def live_rows(self) -> int:
@@ -1726,10 +1728,8 @@ class StoryMachine:
         seqs = list(range(base, base + len(heads)))
         frame = self.frame
         tail = frame.slice(int(frame["seq"].search_sorted(first_seq, side="left")))
-        story = u64(tail["story"])
-        hit = member(story, keys)
-        rows = gather(tail[[c for c in frame.columns if c not in ("shard", "seq")]], hit)
-        seq_of = remap(story[hit], keys, seqs, np.uint64)
+        rows = gather(tail[[c for c in frame.columns if c not in ("shard", "seq")]], member(tail["story"], keys))
+        seq_of = remap(u64(rows["story"]), keys, seqs, np.uint64)
         rows.replace_column(rows.get_column_index("story"), pl.Series("story", seq_of))
         p.rows.append(rows)
         p.dns.extend(names)
