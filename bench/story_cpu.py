@@ -48,11 +48,13 @@ _rows = msgspec.msgpack.Decoder(EvidenceRow)
 Parts = dict[int, dict[int, list[EventRecord]]]
 
 
-def partitions(events: int, cfg: Config) -> tuple[Parts, int]:
-    """The worker's partitions (bucket → shard → records) and how many events they hold."""
+def partitions(events: int, cfg: Config, clock_s: float | None = None) -> tuple[Parts, int]:
+    """The worker's partitions (bucket → shard → records) and how many events they hold; ``clock_s``: the wall
+    time the events are simulated and ingested at (default now; a fixed one gives the same keys run after run)."""
     rules = ParseRules.from_config(cfg)
-    sim, _ = generate(Scenario(events=events, seed=1, start_s=time.time() - 3_600, span_s=600))
-    now = int(time.time() * 1000)
+    wall = time.time() if clock_s is None else clock_s
+    sim, _ = generate(Scenario(events=events, seed=1, start_s=wall - 3_600, span_s=600))
+    now = int(wall * 1000)
     first = now // cfg.bucket_ms
     parts: Parts = {}
     n = 0
@@ -113,11 +115,13 @@ def one_round(parts: Parts, events: int, cfg: Config, per_call: int = 1) -> dict
     }
 
 
-def run(events: int = 200_000, rounds: int = 3, per_call: int | None = None) -> dict[str, Any]:
+def run(
+    events: int = 200_000, rounds: int = 3, per_call: int | None = None, clock_s: float | None = None
+) -> dict[str, Any]:
     cfg = load(CONFIG, [])
     if per_call is None:
         per_call = max(1, getattr(cfg, "poll_interval_ms", 0) // cfg.bucket_ms)  # an older engine: 1
-    parts, n = partitions(events, cfg)
+    parts, n = partitions(events, cfg, clock_s)
     one_round(parts, n, cfg, per_call)  # warm-up: imports, caches, polars' first calls
     rs = [one_round(parts, n, cfg, per_call) for _ in range(rounds)]
     steps = rs[0]["ledger_us_per_event"]
@@ -138,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--buckets-per-call", type=int, default=None, help="default: the config's poll_interval_ms of buckets"
     )
+    ap.add_argument(
+        "--clock-s", type=float, default=None, help="simulate at this wall time (s), not now: the same input each run"
+    )
     args = ap.parse_args(argv)
-    print(json.dumps(run(args.events, args.rounds, args.buckets_per_call)))
+    print(json.dumps(run(args.events, args.rounds, args.buckets_per_call, args.clock_s)))
     return 0
 
 
