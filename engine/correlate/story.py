@@ -760,19 +760,27 @@ class StoryMachine:
         stories gone, or superseded by an earlier one, are dropped."""
         out: list[StoryMeta] = []
         seen: set[int] = set()
-        heap = st.due
+        heap, stories = st.due, st.stories
+        pop, push = heapq.heappop, heapq.heappush
+        wait, horizon = self.c.max_wait_ms, self.c.amend_horizon_ms
         limit = (now + 1) << 64  # entries (ms << 64 | key): every entry at or before now is below this
         while heap and heap[0] < limit:
-            entry = heapq.heappop(heap)
+            entry = pop(heap)
             at, key = entry >> 64, entry & _KEY_MASK
-            m = st.stories.get(key)
+            m = stories.get(key)
             if m is None or key in seen:
                 continue
-            due = self._due_ms(m)
-            if due is None or due < at:
+            # self._due_ms(m), inline
+            if m.dirty:
+                due = m.last_ingest_ms + wait
+            elif m.emitted_ms is None:
+                continue
+            else:
+                due = m.emitted_ms + horizon
+            if due < at:
                 continue
             if due > at:
-                heapq.heappush(heap, due << 64 | key)
+                push(heap, due << 64 | key)
                 continue
             seen.add(key)
             out.append(m)
@@ -1296,25 +1304,37 @@ class StoryMachine:
         the state starts a story with another id (never a second revision 1 of the old one)."""
         wait = self.c.max_wait_ms
         cols = ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard", "src_ip", "dst_ip")
+        # story_key(first_new, bucket, shard), its constant parts taken out of the loop
+        suffix, high, digest = (
+            bucket.to_bytes(8, "little", signed=True),
+            ~_SHARD_BITS & _KEY_MASK,
+            xxhash.xxh3_64_intdigest,
+        )
+        due_at = (now + wait) << 64
+        dead = self.dead
+        created: dict[int, int] = {}  # per shard
         for comp, first_new, n_new, t_min, t_max, flow, shard, src_ip, dst_ip in zip(
             *(fresh[c].to_list() for c in cols), strict=True
         ):
             st = sts[shard]
-            sid = story_key(first_new, bucket, shard)
-            while sid in st.stories:  # a hash collision in the shard (48 bits): never join unrelated stories
+            stories = st.stories
+            sid = (digest(first_new.encode() + suffix) & high) | shard
+            while sid in stories:  # a hash collision in the shard (48 bits): never join unrelated stories
                 sid = (sid + _SHARD_BITS + 1) & _KEY_MASK
-            if sid in self.dead:  # the rows of a story that left still carry this key: drop them first
+            if sid in dead:  # the rows of a story that left still carry this key: drop them first
                 self._compact()
             pred = None
             if flow is not None and st.sealed_flows:
                 cut = st.sealed_flows.get(flow)
                 if cut is not None and now - cut[1] <= wait:
                     pred = cut[0]
-            st.open += 1
             st.changed.add(sid)
-            heapq.heappush(st.due, (now + wait) << 64 | sid)
-            st.track(bucket, 1)
-            st.stories[sid] = meta = StoryMeta(
+            heapq.heappush(st.due, due_at | sid)
+            created[shard] = created.get(shard, 0) + 1
+            ends = None
+            if flow is not None and src_ip is not None and dst_ip is not None:
+                ends = (src_ip, dst_ip) if src_ip <= dst_ip else (dst_ip, src_ip)
+            stories[sid] = StoryMeta(
                 sid,
                 shard,
                 story_id(shard, sid),
@@ -1327,14 +1347,15 @@ class StoryMachine:
                 last_bucket=bucket,
                 first_seq=self.appends,
                 last_seq=self.appends,
-                ends=None
-                if flow is None or src_ip is None or dst_ip is None
-                else (min(src_ip, dst_ip), max(src_ip, dst_ip)),
+                ends=ends,
             )
-            if meta.ends is not None:
-                st.by_ends.setdefault(meta.ends, set()).add(sid)
+            if ends is not None:
+                st.by_ends.setdefault(ends, set()).add(sid)
             comps.append(comp)
             sids.append(sid)
+        for shard, n in created.items():
+            sts[shard].open += n
+            sts[shard].track(bucket, n)
         self.counters.stories += fresh.height
 
     def _extend(
