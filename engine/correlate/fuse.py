@@ -31,11 +31,12 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from itertools import groupby
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
 import msgspec
 import polars as pl
+from msgspec.structs import astuple
 
 from engine.core.event import Event, polars_columns, row_struct
 from engine.core.gcpause import collector_paused
@@ -118,6 +119,7 @@ class FusedStory(msgspec.Struct, omit_defaults=True):
 # :class:`Event` field by field (msgpack array), attributes kept as raw msgpack: derived from the declaration.
 _Row = row_struct("_Row", maps=msgspec.Raw)
 _rows: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[_Row])  # type: ignore[valid-type]
+_SCALAR_AT = tuple(_Row.__struct_fields__.index(name) for name in _SCALARS)  # the scalars' places in a row
 _any = msgspec.msgpack.Decoder()  # a stored attribute map (validated at ingest)
 _json = msgspec.json.Encoder()
 _json_any = msgspec.json.Decoder()
@@ -146,11 +148,17 @@ def event_columns(payloads: Sequence[bytes]) -> dict[str, list[Any]]:
     with collector_paused():
         rows = _rows.decode(_array_header(len(payloads)) + b"".join(payloads))
         maps = [_any.decode(r.attrs) for r in rows]
+        fields = list(zip(*map(astuple, rows), strict=True)) if rows else [()] * len(_Row.__struct_fields__)
+        lim = TOTAL_LIMIT
         return {
-            **{name: list(map(attrgetter(name), rows)) for name in _SCALARS},
+            **{name: list(fields[i]) for name, i in zip(_SCALARS, _SCALAR_AT, strict=True)},
             "attrs": [_json.encode(m).decode() for m in maps],
             "akeys": ["\x1f".join(m) for m in maps],
-            **{name: [_total(m.get(name)) for m in maps] for name in FIGURE_ATTRS},
+            # _total(m.get(name)), inline
+            **{
+                name: [v if type(v := m.get(name)) is int and -lim < v < lim else None for m in maps]
+                for name in FIGURE_ATTRS
+            },
             "init": [_initiator(m.get("initiator")) for m in maps],
         }
 
