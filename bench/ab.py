@@ -13,11 +13,13 @@ node's noise.
 
 ``--instructions``: the story builder's instructions per event instead of its CPU time, counted by valgrind
 (``cachegrind``, no cache simulation; Debian package ``valgrind``): ``bench/story_cpu.py`` of the head with a fixed
-clock, run with 1 and with 2 measured rounds per commit; the difference is one warm round. The count repeats to
-~0.1 % where the CPU time of a round swings by a third on this machine, so a change of a few per cent shows. It
-misses what is not the process's own instructions: a polars query's hand-over to its thread pool and the stalls
-(a query of nothing costs ~135k instructions but ~250 µs of CPU here), so it complements ``--inproc``, it does not
-replace it.
+clock and a fixed ``PYTHONHASHSEED``, run with 1 and with 2 measured rounds per commit; the difference is one
+warm round. One commit's count repeated within ~1 % here (polars' pool threads spin for a while before they sleep,
+and how long depends on the scheduling) where the CPU time of a round swings by a third on this machine, so a
+change of a few per cent shows; without the fixed hash seed runs spread ~4 %. It misses what is not the
+process's own instructions: a polars query's hand-over to its thread pool and the stalls (a query of nothing costs
+~135k instructions but ~250 µs of CPU here), so it complements ``--inproc``, it does not replace it. Run it on an
+idle machine: the spinning grows with the load.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ INSTRUCTIONS_CLOCK_S = 1_796_000_000.0
 
 def counted(tree: Path, script: str, valgrind: str, *args: str) -> tuple[int, dict[str, Any]]:
     """Instructions of ``python -c script args`` under cachegrind, and the script's last JSON line."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "POLARS_MAX_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "POLARS_MAX_THREADS": "1", "PYTHONHASHSEED": "0"}
     cmd = [valgrind, "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null", sys.executable]
     res = subprocess.run(  # noqa: S603 - valgrind on this module's own code
         [*cmd, "-c", script, *args], cwd=tree, env=env, capture_output=True, text=True, check=False
