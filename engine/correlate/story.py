@@ -1304,12 +1304,6 @@ class StoryMachine:
         the state starts a story with another id (never a second revision 1 of the old one)."""
         wait = self.c.max_wait_ms
         cols = ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard", "src_ip", "dst_ip")
-        # story_key(first_new, bucket, shard), its constant parts taken out of the loop
-        suffix, high, digest = (
-            bucket.to_bytes(8, "little", signed=True),
-            ~_SHARD_BITS & _KEY_MASK,
-            xxhash.xxh3_64_intdigest,
-        )
         due_at = (now + wait) << 64
         dead = self.dead
         created: dict[int, int] = {}  # per shard
@@ -1318,7 +1312,7 @@ class StoryMachine:
         ):
             st = sts[shard]
             stories = st.stories
-            sid = (digest(first_new.encode() + suffix) & high) | shard
+            sid = story_key(first_new, bucket, shard)  # looked up here: a test replaces it to force collisions
             while sid in stories:  # a hash collision in the shard (48 bits): never join unrelated stories
                 sid = (sid + _SHARD_BITS + 1) & _KEY_MASK
             if sid in dead:  # the rows of a story that left still carry this key: drop them first
