@@ -20,6 +20,11 @@ change of a few per cent shows; without the fixed hash seed runs spread ~4 %. It
 process's own instructions: a polars query's hand-over to its thread pool and the stalls (a query of nothing costs
 ~135k instructions but ~250 µs of CPU here), so it complements ``--inproc``, it does not replace it. Run it on an
 idle machine: the spinning grows with the load.
+
+``--digest``: whether the two commits' story builders write the same bytes: ``bench/story_cpu.py --digest`` of the
+head (a hash of every revision, mark, evidence row and replay point at four rate / buckets-per-call settings, on
+input simulated at a fixed clock) against each commit's ``engine``. Exit status 1 when any setting differs: how a
+change meant only to make the builder cheaper is checked.
 """
 
 from __future__ import annotations
@@ -176,6 +181,22 @@ def instructions(base: str, head: str, events: int) -> int:
     return 0
 
 
+def digests(base: str, head: str) -> int:
+    """``--digest``: each commit's output hashes, and whether they agree (exit status 1 if not)."""
+    with tempfile.TemporaryDirectory(prefix="storyline-ab-") as tmp:
+        trees = {"base": extract(base, Path(tmp) / "base"), "head": extract(head, Path(tmp) / "head")}
+        script = f"import runpy; runpy.run_path({str(trees['head'] / 'bench' / 'story_cpu.py')!r}, run_name='__main__')"
+        got = {
+            which: last_json(python(tree, script, "--digest", "--clock-s", str(INSTRUCTIONS_CLOCK_S)))
+            for which, tree in trees.items()
+        }
+    differ = [k for k in got["head"] if got["base"].get(k) != got["head"][k]]
+    for k, h in got["head"].items():
+        print(f"{k}: base {got['base'].get(k, '-')[:16]} head {h[:16]} {'DIFFERENT' if k in differ else 'same'}")
+    print(f"head / base, story builder output: {'DIFFERENT in ' + str(len(differ)) if differ else 'the same bytes'}")
+    return 1 if differ else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
     ap.add_argument("--base", required=True, help="the commit to compare against")
@@ -186,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--instructions", action="store_true", help="the story builder's instructions per event (valgrind), once each"
     )
+    ap.add_argument("--digest", action="store_true", help="whether the two story builders write the same bytes")
     args = ap.parse_args(argv)
+    if args.digest:
+        return digests(args.base, args.head)
     if args.instructions:
         return instructions(args.base, args.head, args.events)
     if args.inproc:

@@ -23,9 +23,11 @@ It imports only ``engine`` (so ``bench.ab`` can run it against another commit's 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import msgspec
 
 from engine.core.config import Config, load
 from engine.core.event import encode
-from engine.core.stage import EMPTY, Batch
+from engine.core.stage import EMPTY, Batch, Emission
 from engine.correlate.offsets import EvidenceRow, TableBook
 from engine.correlate.story import StoryMachine
 from engine.ingest.canonical import ParseRules, parse_line
@@ -48,9 +50,10 @@ _rows = msgspec.msgpack.Decoder(EvidenceRow)
 Parts = dict[int, dict[int, list[EventRecord]]]
 
 
-def partitions(events: int, cfg: Config, clock_s: float | None = None) -> tuple[Parts, int]:
+def partitions(events: int, cfg: Config, clock_s: float | None = None, rate: int = RATE) -> tuple[Parts, int]:
     """The worker's partitions (bucket → shard → records) and how many events they hold; ``clock_s``: the wall
-    time the events are simulated and ingested at (default now; a fixed one gives the same keys run after run)."""
+    time the events are simulated and ingested at (default now; a fixed one gives the same keys run after run);
+    ``rate``: events per second the producer writes (all shards)."""
     rules = ParseRules.from_config(cfg)
     wall = time.time() if clock_s is None else clock_s
     sim, _ = generate(Scenario(events=events, seed=1, start_s=wall - 3_600, span_s=600))
@@ -64,12 +67,15 @@ def partitions(events: int, cfg: Config, clock_s: float | None = None) -> tuple[
         if shard not in SHARDS_OF_WORKER:
             continue
         n += 1
-        bucket = first + int(i * 1000 / RATE) // cfg.bucket_ms
+        bucket = first + int(i * 1000 / rate) // cfg.bucket_ms
         parts.setdefault(bucket, {}).setdefault(shard, []).append(EventRecord(ev.id, encode(ev)))
     return parts, n
 
 
-def one_round(parts: Parts, events: int, cfg: Config, per_call: int = 1) -> dict[str, Any]:
+def one_round(
+    parts: Parts, events: int, cfg: Config, per_call: int = 1, seen: Callable[[Emission], None] | None = None
+) -> dict[str, Any]:
+    """One machine fed every partition; ``seen``: called with each call's emission (``--digest``)."""
     c = cfg.correlate
     machine = StoryMachine(
         c,
@@ -99,6 +105,8 @@ def one_round(parts: Parts, events: int, cfg: Config, per_call: int = 1) -> dict
         for epoch in machine.offset_epochs(call):
             machine.set_offset_table(book.table(epoch))
         out = machine.on_buckets(call)
+        if seen is not None:
+            seen(out)
         book.add([_rows.decode(r.body) for r in out.evidence])
         revisions += len(out.stories)
         marks += len(out.marks)
@@ -135,6 +143,31 @@ def run(
     }
 
 
+DIGEST_SETTINGS = ((RATE, 5, 100_000), (RATE, 1, 60_000), (2_500, 5, 30_000), (250_000, 20, 100_000))
+"""``--digest``: (producer rate per s, buckets per call, simulated events) — the bench's rate, one bucket per call,
+a small tenant (a few events per bucket) and a large one (many buckets per call)."""
+
+
+def digest(clock_s: float) -> dict[str, str]:
+    """Per setting of :data:`DIGEST_SETTINGS`, a hash of everything the builder emits — every revision, mark and
+    evidence row, and the replay points — on input simulated at ``clock_s``: two engines that agree here write the
+    same bytes (how a change meant to keep the output is checked: ``python -m bench.ab --digest``)."""
+    cfg = load(CONFIG, [])
+    out: dict[str, str] = {}
+    for rate, per_call, events in DIGEST_SETTINGS:
+        parts, n = partitions(events, cfg, clock_s, rate)
+        h = hashlib.sha256()
+
+        def add(em: Emission, h: Any = h) -> None:
+            for rows in (em.stories, em.marks, em.evidence):
+                h.update(msgspec.msgpack.encode(rows))
+            h.update(msgspec.msgpack.encode(sorted(em.replay.items())))
+
+        one_round(parts, n, cfg, per_call, add)
+        out[f"rate={rate} per_call={per_call} events={n}"] = h.hexdigest()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.story_cpu", description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=200_000, help="simulated events (the worker gets about half)")
@@ -145,7 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--clock-s", type=float, default=None, help="simulate at this wall time (s), not now: the same input each run"
     )
+    ap.add_argument(
+        "--digest", action="store_true", help="print a hash of the output per setting (needs --clock-s), no timing"
+    )
     args = ap.parse_args(argv)
+    if args.digest:
+        if args.clock_s is None:
+            ap.error("--digest needs --clock-s: the same input in every run")
+        print(json.dumps(digest(args.clock_s)))
+        return 0
     print(json.dumps(run(args.events, args.rounds, args.buckets_per_call, args.clock_s)))
     return 0
 
