@@ -1,11 +1,12 @@
-"""Row selection on polars frames without running a query.
+"""Row selection on polars frames with as few queries as possible.
 
 In polars 2.x an eager ``DataFrame.filter``, ``Series.is_in``, ``replace_strict`` or ``pl.concat`` is a lazy query
 built and collected; on this project's machine each such call costs 100 to 400 µs of CPU whatever the frame's size
 (docs/BENCHMARKS.md), and the story builder makes dozens per bucket. Gathering rows by position, selecting columns
 by name, stacking frames and the numpy views of integer columns are direct calls (a few µs to tens of µs). The
-helpers here express the builder's per-bucket selections with those only; each gives the rows, in their order,
-that the query it replaces gives (tests/unit/test_rows.py checks them against the query).
+helpers here express the builder's per-bucket selections with those (only :func:`member` on more than
+:data:`MEMBER_NUMPY_MAX` values runs polars' ``is_in``, which is cheaper there); each gives the rows, in their
+order, that the query it replaces gives (tests/unit/test_rows.py checks them against the query).
 """
 
 from __future__ import annotations

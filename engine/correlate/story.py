@@ -747,12 +747,6 @@ class StoryMachine:
     def _next_due_ms(st: ShardState) -> int:
         return st.due[0] >> 64 if st.due else 2**62
 
-    def _due_ms(self, m: StoryMeta) -> int | None:
-        """When the story falls due now: emission if it has unemitted events, else leaving the state."""
-        if m.dirty:
-            return m.last_ingest_ms + self.c.max_wait_ms
-        return None if m.emitted_ms is None else m.emitted_ms + self.c.amend_horizon_ms
-
     def _pop_due(self, st: ShardState, now: int) -> list[StoryMeta]:
         """The stories whose current due time is at or before ``now``, in due order. Every story has an entry at
         or before its due time (entries are lower bounds): an entry found early is pushed again at the story's
@@ -770,7 +764,7 @@ class StoryMachine:
             m = stories.get(key)
             if m is None or key in seen:
                 continue
-            # self._due_ms(m), inline
+            # when the story falls due now: its emission if it has unemitted events, else leaving the state
             if m.dirty:
                 due = m.last_ingest_ms + wait
             elif m.emitted_ms is None:
