@@ -129,11 +129,14 @@ class ShardState:
     # flow → (its last truncated story, when it was cut in ms): a story of the flow that starts within max_wait
     # of the cut continues it (names it as predecessor)
     sealed_flows: dict[int, tuple[str, int]] = field(default_factory=dict)
-    # When stories fall due, as one int ms << 64 | story key: emission (max_wait after the last event) or
-    # leaving the state (amend horizon after the last emission). Every story has an entry at or before its due
-    # time (pushed when it is created, emitted, or amended; not at each event joining an open story): an early
-    # entry is moved to the due time when popped, so the top is a lower bound of the next due time.
-    due: list[int] = field(default_factory=list)
+    # When stories fall due, by bucket (a timer wheel: bucket → story keys, and a heap of those buckets): emission
+    # (max_wait after the last event) or leaving the state (amend horizon after the last emission), in the first
+    # bucket whose end reaches that time. Every story has an entry at or before its due bucket (added when it is
+    # created, emitted, or amended; not at each event joining an open story): an early entry is moved to the due
+    # bucket when popped, so the heap's top is a lower bound of the next bucket at which something falls due. A
+    # slot is in ``due`` exactly while its bucket is in ``due_buckets``.
+    due: dict[int, list[int]] = field(default_factory=dict)
+    due_buckets: list[int] = field(default_factory=list)
     changed: set[int] = field(default_factory=set)  # stories events joined in the call being processed
     open: int = 0  # stories with events not yet emitted final (dirty)
     through: int = -(2**62)  # the last bucket handed in (each shard's buckets ascend: see on_buckets)
@@ -739,50 +742,52 @@ class StoryMachine:
                 finally:
                     self._writing = False
 
-    def _due_bucket(self, ms: int) -> int:
-        """The first bucket whose end is at or after ``ms``."""
-        return -(-ms // self.bucket_ms) - 1
+    def _due_later(self, st: ShardState, ms: int, key: int) -> None:
+        """An entry for the story ``key``: it falls due at ``ms`` (or later)."""
+        b = -(-ms // self.bucket_ms) - 1  # the first bucket whose end is at or after ms
+        slot = st.due.get(b)
+        if slot is None:
+            st.due[b] = [key]
+            heapq.heappush(st.due_buckets, b)
+        else:
+            slot.append(key)
 
     @staticmethod
-    def _next_due_ms(st: ShardState) -> int:
-        return st.due[0] >> 64 if st.due else 2**62
+    def _next_due(st: ShardState) -> int:
+        """A lower bound of the next bucket at which a story of the shard falls due."""
+        return st.due_buckets[0] if st.due_buckets else 2**62
 
     def _pop_due(self, st: ShardState, now: int) -> list[StoryMeta]:
-        """The stories whose current due time is at or before ``now``, in due order. Every story has an entry at
-        or before its due time (entries are lower bounds): an entry found early is pushed again at the story's
-        due time (popped again in this call if that is also at or before ``now``, so the order holds); entries of
-        stories gone, or superseded by an earlier one, are dropped."""
-        out: list[StoryMeta] = []
-        seen: set[int] = set()
-        heap, stories = st.due, st.stories
-        pop, push = heapq.heappop, heapq.heappush
+        """The stories whose current due time is at or before ``now`` (a bucket's end), in due order (by time,
+        then key). Every story has an entry at or before its due bucket (entries are lower bounds): an entry
+        found early is moved to the story's due bucket; entries of stories gone are dropped."""
+        found: dict[int, int] = {}  # key → due ms
+        moved: set[int] = set()
+        wheel, heap, stories = st.due, st.due_buckets, st.stories
         wait, horizon = self.c.max_wait_ms, self.c.amend_horizon_ms
-        limit = (now + 1) << 64  # entries (ms << 64 | key): every entry at or before now is below this
-        while heap and heap[0] < limit:
-            entry = pop(heap)
-            at, key = entry >> 64, entry & _KEY_MASK
-            m = stories.get(key)
-            if m is None or key in seen:
-                continue
-            # when the story falls due now: its emission if it has unemitted events, else leaving the state
-            if m.dirty:
-                due = m.last_ingest_ms + wait
-            elif m.emitted_ms is None:
-                continue
-            else:
-                due = m.emitted_ms + horizon
-            if due < at:
-                continue
-            if due > at:
-                push(heap, due << 64 | key)
-                continue
-            seen.add(key)
-            out.append(m)
-        return out
+        bucket = now // self.bucket_ms - 1
+        while heap and heap[0] <= bucket:
+            for key in wheel.pop(heapq.heappop(heap)):
+                m = stories.get(key)
+                if m is None:
+                    continue
+                # when the story falls due now: its emission if it has unemitted events, else leaving the state
+                if m.dirty:
+                    due = m.last_ingest_ms + wait
+                elif m.emitted_ms is None:
+                    continue
+                else:
+                    due = m.emitted_ms + horizon
+                if due <= now:
+                    found[key] = due
+                elif key not in moved:
+                    moved.add(key)
+                    self._due_later(st, due, key)
+        return [stories[k] for k in sorted(found, key=lambda k: (found[k], k))]
 
     def _next_bucket(self, st: ShardState) -> int:
         """The next bucket at which something falls due in the shard (a replay: or a recorded forced emission)."""
-        b = self._due_bucket(self._next_due_ms(st))
+        b = self._next_due(st)
         return min(b, *st.forced_at) if st.forced_at else b
 
     def _catch_up(self, sts: Mapping[int, ShardState], until: int) -> None:
@@ -977,7 +982,7 @@ class StoryMachine:
             st.open += 1
             # due earlier than its entry (the end of the horizon): a new entry. While dirty, its due time only
             # moves later, and the entry it has (a lower bound) is moved when popped (_pop_due).
-            heapq.heappush(st.due, (now + self.c.max_wait_ms) << 64 | meta.key)
+            self._due_later(st, now + self.c.max_wait_ms, meta.key)
         st.changed.add(meta.key)
 
     # -- linking ------------------------------------------------------------------------------------------
@@ -1298,7 +1303,6 @@ class StoryMachine:
         the state starts a story with another id (never a second revision 1 of the old one)."""
         wait = self.c.max_wait_ms
         cols = ("comp", "first_new", "n_new", "t_min", "t_max", "flow", "shard", "src_ip", "dst_ip")
-        due_at = (now + wait) << 64
         dead = self.dead
         created: dict[int, int] = {}  # per shard
         for comp, first_new, n_new, t_min, t_max, flow, shard, src_ip, dst_ip in zip(
@@ -1317,7 +1321,7 @@ class StoryMachine:
                 if cut is not None and now - cut[1] <= wait:
                     pred = cut[0]
             st.changed.add(sid)
-            heapq.heappush(st.due, due_at | sid)
+            self._due_later(st, now + wait, sid)
             created[shard] = created.get(shard, 0) + 1
             ends = None
             if flow is not None and src_ip is not None and dst_ip is not None:
@@ -1468,7 +1472,7 @@ class StoryMachine:
             if (
                 not st.changed
                 and not st.merged_now
-                and now < self._next_due_ms(st)
+                and bucket < self._next_due(st)
                 and not (st.forced_at and bucket in st.forced_at)
             ):
                 continue  # nothing changed and nothing falls due yet
@@ -1703,7 +1707,7 @@ class StoryMachine:
                         meta.dirty = False
                         st = self.shards[meta.shard]
                         st.open -= 1
-                        heapq.heappush(st.due, (now + self.c.amend_horizon_ms) << 64 | meta.key)
+                        self._due_later(st, now + self.c.amend_horizon_ms, meta.key)
                 heads.append((meta.key, meta.id, meta.revision, final, meta.truncated, meta.predecessor))
                 shard_of[meta.key] = meta.shard
                 self.counters.emitted += 1
