@@ -413,3 +413,38 @@ def test_a_bucket_handed_in_again_is_refused_before_the_state_changes(tmp_path: 
     assert m.shards[0].through == 150 and m.shards[1].through == 150
     feed(m, out, script, 151, 260)
     assert out.rows == ledger.rows and len(ledger.rows) > 20
+
+
+def test_due_stories_come_out_by_time_then_key_and_early_entries_move_to_their_bucket(tmp_path: Path) -> None:
+    """The due wheel (StoryMachine._due_later / _pop_due): the stories due at or before a bucket's end, in (due
+    time, key) order, each once however many entries it has; an entry found early is moved to the story's due
+    bucket (not lost, not popped early); entries of stories gone are dropped."""
+    from engine.correlate.story import ShardState, StoryMeta
+
+    m = StoryMachine.for_config(config(tmp_path))
+    bms, wait = m.bucket_ms, m.c.max_wait_ms
+    st = ShardState()
+
+    def story(key: int, last_ingest_ms: int) -> StoryMeta:
+        meta = StoryMeta(key, 0, f"s{key}", 0, last_ingest_ms)
+        st.stories[key] = meta
+        return meta
+
+    late = story(5, 3 * bms)  # due at 3 bms + wait, in bucket (3 bms + wait) / bms - 1
+    a, b = story(9, 0), story(7, 0)  # due at wait: same time, so key order
+    c = story(11, -(bms // 2))  # due half a bucket before a and b, in the same bucket: first, despite its key
+    for meta in (late, a, b, c):
+        m._due_later(st, wait, meta.key)  # every entry at the earliest bucket: lower bounds
+    m._due_later(st, wait, a.key)  # a second entry for a
+    m._due_later(st, wait, 42)  # a story that is gone
+    first = wait // bms - 1 + (1 if wait % bms else 0)
+    assert m._next_due(st) == first
+    assert m._pop_due(st, first * bms) == []  # the bucket before: nothing due yet, nothing popped
+    assert [x.key for x in m._pop_due(st, (first + 1) * bms)] == [11, 7, 9]
+    # late's entry moved to its own bucket, and only it is left
+    due_late = -(-(3 * bms + wait) // bms) - 1
+    assert m._next_due(st) == due_late
+    assert st.due == {due_late: [5]}
+    assert m._pop_due(st, due_late * bms) == []
+    assert [x.key for x in m._pop_due(st, (due_late + 1) * bms)] == [5]
+    assert st.due == {} and st.due_buckets == []
