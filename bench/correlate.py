@@ -169,7 +169,7 @@ def full_events(df: pl.DataFrame, seed: int = 7) -> pl.DataFrame:
     TCP/UDP endpoints derived from the flow hash."""
     i = pl.int_range(0, pl.len(), dtype=pl.Int64)
     r = _random(i, 8, seed)
-    source = pl.lit(pl.Series(SOURCES)).get(_below(i, 9, seed, len(SOURCES)))
+    source = pl.lit(pl.Series(SOURCES)).gather(_below(i, 9, seed, len(SOURCES)))
     flow = pl.col("flow")
     quad = [((flow // _u64(256**k)) % _u64(256)).cast(pl.String) for k in range(8)]
     has = flow.is_not_null()
