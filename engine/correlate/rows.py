@@ -46,8 +46,9 @@ def member(values: pl.Series, keys: Sequence[int], *, numpy_max: int = MEMBER_NU
 
 
 def gather(df: pl.DataFrame, mask: np.ndarray) -> pl.DataFrame:
-    """The rows of ``df`` where ``mask`` is true, in ``df``'s order (``df.filter(mask)``)."""
-    return df.gather(pl.Series(np.flatnonzero(mask), dtype=pl.get_index_type()))
+    """The rows of ``df`` where ``mask`` is true, in ``df``'s order (``df.filter(mask)``). Indexing by a series of
+    positions is a direct call; ``df.gather`` is a query (~35 µs more a call on this machine, whatever the size)."""
+    return df[pl.Series(np.flatnonzero(mask), dtype=pl.get_index_type())]
 
 
 def remap(values: np.ndarray, keys: Sequence[int], to: Sequence[int], dtype: type[np.generic]) -> np.ndarray:
