@@ -68,7 +68,7 @@ SESSION_WINDOW_US = 2**60
 """The (sensor, session) link key's window: any time apart (µs; added to event times, so it stays inside int64)."""
 CPU_STEPS = ("decode", "link", "state", "fuse", "encode")
 """The story builder's steps in the cost ledger (:attr:`StoryMachine.cpu`, reported as ``cpu_us_<step>``)."""
-_KEY_MASK = (1 << 64) - 1  # a due entry is one int, ms << 64 | story key: compared in C, not as a tuple
+_KEY_MASK = (1 << 64) - 1  # a story key is 64 bits
 _SHARD_BITS = (1 << 16) - 1  # a story key's low bits: its shard
 
 
