@@ -69,6 +69,8 @@ _SIGNATURES: Final = (
     ("dhcp", ("msg_types", "assigned_addr", "lease_time")),
 )
 _ESCAPE = re.compile(rb"\\(x[0-9a-fA-F]{2}|\\)")
+# A flow record layout's plan (ZeekReader._flow_plan): attribute columns and their names; proto, duration, uid.
+_Plan = tuple[list[int], list[str], int, int | None, int | None]
 
 
 def looks_like_zeek(first: bytes) -> bool:
@@ -144,6 +146,11 @@ class ZeekReader:
         self._fields: list[str] = []
         self._types: list[str] = []
         self._conv: list[tuple[str, Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]] | None = None
+        # _typed_columns' selection for the current header: (its key, expressions, containers, plan)
+        self._select: (
+            tuple[tuple[Any, ...], list[pl.Expr], list[tuple[int, Callable[[bytes], Any]]], _Plan | None] | None
+        )
+        self._select = None
         self._bound = 0  # the constant part of :meth:`fits`' bound: the largest of any header read so far
 
     def fits(self, line: bytes, max_bytes: int) -> bool:
@@ -334,6 +341,39 @@ class ZeekReader:
         )
         if frame.height != count:
             return None
+        key = (tuple(types), self._unset, self._empty, self._set_sep, self.path, tuple(fields))
+        if self._select is None or self._select[0] != key:
+            self._select = (key, *self._selection(names, types))
+        _, exprs, converters, plan = self._select
+        typed = frame.select(exprs)
+        columns = [typed.get_column(name).to_list() for name in names]
+        fine = typed.get_column("ok").to_list()
+        recs: list[InputEvent | dict[str, Any] | None] = []
+        if plan is not None:
+            self._flow_events(plan, columns, fine, typed.get_column("gap").to_list(), recs)
+            return recs
+        for row, good in zip(zip(*columns, strict=True), fine, strict=True):
+            if not good:
+                recs.append(None)
+                continue
+            rec = {k: v for k, v in zip(fields, row, strict=True) if v is not None}
+            try:
+                for i, convert in converters:
+                    if row[i]:
+                        rec[fields[i]] = [convert(v.encode()) for v in row[i]]
+            except ValueError:
+                recs.append(None)
+                continue
+            recs.append(rec)
+        return recs
+
+    def _selection(
+        self, names: list[str], types: list[str]
+    ) -> tuple[list[pl.Expr], list[tuple[int, Callable[[bytes], Any]]], _Plan | None]:
+        """What :meth:`_typed_columns` selects from a frame of text columns under the current header, built once
+        per header (building the expressions costs about as much as running them on a round): per column its
+        typed value (``None`` where unset), ``ok`` (every value in a form polars and Python read alike) and, for
+        a flow record layout, ``gap`` (an attribute column unset); the typed-element containers; the plan."""
         unset, empty = self._unset.decode("utf-8", "replace"), self._empty.decode("utf-8", "replace")
         set_sep = self._set_sep.decode("utf-8", "replace")
         values: list[pl.Expr] = []
@@ -357,37 +397,20 @@ class ZeekReader:
             else:
                 value = pl.when(col == empty).then(pl.lit("")).otherwise(col)
             values.append(pl.when(is_unset).then(None).otherwise(value).alias(name))
-        ok = pl.all_horizontal(checks) if checks else pl.lit(True)
-        typed = frame.select(*values, ok.alias("ok"))
-        columns = [typed.get_column(name).to_list() for name in names]
-        fine = typed.get_column("ok").to_list()
+        values.append((pl.all_horizontal(checks) if checks else pl.lit(True)).alias("ok"))
         plan = self._flow_plan(types) if not converters else None
-        recs: list[InputEvent | dict[str, Any] | None] = []
         if plan is not None:
-            attr_names = [names[i] for i in plan[0]]
-            unset_any = pl.any_horizontal(pl.col(attr_names).is_null()) if attr_names else pl.lit(False)
-            gaps = typed.select(unset_any).to_series().to_list()
-            self._flow_events(plan, columns, fine, gaps, recs)
-            return recs
-        for row, good in zip(zip(*columns, strict=True), fine, strict=True):
-            if not good:
-                recs.append(None)
-                continue
-            rec = {k: v for k, v in zip(fields, row, strict=True) if v is not None}
-            try:
-                for i, convert in converters:
-                    if row[i]:
-                        rec[fields[i]] = [convert(v.encode()) for v in row[i]]
-            except ValueError:
-                recs.append(None)
-                continue
-            recs.append(rec)
-        return recs
+            attr_names = [names[i] for i in plan[0] if i >= 0]
+            cols = pl.col(attr_names)
+            gap = pl.any_horizontal(cols.is_null() | (cols == unset)) if attr_names else pl.lit(False)
+            values.append(gap.alias("gap"))
+        return values, converters, plan
 
-    def _flow_plan(self, types: list[str]) -> tuple[list[int], list[str], int, int | None, int | None] | None:
+    def _flow_plan(self, types: list[str]) -> _Plan | None:
         """For a header whose records :meth:`_flow_events` can turn into events straight from the columns — the
-        flow fields typed as Zeek writes them, nothing :meth:`_event` treats specially besides — the attribute
-        columns in :meth:`_event`'s order and their names, the proto column and the duration column; else None."""
+        flow fields typed as Zeek writes them, nothing :meth:`_event` treats specially besides — the attributes'
+        columns (-1: the initiator) and names in :meth:`_event`'s order (by name), the proto, duration and uid
+        columns; else None."""
         fields = self._fields
         at = {f: i for i, f in enumerate(fields)}
         want = {"ts": "time", "id.orig_h": "addr", "id.orig_p": "port", "id.resp_h": "addr", "id.resp_p": "port"}
@@ -406,11 +429,13 @@ class ZeekReader:
         order = [i for i, f in enumerate(fields) if f not in fixed and f not in _FIGURES]
         order += [at[f] for f in _FIGURES if f in at]
         names = [_FIGURES.get(fields[i], fields[i]) for i in order]
+        by_name = sorted([*zip(names, order, strict=True), ("initiator", -1)])
+        order, names = [i for _, i in by_name], [name for name, _ in by_name]
         return order, names, at.get("proto", -1), at.get("duration"), at.get("uid")
 
     def _flow_events(
         self,
-        plan: tuple[list[int], list[str], int, int | None, int | None],
+        plan: _Plan,
         columns: list[list[Any]],
         fine: list[bool],
         gaps: list[bool],
@@ -430,7 +455,7 @@ class ZeekReader:
         uid_col = columns[uid_at] if uid_at is not None else [None] * n
         source, sensor = f"zeek.{self.path}", self.sensor if self.sensor is not None else "zeek"
         default = 6 if self.path in _TCP_LOGS else None
-        rows = zip(*(columns[i] for i in order), strict=True) if order else itertools.repeat((), n)
+        rows = zip(*(columns[i] if i >= 0 else itertools.repeat("src", n) for i in order), strict=True)
         for i, (good, gap, row, ts, orig_h, orig_p, resp_h, resp_p, name, duration, uid) in enumerate(
             zip(fine, gaps, rows, ts_col, oh_col, op_col, rh_col, rp_col, proto_col, duration_col, uid_col, strict=True)
         ):
@@ -447,7 +472,6 @@ class ZeekReader:
                 attrs = {k: v for k, v in zip(names, row, strict=True) if v is not None}
             else:
                 attrs = dict(zip(names, row, strict=True))
-            attrs["initiator"] = "src"
             out.append(
                 InputEvent(
                     source=source,
@@ -501,12 +525,14 @@ class ZeekReader:
             ):
                 if value is not None:
                     rec[key] = value
-            return InputEvent(source=f"zeek.{path}", time=ts, sensor=sensor, attrs=rec, session=session, end_time=end)
+            attrs = dict(sorted(rec.items()))
+            return InputEvent(source=f"zeek.{path}", time=ts, sensor=sensor, attrs=attrs, session=session, end_time=end)
         for zeek_name, figure in _FIGURES.items():
             if zeek_name in rec:
                 rec[figure] = rec.pop(zeek_name)
         rec["initiator"] = "src"
         ports = proto in (1, 6, 17, 58, 132)
+        attrs = dict(sorted(rec.items()))  # by name: the id's JSON sorts its keys, which is cheaper when they are
         return InputEvent(
             source=f"zeek.{path}",
             time=ts,
@@ -516,7 +542,7 @@ class ZeekReader:
             src_port=_port(orig_p, "id.orig_p") if ports else None,
             dst_ip=resp_h,
             dst_port=_port(resp_p, "id.resp_p") if ports else None,
-            attrs=rec,
+            attrs=attrs,
             session=session,
             end_time=end,
         )
