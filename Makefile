@@ -17,10 +17,11 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv and install Storyline with its dev tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# constraints.txt: the versions last tested together (a new polars minor release once broke a fresh install)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 run: install ## the demo on the embedded store: simulated sensors, ingest, 2 workers building stories, results
