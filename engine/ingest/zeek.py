@@ -146,11 +146,9 @@ class ZeekReader:
         self._fields: list[str] = []
         self._types: list[str] = []
         self._conv: list[tuple[str, Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]] | None = None
-        # _typed_columns' selection for the current header: (its key, expressions, containers, plan)
-        self._select: (
-            tuple[tuple[Any, ...], list[pl.Expr], list[tuple[int, Callable[[bytes], Any]]], _Plan | None] | None
-        )
-        self._select = None
+        # _typed_columns' selection under the current header (expressions, containers, plan); any header line
+        # clears it
+        self._select: tuple[list[pl.Expr], list[tuple[int, Callable[[bytes], Any]]], _Plan | None] | None = None
         self._bound = 0  # the constant part of :meth:`fits`' bound: the largest of any header read so far
 
     def fits(self, line: bytes, max_bytes: int) -> bool:
@@ -225,6 +223,7 @@ class ZeekReader:
 
     # -- TSV -----------------------------------------------------------------------------------------------
     def _header(self, line: bytes) -> None:
+        self._select = None
         if line.startswith(b"#separator "):
             sep = _unescape(line[len(b"#separator ") :].strip()).encode()
             if len(sep) != 1:
@@ -341,10 +340,9 @@ class ZeekReader:
         )
         if frame.height != count:
             return None
-        key = (tuple(types), self._unset, self._empty, self._set_sep, self.path, tuple(fields))
-        if self._select is None or self._select[0] != key:
-            self._select = (key, *self._selection(names, types))
-        _, exprs, converters, plan = self._select
+        if self._select is None:
+            self._select = self._selection(names, types)
+        exprs, converters, plan = self._select
         typed = frame.select(exprs)
         columns = [typed.get_column(name).to_list() for name in names]
         fine = typed.get_column("ok").to_list()
@@ -532,7 +530,7 @@ class ZeekReader:
                 rec[figure] = rec.pop(zeek_name)
         rec["initiator"] = "src"
         ports = proto in (1, 6, 17, 58, 132)
-        attrs = dict(sorted(rec.items()))  # by name: the id's JSON sorts its keys, which is cheaper when they are
+        attrs = dict(sorted(rec.items()))  # by name: the id's sorted-keys JSON is cheaper on keys already sorted
         return InputEvent(
             source=f"zeek.{path}",
             time=ts,
